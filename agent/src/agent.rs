@@ -1,0 +1,78 @@
+//! The agent: start every part, wait for a signal or a failure, stop in order.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::logs::checkpoint::Checkpoints;
+use crate::metrics::Metrics;
+use crate::pipeline::LogPipeline;
+use crate::server::{self, Health};
+use crate::shutdown::Shutdown;
+
+/// How long the pipeline may take to drain at shutdown.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the agent until `stop` resolves (a signal) or a part fails.
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new(&config.node_name));
+    let health = Arc::new(Health::default());
+    let (shutdown_tx, _) = broadcast::channel(1);
+
+    let listener = server::bind(config.metrics.listen).await.with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), Shutdown::new(shutdown_tx.subscribe())));
+
+    let mut pipeline = if config.logs.enabled {
+        let checkpoints = Arc::new(open_checkpoints(&config)?);
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics)?;
+        tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
+        Some(pipeline)
+    } else {
+        None
+    };
+    health.ready.store(true, Ordering::Release);
+
+    let failure = async {
+        match pipeline.as_mut() {
+            Some(p) => p.failure().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = stop => Ok(()),
+        err = failure => {
+            health.failed.store(true, Ordering::Release);
+            Err(err)
+        }
+    };
+    tracing::info!("shutting down");
+    if let Some(pipeline) = pipeline {
+        pipeline.stop(DRAIN_GRACE).await;
+    }
+    let _ = shutdown_tx.send(());
+    let _ = server.await;
+    result
+}
+
+/// Opens `state_dir`. Only the built-in default falls back to a per-user directory, so a
+/// plain `nodelens` runs on a laptop without root.
+fn open_checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
+    let default = Config::default().state_dir;
+    match Checkpoints::open(&config.state_dir) {
+        Ok(c) => Ok(c),
+        Err(e) if config.state_dir == default && e.source.kind() == std::io::ErrorKind::PermissionDenied => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).context("no HOME for a fallback state_dir")?;
+            let fallback = home.join(".local/state/nodelens");
+            tracing::warn!(error = %e, fallback = %fallback.display(), "default state_dir not writable; using a per-user one");
+            Ok(Checkpoints::open(&fallback)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

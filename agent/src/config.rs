@@ -1,0 +1,492 @@
+//! The agent's configuration: the YAML schema of SPEC.md, loaded in two stages.
+//!
+//! Stage one ([`load`]) turns text into a [`Config`]: `${VAR}` expansion of the file, then
+//! `NODELENS_<PATH>` environment overrides, then strict deserialization (unknown keys are
+//! errors naming the key). Stage two ([`Config::validate`]) checks what serde cannot (globs,
+//! bounds, cross-key rules). The doc comment on each field is the user documentation: `nodelens
+//! check-config` prints the effective result.
+
+mod env;
+mod switch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use switch::Switch;
+
+/// A configuration problem, phrased for the person who wrote the config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The text is not YAML.
+    #[error("{origin}: not valid YAML: {source}")]
+    Syntax {
+        /// The file (or "defaults") the text came from.
+        origin: String,
+        /// The parser's complaint, with line and column.
+        source: serde_yaml_ng::Error,
+    },
+    /// A key is unknown, or its value has the wrong type.
+    #[error("{origin}: key `{key}`: {message}")]
+    Key {
+        /// The file the key came from.
+        origin: String,
+        /// Dotted path of the offending key, e.g. `logs.pods_dri`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An environment override names no config key, or cannot be applied.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable, e.g. `NODELENS_LOGS__PODS_DRI`.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of the node this agent runs on; goes to `kubernetes.node.name`, `host.name` and the
+    /// `node` label of every metric. Empty: the `NODE_NAME` environment variable, else the hostname.
+    pub node_name: String,
+    /// Cluster name written to `orchestrator.cluster.name` (omitted when empty).
+    pub cluster_name: String,
+    /// Directory for checkpoints. Must survive agent restarts (a hostPath in Kubernetes).
+    pub state_dir: PathBuf,
+    /// The agent's own log filter, in `tracing` syntax (e.g. `info`, `nodelens=debug`).
+    pub log_level: String,
+    /// Where the host's filesystems are visible to the agent.
+    pub host: HostConfig,
+    /// Container log collection.
+    pub logs: LogsConfig,
+    /// Pod metadata from the Kubernetes API.
+    pub kubernetes: KubernetesConfig,
+    /// GPU metrics from NVML.
+    pub gpu: GpuConfig,
+    /// Where log records go.
+    pub sinks: SinksConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Certificate expiry checks.
+    pub certificates: CertificatesConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: String::new(),
+            cluster_name: String::new(),
+            state_dir: PathBuf::from("/var/lib/nodelens"),
+            log_level: "info".into(),
+            host: HostConfig::default(),
+            logs: LogsConfig::default(),
+            kubernetes: KubernetesConfig::default(),
+            gpu: GpuConfig::default(),
+            sinks: SinksConfig::default(),
+            metrics: MetricsConfig::default(),
+            certificates: CertificatesConfig::default(),
+        }
+    }
+}
+
+/// Paths of the host as the agent sees them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// The host's `/proc` (the pod runs with `hostPID`); tests point it at a fake tree.
+    pub proc_root: PathBuf,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { proc_root: PathBuf::from("/proc") }
+    }
+}
+
+/// Container log collection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Tail container logs at all.
+    pub enabled: bool,
+    /// The kubelet's pod log directory: `<ns>_<pod>_<uid>/<container>/<n>.log[.<ts>[.gz]]`.
+    pub pods_dir: PathBuf,
+    /// The kubelet's `<pod>_<ns>_<container>-<id>.log` symlinks, read for container ids.
+    pub containers_dir: PathBuf,
+    /// Namespaces (globs) whose logs are not collected.
+    pub exclude_namespaces: Vec<String>,
+    /// Longest record kept; longer records are cut here and flagged `truncated`.
+    pub max_line_bytes: usize,
+    /// How long a partial (`P`) record waits for its closing part before it is shipped as is.
+    #[serde(with = "duration")]
+    pub partial_timeout: Duration,
+    /// Full rescan of `pods_dir`, the safety net under inotify (which can overflow or be absent).
+    #[serde(with = "duration")]
+    pub rescan_interval: Duration,
+    /// Bytes read but not yet acknowledged by every sink; reading pauses above this.
+    pub max_inflight_bytes: u64,
+    /// Per-application multi-line rules: `{app: glob, start_pattern: regex, timeout: 2s}`.
+    pub multiline: Vec<MultilineRule>,
+    /// Log-to-metric rules (see SPEC.md "Log-derived metrics").
+    pub log_metrics: Vec<LogMetricRule>,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            enabled: true,
+            pods_dir: PathBuf::from("/var/log/pods"),
+            containers_dir: PathBuf::from("/var/log/containers"),
+            exclude_namespaces: Vec::new(),
+            max_line_bytes: 1024 * 1024,
+            partial_timeout: Duration::from_secs(5),
+            rescan_interval: Duration::from_secs(10),
+            max_inflight_bytes: 16 * 1024 * 1024,
+            multiline: Vec::new(),
+            log_metrics: Vec::new(),
+        }
+    }
+}
+
+/// Joins the lines of one stack trace into one record for matching applications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultilineRule {
+    /// Applications (glob over `service.name`) the rule applies to.
+    pub app: String,
+    /// A line matching this regex starts a new record; other lines continue the current one.
+    pub start_pattern: String,
+    /// How long to wait for more lines before shipping the record.
+    #[serde(with = "duration", default = "default_multiline_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_multiline_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Turns matching log lines into a metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogMetricRule {
+    /// The metric's `name` label.
+    pub name: String,
+    /// Applications (glob over `service.name`) the rule applies to.
+    #[serde(default = "default_glob")]
+    pub app: String,
+    /// Regex with named groups, matched against the message.
+    pub pattern: String,
+    /// `counter` or `gauge`.
+    #[serde(rename = "type")]
+    pub kind: LogMetricKind,
+    /// The named group holding the value; counters without one count matches.
+    #[serde(default)]
+    pub value: String,
+}
+
+fn default_glob() -> String {
+    "*".into()
+}
+
+/// The kind of a log-derived metric.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogMetricKind {
+    /// `nodelens_log_metric_total`: the sum of the value group, or +1 per match.
+    Counter,
+    /// `nodelens_log_metric`: the last value seen.
+    Gauge,
+}
+
+/// Pod metadata from the Kubernetes API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// `auto`: on when in-cluster config or a kubeconfig is found.
+    pub enabled: Switch,
+    /// Kubeconfig path; empty = in-cluster, then `$KUBECONFIG`.
+    pub kubeconfig: String,
+    /// Ordered keys that name a pod's application (`label:K`, `annotation:K`, `namespace_label:K`, `owner`).
+    pub app_keys: Vec<String>,
+    /// Ordered keys that name a pod's user.
+    pub user_keys: Vec<String>,
+    /// The kubelet's pod-resources gRPC socket.
+    pub pod_resources_socket: PathBuf,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: Switch::Auto,
+            kubeconfig: String::new(),
+            app_keys: ["label:app.kubernetes.io/name", "label:app", "label:k8s-app", "owner"]
+                .map(String::from)
+                .to_vec(),
+            user_keys: ["label:user", "annotation:kubesphere.io/creator", "label:owner", "namespace_label:user"]
+                .map(String::from)
+                .to_vec(),
+            pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        }
+    }
+}
+
+/// GPU metrics from NVML.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// `auto`: on when NVML loads.
+    pub enabled: Switch,
+    /// Path to `libnvidia-ml.so.1`; empty = the system's.
+    pub nvml_library: String,
+    /// Extended resource names that are GPUs or GPU slices.
+    pub resource_prefixes: Vec<String>,
+    /// How often NVML is sampled.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: Switch::Auto,
+            nvml_library: String::new(),
+            resource_prefixes: vec!["nvidia.com/gpu".into(), "nvidia.com/mig-".into()],
+            poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where log records go.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinksConfig {
+    /// Elasticsearch `_bulk`.
+    pub elasticsearch: ElasticsearchConfig,
+    /// One ECS JSON document per line on standard output.
+    pub stdout: StdoutConfig,
+}
+
+/// The Elasticsearch sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticsearchConfig {
+    /// Base URLs tried in turn (failover); empty = sink off.
+    pub endpoints: Vec<String>,
+    /// Data stream written with `create` operations.
+    pub data_stream: String,
+    /// Basic-auth user; the password comes from `password` or `password_file`.
+    pub username: String,
+    /// Basic-auth password (prefer `password_file` or the environment).
+    #[serde(serialize_with = "redacted")]
+    pub password: String,
+    /// File holding the basic-auth password (a mounted Secret).
+    pub password_file: String,
+    /// `Authorization: ApiKey <api_key>` (the base64 `id:key` form).
+    #[serde(serialize_with = "redacted")]
+    pub api_key: String,
+    /// PEM file of a private CA to trust.
+    pub ca_file: String,
+    /// Request body compression.
+    pub compression: Compression,
+    /// Largest `_bulk` body before compression.
+    pub batch_max_bytes: usize,
+    /// Longest a record waits for its batch to fill.
+    #[serde(with = "duration")]
+    pub flush_interval: Duration,
+    /// Timeout of one `_bulk` request.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ElasticsearchConfig {
+    fn default() -> Self {
+        ElasticsearchConfig {
+            endpoints: Vec::new(),
+            data_stream: "logs-kubernetes.container_logs-default".into(),
+            username: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            api_key: String::new(),
+            ca_file: String::new(),
+            compression: Compression::Gzip,
+            batch_max_bytes: 5 * 1024 * 1024,
+            flush_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Request body compression.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// `Content-Encoding: gzip`.
+    Gzip,
+    /// Plain bodies.
+    None,
+}
+
+/// The stdout sink.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdoutConfig {
+    /// `auto`: on when no other sink is configured.
+    pub enabled: Switch,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address serving `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: SocketAddr::from(([0, 0, 0, 0], 9400)) }
+    }
+}
+
+/// Certificate expiry checks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificatesConfig {
+    /// Globs of PEM files (or kubeconfigs with embedded certificates) whose expiry is exported.
+    pub paths: Vec<String>,
+}
+
+impl Config {
+    /// Stage two: checks serde cannot make, and values derived from the environment.
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
+        let key_error = |key: &str, message: String| ConfigError::Key {
+            origin: "config".into(),
+            key: key.into(),
+            message,
+        };
+        if self.node_name.is_empty() {
+            self.node_name = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(hostname);
+        }
+        if self.logs.max_line_bytes < 1024 {
+            return Err(key_error("logs.max_line_bytes", "must be at least 1024".into()));
+        }
+        if self.logs.max_inflight_bytes < self.logs.max_line_bytes as u64 {
+            return Err(key_error("logs.max_inflight_bytes", "must be at least logs.max_line_bytes".into()));
+        }
+        if self.logs.rescan_interval < Duration::from_millis(100) {
+            return Err(key_error("logs.rescan_interval", "must be at least 100ms".into()));
+        }
+        for (i, glob) in self.logs.exclude_namespaces.iter().enumerate() {
+            globset::Glob::new(glob).map_err(|e| key_error(&format!("logs.exclude_namespaces[{i}]"), e.to_string()))?;
+        }
+        for (i, endpoint) in self.sinks.elasticsearch.endpoints.iter().enumerate() {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(key_error(
+                    &format!("sinks.elasticsearch.endpoints[{i}]"),
+                    format!("`{endpoint}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        let es = &self.sinks.elasticsearch;
+        if !es.api_key.is_empty() && !es.username.is_empty() {
+            return Err(key_error("sinks.elasticsearch.api_key", "set either api_key or username, not both".into()));
+        }
+        if es.batch_max_bytes < 64 * 1024 {
+            return Err(key_error("sinks.elasticsearch.batch_max_bytes", "must be at least 65536".into()));
+        }
+        if self.sinks.stdout.enabled == Switch::Off && es.endpoints.is_empty() {
+            return Err(key_error("sinks", "no sink is enabled: set sinks.elasticsearch.endpoints or sinks.stdout.enabled".into()));
+        }
+        Ok(self)
+    }
+
+    /// Whether the stdout sink runs: explicitly on, or `auto` with no other sink.
+    pub fn stdout_enabled(&self) -> bool {
+        match self.sinks.stdout.enabled {
+            Switch::On => true,
+            Switch::Off => false,
+            Switch::Auto => self.sinks.elasticsearch.endpoints.is_empty(),
+        }
+    }
+
+    /// The effective config as YAML, secrets redacted.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("config serializes")
+    }
+}
+
+/// Stage one: read `path` (or nothing), expand `${VAR}`, apply `NODELENS_*` overrides from
+/// `vars`, and deserialize strictly.
+pub fn load(path: Option<&Path>, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    let (origin, text) = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            (path.display().to_string(), text)
+        }
+        None => ("defaults".to_string(), String::new()),
+    };
+    let expanded = env::expand(&text, |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    let mut tree: serde_yaml_ng::Value = if expanded.trim().is_empty() {
+        serde_yaml_ng::Value::Mapping(Default::default())
+    } else {
+        serde_yaml_ng::from_str(&expanded).map_err(|source| ConfigError::Syntax { origin: origin.clone(), source })?
+    };
+    if tree.is_null() {
+        tree = serde_yaml_ng::Value::Mapping(Default::default());
+    }
+    let defaults = serde_yaml_ng::to_value(Config::default()).expect("defaults serialize");
+    env::apply_overrides(&mut tree, &defaults, &vars)?;
+    serde_path_to_error::deserialize(tree).map_err(|e| ConfigError::Key {
+        origin,
+        key: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
+}
+
+/// The machine's hostname, the last resort for `node_name`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn redacted<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if value.is_empty() { "" } else { "<redacted>" })
+}
+
+/// Durations as humans write them: `500ms`, `2s`, `1m`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration like 500ms, 2s or 1m: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+use std::io::Write;
+use std::time::Duration;
+
+use super::*;
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    load(Some(file.path()), vars(env))
+}
+
+#[test]
+fn no_file_gives_the_spec_defaults() {
+    let config = load(None, vars(&[])).unwrap();
+    assert_eq!(config.logs.pods_dir, Path::new("/var/log/pods"));
+    assert_eq!(config.logs.max_line_bytes, 1_048_576);
+    assert_eq!(config.state_dir, Path::new("/var/lib/nodelens"));
+    assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9400");
+    assert_eq!(config.sinks.elasticsearch.data_stream, "logs-kubernetes.container_logs-default");
+    assert_eq!(config.sinks.elasticsearch.flush_interval, Duration::from_secs(1));
+    assert_eq!(config.gpu.poll_interval, Duration::from_secs(5));
+    assert_eq!(config.kubernetes.app_keys[0], "label:app.kubernetes.io/name");
+    assert!(config.stdout_enabled(), "stdout is the sink when nothing else is configured");
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_its_path() {
+    let err = load_text("logs:\n  pods_dri: /x\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("logs.pods_dri"), "{err}");
+    assert!(err.contains("unknown field"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_an_error_naming_its_path() {
+    let err = load_text("logs:\n  max_line_bytes: lots\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("logs.max_line_bytes"), "{err}");
+    let err = load_text("metrics:\n  listen: nowhere\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("metrics.listen"), "{err}");
+    let err = load_text("gpu:\n  poll_interval: soon\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("gpu.poll_interval") && err.contains("not a duration"), "{err}");
+}
+
+#[test]
+fn variables_in_the_file_are_expanded() {
+    let config = load_text(
+        "node_name: ${NODE_NAME}\ncluster_name: ${CLUSTER:-dev}\nstate_dir: /s/$${literal}\n",
+        &[("NODE_NAME", "gpu-node-7")],
+    )
+    .unwrap();
+    assert_eq!(config.node_name, "gpu-node-7");
+    assert_eq!(config.cluster_name, "dev");
+    assert_eq!(config.state_dir, Path::new("/s/${literal}"));
+}
+
+#[test]
+fn env_overrides_reach_nested_keys_with_the_right_types() {
+    let config = load_text(
+        "logs:\n  max_line_bytes: 2048\n",
+        &[
+            ("NODELENS_SINKS__ELASTICSEARCH__ENDPOINTS", "http://es-1:9200, http://es-2:9200"),
+            ("NODELENS_LOGS__MAX_LINE_BYTES", "4096"),
+            ("NODELENS_LOGS__PODS_DIR", "/tmp/pods"),
+            ("NODELENS_CLUSTER_NAME", "123"),
+            ("NODELENS_SINKS__STDOUT__ENABLED", "true"),
+            ("NODELENS_GPU__POLL_INTERVAL", "250ms"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.sinks.elasticsearch.endpoints, ["http://es-1:9200", "http://es-2:9200"]);
+    assert_eq!(config.logs.max_line_bytes, 4096, "env wins over the file");
+    assert_eq!(config.logs.pods_dir, Path::new("/tmp/pods"));
+    assert_eq!(config.cluster_name, "123", "string keys keep digits as text");
+    assert_eq!(config.sinks.stdout.enabled, Switch::On);
+    assert_eq!(config.gpu.poll_interval, Duration::from_millis(250));
+}
+
+#[test]
+fn env_override_of_an_unknown_key_names_the_variable() {
+    let err = load(None, vars(&[("NODELENS_LOGS__PODS_DRI", "/x")])).unwrap_err().to_string();
+    assert!(err.contains("NODELENS_LOGS__PODS_DRI") && err.contains("logs.pods_dri"), "{err}");
+    let err = load(None, vars(&[("NODELENS_LOGS", "x")])).unwrap_err().to_string();
+    assert!(err.contains("is a section"), "{err}");
+}
+
+#[test]
+fn switches_accept_booleans_and_auto_only() {
+    let config = load_text("gpu:\n  enabled: false\nkubernetes:\n  enabled: auto\n", &[]).unwrap();
+    assert_eq!(config.gpu.enabled, Switch::Off);
+    assert_eq!(config.kubernetes.enabled, Switch::Auto);
+    let err = load_text("gpu:\n  enabled: maybe\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("gpu.enabled"), "{err}");
+}
+
+#[test]
+fn validation_rejects_what_serde_cannot() {
+    let bad_glob = load_text("logs:\n  exclude_namespaces: ['kube-[system']\n", &[]).unwrap().validate();
+    assert!(bad_glob.unwrap_err().to_string().contains("logs.exclude_namespaces[0]"));
+    let bad_url = load_text("sinks:\n  elasticsearch:\n    endpoints: [es:9200]\n", &[]).unwrap().validate();
+    assert!(bad_url.unwrap_err().to_string().contains("sinks.elasticsearch.endpoints[0]"));
+    let no_sink = load_text("sinks:\n  stdout:\n    enabled: false\n", &[]).unwrap().validate();
+    assert!(no_sink.unwrap_err().to_string().contains("no sink is enabled"));
+}
+
+#[test]
+fn node_name_falls_back_to_a_non_empty_name() {
+    let config = load(None, vars(&[])).unwrap().validate().unwrap();
+    assert!(!config.node_name.is_empty());
+}
+
+#[test]
+fn printed_config_hides_secrets_and_parses_back() {
+    let config = load_text(
+        "sinks:\n  elasticsearch:\n    endpoints: [https://es:9200]\n    api_key: c2VjcmV0\n",
+        &[("NODELENS_SINKS__ELASTICSEARCH__PASSWORD", "hunter2")],
+    )
+    .unwrap();
+    let yaml = config.to_yaml();
+    assert!(!yaml.contains("c2VjcmV0") && !yaml.contains("hunter2"), "{yaml}");
+    assert!(yaml.contains("<redacted>"));
+    let reparsed: Config = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(reparsed.sinks.elasticsearch.endpoints, ["https://es:9200"]);
+    assert_eq!(reparsed.logs.partial_timeout, config.logs.partial_timeout);
+}
+
+#[test]
+fn env_expansion_leaves_lone_dollars_alone() {
+    let out = env::expand("a $ b ${X} ${Y:-y} $$", |n| (n == "X").then(|| "x".to_string()));
+    assert_eq!(out, "a $ b x y $");
+}

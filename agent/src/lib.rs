@@ -1,0 +1,14 @@
+//! nodelens: a Kubernetes node agent for AI workloads.
+//!
+//! Three jobs, three parts of the tree: `logs` (tail, decode, checkpoint) feeding `sinks`
+//! (ECS documents to stdout or Elasticsearch) through `pipeline`; metrics in `metrics`, served
+//! by `server`; `config` and `agent` tie them together.
+
+pub mod agent;
+pub mod config;
+pub mod logs;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod shutdown;
+pub mod sinks;

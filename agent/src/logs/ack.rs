@@ -1,0 +1,145 @@
+//! Acknowledgements: a chunk's checkpoint advances once every sink has acknowledged it, and
+//! chunks are committed strictly in the order they were read, so a checkpoint never passes a
+//! record some sink still holds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::checkpoint::Checkpoints;
+use super::source::FileId;
+
+/// A message to the [`Committer`].
+#[derive(Debug)]
+pub enum AckMsg {
+    /// Chunk `seq` was handed to `sinks` sinks; once all acknowledge, `file` is done up to `offset`.
+    Register {
+        /// Order in which chunks were read.
+        seq: u64,
+        /// The chunk's file.
+        file: FileId,
+        /// Its path, kept in the checkpoint for people.
+        path: PathBuf,
+        /// The chunk's commit offset.
+        offset: u64,
+        /// Bytes the chunk holds against the in-flight budget.
+        read_bytes: u64,
+        /// How many acknowledgements to wait for.
+        sinks: u32,
+    },
+    /// One sink is done with chunk `seq` (delivered, or rejected for good).
+    Ack {
+        /// The chunk.
+        seq: u64,
+    },
+}
+
+struct Waiting {
+    file: FileId,
+    path: PathBuf,
+    offset: u64,
+    read_bytes: u64,
+    missing: u32,
+}
+
+/// Applies acknowledgements in read order and persists checkpoints periodically.
+pub struct Committer {
+    checkpoints: Arc<Checkpoints>,
+    inflight: Arc<AtomicU64>,
+    waiting: BTreeMap<u64, Waiting>,
+}
+
+impl Committer {
+    /// A committer over `checkpoints`; `inflight` is the tailer's read-ahead counter.
+    pub fn new(checkpoints: Arc<Checkpoints>, inflight: Arc<AtomicU64>) -> Committer {
+        Committer { checkpoints, inflight, waiting: BTreeMap::new() }
+    }
+
+    /// Handles one message, committing every chunk that is now complete and first in line.
+    pub fn handle(&mut self, msg: AckMsg) {
+        match msg {
+            AckMsg::Register { seq, file, path, offset, read_bytes, sinks } => {
+                self.waiting.insert(seq, Waiting { file, path, offset, read_bytes, missing: sinks });
+            }
+            AckMsg::Ack { seq } => match self.waiting.get_mut(&seq) {
+                Some(w) => w.missing = w.missing.saturating_sub(1),
+                None => tracing::error!(seq, "acknowledgement for an unknown chunk"),
+            },
+        }
+        while let Some(entry) = self.waiting.first_entry() {
+            if entry.get().missing > 0 {
+                break;
+            }
+            let done = entry.remove();
+            self.checkpoints.acknowledge(done.file, done.offset, &done.path);
+            self.inflight.fetch_sub(done.read_bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Chunks handed out and not yet committed.
+    pub fn outstanding(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Runs until every sender is gone, persisting every `interval` and once at the end.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<AckMsg>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = tick.tick() => self.persist().await,
+            }
+        }
+        if self.outstanding() > 0 {
+            tracing::info!(chunks = self.outstanding(), "unacknowledged chunks at shutdown will be read again on start");
+        }
+        self.persist().await;
+    }
+
+    async fn persist(&self) {
+        let checkpoints = self.checkpoints.clone();
+        match tokio::task::spawn_blocking(move || checkpoints.persist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write checkpoints; will retry"),
+            Err(e) => tracing::error!(error = %e, "checkpoint writer panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(seq: u64, offset: u64, sinks: u32) -> AckMsg {
+        AckMsg::Register { seq, file: FileId { container: 1, fingerprint: 1 }, path: "/f".into(), offset, read_bytes: 10, sinks }
+    }
+
+    #[test]
+    fn checkpoints_advance_only_in_read_order_and_after_every_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Arc::new(Checkpoints::open(dir.path()).unwrap());
+        let inflight = Arc::new(AtomicU64::new(30));
+        let mut c = Committer::new(cp.clone(), inflight.clone());
+        let id = FileId { container: 1, fingerprint: 1 };
+        for seq in 0..3 {
+            c.handle(register(seq, (seq + 1) * 100, 2));
+        }
+        c.handle(AckMsg::Ack { seq: 1 });
+        c.handle(AckMsg::Ack { seq: 1 });
+        assert_eq!(cp.offset(id), None, "chunk 0 still outstanding");
+        c.handle(AckMsg::Ack { seq: 0 });
+        assert_eq!(cp.offset(id), None, "chunk 0 needs both sinks");
+        c.handle(AckMsg::Ack { seq: 0 });
+        assert_eq!(cp.offset(id), Some(200), "0 and 1 commit together");
+        assert_eq!(inflight.load(Ordering::Acquire), 10);
+        assert_eq!(c.outstanding(), 1);
+    }
+}

@@ -1,0 +1,192 @@
+//! Checkpoints: for every file, the offset before which every record has been acknowledged
+//! by every sink. Written atomically (temp file, fsync, rename, fsync of the directory) so a
+//! crash leaves either the old or the new file, never a torn one.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::source::FileId;
+
+const FILE_NAME: &str = "checkpoints.json";
+const VERSION: u32 = 1;
+
+/// A checkpoint store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("state_dir {path}: {source}")]
+pub struct CheckpointError {
+    /// The directory or file involved.
+    pub path: PathBuf,
+    /// The I/O failure.
+    pub source: io::Error,
+}
+
+/// What is known about one file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    /// Every record starting before this offset (uncompressed bytes) is acknowledged.
+    pub offset: u64,
+    /// Where the file was when last read; for people reading the state file.
+    pub path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    files: HashMap<String, Entry>,
+}
+
+/// The checkpoint table, shared by the tailer (which reads it) and the acknowledgement
+/// tracker (which advances it).
+pub struct Checkpoints {
+    dir: PathBuf,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<FileId, Entry>,
+    dirty: bool,
+}
+
+impl Checkpoints {
+    /// Opens (creating) `state_dir` and loads its checkpoints. A file that does not parse is
+    /// moved aside and reading starts over: records may be sent twice, none is lost.
+    pub fn open(state_dir: &Path) -> Result<Checkpoints, CheckpointError> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CheckpointError { path, source }
+        };
+        fs::create_dir_all(state_dir).map_err(err(state_dir))?;
+        let file = state_dir.join(FILE_NAME);
+        let probe = state_dir.join(".write-test");
+        File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(err(state_dir))?;
+        let mut entries = HashMap::new();
+        match fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
+                Ok(on_disk) if on_disk.version == VERSION => {
+                    entries = on_disk.files.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
+                }
+                Ok(on_disk) => tracing::warn!(file = %file.display(), version = on_disk.version, "unknown checkpoint version; reading all files from the start"),
+                Err(e) => {
+                    let aside = state_dir.join(format!("{FILE_NAME}.corrupt"));
+                    tracing::error!(file = %file.display(), error = %e, moved_to = %aside.display(), "checkpoint file does not parse; reading all files from the start");
+                    fs::rename(&file, &aside).map_err(err(&file))?;
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&file)(e)),
+        }
+        Ok(Checkpoints { dir: state_dir.to_path_buf(), table: Mutex::new(Table { entries, dirty: false }) })
+    }
+
+    /// The acknowledged offset of `id`, if it was ever acknowledged.
+    pub fn offset(&self, id: FileId) -> Option<u64> {
+        self.table.lock().unwrap().entries.get(&id).map(|e| e.offset)
+    }
+
+    /// Records that everything before `offset` in `id` is acknowledged. Offsets only move forward.
+    pub fn acknowledge(&self, id: FileId, offset: u64, path: &Path) {
+        let mut table = self.table.lock().unwrap();
+        let entry = table.entries.entry(id).or_insert_with(|| Entry { offset: 0, path: path.to_path_buf() });
+        if offset > entry.offset || entry.path != path {
+            entry.offset = entry.offset.max(offset);
+            entry.path = path.to_path_buf();
+            table.dirty = true;
+        }
+    }
+
+    /// Drops the checkpoint of a file that no longer exists.
+    pub fn forget(&self, id: FileId) {
+        let mut table = self.table.lock().unwrap();
+        if table.entries.remove(&id).is_some() {
+            table.dirty = true;
+        }
+    }
+
+    /// Every checkpoint, for start-up reconciliation.
+    pub fn snapshot(&self) -> Vec<(FileId, Entry)> {
+        self.table.lock().unwrap().entries.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    /// Writes the table if it changed since the last write.
+    pub fn persist(&self) -> io::Result<()> {
+        let on_disk = {
+            let mut table = self.table.lock().unwrap();
+            if !table.dirty {
+                return Ok(());
+            }
+            table.dirty = false;
+            OnDisk { version: VERSION, files: table.entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
+        };
+        let bytes = serde_json::to_vec(&on_disk).expect("checkpoints serialize");
+        let result = write_atomically(&self.dir, FILE_NAME, &bytes);
+        if result.is_err() {
+            self.table.lock().unwrap().dirty = true;
+        }
+        result
+    }
+}
+
+/// Temp file, fsync, rename over the old file, fsync the directory so the rename is durable.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> FileId {
+        FileId { container: 7, fingerprint: n }
+    }
+
+    #[test]
+    fn checkpoints_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        cp.acknowledge(id(1), 100, Path::new("/p/0.log"));
+        cp.acknowledge(id(2), 5, Path::new("/p/1.log"));
+        cp.forget(id(2));
+        cp.persist().unwrap();
+        let reopened = Checkpoints::open(dir.path()).unwrap();
+        assert_eq!(reopened.offset(id(1)), Some(100));
+        assert_eq!(reopened.offset(id(2)), None);
+        assert!(!dir.path().join(".checkpoints.json.tmp").exists(), "temp file renamed away");
+    }
+
+    #[test]
+    fn offsets_never_move_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        cp.acknowledge(id(1), 100, Path::new("/p/0.log"));
+        cp.acknowledge(id(1), 40, Path::new("/p/0.log.20261122-000000"));
+        assert_eq!(cp.offset(id(1)), Some(100));
+        assert_eq!(cp.snapshot()[0].1.path, Path::new("/p/0.log.20261122-000000"), "path follows the rename");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE_NAME), b"{\"version\":1,\"files\":{tor").unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        assert!(cp.snapshot().is_empty());
+        assert!(dir.path().join("checkpoints.json.corrupt").exists());
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_is_an_error_naming_it() {
+        let err = Checkpoints::open(Path::new("/proc/nodelens-cannot-exist")).err().expect("must fail");
+        assert!(err.to_string().contains("/proc/nodelens-cannot-exist"), "{err}");
+    }
+}

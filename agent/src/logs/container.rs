@@ -1,0 +1,282 @@
+//! One container instance's log: its chain of files (rotated ones oldest first, then the live
+//! one) read strictly in order, each record once, whichever name or compression its bytes sit
+//! under when they are read.
+//!
+//! Files are known by fingerprint, so `0.log` renamed to `0.log.<ts>` and then compressed to
+//! `0.log.<ts>.gz` stays one file with one position. A file is finished at its end once a newer
+//! file exists (the runtime has moved on), or when the container can write no more.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::assemble::Assembler;
+use super::checkpoint::Checkpoints;
+use super::chunk::Chunk;
+use super::decode;
+use super::fingerprint::Format;
+use super::reader::{Line, LineReader};
+use super::scan::ScannedFile;
+use super::source::{ContainerInfo, FileId, Source};
+
+/// Fixed inputs of a read step.
+pub struct StepLimits {
+    /// Longest record kept.
+    pub max_line_bytes: usize,
+    /// How long a partial record waits for its closing part.
+    pub partial_timeout: Duration,
+    /// Most records in one chunk.
+    pub max_records: usize,
+    /// Most bytes consumed for one chunk.
+    pub max_bytes: u64,
+}
+
+/// Bytes that kubelet removed before they were read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lost {
+    /// The file's last known path.
+    pub path: std::path::PathBuf,
+    /// Unread bytes.
+    pub bytes: u64,
+}
+
+/// Reading state of a file opened during this run.
+struct FileState {
+    consumed: u64,
+    finished: bool,
+}
+
+struct OpenFile {
+    source: Arc<Source>,
+    fingerprint: u64,
+    gzip: bool,
+    reader: LineReader,
+}
+
+/// The tail of one container instance.
+pub struct ContainerTail {
+    info: Arc<ContainerInfo>,
+    chain: Vec<ScannedFile>,
+    states: HashMap<u64, FileState>,
+    open: Option<OpenFile>,
+    assembler: Assembler,
+    /// No newer file can appear: the container was restarted or its pod removed.
+    final_: bool,
+    /// When to look at the file again after finding nothing new.
+    pub next_poll: Instant,
+    backoff: Duration,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+impl ContainerTail {
+    /// A tail for `info`, with nothing known about its files yet.
+    pub fn new(info: Arc<ContainerInfo>, max_line_bytes: usize) -> ContainerTail {
+        ContainerTail {
+            info,
+            chain: Vec::new(),
+            states: HashMap::new(),
+            open: None,
+            assembler: Assembler::new(max_line_bytes),
+            final_: false,
+            next_poll: Instant::now(),
+            backoff: MIN_BACKOFF,
+        }
+    }
+
+    /// The container instance.
+    pub fn info(&self) -> &Arc<ContainerInfo> {
+        &self.info
+    }
+
+    /// Whether a file is open.
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Takes the latest scan of this container's files; returns what was deleted unread.
+    pub fn update(&mut self, chain: Vec<ScannedFile>, checkpoints: &Checkpoints) -> Vec<Lost> {
+        let mut lost = Vec::new();
+        let open_fp = self.open.as_ref().map(|o| o.fingerprint);
+        for old in &self.chain {
+            let fp = old.fingerprint.hash;
+            if Some(fp) == open_fp || chain.iter().any(|f| f.fingerprint.hash == fp) {
+                continue;
+            }
+            let state = self.states.remove(&fp);
+            if state.as_ref().is_some_and(|s| s.finished) {
+                continue;
+            }
+            let position = state.map(|s| s.consumed).or_else(|| checkpoints.offset(self.file_id(fp))).unwrap_or(0);
+            if old.size > position {
+                lost.push(Lost { path: old.path.clone(), bytes: old.size - position });
+            }
+        }
+        self.states.retain(|fp, _| Some(*fp) == open_fp || chain.iter().any(|f| f.fingerprint.hash == *fp));
+        self.chain = chain;
+        lost
+    }
+
+    /// No newer file will appear; read what is there to its end.
+    pub fn set_final(&mut self) {
+        self.final_ = true;
+    }
+
+    /// Makes the next step look at the files now (something was written).
+    pub fn poke(&mut self) {
+        self.backoff = MIN_BACKOFF;
+        self.next_poll = Instant::now();
+    }
+
+    /// Final and read to the end: the tail can be dropped.
+    pub fn is_done(&self, checkpoints: &Checkpoints) -> bool {
+        self.final_ && self.open.is_none() && self.select(checkpoints).is_none()
+    }
+
+    /// Ids of the files in the chain, for checkpoint garbage collection.
+    pub fn file_ids(&self) -> impl Iterator<Item = FileId> + '_ {
+        self.chain.iter().map(|f| self.file_id(f.fingerprint.hash))
+    }
+
+    /// Bytes in the chain not yet acknowledged.
+    pub fn backlog(&self, checkpoints: &Checkpoints) -> u64 {
+        self.chain.iter().map(|f| f.size.saturating_sub(checkpoints.offset(self.file_id(f.fingerprint.hash)).unwrap_or(0))).sum()
+    }
+
+    /// Reads the next records, up to the limits. `None` when there was nothing to do.
+    pub fn step(&mut self, checkpoints: &Checkpoints, limits: &StepLimits, now: Instant) -> Option<(Chunk, Vec<Lost>)> {
+        let mut lost = Vec::new();
+        if self.open.is_none() {
+            let index = self.select(checkpoints)?;
+            match self.open_file(index, checkpoints, limits) {
+                Ok(open) => self.open = Some(open),
+                Err(e) => {
+                    let file = &self.chain[index];
+                    let fp = file.fingerprint.hash;
+                    let position = checkpoints.offset(self.file_id(fp)).unwrap_or(0);
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::error!(path = %file.path.display(), error = %e, "cannot read log file; skipping it");
+                        lost.push(Lost { path: file.path.clone(), bytes: file.size.saturating_sub(position) });
+                    }
+                    self.states.insert(fp, FileState { consumed: position, finished: true });
+                    return Some((Chunk::new(self.placeholder_source(index)), lost));
+                }
+            }
+        }
+        let open = self.open.as_mut().expect("opened above");
+        let mut chunk = Chunk::new(open.source.clone());
+        let start = open.reader.consumed();
+        let mut at_end = false;
+        let mut read_error = None;
+        while chunk.records.len() < limits.max_records && open.reader.consumed() - start < limits.max_bytes {
+            match open.reader.next_line() {
+                Ok(Some(line)) => decode_into(open.source.format, &mut self.assembler, &mut chunk, line, now),
+                Ok(None) => {
+                    at_end = true;
+                    break;
+                }
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let is_last = self.chain.last().map(|f| f.fingerprint.hash) == Some(open.fingerprint);
+        let finished = read_error.is_some() || (at_end && (open.gzip || !is_last || self.final_));
+        if let Some(e) = &read_error {
+            let size = self.chain.iter().find(|f| f.fingerprint.hash == open.fingerprint).map_or(0, |f| f.size);
+            tracing::error!(path = %open.source.path.display(), error = %e, offset = open.reader.consumed(), "log file unreadable past this offset");
+            lost.push(Lost { path: open.source.path.clone(), bytes: size.saturating_sub(open.reader.consumed()) });
+        }
+        if finished {
+            if let Some(line) = open.reader.take_unfinished() {
+                decode_into(open.source.format, &mut self.assembler, &mut chunk, line, now);
+            }
+            self.assembler.flush_all(&mut chunk);
+        } else if at_end {
+            self.assembler.flush_started_before(&mut chunk, now.checked_sub(limits.partial_timeout).unwrap_or(now));
+        }
+        let consumed = open.reader.consumed();
+        chunk.read_bytes = consumed - start;
+        chunk.commit_offset = [Some(consumed), self.assembler.pending_from(), open.reader.skipping_from()]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("consumed is always there");
+        let state = self.states.get_mut(&open.fingerprint).expect("state created on open");
+        state.consumed = consumed;
+        if finished {
+            state.finished = true;
+            self.open = None;
+            self.poke();
+        } else if chunk.read_bytes == 0 && chunk.records.is_empty() {
+            self.next_poll = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        } else {
+            self.backoff = MIN_BACKOFF;
+        }
+        Some((chunk, lost))
+    }
+
+    /// The first file in the chain not read to its end; the live file when all are.
+    fn select(&self, checkpoints: &Checkpoints) -> Option<usize> {
+        let last = self.chain.len().checked_sub(1)?;
+        for (i, file) in self.chain.iter().enumerate() {
+            let fp = file.fingerprint.hash;
+            if let Some(state) = self.states.get(&fp) {
+                if state.finished {
+                    continue;
+                }
+                return Some(i);
+            }
+            let position = checkpoints.offset(self.file_id(fp)).unwrap_or(0);
+            let complete = if file.generation.is_gzip() { position as u32 == file.size as u32 } else { position >= file.size };
+            let keep_following = i == last && !self.final_ && !file.generation.is_gzip();
+            if !complete || keep_following {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn open_file(&mut self, index: usize, checkpoints: &Checkpoints, limits: &StepLimits) -> io::Result<OpenFile> {
+        let file = &self.chain[index];
+        let fp = file.fingerprint.hash;
+        let id = self.file_id(fp);
+        let position = self.states.get(&fp).map(|s| s.consumed).or_else(|| checkpoints.offset(id)).unwrap_or(0);
+        let gzip = file.generation.is_gzip();
+        // Room for the runtime's framing around a record of max_line_bytes.
+        let reader = LineReader::open(&file.path, gzip, position, limits.max_line_bytes + 4096)?;
+        self.states.entry(fp).or_insert(FileState { consumed: position, finished: false });
+        tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
+        let source = Arc::new(Source { container: self.info.clone(), id, path: file.path.clone(), format: file.fingerprint.format });
+        Ok(OpenFile { source, fingerprint: fp, gzip, reader })
+    }
+
+    fn placeholder_source(&self, index: usize) -> Arc<Source> {
+        let file = &self.chain[index];
+        Arc::new(Source {
+            container: self.info.clone(),
+            id: self.file_id(file.fingerprint.hash),
+            path: file.path.clone(),
+            format: file.fingerprint.format,
+        })
+    }
+
+    fn file_id(&self, fingerprint: u64) -> FileId {
+        FileId::new(&self.info.reference, fingerprint)
+    }
+}
+
+fn decode_into(format: Format, assembler: &mut Assembler, chunk: &mut Chunk, line: Line<'_>, now: Instant) {
+    let decoded = match format {
+        Format::Cri => decode::cri(line.bytes),
+        Format::Docker => decode::docker(line.bytes),
+    };
+    match decoded {
+        Ok(d) => assembler.push(chunk, line.offset, d, line.truncated, now),
+        Err(_) => assembler.push_malformed(chunk, line.offset, line.bytes, line.truncated),
+    }
+}

@@ -1,0 +1,167 @@
+//! Decodes one physical line of a container log: CRI or docker json-file.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::chunk::StreamKind;
+
+/// One decoded line: a whole record (`partial == false`) or a part of one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    /// The runtime's RFC 3339 timestamp, checked to be safe to embed in JSON as is.
+    pub timestamp: Cow<'a, [u8]>,
+    /// stdout or stderr.
+    pub stream: StreamKind,
+    /// More parts of this record follow (CRI `P`, or a docker line without its newline).
+    pub partial: bool,
+    /// The text, without the record's trailing newline.
+    pub message: Cow<'a, [u8]>,
+}
+
+/// Why a line did not decode; the line is shipped whole, flagged `malformed`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// No timestamp, stream or tag field where CRI puts them.
+    #[error("not a CRI line")]
+    NotCri,
+    /// The line is not docker's JSON object.
+    #[error("not a docker json-file line")]
+    NotDocker,
+}
+
+/// Decodes a CRI line: `<RFC3339Nano> <stdout|stderr> <P|F>[:<more tags>] <text>`.
+pub fn cri(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
+    let mut fields = line.splitn(4, |&b| b == b' ');
+    let timestamp = fields.next().filter(|t| is_timestamp(t)).ok_or(Malformed::NotCri)?;
+    let stream = fields.next().and_then(stream_kind).ok_or(Malformed::NotCri)?;
+    let tag = fields.next().ok_or(Malformed::NotCri)?;
+    let partial = match tag.split(|&b| b == b':').next() {
+        Some(b"F") => false,
+        Some(b"P") => true,
+        _ => return Err(Malformed::NotCri),
+    };
+    let message = fields.next().unwrap_or_default();
+    Ok(Decoded { timestamp: Cow::Borrowed(timestamp), stream, partial, message: Cow::Borrowed(message) })
+}
+
+#[derive(Deserialize)]
+struct DockerLine<'a> {
+    #[serde(borrow)]
+    log: Cow<'a, str>,
+    #[serde(borrow)]
+    stream: Cow<'a, str>,
+    #[serde(borrow)]
+    time: Cow<'a, str>,
+}
+
+/// Decodes a docker json-file line. Docker splits long lines into parts whose `log` lacks the
+/// trailing newline; such a part is `partial`.
+pub fn docker(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
+    let parsed: DockerLine = match serde_json::from_slice(line) {
+        Ok(parsed) => parsed,
+        // Raw invalid UTF-8 inside the JSON: keep what is valid and replace the rest.
+        Err(_) if std::str::from_utf8(line).is_err() => {
+            let lossy = String::from_utf8_lossy(line);
+            let owned: DockerLine = serde_json::from_str(&lossy).map_err(|_| Malformed::NotDocker)?;
+            DockerLine {
+                log: Cow::Owned(owned.log.into_owned()),
+                stream: Cow::Owned(owned.stream.into_owned()),
+                time: Cow::Owned(owned.time.into_owned()),
+            }
+        }
+        Err(_) => return Err(Malformed::NotDocker),
+    };
+    let stream = stream_kind(parsed.stream.as_bytes()).ok_or(Malformed::NotDocker)?;
+    if !is_timestamp(parsed.time.as_bytes()) {
+        return Err(Malformed::NotDocker);
+    }
+    let partial = !parsed.log.ends_with('\n');
+    let message = match parsed.log {
+        Cow::Borrowed(s) => Cow::Borrowed(s.strip_suffix('\n').unwrap_or(s).as_bytes()),
+        Cow::Owned(mut s) => {
+            if s.ends_with('\n') {
+                s.pop();
+            }
+            Cow::Owned(s.into_bytes())
+        }
+    };
+    let timestamp = match parsed.time {
+        Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
+        Cow::Owned(t) => Cow::Owned(t.into_bytes()),
+    };
+    Ok(Decoded { timestamp, stream, partial, message })
+}
+
+fn stream_kind(field: &[u8]) -> Option<StreamKind> {
+    match field {
+        b"stdout" => Some(StreamKind::Stdout),
+        b"stderr" => Some(StreamKind::Stderr),
+        _ => None,
+    }
+}
+
+/// An RFC 3339 timestamp as runtimes write it: starts `YYYY-MM-DDTHH:MM:SS`, then only
+/// fraction and zone characters. This also makes it safe to copy into JSON unescaped.
+fn is_timestamp(t: &[u8]) -> bool {
+    t.len() >= 20
+        && t.len() <= 40
+        && t[4] == b'-'
+        && t[10] == b'T'
+        && t.iter().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_full_and_partial_lines() {
+        let d = cri(b"2026-11-22T03:16:40.123456789Z stdout F hello world").unwrap();
+        assert_eq!(&*d.timestamp, b"2026-11-22T03:16:40.123456789Z");
+        assert_eq!((d.stream, d.partial, &*d.message), (StreamKind::Stdout, false, &b"hello world"[..]));
+        let d = cri(b"2026-11-22T03:16:40.123456789+01:00 stderr P part ").unwrap();
+        assert_eq!((d.stream, d.partial, &*d.message), (StreamKind::Stderr, true, &b"part "[..]));
+    }
+
+    #[test]
+    fn cri_empty_messages_and_extra_tags() {
+        assert_eq!(&*cri(b"2026-11-22T03:16:40Z stdout F ").unwrap().message, b"");
+        assert_eq!(&*cri(b"2026-11-22T03:16:40Z stdout F").unwrap().message, b"");
+        assert!(!cri(b"2026-11-22T03:16:40Z stdout F:x msg").unwrap().partial);
+    }
+
+    #[test]
+    fn cri_garbage_is_malformed() {
+        for line in [&b""[..], b"hello", b"2026-11-22T03:16:40Z stdin F x", b"2026-11-22T03:16:40Z stdout X x", b"yesterday stdout F x", b"2026-11-22T03:16:40\"Z stdout F x"] {
+            assert_eq!(cri(line), Err(Malformed::NotCri), "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn cri_keeps_invalid_utf8_bytes_for_the_encoder() {
+        let d = cri(b"2026-11-22T03:16:40Z stdout F bad \xff\xfe bytes").unwrap();
+        assert_eq!(&*d.message, b"bad \xff\xfe bytes");
+    }
+
+    #[test]
+    fn docker_lines_strip_the_newline_and_mark_parts() {
+        let d = docker(br#"{"log":"hi \"there\"\n","stream":"stderr","time":"2026-11-22T03:16:40.5Z"}"#).unwrap();
+        assert_eq!((d.stream, d.partial, &*d.message), (StreamKind::Stderr, false, &b"hi \"there\""[..]));
+        let d = docker(br#"{"log":"16k of text","stream":"stdout","time":"2026-11-22T03:16:40.5Z"}"#).unwrap();
+        assert!(d.partial);
+    }
+
+    #[test]
+    fn docker_with_raw_invalid_utf8_keeps_the_rest() {
+        let d = docker(b"{\"log\":\"caf\xc3 ok\\n\",\"stream\":\"stdout\",\"time\":\"2026-11-22T03:16:40.5Z\"}").unwrap();
+        assert_eq!(String::from_utf8(d.message.into_owned()).unwrap(), "caf\u{fffd} ok");
+    }
+
+    #[test]
+    fn docker_garbage_is_malformed() {
+        for line in [&br#"{"log":"x"}"#[..], br#"{"log":"x\n","stream":"stdout","time":"now"}"#, b"{\"log\":", b"plain text"] {
+            assert_eq!(docker(line), Err(Malformed::NotDocker));
+        }
+    }
+}

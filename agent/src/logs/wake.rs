@@ -1,0 +1,109 @@
+//! Wakes the tailer thread: inotify reports which pod directories changed (bounded; an
+//! overflow turns into a full rescan), and shutdown is one more reason to wake.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+
+/// More distinct directories than this between two tailer passes become a full rescan.
+const MAX_DIRTY: usize = 4096;
+
+/// What happened since the tailer last looked.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Pod directories whose files were created, renamed or removed.
+    pub rescan: HashSet<PathBuf>,
+    /// Pod directories whose files were written to.
+    pub written: HashSet<PathBuf>,
+    /// Too many changes to list, or the watcher lost events: rescan everything.
+    pub rescan_all: bool,
+    /// Stop.
+    pub shutdown: bool,
+}
+
+/// A condition variable over pending [`Changes`].
+#[derive(Default)]
+pub struct Wake {
+    changes: Mutex<Changes>,
+    signal: Condvar,
+}
+
+impl Wake {
+    /// Asks the tailer to stop.
+    pub fn shutdown(&self) {
+        self.changes.lock().unwrap().shutdown = true;
+        self.signal.notify_all();
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_shutdown(&self) -> bool {
+        self.changes.lock().unwrap().shutdown
+    }
+
+    /// Waits up to `timeout` for something to happen and takes what did.
+    pub fn wait(&self, timeout: Duration) -> Changes {
+        let mut changes = self.changes.lock().unwrap();
+        if changes.rescan.is_empty() && changes.written.is_empty() && !changes.rescan_all && !changes.shutdown {
+            changes = self.signal.wait_timeout(changes, timeout).unwrap().0;
+        }
+        let shutdown = changes.shutdown;
+        let taken = std::mem::take(&mut *changes);
+        changes.shutdown = shutdown;
+        taken
+    }
+
+    fn note(&self, pod_dir: Option<PathBuf>, structural: bool) {
+        let mut changes = self.changes.lock().unwrap();
+        match pod_dir {
+            Some(dir) if changes.rescan.len() + changes.written.len() < MAX_DIRTY => {
+                if structural {
+                    changes.rescan.insert(dir);
+                } else {
+                    changes.written.insert(dir);
+                }
+            }
+            _ => changes.rescan_all = true,
+        }
+        self.signal.notify_all();
+    }
+}
+
+/// Watches `pods_dir` recursively and feeds `wake`. `None` where inotify is unavailable or
+/// the directory does not exist yet; the periodic rescan covers for it.
+pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::RecommendedWatcher> {
+    let root = pods_dir.to_path_buf();
+    let handler = move |event: notify::Result<notify::Event>| match event {
+        Ok(event) => {
+            let structural = !matches!(event.kind, EventKind::Modify(notify::event::ModifyKind::Data(_)) | EventKind::Access(_));
+            if event.need_rescan() {
+                wake.note(None, true);
+            }
+            for path in &event.paths {
+                let pod_dir = path.strip_prefix(&root).ok().and_then(|rel| rel.iter().next()).map(|first| root.join(first));
+                // No pod directory (an event on pods_dir itself): rescan everything.
+                wake.note(pod_dir, structural);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify error; falling back to a full rescan");
+            wake.note(None, true);
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; relying on periodic rescans");
+            return None;
+        }
+    };
+    match watcher.watch(pods_dir, RecursiveMode::Recursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::debug!(dir = %pods_dir.display(), error = %e, "cannot watch pods_dir yet");
+            None
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The `nodelens` command.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nodelens::config::{self, Config};
+
+/// Kubernetes node agent for AI workloads: container logs to Elasticsearch, GPU metrics
+/// attributed to pods, applications and users.
+#[derive(Parser)]
+#[command(name = "nodelens", version, about)]
+struct Cli {
+    /// YAML config file (default: built-in defaults). Also `NODELENS_CONFIG`.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the config and print the effective result; exit 2 on errors.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.or_else(|| std::env::var_os("NODELENS_CONFIG").map(PathBuf::from));
+    let config = match config::load(path.as_deref(), std::env::vars()).and_then(Config::validate) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("nodelens: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", config.to_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+        eprintln!("nodelens: log_level `{}` is not a valid filter ({e}); using info", config.log_level);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    // Logs go to stderr: stdout belongs to the stdout sink.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodelens: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nodelens::agent::run(config, signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

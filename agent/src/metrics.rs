@@ -1,0 +1,164 @@
+//! Every metric the agent exports, with typed label sets. All series carry `node` (a
+//! registry-wide label). Served by [`crate::server`].
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::logs::tailer::TailerMetrics;
+
+/// Labels of `nodelens_log_records_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Application (`service.name`).
+    pub app: String,
+    /// stdout or stderr.
+    pub stream: &'static str,
+    /// `log.level`, or `unknown`.
+    pub level: &'static str,
+}
+
+/// Labels of `nodelens_log_bytes_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Application.
+    pub app: String,
+}
+
+/// Labels of `nodelens_log_records_flagged_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    /// `truncated`, `partial` or `malformed`.
+    pub flag: &'static str,
+}
+
+/// Labels of `nodelens_log_records_dropped_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why the records were dropped.
+    pub reason: &'static str,
+}
+
+/// Labels of `nodelens_sink_records_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkOutcomeLabels {
+    /// `stdout` or `elasticsearch`.
+    pub sink: &'static str,
+    /// `delivered`, `duplicate`, `rejected` or `retried`.
+    pub outcome: &'static str,
+}
+
+/// Labels of per-sink series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink.
+    pub sink: &'static str,
+}
+
+/// Labels of `nodelens_build_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The agent's version.
+    pub version: &'static str,
+}
+
+/// Log pipeline metrics.
+#[derive(Clone, Default)]
+pub struct LogMetrics {
+    /// `nodelens_log_records_total`.
+    pub records: Family<RecordLabels, Counter>,
+    /// `nodelens_log_bytes_total`: message bytes.
+    pub bytes: Family<AppLabels, Counter>,
+    /// `nodelens_log_records_flagged_total`: records shipped truncated, partial or malformed.
+    pub flagged: Family<FlagLabels, Counter>,
+    /// `nodelens_log_records_dropped_total`.
+    pub dropped: Family<ReasonLabels, Counter>,
+    /// Tailer gauges and the lost-bytes counter.
+    pub tailer: TailerMetrics,
+}
+
+/// Sink metrics.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    /// `nodelens_sink_records_total`.
+    pub records: Family<SinkOutcomeLabels, Counter>,
+    /// `nodelens_sink_request_duration_seconds`.
+    pub request_duration: Family<SinkLabels, Histogram>,
+    /// `nodelens_sink_retries_total`: requests retried after a failure.
+    pub retries: Family<SinkLabels, Counter>,
+}
+
+impl Default for SinkMetrics {
+    fn default() -> Self {
+        SinkMetrics {
+            records: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            retries: Family::default(),
+        }
+    }
+}
+
+/// All metrics and the registry that serves them.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Log pipeline metrics.
+    pub logs: LogMetrics,
+    /// Sink metrics.
+    pub sinks: SinkMetrics,
+}
+
+impl Metrics {
+    /// Registers every metric, labelled with `node`.
+    pub fn new(node: &str) -> Metrics {
+        let mut registry = Registry::with_prefix_and_labels("nodelens", [("node".into(), node.to_string().into())].into_iter());
+        let logs = LogMetrics::default();
+        let sinks = SinkMetrics::default();
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "nodelens build; the value is 1", build);
+        registry.register("log_records", "Log records read, by namespace, app, stream and level", logs.records.clone());
+        registry.register("log_bytes", "Message bytes of log records read", logs.bytes.clone());
+        registry.register("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
+        registry.register("log_records_dropped", "Records not delivered, by reason", logs.dropped.clone());
+        registry.register("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
+        registry.register("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
+        registry.register("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
+        registry.register("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
+        registry.register("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
+        registry.register("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
+        Metrics { registry, logs, sinks }
+    }
+
+    /// The registry in the text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("string write");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_carries_node_and_the_spec_names() {
+        let m = Metrics::new("gpu-7");
+        m.logs.records.get_or_create(&RecordLabels { namespace: "ml".into(), app: "a".into(), stream: "stdout", level: "unknown" }).inc();
+        m.logs.tailer.files_tailed.set(3);
+        let text = m.encode();
+        assert!(text.contains(r#"nodelens_build_info{node="gpu-7",version=""#), "{text}");
+        assert!(text.contains(r#"nodelens_log_records_total{node="gpu-7",namespace="ml",app="a",stream="stdout",level="unknown"} 1"#), "{text}");
+        assert!(text.contains(r#"nodelens_log_files_tailed{node="gpu-7"} 3"#), "{text}");
+        assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
+        assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Encodes records as Elastic Common Schema documents, with the field layout Filebeat's
+//! container input and `add_kubernetes_metadata` write, so existing Kibana views keep working.
+//!
+//! Everything that is the same for all records of a container is rendered once into a
+//! [`Template`]; per record only the timestamp, message, stream, offset and flags are written.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use serde_json::{json, Map, Value};
+
+use crate::logs::chunk::{Chunk, Flags, Record};
+use crate::logs::enrich::Metadata;
+
+/// The fixed part of a container's documents, pre-rendered as JSON.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// `"container":{..},"kubernetes":{..},...}`: the document's tail after the `log` object.
+    tail: Vec<u8>,
+}
+
+impl Template {
+    /// Renders the fixed fields of `meta`.
+    pub fn new(meta: &Metadata) -> Template {
+        let mut container = Map::new();
+        if let Some(id) = &meta.container_id {
+            container.insert("id".into(), json!(id));
+        }
+        if let Some(runtime) = &meta.runtime {
+            container.insert("runtime".into(), json!(runtime));
+        }
+        let mut doc = Map::new();
+        if !container.is_empty() {
+            doc.insert("container".into(), Value::Object(container));
+        }
+        doc.insert(
+            "kubernetes".into(),
+            json!({
+                "namespace": meta.namespace,
+                "pod": {"name": meta.pod, "uid": meta.pod_uid},
+                "container": {"name": meta.container, "restart_count": meta.restart},
+                "node": {"name": meta.node},
+            }),
+        );
+        doc.insert("host".into(), json!({"name": meta.node}));
+        if !meta.cluster.is_empty() {
+            doc.insert("orchestrator".into(), json!({"cluster": {"name": meta.cluster}}));
+        }
+        doc.insert("service".into(), json!({"name": meta.app}));
+        if !meta.user.is_empty() {
+            doc.insert("user".into(), json!({"name": meta.user}));
+        }
+        let rendered = serde_json::to_vec(&Value::Object(doc)).expect("metadata serializes");
+        Template { tail: rendered[1..].to_vec() }
+    }
+}
+
+/// Documents of one chunk, each followed by a newline (NDJSON).
+#[derive(Debug, Default)]
+pub struct Documents {
+    /// The documents, back to back.
+    pub bytes: Vec<u8>,
+    /// End of each document (after its newline) in `bytes`.
+    pub ends: Vec<u32>,
+    /// Each document's source offset, for its deterministic id.
+    pub offsets: Vec<u64>,
+}
+
+impl Documents {
+    /// Number of documents.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Document `i` with its newline.
+    pub fn doc(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+}
+
+/// Encodes every record of `chunk` with `template` into `out`.
+pub fn encode_chunk(chunk: &Chunk, template: &Template, out: &mut Documents) {
+    let mut file = Vec::with_capacity(64);
+    file.extend_from_slice(b",\"file\":{\"path\":");
+    serde_json::to_writer(&mut file, &chunk.source.path.to_string_lossy()).expect("vec write");
+    file.extend_from_slice(b"}},");
+    out.bytes.reserve(chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96));
+    for record in &chunk.records {
+        encode_record(chunk, record, &file, template, &mut out.bytes);
+        out.ends.push(out.bytes.len() as u32);
+        out.offsets.push(record.offset);
+    }
+}
+
+fn encode_record(chunk: &Chunk, record: &Record, file: &[u8], template: &Template, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"@timestamp\":\"");
+    // Decoders only accept timestamps made of digits, `-:.TZ+`: safe unescaped.
+    out.extend_from_slice(chunk.timestamp(record));
+    out.extend_from_slice(b"\",\"message\":");
+    let message = match std::str::from_utf8(chunk.message(record)) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(chunk.message(record)),
+    };
+    serde_json::to_writer(&mut *out, message.as_ref()).expect("vec write");
+    out.extend_from_slice(b",\"stream\":\"");
+    out.extend_from_slice(record.stream.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"log\":{\"offset\":");
+    out.extend_from_slice(itoa::Buffer::new().format(record.offset).as_bytes());
+    if !record.flags.is_empty() {
+        write_flags(record.flags, out);
+    }
+    out.extend_from_slice(file);
+    out.extend_from_slice(&template.tail);
+    out.push(b'\n');
+}
+
+fn write_flags(flags: Flags, out: &mut Vec<u8>) {
+    out.extend_from_slice(b",\"flags\":[");
+    for (i, name) in flags.names().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write!(out, "\"{name}\"").expect("vec write");
+    }
+    out.push(b']');
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::logs::chunk::StreamKind;
+    use crate::logs::source::Source;
+
+    fn meta() -> Metadata {
+        Metadata {
+            namespace: "ml".into(),
+            pod: "trainer-0".into(),
+            pod_uid: "uid-1".into(),
+            container: "worker".into(),
+            restart: 2,
+            container_id: Some("abc".into()),
+            runtime: None,
+            app: "trainer".into(),
+            user: "alice".into(),
+            node: "gpu-1".into(),
+            cluster: "prod".into(),
+        }
+    }
+
+    fn chunk_with(message: &[u8], flags: Flags) -> Chunk {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40.123456789Z");
+        let message = chunk.push_bytes(message);
+        chunk.records.push(Record { timestamp, message, stream: StreamKind::Stderr, offset: 4242, flags });
+        chunk
+    }
+
+    fn encode_one(chunk: &Chunk) -> Value {
+        let mut docs = Documents::default();
+        encode_chunk(chunk, &Template::new(&meta()), &mut docs);
+        assert_eq!(docs.len(), 1);
+        assert_eq!(*docs.doc(0).last().unwrap(), b'\n');
+        serde_json::from_slice(docs.doc(0)).expect("valid JSON")
+    }
+
+    #[test]
+    fn documents_carry_the_ecs_fields_of_the_spec() {
+        let doc = encode_one(&chunk_with(b"loss=0.53 \"quoted\"\ttab", Flags::default()));
+        assert_eq!(doc["@timestamp"], "2026-11-22T03:16:40.123456789Z");
+        assert_eq!(doc["message"], "loss=0.53 \"quoted\"\ttab");
+        assert_eq!(doc["stream"], "stderr");
+        assert_eq!(doc["log"]["offset"], 4242);
+        assert_eq!(doc["log"]["file"]["path"], "/var/log/pods/ns_pod_uid/c/0.log");
+        assert!(doc["log"].get("flags").is_none());
+        assert_eq!(doc["kubernetes"]["namespace"], "ml");
+        assert_eq!(doc["kubernetes"]["pod"]["name"], "trainer-0");
+        assert_eq!(doc["kubernetes"]["pod"]["uid"], "uid-1");
+        assert_eq!(doc["kubernetes"]["container"]["name"], "worker");
+        assert_eq!(doc["kubernetes"]["node"]["name"], "gpu-1");
+        assert_eq!(doc["container"]["id"], "abc");
+        assert_eq!(doc["host"]["name"], "gpu-1");
+        assert_eq!(doc["orchestrator"]["cluster"]["name"], "prod");
+        assert_eq!(doc["service"]["name"], "trainer");
+        assert_eq!(doc["user"]["name"], "alice");
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_and_flags_are_listed() {
+        let doc = encode_one(&chunk_with(b"ok \xff\xfe end", Flags::TRUNCATED));
+        assert_eq!(doc["message"], "ok \u{fffd}\u{fffd} end");
+        assert_eq!(doc["log"]["flags"], json!(["truncated"]));
+    }
+}
