@@ -155,7 +155,7 @@ impl Default for LogsConfig {
             max_line_bytes: 1024 * 1024,
             partial_timeout: Duration::from_secs(5),
             rescan_interval: Duration::from_secs(10),
-            max_inflight_bytes: 16 * 1024 * 1024,
+            max_inflight_bytes: 8 * 1024 * 1024,
             multiline: Vec::new(),
             log_metrics: Vec::new(),
         }
@@ -233,12 +233,8 @@ impl Default for KubernetesConfig {
         KubernetesConfig {
             enabled: Switch::Auto,
             kubeconfig: String::new(),
-            app_keys: ["label:app.kubernetes.io/name", "label:app", "label:k8s-app", "owner"]
-                .map(String::from)
-                .to_vec(),
-            user_keys: ["label:user", "annotation:kubesphere.io/creator", "label:owner", "namespace_label:user"]
-                .map(String::from)
-                .to_vec(),
+            app_keys: ["label:app.kubernetes.io/name", "label:app", "label:k8s-app", "owner"].map(String::from).to_vec(),
+            user_keys: ["label:user", "annotation:kubesphere.io/creator", "label:owner", "namespace_label:user"].map(String::from).to_vec(),
             pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
         }
     }
@@ -373,11 +369,7 @@ pub struct CertificatesConfig {
 impl Config {
     /// Stage two: checks serde cannot make, and values derived from the environment.
     pub fn validate(mut self) -> Result<Config, ConfigError> {
-        let key_error = |key: &str, message: String| ConfigError::Key {
-            origin: "config".into(),
-            key: key.into(),
-            message,
-        };
+        let key_error = |key: &str, message: String| ConfigError::Key { origin: "config".into(), key: key.into(), message };
         if self.node_name.is_empty() {
             self.node_name = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(hostname);
         }

@@ -52,7 +52,9 @@ fn run(config: Config) -> ExitCode {
         tracing_subscriber::EnvFilter::new("info")
     });
     // Logs go to stderr: stdout belongs to the stdout sink.
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();

@@ -129,7 +129,11 @@ impl Metrics {
         registry.register("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
         registry.register("log_records_dropped", "Records not delivered, by reason", logs.dropped.clone());
         registry.register("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
-        registry.register("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
+        registry.register(
+            "log_backlog_bytes",
+            "Bytes of log files on disk not yet acknowledged by the sinks",
+            logs.tailer.backlog_bytes.clone(),
+        );
         registry.register("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
         registry.register("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
         registry.register("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
@@ -156,7 +160,10 @@ mod tests {
         m.logs.tailer.files_tailed.set(3);
         let text = m.encode();
         assert!(text.contains(r#"nodelens_build_info{node="gpu-7",version=""#), "{text}");
-        assert!(text.contains(r#"nodelens_log_records_total{node="gpu-7",namespace="ml",app="a",stream="stdout",level="unknown"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"nodelens_log_records_total{node="gpu-7",namespace="ml",app="a",stream="stdout",level="unknown"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"nodelens_log_files_tailed{node="gpu-7"} 3"#), "{text}");
         assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
         assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");

@@ -29,9 +29,25 @@ use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::{self, Batch};
 
 /// Chunks between the tailer and the encoder.
-const CHUNK_QUEUE: usize = 16;
+const CHUNK_QUEUE: usize = 8;
 /// Batches queued for each sink.
-const BATCH_QUEUE: usize = 16;
+const BATCH_QUEUE: usize = 8;
+
+/// Starts one sink task: it takes batches in read order and acknowledges each.
+pub type SinkStarter =
+    Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
+
+/// The sinks the config asks for.
+pub fn configured_sinks(config: &Config, metrics: &Metrics) -> Vec<SinkStarter> {
+    let mut sinks: Vec<SinkStarter> = Vec::new();
+    if config.stdout_enabled() {
+        let m = metrics.sinks.clone();
+        sinks.push(Box::new(move |rx, acks| {
+            tokio::spawn(async move { sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink") })
+        }));
+    }
+    sinks
+}
 
 /// A running log pipeline.
 pub struct LogPipeline {
@@ -43,8 +59,14 @@ pub struct LogPipeline {
 }
 
 impl LogPipeline {
-    /// Opens the checkpoints and starts every stage.
-    pub fn start(config: &Config, checkpoints: Arc<Checkpoints>, metrics: &Metrics) -> anyhow::Result<LogPipeline> {
+    /// Starts every stage, delivering to `sinks`. Must be called within a tokio runtime.
+    pub fn start(
+        config: &Config,
+        checkpoints: Arc<Checkpoints>,
+        metrics: &Metrics,
+        sinks: Vec<SinkStarter>,
+    ) -> anyhow::Result<LogPipeline> {
+        anyhow::ensure!(!sinks.is_empty(), "no sink configured");
         let logs = &config.logs;
         let mut exclude = globset::GlobSetBuilder::new();
         for glob in &logs.exclude_namespaces {
@@ -57,8 +79,8 @@ impl LogPipeline {
             limits: StepLimits {
                 max_line_bytes: logs.max_line_bytes,
                 partial_timeout: logs.partial_timeout,
-                max_records: 4096,
-                max_bytes: 1024 * 1024,
+                max_records: 2048,
+                max_bytes: 256 * 1024,
             },
             rescan_interval: logs.rescan_interval,
             max_inflight_bytes: logs.max_inflight_bytes,
@@ -68,23 +90,19 @@ impl LogPipeline {
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
 
-        let mut sink_txs = Vec::new();
-        let mut sinks = Vec::new();
-        if config.stdout_enabled() {
-            let (tx, rx) = mpsc::channel(BATCH_QUEUE);
-            sink_txs.push(tx);
-            let (acks, m) = (ack_tx.clone(), metrics.sinks.clone());
-            sinks.push(tokio::spawn(async move { Ok(sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink")?) }));
-        }
-        anyhow::ensure!(!sink_txs.is_empty(), "no sink configured");
+        let (sink_txs, sinks): (Vec<_>, Vec<_>) = sinks
+            .into_iter()
+            .map(|start| {
+                let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+                (tx, start(rx, ack_tx.clone()))
+            })
+            .unzip();
 
         let committer = tokio::spawn(Committer::new(checkpoints.clone(), inflight.clone()).run(ack_rx, Duration::from_secs(1)));
         let tailer = Tailer::new(settings, checkpoints, inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
         let mut encoder = Encoder::new(Enricher::new(config.node_name.clone(), config.cluster_name.clone()), metrics.logs.clone());
-        let encoder = std::thread::Builder::new()
-            .name("encoder".into())
-            .spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
+        let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { wake, tailer, encoder, sinks, committer })
     }
 

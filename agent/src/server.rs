@@ -54,7 +54,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
 
 async fn respond(req: Request<Incoming>, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
-        Response::builder().status(status).header(header::CONTENT_TYPE, content_type).body(Full::new(Bytes::from(body))).expect("valid response")
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into()));

@@ -52,16 +52,14 @@ pub fn apply_overrides(tree: &mut Value, defaults: &Value, vars: &[(String, Stri
         let dotted = path.join(".");
         let mut shape = defaults;
         for key in &path {
-            shape = shape
-                .as_mapping()
-                .and_then(|m| m.get(key.as_str()))
-                .ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?;
+            shape =
+                shape.as_mapping().and_then(|m| m.get(key.as_str())).ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?;
         }
         let value = match shape {
             Value::Mapping(_) => return Err(env_error(format!("`{dotted}` is a section; set one of its keys"))),
-            Value::Sequence(_) if !raw.trim_start().starts_with('[') => Value::Sequence(
-                raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
-            ),
+            Value::Sequence(_) if !raw.trim_start().starts_with('[') => {
+                Value::Sequence(raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect())
+            }
             Value::String(_) => Value::String(raw.clone()),
             _ => serde_yaml_ng::from_str(raw).map_err(|e| env_error(format!("value for `{dotted}` is not YAML: {e}")))?,
         };

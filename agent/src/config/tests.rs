@@ -46,11 +46,9 @@ fn wrong_type_is_an_error_naming_its_path() {
 
 #[test]
 fn variables_in_the_file_are_expanded() {
-    let config = load_text(
-        "node_name: ${NODE_NAME}\ncluster_name: ${CLUSTER:-dev}\nstate_dir: /s/$${literal}\n",
-        &[("NODE_NAME", "gpu-node-7")],
-    )
-    .unwrap();
+    let config =
+        load_text("node_name: ${NODE_NAME}\ncluster_name: ${CLUSTER:-dev}\nstate_dir: /s/$${literal}\n", &[("NODE_NAME", "gpu-node-7")])
+            .unwrap();
     assert_eq!(config.node_name, "gpu-node-7");
     assert_eq!(config.cluster_name, "dev");
     assert_eq!(config.state_dir, Path::new("/s/${literal}"));

@@ -71,7 +71,9 @@ impl Checkpoints {
                 Ok(on_disk) if on_disk.version == VERSION => {
                     entries = on_disk.files.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
                 }
-                Ok(on_disk) => tracing::warn!(file = %file.display(), version = on_disk.version, "unknown checkpoint version; reading all files from the start"),
+                Ok(on_disk) => {
+                    tracing::warn!(file = %file.display(), version = on_disk.version, "unknown checkpoint version; reading all files from the start")
+                }
                 Err(e) => {
                     let aside = state_dir.join(format!("{FILE_NAME}.corrupt"));
                     tracing::error!(file = %file.display(), error = %e, moved_to = %aside.display(), "checkpoint file does not parse; reading all files from the start");

@@ -133,7 +133,14 @@ mod tests {
 
     #[test]
     fn cri_garbage_is_malformed() {
-        for line in [&b""[..], b"hello", b"2026-11-22T03:16:40Z stdin F x", b"2026-11-22T03:16:40Z stdout X x", b"yesterday stdout F x", b"2026-11-22T03:16:40\"Z stdout F x"] {
+        for line in [
+            &b""[..],
+            b"hello",
+            b"2026-11-22T03:16:40Z stdin F x",
+            b"2026-11-22T03:16:40Z stdout X x",
+            b"yesterday stdout F x",
+            b"2026-11-22T03:16:40\"Z stdout F x",
+        ] {
             assert_eq!(cri(line), Err(Malformed::NotCri), "{}", String::from_utf8_lossy(line));
         }
     }

@@ -80,13 +80,7 @@ pub fn parse(pods_dir: &Path, file: &Path) -> Option<(ContainerRef, Generation)>
     let (namespace, pod, pod_uid) = parse_pod_dir(pod_dir)?;
     let (restart, generation) = parse_file_name(name)?;
     Some((
-        ContainerRef {
-            namespace: namespace.into(),
-            pod: pod.into(),
-            pod_uid: pod_uid.into(),
-            container: container.into(),
-            restart,
-        },
+        ContainerRef { namespace: namespace.into(), pod: pod.into(), pod_uid: pod_uid.into(), container: container.into(), restart },
         generation,
     ))
 }
@@ -119,14 +113,8 @@ mod tests {
     fn kubelet_file_names_parse_into_restart_and_generation() {
         assert_eq!(parse_file_name("0.log"), Some((0, Generation::Live)));
         assert_eq!(parse_file_name("3.log"), Some((3, Generation::Live)));
-        assert_eq!(
-            parse_file_name("0.log.20261122-031640"),
-            Some((0, Generation::Rotated { at: 20261122031640, gzip: false }))
-        );
-        assert_eq!(
-            parse_file_name("1.log.20261122-031640.gz"),
-            Some((1, Generation::Rotated { at: 20261122031640, gzip: true }))
-        );
+        assert_eq!(parse_file_name("0.log.20261122-031640"), Some((0, Generation::Rotated { at: 20261122031640, gzip: false })));
+        assert_eq!(parse_file_name("1.log.20261122-031640.gz"), Some((1, Generation::Rotated { at: 20261122031640, gzip: true })));
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn scan_pod_dir(pod_dir: &Path, pods_dir: &Path, exclude: &GlobSet, cache: &
         }
     }
     for files in scan.values_mut() {
-        files.sort_by(|a, b| a.generation.cmp(&b.generation));
+        files.sort_by_key(|f| f.generation);
         let mut seen = std::collections::HashSet::new();
         files.retain(|f| seen.insert(f.fingerprint.hash));
     }
@@ -141,7 +141,8 @@ mod tests {
         exclude.add(globset::Glob::new("kube-*").unwrap());
         let scan = scan_all(root.path(), &exclude.build().unwrap(), &mut FingerprintCache::default()).unwrap();
         assert_eq!(scan.len(), 2, "restarts 0 and 1 of one container; kube-system excluded");
-        let chain: Vec<String> = scan.values().next().unwrap().iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let chain: Vec<String> =
+            scan.values().next().unwrap().iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(chain, ["0.log.20261122-010000.gz", "0.log.20261122-020000", "0.log"]);
         let gz = &scan.values().next().unwrap()[0];
         assert_eq!(gz.size, 32, "gzip size is the uncompressed size");

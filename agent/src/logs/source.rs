@@ -77,13 +77,8 @@ impl Source {
     /// A placeholder source for unit tests of downstream stages.
     #[cfg(test)]
     pub fn for_tests() -> Source {
-        let reference = ContainerRef {
-            namespace: "ns".into(),
-            pod: "pod".into(),
-            pod_uid: "uid".into(),
-            container: "c".into(),
-            restart: 0,
-        };
+        let reference =
+            ContainerRef { namespace: "ns".into(), pod: "pod".into(), pod_uid: "uid".into(), container: "c".into(), restart: 0 };
         Source {
             id: FileId::new(&reference, 1),
             container: Arc::new(ContainerInfo { reference, container_id: None, runtime: None }),

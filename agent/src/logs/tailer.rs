@@ -170,8 +170,7 @@ impl Tailer {
         let mut scan = Scan::new();
         scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &self.settings.exclude_namespaces, &mut self.cache, &mut scan);
         let dir_name = pod_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let gone: Vec<ContainerRef> =
-            self.tails.keys().filter(|r| pod_dir_name(r) == dir_name && !scan.contains_key(r)).cloned().collect();
+        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| pod_dir_name(r) == dir_name && !scan.contains_key(r)).cloned().collect();
         self.apply(scan, gone);
     }
 
