@@ -28,7 +28,7 @@ impl Node {
         std::fs::create_dir_all(dir.path().join("pods")).unwrap();
         let config = dir.path().join("nodelens.yaml");
         let text = format!(
-            "node_name: test-node\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: {rescan}\n  partial_timeout: 500ms\n{extra}metrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: test-node\nlog_level: nodelens=debug\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: {rescan}\n  partial_timeout: 500ms\n{extra}metrics:\n  listen: 127.0.0.1:0\n",
             state = dir.path().join("state").display(),
             pods = dir.path().join("pods").display(),
         );
@@ -92,11 +92,12 @@ fn records_written_across_rotations_and_compression_arrive_once_in_order() {
         }
     }
     write_lines(&mut a, "a", 3000..3100);
-    agent.wait_for(WAIT, "all records", count_is(4900));
+    agent.wait_for(WAIT, "all records", |docs| docs.len() >= 4900 && docs.iter().any(|d| d["message"] == "a line 3099"));
     let (status, docs, log) = agent.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{log}");
     let got = by_container(&docs);
     assert_same_records("container a", &got["train-a/worker"], &expected("a", 0..3100));
+    assert_same_records("container b", &got["train-b/worker"], &expected("b", 0..1800));
     assert_same_records("container b", &got["train-b/worker"], &expected("b", 0..1800));
     let gz = std::fs::read_dir(a.dir()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".gz")).count();
     assert!(gz >= 2, "the scenario really compressed rotations ({gz} .gz files)");

@@ -54,10 +54,21 @@ struct OpenFile {
     reader: LineReader,
 }
 
+/// How long a file may be absent from scans before it counts as deleted. A scan can race with
+/// the kubelet (a file listed, then renamed or compressed before it is opened) and miss a
+/// file that still exists under another name.
+const GONE_AFTER: Duration = Duration::from_secs(2);
+
+/// How long a rotated file must be quiet before its end is final: the runtime may write to
+/// the renamed file until the kubelet has asked it to reopen.
+const QUIET_BEFORE_FINISH: Duration = Duration::from_secs(1);
+
 /// The tail of one container instance.
 pub struct ContainerTail {
     info: Arc<ContainerInfo>,
     chain: Vec<ScannedFile>,
+    /// Files absent from the latest scans, since when: deleted once absent for [`GONE_AFTER`].
+    missing: HashMap<u64, (ScannedFile, Instant)>,
     states: HashMap<u64, FileState>,
     open: Option<OpenFile>,
     assembler: Assembler,
@@ -77,6 +88,7 @@ impl ContainerTail {
         ContainerTail {
             info,
             chain: Vec::new(),
+            missing: HashMap::new(),
             states: HashMap::new(),
             open: None,
             assembler: Assembler::new(max_line_bytes),
@@ -98,23 +110,39 @@ impl ContainerTail {
 
     /// Takes the latest scan of this container's files; returns what was deleted unread.
     pub fn update(&mut self, chain: Vec<ScannedFile>, checkpoints: &Checkpoints) -> Vec<Lost> {
-        let mut lost = Vec::new();
-        let open_fp = self.open.as_ref().map(|o| o.fingerprint);
-        for old in &self.chain {
-            let fp = old.fingerprint.hash;
-            if Some(fp) == open_fp || chain.iter().any(|f| f.fingerprint.hash == fp) {
-                continue;
+        self.update_at(chain, checkpoints, Instant::now())
+    }
+
+    fn update_at(&mut self, chain: Vec<ScannedFile>, checkpoints: &Checkpoints, now: Instant) -> Vec<Lost> {
+        let in_chain = |fp: u64| chain.iter().any(|f| f.fingerprint.hash == fp);
+        for old in self.chain.drain(..) {
+            if !in_chain(old.fingerprint.hash) {
+                self.missing.entry(old.fingerprint.hash).or_insert((old, now));
             }
+        }
+        self.missing.retain(|fp, _| !in_chain(*fp));
+        let open_fp = self.open.as_ref().map(|o| o.fingerprint);
+        let gone: Vec<ScannedFile> = {
+            let expired: Vec<u64> = self
+                .missing
+                .iter()
+                .filter(|(fp, (_, since))| Some(**fp) != open_fp && now.duration_since(*since) >= GONE_AFTER)
+                .map(|(fp, _)| *fp)
+                .collect();
+            expired.into_iter().filter_map(|fp| self.missing.remove(&fp).map(|(f, _)| f)).collect()
+        };
+        let mut lost = Vec::new();
+        for file in gone {
+            let fp = file.fingerprint.hash;
             let state = self.states.remove(&fp);
             if state.as_ref().is_some_and(|s| s.finished) {
                 continue;
             }
             let position = state.map(|s| s.consumed).or_else(|| checkpoints.offset(self.file_id(fp))).unwrap_or(0);
-            if old.size > position {
-                lost.push(Lost { path: old.path.clone(), bytes: old.size - position });
+            if file.size > position {
+                lost.push(Lost { path: file.path.clone(), bytes: file.size - position });
             }
         }
-        self.states.retain(|fp, _| Some(*fp) == open_fp || chain.iter().any(|f| f.fingerprint.hash == *fp));
         self.chain = chain;
         lost
     }
@@ -132,12 +160,13 @@ impl ContainerTail {
 
     /// Final and read to the end: the tail can be dropped.
     pub fn is_done(&self, checkpoints: &Checkpoints) -> bool {
-        self.final_ && self.open.is_none() && self.select(checkpoints).is_none()
+        self.final_ && self.open.is_none() && self.missing.is_empty() && self.select(checkpoints).is_none()
     }
 
-    /// Ids of the files in the chain, for checkpoint garbage collection.
+    /// Ids of every file that may still exist, for checkpoint garbage collection.
     pub fn file_ids(&self) -> impl Iterator<Item = FileId> + '_ {
-        self.chain.iter().map(|f| self.file_id(f.fingerprint.hash))
+        let fps = self.chain.iter().map(|f| f.fingerprint.hash).chain(self.missing.keys().copied()).chain(self.states.keys().copied());
+        fps.map(|fp| self.file_id(fp))
     }
 
     /// Bytes in the chain not yet acknowledged.
@@ -184,7 +213,8 @@ impl ContainerTail {
             }
         }
         let is_last = self.chain.last().map(|f| f.fingerprint.hash) == Some(open.fingerprint);
-        let finished = read_error.is_some() || (at_end && (open.gzip || !is_last || self.final_));
+        let quiet = || open.reader.modified().is_none_or(|m| m.elapsed().unwrap_or_default() >= QUIET_BEFORE_FINISH);
+        let finished = read_error.is_some() || (at_end && (open.gzip || ((!is_last || self.final_) && quiet())));
         if let Some(e) = &read_error {
             let size = self.chain.iter().find(|f| f.fingerprint.hash == open.fingerprint).map_or(0, |f| f.size);
             tracing::error!(path = %open.source.path.display(), error = %e, offset = open.reader.consumed(), "log file unreadable past this offset");
@@ -220,10 +250,21 @@ impl ContainerTail {
         Some((chunk, lost))
     }
 
-    /// The first file in the chain not read to its end; the live file when all are.
+    /// The first file in the chain not read to its end; the live file when all are. `None`
+    /// while an unfinished file that comes first is absent from the scan (it is being renamed
+    /// or compressed and will be back).
     fn select(&self, checkpoints: &Checkpoints) -> Option<usize> {
         let last = self.chain.len().checked_sub(1)?;
+        let waiting_for = self
+            .missing
+            .iter()
+            .filter(|(fp, _)| !self.states.get(fp).is_some_and(|s| s.finished))
+            .map(|(_, (file, _))| file.generation)
+            .min();
         for (i, file) in self.chain.iter().enumerate() {
+            if waiting_for.is_some_and(|g| g <= file.generation) {
+                return None;
+            }
             let fp = file.fingerprint.hash;
             if let Some(state) = self.states.get(&fp) {
                 if state.finished {
@@ -280,3 +321,6 @@ fn decode_into(format: Format, assembler: &mut Assembler, chunk: &mut Chunk, lin
         Err(_) => assembler.push_malformed(chunk, line.offset, line.bytes, line.truncated),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -98,6 +98,14 @@ impl LineReader {
         self.skipping
     }
 
+    /// When the file was last written to.
+    pub fn modified(&self) -> Option<std::time::SystemTime> {
+        match &self.input {
+            Input::Plain(f) => f.metadata().and_then(|m| m.modified()).ok(),
+            Input::Gzip(g) => g.get_ref().get_ref().metadata().and_then(|m| m.modified()).ok(),
+        }
+    }
+
     /// Bytes read from the file but not yet returned (an unfinished last line).
     pub fn buffered(&self) -> usize {
         self.end - self.start

@@ -1,0 +1,155 @@
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
+
+use super::*;
+use crate::logs::path::{ContainerRef, Generation};
+use crate::logs::scan::{self, FingerprintCache, Scan};
+
+const LIMITS: StepLimits =
+    StepLimits { max_line_bytes: 1024, partial_timeout: Duration::from_secs(5), max_records: 1000, max_bytes: 1 << 20 };
+
+struct Fixture {
+    root: tempfile::TempDir,
+    checkpoints: Checkpoints,
+    cache: FingerprintCache,
+    tail: ContainerTail,
+    lines: usize,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("pods/ns_pod_uid/c")).unwrap();
+        let checkpoints = Checkpoints::open(&root.path().join("state")).unwrap();
+        let reference =
+            ContainerRef { namespace: "ns".into(), pod: "pod".into(), pod_uid: "uid".into(), container: "c".into(), restart: 0 };
+        let info = Arc::new(ContainerInfo { reference, container_id: None, runtime: None });
+        Fixture { root, checkpoints, cache: FingerprintCache::default(), tail: ContainerTail::new(info, 1024), lines: 0 }
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.root.path().join("pods/ns_pod_uid/c").join(name)
+    }
+
+    fn line(&mut self, message: &str) -> String {
+        self.lines += 1;
+        format!("2026-11-22T03:16:40.{:09}Z stdout F {message}\n", self.lines)
+    }
+
+    /// Writes a file whose last write lies in the past, so its end is final once a newer file exists.
+    fn write(&mut self, name: &str, messages: &[&str]) {
+        let text: String = messages.iter().map(|m| self.line(m)).collect();
+        fs::write(self.file(name), text).unwrap();
+        self.age(name);
+    }
+
+    fn age(&self, name: &str) {
+        let old = SystemTime::now() - Duration::from_secs(60);
+        fs::File::options().write(true).open(self.file(name)).unwrap().set_modified(old).unwrap();
+    }
+
+    fn scan(&mut self) -> Vec<ScannedFile> {
+        let mut found = Scan::new();
+        let pods = self.root.path().join("pods");
+        scan::scan_pod_dir(&pods.join("ns_pod_uid"), &pods, &globset::GlobSet::empty(), &mut self.cache, &mut found);
+        found.into_values().next().unwrap_or_default()
+    }
+
+    /// Messages of every step until there is nothing more to read.
+    fn read_all(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            let Some((chunk, _)) = self.tail.step(&self.checkpoints, &LIMITS, Instant::now()) else { break };
+            out.extend(chunk.records.iter().map(|r| String::from_utf8_lossy(chunk.message(r)).into_owned()));
+            self.tail.next_poll = Instant::now();
+        }
+        out
+    }
+}
+
+fn gzip(path: &Path) {
+    use std::io::Write;
+    let plain = fs::read(path).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(fs::File::create(format!("{}.gz", path.display())).unwrap(), flate2::Compression::fast());
+    enc.write_all(&plain).unwrap();
+    enc.finish().unwrap();
+    fs::remove_file(path).unwrap();
+}
+
+fn live_only(chain: &[ScannedFile]) -> Vec<ScannedFile> {
+    chain.iter().filter(|s| s.generation == Generation::Live).cloned().collect()
+}
+
+#[test]
+fn a_file_missed_by_one_scan_mid_compression_is_not_read_again() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["old-1", "old-2"]);
+    f.write("0.log", &["new-1"]);
+    let chain = f.scan();
+    f.tail.update(chain.clone(), &f.checkpoints);
+    assert_eq!(f.read_all(), ["old-1", "old-2", "new-1"]);
+
+    // The scan listed neither the plain file (already removed) nor the .gz (renamed in later).
+    assert!(f.tail.update(live_only(&chain), &f.checkpoints).is_empty(), "not lost: it may be back");
+    gzip(&f.file("0.log.20261122-000001"));
+    let chain = f.scan();
+    assert!(chain[0].path.to_string_lossy().ends_with(".gz"));
+    f.tail.update(chain, &f.checkpoints);
+    assert!(f.read_all().is_empty(), "the compressed copy is the same file, already read");
+
+    // The next rotation makes the tail choose its next file from the whole chain again.
+    fs::rename(f.file("0.log"), f.file("0.log.20261122-000002")).unwrap();
+    f.write("0.log", &["newer-1"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["newer-1"], "nothing before the newest file is read twice");
+}
+
+#[test]
+fn the_next_file_waits_while_an_unread_earlier_one_is_missing() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["old-1"]);
+    f.write("0.log", &["new-1"]);
+    let full = f.scan();
+    f.tail.update(full.clone(), &f.checkpoints);
+    f.tail.update(live_only(&full), &f.checkpoints);
+    assert!(f.read_all().is_empty(), "order is kept: the live file waits for the rotated one");
+    f.tail.update(full, &f.checkpoints);
+    assert_eq!(f.read_all(), ["old-1", "new-1"]);
+}
+
+#[test]
+fn an_unread_file_gone_for_longer_than_the_grace_is_counted_lost() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["never-read"]);
+    f.write("0.log", &["live"]);
+    let full = f.scan();
+    let rotated_size = full[0].size;
+    let start = Instant::now();
+    f.tail.update_at(full.clone(), &f.checkpoints, start);
+    assert!(f.tail.update_at(live_only(&full), &f.checkpoints, start).is_empty());
+    let lost = f.tail.update_at(live_only(&full), &f.checkpoints, start + GONE_AFTER);
+    assert_eq!(lost, vec![Lost { path: f.file("0.log.20261122-000001"), bytes: rotated_size }]);
+    assert_eq!(f.read_all(), ["live"]);
+}
+
+#[test]
+fn a_rotated_file_written_just_now_is_not_finished_yet() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["a"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["a"]);
+    // Rotation: a newer file appears, and the runtime writes one more line to the renamed
+    // file before it reopens.
+    f.write("0.log", &["b"]);
+    let late = f.line("late");
+    let mut renamed = fs::OpenOptions::new().append(true).open(f.file("0.log.20261122-000001")).unwrap();
+    std::io::Write::write_all(&mut renamed, late.as_bytes()).unwrap();
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["late"], "the renamed file stays open while it was written to just now");
+    f.age("0.log.20261122-000001");
+    assert_eq!(f.read_all(), ["b"]);
+}
