@@ -31,7 +31,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config)?);
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, pipeline::configured_sinks(&config, &metrics))?;
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, pipeline::configured_sinks(&config, &metrics)?)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
         Some(pipeline)
     } else {

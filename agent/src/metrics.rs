@@ -78,8 +78,6 @@ pub struct LogMetrics {
     pub bytes: Family<AppLabels, Counter>,
     /// `nodelens_log_records_flagged_total`: records shipped truncated, partial or malformed.
     pub flagged: Family<FlagLabels, Counter>,
-    /// `nodelens_log_records_dropped_total`.
-    pub dropped: Family<ReasonLabels, Counter>,
     /// Tailer gauges and the lost-bytes counter.
     pub tailer: TailerMetrics,
 }
@@ -93,6 +91,8 @@ pub struct SinkMetrics {
     pub request_duration: Family<SinkLabels, Histogram>,
     /// `nodelens_sink_retries_total`: requests retried after a failure.
     pub retries: Family<SinkLabels, Counter>,
+    /// `nodelens_log_records_dropped_total`: records a sink will never deliver.
+    pub dropped: Family<ReasonLabels, Counter>,
 }
 
 impl Default for SinkMetrics {
@@ -101,6 +101,7 @@ impl Default for SinkMetrics {
             records: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             retries: Family::default(),
+            dropped: Family::default(),
         }
     }
 }
@@ -127,7 +128,7 @@ impl Metrics {
         registry.register("log_records", "Log records read, by namespace, app, stream and level", logs.records.clone());
         registry.register("log_bytes", "Message bytes of log records read", logs.bytes.clone());
         registry.register("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
-        registry.register("log_records_dropped", "Records not delivered, by reason", logs.dropped.clone());
+        registry.register("log_records_dropped", "Records not delivered, by reason", sinks.dropped.clone());
         registry.register("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
         registry.register(
             "log_backlog_bytes",

@@ -37,20 +37,27 @@ const BATCH_QUEUE: usize = 8;
 pub type SinkStarter =
     Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
 
-/// The sinks the config asks for.
-pub fn configured_sinks(config: &Config, metrics: &Metrics) -> Vec<SinkStarter> {
+/// The sinks the config asks for; fails when one cannot be set up (an unreadable CA file).
+pub fn configured_sinks(config: &Config, metrics: &Metrics) -> anyhow::Result<Vec<SinkStarter>> {
     let mut sinks: Vec<SinkStarter> = Vec::new();
+    let es = &config.sinks.elasticsearch;
+    if !es.endpoints.is_empty() {
+        let client = sinks::elasticsearch::client::Client::new(es)?;
+        let (es, m) = (es.clone(), metrics.sinks.clone());
+        sinks.push(Box::new(move |rx, acks| tokio::spawn(sinks::elasticsearch::run(es, client, rx, acks, m))));
+    }
     if config.stdout_enabled() {
         let m = metrics.sinks.clone();
         sinks.push(Box::new(move |rx, acks| {
             tokio::spawn(async move { sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink") })
         }));
     }
-    sinks
+    Ok(sinks)
 }
 
 /// A running log pipeline.
 pub struct LogPipeline {
+    checkpoints: Arc<Checkpoints>,
     wake: Arc<Wake>,
     tailer: JoinHandle<()>,
     encoder: JoinHandle<()>,
@@ -99,11 +106,11 @@ impl LogPipeline {
             .unzip();
 
         let committer = tokio::spawn(Committer::new(checkpoints.clone(), inflight.clone()).run(ack_rx, Duration::from_secs(1)));
-        let tailer = Tailer::new(settings, checkpoints, inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone());
+        let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
         let mut encoder = Encoder::new(Enricher::new(config.node_name.clone(), config.cluster_name.clone()), metrics.logs.clone());
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
-        Ok(LogPipeline { wake, tailer, encoder, sinks, committer })
+        Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer })
     }
 
     /// Resolves when a sink fails (returns its error); pending forever while all run.
@@ -123,6 +130,7 @@ impl LogPipeline {
 
     /// Stops reading, lets the stages drain what was read, and writes the checkpoints.
     pub async fn stop(self, grace: Duration) {
+        let checkpoints = self.checkpoints.clone();
         self.wake.shutdown();
         let drain = async {
             let threads = tokio::task::spawn_blocking(move || {
@@ -141,6 +149,10 @@ impl LogPipeline {
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
             tracing::warn!(?grace, "pipeline did not drain in time; unacknowledged records will be read again on start");
+        }
+        // What was acknowledged before the deadline is kept, whether or not the drain finished.
+        if let Err(e) = tokio::task::spawn_blocking(move || checkpoints.persist()).await.unwrap_or(Ok(())) {
+            tracing::error!(error = %e, "cannot write checkpoints at shutdown");
         }
     }
 }

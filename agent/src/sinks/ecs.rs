@@ -199,3 +199,69 @@ mod tests {
         assert_eq!(doc["log"]["flags"], json!(["truncated"]));
     }
 }
+
+#[cfg(test)]
+mod template_tests {
+    use std::sync::Arc;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::logs::chunk::StreamKind;
+    use crate::logs::source::Source;
+
+    fn mapped(mapping: &Value, path: &[&str]) -> bool {
+        let Some((first, rest)) = path.split_first() else { return true };
+        match mapping.get("properties").and_then(|p| p.get(*first)) {
+            Some(field) if rest.is_empty() => field.get("type").is_some() || field.get("properties").is_some(),
+            Some(field) => mapped(field, rest),
+            None => false,
+        }
+    }
+
+    fn leaves(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    prefix.push(k.clone());
+                    leaves(v, prefix, out);
+                    prefix.pop();
+                }
+            }
+            _ => out.push(prefix.clone()),
+        }
+    }
+
+    #[test]
+    fn every_field_written_is_mapped_by_the_index_template() {
+        let template: Value = serde_json::from_str(include_str!("../../../deploy/elasticsearch/index-template.json")).unwrap();
+        let mappings = &template["template"]["mappings"];
+        let meta = Metadata {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            pod_uid: "u".into(),
+            container: "c".into(),
+            restart: 1,
+            container_id: Some("id".into()),
+            runtime: Some("containerd".into()),
+            app: "a".into(),
+            user: "bob".into(),
+            node: "n".into(),
+            cluster: "k".into(),
+        };
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40Z");
+        let message = chunk.push_bytes(b"m");
+        chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 1, flags: Flags::PARTIAL });
+        let mut docs = Documents::default();
+        encode_chunk(&chunk, &Template::new(&meta), &mut docs);
+        let doc: Value = serde_json::from_slice(docs.doc(0)).unwrap();
+        let mut fields = Vec::new();
+        leaves(&doc, &mut Vec::new(), &mut fields);
+        assert!(fields.len() >= 15, "{fields:?}");
+        for field in fields {
+            let path: Vec<&str> = field.iter().map(String::as_str).collect();
+            assert!(mapped(mappings, &path), "field {} is not in the index template", path.join("."));
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! only past what every sink has taken.
 
 pub mod ecs;
+pub mod elasticsearch;
 pub mod stdout;
 
 use crate::logs::source::FileId;

@@ -90,6 +90,14 @@ impl Agent {
         panic!("no metrics address in the agent log:\n{}", self.log());
     }
 
+    /// The agent's resident set size.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("agent is running");
+        let kib: u64 =
+            status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        kib * 1024
+    }
+
     /// GETs `path` from the metrics endpoint: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics_addr(), path)

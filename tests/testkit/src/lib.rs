@@ -3,6 +3,7 @@
 //! `nodelens` binary and collects what it emits.
 
 pub mod agent;
+pub mod elasticsearch;
 pub mod kubelet;
 
 /// Compares what was emitted with what was written and panics with a short report: the

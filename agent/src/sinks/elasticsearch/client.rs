@@ -1,0 +1,169 @@
+//! The HTTP side of `_bulk`: one reqwest client (rustls; a private CA from `ca_file`), basic or
+//! API-key auth, gzip bodies, and failover across endpoints.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::StatusCode;
+
+use crate::config::{Compression, ElasticsearchConfig};
+
+/// How a `_bulk` request ended.
+#[derive(Debug)]
+pub enum Reply {
+    /// Elasticsearch answered 200 with this body.
+    Done(Vec<u8>),
+    /// 413: the body is too large; send it in smaller parts.
+    TooLarge,
+}
+
+/// A request that failed as a whole; it is sent again after a backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("{endpoint}: {reason}")]
+pub struct Failure {
+    /// The endpoint tried.
+    pub endpoint: String,
+    /// What went wrong (status and reply, or the connection error).
+    pub reason: String,
+}
+
+/// Sends `_bulk` requests.
+pub struct Client {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    current: usize,
+    path: String,
+    gzip: bool,
+    auth: Auth,
+}
+
+impl Client {
+    /// Builds the client; reads `password_file` and `ca_file` now, so a bad path fails start-up.
+    pub fn new(config: &ElasticsearchConfig) -> anyhow::Result<Client> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+        let mut builder = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if !config.ca_file.is_empty() {
+            let pem = std::fs::read(&config.ca_file).map_err(|e| anyhow::anyhow!("sinks.elasticsearch.ca_file {}: {e}", config.ca_file))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("sinks.elasticsearch.ca_file {}: {e}", config.ca_file))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Client {
+            http: builder.build()?,
+            endpoints: config.endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
+            current: 0,
+            path: format!("/{}/_bulk?filter_path=errors,items.*.error,items.*.status", config.data_stream),
+            gzip: config.compression == Compression::Gzip,
+            auth: Auth::from_config(config)?,
+        })
+    }
+
+    /// Sends one body to the current endpoint; on failure the next call tries the next one.
+    pub async fn bulk(&mut self, body: Vec<u8>) -> Result<(Reply, Duration), Failure> {
+        let endpoint = self.endpoints[self.current].clone();
+        let failure = |reason: String| Failure { endpoint: endpoint.clone(), reason };
+        let mut request = self.auth.apply(self.http.post(format!("{endpoint}{}", self.path)));
+        request = if self.gzip {
+            request.header(CONTENT_ENCODING, "gzip").body(gzip(&body).map_err(|e| failure(e.to_string()))?)
+        } else {
+            request.body(body)
+        };
+        let started = Instant::now();
+        let result = async {
+            let response = request.send().await.map_err(|e| failure(error_chain(&e)))?;
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(|e| failure(error_chain(&e)))?;
+            match status {
+                StatusCode::OK => Ok(Reply::Done(bytes.to_vec())),
+                StatusCode::PAYLOAD_TOO_LARGE => Ok(Reply::TooLarge),
+                other => Err(failure(format!("{other}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(512)])))),
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.current = (self.current + 1) % self.endpoints.len();
+        }
+        result.map(|reply| (reply, started.elapsed()))
+    }
+}
+
+/// How requests authenticate.
+enum Auth {
+    None,
+    Basic { username: String, password: String },
+    ApiKey(HeaderValue),
+}
+
+impl Auth {
+    fn from_config(config: &ElasticsearchConfig) -> anyhow::Result<Auth> {
+        if !config.api_key.is_empty() {
+            let mut value = HeaderValue::from_str(&format!("ApiKey {}", config.api_key))?;
+            value.set_sensitive(true);
+            return Ok(Auth::ApiKey(value));
+        }
+        if config.username.is_empty() {
+            return Ok(Auth::None);
+        }
+        let password = if config.password_file.is_empty() {
+            config.password.clone()
+        } else {
+            std::fs::read_to_string(&config.password_file)
+                .map_err(|e| anyhow::anyhow!("sinks.elasticsearch.password_file {}: {e}", config.password_file))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()
+        };
+        Ok(Auth::Basic { username: config.username.clone(), password })
+    }
+
+    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Auth::None => request,
+            Auth::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Auth::ApiKey(value) => request.header(AUTHORIZATION, value.clone()),
+        }
+    }
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 6), flate2::Compression::fast());
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_file_is_read_and_a_missing_one_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let mut config = ElasticsearchConfig { username: "elastic".into(), ..Default::default() };
+        config.password_file = dir.path().join("pw").display().to_string();
+        match Auth::from_config(&config).unwrap() {
+            Auth::Basic { username, password } => assert_eq!((username.as_str(), password.as_str()), ("elastic", "s3cret")),
+            _ => panic!("basic auth expected"),
+        }
+        config.password_file = "/nonexistent/pw".into();
+        assert!(Auth::from_config(&config).err().unwrap().to_string().contains("sinks.elasticsearch.password_file"));
+    }
+}

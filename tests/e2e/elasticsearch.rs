@@ -1,0 +1,259 @@
+//! End to end: the real `nodelens` binary ships logs that a simulated kubelet writes and
+//! rotates to a strict `_bulk` double, through injected faults, crashes and outages. The
+//! double must end holding every record exactly once, with the right fields.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodelens_testkit::agent::{metric_sum, Agent};
+use nodelens_testkit::assert_same_records;
+use nodelens_testkit::elasticsearch::{FakeElasticsearch, Fault};
+use nodelens_testkit::kubelet::ContainerLog;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
+        Node { dir }
+    }
+
+    fn pods(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    fn config(&self, es_url: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("nodelens.yaml");
+        let text = format!(
+            "node_name: es-node\ncluster_name: lab\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\nsinks:\n  elasticsearch:\n    endpoints: [{es_url}]\n    flush_interval: 200ms\n{extra}metrics:\n  listen: 127.0.0.1:0\n",
+            state = self.dir.path().join("state").display(),
+            pods = self.pods().display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&self, config: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), config, env)
+    }
+
+    fn container(&self, pod: &str) -> ContainerLog {
+        ContainerLog::create(&self.pods(), "ml", pod, &format!("uid-{pod}"), "main", 0).unwrap()
+    }
+}
+
+fn write_lines(log: &mut ContainerLog, prefix: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        log.write_cri(if i % 5 == 0 { "stderr" } else { "stdout" }, &format!("{prefix} line {i}")).unwrap();
+    }
+}
+
+fn wait_until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}; agent log:\n{}", agent.log());
+}
+
+/// Messages per pod in the double, in the order they were stored.
+fn messages_by_pod(es: &FakeElasticsearch) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (_, doc) in es.docs() {
+        out.entry(doc["kubernetes"]["pod"]["name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(doc["message"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+fn expected(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix} line {i}")).collect()
+}
+
+#[test]
+fn every_record_lands_exactly_once_through_faults_crashes_and_rotation() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    for fault in [
+        Fault::Status(503),
+        Fault::ItemTooManyRequests { every: 7 },
+        Fault::LoseReply,
+        Fault::Slow(Duration::from_millis(300)),
+        Fault::Status(429),
+        Fault::LoseReply,
+        Fault::ItemTooManyRequests { every: 3 },
+    ] {
+        es.inject(fault);
+    }
+    // Small bulks: many requests, so every queued fault meets one.
+    let config = node.config(&es.url(), "    batch_max_bytes: 65536\n");
+    let mut a = node.container("train-a");
+    let mut b = node.container("train-b");
+    write_lines(&mut a, "a", 0..3000);
+    write_lines(&mut b, "b", 0..1000);
+    let agent = node.start(&config, &[]);
+    wait_until("some records stored", &agent, || es.count() >= 1000);
+    let (_, _, first_log) = agent.kill();
+
+    // While the agent is dead: more lines and rotations, so unread records sit in .gz files.
+    write_lines(&mut a, "a", 3000..4000);
+    a.rotate().unwrap();
+    write_lines(&mut a, "a", 4000..4500);
+    a.rotate().unwrap();
+    write_lines(&mut b, "b", 1000..1500);
+    b.rotate().unwrap();
+    es.inject(Fault::LoseReply);
+    es.inject(Fault::Status(503));
+    let agent = node.start(&config, &[]);
+    write_lines(&mut a, "a", 4500..5000);
+    write_lines(&mut b, "b", 1500..2000);
+    wait_until("all 7000 records stored", &agent, || es.count() >= 7000);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, body) = agent.get("/metrics");
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+
+    let stored = messages_by_pod(&es);
+    let mut a_msgs = stored["train-a"].clone();
+    let mut b_msgs = stored["train-b"].clone();
+    a_msgs.sort_by_key(|m| m.rsplit(' ').next().unwrap().parse::<usize>().unwrap());
+    b_msgs.sort_by_key(|m| m.rsplit(' ').next().unwrap().parse::<usize>().unwrap());
+    assert_same_records("pod a in Elasticsearch", &a_msgs, &expected("a", 0..5000));
+    assert_same_records("pod b in Elasticsearch", &b_msgs, &expected("b", 0..2000));
+    assert_eq!(es.count(), 7000, "no record stored twice under different ids");
+
+    let seen = es.seen();
+    assert!(seen.iter().all(|s| s.gzip), "bodies are gzip-compressed");
+    let statuses: Vec<u16> = seen.iter().map(|s| s.status).collect();
+    assert!(statuses.contains(&503) && statuses.contains(&429), "faults were exercised: {statuses:?}");
+    assert!(metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="duplicate""#]) > 0.0, "lost replies came back as 409s:\n{body}");
+    assert!(metric_sum(&body, "nodelens_sink_retries_total", &[r#"sink="elasticsearch""#]) > 0.0);
+    assert!(first_log.contains("retrying"), "failures are logged");
+
+    let (_, doc) = es.docs().into_iter().find(|(_, d)| d["message"] == "b line 1234").unwrap();
+    assert_eq!(doc["kubernetes"]["namespace"], "ml");
+    assert_eq!(doc["kubernetes"]["pod"]["uid"], "uid-train-b");
+    assert_eq!(doc["kubernetes"]["container"]["name"], "main");
+    assert_eq!(doc["kubernetes"]["node"]["name"], "es-node");
+    assert_eq!(doc["orchestrator"]["cluster"]["name"], "lab");
+    assert!(doc["@timestamp"].as_str().unwrap().starts_with("2026-11-22T"));
+    assert!(doc["log"]["file"]["path"].as_str().unwrap().contains("ml_train-b_uid-train-b/main/0.log"));
+}
+
+#[test]
+fn an_outage_loses_nothing_and_memory_stays_bounded() {
+    let node = Node::new();
+    // Reserve a port, then leave it closed: connections are refused until the double starts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = node.config(&format!("http://127.0.0.1:{port}"), "");
+    let mut logs: Vec<ContainerLog> = (0..4).map(|i| node.container(&format!("p{i}"))).collect();
+    let line = "x".repeat(400);
+    for (i, log) in logs.iter_mut().enumerate() {
+        for n in 0..10_000 {
+            log.write_cri("stdout", &format!("p{i} {n} {line}")).unwrap();
+        }
+    }
+    let backlog_bytes: u64 = logs.iter().map(|l| std::fs::metadata(l.live_path()).unwrap().len()).sum();
+    let agent = node.start(&config, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, body) = agent.get("/metrics");
+    let backlog = metric_sum(&body, "nodelens_log_backlog_bytes", &[]);
+    assert!(backlog >= backlog_bytes as f64 * 0.9, "backlog {backlog} of {backlog_bytes} written");
+    assert!(metric_sum(&body, "nodelens_sink_retries_total", &[]) >= 1.0);
+    let rss = agent.rss_bytes();
+    assert!(rss < 80 * 1024 * 1024, "agent RSS {} MiB with {} MiB waiting on disk", rss >> 20, backlog_bytes >> 20);
+
+    let es = FakeElasticsearch::start_on(port);
+    wait_until("the backlog delivered", &agent, || es.count() >= 40_000);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(es.count(), 40_000);
+    wait_until("backlog metric to drain", &agent, || {
+        let (_, body) = agent.get("/metrics");
+        metric_sum(&body, "nodelens_log_backlog_bytes", &[]) == 0.0
+    });
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="delivered""#]), 40_000.0);
+    agent.terminate();
+}
+
+#[test]
+fn rejected_records_are_counted_logged_and_not_sent_again() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.reject_messages_containing("poison");
+    let config = node.config(&es.url(), "");
+    let mut log = node.container("svc");
+    for i in 0..10 {
+        log.write_cri("stdout", &if i == 3 || i == 7 { format!("poison {i}") } else { format!("fine {i}") }).unwrap();
+    }
+    let agent = node.start(&config, &[]);
+    wait_until("the good records", &agent, || es.count() >= 8);
+    wait_until("the rejection counted", &agent, || {
+        metric_sum(&agent.get("/metrics").1, "nodelens_log_records_dropped_total", &[r#"reason="rejected""#]) == 2.0
+    });
+    let requests = es.seen().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(es.seen().len(), requests, "rejected records are not retried");
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="rejected""#]), 2.0);
+    let (_, _, log_text) = agent.terminate();
+    assert!(log_text.contains("document_parsing_exception"), "Elasticsearch's reason is logged:\n{log_text}");
+
+    // After a restart the checkpoint is past them: nothing is sent at all.
+    let agent = node.start(&config, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.terminate();
+    assert_eq!(es.seen().len(), requests);
+    assert_eq!(es.count(), 8);
+}
+
+#[test]
+fn a_413_splits_the_request_until_it_fits() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.limit_body(40_000);
+    let config = node.config(&es.url(), "    batch_max_bytes: 262144\n");
+    let mut log = node.container("big");
+    let pad = "y".repeat(300);
+    for i in 0..400 {
+        log.write_cri("stdout", &format!("big line {i} {pad}")).unwrap();
+    }
+    let agent = node.start(&config, &[]);
+    wait_until("all records", &agent, || es.count() >= 400);
+    agent.terminate();
+    assert!(es.seen().iter().any(|s| s.status == 413), "the limit was hit");
+    assert_eq!(es.count(), 400);
+}
+
+#[test]
+fn api_key_authenticates_and_secrets_stay_out_of_logs() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.require_authorization("ApiKey bm9kZWxlbnM6czNjcmV0");
+    let config = node.config(&es.url(), "");
+    let mut log = node.container("auth");
+    write_lines(&mut log, "auth", 0..20);
+
+    let wrong = node.start(&config, &[("NODELENS_SINKS__ELASTICSEARCH__API_KEY", "d3Jvbmc6a2V5")]);
+    wait_until("a refused request", &wrong, || es.seen().iter().any(|s| s.status == 401));
+    let (_, _, wrong_log) = wrong.terminate();
+    assert_eq!(es.count(), 0);
+    assert!(wrong_log.contains("401"), "{wrong_log}");
+    assert!(!wrong_log.contains("d3Jvbmc6a2V5"), "the key is never logged");
+
+    let right = node.start(&config, &[("NODELENS_SINKS__ELASTICSEARCH__API_KEY", "bm9kZWxlbnM6czNjcmV0")]);
+    wait_until("records after a 401 outage", &right, || es.count() >= 20);
+    let (_, _, log_text) = right.terminate();
+    assert!(!log_text.contains("bm9kZWxlbnM6czNjcmV0"));
+    assert_eq!(es.count(), 20, "nothing lost while the key was wrong");
+}

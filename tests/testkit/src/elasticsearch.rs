@@ -1,0 +1,416 @@
+//! A strict Elasticsearch `_bulk` double, speaking the documented protocol over real HTTP:
+//! NDJSON with a terminating newline, `Content-Type` checked, gzip bodies accepted, per-item
+//! statuses in request order, `create`-only writes to data streams (`index` is refused), a
+//! missing `@timestamp` refused, 409 for a `create` of an existing `_id`, and `filter_path`
+//! honoured. Faults can be injected: request-level 429/503, item-level 429s, slow replies,
+//! replies lost after the write was applied, 413 above a size, and mapping rejections.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+/// A fault applied to one request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer the whole request with this status (429, 503, ...) without applying it.
+    Status(u16),
+    /// Apply the request, then close the connection without a reply.
+    LoseReply,
+    /// Answer every `every`-th item of the request with 429 instead of applying it.
+    ItemTooManyRequests {
+        /// Period of the refused items.
+        every: usize,
+    },
+    /// Wait this long before answering.
+    Slow(Duration),
+}
+
+/// One request as the double saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Items in the request.
+    pub items: usize,
+    /// The body was gzip-compressed.
+    pub gzip: bool,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The reply status.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    docs: Vec<(String, Value)>,
+    ids: HashMap<String, usize>,
+    faults: VecDeque<Fault>,
+    seen: Vec<Seen>,
+    required_auth: Option<String>,
+    max_body_bytes: Option<usize>,
+    reject_containing: Option<String>,
+    seq: u64,
+}
+
+/// A running double.
+pub struct FakeElasticsearch {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeElasticsearch {
+    /// Starts on a free loopback port.
+    pub fn start() -> FakeElasticsearch {
+        FakeElasticsearch::start_on(0)
+    }
+
+    /// Starts on `port` (e.g. the port of a double that was stopped, to model a restart).
+    pub fn start_on(port: u16) -> FakeElasticsearch {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind fake Elasticsearch");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => accepted.unwrap().0,
+                        _ = &mut stop_rx => return,
+                    };
+                    let state = shared.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    });
+                }
+            });
+        });
+        FakeElasticsearch { addr, state, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Stored documents in the order they were created, with their ids.
+    pub fn docs(&self) -> Vec<(String, Value)> {
+        self.state.lock().unwrap().docs.clone()
+    }
+
+    /// Number of stored documents.
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().docs.len()
+    }
+
+    /// Requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Queues a fault for the next request that has none.
+    pub fn inject(&self, fault: Fault) {
+        self.state.lock().unwrap().faults.push_back(fault);
+    }
+
+    /// Requires this exact `Authorization` header; others get 401.
+    pub fn require_authorization(&self, header: &str) {
+        self.state.lock().unwrap().required_auth = Some(header.to_string());
+    }
+
+    /// Answers 413 to bodies (uncompressed) larger than this.
+    pub fn limit_body(&self, bytes: usize) {
+        self.state.lock().unwrap().max_body_bytes = Some(bytes);
+    }
+
+    /// Refuses documents whose message contains `text` with a 400 mapping error.
+    pub fn reject_messages_containing(&self, text: &str) {
+        self.state.lock().unwrap().reject_containing = Some(text.to_string());
+    }
+
+    /// Stops listening; connections are refused until a new double starts on the port.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for FakeElasticsearch {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json_reply(status: u16, body: &Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap()
+}
+
+fn error_reply(status: u16, kind: &str, reason: &str) -> Reply {
+    json_reply(
+        status,
+        &json!({"error": {"root_cause": [{"type": kind, "reason": reason}], "type": kind, "reason": reason}, "status": status}),
+    )
+}
+
+/// The reply was lost: the service fails, and hyper closes the connection unanswered.
+#[derive(Debug)]
+struct LostReply;
+impl std::fmt::Display for LostReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reply lost on purpose")
+    }
+}
+impl std::error::Error for LostReply {}
+
+async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Reply, LostReply> {
+    let (parts, body) = req.into_parts();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let authorization = header("authorization");
+    let gzip = header("content-encoding").is_some_and(|e| e == "gzip");
+    let raw = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let (reply, lose) = respond(&parts, authorization.clone(), gzip, &raw, &state).await;
+    let status = reply.status().as_u16();
+    let items = raw_items(&raw, gzip);
+    state.lock().unwrap().seen.push(Seen { items, gzip, authorization, status });
+    if lose {
+        return Err(LostReply);
+    }
+    Ok(reply)
+}
+
+fn raw_items(raw: &[u8], gzip: bool) -> usize {
+    decode(raw, gzip).map(|b| b.iter().filter(|&&c| c == b'\n').count() / 2).unwrap_or(0)
+}
+
+fn decode(raw: &[u8], gzip: bool) -> Result<Vec<u8>, String> {
+    if !gzip {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(raw).read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+async fn respond(
+    parts: &hyper::http::request::Parts,
+    authorization: Option<String>,
+    gzip: bool,
+    raw: &[u8],
+    state: &Mutex<State>,
+) -> (Reply, bool) {
+    let fault = state.lock().unwrap().faults.pop_front();
+    if let Some(Fault::Slow(d)) = &fault {
+        tokio::time::sleep(*d).await;
+    }
+    let required = state.lock().unwrap().required_auth.clone();
+    if required.is_some() && required != authorization {
+        return (error_reply(401, "security_exception", "unable to authenticate user [elastic] for REST request [/_bulk]"), false);
+    }
+    let path = parts.uri.path();
+    let Some(index) = path.strip_suffix("/_bulk").map(|p| p.trim_start_matches('/').to_string()) else {
+        return (error_reply(404, "resource_not_found_exception", "no handler"), false);
+    };
+    if parts.method != hyper::Method::POST && parts.method != hyper::Method::PUT {
+        return (error_reply(405, "method_not_allowed", "Incorrect HTTP method for uri [/_bulk]"), false);
+    }
+    let content_type = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media != "application/json" && media != "application/x-ndjson" {
+        return (
+            json_reply(406, &json!({"error": format!("Content-Type header [{content_type}] is not supported"), "status": 406})),
+            false,
+        );
+    }
+    if let Some(Fault::Status(code)) = fault {
+        return (error_reply(code, "injected", "injected request failure"), false);
+    }
+    let body = match decode(raw, gzip) {
+        Ok(body) => body,
+        Err(e) => return (error_reply(400, "parse_exception", &format!("bad gzip body: {e}")), false),
+    };
+    if let Some(limit) = state.lock().unwrap().max_body_bytes {
+        if body.len() > limit {
+            return (json_reply(413, &json!({"error": "Request Entity Too Large", "status": 413})), false);
+        }
+    }
+    if body.is_empty() {
+        return (error_reply(400, "action_request_validation_exception", "Validation Failed: 1: no requests added;"), false);
+    }
+    if !body.ends_with(b"\n") {
+        return (error_reply(400, "illegal_argument_exception", "The bulk request must be terminated by a newline [\\n]"), false);
+    }
+    let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    if !lines.len().is_multiple_of(2) {
+        return (error_reply(400, "illegal_argument_exception", "Malformed action/metadata line: document line missing"), false);
+    }
+    let item_429 = match fault {
+        Some(Fault::ItemTooManyRequests { every }) => Some(every),
+        _ => None,
+    };
+    let mut items = Vec::new();
+    let mut errors = false;
+    {
+        let mut st = state.lock().unwrap();
+        for (n, pair) in lines.chunks(2).enumerate() {
+            let item = apply(&mut st, &index, pair[0], pair[1], item_429.is_some_and(|every| (n + 1) % every == 0));
+            errors |= item.1 >= 300;
+            items.push(item.0);
+        }
+    }
+    let reply = json!({"took": 3, "errors": errors, "items": items});
+    let filtered = match parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("filter_path="))) {
+        Some(filter) => {
+            filter_path(&reply, &filter.split(',').map(|p| p.split('.').collect()).collect::<Vec<Vec<&str>>>()).unwrap_or(json!({}))
+        }
+        None => reply,
+    };
+    (json_reply(200, &filtered), matches!(fault, Some(Fault::LoseReply)))
+}
+
+/// Applies one action; returns the item and its status.
+fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool) -> (Value, u16) {
+    let seq = st.seq;
+    let item = |op: &str, id: &str, status: u16, error: Option<(&str, String)>| {
+        let mut body = json!({"_index": format!(".ds-{index}-2026.11.22-000001"), "_id": id, "status": status});
+        match error {
+            Some((kind, reason)) => body["error"] = json!({"type": kind, "reason": reason, "index": index}),
+            None => {
+                body["result"] = json!("created");
+                body["_version"] = json!(1);
+                body["_seq_no"] = json!(seq);
+                body["_primary_term"] = json!(1);
+            }
+        }
+        (json!({ op: body }), status)
+    };
+    let action: Value = match serde_json::from_slice(action) {
+        Ok(Value::Object(a)) if a.len() == 1 => Value::Object(a),
+        _ => return item("index", "", 400, Some(("illegal_argument_exception", "Malformed action/metadata line".into()))),
+    };
+    let (op, meta) = action.as_object().unwrap().iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let id = meta.get("_id").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| format!("auto-{}", st.seq));
+    if op != "create" {
+        return item(
+            &op,
+            &id,
+            400,
+            Some((
+                "illegal_argument_exception",
+                format!("only write ops with an op_type of create are allowed in data streams (got [{op}])"),
+            )),
+        );
+    }
+    if refuse {
+        return item(&op, &id, 429, Some(("es_rejected_execution_exception", "rejected execution of coordinating operation".into())));
+    }
+    let doc: Value = match serde_json::from_slice(source) {
+        Ok(doc @ Value::Object(_)) => doc,
+        _ => return item(&op, &id, 400, Some(("document_parsing_exception", "[1:1] failed to parse: not a JSON object".into()))),
+    };
+    if doc.get("@timestamp").is_none() {
+        return item(&op, &id, 400, Some(("document_parsing_exception", "data stream timestamp field [@timestamp] is missing".into())));
+    }
+    if let (Some(bad), Some(msg)) = (&st.reject_containing, doc.get("message").and_then(|m| m.as_str())) {
+        if msg.contains(bad.as_str()) {
+            return item(
+                &op,
+                &id,
+                400,
+                Some(("document_parsing_exception", "[1:40] failed to parse field [message] of type [match_only_text]".into())),
+            );
+        }
+    }
+    if st.ids.contains_key(&id) {
+        return item(
+            &op,
+            &id,
+            409,
+            Some(("version_conflict_engine_exception", format!("[{id}]: version conflict, document already exists (current version [1])"))),
+        );
+    }
+    let created = item(&op, &id, 201, None);
+    st.seq += 1;
+    st.ids.insert(id.clone(), st.docs.len());
+    st.docs.push((id, doc));
+    created
+}
+
+/// Elasticsearch's `filter_path`: keeps the paths given (`*` matches any key; arrays are
+/// transparent); `None` when nothing is left.
+pub fn filter_path(value: &Value, patterns: &[Vec<&str>]) -> Option<Value> {
+    if patterns.iter().any(|p| p.is_empty()) {
+        return Some(value.clone());
+    }
+    match value {
+        Value::Array(items) => {
+            let kept: Vec<Value> = items.iter().filter_map(|v| filter_path(v, patterns)).collect();
+            (!kept.is_empty()).then_some(Value::Array(kept))
+        }
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, child) in map {
+                let rest: Vec<Vec<&str>> = patterns.iter().filter(|p| p[0] == "*" || p[0] == key).map(|p| p[1..].to_vec()).collect();
+                if !rest.is_empty() {
+                    if let Some(kept) = filter_path(child, &rest) {
+                        out.insert(key.clone(), kept);
+                    }
+                }
+            }
+            (!out.is_empty()).then_some(Value::Object(out))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_path_keeps_only_the_named_paths() {
+        let reply = json!({"took": 3, "errors": true, "items": [
+            {"create": {"_id": "a", "status": 201, "result": "created"}},
+            {"create": {"_id": "b", "status": 409, "error": {"type": "version_conflict_engine_exception"}}}
+        ]});
+        let patterns: Vec<Vec<&str>> = "errors,items.*.error,items.*.status".split(',').map(|p| p.split('.').collect()).collect();
+        let filtered = filter_path(&reply, &patterns).unwrap();
+        assert_eq!(
+            filtered,
+            json!({"errors": true, "items": [
+                {"create": {"status": 201}},
+                {"create": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}}
+            ]})
+        );
+    }
+}
