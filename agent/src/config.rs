@@ -155,7 +155,7 @@ impl Default for LogsConfig {
             max_line_bytes: 1024 * 1024,
             partial_timeout: Duration::from_secs(5),
             rescan_interval: Duration::from_secs(10),
-            max_inflight_bytes: 8 * 1024 * 1024,
+            max_inflight_bytes: 4 * 1024 * 1024,
             multiline: Vec::new(),
             log_metrics: Vec::new(),
         }

@@ -31,7 +31,7 @@ use crate::sinks::{self, Batch};
 /// Chunks between the tailer and the encoder.
 const CHUNK_QUEUE: usize = 8;
 /// Batches queued for each sink.
-const BATCH_QUEUE: usize = 8;
+const BATCH_QUEUE: usize = 4;
 
 /// Starts one sink task: it takes batches in read order and acknowledges each.
 pub type SinkStarter =

@@ -37,14 +37,14 @@ impl Item {
 /// `{"create":{"_id":"<32 hex digits>"}}\n`
 const ACTION_LEN: usize = 18 + 32 + 4;
 
-/// Writes the NDJSON body for `items`: an action line and a document line each, the last line
-/// ending in a newline as the API requires.
-pub fn body(items: &[Item], out: &mut Vec<u8>) {
-    out.reserve(items.iter().map(Item::body_len).sum());
+/// Writes the NDJSON body for `items` (straight into a compressor, when there is one): an
+/// action line and a document line each, the last line ending in a newline as the API requires.
+pub fn body<W: Write>(items: &[Item], out: &mut W) -> std::io::Result<()> {
     for item in items {
-        writeln!(out, "{{\"create\":{{\"_id\":\"{:032x}\"}}}}", item.id()).expect("vec write");
-        out.extend_from_slice(item.doc());
+        writeln!(out, "{{\"create\":{{\"_id\":\"{:032x}\"}}}}", item.id())?;
+        out.write_all(item.doc())?;
     }
+    Ok(())
 }
 
 /// Splits `items` into runs whose bodies stay under `max_bytes` (a single larger item is a
@@ -155,7 +155,7 @@ mod tests {
     fn body_is_ndjson_with_create_actions_and_stable_ids() {
         let b = batch(&[r#"{"message":"a"}"#, r#"{"message":"b"}"#]);
         let mut out = Vec::new();
-        body(&items(&b), &mut out);
+        body(&items(&b), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4);
@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(lines[0].len() + 1, ACTION_LEN);
         assert_eq!(lines[1], r#"{"message":"a"}"#);
         let mut again = Vec::new();
-        body(&items(&b), &mut again);
+        body(&items(&b), &mut again).unwrap();
         assert_eq!(text.as_bytes(), &again[..], "ids are deterministic");
         assert_ne!(lines[0], lines[2], "each record its own id");
     }

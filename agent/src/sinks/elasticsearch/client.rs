@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use reqwest::StatusCode;
 
+use super::bulk::{self, Item};
 use crate::config::{Compression, ElasticsearchConfig};
 
 /// How a `_bulk` request ended.
@@ -65,14 +66,24 @@ impl Client {
         })
     }
 
-    /// Sends one body to the current endpoint; on failure the next call tries the next one.
-    pub async fn bulk(&mut self, body: Vec<u8>) -> Result<(Reply, Duration), Failure> {
+    /// Sends `items` to the current endpoint; on failure the next call tries the next one.
+    pub async fn bulk(&mut self, items: &[Item]) -> Result<(Reply, Duration), Failure> {
         let endpoint = self.endpoints[self.current].clone();
         let failure = |reason: String| Failure { endpoint: endpoint.clone(), reason };
         let mut request = self.auth.apply(self.http.post(format!("{endpoint}{}", self.path)));
+        let plain_len: usize = items.iter().map(Item::body_len).sum();
         request = if self.gzip {
-            request.header(CONTENT_ENCODING, "gzip").body(gzip(&body).map_err(|e| failure(e.to_string()))?)
+            // Buffered, so deflate sees large blocks rather than one call per line.
+            let encoder = flate2::write::GzEncoder::new(Vec::with_capacity(plain_len / 6), flate2::Compression::fast());
+            let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, encoder);
+            let body = bulk::body(items, &mut buffered)
+                .and_then(|()| buffered.into_inner().map_err(|e| e.into_error()))
+                .and_then(|encoder| encoder.finish())
+                .map_err(|e| failure(e.to_string()))?;
+            request.header(CONTENT_ENCODING, "gzip").body(body)
         } else {
+            let mut body = Vec::with_capacity(plain_len);
+            bulk::body(items, &mut body).map_err(|e| failure(e.to_string()))?;
             request.body(body)
         };
         let started = Instant::now();
@@ -129,13 +140,6 @@ impl Auth {
             Auth::ApiKey(value) => request.header(AUTHORIZATION, value.clone()),
         }
     }
-}
-
-fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 6), flate2::Compression::fast());
-    encoder.write_all(body)?;
-    encoder.finish()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

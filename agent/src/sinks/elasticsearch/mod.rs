@@ -79,9 +79,7 @@ async fn deliver(client: &mut Client, batches: &[Arc<Batch>], max_bytes: usize, 
     while let Some(mut todo) = runs.pop_front() {
         let mut attempt = 0u32;
         while !todo.is_empty() {
-            let mut body = Vec::new();
-            bulk::body(&todo, &mut body);
-            match client.bulk(body).await {
+            match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
                     let outcomes = match bulk::outcomes(&reply, todo.len()) {
