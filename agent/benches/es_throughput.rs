@@ -43,7 +43,7 @@ fn main() {
         let start_cpu = cpu_seconds();
         let start = Instant::now();
         let sinks = pipeline::configured_sinks(&config, &metrics).unwrap();
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, sinks).unwrap();
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, None, sinks).unwrap();
         while delivered.get() < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -40,7 +40,7 @@ fn main() {
         let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
         let start_cpu = cpu_seconds();
         let start = Instant::now();
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, vec![discard(seen.clone())]).unwrap();
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, None, vec![discard(seen.clone())]).unwrap();
         while seen.load(Ordering::Acquire) < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
+use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, LogPipeline};
@@ -29,9 +30,23 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), Shutdown::new(shutdown_tx.subscribe())));
 
+    let pods = match kube::connect(&config.kubernetes).await? {
+        Some(client) => {
+            let keys = |list: &[String]| list.iter().map(|k| Key::parse(k).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>();
+            let store =
+                Arc::new(PodStore::new(keys(&config.kubernetes.app_keys)?, keys(&config.kubernetes.user_keys)?, metrics.pod_info.clone()));
+            let watch_namespaces = config.kubernetes.watch_namespaces;
+            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, || Shutdown::new(shutdown_tx.subscribe()));
+            tracing::info!(node = %config.node_name, "watching this node's pods");
+            Some(store)
+        }
+        None => None,
+    };
+
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config)?);
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, pipeline::configured_sinks(&config, &metrics)?)?;
+        let sinks = pipeline::configured_sinks(&config, &metrics)?;
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, pods.clone(), sinks)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
         Some(pipeline)
     } else {

@@ -224,6 +224,9 @@ pub struct KubernetesConfig {
     pub app_keys: Vec<String>,
     /// Ordered keys that name a pod's user.
     pub user_keys: Vec<String>,
+    /// Also watch namespaces for their `nodelens.io/exclude` annotation (needs list/watch on
+    /// namespaces). Namespaces are watched anyway when a key is `namespace_label:`.
+    pub watch_namespaces: bool,
     /// The kubelet's pod-resources gRPC socket.
     pub pod_resources_socket: PathBuf,
 }
@@ -235,6 +238,7 @@ impl Default for KubernetesConfig {
             kubeconfig: String::new(),
             app_keys: ["label:app.kubernetes.io/name", "label:app", "label:k8s-app", "owner"].map(String::from).to_vec(),
             user_keys: ["label:user", "annotation:kubesphere.io/creator", "label:owner", "namespace_label:user"].map(String::from).to_vec(),
+            watch_namespaces: false,
             pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
         }
     }
@@ -392,6 +396,16 @@ impl Config {
                     format!("`{endpoint}` is not an http:// or https:// URL"),
                 ));
             }
+        }
+        for (list, keys) in [("app_keys", &self.kubernetes.app_keys), ("user_keys", &self.kubernetes.user_keys)] {
+            for (i, key) in keys.iter().enumerate() {
+                crate::kube::resolve::Key::parse(key).map_err(|e| key_error(&format!("kubernetes.{list}[{i}]"), e))?;
+            }
+        }
+        for (i, rule) in self.logs.multiline.iter().enumerate() {
+            globset::Glob::new(&rule.app).map_err(|e| key_error(&format!("logs.multiline[{i}].app"), e.to_string()))?;
+            regex::bytes::Regex::new(&rule.start_pattern)
+                .map_err(|e| key_error(&format!("logs.multiline[{i}].start_pattern"), e.to_string()))?;
         }
         let es = &self.sinks.elasticsearch;
         if !es.api_key.is_empty() && !es.username.is_empty() {

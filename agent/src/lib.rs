@@ -1,11 +1,13 @@
 //! nodelens: a Kubernetes node agent for AI workloads.
 //!
-//! Three jobs, three parts of the tree: `logs` (tail, decode, checkpoint) feeding `sinks`
+//! Three jobs, three parts of the tree: `logs` (tail, decode, checkpoint), enriched from
+//! `kube` (pod metadata), feeding `sinks`
 //! (ECS documents to stdout or Elasticsearch) through `pipeline`; metrics in `metrics`, served
 //! by `server`; `config` and `agent` tie them together.
 
 pub mod agent;
 pub mod config;
+pub mod kube;
 pub mod logs;
 pub mod metrics;
 pub mod pipeline;

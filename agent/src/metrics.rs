@@ -62,6 +62,25 @@ pub struct SinkLabels {
     pub sink: &'static str,
 }
 
+/// Labels of `nodelens_pod_info`: the join target for cAdvisor and kube-state-metrics series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodInfoLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Application.
+    pub app: String,
+    /// User.
+    pub user: String,
+    /// `deployment`, `statefulset`, ... or empty.
+    pub workload_kind: String,
+    /// The workload's name, or empty.
+    pub workload: String,
+}
+
 /// Labels of `nodelens_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -114,6 +133,8 @@ pub struct Metrics {
     pub logs: LogMetrics,
     /// Sink metrics.
     pub sinks: SinkMetrics,
+    /// `nodelens_pod_info`.
+    pub pod_info: Family<PodInfoLabels, Gauge>,
 }
 
 impl Metrics {
@@ -139,7 +160,9 @@ impl Metrics {
         registry.register("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
         registry.register("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
         registry.register("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
-        Metrics { registry, logs, sinks }
+        let pod_info = Family::default();
+        registry.register("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
+        Metrics { registry, logs, sinks, pod_info }
     }
 
     /// The registry in the text exposition format.

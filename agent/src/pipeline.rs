@@ -15,12 +15,16 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::kube::meta::PodMeta;
+use crate::kube::store::PodStore;
 use crate::logs::ack::{AckMsg, Committer};
+use crate::logs::assemble::MultilineRule;
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::chunk::{Chunk, Flags, StreamKind};
 use crate::logs::container::StepLimits;
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
+use crate::logs::level::{self, Level};
 use crate::logs::path::ContainerRef;
 use crate::logs::tailer::{Tailer, TailerSettings};
 use crate::logs::wake::Wake;
@@ -71,6 +75,7 @@ impl LogPipeline {
         config: &Config,
         checkpoints: Arc<Checkpoints>,
         metrics: &Metrics,
+        pods: Option<Arc<PodStore>>,
         sinks: Vec<SinkStarter>,
     ) -> anyhow::Result<LogPipeline> {
         anyhow::ensure!(!sinks.is_empty(), "no sink configured");
@@ -91,6 +96,15 @@ impl LogPipeline {
             },
             rescan_interval: logs.rescan_interval,
             max_inflight_bytes: logs.max_inflight_bytes,
+            multiline: logs
+                .multiline
+                .iter()
+                .map(|rule| {
+                    let glob = globset::Glob::new(&rule.app)?.compile_matcher();
+                    let start = regex::bytes::Regex::new(&rule.start_pattern)?;
+                    Ok((glob, Arc::new(MultilineRule { start, timeout: rule.timeout })))
+                })
+                .collect::<anyhow::Result<_>>()?,
         };
         let inflight = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Wake::default());
@@ -106,9 +120,10 @@ impl LogPipeline {
             .unzip();
 
         let committer = tokio::spawn(Committer::new(checkpoints.clone(), inflight.clone()).run(ack_rx, Duration::from_secs(1)));
-        let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone());
+        let tailer =
+            Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone(), pods.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
-        let mut encoder = Encoder::new(Enricher::new(config.node_name.clone(), config.cluster_name.clone()), metrics.logs.clone());
+        let mut encoder = Encoder::new(Enricher::new(config.node_name.clone(), config.cluster_name.clone()), pods, metrics.logs.clone());
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer })
     }
@@ -157,9 +172,14 @@ impl LogPipeline {
     }
 }
 
+/// How long the encoder waits, once per container, for the watch to report a pod it has not
+/// seen yet (a container can log before the watch event arrives).
+const POD_WAIT: Duration = Duration::from_secs(1);
+
 /// The encoder stage: metadata, counters and ECS documents for each chunk.
 struct Encoder {
     enricher: Enricher,
+    pods: Option<Arc<PodStore>>,
     metrics: LogMetrics,
     templates: HashMap<ContainerRef, CachedTemplate>,
     seq: u64,
@@ -167,16 +187,19 @@ struct Encoder {
 }
 
 struct CachedTemplate {
+    /// The pod metadata the template was rendered from; a new one re-renders it.
+    pod: Option<Arc<PodMeta>>,
     template: Arc<Template>,
     labels: AppLabels,
+    excluded: bool,
     used: Instant,
 }
 
 const TEMPLATE_IDLE: Duration = Duration::from_secs(600);
 
 impl Encoder {
-    fn new(enricher: Enricher, metrics: LogMetrics) -> Encoder {
-        Encoder { enricher, metrics, templates: HashMap::new(), seq: 0, last_prune: Instant::now() }
+    fn new(enricher: Enricher, pods: Option<Arc<PodStore>>, metrics: LogMetrics) -> Encoder {
+        Encoder { enricher, pods, metrics, templates: HashMap::new(), seq: 0, last_prune: Instant::now() }
     }
 
     fn run(&mut self, mut chunks: mpsc::Receiver<Chunk>, sinks: Vec<mpsc::Sender<Arc<Batch>>>, acks: mpsc::Sender<AckMsg>) {
@@ -201,7 +224,6 @@ impl Encoder {
         }
     }
 
-    /// Encodes one chunk; public to the crate for the throughput benchmark.
     fn encode(&mut self, chunk: &Chunk) -> Batch {
         let now = Instant::now();
         if now.duration_since(self.last_prune) > TEMPLATE_IDLE {
@@ -209,44 +231,75 @@ impl Encoder {
             self.last_prune = now;
         }
         let info = &chunk.source.container;
-        let cached = self.templates.entry(info.reference.clone()).or_insert_with(|| {
-            let meta = self.enricher.metadata(info, chunk.source.format == Format::Docker);
-            CachedTemplate {
+        let known = self.templates.get(&info.reference).map(|t| t.pod.clone());
+        let pod = self.pods.as_ref().and_then(|store| match &known {
+            // Seen before: whatever the store says now, without waiting.
+            Some(_) => store.get(&info.reference.pod_uid),
+            None => store.wait_for(&info.reference.pod_uid, POD_WAIT),
+        });
+        let stale = known.is_none_or(|k| !same_pod(&k, &pod));
+        if stale {
+            let meta = self.enricher.metadata(info, chunk.source.format == Format::Docker, pod.as_deref());
+            let excluded = pod.as_ref().is_some_and(|p| p.excludes(&info.reference.container))
+                || self.pods.as_ref().is_some_and(|s| s.namespace_excluded(&info.reference.namespace));
+            if excluded {
+                tracing::info!(namespace = %meta.namespace, pod = %meta.pod, container = %meta.container, "logs excluded by annotation");
+            }
+            let cached = CachedTemplate {
+                pod,
                 template: Arc::new(Template::new(&meta)),
                 labels: AppLabels { namespace: meta.namespace, app: meta.app },
+                excluded,
                 used: now,
-            }
-        });
+            };
+            self.templates.insert(info.reference.clone(), cached);
+        }
+        let cached = self.templates.get_mut(&info.reference).expect("inserted above");
         cached.used = now;
         let mut docs = Documents::default();
-        ecs::encode_chunk(chunk, &cached.template, &mut docs);
-        count(&self.metrics, &cached.labels, chunk);
+        if !cached.excluded {
+            let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
+            ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+            count(&self.metrics, &cached.labels, chunk, &levels);
+        }
         let batch = Batch { seq: self.seq, file: chunk.source.id, docs };
         self.seq += 1;
         batch
     }
 }
 
-fn count(metrics: &LogMetrics, labels: &AppLabels, chunk: &Chunk) {
+fn same_pod(a: &Option<Arc<PodMeta>>, b: &Option<Arc<PodMeta>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn count(metrics: &LogMetrics, labels: &AppLabels, chunk: &Chunk, levels: &[Option<Level>]) {
     if chunk.records.is_empty() {
         return;
     }
-    let (mut stdout, mut stderr, mut bytes) = (0u64, 0u64, 0u64);
+    // [stream][level or unknown]
+    let mut records = [[0u64; Level::ALL.len() + 1]; 2];
+    let mut bytes = 0u64;
     let mut flagged = [0u64; 3];
-    for record in &chunk.records {
-        match record.stream {
-            StreamKind::Stdout => stdout += 1,
-            StreamKind::Stderr => stderr += 1,
-        }
+    for (record, level) in chunk.records.iter().zip(levels) {
+        let stream = usize::from(record.stream == StreamKind::Stderr);
+        let level = level.map_or(Level::ALL.len(), |l| Level::ALL.iter().position(|x| *x == l).expect("listed"));
+        records[stream][level] += 1;
         bytes += u64::from(record.message.end - record.message.start);
         for (i, flag) in [Flags::TRUNCATED, Flags::PARTIAL, Flags::MALFORMED].into_iter().enumerate() {
             flagged[i] += u64::from(record.flags.contains(flag));
         }
     }
-    for (stream, n) in [("stdout", stdout), ("stderr", stderr)] {
-        if n > 0 {
-            let key = RecordLabels { namespace: labels.namespace.clone(), app: labels.app.clone(), stream, level: "unknown" };
-            metrics.records.get_or_create(&key).inc_by(n);
+    for (stream, per_level) in ["stdout", "stderr"].into_iter().zip(records) {
+        for (i, n) in per_level.into_iter().enumerate() {
+            if n > 0 {
+                let level = Level::ALL.get(i).map_or("unknown", |l| l.as_str());
+                let key = RecordLabels { namespace: labels.namespace.clone(), app: labels.app.clone(), stream, level };
+                metrics.records.get_or_create(&key).inc_by(n);
+            }
         }
     }
     metrics.bytes.get_or_create(labels).inc_by(bytes);

@@ -129,3 +129,16 @@ fn env_expansion_leaves_lone_dollars_alone() {
     let out = env::expand("a $ b ${X} ${Y:-y} $$", |n| (n == "X").then(|| "x".to_string()));
     assert_eq!(out, "a $ b x y $");
 }
+
+#[test]
+fn kubernetes_keys_and_multiline_rules_are_validated() {
+    let bad_key = load_text("kubernetes:\n  app_keys: [\"label:app\", \"labels:x\"]\n", &[]).unwrap().validate();
+    assert!(bad_key.unwrap_err().to_string().contains("kubernetes.app_keys[1]"));
+    let bad_regex = load_text("logs:\n  multiline:\n    - {app: \"*\", start_pattern: \"^(Traceback\"}\n", &[]).unwrap().validate();
+    assert!(bad_regex.unwrap_err().to_string().contains("logs.multiline[0].start_pattern"));
+    let good = load_text("logs:\n  multiline:\n    - {app: \"train*\", start_pattern: \"^\\\\S\", timeout: 1s}\n", &[])
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(good.logs.multiline[0].timeout, Duration::from_secs(1));
+}

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::assemble::Assembler;
+use super::assemble::{Assembler, MultilineRule};
 use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::decode;
@@ -152,6 +152,11 @@ impl ContainerTail {
         self.final_ = true;
     }
 
+    /// Sets the multi-line rule of the container's application.
+    pub fn set_multiline(&mut self, rule: Option<Arc<MultilineRule>>) {
+        self.assembler.set_multiline(rule);
+    }
+
     /// Makes the next step look at the files now (something was written).
     pub fn poke(&mut self) {
         self.backoff = MIN_BACKOFF;
@@ -226,7 +231,7 @@ impl ContainerTail {
             }
             self.assembler.flush_all(&mut chunk);
         } else if at_end {
-            self.assembler.flush_started_before(&mut chunk, now.checked_sub(limits.partial_timeout).unwrap_or(now));
+            self.assembler.flush_expired(&mut chunk, now, limits.partial_timeout);
         }
         let consumed = open.reader.consumed();
         chunk.read_bytes = consumed - start;

@@ -1,10 +1,13 @@
-//! Enrichment: the metadata every record of a container carries. Without the Kubernetes API
-//! it comes from the log path alone; the application falls back to the pod name.
+//! Enrichment: the metadata every record of a container carries. From the pod store when
+//! the Kubernetes API is there; otherwise from the log path alone, the application then being
+//! the pod name.
 
 use super::source::ContainerInfo;
+use crate::kube::meta::{PodMeta, WorkloadKind};
+use crate::kube::resolve::dedot;
 
 /// Everything a document says about where a record came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Metadata {
     /// `kubernetes.namespace`.
     pub namespace: String,
@@ -12,6 +15,8 @@ pub struct Metadata {
     pub pod: String,
     /// `kubernetes.pod.uid`.
     pub pod_uid: String,
+    /// `kubernetes.pod.ip`.
+    pub pod_ip: Option<String>,
     /// `kubernetes.container.name`.
     pub container: String,
     /// `kubernetes.container.restart_count`.
@@ -20,6 +25,14 @@ pub struct Metadata {
     pub container_id: Option<String>,
     /// `container.runtime`.
     pub runtime: Option<String>,
+    /// `container.image.name`.
+    pub image: Option<String>,
+    /// `kubernetes.labels.*`, keys de-dotted.
+    pub labels: Vec<(String, String)>,
+    /// `kubernetes.<kind>.name` of the owning workload.
+    pub workload: Option<(WorkloadKind, String)>,
+    /// `kubernetes.job.name` for a CronJob's pods.
+    pub job: Option<String>,
     /// `service.name`: the application.
     pub app: String,
     /// `user.name`: the user who owns the workload (empty when unknown).
@@ -42,22 +55,42 @@ impl Enricher {
         Enricher { node, cluster }
     }
 
-    /// The metadata of a container known from its path (and symlinks) only.
-    pub fn metadata(&self, info: &ContainerInfo, docker_format: bool) -> Metadata {
+    /// The metadata of a container: from `pod` when the store knows it, else from the path.
+    pub fn metadata(&self, info: &ContainerInfo, docker_format: bool, pod: Option<&PodMeta>) -> Metadata {
         let r = &info.reference;
-        let runtime = info.runtime.or(docker_format.then_some("docker")).map(str::to_string);
-        Metadata {
+        let mut meta = Metadata {
             namespace: r.namespace.clone(),
             pod: r.pod.clone(),
             pod_uid: r.pod_uid.clone(),
             container: r.container.clone(),
             restart: r.restart,
             container_id: info.container_id.clone(),
-            runtime,
+            runtime: info.runtime.or(docker_format.then_some("docker")).map(str::to_string),
             app: r.pod.clone(),
-            user: String::new(),
             node: self.node.clone(),
             cluster: self.cluster.clone(),
+            ..Metadata::default()
+        };
+        let Some(pod) = pod else { return meta };
+        meta.pod_ip = pod.ip.clone();
+        meta.labels = pod.labels.iter().map(|(k, v)| (dedot(k), v.clone())).collect();
+        meta.workload = pod.workload.as_ref().map(|w| (w.kind, w.name.clone()));
+        meta.job = pod.workload.as_ref().and_then(|w| w.job.clone());
+        meta.app = pod.app.clone();
+        meta.user = pod.user.clone();
+        if let Some(c) = pod.container(&r.container) {
+            meta.image = Some(c.image.clone()).filter(|i| !i.is_empty());
+            // The status names the current instance and the one before it.
+            let id = if c.restart_count == r.restart {
+                c.id.clone()
+            } else if c.restart_count == r.restart + 1 {
+                c.last_id.clone()
+            } else {
+                None
+            };
+            meta.container_id = id.or(meta.container_id);
+            meta.runtime = c.runtime.clone().or(meta.runtime);
         }
+        meta
     }
 }

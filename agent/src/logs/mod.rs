@@ -13,6 +13,7 @@ pub mod container;
 pub mod decode;
 pub mod enrich;
 pub mod fingerprint;
+pub mod level;
 pub mod path;
 pub mod reader;
 pub mod scan;

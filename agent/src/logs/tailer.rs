@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
+use super::assemble::MultilineRule;
 use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::container::{ContainerTail, Lost, StepLimits};
@@ -20,6 +21,7 @@ use super::path::{self, ContainerRef};
 use super::scan::{self, FingerprintCache, Scan};
 use super::source::{ContainerInfo, FileId};
 use super::wake::{self, Changes, Wake};
+use crate::kube::store::PodStore;
 
 /// What the tailer needs to know.
 pub struct TailerSettings {
@@ -35,6 +37,8 @@ pub struct TailerSettings {
     pub rescan_interval: Duration,
     /// Read-ahead bound.
     pub max_inflight_bytes: u64,
+    /// Multi-line rules by application glob, first match wins.
+    pub multiline: Vec<(globset::GlobMatcher, Arc<MultilineRule>)>,
 }
 
 /// The tailer's own metrics.
@@ -56,6 +60,8 @@ pub struct Tailer {
     out: mpsc::Sender<Chunk>,
     wake: Arc<Wake>,
     metrics: TailerMetrics,
+    /// Pod metadata, to find each container's application for its multi-line rule.
+    pods: Option<Arc<PodStore>>,
     tails: BTreeMap<ContainerRef, ContainerTail>,
     cache: FingerprintCache,
     watcher: Option<notify::RecommendedWatcher>,
@@ -70,6 +76,7 @@ impl Tailer {
         out: mpsc::Sender<Chunk>,
         wake: Arc<Wake>,
         metrics: TailerMetrics,
+        pods: Option<Arc<PodStore>>,
     ) -> Tailer {
         Tailer {
             settings,
@@ -78,6 +85,7 @@ impl Tailer {
             out,
             wake,
             metrics,
+            pods,
             tails: BTreeMap::new(),
             cache: FingerprintCache::default(),
             watcher: None,
@@ -161,6 +169,12 @@ impl Tailer {
         self.cache.retain_seen(&scan);
         let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.contains_key(r)).cloned().collect();
         self.apply(scan, gone);
+        if !self.settings.multiline.is_empty() {
+            for tail in self.tails.values_mut() {
+                let rule = multiline_rule(&self.settings.multiline, self.pods.as_deref(), &tail.info().reference);
+                tail.set_multiline(rule);
+            }
+        }
         self.collect_checkpoint_garbage();
         let backlog: u64 = self.tails.values().map(|t| t.backlog(&self.checkpoints)).sum();
         self.metrics.backlog_bytes.set(backlog as i64);
@@ -187,9 +201,11 @@ impl Tailer {
             let restarted = newest_restart[&(pod_dir_name(&reference), reference.container.clone())] > reference.restart;
             let tail = self.tails.entry(reference.clone()).or_insert_with(|| {
                 let links = links.get_or_insert_with(|| container_links(&self.settings.containers_dir));
-                let info = container_info(&self.settings.pods_dir, reference, links);
+                let info = container_info(&self.settings.pods_dir, reference.clone(), links);
                 tracing::info!(namespace = %info.reference.namespace, pod = %info.reference.pod, container = %info.reference.container, restart = info.reference.restart, "tailing container");
-                ContainerTail::new(Arc::new(info), self.settings.limits.max_line_bytes)
+                let mut tail = ContainerTail::new(Arc::new(info), self.settings.limits.max_line_bytes);
+                tail.set_multiline(multiline_rule(&self.settings.multiline, self.pods.as_deref(), &reference));
+                tail
             });
             let lost = tail.update(chain, &self.checkpoints);
             count_lost(&self.metrics, &tail.info().reference, lost);
@@ -228,6 +244,19 @@ impl Tailer {
             }
         }
     }
+}
+
+/// The multi-line rule of the container's application (the pod name without the API).
+fn multiline_rule(
+    rules: &[(globset::GlobMatcher, Arc<MultilineRule>)],
+    pods: Option<&PodStore>,
+    r: &ContainerRef,
+) -> Option<Arc<MultilineRule>> {
+    if rules.is_empty() {
+        return None;
+    }
+    let app = pods.and_then(|p| p.get(&r.pod_uid)).map_or_else(|| r.pod.clone(), |p| p.app.clone());
+    rules.iter().find(|(glob, _)| glob.is_match(&app)).map(|(_, rule)| rule.clone())
 }
 
 fn pod_dir_name(r: &ContainerRef) -> String {

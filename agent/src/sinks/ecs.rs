@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
+use crate::logs::level::Level;
 
 /// The fixed part of a container's documents, pre-rendered as JSON.
 #[derive(Debug, Clone)]
@@ -29,19 +30,32 @@ impl Template {
         if let Some(runtime) = &meta.runtime {
             container.insert("runtime".into(), json!(runtime));
         }
+        if let Some(image) = &meta.image {
+            container.insert("image".into(), json!({"name": image}));
+        }
         let mut doc = Map::new();
         if !container.is_empty() {
             doc.insert("container".into(), Value::Object(container));
         }
-        doc.insert(
-            "kubernetes".into(),
-            json!({
-                "namespace": meta.namespace,
-                "pod": {"name": meta.pod, "uid": meta.pod_uid},
-                "container": {"name": meta.container, "restart_count": meta.restart},
-                "node": {"name": meta.node},
-            }),
-        );
+        let mut kubernetes = json!({
+            "namespace": meta.namespace,
+            "pod": {"name": meta.pod, "uid": meta.pod_uid},
+            "container": {"name": meta.container, "restart_count": meta.restart},
+            "node": {"name": meta.node},
+        });
+        if let Some(ip) = &meta.pod_ip {
+            kubernetes["pod"]["ip"] = json!(ip);
+        }
+        if !meta.labels.is_empty() {
+            kubernetes["labels"] = Value::Object(meta.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+        }
+        if let Some((kind, name)) = &meta.workload {
+            kubernetes[kind.as_str()] = json!({"name": name});
+        }
+        if let Some(job) = &meta.job {
+            kubernetes["job"] = json!({"name": job});
+        }
+        doc.insert("kubernetes".into(), kubernetes);
         doc.insert("host".into(), json!({"name": meta.node}));
         if !meta.cluster.is_empty() {
             doc.insert("orchestrator".into(), json!({"cluster": {"name": meta.cluster}}));
@@ -84,21 +98,22 @@ impl Documents {
     }
 }
 
-/// Encodes every record of `chunk` with `template` into `out`.
-pub fn encode_chunk(chunk: &Chunk, template: &Template, out: &mut Documents) {
+/// Encodes every record of `chunk` with `template` into `out`; `levels[i]` is record i's
+/// `log.level`, when known.
+pub fn encode_chunk(chunk: &Chunk, template: &Template, levels: &[Option<Level>], out: &mut Documents) {
     let mut file = Vec::with_capacity(64);
     file.extend_from_slice(b",\"file\":{\"path\":");
     serde_json::to_writer(&mut file, &chunk.source.path.to_string_lossy()).expect("vec write");
     file.extend_from_slice(b"}},");
     out.bytes.reserve(chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96));
-    for record in &chunk.records {
-        encode_record(chunk, record, &file, template, &mut out.bytes);
+    for (i, record) in chunk.records.iter().enumerate() {
+        encode_record(chunk, record, levels.get(i).copied().flatten(), &file, template, &mut out.bytes);
         out.ends.push(out.bytes.len() as u32);
         out.offsets.push(record.offset);
     }
 }
 
-fn encode_record(chunk: &Chunk, record: &Record, file: &[u8], template: &Template, out: &mut Vec<u8>) {
+fn encode_record(chunk: &Chunk, record: &Record, level: Option<Level>, file: &[u8], template: &Template, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"@timestamp\":\"");
     // Decoders only accept timestamps made of digits, `-:.TZ+`: safe unescaped.
     out.extend_from_slice(chunk.timestamp(record));
@@ -112,6 +127,11 @@ fn encode_record(chunk: &Chunk, record: &Record, file: &[u8], template: &Templat
     out.extend_from_slice(record.stream.as_str().as_bytes());
     out.extend_from_slice(b"\",\"log\":{\"offset\":");
     out.extend_from_slice(itoa::Buffer::new().format(record.offset).as_bytes());
+    if let Some(level) = level {
+        out.extend_from_slice(b",\"level\":\"");
+        out.extend_from_slice(level.as_str().as_bytes());
+        out.push(b'"');
+    }
     if !record.flags.is_empty() {
         write_flags(record.flags, out);
     }
@@ -144,14 +164,19 @@ mod tests {
             namespace: "ml".into(),
             pod: "trainer-0".into(),
             pod_uid: "uid-1".into(),
+            pod_ip: Some("10.0.0.7".into()),
             container: "worker".into(),
             restart: 2,
             container_id: Some("abc".into()),
-            runtime: None,
+            image: Some("registry/trainer:3".into()),
+            labels: vec![("app_kubernetes_io/name".into(), "trainer".into())],
+            workload: Some((crate::kube::meta::WorkloadKind::CronJob, "nightly".into())),
+            job: Some("nightly-29123456".into()),
             app: "trainer".into(),
             user: "alice".into(),
             node: "gpu-1".into(),
             cluster: "prod".into(),
+            ..Metadata::default()
         }
     }
 
@@ -165,7 +190,7 @@ mod tests {
 
     fn encode_one(chunk: &Chunk) -> Value {
         let mut docs = Documents::default();
-        encode_chunk(chunk, &Template::new(&meta()), &mut docs);
+        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &mut docs);
         assert_eq!(docs.len(), 1);
         assert_eq!(*docs.doc(0).last().unwrap(), b'\n');
         serde_json::from_slice(docs.doc(0)).expect("valid JSON")
@@ -190,6 +215,12 @@ mod tests {
         assert_eq!(doc["orchestrator"]["cluster"]["name"], "prod");
         assert_eq!(doc["service"]["name"], "trainer");
         assert_eq!(doc["user"]["name"], "alice");
+        assert_eq!(doc["log"]["level"], "warn");
+        assert_eq!(doc["kubernetes"]["pod"]["ip"], "10.0.0.7");
+        assert_eq!(doc["kubernetes"]["labels"]["app_kubernetes_io/name"], "trainer");
+        assert_eq!(doc["kubernetes"]["cronjob"]["name"], "nightly");
+        assert_eq!(doc["kubernetes"]["job"]["name"], "nightly-29123456");
+        assert_eq!(doc["container"]["image"]["name"], "registry/trainer:3");
     }
 
     #[test]
@@ -211,6 +242,10 @@ mod template_tests {
     use crate::logs::source::Source;
 
     fn mapped(mapping: &Value, path: &[&str]) -> bool {
+        if path.len() == 3 && path[..2] == ["kubernetes", "labels"] {
+            let dynamic = mapping["dynamic_templates"].as_array().unwrap();
+            return dynamic.iter().any(|t| t.get("kubernetes_labels").is_some_and(|t| t["path_match"] == "kubernetes.labels.*"));
+        }
         let Some((first, rest)) = path.split_first() else { return true };
         match mapping.get("properties").and_then(|p| p.get(*first)) {
             Some(field) if rest.is_empty() => field.get("type").is_some() || field.get("properties").is_some(),
@@ -240,10 +275,15 @@ mod template_tests {
             namespace: "ns".into(),
             pod: "p".into(),
             pod_uid: "u".into(),
+            pod_ip: Some("10.0.0.1".into()),
             container: "c".into(),
             restart: 1,
             container_id: Some("id".into()),
             runtime: Some("containerd".into()),
+            image: Some("img".into()),
+            labels: vec![("app_kubernetes_io/name".into(), "x".into())],
+            workload: Some((crate::kube::meta::WorkloadKind::Deployment, "d".into())),
+            job: Some("j".into()),
             app: "a".into(),
             user: "bob".into(),
             node: "n".into(),
@@ -254,7 +294,7 @@ mod template_tests {
         let message = chunk.push_bytes(b"m");
         chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 1, flags: Flags::PARTIAL });
         let mut docs = Documents::default();
-        encode_chunk(&chunk, &Template::new(&meta), &mut docs);
+        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &mut docs);
         let doc: Value = serde_json::from_slice(docs.doc(0)).unwrap();
         let mut fields = Vec::new();
         leaves(&doc, &mut Vec::new(), &mut fields);

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod elasticsearch;
 pub mod kubelet;
+pub mod kubernetes;
 
 /// Compares what was emitted with what was written and panics with a short report: the
 /// count of each, the records missing, the ones seen twice, and the first place the order differs.

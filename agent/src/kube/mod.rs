@@ -1,0 +1,60 @@
+//! Pod metadata from the Kubernetes API: who runs each container on this node (application,
+//! user, workload, labels), for log enrichment and metric attribution. Without a cluster the
+//! agent runs on what log paths say.
+
+pub mod meta;
+pub mod resolve;
+pub mod store;
+pub mod watch;
+
+use std::sync::Arc;
+
+use crate::config::{KubernetesConfig, Switch};
+use crate::shutdown::Shutdown;
+
+use self::store::PodStore;
+
+/// Connects to the API server: `kubernetes.kubeconfig` when set, else in-cluster, else
+/// `$KUBECONFIG`. `None` when `enabled: auto` finds no cluster; an error when `enabled: true`
+/// cannot connect.
+pub async fn connect(config: &KubernetesConfig) -> anyhow::Result<Option<kube::Client>> {
+    if config.enabled == Switch::Off {
+        return Ok(None);
+    }
+    let found = if !config.kubeconfig.is_empty() {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&config.kubeconfig)
+            .map_err(|e| anyhow::anyhow!("kubernetes.kubeconfig {}: {e}", config.kubeconfig))?;
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.map_err(anyhow::Error::from)
+    } else {
+        match kube::Config::incluster() {
+            Ok(c) => Ok(c),
+            Err(in_cluster) => kube::Config::from_kubeconfig(&Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("not in a cluster ({in_cluster}) and no kubeconfig ({e})")),
+        }
+    };
+    match (found, config.enabled) {
+        (Ok(c), _) => Ok(Some(kube::Client::try_from(c)?)),
+        (Err(e), Switch::On) => Err(e.context("kubernetes.enabled is true")),
+        (Err(e), _) => {
+            tracing::info!(reason = %e, "no Kubernetes API; log metadata comes from file paths only");
+            Ok(None)
+        }
+    }
+}
+
+/// Starts the watches feeding `store`: pods always, namespaces when a key needs their labels
+/// or `watch_namespaces` asks for their exclude annotation.
+pub fn start(
+    client: kube::Client,
+    node: String,
+    store: Arc<PodStore>,
+    watch_namespaces: bool,
+    shutdown: impl Fn() -> Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), shutdown()))];
+    if watch_namespaces || store.needs_namespaces() {
+        tasks.push(tokio::spawn(watch::namespaces(client, store, shutdown())));
+    }
+    tasks
+}

@@ -1,0 +1,298 @@
+//! The pods on this node, as the watch reports them, with their application and user
+//! resolved. Shared by the log encoder (enrichment) and the metrics (`nodelens_pod_info`).
+//! A deleted pod stays for [`KEEP_DELETED`] so its last lines are still enriched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::meta::{PodMeta, EXCLUDE};
+use super::resolve::{self, Key, Sources};
+use crate::metrics::PodInfoLabels;
+
+/// How long a deleted pod's metadata is kept.
+pub const KEEP_DELETED: Duration = Duration::from_secs(60);
+
+/// A namespace as far as the agent cares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceMeta {
+    /// Its labels (for `namespace_label:` keys).
+    pub labels: BTreeMap<String, String>,
+    /// `nodelens.io/exclude: "true"` is set on it.
+    pub excluded: bool,
+}
+
+struct Entry {
+    meta: Arc<PodMeta>,
+    deleted_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pods: HashMap<String, Entry>,
+    namespaces: HashMap<String, NamespaceMeta>,
+    synced: bool,
+}
+
+/// The pod store.
+pub struct PodStore {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    app_keys: Vec<Key>,
+    user_keys: Vec<Key>,
+    pod_info: Family<PodInfoLabels, Gauge>,
+}
+
+impl PodStore {
+    /// An empty store resolving with these keys and exporting `pod_info`.
+    pub fn new(app_keys: Vec<Key>, user_keys: Vec<Key>, pod_info: Family<PodInfoLabels, Gauge>) -> PodStore {
+        PodStore { inner: Mutex::default(), changed: Condvar::new(), app_keys, user_keys, pod_info }
+    }
+
+    /// Annotations worth keeping from a pod: the ones the keys name, and `nodelens.io/*`.
+    pub fn wants_annotation(&self, name: &str) -> bool {
+        name.starts_with("nodelens.io/")
+            || self.app_keys.iter().chain(&self.user_keys).any(|k| matches!(k, Key::Annotation(a) if a == name))
+    }
+
+    /// Whether any key needs namespace labels.
+    pub fn needs_namespaces(&self) -> bool {
+        self.app_keys.iter().chain(&self.user_keys).any(|k| matches!(k, Key::NamespaceLabel(_)))
+    }
+
+    /// The pod with `uid`, deleted or not.
+    pub fn get(&self, uid: &str) -> Option<Arc<PodMeta>> {
+        self.inner.lock().unwrap().pods.get(uid).map(|e| e.meta.clone())
+    }
+
+    /// The pod with `uid`, waiting up to `timeout` for the watch to report it.
+    pub fn wait_for(&self, uid: &str, timeout: Duration) -> Option<Arc<PodMeta>> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.inner.lock().unwrap();
+        loop {
+            if let Some(e) = inner.pods.get(uid) {
+                return Some(e.meta.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            inner = self.changed.wait_timeout(inner, left).unwrap().0;
+        }
+    }
+
+    /// Whether the namespace carries `nodelens.io/exclude: "true"`.
+    pub fn namespace_excluded(&self, namespace: &str) -> bool {
+        self.inner.lock().unwrap().namespaces.get(namespace).is_some_and(|n| n.excluded)
+    }
+
+    /// Whether the first full list has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.inner.lock().unwrap().synced
+    }
+
+    /// Number of pods held, deleted ones included.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().pods.len()
+    }
+
+    /// Whether no pod is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A pod was added or changed.
+    pub fn apply(&self, pod: PodMeta) {
+        let mut inner = self.inner.lock().unwrap();
+        self.apply_locked(&mut inner, pod);
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// A pod was deleted: its metadata stays a while, its `pod_info` series goes now.
+    pub fn delete(&self, uid: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(entry) = inner.pods.get_mut(uid) {
+            if entry.deleted_at.is_none() {
+                entry.deleted_at = Some(Instant::now());
+                self.pod_info.remove(&info_labels(&entry.meta));
+            }
+        }
+    }
+
+    /// A full list (after a start, a reconnect or a 410 Gone): pods not in it were deleted.
+    pub fn relist(&self, pods: Vec<PodMeta>) {
+        let mut inner = self.inner.lock().unwrap();
+        let listed: std::collections::HashSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
+        let gone: Vec<String> =
+            inner.pods.iter().filter(|(uid, e)| e.deleted_at.is_none() && !listed.contains(*uid)).map(|(uid, _)| uid.clone()).collect();
+        for pod in pods {
+            self.apply_locked(&mut inner, pod);
+        }
+        inner.synced = true;
+        drop(inner);
+        for uid in gone {
+            self.delete(&uid);
+        }
+        self.changed.notify_all();
+    }
+
+    /// A namespace was added or changed: its pods are resolved again.
+    pub fn apply_namespace(&self, name: &str, meta: NamespaceMeta) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.namespaces.get(name) == Some(&meta) {
+            return;
+        }
+        inner.namespaces.insert(name.to_string(), meta);
+        let pods: Vec<PodMeta> =
+            inner.pods.values().filter(|e| e.meta.namespace == name && e.deleted_at.is_none()).map(|e| (*e.meta).clone()).collect();
+        for pod in pods {
+            self.apply_locked(&mut inner, pod);
+        }
+    }
+
+    /// Drops pods deleted more than [`KEEP_DELETED`] ago.
+    pub fn prune(&self, now: Instant) {
+        self.inner.lock().unwrap().pods.retain(|_, e| e.deleted_at.is_none_or(|at| now.duration_since(at) < KEEP_DELETED));
+    }
+
+    fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta) {
+        let empty = BTreeMap::new();
+        let namespace_labels = inner.namespaces.get(&pod.namespace).map_or(&empty, |n| &n.labels);
+        let sources = Sources {
+            labels: &pod.labels,
+            annotations: &pod.annotations,
+            namespace_labels,
+            owner: pod.workload.as_ref().map(|w| w.name.as_str()),
+        };
+        pod.app = resolve::app(&self.app_keys, &sources, &pod.name);
+        pod.user = resolve::user(&self.user_keys, &sources);
+        let new_labels = info_labels(&pod);
+        if let Some(old) = inner.pods.get(&pod.uid) {
+            if *old.meta == pod && old.deleted_at.is_none() {
+                return;
+            }
+            let old_labels = info_labels(&old.meta);
+            if old_labels != new_labels {
+                self.pod_info.remove(&old_labels);
+            }
+        }
+        self.pod_info.get_or_create(&new_labels).set(1);
+        inner.pods.insert(pod.uid.clone(), Entry { meta: Arc::new(pod), deleted_at: None });
+    }
+}
+
+/// Whether a namespace's annotations exclude it.
+pub fn namespace_meta(labels: BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> NamespaceMeta {
+    NamespaceMeta { labels, excluded: annotations.get(EXCLUDE).is_some_and(|v| v == "true") }
+}
+
+fn info_labels(pod: &PodMeta) -> PodInfoLabels {
+    PodInfoLabels {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        uid: pod.uid.clone(),
+        app: pod.app.clone(),
+        user: pod.user.clone(),
+        workload_kind: pod.workload.as_ref().map_or("", |w| w.kind.as_str()).to_string(),
+        workload: pod.workload.as_ref().map_or(String::new(), |w| w.name.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, ns: &str, labels: &[(&str, &str)]) -> PodMeta {
+        PodMeta {
+            namespace: ns.into(),
+            name: format!("pod-{uid}"),
+            uid: uid.into(),
+            ip: None,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: BTreeMap::new(),
+            workload: None,
+            containers: Vec::new(),
+            app: String::new(),
+            user: String::new(),
+        }
+    }
+
+    fn store() -> (PodStore, Family<PodInfoLabels, Gauge>) {
+        let family = Family::default();
+        let keys = |l: &[&str]| l.iter().map(|k| Key::parse(k).unwrap()).collect();
+        (PodStore::new(keys(&["label:app"]), keys(&["label:user", "namespace_label:owner"]), family.clone()), family)
+    }
+
+    fn series(family: &Family<PodInfoLabels, Gauge>) -> usize {
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("pod_info", "", family.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines().filter(|l| l.starts_with("pod_info{")).count()
+    }
+
+    #[test]
+    fn labels_resolve_and_relabelling_replaces_the_info_series() {
+        let (s, family) = store();
+        s.apply(pod("u1", "ml", &[("app", "resnet"), ("user", "alice")]));
+        assert_eq!((s.get("u1").unwrap().app.as_str(), s.get("u1").unwrap().user.as_str()), ("resnet", "alice"));
+        s.apply(pod("u1", "ml", &[("app", "resnet-v2"), ("user", "alice")]));
+        assert_eq!(s.get("u1").unwrap().app, "resnet-v2");
+        assert_eq!(series(&family), 1, "the old series is removed");
+    }
+
+    #[test]
+    fn namespace_labels_reach_pods_and_follow_relabelling() {
+        let (s, _) = store();
+        s.apply(pod("u1", "team-a", &[]));
+        assert_eq!(s.get("u1").unwrap().user, "");
+        s.apply_namespace("team-a", NamespaceMeta { labels: [("owner".to_string(), "carol".to_string())].into(), excluded: false });
+        assert_eq!(s.get("u1").unwrap().user, "carol");
+        s.apply_namespace("team-a", NamespaceMeta { labels: [("owner".to_string(), "dave".to_string())].into(), excluded: true });
+        assert_eq!(s.get("u1").unwrap().user, "dave");
+        assert!(s.namespace_excluded("team-a"));
+    }
+
+    #[test]
+    fn deleted_pods_stay_for_their_last_lines_but_leave_pod_info() {
+        let (s, family) = store();
+        s.apply(pod("u1", "ml", &[("app", "a")]));
+        s.delete("u1");
+        assert!(s.get("u1").is_some());
+        assert_eq!(series(&family), 0);
+        s.prune(Instant::now());
+        assert!(s.get("u1").is_some(), "kept for a while");
+        s.prune(Instant::now() + KEEP_DELETED);
+        assert!(s.get("u1").is_none());
+    }
+
+    #[test]
+    fn a_relist_deletes_what_it_no_longer_lists() {
+        let (s, family) = store();
+        s.apply(pod("u1", "ml", &[]));
+        s.apply(pod("u2", "ml", &[]));
+        s.relist(vec![pod("u2", "ml", &[]), pod("u3", "ml", &[])]);
+        assert!(s.is_synced());
+        assert_eq!(series(&family), 2);
+        s.prune(Instant::now() + KEEP_DELETED);
+        assert!(s.get("u1").is_none() && s.get("u3").is_some());
+    }
+
+    #[test]
+    fn waiting_for_a_pod_returns_when_the_watch_reports_it() {
+        let (s, _) = store();
+        let s = Arc::new(s);
+        let writer = s.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            writer.apply(pod("late", "ml", &[]));
+        });
+        assert!(s.wait_for("late", Duration::from_secs(5)).is_some());
+        assert!(s.wait_for("never", Duration::from_millis(20)).is_none());
+        t.join().unwrap();
+    }
+}

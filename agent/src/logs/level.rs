@@ -1,0 +1,146 @@
+//! `log.level` when a line states it: a JSON line's `level`/`severity`/`lvl` field, logfmt's
+//! `level=`, a glog prefix (`E1122 ...`), or a leading level word (`ERROR`, `[warn]`, ...).
+
+use memchr::memmem;
+
+/// A normalised log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// trace
+    Trace,
+    /// debug
+    Debug,
+    /// info
+    Info,
+    /// warn
+    Warn,
+    /// error
+    Error,
+    /// fatal (also critical, panic)
+    Fatal,
+}
+
+impl Level {
+    /// All levels, in order.
+    pub const ALL: [Level; 6] = [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error, Level::Fatal];
+
+    /// The `log.level` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+            Level::Fatal => "fatal",
+        }
+    }
+
+    fn from_word(word: &[u8]) -> Option<Level> {
+        if word.is_empty() || word.len() > 9 {
+            return None;
+        }
+        let mut lower = [0u8; 9];
+        for (l, b) in lower.iter_mut().zip(word) {
+            *l = b.to_ascii_lowercase();
+        }
+        Some(match &lower[..word.len()] {
+            b"trace" => Level::Trace,
+            b"debug" | b"dbg" => Level::Debug,
+            b"info" | b"inf" | b"notice" => Level::Info,
+            b"warn" | b"warning" | b"wrn" => Level::Warn,
+            b"error" | b"err" | b"eror" => Level::Error,
+            b"fatal" | b"critical" | b"crit" | b"panic" | b"emerg" | b"alert" => Level::Fatal,
+            _ => return None,
+        })
+    }
+}
+
+/// The level the message states, if it states one.
+pub fn detect(message: &[u8]) -> Option<Level> {
+    let text = trim_start(message);
+    match text.first()? {
+        b'{' => json_field(text),
+        b'I' | b'W' | b'E' | b'F' if is_glog(text) => Some(match text[0] {
+            b'I' => Level::Info,
+            b'W' => Level::Warn,
+            b'E' => Level::Error,
+            _ => Level::Fatal,
+        }),
+        _ => leading_word(text).or_else(|| logfmt(text)),
+    }
+}
+
+fn trim_start(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
+    &s[start..]
+}
+
+/// glog: `Lmmdd hh:mm:ss.uuuuuu threadid file:line] msg`.
+fn is_glog(t: &[u8]) -> bool {
+    t.len() > 6 && t[1..5].iter().all(u8::is_ascii_digit) && t[5] == b' '
+}
+
+fn leading_word(t: &[u8]) -> Option<Level> {
+    let t = t.strip_prefix(b"[").unwrap_or(t);
+    let end = t.iter().position(|b| !b.is_ascii_alphabetic()).unwrap_or(t.len());
+    let after = t.get(end).copied();
+    if after.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    Level::from_word(&t[..end])
+}
+
+fn logfmt(t: &[u8]) -> Option<Level> {
+    let at = memmem::find(t, b"level=")?;
+    if at > 0 && t[at - 1] != b' ' {
+        return None;
+    }
+    let value = &t[at + 6..];
+    let value = value.strip_prefix(b"\"").unwrap_or(value);
+    let end = value.iter().position(|b| !b.is_ascii_alphabetic()).unwrap_or(value.len());
+    Level::from_word(&value[..end])
+}
+
+fn json_field(t: &[u8]) -> Option<Level> {
+    for key in [&b"\"level\""[..], b"\"severity\"", b"\"lvl\"", b"\"log.level\""] {
+        if let Some(at) = memmem::find(t, key) {
+            let rest = trim_start(&t[at + key.len()..]);
+            let rest = trim_start(rest.strip_prefix(b":")?);
+            let rest = rest.strip_prefix(b"\"")?;
+            let end = rest.iter().position(|&b| b == b'"')?;
+            return Level::from_word(&rest[..end]);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_are_found_where_programs_write_them() {
+        let cases: &[(&str, Option<Level>)] = &[
+            (r#"{"ts":1,"level":"error","msg":"boom"}"#, Some(Level::Error)),
+            (r#"{"severity": "WARNING", "message": "x"}"#, Some(Level::Warn)),
+            (r#"{"lvl":"dbug"}"#, None),
+            (r#"{"msg":"no level here"}"#, None),
+            ("E1122 03:16:40.123456    1 main.go:42] failed", Some(Level::Error)),
+            ("I1122 03:16:40.123456    1 main.go:42] ok", Some(Level::Info)),
+            ("ERROR: connection refused", Some(Level::Error)),
+            ("[warn] disk almost full", Some(Level::Warn)),
+            ("INFO request id=3", Some(Level::Info)),
+            ("CRITICAL GPU fell off the bus", Some(Level::Fatal)),
+            ("time=2026-11-22 level=debug msg=x", Some(Level::Debug)),
+            ("Information is power", None),
+            ("errors=0 warnings=3", None),
+            ("step=120 loss=0.53", None),
+            ("Error_code 5", None),
+            ("", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(detect(line.as_bytes()), *want, "{line}");
+        }
+    }
+}

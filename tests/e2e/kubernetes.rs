@@ -1,0 +1,253 @@
+//! End to end: the real `nodelens` binary watches a fake API server that speaks the
+//! Kubernetes list/watch protocol, and enriches the records a simulated kubelet writes with
+//! each pod's application, user, workload and labels, through label changes, deletions, 410
+//! Gone relists and dropped connections.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodelens_testkit::agent::{metric_sum, Agent};
+use nodelens_testkit::kubelet::ContainerLog;
+use nodelens_testkit::kubernetes::{namespace, pod, FakeApiServer};
+use serde_json::{json, Value};
+
+const NODE: &str = "gpu-node-1";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    api: FakeApiServer,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
+        Cluster { dir, api: FakeApiServer::start() }
+    }
+
+    fn start(&self, kubernetes_extra: &str) -> Agent {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, self.api.kubeconfig()).unwrap();
+        let config = self.dir.path().join("nodelens.yaml");
+        let text = format!(
+            "node_name: {NODE}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n{kubernetes_extra}metrics:\n  listen: 127.0.0.1:0\n",
+            state = self.dir.path().join("state").display(),
+            pods = self.pods().display(),
+            kc = kubeconfig.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &[])
+    }
+
+    fn pods(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    fn log(&self, ns: &str, pod: &str, uid: &str, container: &str) -> ContainerLog {
+        ContainerLog::create(&self.pods(), ns, pod, uid, container, 0).unwrap()
+    }
+}
+
+fn doc_with<'a>(docs: &'a [Value], message: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["message"] == message)
+}
+
+fn wait_metric(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check(&agent.get("/metrics").1) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}:\n{}\nlog:\n{}", agent.get("/metrics").1, agent.log());
+}
+
+#[test]
+fn records_carry_application_user_workload_and_labels_from_one_node_scoped_watch() {
+    let c = Cluster::new();
+    let mut trainer = pod(
+        "ml",
+        "resnet-7d9f8b6c5d-x2k4p",
+        "uid-trainer",
+        NODE,
+        json!({"app.kubernetes.io/name": "resnet", "user": "alice", "pod-template-hash": "7d9f8b6c5d"}),
+        &["trainer"],
+    );
+    trainer["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "resnet-7d9f8b6c5d", "uid": "rs-1", "controller": true}]);
+    c.api.apply(trainer);
+    c.api.apply(pod("ml", "elsewhere", "uid-elsewhere", "other-node", json!({"app": "x"}), &["c"]));
+    let mut log = c.log("ml", "resnet-7d9f8b6c5d-x2k4p", "uid-trainer", "trainer");
+    log.write_cri("stderr", "ERROR: CUDA out of memory").unwrap();
+    log.write_cri("stdout", r#"{"level":"info","msg":"step=10 loss=0.5"}"#).unwrap();
+    let agent = c.start("");
+    agent.wait_for(WAIT, "two records", |d| d.len() >= 2);
+    let docs = agent.docs();
+    let err = doc_with(&docs, "ERROR: CUDA out of memory").unwrap();
+    assert_eq!(err["service"]["name"], "resnet");
+    assert_eq!(err["user"]["name"], "alice");
+    assert_eq!(err["kubernetes"]["deployment"]["name"], "resnet");
+    assert_eq!(err["kubernetes"]["labels"]["app_kubernetes_io/name"], "resnet");
+    assert_eq!(err["kubernetes"]["pod"]["ip"], "10.42.0.17");
+    assert_eq!(err["container"]["image"]["name"], "registry.example/trainer:1.0");
+    assert_eq!(err["container"]["id"], "ab".repeat(32));
+    assert_eq!(err["container"]["runtime"], "containerd");
+    assert_eq!(err["log"]["level"], "error");
+    assert_eq!(doc_with(&docs, r#"{"level":"info","msg":"step=10 loss=0.5"}"#).unwrap()["log"]["level"], "info");
+
+    let (_, body) = agent.get("/metrics");
+    let info = [
+        r#"namespace="ml""#,
+        r#"pod="resnet-7d9f8b6c5d-x2k4p""#,
+        r#"app="resnet""#,
+        r#"user="alice""#,
+        r#"workload_kind="deployment""#,
+        r#"workload="resnet""#,
+    ];
+    assert_eq!(metric_sum(&body, "nodelens_pod_info", &info), 1.0, "{body}");
+    assert_eq!(metric_sum(&body, "nodelens_pod_info", &[]), 1.0, "only pods of this node");
+    assert_eq!(metric_sum(&body, "nodelens_log_records_total", &[r#"app="resnet""#, r#"level="error""#]), 1.0);
+    agent.terminate();
+
+    let requests = c.api.requests();
+    let pod_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/pods")).collect();
+    assert!(!pod_requests.is_empty());
+    for r in &pod_requests {
+        assert!(
+            r.starts_with("GET /api/v1/pods?") && r.contains(&format!("spec.nodeName%3D{NODE}")),
+            "every pod request is node-scoped: {r}"
+        );
+    }
+    assert!(requests.iter().all(|r| !r.contains("/namespaces/")), "never a GET per pod: {requests:?}");
+    assert!(requests.iter().any(|r| r.contains("watch=true")), "it watches");
+}
+
+#[test]
+fn pods_known_late_or_never_and_pods_deleted_while_logging() {
+    let c = Cluster::new();
+    let mut late = c.log("ml", "late", "uid-late", "main");
+    let mut ghost = c.log("ml", "ghost", "uid-ghost", "main");
+    late.write_cri("stdout", "late first line").unwrap();
+    ghost.write_cri("stdout", "ghost line").unwrap();
+    let agent = c.start("");
+    std::thread::sleep(Duration::from_millis(200));
+    c.api.apply(pod("ml", "late", "uid-late", NODE, json!({"app": "latecomer"}), &["main"]));
+    agent.wait_for(WAIT, "both records", |d| d.len() >= 2);
+    let docs = agent.docs();
+    assert_eq!(doc_with(&docs, "late first line").unwrap()["service"]["name"], "latecomer", "waited briefly for the watch");
+    let ghost_doc = doc_with(&docs, "ghost line").unwrap();
+    assert_eq!(ghost_doc["service"]["name"], "ghost", "unknown pod ships with path metadata");
+    assert!(ghost_doc["kubernetes"].get("labels").is_none());
+
+    // Deleted while still logging: the last lines are still enriched.
+    c.api.delete("Pod", "ml", "late");
+    wait_metric(&agent, "pod_info removed", |m| metric_sum(m, "nodelens_pod_info", &[r#"pod="late""#]) == 0.0);
+    late.write_cri("stdout", "after delete").unwrap();
+    agent.wait_for(WAIT, "the line after deletion", |d| doc_with(d, "after delete").is_some());
+    assert_eq!(doc_with(&agent.docs(), "after delete").unwrap()["service"]["name"], "latecomer");
+    agent.terminate();
+}
+
+#[test]
+fn label_changes_410_relists_and_dropped_watches_are_followed() {
+    let c = Cluster::new();
+    c.api.apply(pod("ml", "job", "uid-job", NODE, json!({"app": "v1"}), &["main"]));
+    let mut log = c.log("ml", "job", "uid-job", "main");
+    log.write_cri("stdout", "line 1").unwrap();
+    let agent = c.start("");
+    agent.wait_for(WAIT, "line 1", |d| doc_with(d, "line 1").is_some());
+    assert_eq!(doc_with(&agent.docs(), "line 1").unwrap()["service"]["name"], "v1");
+
+    c.api.apply(pod("ml", "job", "uid-job", NODE, json!({"app": "v2"}), &["main"]));
+    c.api.bookmark();
+    wait_metric(&agent, "relabelled pod_info", |m| {
+        metric_sum(m, "nodelens_pod_info", &[r#"app="v2""#]) == 1.0 && metric_sum(m, "nodelens_pod_info", &[]) == 1.0
+    });
+    log.write_cri("stdout", "line 2").unwrap();
+    agent.wait_for(WAIT, "line 2", |d| doc_with(d, "line 2").is_some());
+    assert_eq!(doc_with(&agent.docs(), "line 2").unwrap()["service"]["name"], "v2");
+
+    // History compacted and the connection dropped: the watch resumes from an expired
+    // version, gets 410 Gone, and must list again to see the change made meanwhile.
+    c.api.compact();
+    c.api.drop_watches();
+    c.api.apply(pod("ml", "job", "uid-job", NODE, json!({"app": "v3"}), &["main"]));
+    c.api.compact();
+    let lists_before = c.api.requests().iter().filter(|r| r.contains("/pods") && !r.contains("watch=")).count();
+    wait_metric(&agent, "v3 after relist", |m| metric_sum(m, "nodelens_pod_info", &[r#"app="v3""#]) == 1.0);
+    let lists_after = c.api.requests().iter().filter(|r| r.contains("/pods") && !r.contains("watch=")).count();
+    assert!(lists_after > lists_before, "a relist happened");
+    log.write_cri("stdout", "line 3").unwrap();
+    agent.wait_for(WAIT, "line 3", |d| doc_with(d, "line 3").is_some());
+    assert_eq!(doc_with(&agent.docs(), "line 3").unwrap()["service"]["name"], "v3");
+    let (status, _, _) = agent.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn namespace_labels_name_the_user_and_annotations_exclude_logs() {
+    let c = Cluster::new();
+    c.api.apply(namespace("team-a", json!({"user": "carol"}), json!({})));
+    c.api.apply(namespace("quiet", json!({}), json!({"nodelens.io/exclude": "true"})));
+    c.api.apply(pod("team-a", "nb", "uid-nb", NODE, json!({"app": "jupyter"}), &["notebook", "sidecar"]));
+    let mut skip = pod("team-a", "noisy", "uid-noisy", NODE, json!({"app": "noisy"}), &["main"]);
+    skip["metadata"]["annotations"] = json!({"nodelens.io/exclude": "true"});
+    c.api.apply(skip);
+    let mut partly = pod("team-a", "nb", "uid-nb", NODE, json!({"app": "jupyter"}), &["notebook", "sidecar"]);
+    partly["metadata"]["annotations"] = json!({"nodelens.io/exclude-containers": "sidecar"});
+    c.api.apply(partly);
+    c.api.apply(pod("quiet", "q", "uid-q", NODE, json!({}), &["main"]));
+    for (ns, p, uid, container) in [
+        ("team-a", "nb", "uid-nb", "notebook"),
+        ("team-a", "nb", "uid-nb", "sidecar"),
+        ("team-a", "noisy", "uid-noisy", "main"),
+        ("quiet", "q", "uid-q", "main"),
+    ] {
+        c.log(ns, p, uid, container).write_cri("stdout", &format!("{p}/{container}")).unwrap();
+    }
+    let agent = c.start("  user_keys: [\"label:user\", \"namespace_label:user\"]\n  watch_namespaces: true\n");
+    agent.wait_for(WAIT, "the notebook line", |d| doc_with(d, "nb/notebook").is_some());
+    std::thread::sleep(Duration::from_millis(1500));
+    let docs = agent.docs();
+    assert_eq!(doc_with(&docs, "nb/notebook").unwrap()["user"]["name"], "carol");
+    for excluded in ["nb/sidecar", "noisy/main", "q/main"] {
+        assert!(doc_with(&docs, excluded).is_none(), "{excluded} is excluded");
+    }
+    assert_eq!(docs.len(), 1);
+
+    c.api.apply(namespace("team-a", json!({"user": "dave"}), json!({})));
+    wait_metric(&agent, "user relabelled", |m| metric_sum(m, "nodelens_pod_info", &[r#"pod="nb""#, r#"user="dave""#]) == 1.0);
+    c.log("team-a", "nb", "uid-nb", "notebook").write_cri("stdout", "after relabel").unwrap();
+    agent.wait_for(WAIT, "line after relabel", |d| doc_with(d, "after relabel").is_some());
+    assert_eq!(doc_with(&agent.docs(), "after relabel").unwrap()["user"]["name"], "dave");
+    agent.terminate();
+}
+
+#[test]
+fn without_a_cluster_auto_mode_runs_on_path_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_name: n\nstate_dir: {}\nlogs:\n  pods_dir: {}\nkubernetes:\n  enabled: auto\nmetrics:\n  listen: 127.0.0.1:0\n",
+            dir.path().join("s").display(),
+            dir.path().join("pods").display()
+        ),
+    )
+    .unwrap();
+    let mut log = ContainerLog::create(&dir.path().join("pods"), "ns", "solo", "u", "c", 0).unwrap();
+    log.write_cri("stdout", "hello").unwrap();
+    let agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_nodelens")),
+        &config,
+        &[("KUBECONFIG", "/nonexistent"), ("KUBERNETES_SERVICE_HOST", "")],
+    );
+    agent.wait_for(WAIT, "the record", |d| !d.is_empty());
+    assert_eq!(agent.docs()[0]["service"]["name"], "solo");
+    let (status, _, log_text) = agent.terminate();
+    assert!(status.success());
+    assert!(log_text.contains("no Kubernetes API"), "{log_text}");
+}

@@ -1,0 +1,272 @@
+//! A fake Kubernetes API server speaking the list/watch protocol for pods and namespaces:
+//! lists carry a `resourceVersion`; `?watch=true&resourceVersion=N` streams (chunked, one JSON
+//! event per line) every change after N as ADDED, MODIFIED, DELETED and BOOKMARK events; a
+//! version older than the compaction point gets a 410 Gone `ERROR` event, as etcd compaction
+//! causes; open watches can be dropped. `fieldSelector=spec.nodeName=<node>` is honoured, and
+//! every request is recorded so tests can check what the agent asked for.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// What a watch receives.
+struct Watcher {
+    kind: &'static str,
+    node: Option<String>,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (kind, namespace/name) → object.
+    objects: BTreeMap<(&'static str, String), Value>,
+    /// Every change: (resourceVersion, kind, event type, object).
+    history: Vec<(u64, &'static str, &'static str, Value)>,
+    /// Watches from before this version get 410 Gone.
+    compacted: u64,
+    watchers: Vec<Watcher>,
+    requests: Vec<String>,
+}
+
+/// A running fake API server.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn kind_of(object: &Value) -> &'static str {
+    if object["kind"] == "Namespace" {
+        "Namespace"
+    } else {
+        "Pod"
+    }
+}
+
+fn key_of(object: &Value) -> String {
+    format!("{}/{}", object["metadata"]["namespace"].as_str().unwrap_or(""), object["metadata"]["name"].as_str().unwrap())
+}
+
+fn node_of(object: &Value) -> Option<&str> {
+    object["spec"]["nodeName"].as_str()
+}
+
+impl FakeApiServer {
+    /// Starts on a free loopback port.
+    pub fn start() -> FakeApiServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State { rv: 1000, ..State::default() }));
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => accepted.unwrap().0,
+                        _ = &mut stop_rx => return,
+                    };
+                    let state = shared.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    });
+                }
+            });
+        });
+        FakeApiServer { addr, state, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\ncurrent-context: fake\nusers:\n- name: test\n  user:\n    token: test-token\n",
+            self.addr
+        )
+    }
+
+    /// Creates or replaces an object (a Pod or a Namespace), notifying watches.
+    pub fn apply(&self, mut object: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = kind_of(&object);
+        let event = if st.objects.insert((kind, key_of(&object)), object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        publish(&mut st, rv, kind, event, object);
+    }
+
+    /// Deletes an object, notifying watches.
+    pub fn delete(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        let Some(mut object) = st.objects.remove(&(kind, format!("{namespace}/{name}"))) else { return };
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        publish(&mut st, rv, kind, "DELETED", object);
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion to every watch.
+    pub fn bookmark(&self) {
+        let mut st = self.state.lock().unwrap();
+        let rv = st.rv;
+        st.watchers.retain(|w| {
+            let line = json!({"type": "BOOKMARK", "object": {"kind": w.kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
+            w.tx.send(Bytes::from(format!("{line}\n"))).is_ok()
+        });
+    }
+
+    /// Forgets history up to now, as etcd compaction does: watches resuming from an older
+    /// version get 410 Gone and must list again.
+    pub fn compact(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted = st.rv;
+        st.history.clear();
+    }
+
+    /// Closes every open watch connection.
+    pub fn drop_watches(&self) {
+        self.state.lock().unwrap().watchers.clear();
+    }
+
+    /// Open watches.
+    pub fn watch_count(&self) -> usize {
+        let mut st = self.state.lock().unwrap();
+        st.watchers.retain(|w| !w.tx.is_closed());
+        st.watchers.len()
+    }
+
+    /// Every request line received (`GET /api/v1/pods?...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.state.lock().unwrap().watchers.clear();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn publish(st: &mut State, rv: u64, kind: &'static str, event: &'static str, object: Value) {
+    st.history.push((rv, kind, event, object.clone()));
+    let line = Bytes::from(format!("{}\n", json!({"type": event, "object": object})));
+    st.watchers.retain(|w| {
+        if w.kind != kind || w.node.as_deref().is_some_and(|n| node_of(&object) != Some(n)) {
+            return !w.tx.is_closed();
+        }
+        w.tx.send(line.clone()).is_ok()
+    });
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: u16, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    let decode = |s: &str| s.replace("%3D", "=").replace("%3d", "=").replace("%2F", "/").replace("%2C", ",");
+    req.uri().query().unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect()
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Response<Body>, Infallible> {
+    state.lock().unwrap().requests.push(format!("{} {}", req.method(), req.uri()));
+    if req.headers().get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
+        return Ok(reply(401, status(401, "Unauthorized", "Unauthorized")));
+    }
+    let path = req.uri().path().to_string();
+    let kind = match path.as_str() {
+        "/api/v1/pods" => "Pod",
+        "/api/v1/namespaces" => "Namespace",
+        _ => return Ok(reply(404, status(404, "NotFound", &format!("the server could not find the requested resource ({path})")))),
+    };
+    let q = query(&req);
+    let node = match q.get("fieldSelector").map(String::as_str) {
+        None | Some("") => None,
+        Some(selector) => match selector.strip_prefix("spec.nodeName=") {
+            Some(node) if kind == "Pod" => Some(node.to_string()),
+            _ => return Ok(reply(400, status(400, "BadRequest", &format!("field label not supported: {selector}")))),
+        },
+    };
+    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut st = state.lock().unwrap();
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if from != 0 && from < st.compacted {
+            let gone = status(410, "Expired", &format!("too old resource version: {from} ({})", st.compacted));
+            let _ = tx.send(Bytes::from(format!("{}\n", json!({"type": "ERROR", "object": gone}))));
+            drop(tx);
+        } else {
+            for (rv, k, event, object) in &st.history {
+                if *rv > from && *k == kind && node.as_deref().is_none_or(|n| node_of(object) == Some(n)) {
+                    let _ = tx.send(Bytes::from(format!("{}\n", json!({"type": event, "object": object}))));
+                }
+            }
+            st.watchers.push(Watcher { kind, node, tx });
+        }
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
+        let body = StreamBody::new(stream).boxed();
+        return Ok(Response::builder().status(200).header("content-type", "application/json").body(body).unwrap());
+    }
+    let items: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|((k, _), o)| *k == kind && node.as_deref().is_none_or(|n| node_of(o) == Some(n)))
+        .map(|(_, o)| o.clone())
+        .collect();
+    Ok(reply(
+        200,
+        json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+    ))
+}
+
+/// A pod on `node` as the API server returns it, with one running container per name.
+pub fn pod(namespace: &str, name: &str, uid: &str, node: &str, labels: Value, containers: &[&str]) -> Value {
+    let specs: Vec<Value> = containers.iter().map(|c| json!({"name": c, "image": format!("registry.example/{c}:1.0")})).collect();
+    let statuses: Vec<Value> = containers
+        .iter()
+        .map(|c| json!({"name": c, "image": format!("registry.example/{c}:1.0"), "imageID": "", "ready": true, "restartCount": 0, "containerID": format!("containerd://{}", "ab".repeat(32))}))
+        .collect();
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
+        "spec": {"nodeName": node, "containers": specs},
+        "status": {"phase": "Running", "podIP": "10.42.0.17", "containerStatuses": statuses}
+    })
+}
+
+/// A namespace with labels and annotations.
+pub fn namespace(name: &str, labels: Value, annotations: Value) -> Value {
+    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels, "annotations": annotations}})
+}
