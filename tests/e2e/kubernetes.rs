@@ -27,11 +27,15 @@ impl Cluster {
     }
 
     fn start(&self, kubernetes_extra: &str) -> Agent {
+        self.start_with("", kubernetes_extra)
+    }
+
+    fn start_with(&self, logs_extra: &str, kubernetes_extra: &str) -> Agent {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, self.api.kubeconfig()).unwrap();
         let config = self.dir.path().join("nodelens.yaml");
         let text = format!(
-            "node_name: {NODE}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n{kubernetes_extra}metrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: {NODE}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\n{logs_extra}kubernetes:\n  enabled: true\n  kubeconfig: {kc}\n{kubernetes_extra}metrics:\n  listen: 127.0.0.1:0\n",
             state = self.dir.path().join("state").display(),
             pods = self.pods().display(),
             kc = kubeconfig.display(),
@@ -250,4 +254,63 @@ fn without_a_cluster_auto_mode_runs_on_path_metadata() {
     let (status, _, log_text) = agent.terminate();
     assert!(status.success());
     assert!(log_text.contains("no Kubernetes API"), "{log_text}");
+}
+
+#[test]
+fn a_thousand_cached_pods_keep_the_agent_small() {
+    let c = Cluster::new();
+    for i in 0..1000 {
+        let mut p = pod(
+            &format!("team-{}", i % 20),
+            &format!("worker-{i}"),
+            &format!("uid-{i}"),
+            NODE,
+            json!({"app": format!("job-{}", i % 40), "user": format!("u{}", i % 25), "tier": "gpu"}),
+            &["main", "sidecar"],
+        );
+        p["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(1500)});
+        c.api.apply(p);
+    }
+    let agent = c.start("");
+    wait_metric(&agent, "all pods cached", |m| metric_sum(m, "nodelens_pod_info", &[]) == 1000.0);
+    let rss = agent.rss_bytes();
+    eprintln!("agent RSS with 1,000 pods cached (debug build): {:.1} MiB", rss as f64 / 1048576.0);
+    agent.terminate();
+    assert!(rss < 40 * 1024 * 1024, "agent RSS with 1,000 pods cached: {:.1} MiB", rss as f64 / 1048576.0);
+}
+
+#[test]
+fn tracebacks_of_an_application_with_a_multiline_rule_are_one_record() {
+    let c = Cluster::new();
+    c.api.apply(pod("ml", "trainer-0", "uid-t", NODE, json!({"app": "trainer"}), &["main"]));
+    c.api.apply(pod("ml", "web-0", "uid-w", NODE, json!({"app": "web"}), &["main"]));
+    let mut trainer = c.log("ml", "trainer-0", "uid-t", "main");
+    let mut web = c.log("ml", "web-0", "uid-w", "main");
+    for log in [&mut trainer, &mut web] {
+        for line in [
+            "Traceback (most recent call last):",
+            "  File \"train.py\", line 9, in <module>",
+            "    main()",
+            "ValueError: bad shape",
+            "epoch 2 done",
+        ] {
+            log.write_cri("stderr", line).unwrap();
+        }
+    }
+    let agent = c.start_with("  multiline:\n    - {app: \"train*\", start_pattern: '^\\S', timeout: 500ms}\n", "");
+    agent.wait_for(WAIT, "trainer's three records and web's five", |d| d.len() >= 8);
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, docs, _) = agent.terminate();
+    let of = |app: &str| {
+        docs.iter().filter(|d| d["service"]["name"] == app).map(|d| d["message"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of("trainer"),
+        [
+            "Traceback (most recent call last):\n  File \"train.py\", line 9, in <module>\n    main()",
+            "ValueError: bad shape",
+            "epoch 2 done"
+        ]
+    );
+    assert_eq!(of("web").len(), 5, "no rule for web: one record per line");
 }
