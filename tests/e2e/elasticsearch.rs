@@ -257,3 +257,27 @@ fn api_key_authenticates_and_secrets_stay_out_of_logs() {
     assert!(!log_text.contains("bm9kZWxlbnM6czNjcmV0"));
     assert_eq!(es.count(), 20, "nothing lost while the key was wrong");
 }
+
+#[test]
+fn a_private_ca_from_ca_file_secures_the_connection() {
+    let node = Node::new();
+    let ca_file = node.dir.path().join("ca.pem");
+    let es = FakeElasticsearch::start_tls(&ca_file);
+    assert!(es.url().starts_with("https://"));
+    let mut log = node.container("tls");
+    write_lines(&mut log, "tls", 0..10);
+
+    // Without the CA the server is not trusted: nothing is sent, nothing is lost.
+    let config = node.config(&es.url(), "");
+    let untrusted = node.start(&config, &[]);
+    wait_until("a TLS failure logged", &untrusted, || untrusted.log().contains("_bulk request failed"));
+    let (_, _, log_text) = untrusted.terminate();
+    assert_eq!(es.count(), 0);
+    assert!(log_text.to_lowercase().contains("certificate"), "{log_text}");
+
+    let config = node.config(&es.url(), &format!("    ca_file: {}\n", ca_file.display()));
+    let trusted = node.start(&config, &[]);
+    wait_until("records over TLS", &trusted, || es.count() >= 10);
+    trusted.terminate();
+    assert_eq!(es.count(), 10);
+}

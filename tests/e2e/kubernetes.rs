@@ -125,7 +125,7 @@ fn records_carry_application_user_workload_and_labels_from_one_node_scoped_watch
         );
     }
     assert!(requests.iter().all(|r| !r.contains("/namespaces/")), "never a GET per pod: {requests:?}");
-    assert!(requests.iter().any(|r| r.contains("watch=true")), "it watches");
+    assert!(requests.iter().any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")), "it watches, with bookmarks");
 }
 
 #[test]

@@ -62,6 +62,7 @@ struct State {
 pub struct FakeElasticsearch {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -74,10 +75,37 @@ impl FakeElasticsearch {
 
     /// Starts on `port` (e.g. the port of a double that was stopped, to model a restart).
     pub fn start_on(port: u16) -> FakeElasticsearch {
+        FakeElasticsearch::serve(port, None)
+    }
+
+    /// Starts serving HTTPS with a certificate for `127.0.0.1` issued by a freshly generated
+    /// private CA, whose PEM is written to `ca_file`.
+    pub fn start_tls(ca_file: &std::path::Path) -> FakeElasticsearch {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "nodelens test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(ca_file, ca.pem()).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server_cert =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&server_key, &ca).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![server_cert.der().clone()], key)
+            .unwrap();
+        FakeElasticsearch::serve(0, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn serve(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeElasticsearch {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind fake Elasticsearch");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
+        let tls_on = tls.is_some();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
         let shared = state.clone();
         let thread = std::thread::spawn(move || {
@@ -90,19 +118,27 @@ impl FakeElasticsearch {
                         _ = &mut stop_rx => return,
                     };
                     let state = shared.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        let _ = match tls {
+                            Some(acceptor) => match acceptor.accept(stream).await {
+                                Ok(tls_stream) => http.serve_connection(TokioIo::new(tls_stream), service).await,
+                                Err(_) => return,
+                            },
+                            None => http.serve_connection(TokioIo::new(stream), service).await,
+                        };
                     });
                 }
             });
         });
-        FakeElasticsearch { addr, state, stop: Some(stop_tx), thread: Some(thread) }
+        FakeElasticsearch { addr, state, tls: tls_on, stop: Some(stop_tx), thread: Some(thread) }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// The port it listens on.
@@ -396,6 +432,47 @@ pub fn filter_path(value: &Value, patterns: &[Vec<&str>]) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn post(es: &FakeElasticsearch, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(es.addr).unwrap();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn the_double_rejects_what_elasticsearch_rejects() {
+        let es = FakeElasticsearch::start();
+        let path = "/logs-kubernetes.container_logs-default/_bulk";
+        let ndjson = "application/x-ndjson";
+        let (status, _) = post(&es, path, "text/plain", b"{\"create\":{}}\n{\"@timestamp\":\"2026-11-22T00:00:00Z\"}\n");
+        assert_eq!(status, 406, "unsupported content type");
+        let (status, reply) = post(&es, path, ndjson, b"{\"create\":{}}\n{\"@timestamp\":\"2026-11-22T00:00:00Z\"}");
+        assert_eq!(status, 400, "no final newline");
+        assert!(reply["error"]["reason"].as_str().unwrap().contains("terminated by a newline"));
+        let body = b"{\"index\":{\"_id\":\"a\"}}\n{\"@timestamp\":\"2026-11-22T00:00:00Z\"}\n{\"create\":{\"_id\":\"b\"}}\n{\"message\":\"no time\"}\n{\"create\":{\"_id\":\"c\"}}\n{\"@timestamp\":\"2026-11-22T00:00:00Z\"}\n{\"create\":{\"_id\":\"c\"}}\n{\"@timestamp\":\"2026-11-22T00:00:00Z\"}\n";
+        let (status, reply) = post(&es, path, ndjson, body);
+        assert_eq!(status, 200);
+        assert_eq!(reply["errors"], true);
+        let statuses: Vec<u64> = reply["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_object().unwrap().values().next().unwrap()["status"].as_u64().unwrap())
+            .collect();
+        assert_eq!(statuses, [400, 400, 201, 409], "index refused on a data stream, missing @timestamp refused, duplicate create is 409");
+        assert_eq!(es.count(), 1);
+    }
 
     #[test]
     fn filter_path_keeps_only_the_named_paths() {

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 struct Watcher {
     kind: &'static str,
     node: Option<String>,
+    /// Asked for BOOKMARK events (`allowWatchBookmarks=true`).
+    bookmarks: bool,
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -121,11 +123,14 @@ impl FakeApiServer {
         publish(&mut st, rv, kind, "DELETED", object);
     }
 
-    /// Sends a BOOKMARK with the current resourceVersion to every watch.
+    /// Sends a BOOKMARK with the current resourceVersion to every watch that asked for them.
     pub fn bookmark(&self) {
         let mut st = self.state.lock().unwrap();
         let rv = st.rv;
         st.watchers.retain(|w| {
+            if !w.bookmarks {
+                return !w.tx.is_closed();
+            }
             let line = json!({"type": "BOOKMARK", "object": {"kind": w.kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
             w.tx.send(Bytes::from(format!("{line}\n"))).is_ok()
         });
@@ -232,7 +237,8 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
                     let _ = tx.send(Bytes::from(format!("{}\n", json!({"type": event, "object": object}))));
                 }
             }
-            st.watchers.push(Watcher { kind, node, tx });
+            let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+            st.watchers.push(Watcher { kind, node, bookmarks, tx });
         }
         let stream =
             futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
