@@ -9,6 +9,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+mod common;
+
 use k8s_openapi::api::core::v1::Pod;
 use nodelens::kube::meta;
 use nodelens::kube::resolve::Key;
@@ -64,13 +66,6 @@ fn pod_json(i: usize, generation: usize) -> Value {
     })
 }
 
-fn cpu_seconds() -> f64 {
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 fn main() {
     let keys = |l: &[&str]| l.iter().map(|k| Key::parse(k).unwrap()).collect::<Vec<_>>();
     let store = PodStore::new(
@@ -97,14 +92,14 @@ fn main() {
     drop(first);
 
     let batches: Vec<Vec<Vec<u8>>> = (1..=EVENTS / PODS).map(lines).collect();
-    let start = cpu_seconds();
+    let start = common::cpu_seconds();
     let wall = Instant::now();
     for batch in &batches {
         for line in batch {
             apply(line);
         }
     }
-    let cpu = cpu_seconds() - start;
+    let cpu = common::cpu_seconds() - start;
     println!(
         "pod_store: {PODS} pods cached in {:.1} KiB of heap = {:.0} bytes per pod (watch event JSON {event_bytes} bytes); \
          {EVENTS} MODIFIED events: {:.1} µs CPU per event, {:.1}% of a core at 1,000 events/s (wall {:.2} s)",

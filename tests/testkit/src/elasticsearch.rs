@@ -14,8 +14,9 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+
+use crate::http::Server;
 
 /// A fault applied to one request.
 #[derive(Debug, Clone)]
@@ -63,8 +64,7 @@ pub struct FakeElasticsearch {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     tls: bool,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: Server,
 }
 
 impl FakeElasticsearch {
@@ -101,39 +101,11 @@ impl FakeElasticsearch {
     }
 
     fn serve(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeElasticsearch {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind fake Elasticsearch");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
-        let tls_on = tls.is_some();
-        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
         let shared = state.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let stream = tokio::select! {
-                        accepted = listener.accept() => accepted.unwrap().0,
-                        _ = &mut stop_rx => return,
-                    };
-                    let state = shared.clone();
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                        let http = hyper::server::conn::http1::Builder::new();
-                        let _ = match tls {
-                            Some(acceptor) => match acceptor.accept(stream).await {
-                                Ok(tls_stream) => http.serve_connection(TokioIo::new(tls_stream), service).await,
-                                Err(_) => return,
-                            },
-                            None => http.serve_connection(TokioIo::new(stream), service).await,
-                        };
-                    });
-                }
-            });
-        });
-        FakeElasticsearch { addr, state, tls: tls_on, stop: Some(stop_tx), thread: Some(thread) }
+        let tls_on = tls.is_some();
+        let server = Server::start(port, tls, move |req| handle(req, shared.clone()));
+        FakeElasticsearch { addr: server.addr, state, tls: tls_on, server }
     }
 
     /// `http://127.0.0.1:<port>`, or `https://` when serving TLS.
@@ -183,22 +155,7 @@ impl FakeElasticsearch {
 
     /// Stops listening; connections are refused until a new double starts on the port.
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for FakeElasticsearch {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.server.stop();
     }
 }
 

@@ -15,9 +15,10 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+use crate::http::Server;
 
 /// What a watch receives.
 struct Watcher {
@@ -45,8 +46,8 @@ struct State {
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped after the watches are closed (see `Drop`).
+    _server: Server,
 }
 
 fn kind_of(object: &Value) -> &'static str {
@@ -68,30 +69,10 @@ fn node_of(object: &Value) -> Option<&str> {
 impl FakeApiServer {
     /// Starts on a free loopback port.
     pub fn start() -> FakeApiServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State { rv: 1000, ..State::default() }));
-        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
         let shared = state.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let stream = tokio::select! {
-                        accepted = listener.accept() => accepted.unwrap().0,
-                        _ = &mut stop_rx => return,
-                    };
-                    let state = shared.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                    });
-                }
-            });
-        });
-        FakeApiServer { addr, state, stop: Some(stop_tx), thread: Some(thread) }
+        let server = Server::start(0, None, move |req| handle(req, shared.clone()));
+        FakeApiServer { addr: server.addr, state, _server: server }
     }
 
     /// A kubeconfig pointing at this server.
@@ -164,13 +145,8 @@ impl FakeApiServer {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        // End the watch streams so their connections finish before the server stops.
         self.state.lock().unwrap().watchers.clear();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

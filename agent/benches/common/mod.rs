@@ -1,0 +1,64 @@
+//! What the benchmarks share: a backlog generator and the process's CPU time and peak RSS.
+
+#![allow(dead_code)]
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// Containers in a generated backlog.
+pub const CONTAINERS: usize = 8;
+
+/// Writes `bytes` of CRI records per container (training-log lines of varied length) under
+/// `pods`, and returns how many records that is.
+pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
+    let mut total = 0;
+    for c in 0..CONTAINERS {
+        let dir = pods.join(format!("bench_train-{c}_uid-{c}")).join("worker");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join("0.log")).unwrap());
+        let (mut written, mut i) = (0u64, 0u64);
+        while written < bytes {
+            let line = format!(
+                "2026-11-22T03:{:02}:{:02}.{:09}Z {} F step={i} loss={:.4} lr=0.0003 throughput={} samples/s gpu_mem={}MiB {}\n",
+                (i / 60_000) % 60,
+                (i / 1000) % 60,
+                i % 1_000_000_000,
+                if i % 10 == 0 { "stderr" } else { "stdout" },
+                1.0 / (1.0 + i as f64),
+                1000 + i % 977,
+                30_000 + i % 4096,
+                &"detail ".repeat((i % 13) as usize)
+            );
+            out.write_all(line.as_bytes()).unwrap();
+            written += line.len() as u64;
+            i += 1;
+        }
+        out.flush().unwrap();
+        total += i;
+    }
+    total
+}
+
+/// User plus system CPU seconds of this process, all threads.
+pub fn cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Peak RSS of this process's own address space. (`getrusage`'s `ru_maxrss` also counts
+/// the image the process replaced at exec, which was a copy of its parent: cargo.)
+pub fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:") / 1024.0
+}
+
+/// Current RSS.
+pub fn current_rss_mib() -> f64 {
+    status_kib("VmRSS:") / 1024.0
+}
+
+fn status_kib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
