@@ -196,6 +196,17 @@ pub struct LogMetricRule {
     /// The named group holding the value; counters without one count matches.
     #[serde(default)]
     pub value: String,
+    /// Named groups exported as extra labels (an allowlist: other groups never become labels).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Most series this rule may create; matches that would make more are counted in
+    /// `nodelens_log_metric_series_refused_total` instead.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+}
+
+fn default_max_series() -> usize {
+    500
 }
 
 fn default_glob() -> String {
@@ -203,7 +214,7 @@ fn default_glob() -> String {
 }
 
 /// The kind of a log-derived metric.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum LogMetricKind {
     /// `nodelens_log_metric_total`: the sum of the value group, or +1 per match.
@@ -406,6 +417,13 @@ impl Config {
             globset::Glob::new(&rule.app).map_err(|e| key_error(&format!("logs.multiline[{i}].app"), e.to_string()))?;
             regex::bytes::Regex::new(&rule.start_pattern)
                 .map_err(|e| key_error(&format!("logs.multiline[{i}].start_pattern"), e.to_string()))?;
+        }
+        let mut rule_names = std::collections::HashSet::new();
+        for (i, rule) in self.logs.log_metrics.iter().enumerate() {
+            crate::logs::derived::Rule::compile(rule).map_err(|e| key_error(&format!("logs.log_metrics[{i}] ({})", rule.name), e))?;
+            if !rule_names.insert((&rule.name, rule.kind)) {
+                return Err(key_error(&format!("logs.log_metrics[{i}].name"), format!("`{}` is used twice", rule.name)));
+            }
         }
         let es = &self.sinks.elasticsearch;
         if !es.api_key.is_empty() && !es.username.is_empty() {

@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::logs::derived::{DerivedFamilies, Totals};
 use crate::logs::tailer::TailerMetrics;
 
 /// Labels of `nodelens_log_records_total`.
@@ -99,6 +100,8 @@ pub struct LogMetrics {
     pub flagged: Family<FlagLabels, Counter>,
     /// Tailer gauges and the lost-bytes counter.
     pub tailer: TailerMetrics,
+    /// Log-derived metrics.
+    pub derived: DerivedFamilies,
 }
 
 /// Sink metrics.
@@ -157,6 +160,13 @@ impl Metrics {
             logs.tailer.backlog_bytes.clone(),
         );
         registry.register("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
+        registry.register("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
+        registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
+        registry.register(
+            "log_metric_series_refused",
+            "Log-derived series not created because the rule's max_series was reached",
+            logs.derived.refused.clone(),
+        );
         registry.register("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
         registry.register("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
         registry.register("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());

@@ -6,6 +6,7 @@
 //! large the backlog on disk.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, LogsConfig};
 use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
 use crate::logs::ack::{AckMsg, Committer};
@@ -22,6 +23,7 @@ use crate::logs::assemble::MultilineRule;
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::chunk::{Chunk, Flags, StreamKind};
 use crate::logs::container::StepLimits;
+use crate::logs::derived::{Derived, DerivedFamilies, PodLabels};
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
@@ -123,7 +125,8 @@ impl LogPipeline {
         let tailer =
             Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.logs.tailer.clone(), pods.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
-        let mut encoder = Encoder::new(Enricher::new(config.node_name.clone(), config.cluster_name.clone()), pods, metrics.logs.clone());
+        let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
+        let mut encoder = Encoder::new(enricher, pods, logs, metrics.logs.clone(), metrics.logs.derived.clone());
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer })
     }
@@ -180,10 +183,16 @@ const POD_WAIT: Duration = Duration::from_secs(1);
 struct Encoder {
     enricher: Enricher,
     pods: Option<Arc<PodStore>>,
+    /// Where pod directories are, to tell gone pods without the API.
+    pods_dir: PathBuf,
+    /// How often log-derived series are checked for pods that are gone (the rescan period).
+    sweep_every: Duration,
     metrics: LogMetrics,
+    derived: Derived,
     templates: HashMap<ContainerRef, CachedTemplate>,
     seq: u64,
     last_prune: Instant,
+    last_sweep: Instant,
 }
 
 struct CachedTemplate {
@@ -192,14 +201,29 @@ struct CachedTemplate {
     template: Arc<Template>,
     labels: AppLabels,
     excluded: bool,
+    /// The log-metric rules of the container's application, and the labels they add.
+    rules: Vec<usize>,
+    pod_labels: PodLabels,
     used: Instant,
 }
 
 const TEMPLATE_IDLE: Duration = Duration::from_secs(600);
 
 impl Encoder {
-    fn new(enricher: Enricher, pods: Option<Arc<PodStore>>, metrics: LogMetrics) -> Encoder {
-        Encoder { enricher, pods, metrics, templates: HashMap::new(), seq: 0, last_prune: Instant::now() }
+    fn new(enricher: Enricher, pods: Option<Arc<PodStore>>, logs: &LogsConfig, metrics: LogMetrics, derived: DerivedFamilies) -> Encoder {
+        let now = Instant::now();
+        Encoder {
+            enricher,
+            pods,
+            pods_dir: logs.pods_dir.clone(),
+            sweep_every: logs.rescan_interval,
+            metrics,
+            derived: Derived::new(&logs.log_metrics, derived),
+            templates: HashMap::new(),
+            seq: 0,
+            last_prune: now,
+            last_sweep: now,
+        }
     }
 
     fn run(&mut self, mut chunks: mpsc::Receiver<Chunk>, sinks: Vec<mpsc::Sender<Arc<Batch>>>, acks: mpsc::Sender<AckMsg>) {
@@ -230,6 +254,10 @@ impl Encoder {
             self.templates.retain(|_, t| now.duration_since(t.used) < TEMPLATE_IDLE);
             self.last_prune = now;
         }
+        if !self.derived.is_empty() && now.duration_since(self.last_sweep) > self.sweep_every {
+            self.sweep_derived();
+            self.last_sweep = now;
+        }
         let info = &chunk.source.container;
         let known = self.templates.get(&info.reference).map(|t| t.pod.clone());
         let pod = self.pods.as_ref().and_then(|store| match &known {
@@ -245,10 +273,19 @@ impl Encoder {
             if excluded {
                 tracing::info!(namespace = %meta.namespace, pod = %meta.pod, container = %meta.container, "logs excluded by annotation");
             }
+            let pod_labels = PodLabels {
+                namespace: meta.namespace.clone(),
+                pod: meta.pod.clone(),
+                uid: meta.pod_uid.clone(),
+                app: meta.app.clone(),
+                user: meta.user.clone(),
+            };
             let cached = CachedTemplate {
                 pod,
                 template: Arc::new(Template::new(&meta)),
+                rules: self.derived.rules_for(&meta.app),
                 labels: AppLabels { namespace: meta.namespace, app: meta.app },
+                pod_labels,
                 excluded,
                 used: now,
             };
@@ -261,10 +298,32 @@ impl Encoder {
             let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
             ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
             count(&self.metrics, &cached.labels, chunk, &levels);
+            if !cached.rules.is_empty() {
+                for record in &chunk.records {
+                    self.derived.observe(&cached.rules, &cached.pod_labels, chunk.message(record));
+                }
+            }
         }
         let batch = Batch { seq: self.seq, file: chunk.source.id, docs };
         self.seq += 1;
         batch
+    }
+}
+
+impl Encoder {
+    /// Removes log-derived series of pods that are gone: deleted from the API (after the
+    /// store's grace), or, without the API, whose log directory is gone.
+    fn sweep_derived(&mut self) {
+        let alive: std::collections::HashSet<String> = self
+            .templates
+            .keys()
+            .filter(|r| match &self.pods {
+                Some(store) => store.get(&r.pod_uid).is_some(),
+                None => self.pods_dir.join(format!("{}_{}_{}", r.namespace, r.pod, r.pod_uid)).exists(),
+            })
+            .map(|r| r.pod_uid.clone())
+            .collect();
+        self.derived.retain_pods(|uid| alive.contains(uid));
     }
 }
 

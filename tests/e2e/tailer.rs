@@ -269,3 +269,37 @@ fn check_config_prints_the_effective_config_and_rejects_typos() {
     assert_eq!(env_typo.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&env_typo.stderr).contains("NODELENS_LOGS__MAX_LINE_BYTE"));
 }
+
+#[test]
+fn a_training_log_becomes_metrics_and_they_leave_with_the_pod() {
+    let rules = "  log_metrics:\n    - {name: loss, app: 'resnet*', pattern: 'loss=(?P<v>[0-9.]+)', type: gauge, value: v}\n    - {name: steps, pattern: 'step=\\d+', type: counter}\n    - {name: tokens, pattern: 'tokens=(?P<n>\\d+) split=(?P<split>\\w+)', type: counter, value: n, labels: [split]}\n";
+    let node = Node::new(rules);
+    let mut log = node.container("resnet-0", "trainer");
+    for (step, loss) in [(10, "0.91"), (20, "0.74"), (30, "0.53")] {
+        log.write_cri("stdout", &format!("step={step} loss={loss} lr=0.001 tokens=100 split=train")).unwrap();
+    }
+    log.write_cri("stdout", "eval tokens=40 split=val").unwrap();
+    let agent = node.start();
+    agent.wait_for(WAIT, "the records", count_is(4));
+    let (_, body) = agent.get("/metrics");
+    let pod = [r#"namespace="ml""#, r#"pod="resnet-0""#, r#"app="resnet-0""#];
+    let with = |name: &'static str| pod.iter().copied().chain([name]).collect::<Vec<_>>();
+    assert_eq!(metric_sum(&body, "nodelens_log_metric", &with(r#"name="loss""#)), 0.53, "{body}");
+    assert_eq!(metric_sum(&body, "nodelens_log_metric_total", &with(r#"name="steps""#)), 3.0);
+    assert_eq!(metric_sum(&body, "nodelens_log_metric_total", &with(r#"split="train""#)), 300.0);
+    assert_eq!(metric_sum(&body, "nodelens_log_metric_total", &with(r#"split="val""#)), 40.0);
+
+    std::fs::remove_dir_all(node.pods().join("ml_resnet-0_uid-resnet-0")).unwrap();
+    // The sweep runs as records pass through; another pod keeps them flowing.
+    let mut other = node.container("web-0", "main");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        other.write_cri("stdout", "tick").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        if !agent.get("/metrics").1.contains(r#"pod="resnet-0""#) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "series of the removed pod are still there");
+    }
+    agent.terminate();
+}

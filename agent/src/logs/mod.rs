@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod chunk;
 pub mod container;
 pub mod decode;
+pub mod derived;
 pub mod enrich;
 pub mod fingerprint;
 pub mod level;

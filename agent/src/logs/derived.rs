@@ -1,0 +1,319 @@
+//! Log-derived metrics: rules that turn matching lines into series with the pod's
+//! `namespace, pod, app, user` labels plus the rule's `name` — a training job's
+//! `step=120 loss=0.53` becomes `nodelens_log_metric{name="loss",app="resnet",...} 0.53`.
+//!
+//! Gauges keep the last value (`nodelens_log_metric`); counters add the value group, or 1 per
+//! match (`nodelens_log_metric_total`). Each rule is capped at `max_series`; refused series
+//! are counted. Series of pods that are gone are removed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+
+use crate::config::{LogMetricKind, LogMetricRule};
+
+/// Labels of a derived series: `name, namespace, pod, app, user`, then the rule's own.
+pub type SeriesLabels = Vec<(String, String)>;
+
+/// Labels of `nodelens_log_metric_series_refused_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The rule's name.
+    pub name: String,
+}
+
+/// Labels every derived series of a pod carries.
+#[derive(Debug, Clone)]
+pub struct PodLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID (not exported; used to remove the pod's series).
+    pub uid: String,
+    /// Application.
+    pub app: String,
+    /// User.
+    pub user: String,
+}
+
+/// The families behind the derived metrics, registered once.
+#[derive(Clone, Default)]
+pub struct DerivedFamilies {
+    /// `nodelens_log_metric`.
+    pub gauges: Family<SeriesLabels, Gauge<f64, AtomicU64>>,
+    /// `nodelens_log_metric_total` (see [`Totals`]).
+    pub totals: Family<SeriesLabels, Gauge<f64, AtomicU64>>,
+    /// `nodelens_log_metric_series_refused_total`.
+    pub refused: Family<RuleLabels, Counter>,
+}
+
+/// Exposes the counters' running sums under the sample name `nodelens_log_metric_total`
+/// beside the gauge family `nodelens_log_metric`. An OpenMetrics counter family of that name
+/// would be `nodelens_log_metric` too, and two families may not share a name, so this one is
+/// declared `unknown`: same series, values only ever grow.
+#[derive(Debug)]
+pub struct Totals(pub Family<SeriesLabels, Gauge<f64, AtomicU64>>);
+
+impl Collector for Totals {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let metric = encoder.encode_descriptor(
+            "log_metric_total",
+            "Log-derived counters: the sum of the value group, or 1 per matching line",
+            None,
+            MetricType::Unknown,
+        )?;
+        self.0.encode(metric)
+    }
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    name: String,
+    app: globset::GlobMatcher,
+    pattern: regex::bytes::Regex,
+    kind: LogMetricKind,
+    value: Option<usize>,
+    labels: Vec<(String, usize)>,
+    max_series: usize,
+}
+
+const RESERVED: &[&str] = &["name", "namespace", "pod", "app", "user", "node"];
+
+impl Rule {
+    /// Compiles a configured rule; the error says what is wrong with it.
+    pub fn compile(rule: &LogMetricRule) -> Result<Rule, String> {
+        if rule.name.is_empty() {
+            return Err("name is empty".into());
+        }
+        let app = globset::Glob::new(&rule.app).map_err(|e| format!("app: {e}"))?.compile_matcher();
+        let pattern = regex::bytes::Regex::new(&rule.pattern).map_err(|e| format!("pattern: {e}"))?;
+        let group = |name: &str| pattern.capture_names().position(|n| n == Some(name));
+        let value = match rule.value.as_str() {
+            "" if rule.kind == LogMetricKind::Gauge => return Err("a gauge needs a value group".into()),
+            "" => None,
+            name => Some(group(name).ok_or_else(|| format!("value: the pattern has no group named `{name}`"))?),
+        };
+        let labels = rule
+            .labels
+            .iter()
+            .map(|name| {
+                if RESERVED.contains(&name.as_str()) {
+                    return Err(format!("labels: `{name}` is reserved"));
+                }
+                group(name).map(|i| (name.clone(), i)).ok_or_else(|| format!("labels: the pattern has no group named `{name}`"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Rule { name: rule.name.clone(), app, pattern, kind: rule.kind, value, labels, max_series: rule.max_series })
+    }
+}
+
+/// Evaluates the rules on records; owned by the encoder stage.
+pub struct Derived {
+    rules: Vec<Rule>,
+    families: DerivedFamilies,
+    /// Per rule: its series and the pod each belongs to.
+    series: Vec<HashMap<SeriesLabels, String>>,
+}
+
+impl Derived {
+    /// Rules compiled from the config (already validated).
+    pub fn new(rules: &[LogMetricRule], families: DerivedFamilies) -> Derived {
+        let rules: Vec<Rule> = rules.iter().map(|r| Rule::compile(r).expect("validated config")).collect();
+        let series = rules.iter().map(|_| HashMap::new()).collect();
+        Derived { rules, families, series }
+    }
+
+    /// Whether there are rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Indexes of the rules for application `app`.
+    pub fn rules_for(&self, app: &str) -> Vec<usize> {
+        self.rules.iter().enumerate().filter(|(_, r)| r.app.is_match(app)).map(|(i, _)| i).collect()
+    }
+
+    /// Applies `rules` (from [`Derived::rules_for`]) to one message of `pod`.
+    pub fn observe(&mut self, rules: &[usize], pod: &PodLabels, message: &[u8]) {
+        for &i in rules {
+            let rule = &self.rules[i];
+            let Some(caps) = rule.pattern.captures(message) else { continue };
+            let value = match rule.value {
+                Some(group) => match caps.get(group).and_then(|m| std::str::from_utf8(m.as_bytes()).ok()?.parse::<f64>().ok()) {
+                    Some(v) if v.is_finite() => v,
+                    _ => continue,
+                },
+                None => 1.0,
+            };
+            let mut labels: SeriesLabels = vec![
+                ("name".into(), rule.name.clone()),
+                ("namespace".into(), pod.namespace.clone()),
+                ("pod".into(), pod.pod.clone()),
+                ("app".into(), pod.app.clone()),
+                ("user".into(), pod.user.clone()),
+            ];
+            for (name, group) in &rule.labels {
+                let text = caps.get(*group).map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned()).unwrap_or_default();
+                labels.push((name.clone(), text));
+            }
+            let known = &mut self.series[i];
+            if !known.contains_key(&labels) {
+                if known.len() >= rule.max_series {
+                    self.families.refused.get_or_create(&RuleLabels { name: rule.name.clone() }).inc();
+                    continue;
+                }
+                known.insert(labels.clone(), pod.uid.clone());
+            }
+            match rule.kind {
+                LogMetricKind::Gauge => {
+                    self.families.gauges.get_or_create(&labels).set(value);
+                }
+                LogMetricKind::Counter => {
+                    self.families.totals.get_or_create(&labels).inc_by(value);
+                }
+            }
+        }
+    }
+
+    /// Removes the series of pods for which `alive` is false.
+    pub fn retain_pods(&mut self, alive: impl Fn(&str) -> bool) {
+        for (rule, known) in self.rules.iter().zip(&mut self.series) {
+            known.retain(|labels, uid| {
+                let keep = alive(uid);
+                if !keep {
+                    match rule.kind {
+                        LogMetricKind::Gauge => self.families.gauges.remove(labels),
+                        LogMetricKind::Counter => self.families.totals.remove(labels),
+                    };
+                }
+                keep
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+
+    fn rule(yaml: &str) -> LogMetricRule {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn pod(uid: &str) -> PodLabels {
+        PodLabels { namespace: "ml".into(), pod: format!("resnet-{uid}"), uid: uid.into(), app: "resnet".into(), user: "alice".into() }
+    }
+
+    fn exposition(families: &DerivedFamilies) -> String {
+        let mut registry = Registry::with_prefix("nodelens");
+        registry.register("log_metric", "gauges", families.gauges.clone());
+        registry.register_collector(Box::new(Totals(families.totals.clone())));
+        registry.register("log_metric_series_refused", "refused", families.refused.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    fn training() -> (Derived, DerivedFamilies) {
+        let families = DerivedFamilies::default();
+        let rules = [
+            rule("{name: loss, app: 'res*', pattern: 'step=(?P<step>\\d+) loss=(?P<loss>[0-9.]+)', type: gauge, value: loss}"),
+            rule("{name: lr, app: '*', pattern: 'lr=(?P<lr>[0-9.e-]+)', type: gauge, value: lr}"),
+            rule("{name: steps, app: '*', pattern: 'step=\\d+', type: counter}"),
+            rule("{name: samples, app: '*', pattern: 'samples=(?P<n>\\d+) phase=(?P<phase>\\w+)', type: counter, value: n, labels: [phase], max_series: 2}"),
+        ];
+        (Derived::new(&rules, families.clone()), families)
+    }
+
+    #[test]
+    fn a_training_log_becomes_the_expected_series() {
+        let (mut d, families) = training();
+        let rules = d.rules_for("resnet");
+        assert_eq!(rules.len(), 4);
+        for line in [
+            "step=10 loss=0.91 lr=0.001",
+            "step=20 loss=0.53 lr=0.0005",
+            "samples=128 phase=train",
+            "samples=64 phase=train",
+            "samples=32 phase=eval",
+            "nothing to see",
+        ] {
+            d.observe(&rules, &pod("1"), line.as_bytes());
+        }
+        let text = exposition(&families);
+        assert!(
+            text.contains(r#"nodelens_log_metric{name="loss",namespace="ml",pod="resnet-1",app="resnet",user="alice"} 0.53"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nodelens_log_metric{name="lr",namespace="ml",pod="resnet-1",app="resnet",user="alice"} 0.0005"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nodelens_log_metric_total{name="steps",namespace="ml",pod="resnet-1",app="resnet",user="alice"} 2.0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"nodelens_log_metric_total{name="samples",namespace="ml",pod="resnet-1",app="resnet",user="alice",phase="train"} 192.0"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nodelens_log_metric gauge") && text.contains("# TYPE nodelens_log_metric_total unknown"), "{text}");
+    }
+
+    #[test]
+    fn the_series_cap_holds_and_refusals_are_counted() {
+        let (mut d, families) = training();
+        let rules = d.rules_for("resnet");
+        for phase in ["a", "b", "c", "d"] {
+            d.observe(&rules, &pod("1"), format!("samples=1 phase={phase}").as_bytes());
+        }
+        let text = exposition(&families);
+        assert_eq!(text.lines().filter(|l| l.starts_with(r#"nodelens_log_metric_total{name="samples""#)).count(), 2, "{text}");
+        assert!(text.contains(r#"nodelens_log_metric_series_refused_total{name="samples"} 2"#), "{text}");
+    }
+
+    #[test]
+    fn series_of_gone_pods_are_removed() {
+        let (mut d, families) = training();
+        let rules = d.rules_for("resnet");
+        d.observe(&rules, &pod("1"), b"step=1 loss=1.0");
+        d.observe(&rules, &pod("2"), b"step=1 loss=2.0");
+        d.retain_pods(|uid| uid == "2");
+        let text = exposition(&families);
+        assert!(!text.contains("resnet-1") && text.contains("resnet-2"), "{text}");
+    }
+
+    #[test]
+    fn app_globs_select_rules_and_bad_values_are_skipped() {
+        let (mut d, families) = training();
+        assert_eq!(d.rules_for("web").len(), 3, "loss applies to res* only");
+        d.observe(&d.rules_for("resnet"), &pod("1"), b"step=1 loss=not-a-number");
+        assert!(!exposition(&families).contains(r#"name="loss""#));
+    }
+
+    #[test]
+    fn bad_rules_are_rejected_with_a_reason() {
+        for (yaml, reason) in [
+            ("{name: x, pattern: '(', type: counter}", "pattern"),
+            ("{name: x, pattern: 'a', type: gauge}", "needs a value group"),
+            ("{name: x, pattern: 'a', type: counter, value: v}", "no group named `v`"),
+            ("{name: x, pattern: '(?P<app>a)', type: counter, labels: [app]}", "reserved"),
+        ] {
+            let err = Rule::compile(&rule(yaml)).unwrap_err();
+            assert!(err.contains(reason), "{yaml}: {err}");
+        }
+    }
+}
