@@ -29,8 +29,26 @@ fn main() {
     let mut config = Config::default();
     config.logs.pods_dir = pods;
     config.state_dir = dir.path().join("state");
-    if let Ok(v) = std::env::var("BENCH_INFLIGHT_MIB") {
-        config.logs.max_inflight_bytes = v.parse::<u64>().unwrap() << 20;
+    // NODELENS_BENCH_RULES=10: ten log-derived metric rules over every record.
+    let rules: usize = std::env::var("NODELENS_BENCH_RULES").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let patterns = [
+        ("loss", "loss=(?P<v>[0-9.]+)", "gauge"),
+        ("lr", "lr=(?P<v>[0-9.]+)", "gauge"),
+        ("throughput", "throughput=(?P<v>\\d+)", "gauge"),
+        ("gpu_mem", "gpu_mem=(?P<v>\\d+)MiB", "gauge"),
+        ("steps", "step=(?P<v>\\d+)", "gauge"),
+        ("lines", "step=", "counter"),
+        ("details", "detail detail detail", "counter"),
+        ("errors", "(?i)error|exception", "counter"),
+        ("oom", "out of memory", "counter"),
+        ("nan", "loss=nan", "counter"),
+    ];
+    for (name, pattern, kind) in patterns.iter().take(rules) {
+        let value = if *kind == "gauge" { ", value: v" } else { "" };
+        config
+            .logs
+            .log_metrics
+            .push(serde_yaml_ng::from_str(&format!("{{name: {name}, pattern: '{pattern}', type: {kind}{value}}}")).unwrap());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let seen = Arc::new(AtomicU64::new(0));
@@ -48,7 +66,7 @@ fn main() {
         (cpu, wall)
     });
     println!(
-        "tail_throughput: {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
+        "tail_throughput ({rules} log-metric rules): {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
         bytes as f64 / 1048576.0,
         records as f64 / cpu,
         records as f64 / wall,

@@ -116,12 +116,24 @@ impl Rule {
     }
 }
 
+/// One series, and a handle on its value so a match costs no label building or family lookup.
+struct Series {
+    labels: SeriesLabels,
+    value: Gauge<f64, AtomicU64>,
+}
+
+/// A rule's series: by pod uid, then by the values of its extra labels (joined by `\0`).
+type RuleSeries = HashMap<String, HashMap<String, Series>>;
+
 /// Evaluates the rules on records; owned by the encoder stage.
 pub struct Derived {
     rules: Vec<Rule>,
     families: DerivedFamilies,
-    /// Per rule: its series and the pod each belongs to.
-    series: Vec<HashMap<SeriesLabels, String>>,
+    series: Vec<RuleSeries>,
+    /// Series per rule, for the cap.
+    counts: Vec<usize>,
+    /// Scratch for the extra-label key.
+    key: String,
 }
 
 impl Derived {
@@ -129,7 +141,8 @@ impl Derived {
     pub fn new(rules: &[LogMetricRule], families: DerivedFamilies) -> Derived {
         let rules: Vec<Rule> = rules.iter().map(|r| Rule::compile(r).expect("validated config")).collect();
         let series = rules.iter().map(|_| HashMap::new()).collect();
-        Derived { rules, families, series }
+        let counts = vec![0; rules.len()];
+        Derived { rules, families, series, counts, key: String::new() }
     }
 
     /// Whether there are rules at all.
@@ -146,56 +159,79 @@ impl Derived {
     pub fn observe(&mut self, rules: &[usize], pod: &PodLabels, message: &[u8]) {
         for &i in rules {
             let rule = &self.rules[i];
-            let Some(caps) = rule.pattern.captures(message) else { continue };
-            let value = match rule.value {
-                Some(group) => match caps.get(group).and_then(|m| std::str::from_utf8(m.as_bytes()).ok()?.parse::<f64>().ok()) {
-                    Some(v) if v.is_finite() => v,
-                    _ => continue,
-                },
-                None => 1.0,
-            };
-            let mut labels: SeriesLabels = vec![
-                ("name".into(), rule.name.clone()),
-                ("namespace".into(), pod.namespace.clone()),
-                ("pod".into(), pod.pod.clone()),
-                ("app".into(), pod.app.clone()),
-                ("user".into(), pod.user.clone()),
-            ];
-            for (name, group) in &rule.labels {
-                let text = caps.get(*group).map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned()).unwrap_or_default();
-                labels.push((name.clone(), text));
-            }
-            let known = &mut self.series[i];
-            if !known.contains_key(&labels) {
-                if known.len() >= rule.max_series {
-                    self.families.refused.get_or_create(&RuleLabels { name: rule.name.clone() }).inc();
+            let (value, caps) = if rule.value.is_none() && rule.labels.is_empty() {
+                if !rule.pattern.is_match(message) {
                     continue;
                 }
-                known.insert(labels.clone(), pod.uid.clone());
+                (1.0, None)
+            } else {
+                let Some(caps) = rule.pattern.captures(message) else { continue };
+                let value = match rule.value {
+                    Some(group) => match caps.get(group).and_then(|m| std::str::from_utf8(m.as_bytes()).ok()?.parse::<f64>().ok()) {
+                        Some(v) if v.is_finite() => v,
+                        _ => continue,
+                    },
+                    None => 1.0,
+                };
+                (value, Some(caps))
+            };
+            self.key.clear();
+            if let Some(caps) = &caps {
+                for (_, group) in &rule.labels {
+                    self.key.push_str(&String::from_utf8_lossy(caps.get(*group).map_or(&b""[..], |m| m.as_bytes())));
+                    self.key.push('\0');
+                }
             }
+            let existing = self.series[i].get(&pod.uid).and_then(|by_key| by_key.get(self.key.as_str()));
+            let series = match existing {
+                Some(series) => series,
+                None => {
+                    if self.counts[i] >= rule.max_series {
+                        self.families.refused.get_or_create(&RuleLabels { name: rule.name.clone() }).inc();
+                        continue;
+                    }
+                    let mut labels: SeriesLabels = vec![
+                        ("name".into(), rule.name.clone()),
+                        ("namespace".into(), pod.namespace.clone()),
+                        ("pod".into(), pod.pod.clone()),
+                        ("app".into(), pod.app.clone()),
+                        ("user".into(), pod.user.clone()),
+                    ];
+                    for ((name, _), text) in rule.labels.iter().zip(self.key.split('\0')) {
+                        labels.push((name.clone(), text.to_string()));
+                    }
+                    let family = match rule.kind {
+                        LogMetricKind::Gauge => &self.families.gauges,
+                        LogMetricKind::Counter => &self.families.totals,
+                    };
+                    let value = family.get_or_create(&labels).clone();
+                    self.counts[i] += 1;
+                    let by_key = self.series[i].entry(pod.uid.clone()).or_default();
+                    by_key.entry(self.key.clone()).or_insert(Series { labels, value })
+                }
+            };
             match rule.kind {
-                LogMetricKind::Gauge => {
-                    self.families.gauges.get_or_create(&labels).set(value);
-                }
-                LogMetricKind::Counter => {
-                    self.families.totals.get_or_create(&labels).inc_by(value);
-                }
-            }
+                LogMetricKind::Gauge => series.value.set(value),
+                LogMetricKind::Counter => series.value.inc_by(value),
+            };
         }
     }
 
     /// Removes the series of pods for which `alive` is false.
     pub fn retain_pods(&mut self, alive: impl Fn(&str) -> bool) {
-        for (rule, known) in self.rules.iter().zip(&mut self.series) {
-            known.retain(|labels, uid| {
-                let keep = alive(uid);
-                if !keep {
-                    match rule.kind {
-                        LogMetricKind::Gauge => self.families.gauges.remove(labels),
-                        LogMetricKind::Counter => self.families.totals.remove(labels),
-                    };
+        for ((rule, series), count) in self.rules.iter().zip(&mut self.series).zip(&mut self.counts) {
+            series.retain(|uid, by_key| {
+                if alive(uid) {
+                    return true;
                 }
-                keep
+                for gone in by_key.values() {
+                    match rule.kind {
+                        LogMetricKind::Gauge => self.families.gauges.remove(&gone.labels),
+                        LogMetricKind::Counter => self.families.totals.remove(&gone.labels),
+                    };
+                    *count -= 1;
+                }
+                false
             });
         }
     }
