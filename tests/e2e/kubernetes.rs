@@ -173,13 +173,12 @@ fn label_changes_410_relists_and_dropped_watches_are_followed() {
     agent.wait_for(WAIT, "line 2", |d| doc_with(d, "line 2").is_some());
     assert_eq!(doc_with(&agent.docs(), "line 2").unwrap()["service"]["name"], "v2");
 
-    // History compacted and the connection dropped: the watch resumes from an expired
-    // version, gets 410 Gone, and must list again to see the change made meanwhile.
+    // A change whose event is lost, history compacted, the connection dropped: the watch
+    // resumes from an expired version, gets 410 Gone, and must list again to see the change.
+    let lists_before = c.api.requests().iter().filter(|r| r.contains("/pods") && !r.contains("watch=")).count();
+    c.api.apply_unannounced(pod("ml", "job", "uid-job", NODE, json!({"app": "v3"}), &["main"]));
     c.api.compact();
     c.api.drop_watches();
-    c.api.apply(pod("ml", "job", "uid-job", NODE, json!({"app": "v3"}), &["main"]));
-    c.api.compact();
-    let lists_before = c.api.requests().iter().filter(|r| r.contains("/pods") && !r.contains("watch=")).count();
     wait_metric(&agent, "v3 after relist", |m| metric_sum(m, "nodelens_pod_info", &[r#"app="v3""#]) == 1.0);
     let lists_after = c.api.requests().iter().filter(|r| r.contains("/pods") && !r.contains("watch=")).count();
     assert!(lists_after > lists_before, "a relist happened");

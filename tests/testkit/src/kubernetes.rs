@@ -94,6 +94,15 @@ impl FakeApiServer {
         publish(&mut st, rv, kind, event, object);
     }
 
+    /// Changes an object without telling anyone: its event is lost, as when a watch
+    /// connection breaks mid-stream. Only a relist will show it.
+    pub fn apply_unannounced(&self, mut object: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert((kind_of(&object), key_of(&object)), object);
+    }
+
     /// Deletes an object, notifying watches.
     pub fn delete(&self, kind: &'static str, namespace: &str, name: &str) {
         let mut st = self.state.lock().unwrap();
