@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::broadcast;
 
+use crate::certs;
 use crate::config::Config;
 use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
@@ -42,6 +43,11 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         }
         None => None,
     };
+
+    if !config.certificates.paths.is_empty() {
+        let (paths, interval) = (config.certificates.paths.clone(), config.certificates.interval);
+        tokio::spawn(certs::run(paths, interval, metrics.certs.clone(), Shutdown::new(shutdown_tx.subscribe())));
+    }
 
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config)?);

@@ -374,11 +374,21 @@ impl Default for MetricsConfig {
 }
 
 /// Certificate expiry checks.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CertificatesConfig {
-    /// Globs of PEM files (or kubeconfigs with embedded certificates) whose expiry is exported.
+    /// Globs (`**` allowed) of PEM files, or kubeconfigs with embedded certificates, whose
+    /// expiry is exported.
     pub paths: Vec<String>,
+    /// How often the files are read again.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for CertificatesConfig {
+    fn default() -> Self {
+        CertificatesConfig { paths: Vec::new(), interval: Duration::from_secs(300) }
+    }
 }
 
 impl Config {
@@ -417,6 +427,9 @@ impl Config {
             globset::Glob::new(&rule.app).map_err(|e| key_error(&format!("logs.multiline[{i}].app"), e.to_string()))?;
             regex::bytes::Regex::new(&rule.start_pattern)
                 .map_err(|e| key_error(&format!("logs.multiline[{i}].start_pattern"), e.to_string()))?;
+        }
+        for (i, pattern) in self.certificates.paths.iter().enumerate() {
+            glob::Pattern::new(pattern).map_err(|e| key_error(&format!("certificates.paths[{i}]"), e.to_string()))?;
         }
         let mut rule_names = std::collections::HashSet::new();
         for (i, rule) in self.logs.log_metrics.iter().enumerate() {

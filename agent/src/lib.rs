@@ -6,6 +6,7 @@
 //! by `server`; `config` and `agent` tie them together.
 
 pub mod agent;
+pub mod certs;
 pub mod config;
 pub mod kube;
 pub mod logs;

@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::certs::CertMetrics;
 use crate::logs::derived::{DerivedFamilies, Totals};
 use crate::logs::tailer::TailerMetrics;
 
@@ -138,6 +139,8 @@ pub struct Metrics {
     pub sinks: SinkMetrics,
     /// `nodelens_pod_info`.
     pub pod_info: Family<PodInfoLabels, Gauge>,
+    /// Certificate expiry.
+    pub certs: CertMetrics,
 }
 
 impl Metrics {
@@ -172,7 +175,14 @@ impl Metrics {
         registry.register("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
         let pod_info = Family::default();
         registry.register("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
-        Metrics { registry, logs, sinks, pod_info }
+        let certs = CertMetrics::default();
+        registry.register("certificate_not_after_seconds", "Expiry of each certificate found, in Unix seconds", certs.not_after.clone());
+        registry.register(
+            "certificate_errors",
+            "Certificate files that could not be read or held no valid certificate",
+            certs.errors.clone(),
+        );
+        Metrics { registry, logs, sinks, pod_info, certs }
     }
 
     /// The registry in the text exposition format.
