@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::certs;
 use crate::config::Config;
+use crate::host::shm_metrics;
 use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
 use crate::metrics::Metrics;
@@ -47,6 +48,16 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     if !config.certificates.paths.is_empty() {
         let (paths, interval) = (config.certificates.paths.clone(), config.certificates.interval);
         tokio::spawn(certs::run(paths, interval, metrics.certs.clone(), Shutdown::new(shutdown_tx.subscribe())));
+    }
+
+    if config.host.proc_root.is_dir() {
+        let sources = shm_metrics::Sources {
+            proc_root: config.host.proc_root.clone(),
+            pods_dir: config.logs.pods_dir.clone(),
+            containers_dir: config.logs.containers_dir.clone(),
+            pods: pods.clone(),
+        };
+        tokio::spawn(shm_metrics::run(sources, config.host.scan_interval, metrics.shm.clone(), Shutdown::new(shutdown_tx.subscribe())));
     }
 
     let mut pipeline = if config.logs.enabled {

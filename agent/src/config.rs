@@ -109,11 +109,14 @@ impl Default for Config {
 pub struct HostConfig {
     /// The host's `/proc` (the pod runs with `hostPID`); tests point it at a fake tree.
     pub proc_root: PathBuf,
+    /// How often host processes are scanned (container `/dev/shm` sizes).
+    #[serde(with = "duration")]
+    pub scan_interval: Duration,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { proc_root: PathBuf::from("/proc") }
+        HostConfig { proc_root: PathBuf::from("/proc"), scan_interval: Duration::from_secs(30) }
     }
 }
 

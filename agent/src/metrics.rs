@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::certs::CertMetrics;
+use crate::host::shm_metrics::ShmLabels;
 use crate::logs::derived::{DerivedFamilies, Totals};
 use crate::logs::tailer::TailerMetrics;
 
@@ -141,6 +142,8 @@ pub struct Metrics {
     pub pod_info: Family<PodInfoLabels, Gauge>,
     /// Certificate expiry.
     pub certs: CertMetrics,
+    /// `nodelens_container_shm_bytes`.
+    pub shm: Family<ShmLabels, Gauge>,
 }
 
 impl Metrics {
@@ -182,7 +185,9 @@ impl Metrics {
             "Certificate files that could not be read or held no valid certificate",
             certs.errors.clone(),
         );
-        Metrics { registry, logs, sinks, pod_info, certs }
+        let shm = Family::default();
+        registry.register("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
+        Metrics { registry, logs, sinks, pod_info, certs, shm }
     }
 
     /// The registry in the text exposition format.

@@ -31,11 +31,15 @@ impl Cluster {
     }
 
     fn start_with(&self, logs_extra: &str, kubernetes_extra: &str) -> Agent {
+        self.start_full("", logs_extra, kubernetes_extra)
+    }
+
+    fn start_full(&self, top_extra: &str, logs_extra: &str, kubernetes_extra: &str) -> Agent {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, self.api.kubeconfig()).unwrap();
         let config = self.dir.path().join("nodelens.yaml");
         let text = format!(
-            "node_name: {NODE}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\n{logs_extra}kubernetes:\n  enabled: true\n  kubeconfig: {kc}\n{kubernetes_extra}metrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: {NODE}\n{top_extra}state_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: 500ms\n{logs_extra}kubernetes:\n  enabled: true\n  kubeconfig: {kc}\n{kubernetes_extra}metrics:\n  listen: 127.0.0.1:0\n",
             state = self.dir.path().join("state").display(),
             pods = self.pods().display(),
             kc = kubeconfig.display(),
@@ -312,4 +316,42 @@ fn tracebacks_of_an_application_with_a_multiline_rule_are_one_record() {
         ]
     );
     assert_eq!(of("web").len(), 5, "no rule for web: one record per line");
+}
+
+#[test]
+fn container_shm_sizes_and_certificate_expiry_are_exported() {
+    let c = Cluster::new();
+    c.api.apply(pod("ml", "trainer-0", "6f1c2d3e-0000-4a5b-9c8d-444444444444", NODE, json!({"app": "trainer", "user": "erin"}), &["main"]));
+    // A process of that container, as /proc shows it with hostPID (the fake pod's container id).
+    let proc_root = c.dir.path().join("proc");
+    let pid = proc_root.join("31337");
+    std::fs::create_dir_all(&pid).unwrap();
+    let id = "ab".repeat(32);
+    std::fs::write(pid.join("cgroup"), format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f1c2d3e_0000_4a5b_9c8d_444444444444.slice/cri-containerd-{id}.scope\n")).unwrap();
+    std::fs::write(pid.join("mountinfo"), "1210 1200 0:125 / /dev/shm rw,nosuid,nodev - tmpfs shm rw,size=65536k,inode64\n").unwrap();
+    // A certificate that expires at 2027-01-01T00:00:00Z (1798761600).
+    let pki = c.dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["kube-apiserver".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver");
+    params.not_after = rcgen::date_time_ymd(2027, 1, 1);
+    std::fs::write(pki.join("apiserver.crt"), params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()).unwrap();
+    std::fs::write(pki.join("garbage.crt"), "nope").unwrap();
+
+    let top = format!(
+        "host:\n  proc_root: {}\n  scan_interval: 200ms\ncertificates:\n  paths: [\"{}/**/*.crt\"]\n  interval: 200ms\n",
+        proc_root.display(),
+        pki.display()
+    );
+    let agent = c.start_full(&top, "", "");
+    let shm = [r#"namespace="ml""#, r#"pod="trainer-0""#, r#"container="main""#, r#"app="trainer""#, r#"user="erin""#];
+    wait_metric(&agent, "the shm size", |m| metric_sum(m, "nodelens_container_shm_bytes", &shm) == 67108864.0);
+    wait_metric(&agent, "the certificate", |m| {
+        metric_sum(m, "nodelens_certificate_not_after_seconds", &[r#"subject="CN=kube-apiserver""#]) == 1798761600.0
+    });
+    let (_, body) = agent.get("/metrics");
+    assert!(metric_sum(&body, "nodelens_certificate_errors_total", &[r#"garbage.crt""#]) >= 1.0, "{body}");
+    std::fs::remove_dir_all(&pid).unwrap();
+    wait_metric(&agent, "the shm series gone with the process", |m| !m.contains("nodelens_container_shm_bytes{"));
+    agent.terminate();
 }
