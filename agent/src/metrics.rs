@@ -6,7 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::certs::CertMetrics;
 use crate::host::shm_metrics::ShmLabels;
@@ -134,6 +135,8 @@ impl Default for SinkMetrics {
 pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
+    /// Names of the registered metrics, as series carry them.
+    names: Vec<String>,
     /// Log pipeline metrics.
     pub logs: LogMetrics,
     /// Sink metrics.
@@ -146,48 +149,64 @@ pub struct Metrics {
     pub shm: Family<ShmLabels, Gauge>,
 }
 
+/// Registers metrics and remembers their names.
+struct Registrar {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Registrar {
+    fn add<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
+        let suffix = if matches!(M::TYPE, MetricType::Counter) { "_total" } else { "" };
+        self.names.push(format!("nodelens_{name}{suffix}"));
+        self.registry.register(name, help, metric);
+    }
+}
+
 impl Metrics {
     /// Registers every metric, labelled with `node`.
     pub fn new(node: &str) -> Metrics {
-        let mut registry = Registry::with_prefix_and_labels("nodelens", [("node".into(), node.to_string().into())].into_iter());
+        let mut r = Registrar {
+            registry: Registry::with_prefix_and_labels("nodelens", [("node".into(), node.to_string().into())].into_iter()),
+            names: Vec::new(),
+        };
         let logs = LogMetrics::default();
         let sinks = SinkMetrics::default();
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        registry.register("build_info", "nodelens build; the value is 1", build);
-        registry.register("log_records", "Log records read, by namespace, app, stream and level", logs.records.clone());
-        registry.register("log_bytes", "Message bytes of log records read", logs.bytes.clone());
-        registry.register("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
-        registry.register("log_records_dropped", "Records not delivered, by reason", sinks.dropped.clone());
-        registry.register("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
-        registry.register(
-            "log_backlog_bytes",
-            "Bytes of log files on disk not yet acknowledged by the sinks",
-            logs.tailer.backlog_bytes.clone(),
-        );
-        registry.register("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
-        registry.register("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
-        registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
-        registry.register(
+        r.add("build_info", "nodelens build; the value is 1", build);
+        r.add("log_records", "Log records read, by namespace, app, stream and level", logs.records.clone());
+        r.add("log_bytes", "Message bytes of log records read", logs.bytes.clone());
+        r.add("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
+        r.add("log_records_dropped", "Records not delivered, by reason", sinks.dropped.clone());
+        r.add("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
+        r.add("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
+        r.add("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
+        r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
+        r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
+        r.names.push("nodelens_log_metric_total".into());
+        r.add(
             "log_metric_series_refused",
             "Log-derived series not created because the rule's max_series was reached",
             logs.derived.refused.clone(),
         );
-        registry.register("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
-        registry.register("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
-        registry.register("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
+        r.add("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
+        r.add("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
+        r.add("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
         let pod_info = Family::default();
-        registry.register("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
+        r.add("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
         let certs = CertMetrics::default();
-        registry.register("certificate_not_after_seconds", "Expiry of each certificate found, in Unix seconds", certs.not_after.clone());
-        registry.register(
-            "certificate_errors",
-            "Certificate files that could not be read or held no valid certificate",
-            certs.errors.clone(),
-        );
+        r.add("certificate_not_after_seconds", "Expiry of each certificate found, in Unix seconds", certs.not_after.clone());
+        r.add("certificate_errors", "Certificate files that could not be read or held no valid certificate", certs.errors.clone());
         let shm = Family::default();
-        registry.register("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
-        Metrics { registry, logs, sinks, pod_info, certs, shm }
+        r.add("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
+        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm }
+    }
+
+    /// Every metric name the agent exports (as series are named: counters end in `_total`),
+    /// whether or not it has series yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The registry in the text exposition format.
