@@ -156,21 +156,9 @@ pub fn refresh(patterns: &[String], metrics: &CertMetrics, previous: &HashSet<Ce
     current
 }
 
-/// Refreshes every `interval` until shutdown; file reads run off the async runtime.
-pub async fn run(patterns: Vec<String>, interval: Duration, metrics: CertMetrics, mut shutdown: Shutdown) {
-    let mut exported = HashSet::new();
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.recv() => return,
-        }
-        let (p, m, prev) = (patterns.clone(), metrics.clone(), std::mem::take(&mut exported));
-        match tokio::task::spawn_blocking(move || refresh(&p, &m, &prev)).await {
-            Ok(now) => exported = now,
-            Err(e) => tracing::error!(error = %e, "certificate check panicked"),
-        }
-    }
+/// Refreshes every `interval` until shutdown.
+pub async fn run(patterns: Vec<String>, interval: Duration, metrics: CertMetrics, shutdown: Shutdown) {
+    crate::periodic::every(interval, "certificate check", shutdown, move |previous| refresh(&patterns, &metrics, &previous)).await
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod host;
 pub mod kube;
 pub mod logs;
 pub mod metrics;
+pub mod periodic;
 pub mod pipeline;
 pub mod server;
 pub mod shutdown;

@@ -96,22 +96,9 @@ pub fn refresh(sources: &Sources, family: &Family<ShmLabels, Gauge>, previous: &
     current
 }
 
-/// Refreshes every `interval` until shutdown, reading `/proc` off the async runtime.
-pub async fn run(sources: Sources, interval: Duration, family: Family<ShmLabels, Gauge>, mut shutdown: Shutdown) {
-    let sources = Arc::new(sources);
-    let mut exported = HashSet::new();
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.recv() => return,
-        }
-        let (s, f, prev) = (sources.clone(), family.clone(), std::mem::take(&mut exported));
-        match tokio::task::spawn_blocking(move || refresh(&s, &f, &prev)).await {
-            Ok(now) => exported = now,
-            Err(e) => tracing::error!(error = %e, "shm scan panicked"),
-        }
-    }
+/// Refreshes every `interval` until shutdown.
+pub async fn run(sources: Sources, interval: Duration, family: Family<ShmLabels, Gauge>, shutdown: Shutdown) {
+    crate::periodic::every(interval, "shm scan", shutdown, move |previous| refresh(&sources, &family, &previous)).await
 }
 
 #[cfg(test)]
