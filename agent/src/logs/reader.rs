@@ -129,15 +129,11 @@ impl LineReader {
                 self.offset += window.len() as u64;
                 self.start = self.end;
             } else if window.len() >= self.max_line {
-                let head_start = self.start;
-                self.skipping = Some(self.offset);
+                let (head_start, line_offset) = (self.start, self.offset);
+                self.skipping = Some(line_offset);
                 self.offset += window.len() as u64;
                 self.start = self.end;
-                return Ok(Some(Line {
-                    offset: self.skipping.unwrap(),
-                    bytes: &self.buf[head_start..head_start + self.max_line],
-                    truncated: true,
-                }));
+                return Ok(Some(Line { offset: line_offset, bytes: &self.buf[head_start..head_start + self.max_line], truncated: true }));
             }
             if !self.fill()? {
                 return Ok(None);
