@@ -2,7 +2,7 @@
 //! `host.scan_interval`: the container's identity from the pod store when the API is there,
 //! else from the kubelet's log directories (`<ns>_<pod>_<uid>`) and container symlinks.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +44,34 @@ pub struct Sources {
     pub pods: Option<Arc<PodStore>>,
 }
 
+/// What the kubelet's directories say without the API, read once per refresh: pods by UID,
+/// container names by id.
+#[derive(Default)]
+struct PathIndex {
+    pods: HashMap<String, (String, String)>,
+    containers: HashMap<String, String>,
+}
+
+impl PathIndex {
+    fn read(sources: &Sources) -> PathIndex {
+        let names = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir).map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect()).unwrap_or_default()
+        };
+        let pods = names(&sources.pods_dir)
+            .iter()
+            .filter_map(|n| path::parse_pod_dir(n).map(|(ns, pod, uid)| (uid.to_string(), (ns.to_string(), pod.to_string()))))
+            .collect();
+        let containers = names(&sources.containers_dir)
+            .iter()
+            .filter_map(|n| path::parse_container_link(n).map(|l| (l.id.to_string(), l.container.to_string())))
+            .collect();
+        PathIndex { pods, containers }
+    }
+}
+
 /// Names a container found through `/proc`; `None` when it belongs to no known pod.
-pub fn labels_for(container: &ContainerCgroup, sources: &Sources) -> Option<ShmLabels> {
+/// `index` is read on first need only: with the API it usually is not.
+fn labels_for(container: &ContainerCgroup, sources: &Sources, index: &mut Option<PathIndex>) -> Option<ShmLabels> {
     if let Some(pod) = sources.pods.as_ref().and_then(|s| s.get(&container.pod_uid)) {
         let id = Some(container.container_id.as_str());
         let name = pod.containers.iter().find(|c| c.id.as_deref() == id || c.last_id.as_deref() == id).map(|c| c.name.clone());
@@ -57,14 +83,10 @@ pub fn labels_for(container: &ContainerCgroup, sources: &Sources) -> Option<ShmL
             user: pod.user.clone(),
         });
     }
-    let dir = std::fs::read_dir(&sources.pods_dir).ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        let (ns, pod, uid) = path::parse_pod_dir(&name)?;
-        (uid == container.pod_uid).then(|| (ns.to_string(), pod.to_string()))
-    })?;
-    let (namespace, pod) = dir;
+    let index = index.get_or_insert_with(|| PathIndex::read(sources));
+    let (namespace, pod) = index.pods.get(&container.pod_uid)?.clone();
     Some(ShmLabels {
-        container: container_name(&sources.containers_dir, &container.container_id).unwrap_or_default(),
+        container: index.containers.get(&container.container_id).cloned().unwrap_or_default(),
         app: pod.clone(),
         user: String::new(),
         namespace,
@@ -72,20 +94,12 @@ pub fn labels_for(container: &ContainerCgroup, sources: &Sources) -> Option<ShmL
     })
 }
 
-/// From the kubelet's `<pod>_<ns>_<container>-<id>.log` symlink names.
-fn container_name(containers_dir: &Path, id: &str) -> Option<String> {
-    std::fs::read_dir(containers_dir).ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        let stem = name.strip_suffix(&format!("-{id}.log"))?;
-        stem.rsplit('_').next().map(str::to_string)
-    })
-}
-
 /// One refresh: sets the sizes found and removes series of containers gone.
 pub fn refresh(sources: &Sources, family: &Family<ShmLabels, Gauge>, previous: &HashSet<ShmLabels>) -> HashSet<ShmLabels> {
     let mut current = HashSet::new();
+    let mut index = None;
     for (container, bytes) in shm::scan(&sources.proc_root) {
-        if let Some(labels) = labels_for(&container, sources) {
+        if let Some(labels) = labels_for(&container, sources, &mut index) {
             family.get_or_create(&labels).set(bytes as i64);
             current.insert(labels);
         }

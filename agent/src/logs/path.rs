@@ -85,6 +85,36 @@ pub fn parse(pods_dir: &Path, file: &Path) -> Option<(ContainerRef, Generation)>
     ))
 }
 
+/// The parts of a kubelet container symlink name, `<pod>_<namespace>_<container>-<id>.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerLink<'a> {
+    /// Pod name.
+    pub pod: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Container name.
+    pub container: &'a str,
+    /// The runtime's container id.
+    pub id: &'a str,
+}
+
+/// Parses a symlink name of the kubelet's `containers_dir`. Pod, namespace and container
+/// names are DNS names without `_`; the id is the 64 hex digits after the last `-`.
+pub fn parse_container_link(name: &str) -> Option<ContainerLink<'_>> {
+    let (rest, id) = name.strip_suffix(".log")?.rsplit_once('-')?;
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut parts = rest.splitn(3, '_');
+    let (pod, namespace, container) = (parts.next()?, parts.next()?, parts.next()?);
+    (!pod.is_empty() && !namespace.is_empty() && !container.is_empty() && !container.contains('_')).then_some(ContainerLink {
+        pod,
+        namespace,
+        container,
+        id,
+    })
+}
+
 /// Finds a container id (64 hex digits) in a path, as docker's
 /// `/var/lib/docker/containers/<id>/<id>-json.log` and the kubelet's
 /// `/var/log/containers/<pod>_<ns>_<container>-<id>.log` both carry one.
@@ -142,6 +172,19 @@ mod tests {
         assert_eq!((c.container.as_str(), c.restart, g), ("worker", 2, Generation::Live));
         assert!(parse(Path::new("/var/log/pods"), Path::new("/var/log/pods/not-a-pod-dir/c/0.log")).is_none());
         assert!(parse(Path::new("/var/log/pods"), Path::new("/var/log/pods/a_b_c/c/d/0.log")).is_none());
+    }
+
+    #[test]
+    fn kubelet_container_links_parse_into_their_parts() {
+        let id = "4f1d5c3e2b1a09887766554433221100ffeeddccbbaa99887766554433221100";
+        let name = format!("web-7d9f8b6c5d-x2k4p_prod_app-server-{id}.log");
+        assert_eq!(
+            parse_container_link(&name),
+            Some(ContainerLink { pod: "web-7d9f8b6c5d-x2k4p", namespace: "prod", container: "app-server", id })
+        );
+        assert_eq!(parse_container_link("pod_ns_c-abc.log"), None, "short id");
+        assert_eq!(parse_container_link(&format!("pod_ns-{id}.log")), None, "no container");
+        assert_eq!(parse_container_link(&format!("pod_ns_c-{id}.txt")), None);
     }
 
     #[test]

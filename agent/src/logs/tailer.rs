@@ -277,7 +277,7 @@ fn container_links(containers_dir: &Path) -> HashMap<PathBuf, String> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let id = path::container_id_in(&name)?.to_string();
+            let id = path::parse_container_link(&name)?.id.to_string();
             Some((std::fs::read_link(e.path()).ok()?, id))
         })
         .collect()
