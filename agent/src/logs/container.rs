@@ -195,7 +195,7 @@ impl ContainerTail {
                         lost.push(Lost { path: file.path.clone(), bytes: file.size.saturating_sub(position) });
                     }
                     self.states.insert(fp, FileState { consumed: position, finished: true });
-                    return Some((Chunk::new(self.placeholder_source(index)), lost));
+                    return Some((Chunk::new(self.source(index)), lost));
                 }
             }
         }
@@ -297,11 +297,11 @@ impl ContainerTail {
         let reader = LineReader::open(&file.path, gzip, position, limits.max_line_bytes + 4096)?;
         self.states.entry(fp).or_insert(FileState { consumed: position, finished: false });
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
-        let source = Arc::new(Source { container: self.info.clone(), id, path: file.path.clone(), format: file.fingerprint.format });
-        Ok(OpenFile { source, fingerprint: fp, gzip, reader })
+        Ok(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader })
     }
 
-    fn placeholder_source(&self, index: usize) -> Arc<Source> {
+    /// The identity of the chain's file at `index`, as records and checkpoints name it.
+    fn source(&self, index: usize) -> Arc<Source> {
         let file = &self.chain[index];
         Arc::new(Source {
             container: self.info.clone(),
