@@ -15,11 +15,6 @@ impl Shutdown {
         Shutdown { fired: false, notify }
     }
 
-    /// Whether shutdown has been signalled.
-    pub fn is_shutdown(&self) -> bool {
-        self.fired
-    }
-
     /// Waits for the signal (returns at once if it has fired). A dropped sender counts.
     pub async fn recv(&mut self) {
         if self.fired {

@@ -52,7 +52,7 @@ impl FingerprintCache {
         Ok(Some((fp, size)))
     }
 
-    /// Forgets entries for files no scan has seen since `keep` was built.
+    /// Forgets entries for files `scan` (a full scan) did not see.
     pub fn retain_seen(&mut self, scan: &Scan) {
         let seen: std::collections::HashSet<&Path> = scan.values().flatten().map(|f| f.path.as_path()).collect();
         self.known.retain(|(p, _), _| seen.contains(p.as_path()));

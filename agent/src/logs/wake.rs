@@ -38,11 +38,6 @@ impl Wake {
         self.signal.notify_all();
     }
 
-    /// Whether shutdown was asked for.
-    pub fn is_shutdown(&self) -> bool {
-        self.changes.lock().unwrap().shutdown
-    }
-
     /// Waits up to `timeout` for something to happen and takes what did.
     pub fn wait(&self, timeout: Duration) -> Changes {
         let mut changes = self.changes.lock().unwrap();

@@ -139,13 +139,6 @@ impl FakeApiServer {
         self.state.lock().unwrap().watchers.clear();
     }
 
-    /// Open watches.
-    pub fn watch_count(&self) -> usize {
-        let mut st = self.state.lock().unwrap();
-        st.watchers.retain(|w| !w.tx.is_closed());
-        st.watchers.len()
-    }
-
     /// Every request line received (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
