@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::certs;
 use crate::config::Config;
+use crate::host::names::Names;
 use crate::host::shm_metrics;
 use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
@@ -50,15 +51,13 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         tokio::spawn(certs::run(paths, interval, metrics.certs.clone(), Shutdown::new(shutdown_tx.subscribe())));
     }
 
+    let names = Names { pods_dir: config.logs.pods_dir.clone(), containers_dir: config.logs.containers_dir.clone(), pods: pods.clone() };
     if config.host.proc_root.is_dir() {
-        let sources = shm_metrics::Sources {
-            proc_root: config.host.proc_root.clone(),
-            pods_dir: config.logs.pods_dir.clone(),
-            containers_dir: config.logs.containers_dir.clone(),
-            pods: pods.clone(),
-        };
+        let sources = shm_metrics::Sources { proc_root: config.host.proc_root.clone(), names: names.clone() };
         tokio::spawn(shm_metrics::run(sources, config.host.scan_interval, metrics.shm.clone(), Shutdown::new(shutdown_tx.subscribe())));
     }
+
+    crate::gpu::start(&config, names, metrics.gpu.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
 
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config)?);

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod certs;
 pub mod config;
+pub mod gpu;
 pub mod host;
 pub mod kube;
 pub mod logs;

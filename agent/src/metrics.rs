@@ -10,7 +10,8 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::certs::CertMetrics;
-use crate::host::shm_metrics::ShmLabels;
+use crate::gpu::export::{self, GpuExport};
+use crate::host::names::ContainerLabels;
 use crate::logs::derived::{DerivedFamilies, Totals};
 use crate::logs::tailer::TailerMetrics;
 
@@ -146,7 +147,9 @@ pub struct Metrics {
     /// Certificate expiry.
     pub certs: CertMetrics,
     /// `nodelens_container_shm_bytes`.
-    pub shm: Family<ShmLabels, Gauge>,
+    pub shm: Family<ContainerLabels, Gauge>,
+    /// GPU and GPU attribution series.
+    pub gpu: GpuExport,
 }
 
 /// Registers metrics and remembers their names.
@@ -200,7 +203,10 @@ impl Metrics {
         r.add("certificate_errors", "Certificate files that could not be read or held no valid certificate", certs.errors.clone());
         let shm = Family::default();
         r.add("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
-        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm }
+        let gpu = GpuExport::default();
+        r.registry.register_collector(Box::new(gpu.clone()));
+        r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
+        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm, gpu }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),

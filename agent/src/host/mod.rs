@@ -2,5 +2,6 @@
 //! container a process belongs to, and container `/dev/shm` sizes.
 
 pub mod cgroup;
+pub mod names;
 pub mod shm;
 pub mod shm_metrics;

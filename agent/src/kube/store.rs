@@ -68,6 +68,14 @@ impl PodStore {
         self.inner.lock().unwrap().pods.get(uid).map(|e| e.meta.clone())
     }
 
+    /// The pod named `name` in `namespace`; a live one before a deleted one of the same name
+    /// (a StatefulSet pod recreated under its old name).
+    pub fn find(&self, namespace: &str, name: &str) -> Option<Arc<PodMeta>> {
+        let inner = self.inner.lock().unwrap();
+        let named = inner.pods.values().filter(|e| e.meta.namespace == namespace && e.meta.name == name);
+        named.min_by_key(|e| e.deleted_at.is_some()).map(|e| e.meta.clone())
+    }
+
     /// The pod with `uid`, waiting up to `timeout` for the watch to report it.
     pub fn wait_for(&self, uid: &str, timeout: Duration) -> Option<Arc<PodMeta>> {
         let deadline = Instant::now() + timeout;

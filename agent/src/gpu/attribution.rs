@@ -1,0 +1,199 @@
+//! Who uses which GPU: joins an NVML [`Reading`] with the kubelet's allocations and the pod
+//! metadata into the rows `/metrics` exports. A container appears on a GPU when the kubelet
+//! allocated the GPU (or a time-sliced replica or MIG instance of it) to it, when its
+//! processes run there, or both; two containers sharing a GPU each get their own processes'
+//! utilization and memory.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::allocation::{parse_device_id, Allocation, DeviceRef};
+use super::export::{ContainerRow, GpuRow, GpuView, Labels};
+use super::reading::{GpuId, Reading};
+use crate::host::names::{ContainerLabels, Names};
+
+/// Use of one GPU by one container, summed over its processes.
+#[derive(Default)]
+struct Use {
+    allocated: bool,
+    utilization: Option<f64>,
+    memory_bytes: Option<u64>,
+}
+
+/// Builds the exported view of one reading.
+pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> GpuView {
+    let by_uuid: HashMap<&str, &GpuId> = reading.gpus.iter().map(|g| (g.id.uuid.as_str(), &g.id)).collect();
+    let find = |device: &DeviceRef| -> Option<&GpuId> {
+        match device {
+            DeviceRef::Uuid(uuid) => by_uuid.get(uuid.as_str()).copied(),
+            DeviceRef::MigOfGpu { parent_uuid, gpu_instance } => reading
+                .gpus
+                .iter()
+                .map(|g| &g.id)
+                .find(|id| id.mig.as_ref().is_some_and(|m| &m.parent_uuid == parent_uuid && m.gpu_instance == *gpu_instance)),
+            DeviceRef::Index(index) => reading.gpus.iter().map(|g| &g.id).find(|id| id.index == *index && id.mig.is_none()),
+        }
+    };
+
+    let mut uses: BTreeMap<(String, ContainerLabels), Use> = BTreeMap::new();
+    for a in allocations {
+        let Some(gpu) = parse_device_id(&a.device_id).as_ref().and_then(find) else {
+            tracing::debug!(device = %a.device_id, "allocated device not found among the GPUs NVML reports");
+            continue;
+        };
+        let labels = names.by_name(&a.namespace, &a.pod, &a.container);
+        uses.entry((gpu.uuid.clone(), labels)).or_default().allocated = true;
+    }
+    let mut index = None;
+    for p in &reading.processes {
+        let Some(labels) = p.container.as_ref().and_then(|c| names.by_cgroup(c, &mut index)) else { continue };
+        let entry = uses.entry((p.uuid.clone(), labels)).or_default();
+        if let Some(sm) = p.sm_ratio {
+            entry.utilization = Some((entry.utilization.unwrap_or(0.0) + sm).min(1.0));
+        }
+        if let Some(bytes) = p.memory_bytes {
+            entry.memory_bytes = Some(entry.memory_bytes.unwrap_or(0) + bytes);
+        }
+    }
+
+    let containers = uses
+        .into_iter()
+        .filter_map(|((uuid, who), u)| {
+            let gpu = by_uuid.get(uuid.as_str())?;
+            // An allocated container with no process on the GPU is idle, where the driver
+            // samples per process at all.
+            let sampled = reading.sampled.contains(&uuid);
+            let idle = |v: Option<f64>| if v.is_none() && u.allocated && sampled { Some(0.0) } else { v };
+            Some(ContainerRow {
+                labels: container_labels(gpu, who),
+                allocated: u.allocated,
+                utilization: idle(u.utilization),
+                memory_bytes: idle(u.memory_bytes.map(|b| b as f64)),
+            })
+        })
+        .collect();
+
+    GpuView {
+        driver_version: reading.driver_version.clone(),
+        gpus: reading.gpus.iter().map(|g| GpuRow { labels: gpu_labels(&g.id), reading: g.clone() }).collect(),
+        containers,
+        nvml_errors: reading.errors.clone(),
+        pod_resources_errors: 0,
+    }
+}
+
+/// `gpu, uuid, model`, plus `mig_profile, gpu_instance` for a MIG instance.
+pub fn gpu_labels(id: &GpuId) -> Labels {
+    let mut labels = vec![("gpu", id.index.to_string()), ("uuid", id.uuid.clone()), ("model", id.model.clone())];
+    if let Some(mig) = &id.mig {
+        labels.push(("mig_profile", mig.profile.clone()));
+        labels.push(("gpu_instance", mig.gpu_instance.to_string()));
+    }
+    labels
+}
+
+fn container_labels(gpu: &GpuId, who: ContainerLabels) -> Labels {
+    vec![
+        ("gpu", gpu.index.to_string()),
+        ("uuid", gpu.uuid.clone()),
+        ("namespace", who.namespace),
+        ("pod", who.pod),
+        ("container", who.container),
+        ("app", who.app),
+        ("user", who.user),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
+    use crate::host::cgroup::ContainerCgroup;
+
+    const GPU: &str = "GPU-11111111-2222-3333-4444-555555555555";
+    const MIG: &str = "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+
+    fn names(dir: &std::path::Path) -> Names {
+        Names { pods_dir: dir.join("pods"), containers_dir: dir.join("containers"), pods: None }
+    }
+
+    fn cgroup(uid: &str, id_digit: char) -> Option<ContainerCgroup> {
+        Some(ContainerCgroup { pod_uid: uid.into(), container_id: id_digit.to_string().repeat(64) })
+    }
+
+    fn reading() -> Reading {
+        let gpu = GpuId { index: 0, uuid: GPU.into(), model: "NVIDIA H100".into(), mig: None };
+        let mig = GpuId {
+            index: 1,
+            uuid: MIG.into(),
+            model: "NVIDIA A100".into(),
+            mig: Some(MigId { profile: "1g.10gb".into(), gpu_instance: 3, parent_uuid: "GPU-parent".into() }),
+        };
+        let process = |pid, uid: &str, digit, uuid: &str, sm| ProcessUse {
+            uuid: uuid.into(),
+            pid,
+            container: cgroup(uid, digit),
+            memory_bytes: Some(1 << 30),
+            sm_ratio: sm,
+        };
+        Reading {
+            driver_version: "550.1".into(),
+            gpus: vec![GpuReading::new(gpu, true), GpuReading::new(mig, true)],
+            processes: vec![
+                process(10, "uid-a", 'a', GPU, Some(0.3)),
+                process(11, "uid-a", 'a', GPU, Some(0.1)),
+                process(20, "uid-b", 'b', GPU, Some(0.5)),
+                process(30, "uid-c", 'c', MIG, None),
+                process(40, "uid-unknown", 'd', GPU, Some(0.9)),
+            ],
+            errors: Vec::new(),
+            sampled: vec![GPU.into()],
+        }
+    }
+
+    fn row<'a>(view: &'a GpuView, pod: &str, uuid: &str) -> &'a ContainerRow {
+        let has = |r: &&ContainerRow, k: &str, v: &str| r.labels.iter().any(|(lk, lv)| *lk == k && lv == v);
+        view.containers.iter().find(|r| has(r, "pod", pod) && has(r, "uuid", uuid)).unwrap_or_else(|| panic!("{pod} on {uuid}: {view:#?}"))
+    }
+
+    #[test]
+    fn time_sliced_replicas_and_mig_instances_are_attributed_per_container() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("containers")).unwrap();
+        for (pod, uid, digit) in [("a-0", "uid-a", 'a'), ("b-0", "uid-b", 'b'), ("c-0", "uid-c", 'c'), ("idle-0", "uid-i", 'e')] {
+            std::fs::create_dir_all(dir.path().join(format!("pods/ml_{pod}_{uid}/main"))).unwrap();
+            let link = dir.path().join(format!("containers/{pod}_ml_main-{}.log", digit.to_string().repeat(64)));
+            std::os::unix::fs::symlink("/dev/null", link).unwrap();
+        }
+        let allocation = |pod: &str, device: &str| Allocation { namespace: "ml".into(), pod: pod.into(), container: "main".into(), device_id: device.into() };
+        let allocations = [
+            allocation("a-0", &format!("{GPU}::0")),
+            allocation("b-0", &format!("{GPU}::1")),
+            allocation("c-0", MIG),
+            allocation("idle-0", &format!("{GPU}::2")),
+            allocation("ghost-0", "GPU-not-on-this-node"),
+        ];
+        let view = compose(&reading(), &allocations, &names(dir.path()));
+
+        let a = row(&view, "a-0", GPU);
+        assert!(a.allocated);
+        assert!((a.utilization.unwrap() - 0.4).abs() < 1e-9, "two processes summed: {a:?}");
+        assert_eq!(a.memory_bytes, Some(2.0 * (1u64 << 30) as f64));
+        assert_eq!(row(&view, "b-0", GPU).utilization, Some(0.5));
+        let c = row(&view, "c-0", MIG);
+        assert_eq!((c.allocated, c.utilization, c.memory_bytes), (true, None, Some((1u64 << 30) as f64)), "MIG: memory, no SM samples");
+        let idle = row(&view, "idle-0", GPU);
+        assert_eq!((idle.allocated, idle.utilization, idle.memory_bytes), (true, Some(0.0), Some(0.0)), "allocated but idle");
+        assert_eq!(view.containers.len(), 4, "the unknown pod's process and the foreign device are left out: {view:#?}");
+        let labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(labels, ["gpu=0".to_string(), format!("uuid={GPU}"), "namespace=ml".into(), "pod=a-0".into(), "container=main".into(), "app=a-0".into(), "user=".into()]);
+    }
+
+    #[test]
+    fn mig_instances_carry_profile_and_instance_labels() {
+        let view = compose(&reading(), &[], &names(std::path::Path::new("/nonexistent")));
+        let keys: Vec<_> = view.gpus[1].labels.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["gpu", "uuid", "model", "mig_profile", "gpu_instance"]);
+        assert_eq!(view.gpus[1].labels[4].1, "3");
+        assert_eq!(view.gpus[0].labels.len(), 3);
+    }
+}

@@ -1,0 +1,194 @@
+//! The GPU series on `/metrics`, encoded at scrape time from the last published [`GpuView`]:
+//! a scrape never waits for the driver, and a GPU or container missing from the view has no
+//! series, so nothing stale lingers.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+
+use super::reading::{GpuGauge, GpuReading};
+
+/// Label pairs of one series.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One GPU or MIG instance with its labels (`gpu, uuid, model`, and `mig_profile,
+/// gpu_instance` for a MIG instance).
+#[derive(Debug, Clone)]
+pub struct GpuRow {
+    /// Identity labels.
+    pub labels: Labels,
+    /// What was read.
+    pub reading: GpuReading,
+}
+
+/// One (GPU, container) pair (`gpu, uuid, namespace, pod, container, app, user`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerRow {
+    /// Identity labels.
+    pub labels: Labels,
+    /// The kubelet allocated the GPU (or a share of it) to the container.
+    pub allocated: bool,
+    /// Sum of the container's processes' SM utilization on the GPU, 0..1.
+    pub utilization: Option<f64>,
+    /// Device memory the container's processes hold on the GPU.
+    pub memory_bytes: Option<f64>,
+}
+
+/// Everything the GPU collector exports.
+#[derive(Debug, Clone, Default)]
+pub struct GpuView {
+    /// The driver's version.
+    pub driver_version: String,
+    /// GPUs and MIG instances.
+    pub gpus: Vec<GpuRow>,
+    /// Per-container attribution.
+    pub containers: Vec<ContainerRow>,
+    /// Failed NVML calls by function.
+    pub nvml_errors: Vec<(&'static str, u64)>,
+    /// Failed pod-resources List calls.
+    pub pod_resources_errors: u64,
+}
+
+/// Throttle reason bits of `nvmlClocksThrottleReason*` and their `reason` label.
+const THROTTLE_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
+
+/// Every name the collector can export, as series are named.
+pub const NAMES: &[&str] = &[
+    "nodelens_gpu_info",
+    "nodelens_gpu_up",
+    "nodelens_gpu_utilization_ratio",
+    "nodelens_gpu_memory_utilization_ratio",
+    "nodelens_gpu_memory_used_bytes",
+    "nodelens_gpu_memory_total_bytes",
+    "nodelens_gpu_temperature_celsius",
+    "nodelens_gpu_power_watts",
+    "nodelens_gpu_power_limit_watts",
+    "nodelens_gpu_sm_clock_hertz",
+    "nodelens_gpu_energy_joules_total",
+    "nodelens_gpu_throttled",
+    "nodelens_gpu_ecc_errors_total",
+    "nodelens_gpu_xid_errors_total",
+    "nodelens_gpu_allocated",
+    "nodelens_container_gpu_utilization_ratio",
+    "nodelens_container_gpu_memory_used_bytes",
+    "nodelens_gpu_nvml_errors_total",
+    "nodelens_gpu_pod_resources_errors_total",
+];
+
+/// The published view, shared between the collector task and the registry.
+#[derive(Clone, Default)]
+pub struct GpuExport(Arc<Mutex<Arc<GpuView>>>);
+
+impl fmt::Debug for GpuExport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuExport").field("gpus", &self.view().gpus.len()).finish()
+    }
+}
+
+impl GpuExport {
+    /// Replaces the view scrapes encode.
+    pub fn publish(&self, view: GpuView) {
+        *self.0.lock().unwrap() = Arc::new(view);
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<GpuView> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Encodes one family: a descriptor, then one series per row that has a value.
+fn family<'a, L, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl Iterator<Item = (L, M)>,
+) -> fmt::Result
+where
+    L: prometheus_client::encoding::EncodeLabelSet + 'a,
+    M: EncodeMetric,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in series {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for GpuExport {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let view = self.view();
+        let gpus = &view.gpus;
+        let driver = [("driver_version", view.driver_version.as_str())];
+        let up = |g: &&GpuRow| g.reading.up;
+        family(
+            &mut encoder,
+            "gpu_info",
+            "1 for every GPU and MIG instance, with its driver version",
+            MetricType::Gauge,
+            gpus.iter().map(|g| ((g.labels.as_slice(), driver), ConstGauge::new(1i64))),
+        )?;
+        family(
+            &mut encoder,
+            "gpu_up",
+            "1 while NVML can read the GPU, 0 when it reports the GPU lost",
+            MetricType::Gauge,
+            gpus.iter().map(|g| (g.labels.as_slice(), ConstGauge::new(i64::from(g.reading.up)))),
+        )?;
+        for gauge in GpuGauge::ALL {
+            let (name, help) = gauge.describe();
+            let series = gpus.iter().filter_map(|g| g.reading.get(gauge).map(|v| (g.labels.as_slice(), ConstGauge::new(v))));
+            family(&mut encoder, name, help, MetricType::Gauge, series)?;
+        }
+        let energy = gpus.iter().filter(up).filter_map(|g| g.reading.energy_joules.map(|j| (g.labels.as_slice(), ConstCounter::new(j))));
+        family(&mut encoder, "gpu_energy_joules", "Energy consumed since the driver loaded", MetricType::Counter, energy)?;
+        let throttled = gpus.iter().filter_map(|g| g.reading.throttle_reasons.map(|bits| (g, bits))).flat_map(|(g, bits)| {
+            THROTTLE_REASONS.iter().map(move |(bit, reason)| ((g.labels.as_slice(), [("reason", *reason)]), ConstGauge::new(i64::from(bits & bit != 0))))
+        });
+        family(&mut encoder, "gpu_throttled", "1 while clocks are held down for the reason", MetricType::Gauge, throttled)?;
+        let ecc = gpus.iter().flat_map(|g| {
+            [("corrected", g.reading.ecc.0), ("uncorrected", g.reading.ecc.1)]
+                .into_iter()
+                .filter_map(move |(kind, n)| n.map(|n| ((g.labels.as_slice(), [("type", kind)]), ConstCounter::new(n))))
+        });
+        family(&mut encoder, "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters)", MetricType::Counter, ecc)?;
+        let xids = gpus.iter().flat_map(|g| g.reading.xids.iter().map(move |(xid, n)| ((g.labels.as_slice(), [("xid", xid.to_string())]), ConstCounter::new(*n))));
+        family(&mut encoder, "gpu_xid_errors", "Critical XID error events since the agent started, by XID", MetricType::Counter, xids)?;
+
+        let containers = &view.containers;
+        let allocated = containers.iter().filter(|c| c.allocated).map(|c| (c.labels.as_slice(), ConstGauge::new(1i64)));
+        family(&mut encoder, "gpu_allocated", "1 while the kubelet has allocated the GPU, or a share of it, to the container", MetricType::Gauge, allocated)?;
+        let utilization = containers.iter().filter_map(|c| c.utilization.map(|u| (c.labels.as_slice(), ConstGauge::new(u))));
+        family(
+            &mut encoder,
+            "container_gpu_utilization_ratio",
+            "SM utilization of the container's processes on the GPU since the last poll",
+            MetricType::Gauge,
+            utilization,
+        )?;
+        let memory = containers.iter().filter_map(|c| c.memory_bytes.map(|m| (c.labels.as_slice(), ConstGauge::new(m))));
+        family(&mut encoder, "container_gpu_memory_used_bytes", "Device memory the container's processes hold on the GPU", MetricType::Gauge, memory)?;
+
+        let nvml_errors = view.nvml_errors.iter().map(|(function, n)| ([("function", *function)], ConstCounter::new(*n)));
+        family(&mut encoder, "gpu_nvml_errors", "NVML calls that failed, by function", MetricType::Counter, nvml_errors)?;
+        let no_labels: [(&str, &str); 0] = [];
+        let pod_resources = (!gpus.is_empty()).then_some((no_labels, ConstCounter::new(view.pod_resources_errors)));
+        family(&mut encoder, "gpu_pod_resources_errors", "Failed calls to the kubelet's pod-resources API", MetricType::Counter, pod_resources.into_iter())
+    }
+}

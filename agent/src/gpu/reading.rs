@@ -1,0 +1,146 @@
+//! One NVML poll as plain data: what the NVML thread hands to the attribution step. Nothing
+//! here refers to the driver, so the rest of the GPU path is testable without one.
+
+use crate::host::cgroup::ContainerCgroup;
+
+/// A GPU or a MIG instance of one, as the `gpu`, `uuid`, `model` (and MIG) labels name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GpuId {
+    /// NVML index of the physical GPU.
+    pub index: u32,
+    /// `GPU-…`, or `MIG-…` for a MIG instance.
+    pub uuid: String,
+    /// Product name of the physical GPU.
+    pub model: String,
+    /// Set for a MIG instance.
+    pub mig: Option<MigId>,
+}
+
+/// Which MIG instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MigId {
+    /// Profile, e.g. `1g.10gb`.
+    pub profile: String,
+    /// GPU instance id.
+    pub gpu_instance: u32,
+    /// UUID of the physical GPU.
+    pub parent_uuid: String,
+}
+
+/// The per-GPU gauges, in the order they are exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuGauge {
+    /// `nodelens_gpu_utilization_ratio`.
+    Utilization,
+    /// `nodelens_gpu_memory_utilization_ratio`.
+    MemoryUtilization,
+    /// `nodelens_gpu_memory_used_bytes`.
+    MemoryUsed,
+    /// `nodelens_gpu_memory_total_bytes`.
+    MemoryTotal,
+    /// `nodelens_gpu_temperature_celsius`.
+    Temperature,
+    /// `nodelens_gpu_power_watts`.
+    Power,
+    /// `nodelens_gpu_power_limit_watts`.
+    PowerLimit,
+    /// `nodelens_gpu_sm_clock_hertz`.
+    SmClock,
+}
+
+impl GpuGauge {
+    /// Every gauge.
+    pub const ALL: [GpuGauge; 8] = [
+        GpuGauge::Utilization,
+        GpuGauge::MemoryUtilization,
+        GpuGauge::MemoryUsed,
+        GpuGauge::MemoryTotal,
+        GpuGauge::Temperature,
+        GpuGauge::Power,
+        GpuGauge::PowerLimit,
+        GpuGauge::SmClock,
+    ];
+
+    /// Metric name without the `nodelens_` prefix, and help text.
+    pub fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            GpuGauge::Utilization => ("gpu_utilization_ratio", "Fraction of the last sample period in which a kernel ran on the GPU"),
+            GpuGauge::MemoryUtilization => ("gpu_memory_utilization_ratio", "Fraction of the last sample period in which device memory was read or written"),
+            GpuGauge::MemoryUsed => ("gpu_memory_used_bytes", "Device memory in use"),
+            GpuGauge::MemoryTotal => ("gpu_memory_total_bytes", "Device memory installed (for a MIG instance: its share)"),
+            GpuGauge::Temperature => ("gpu_temperature_celsius", "GPU core temperature"),
+            GpuGauge::Power => ("gpu_power_watts", "Power drawn by the board"),
+            GpuGauge::PowerLimit => ("gpu_power_limit_watts", "Power limit the driver enforces"),
+            GpuGauge::SmClock => ("gpu_sm_clock_hertz", "Current SM clock"),
+        }
+    }
+}
+
+/// Everything read from one GPU (or MIG instance) in one poll. `None` = not available: not
+/// supported by the device, missing from the driver, or the call failed.
+#[derive(Debug, Clone)]
+pub struct GpuReading {
+    /// Which GPU.
+    pub id: GpuId,
+    /// False when NVML reports the GPU lost (fallen off the bus).
+    pub up: bool,
+    /// Gauges, indexed like [`GpuGauge::ALL`].
+    pub gauges: [Option<f64>; 8],
+    /// Energy since the driver loaded, joules.
+    pub energy_joules: Option<f64>,
+    /// `nvmlClocksThrottleReason*` bits.
+    pub throttle_reasons: Option<u64>,
+    /// Volatile ECC error counts: (corrected, uncorrected).
+    pub ecc: (Option<u64>, Option<u64>),
+    /// Critical XID events counted since the agent started: (xid, count).
+    pub xids: Vec<(u64, u64)>,
+}
+
+impl GpuReading {
+    /// A reading with nothing read yet.
+    pub fn new(id: GpuId, up: bool) -> GpuReading {
+        GpuReading { id, up, gauges: [None; 8], energy_joules: None, throttle_reasons: None, ecc: (None, None), xids: Vec::new() }
+    }
+
+    /// Sets one gauge.
+    pub fn set(&mut self, gauge: GpuGauge, value: Option<f64>) {
+        self.gauges[gauge as usize] = value;
+    }
+
+    /// One gauge.
+    pub fn get(&self, gauge: GpuGauge) -> Option<f64> {
+        self.gauges[gauge as usize]
+    }
+}
+
+/// A process's use of one GPU (or MIG instance).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessUse {
+    /// UUID of the device it runs on (the MIG instance's under MIG).
+    pub uuid: String,
+    /// Host PID.
+    pub pid: u32,
+    /// Its container; `None` for processes outside Kubernetes pods.
+    pub container: Option<ContainerCgroup>,
+    /// Device memory it holds.
+    pub memory_bytes: Option<u64>,
+    /// SM utilization over the samples since the last poll, 0..1; `None` where the driver
+    /// does not sample per process (MIG).
+    pub sm_ratio: Option<f64>,
+}
+
+/// One poll of every GPU.
+#[derive(Debug, Clone, Default)]
+pub struct Reading {
+    /// `nvmlSystemGetDriverVersion`.
+    pub driver_version: String,
+    /// Physical GPUs, then their MIG instances.
+    pub gpus: Vec<GpuReading>,
+    /// Processes on GPUs.
+    pub processes: Vec<ProcessUse>,
+    /// Failed NVML calls since the agent started, by call: (call, count).
+    pub errors: Vec<(&'static str, u64)>,
+    /// UUIDs of the GPUs whose per-process utilization was read: a process missing from
+    /// their samples was idle.
+    pub sampled: Vec<String>,
+}

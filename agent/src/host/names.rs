@@ -1,0 +1,106 @@
+//! Who a container is — namespace, pod, container, app, user — for metrics about containers
+//! found outside the log pipeline (through `/proc` or the kubelet's pod-resources API): from
+//! the pod store when the API is there, else from the kubelet's log directories
+//! (`<ns>_<pod>_<uid>`) and container symlinks, the application then being the pod's name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+
+use super::cgroup::ContainerCgroup;
+use crate::kube::meta::PodMeta;
+use crate::kube::store::PodStore;
+use crate::logs::path;
+
+/// A container's identity as metric labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ContainerLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name (empty when nothing names it).
+    pub container: String,
+    /// Application.
+    pub app: String,
+    /// User.
+    pub user: String,
+}
+
+/// Where names are looked up.
+#[derive(Clone)]
+pub struct Names {
+    /// The kubelet's pod log directory, for names without the API.
+    pub pods_dir: PathBuf,
+    /// The kubelet's container symlinks, for container names without the API.
+    pub containers_dir: PathBuf,
+    /// Pod metadata, when the API is there.
+    pub pods: Option<Arc<PodStore>>,
+}
+
+/// What the kubelet's directories say without the API, read once per lookup round: pods by
+/// UID, container names by id.
+#[derive(Default)]
+pub struct PathIndex {
+    pods: HashMap<String, (String, String)>,
+    containers: HashMap<String, String>,
+}
+
+impl PathIndex {
+    fn read(names: &Names) -> PathIndex {
+        let entries = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir).map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect()).unwrap_or_default()
+        };
+        let pods = entries(&names.pods_dir)
+            .iter()
+            .filter_map(|n| path::parse_pod_dir(n).map(|(ns, pod, uid)| (uid.to_string(), (ns.to_string(), pod.to_string()))))
+            .collect();
+        let containers = entries(&names.containers_dir)
+            .iter()
+            .filter_map(|n| path::parse_container_link(n).map(|l| (l.id.to_string(), l.container.to_string())))
+            .collect();
+        PathIndex { pods, containers }
+    }
+}
+
+impl Names {
+    /// Names the container a process runs in; `None` when it belongs to no known pod.
+    /// `index` is read on first need only (with the API it usually is not) and reused for the
+    /// rest of the round.
+    pub fn by_cgroup(&self, container: &ContainerCgroup, index: &mut Option<PathIndex>) -> Option<ContainerLabels> {
+        if let Some(pod) = self.pods.as_ref().and_then(|s| s.get(&container.pod_uid)) {
+            let id = Some(container.container_id.as_str());
+            let name = pod.containers.iter().find(|c| c.id.as_deref() == id || c.last_id.as_deref() == id).map(|c| c.name.clone());
+            return Some(labels(&pod, name.unwrap_or_default()));
+        }
+        let index = index.get_or_insert_with(|| PathIndex::read(self));
+        let (namespace, pod) = index.pods.get(&container.pod_uid)?.clone();
+        Some(ContainerLabels {
+            container: index.containers.get(&container.container_id).cloned().unwrap_or_default(),
+            app: pod.clone(),
+            user: String::new(),
+            namespace,
+            pod,
+        })
+    }
+
+    /// Names a container the kubelet reported by namespace, pod and container name.
+    pub fn by_name(&self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
+        match self.pods.as_ref().and_then(|s| s.find(namespace, pod)) {
+            Some(meta) => labels(&meta, container.to_string()),
+            None => ContainerLabels {
+                namespace: namespace.to_string(),
+                pod: pod.to_string(),
+                container: container.to_string(),
+                app: pod.to_string(),
+                user: String::new(),
+            },
+        }
+    }
+}
+
+fn labels(pod: &PodMeta, container: String) -> ContainerLabels {
+    ContainerLabels { namespace: pod.namespace.clone(), pod: pod.name.clone(), container, app: pod.app.clone(), user: pod.user.clone() }
+}

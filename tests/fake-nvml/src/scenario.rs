@@ -1,0 +1,126 @@
+//! What the fake driver reports: a JSON file named by `NODELENS_FAKE_NVML_SCENARIO`, re-read
+//! whenever it changes, so a test can make processes appear and exit, add utilization
+//! samples, raise XID events or lose a GPU while the agent runs. Tests write it with
+//! [`Scenario::write`] (a rename, so the library never reads half a file).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable naming the scenario file.
+pub const SCENARIO_ENV: &str = "NODELENS_FAKE_NVML_SCENARIO";
+
+/// The whole machine as NVML sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// `nvmlSystemGetDriverVersion`.
+    pub driver_version: String,
+    /// GPUs in NVML index order.
+    pub gpus: Vec<Gpu>,
+}
+
+/// One physical GPU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gpu {
+    /// `GPU-<uuid>`.
+    pub uuid: String,
+    /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Fallen off the bus: every call on it returns `NVML_ERROR_GPU_IS_LOST`.
+    pub lost: bool,
+    /// `nvmlDeviceGetUtilizationRates().gpu`, percent.
+    pub utilization_percent: u32,
+    /// `nvmlDeviceGetUtilizationRates().memory`, percent.
+    pub memory_utilization_percent: u32,
+    /// Framebuffer size.
+    pub memory_total_bytes: u64,
+    /// Framebuffer in use.
+    pub memory_used_bytes: u64,
+    /// Core temperature.
+    pub temperature_celsius: u32,
+    /// Power draw.
+    pub power_milliwatts: u32,
+    /// Enforced power limit.
+    pub power_limit_milliwatts: u32,
+    /// Energy since the driver loaded.
+    pub energy_millijoules: u64,
+    /// SM clock.
+    pub sm_clock_mhz: u32,
+    /// `nvmlClocksThrottleReason*` bits.
+    pub throttle_reasons: u64,
+    /// Volatile corrected ECC errors; `None` = the board has no ECC (`NOT_SUPPORTED`).
+    pub ecc_corrected: Option<u64>,
+    /// Volatile uncorrected ECC errors.
+    pub ecc_uncorrected: Option<u64>,
+    /// Processes with a compute context.
+    pub processes: Vec<Process>,
+    /// Per-process utilization samples the driver holds.
+    pub samples: Vec<Sample>,
+    /// MIG instances; MIG mode is on when there is at least one.
+    pub mig: Vec<MigInstance>,
+    /// Critical XID events raised so far; each is delivered once per event set.
+    pub xid_events: Vec<XidEvent>,
+}
+
+/// A process with a compute context on a GPU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Process {
+    /// Host PID.
+    pub pid: u32,
+    /// Framebuffer the process holds.
+    pub used_memory_bytes: u64,
+    /// The MIG GPU instance it runs in.
+    pub gpu_instance: Option<u32>,
+}
+
+/// One `nvmlProcessUtilizationSample_t`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sample {
+    /// Host PID.
+    pub pid: u32,
+    /// CPU timestamp in microseconds.
+    pub timestamp_us: u64,
+    /// SM utilization, percent.
+    pub sm_percent: u32,
+    /// Memory controller utilization, percent.
+    pub memory_percent: u32,
+}
+
+/// A MIG device (GPU instance with its compute instance).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigInstance {
+    /// `MIG-<uuid>`.
+    pub uuid: String,
+    /// Profile, e.g. `1g.10gb`; the device name is `<gpu name> MIG <profile>`.
+    pub profile: String,
+    /// GPU instance id.
+    pub gpu_instance: u32,
+    /// The instance's memory.
+    pub memory_total_bytes: u64,
+    /// Memory in use in the instance.
+    pub memory_used_bytes: u64,
+}
+
+/// A critical XID error event.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XidEvent {
+    /// Unique per GPU; identifies the event so it is delivered once.
+    pub id: u64,
+    /// The XID.
+    pub xid: u64,
+}
+
+impl Scenario {
+    /// Writes the scenario atomically (temp file, rename).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("scenario serialises"))?;
+        std::fs::rename(tmp, path)
+    }
+}
