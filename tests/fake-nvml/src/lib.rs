@@ -41,6 +41,10 @@ const ECC_VOLATILE: c_uint = 0;
 const MAX_MIG_DEVICES: c_uint = 7;
 /// Instance ids of processes outside MIG.
 const NO_INSTANCE: c_uint = 0xFFFF_FFFF;
+/// The driver samples per-process utilization every 1/6 s ...
+const SAMPLE_PERIOD_US: u64 = 166_667;
+/// ... and keeps the last few samples.
+const SAMPLES_KEPT: u64 = 20;
 
 #[repr(C)]
 pub struct nvmlDevice_st {
@@ -394,7 +398,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         return ERROR_INVALID_ARGUMENT;
     }
     with_gpu(device, |gpu| {
-        let samples: Vec<_> = gpu.samples.iter().filter(|s| s.timestamp_us > last_seen).collect();
+        let samples = samples_since(gpu, last_seen);
         if samples.is_empty() {
             return ERROR_NOT_FOUND;
         }
@@ -403,18 +407,31 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         if utilization.is_null() || room < samples.len() {
             return ERROR_INSUFFICIENT_SIZE;
         }
-        for (i, s) in samples.iter().enumerate() {
-            utilization.add(i).write(nvmlProcessUtilizationSample_t {
-                pid: s.pid,
-                timeStamp: s.timestamp_us,
-                smUtil: s.sm_percent,
-                memUtil: s.memory_percent,
-                encUtil: 0,
-                decUtil: 0,
-            });
+        for (i, sample) in samples.into_iter().enumerate() {
+            utilization.add(i).write(sample);
         }
         SUCCESS
     })
+}
+
+/// The samples the driver holds that are newer than `last_seen`: one per busy process per
+/// sample period over the kept window, stamped with wall-clock microseconds.
+fn samples_since(gpu: &Gpu, last_seen: c_ulonglong) -> Vec<nvmlProcessUtilizationSample_t> {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+    let newest = now / SAMPLE_PERIOD_US;
+    let oldest = (newest + 1).saturating_sub(SAMPLES_KEPT).max(last_seen / SAMPLE_PERIOD_US + 1);
+    let busy = gpu.processes.iter().filter(|p| p.sm_percent > 0 && p.gpu_instance.is_none());
+    busy.flat_map(|p| {
+        (oldest..=newest).map(move |k| nvmlProcessUtilizationSample_t {
+            pid: p.pid,
+            timeStamp: k * SAMPLE_PERIOD_US,
+            smUtil: p.sm_percent,
+            memUtil: 0,
+            encUtil: 0,
+            decUtil: 0,
+        })
+    })
+    .collect()
 }
 
 #[no_mangle]

@@ -1,4 +1,4 @@
-//! What the fake driver reports: a JSON file named by `NODELENS_FAKE_NVML_SCENARIO`, re-read
+//! What the fake driver reports: a JSON file named by `FAKE_NVML_SCENARIO`, re-read
 //! whenever it changes, so a test can make processes appear and exit, add utilization
 //! samples, raise XID events or lose a GPU while the agent runs. Tests write it with
 //! [`Scenario::write`] (a rename, so the library never reads half a file).
@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// The environment variable naming the scenario file.
-pub const SCENARIO_ENV: &str = "NODELENS_FAKE_NVML_SCENARIO";
+pub const SCENARIO_ENV: &str = "FAKE_NVML_SCENARIO";
 
 /// The whole machine as NVML sees it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -56,8 +56,6 @@ pub struct Gpu {
     pub ecc_uncorrected: Option<u64>,
     /// Processes with a compute context.
     pub processes: Vec<Process>,
-    /// Per-process utilization samples the driver holds.
-    pub samples: Vec<Sample>,
     /// MIG instances; MIG mode is on when there is at least one.
     pub mig: Vec<MigInstance>,
     /// Critical XID events raised so far; each is delivered once per event set.
@@ -74,20 +72,9 @@ pub struct Process {
     pub used_memory_bytes: u64,
     /// The MIG GPU instance it runs in.
     pub gpu_instance: Option<u32>,
-}
-
-/// One `nvmlProcessUtilizationSample_t`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Sample {
-    /// Host PID.
-    pub pid: u32,
-    /// CPU timestamp in microseconds.
-    pub timestamp_us: u64,
-    /// SM utilization, percent.
+    /// SM utilization while it runs kernels, percent; 0 = idle, and an idle process has no
+    /// utilization samples, as with the real driver.
     pub sm_percent: u32,
-    /// Memory controller utilization, percent.
-    pub memory_percent: u32,
 }
 
 /// A MIG device (GPU instance with its compute instance).

@@ -120,16 +120,25 @@ impl Agent {
         result
     }
 
-    fn signal(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
+    /// Waits for the agent to exit by itself (a start-up error), panicking after `timeout`.
+    pub fn wait_exit(self, timeout: Duration) -> (ExitStatus, Vec<Value>, String) {
+        self.exit(timeout, "by itself")
+    }
+
+    fn signal(self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
         unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.exit(Duration::from_secs(15), &format!("after signal {signal}"))
+    }
+
+    fn exit(mut self, timeout: Duration, how: &str) -> (ExitStatus, Vec<Value>, String) {
+        let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("agent did not exit within 15 s of signal {signal}; log:\n{}", self.log());
+                panic!("agent did not exit {how} within {timeout:?}; log:\n{}", self.log());
             }
             thread::sleep(Duration::from_millis(20));
         };

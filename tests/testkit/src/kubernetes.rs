@@ -237,10 +237,17 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
 
 /// A pod on `node` as the API server returns it, with one running container per name.
 pub fn pod(namespace: &str, name: &str, uid: &str, node: &str, labels: Value, containers: &[&str]) -> Value {
-    let specs: Vec<Value> = containers.iter().map(|c| json!({"name": c, "image": format!("registry.example/{c}:1.0")})).collect();
+    let id = "ab".repeat(32);
+    let containers: Vec<(&str, &str)> = containers.iter().map(|c| (*c, id.as_str())).collect();
+    pod_with_ids(namespace, name, uid, node, labels, &containers)
+}
+
+/// A pod on `node` with running containers given as (name, containerd id).
+pub fn pod_with_ids(namespace: &str, name: &str, uid: &str, node: &str, labels: Value, containers: &[(&str, &str)]) -> Value {
+    let specs: Vec<Value> = containers.iter().map(|(c, _)| json!({"name": c, "image": format!("registry.example/{c}:1.0")})).collect();
     let statuses: Vec<Value> = containers
         .iter()
-        .map(|c| json!({"name": c, "image": format!("registry.example/{c}:1.0"), "imageID": "", "ready": true, "restartCount": 0, "containerID": format!("containerd://{}", "ab".repeat(32))}))
+        .map(|(c, id)| json!({"name": c, "image": format!("registry.example/{c}:1.0"), "imageID": "", "ready": true, "restartCount": 0, "containerID": format!("containerd://{id}")}))
         .collect();
     json!({
         "kind": "Pod", "apiVersion": "v1",

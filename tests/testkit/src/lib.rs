@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod elasticsearch;
+pub mod gpu;
 pub mod http;
 pub mod kubelet;
 pub mod kubernetes;

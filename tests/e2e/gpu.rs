@@ -1,0 +1,310 @@
+//! End to end: the real `nodelens` binary loads the fake NVML library through
+//! `gpu.nvml_library`, asks the fake kubelet pod-resources service which container holds which
+//! GPU, reads a fake `/proc` for the GPU processes' cgroups and the fake API server for pod
+//! metadata, and `/metrics` must say exactly who uses how much of which GPU: on time-sliced
+//! and MIG GPUs, through processes exiting, XID events, a GPU lost from the bus and an older
+//! driver missing a function.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodelens_testkit::agent::{metric_sum, Agent};
+use nodelens_testkit::gpu::scenario::{Gpu, MigInstance, Process, Scenario, XidEvent, SCENARIO_ENV};
+use nodelens_testkit::gpu::{nvml_library, without_symbol, Allocated, Cgroup, FakePodResources, FakeProc};
+use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
+use serde_json::json;
+
+const NODE: &str = "gpu-node-1";
+const WAIT: Duration = Duration::from_secs(20);
+const H100: &str = "GPU-0f0e0d0c-0b0a-4908-8706-050403020100";
+const A100: &str = "GPU-a1a1a1a1-0000-4000-8000-000000000001";
+const MIG_1G: &str = "MIG-11111111-1111-5111-8111-111111111111";
+const MIG_3G: &str = "MIG-33333333-3333-5333-8333-333333333333";
+const L4: &str = "GPU-14141414-0000-4000-8000-000000000014";
+const GIB: u64 = 1 << 30;
+
+/// A workload pod: name, uid, app, user, container id, GPU process pid and cgroup style.
+struct Workload {
+    pod: &'static str,
+    uid: &'static str,
+    app: &'static str,
+    user: &'static str,
+    id: String,
+    pid: u32,
+    cgroup: Cgroup,
+}
+
+fn workloads() -> Vec<Workload> {
+    let w = |pod, uid, app, user, digit: char, pid, cgroup| Workload { pod, uid, app, user, id: digit.to_string().repeat(64), pid, cgroup };
+    vec![
+        w("resnet-0", "aaaaaaaa-0000-4000-8000-000000000001", "resnet", "alice", 'a', 4101, Cgroup::V2SystemdContainerd),
+        w("bert-0", "bbbbbbbb-0000-4000-8000-000000000002", "bert", "bob", 'b', 4202, Cgroup::V2SystemdCrio),
+        w("mig-job-0", "cccccccc-0000-4000-8000-000000000003", "mig-job", "carol", 'c', 4303, Cgroup::V1CgroupfsGuaranteed),
+        w("notebook-0", "dddddddd-0000-4000-8000-000000000004", "notebook", "dave", 'd', 4404, Cgroup::V2Namespaced),
+    ]
+}
+
+fn h100(processes: Vec<Process>) -> Gpu {
+    Gpu {
+        uuid: H100.into(),
+        name: "NVIDIA H100 80GB HBM3".into(),
+        utilization_percent: 80,
+        memory_utilization_percent: 35,
+        memory_total_bytes: 80 * GIB,
+        memory_used_bytes: 30 * GIB,
+        temperature_celsius: 61,
+        power_milliwatts: 412_500,
+        power_limit_milliwatts: 700_000,
+        energy_millijoules: 123_456_789,
+        sm_clock_mhz: 1980,
+        throttle_reasons: 0x4,
+        ecc_corrected: Some(3),
+        ecc_uncorrected: Some(0),
+        processes,
+        ..Gpu::default()
+    }
+}
+
+fn process(pid: u32, memory: u64, sm_percent: u32) -> Process {
+    Process { pid, used_memory_bytes: memory, gpu_instance: None, sm_percent }
+}
+
+/// GPU 0 (H100) time-sliced between resnet (30% SM, 10 GiB) and bert (50%, 20 GiB); GPU 1
+/// (A100) in MIG mode with mig-job in the 1g instance; GPU 2 (L4, no ECC) allocated to an
+/// idle notebook.
+fn scenario() -> Scenario {
+    Scenario {
+        driver_version: "550.54.15".into(),
+        gpus: vec![
+            h100(vec![process(4101, 10 * GIB, 30), process(4202, 20 * GIB, 50)]),
+            Gpu {
+                uuid: A100.into(),
+                name: "NVIDIA A100-SXM4-40GB".into(),
+                memory_total_bytes: 40 * GIB,
+                temperature_celsius: 40,
+                processes: vec![Process { pid: 4303, used_memory_bytes: 4 * GIB, gpu_instance: Some(1), sm_percent: 90 }],
+                mig: vec![
+                    MigInstance { uuid: MIG_1G.into(), profile: "1g.5gb".into(), gpu_instance: 1, memory_total_bytes: 5 * GIB, memory_used_bytes: 4 * GIB },
+                    MigInstance { uuid: MIG_3G.into(), profile: "3g.20gb".into(), gpu_instance: 2, memory_total_bytes: 20 * GIB, memory_used_bytes: 0 },
+                ],
+                ..Gpu::default()
+            },
+            Gpu { uuid: L4.into(), name: "NVIDIA L4".into(), memory_total_bytes: 24 * GIB, temperature_celsius: 35, ..Gpu::default() },
+        ],
+    }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    api: FakeApiServer,
+    kubelet: FakePodResources,
+    proc: FakeProc,
+    scenario: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
+        let api = FakeApiServer::start();
+        let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
+        let proc = FakeProc::new(&dir.path().join("proc"));
+        for w in workloads() {
+            let labels = json!({"app": w.app, "user": w.user});
+            api.apply(pod_with_ids("ml", w.pod, w.uid, NODE, labels, &[("main", w.id.as_str())]));
+            if w.pod != "notebook-0" {
+                proc.add(w.pid, 777_000 + u64::from(w.pid), &w.cgroup.render(w.uid, &w.id));
+            }
+        }
+        kubelet.set(vec![
+            Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),
+            Allocated::new("ml", "bert-0", "main", "nvidia.com/gpu", &[&format!("{H100}::3")]),
+            Allocated::new("ml", "mig-job-0", "main", "nvidia.com/mig-1g.5gb", &[MIG_1G]),
+            Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
+            Allocated::new("ml", "cpu-only-0", "main", "example.com/fpga", &["fpga-0"]),
+        ]);
+        let scenario_path = dir.path().join("scenario.json");
+        scenario().write(&scenario_path).unwrap();
+        Node { dir, api, kubelet, proc, scenario: scenario_path }
+    }
+
+    fn start(&self, library: &Path, gpu_extra: &str) -> Agent {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, self.api.kubeconfig()).unwrap();
+        let config = self.dir.path().join("nodelens.yaml");
+        let text = format!(
+            "node_name: {NODE}\nstate_dir: {state}\nhost:\n  proc_root: {proc}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  pod_resources_socket: {sock}\ngpu:\n  nvml_library: {lib}\n  poll_interval: 200ms\n{gpu_extra}metrics:\n  listen: 127.0.0.1:0\n",
+            state = self.dir.path().join("state").display(),
+            proc = self.proc.root.display(),
+            pods = self.dir.path().join("pods").display(),
+            kc = kubeconfig.display(),
+            sock = self.kubelet.socket.display(),
+            lib = library.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let scenario = self.scenario.display().to_string();
+        Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &[(SCENARIO_ENV, scenario.as_str())])
+    }
+}
+
+/// Scrapes until `done` holds for the exposition, panicking with the last one after `WAIT`.
+fn scrape_until(agent: &Agent, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = agent.get("/metrics");
+        if status == 200 && done(&body) {
+            return body;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n--- metrics ---\n{body}\n--- log ---\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of the one series of `name` with exactly these labels (besides `node`).
+fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = format!("{name}{{node=\"{NODE}\",{labels}}} ");
+    exposition.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.parse().unwrap())
+}
+
+fn container(gpu: u32, uuid: &str, pod: &str, app: &str, user: &str) -> String {
+    format!("gpu=\"{gpu}\",uuid=\"{uuid}\",namespace=\"ml\",pod=\"{pod}\",container=\"main\",app=\"{app}\",user=\"{user}\"")
+}
+
+#[test]
+fn shared_gpus_are_attributed_to_each_container_app_and_user() {
+    let node = Node::new();
+    let agent = node.start(&nvml_library(), "");
+    let resnet = container(0, H100, "resnet-0", "resnet", "alice");
+    let bert = container(0, H100, "bert-0", "bert", "bob");
+    let mig_job = container(1, MIG_1G, "mig-job-0", "mig-job", "carol");
+    let notebook = container(2, L4, "notebook-0", "notebook", "dave");
+    let m = scrape_until(&agent, "attribution of all four pods", |m| {
+        [&resnet, &bert, &mig_job, &notebook].iter().all(|c| value(m, "nodelens_gpu_allocated", c).is_some())
+            && value(m, "nodelens_container_gpu_utilization_ratio", &bert).is_some()
+    });
+
+    // Time-slicing: each pod gets its own processes' SM share.
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &resnet), Some(0.3), "{m}");
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &bert), Some(0.5));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_used_bytes", &resnet), Some((10 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_used_bytes", &bert), Some((20 * GIB) as f64));
+    // MIG: memory of the instance's process; NVML has no per-process SM samples under MIG.
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_used_bytes", &mig_job), Some((4 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &mig_job), None);
+    // Allocated but idle.
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &notebook), Some(0.0));
+    assert_eq!(metric_sum(&m, "nodelens_gpu_allocated", &[]), 4.0, "the FPGA is not a GPU");
+
+    // Per GPU, in base units.
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    assert_eq!(value(&m, "nodelens_gpu_info", &format!("{h},driver_version=\"550.54.15\"")), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_up", &h), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_utilization_ratio", &h), Some(0.8));
+    assert_eq!(value(&m, "nodelens_gpu_memory_utilization_ratio", &h), Some(0.35));
+    assert_eq!(value(&m, "nodelens_gpu_memory_used_bytes", &h), Some((30 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_gpu_memory_total_bytes", &h), Some((80 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_gpu_temperature_celsius", &h), Some(61.0));
+    assert_eq!(value(&m, "nodelens_gpu_power_watts", &h), Some(412.5));
+    assert_eq!(value(&m, "nodelens_gpu_power_limit_watts", &h), Some(700.0));
+    assert_eq!(value(&m, "nodelens_gpu_energy_joules_total", &h), Some(123_456.789));
+    assert_eq!(value(&m, "nodelens_gpu_sm_clock_hertz", &h), Some(1.98e9));
+    assert_eq!(value(&m, "nodelens_gpu_throttled", &format!("{h},reason=\"sw_power_cap\"")), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_throttled", &format!("{h},reason=\"hw_slowdown\"")), Some(0.0));
+    assert_eq!(value(&m, "nodelens_gpu_ecc_errors_total", &format!("{h},type=\"corrected\"")), Some(3.0));
+    assert_eq!(value(&m, "nodelens_gpu_ecc_errors_total", &format!("{h},type=\"uncorrected\"")), Some(0.0));
+    let mig = format!("gpu=\"1\",uuid=\"{MIG_1G}\",model=\"NVIDIA A100-SXM4-40GB\",mig_profile=\"1g.5gb\",gpu_instance=\"1\"");
+    assert_eq!(value(&m, "nodelens_gpu_memory_total_bytes", &mig), Some((5 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_gpu_up", &mig), Some(1.0));
+    let l4 = format!("gpu=\"2\",uuid=\"{L4}\",model=\"NVIDIA L4\"");
+    assert_eq!(metric_sum(&m, "nodelens_gpu_ecc_errors_total", &[&format!("uuid=\"{L4}\"")]), 0.0);
+    assert!(!m.contains(&format!("nodelens_gpu_ecc_errors_total{{node=\"{NODE}\",{l4}")), "no ECC on the L4: no series");
+
+    // bert's process exits and resnet gets busier; two XID 79s and an XID 13 on the H100.
+    node.proc.remove(4202);
+    let mut next = scenario();
+    next.gpus[0] = h100(vec![process(4101, 12 * GIB, 70)]);
+    next.gpus[0].xid_events = vec![XidEvent { id: 1, xid: 79 }, XidEvent { id: 2, xid: 13 }, XidEvent { id: 3, xid: 79 }];
+    next.write(&node.scenario).unwrap();
+    let xid = |x: u64| format!("{h},xid=\"{x}\"");
+    let m = scrape_until(&agent, "the exit, new samples and XIDs", |m| {
+        value(m, "nodelens_container_gpu_utilization_ratio", &resnet) == Some(0.7)
+            && value(m, "nodelens_gpu_xid_errors_total", &xid(79)) == Some(2.0)
+            && value(m, "nodelens_container_gpu_memory_used_bytes", &bert) == Some(0.0)
+    });
+    assert_eq!(value(&m, "nodelens_gpu_xid_errors_total", &xid(13)), Some(1.0));
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &bert), Some(0.0), "allocated, no process left: idle");
+
+    // The kubelet frees bert's replica: its series go.
+    node.kubelet.set(vec![
+        Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),
+        Allocated::new("ml", "mig-job-0", "main", "nvidia.com/mig-1g.5gb", &[MIG_1G]),
+        Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
+    ]);
+    scrape_until(&agent, "bert's series to go", |m| {
+        !m.lines().any(|l| (l.starts_with("nodelens_gpu_allocated") || l.starts_with("nodelens_container_gpu")) && l.contains("pod=\"bert-0\""))
+    });
+
+    // The L4 falls off the bus: it reads down, the rest of the node's metrics keep flowing.
+    let mut lost = next.clone();
+    lost.gpus[2].lost = true;
+    lost.gpus[0].utilization_percent = 55;
+    lost.write(&node.scenario).unwrap();
+    let m = scrape_until(&agent, "the L4 down", |m| value(m, "nodelens_gpu_up", &l4) == Some(0.0));
+    let m = if value(&m, "nodelens_gpu_utilization_ratio", &h) == Some(0.55) {
+        m
+    } else {
+        scrape_until(&agent, "the H100 still read", |m| value(m, "nodelens_gpu_utilization_ratio", &h) == Some(0.55))
+    };
+    assert_eq!(value(&m, "nodelens_gpu_temperature_celsius", &l4), None, "nothing but up=0 for a lost GPU");
+    assert_eq!(value(&m, "nodelens_gpu_info", &format!("{l4},driver_version=\"550.54.15\"")), Some(1.0), "still listed");
+    assert_eq!(value(&m, "nodelens_gpu_up", &h), Some(1.0));
+    assert!(node.kubelet.calls() >= 3, "the allocations were asked for every poll");
+
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("GPU metrics on"), "{log}");
+}
+
+#[test]
+fn an_older_driver_without_a_function_turns_off_only_its_metric() {
+    let node = Node::new();
+    let old = without_symbol(&nvml_library(), "nvmlDeviceGetTotalEnergyConsumption", node.dir.path());
+    let agent = node.start(&old, "");
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let m = scrape_until(&agent, "the H100 read", |m| value(m, "nodelens_gpu_power_watts", &h).is_some());
+    assert!(!m.contains("nodelens_gpu_energy_joules_total{"), "{m}");
+    assert_eq!(value(&m, "nodelens_gpu_temperature_celsius", &h), Some(61.0));
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &container(0, H100, "resnet-0", "resnet", "alice")), Some(0.3));
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("lacks the function").count(), 1, "one warning, not one per poll: {log}");
+    assert!(log.contains("total_energy_consumption"), "{log}");
+}
+
+#[test]
+fn without_nvml_the_agent_runs_without_gpu_metrics_unless_gpus_are_required() {
+    let node = Node::new();
+    let missing = node.dir.path().join("no-such-libnvidia-ml.so.1");
+    let agent = node.start(&missing, "");
+    let (status, _) = agent.get("/readyz");
+    let deadline = Instant::now() + WAIT;
+    let mut ready = status == 200;
+    while !ready && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        ready = agent.get("/readyz").0 == 200;
+    }
+    assert!(ready, "{}", agent.log());
+    let (_, m) = agent.get("/metrics");
+    assert!(!m.contains("nodelens_gpu_up{") && m.contains("nodelens_build_info{"), "{m}");
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("GPU metrics off").count(), 1, "{log}");
+    assert!(log.contains("no-such-libnvidia-ml.so.1"), "the line names the library: {log}");
+
+    let (status, _, log) = node.start(&missing, "  enabled: true\n").wait_exit(WAIT);
+    assert!(!status.success(), "gpu.enabled: true without NVML is an error: {log}");
+    assert!(log.contains("gpu.enabled is true"), "{log}");
+}
