@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 /// More distinct directories than this between two tailer passes become a full rescan.
@@ -71,6 +72,9 @@ impl Wake {
 pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::RecommendedWatcher> {
     let root = pods_dir.to_path_buf();
     let handler = move |event: notify::Result<notify::Event>| match event {
+        // Opens and reads are the tailer's own (a rescan opens pods_dir): waking on them
+        // would make every scan trigger the next. Only a writer's close says anything.
+        Ok(event) if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) => {}
         Ok(event) => {
             let structural = !matches!(event.kind, EventKind::Modify(notify::event::ModifyKind::Data(_)) | EventKind::Access(_));
             if event.need_rescan() {
@@ -100,5 +104,30 @@ pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::Reco
             tracing::debug!(dir = %pods_dir.display(), error = %e, "cannot watch pods_dir yet");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_the_watched_tree_does_not_wake_the_tailer() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("ml_train-0_uid");
+        std::fs::create_dir_all(&pod).unwrap();
+        std::fs::write(pod.join("0.log"), "x\n").unwrap();
+        let wake = std::sync::Arc::new(Wake::default());
+        let _watcher = watch(dir.path(), wake.clone()).expect("inotify works here");
+        for _ in 0..3 {
+            let _ = std::fs::read_dir(dir.path()).unwrap().count();
+            let _ = std::fs::read(pod.join("0.log")).unwrap();
+        }
+        let changes = wake.wait(Duration::from_millis(300));
+        assert!(!changes.rescan_all && changes.rescan.is_empty() && changes.written.is_empty(), "{changes:?}");
+
+        std::fs::write(pod.join("0.log"), "x\ny\n").unwrap();
+        let changes = wake.wait(Duration::from_secs(5));
+        assert!(changes.written.contains(&pod) || changes.rescan.contains(&pod) || changes.rescan_all, "a write still wakes it: {changes:?}");
     }
 }
