@@ -98,6 +98,14 @@ impl Agent {
         kib * 1024
     }
 
+    /// User plus system CPU seconds the agent has used, all threads.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("agent is running");
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     /// GETs `path` from the metrics endpoint: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics_addr(), path)

@@ -1,0 +1,125 @@
+//! GPU collection cost on a busy node: the release `nodelens` binary with the fake NVML
+//! library at 8 GPUs × 64 processes (each GPU time-sliced between 64 pods, every process
+//! busy), the fake pod-resources service, a fake `/proc` and the fake API server.
+//!
+//! Reports the `/metrics` scrape latency (median and p99 over loopback HTTP), the agent's CPU
+//! time per poll cycle (whole process: NVML reads, pid lookups, the pod-resources call and
+//! attribution), and its RSS.
+//!
+//! `cargo bench --bench gpu_poll -- [seconds]` (default 10).
+
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nodelens_testkit::agent::Agent;
+use nodelens_testkit::gpu::scenario::{Gpu, Process, Scenario, SCENARIO_ENV};
+use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
+use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
+use serde_json::json;
+
+const GPUS: u32 = 8;
+const PER_GPU: u32 = 64;
+const POLL: Duration = Duration::from_millis(100);
+const NODE: &str = "bench-node";
+
+fn main() {
+    let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10);
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
+    let proc = FakeProc::new(&dir.path().join("proc"));
+    let mut scenario = Scenario { driver_version: "550.54.15".into(), gpus: Vec::new() };
+    let mut allocated = Vec::new();
+    for g in 0..GPUS {
+        let uuid = format!("GPU-{g:08x}-0000-4000-8000-000000000000");
+        let mut processes = Vec::new();
+        for p in 0..PER_GPU {
+            let n = g * PER_GPU + p;
+            let (pod, uid, id) = (format!("train-{n}"), format!("{n:08x}-0000-4000-8000-000000000000"), format!("{n:064x}"));
+            api.apply(pod_with_ids("ml", &pod, &uid, NODE, json!({"app": format!("app-{}", n % 16), "user": format!("user-{}", n % 8)}), &[("main", &id)]));
+            let pid = 10_000 + n;
+            proc.add(pid, 5_000 + u64::from(n), &Cgroup::V2SystemdContainerd.render(&uid, &id));
+            processes.push(Process { pid, used_memory_bytes: 256 << 20, gpu_instance: None, sm_percent: 1 + p % 50 });
+            allocated.push(Allocated::new("ml", &pod, "main", "nvidia.com/gpu", &[&format!("{uuid}::{p}")]));
+        }
+        scenario.gpus.push(Gpu {
+            uuid,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            utilization_percent: 90,
+            memory_total_bytes: 80 << 30,
+            memory_used_bytes: 16 << 30,
+            temperature_celsius: 60,
+            power_milliwatts: 500_000,
+            power_limit_milliwatts: 700_000,
+            energy_millijoules: 1_000_000,
+            sm_clock_mhz: 1980,
+            ecc_corrected: Some(0),
+            ecc_uncorrected: Some(0),
+            processes,
+            ..Gpu::default()
+        });
+    }
+    kubelet.set(allocated);
+    let scenario_path = dir.path().join("scenario.json");
+    scenario.write(&scenario_path).unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let config = dir.path().join("nodelens.yaml");
+    std::fs::create_dir_all(dir.path().join("pods")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "node_name: {NODE}\nstate_dir: {d}/state\nhost:\n  proc_root: {d}/proc\nlogs:\n  pods_dir: {d}/pods\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  pod_resources_socket: {sock}\ngpu:\n  nvml_library: {lib}\n  poll_interval: {poll}ms\nmetrics:\n  listen: 127.0.0.1:0\n",
+            d = dir.path().display(),
+            kc = kubeconfig.display(),
+            sock = kubelet.socket.display(),
+            lib = nvml_library().display(),
+            poll = POLL.as_millis(),
+        ),
+    )
+    .unwrap();
+    let scenario_env = scenario_path.display().to_string();
+    let agent = Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &[(SCENARIO_ENV, &scenario_env)]);
+
+    let want = (GPUS * PER_GPU) as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let series = loop {
+        let (_, body) = agent.get("/metrics");
+        let n = body.lines().filter(|l| l.starts_with("nodelens_container_gpu_utilization_ratio{") && l.contains("app=\"app-")).count();
+        if n == want {
+            break body.lines().filter(|l| !l.starts_with('#')).count();
+        }
+        assert!(Instant::now() < deadline, "only {n} of {want} containers attributed:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let polls_before = kubelet.calls();
+    let cpu_before = agent.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let polls = kubelet.calls() - polls_before;
+    let cpu_per_poll = (agent.cpu_seconds() - cpu_before) / polls as f64;
+
+    let addr = agent.metrics_addr();
+    let mut scrapes: Vec<Duration> = (0..300)
+        .map(|_| {
+            let t = Instant::now();
+            let (status, _) = nodelens_testkit::agent::http_get(addr, "/metrics");
+            assert_eq!(status, 200);
+            t.elapsed()
+        })
+        .collect();
+    scrapes.sort();
+    let rss = agent.rss_bytes() as f64 / (1 << 20) as f64;
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+
+    println!("gpu_poll: {GPUS} GPUs x {PER_GPU} processes, {series} series on /metrics, poll every {POLL:?}");
+    println!("  poll cycle:  {:.2} ms CPU per poll ({polls} polls in {seconds} s, whole agent)", cpu_per_poll * 1e3);
+    println!("  scrape:      median {:.3} ms, p99 {:.3} ms (loopback HTTP, {} scrapes)", ms(scrapes[scrapes.len() / 2]), ms(scrapes[scrapes.len() * 99 / 100]), scrapes.len());
+    println!("  agent RSS:   {rss:.1} MiB");
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
