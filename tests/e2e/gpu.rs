@@ -84,8 +84,20 @@ fn scenario() -> Scenario {
                 temperature_celsius: 40,
                 processes: vec![Process { pid: 4303, used_memory_bytes: 4 * GIB, gpu_instance: Some(1), sm_percent: 90 }],
                 mig: vec![
-                    MigInstance { uuid: MIG_1G.into(), profile: "1g.5gb".into(), gpu_instance: 1, memory_total_bytes: 5 * GIB, memory_used_bytes: 4 * GIB },
-                    MigInstance { uuid: MIG_3G.into(), profile: "3g.20gb".into(), gpu_instance: 2, memory_total_bytes: 20 * GIB, memory_used_bytes: 0 },
+                    MigInstance {
+                        uuid: MIG_1G.into(),
+                        profile: "1g.5gb".into(),
+                        gpu_instance: 1,
+                        memory_total_bytes: 5 * GIB,
+                        memory_used_bytes: 4 * GIB,
+                    },
+                    MigInstance {
+                        uuid: MIG_3G.into(),
+                        profile: "3g.20gb".into(),
+                        gpu_instance: 2,
+                        memory_total_bytes: 20 * GIB,
+                        memory_used_bytes: 0,
+                    },
                 ],
                 ..Gpu::default()
             },
@@ -243,7 +255,8 @@ fn shared_gpus_are_attributed_to_each_container_app_and_user() {
         Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
     ]);
     scrape_until(&agent, "bert's series to go", |m| {
-        !m.lines().any(|l| (l.starts_with("nodelens_gpu_allocated") || l.starts_with("nodelens_container_gpu")) && l.contains("pod=\"bert-0\""))
+        !m.lines()
+            .any(|l| (l.starts_with("nodelens_gpu_allocated") || l.starts_with("nodelens_container_gpu")) && l.contains("pod=\"bert-0\""))
     });
 
     // The L4 falls off the bus: it reads down, the rest of the node's metrics keep flowing.

@@ -34,18 +34,18 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         }
     };
 
+    let mut lookup = names.lookup();
     let mut uses: BTreeMap<(String, ContainerLabels), Use> = BTreeMap::new();
     for a in allocations {
         let Some(gpu) = parse_device_id(&a.device_id).as_ref().and_then(find) else {
             tracing::debug!(device = %a.device_id, "allocated device not found among the GPUs NVML reports");
             continue;
         };
-        let labels = names.by_name(&a.namespace, &a.pod, &a.container);
+        let labels = lookup.by_name(&a.namespace, &a.pod, &a.container);
         uses.entry((gpu.uuid.clone(), labels)).or_default().allocated = true;
     }
-    let mut index = None;
     for p in &reading.processes {
-        let Some(labels) = p.container.as_ref().and_then(|c| names.by_cgroup(c, &mut index)) else { continue };
+        let Some(labels) = p.container.as_ref().and_then(|c| lookup.by_cgroup(c)) else { continue };
         let entry = uses.entry((p.uuid.clone(), labels)).or_default();
         if let Some(sm) = p.sm_ratio {
             entry.utilization = Some((entry.utilization.unwrap_or(0.0) + sm).min(1.0));
@@ -164,7 +164,12 @@ mod tests {
             let link = dir.path().join(format!("containers/{pod}_ml_main-{}.log", digit.to_string().repeat(64)));
             std::os::unix::fs::symlink("/dev/null", link).unwrap();
         }
-        let allocation = |pod: &str, device: &str| Allocation { namespace: "ml".into(), pod: pod.into(), container: "main".into(), device_id: device.into() };
+        let allocation = |pod: &str, device: &str| Allocation {
+            namespace: "ml".into(),
+            pod: pod.into(),
+            container: "main".into(),
+            device_id: device.into(),
+        };
         let allocations = [
             allocation("a-0", &format!("{GPU}::0")),
             allocation("b-0", &format!("{GPU}::1")),
@@ -185,7 +190,18 @@ mod tests {
         assert_eq!((idle.allocated, idle.utilization, idle.memory_bytes), (true, Some(0.0), Some(0.0)), "allocated but idle");
         assert_eq!(view.containers.len(), 4, "the unknown pod's process and the foreign device are left out: {view:#?}");
         let labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        assert_eq!(labels, ["gpu=0".to_string(), format!("uuid={GPU}"), "namespace=ml".into(), "pod=a-0".into(), "container=main".into(), "app=a-0".into(), "user=".into()]);
+        assert_eq!(
+            labels,
+            [
+                "gpu=0".to_string(),
+                format!("uuid={GPU}"),
+                "namespace=ml".into(),
+                "pod=a-0".into(),
+                "container=main".into(),
+                "app=a-0".into(),
+                "user=".into()
+            ]
+        );
     }
 
     #[test]

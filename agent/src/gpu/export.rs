@@ -159,7 +159,9 @@ impl Collector for GpuExport {
         let energy = gpus.iter().filter(up).filter_map(|g| g.reading.energy_joules.map(|j| (g.labels.as_slice(), ConstCounter::new(j))));
         family(&mut encoder, "gpu_energy_joules", "Energy consumed since the driver loaded", MetricType::Counter, energy)?;
         let throttled = gpus.iter().filter_map(|g| g.reading.throttle_reasons.map(|bits| (g, bits))).flat_map(|(g, bits)| {
-            THROTTLE_REASONS.iter().map(move |(bit, reason)| ((g.labels.as_slice(), [("reason", *reason)]), ConstGauge::new(i64::from(bits & bit != 0))))
+            THROTTLE_REASONS
+                .iter()
+                .map(move |(bit, reason)| ((g.labels.as_slice(), [("reason", *reason)]), ConstGauge::new(i64::from(bits & bit != 0))))
         });
         family(&mut encoder, "gpu_throttled", "1 while clocks are held down for the reason", MetricType::Gauge, throttled)?;
         let ecc = gpus.iter().flat_map(|g| {
@@ -168,12 +170,20 @@ impl Collector for GpuExport {
                 .filter_map(move |(kind, n)| n.map(|n| ((g.labels.as_slice(), [("type", kind)]), ConstCounter::new(n))))
         });
         family(&mut encoder, "gpu_ecc_errors", "ECC errors since the driver loaded (volatile counters)", MetricType::Counter, ecc)?;
-        let xids = gpus.iter().flat_map(|g| g.reading.xids.iter().map(move |(xid, n)| ((g.labels.as_slice(), [("xid", xid.to_string())]), ConstCounter::new(*n))));
+        let xids = gpus.iter().flat_map(|g| {
+            g.reading.xids.iter().map(move |(xid, n)| ((g.labels.as_slice(), [("xid", xid.to_string())]), ConstCounter::new(*n)))
+        });
         family(&mut encoder, "gpu_xid_errors", "Critical XID error events since the agent started, by XID", MetricType::Counter, xids)?;
 
         let containers = &view.containers;
         let allocated = containers.iter().filter(|c| c.allocated).map(|c| (c.labels.as_slice(), ConstGauge::new(1i64)));
-        family(&mut encoder, "gpu_allocated", "1 while the kubelet has allocated the GPU, or a share of it, to the container", MetricType::Gauge, allocated)?;
+        family(
+            &mut encoder,
+            "gpu_allocated",
+            "1 while the kubelet has allocated the GPU, or a share of it, to the container",
+            MetricType::Gauge,
+            allocated,
+        )?;
         let utilization = containers.iter().filter_map(|c| c.utilization.map(|u| (c.labels.as_slice(), ConstGauge::new(u))));
         family(
             &mut encoder,
@@ -183,12 +193,24 @@ impl Collector for GpuExport {
             utilization,
         )?;
         let memory = containers.iter().filter_map(|c| c.memory_bytes.map(|m| (c.labels.as_slice(), ConstGauge::new(m))));
-        family(&mut encoder, "container_gpu_memory_used_bytes", "Device memory the container's processes hold on the GPU", MetricType::Gauge, memory)?;
+        family(
+            &mut encoder,
+            "container_gpu_memory_used_bytes",
+            "Device memory the container's processes hold on the GPU",
+            MetricType::Gauge,
+            memory,
+        )?;
 
         let nvml_errors = view.nvml_errors.iter().map(|(function, n)| ([("function", *function)], ConstCounter::new(*n)));
         family(&mut encoder, "gpu_nvml_errors", "NVML calls that failed, by function", MetricType::Counter, nvml_errors)?;
         let no_labels: [(&str, &str); 0] = [];
         let pod_resources = (!gpus.is_empty()).then_some((no_labels, ConstCounter::new(view.pod_resources_errors)));
-        family(&mut encoder, "gpu_pod_resources_errors", "Failed calls to the kubelet's pod-resources API", MetricType::Counter, pod_resources.into_iter())
+        family(
+            &mut encoder,
+            "gpu_pod_resources_errors",
+            "Failed calls to the kubelet's pod-resources API",
+            MetricType::Counter,
+            pod_resources.into_iter(),
+        )
     }
 }

@@ -210,7 +210,11 @@ impl<'n> Collector<'n> {
                     index: gpu.index,
                     uuid: mig.uuid().unwrap_or_default(),
                     model: gpu.id.model.clone(),
-                    mig: Some(MigId { profile, gpu_instance: gpu_instance_id(self.nvml, &mig).unwrap_or(0), parent_uuid: gpu.id.uuid.clone() }),
+                    mig: Some(MigId {
+                        profile,
+                        gpu_instance: gpu_instance_id(self.nvml, &mig).unwrap_or(0),
+                        parent_uuid: gpu.id.uuid.clone(),
+                    }),
                 };
                 gpu.migs.push((mig, id));
             }
@@ -316,7 +320,13 @@ impl<'n> Collector<'n> {
 }
 
 fn placeholder(index: u32) -> Gpu<'static> {
-    Gpu { index, device: None, id: GpuId { index, uuid: String::new(), model: String::new(), mig: None }, migs: Vec::new(), last_sample_us: 0 }
+    Gpu {
+        index,
+        device: None,
+        id: GpuId { index, uuid: String::new(), model: String::new(), mig: None },
+        migs: Vec::new(),
+        last_sample_us: 0,
+    }
 }
 
 /// The GPU instance id of a MIG device (not wrapped by `nvml-wrapper`).
@@ -393,7 +403,9 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
     let uses = &mut reading.processes;
     for p in &running {
         let uuid = match p.gpu_instance_id {
-            Some(gi) => gpu.migs.iter().find(|(_, id)| id.mig.as_ref().is_some_and(|m| m.gpu_instance == gi)).map(|(_, id)| id.uuid.clone()),
+            Some(gi) => {
+                gpu.migs.iter().find(|(_, id)| id.mig.as_ref().is_some_and(|m| m.gpu_instance == gi)).map(|(_, id)| id.uuid.clone())
+            }
             None => None,
         };
         let memory_bytes = match p.used_gpu_memory {
@@ -401,7 +413,13 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
             UsedGpuMemory::Unavailable => None,
         };
         let sm_ratio = if uuid.is_some() { None } else { sm_ratio(p.pid) };
-        uses.push(ProcessUse { uuid: uuid.unwrap_or_else(|| gpu.id.uuid.clone()), pid: p.pid, container: pids.resolve(p.pid), memory_bytes, sm_ratio });
+        uses.push(ProcessUse {
+            uuid: uuid.unwrap_or_else(|| gpu.id.uuid.clone()),
+            pid: p.pid,
+            container: pids.resolve(p.pid),
+            memory_bytes,
+            sm_ratio,
+        });
     }
     // Processes sampled but without a compute context (graphics work) still used the SMs.
     for (&pid, _) in sm.iter().filter(|(pid, _)| !running.iter().any(|p| p.pid == **pid)) {

@@ -65,7 +65,9 @@ impl GpuGauge {
     pub fn describe(self) -> (&'static str, &'static str) {
         match self {
             GpuGauge::Utilization => ("gpu_utilization_ratio", "Fraction of the last sample period in which a kernel ran on the GPU"),
-            GpuGauge::MemoryUtilization => ("gpu_memory_utilization_ratio", "Fraction of the last sample period in which device memory was read or written"),
+            GpuGauge::MemoryUtilization => {
+                ("gpu_memory_utilization_ratio", "Fraction of the last sample period in which device memory was read or written")
+            }
             GpuGauge::MemoryUsed => ("gpu_memory_used_bytes", "Device memory in use"),
             GpuGauge::MemoryTotal => ("gpu_memory_total_bytes", "Device memory installed (for a MIG instance: its share)"),
             GpuGauge::Temperature => ("gpu_temperature_celsius", "GPU core temperature"),

@@ -40,10 +40,9 @@ pub struct Names {
     pub pods: Option<Arc<PodStore>>,
 }
 
-/// What the kubelet's directories say without the API, read once per lookup round: pods by
-/// UID, container names by id.
+/// What the kubelet's directories say without the API: pods by UID, container names by id.
 #[derive(Default)]
-pub struct PathIndex {
+struct PathIndex {
     pods: HashMap<String, (String, String)>,
     containers: HashMap<String, String>,
 }
@@ -66,16 +65,30 @@ impl PathIndex {
 }
 
 impl Names {
+    /// Lookups for one round (one scan, one GPU poll): what is read or indexed is read once,
+    /// on first need, and reused for the rest of the round.
+    pub fn lookup(&self) -> Lookup<'_> {
+        Lookup { names: self, paths: None, pods_by_name: None }
+    }
+}
+
+/// One round of lookups.
+pub struct Lookup<'a> {
+    names: &'a Names,
+    paths: Option<PathIndex>,
+    pods_by_name: Option<HashMap<(String, String), Arc<PodMeta>>>,
+}
+
+impl Lookup<'_> {
     /// Names the container a process runs in; `None` when it belongs to no known pod.
-    /// `index` is read on first need only (with the API it usually is not) and reused for the
-    /// rest of the round.
-    pub fn by_cgroup(&self, container: &ContainerCgroup, index: &mut Option<PathIndex>) -> Option<ContainerLabels> {
-        if let Some(pod) = self.pods.as_ref().and_then(|s| s.get(&container.pod_uid)) {
+    pub fn by_cgroup(&mut self, container: &ContainerCgroup) -> Option<ContainerLabels> {
+        if let Some(pod) = self.names.pods.as_ref().and_then(|s| s.get(&container.pod_uid)) {
             let id = Some(container.container_id.as_str());
             let name = pod.containers.iter().find(|c| c.id.as_deref() == id || c.last_id.as_deref() == id).map(|c| c.name.clone());
             return Some(labels(&pod, name.unwrap_or_default()));
         }
-        let index = index.get_or_insert_with(|| PathIndex::read(self));
+        let names = self.names;
+        let index = self.paths.get_or_insert_with(|| PathIndex::read(names));
         let (namespace, pod) = index.pods.get(&container.pod_uid)?.clone();
         Some(ContainerLabels {
             container: index.containers.get(&container.container_id).cloned().unwrap_or_default(),
@@ -87,8 +100,12 @@ impl Names {
     }
 
     /// Names a container the kubelet reported by namespace, pod and container name.
-    pub fn by_name(&self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
-        match self.pods.as_ref().and_then(|s| s.find(namespace, pod)) {
+    pub fn by_name(&mut self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
+        let meta = self.names.pods.as_ref().and_then(|store| {
+            let by_name = self.pods_by_name.get_or_insert_with(|| store.by_name());
+            by_name.get(&(namespace.to_string(), pod.to_string())).cloned()
+        });
+        match meta {
             Some(meta) => labels(&meta, container.to_string()),
             None => ContainerLabels {
                 namespace: namespace.to_string(),

@@ -21,11 +21,15 @@ pub struct Sources {
 }
 
 /// One refresh: sets the sizes found and removes series of containers gone.
-pub fn refresh(sources: &Sources, family: &Family<ContainerLabels, Gauge>, previous: &HashSet<ContainerLabels>) -> HashSet<ContainerLabels> {
+pub fn refresh(
+    sources: &Sources,
+    family: &Family<ContainerLabels, Gauge>,
+    previous: &HashSet<ContainerLabels>,
+) -> HashSet<ContainerLabels> {
     let mut current = HashSet::new();
-    let mut index = None;
+    let mut lookup = sources.names.lookup();
     for (container, bytes) in shm::scan(&sources.proc_root) {
-        if let Some(labels) = sources.names.by_cgroup(&container, &mut index) {
+        if let Some(labels) = lookup.by_cgroup(&container) {
             family.get_or_create(&labels).set(bytes as i64);
             current.insert(labels);
         }

@@ -68,12 +68,15 @@ impl PodStore {
         self.inner.lock().unwrap().pods.get(uid).map(|e| e.meta.clone())
     }
 
-    /// The pod named `name` in `namespace`; a live one before a deleted one of the same name
-    /// (a StatefulSet pod recreated under its old name).
-    pub fn find(&self, namespace: &str, name: &str) -> Option<Arc<PodMeta>> {
+    /// Every pod by (namespace, name); where a deleted pod and a live one share a name (a
+    /// StatefulSet pod recreated), the live one.
+    pub fn by_name(&self) -> HashMap<(String, String), Arc<PodMeta>> {
         let inner = self.inner.lock().unwrap();
-        let named = inner.pods.values().filter(|e| e.meta.namespace == namespace && e.meta.name == name);
-        named.min_by_key(|e| e.deleted_at.is_some()).map(|e| e.meta.clone())
+        let mut pods = HashMap::with_capacity(inner.pods.len());
+        for e in inner.pods.values().filter(|e| e.deleted_at.is_some()).chain(inner.pods.values().filter(|e| e.deleted_at.is_none())) {
+            pods.insert((e.meta.namespace.clone(), e.meta.name.clone()), e.meta.clone());
+        }
+        pods
     }
 
     /// The pod with `uid`, waiting up to `timeout` for the watch to report it.

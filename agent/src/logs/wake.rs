@@ -128,6 +128,9 @@ mod tests {
 
         std::fs::write(pod.join("0.log"), "x\ny\n").unwrap();
         let changes = wake.wait(Duration::from_secs(5));
-        assert!(changes.written.contains(&pod) || changes.rescan.contains(&pod) || changes.rescan_all, "a write still wakes it: {changes:?}");
+        assert!(
+            changes.written.contains(&pod) || changes.rescan.contains(&pod) || changes.rescan_all,
+            "a write still wakes it: {changes:?}"
+        );
     }
 }

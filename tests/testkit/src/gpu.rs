@@ -208,7 +208,9 @@ impl FakeProc {
     pub fn add(&self, pid: u32, started: u64, cgroup: &str) {
         let dir = self.root.join(pid.to_string());
         std::fs::create_dir_all(&dir).unwrap();
-        let stat = format!("{pid} (python3) S 1 {pid} {pid} 0 -1 4194560 9000 0 0 0 500 30 0 0 20 0 12 0 {started} 9000000 4000 18446744073709551615");
+        let stat = format!(
+            "{pid} (python3) S 1 {pid} {pid} 0 -1 4194560 9000 0 0 0 500 30 0 0 20 0 12 0 {started} 9000000 4000 18446744073709551615"
+        );
         std::fs::write(dir.join("stat"), stat).unwrap();
         std::fs::write(dir.join("cgroup"), cgroup).unwrap();
     }
