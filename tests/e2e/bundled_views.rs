@@ -21,15 +21,19 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn alerts() -> Vec<Value> {
+/// Every rule, recording and alerting, of every file in `rules/`.
+fn rules() -> Vec<Value> {
     yaml_files(&root().join("rules"))
         .iter()
         .flat_map(|f| {
             let doc: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
             doc["groups"].as_sequence().unwrap().iter().flat_map(|g| g["rules"].as_sequence().unwrap().clone()).collect::<Vec<_>>()
         })
-        .filter(|r| r.get("alert").is_some())
         .collect()
+}
+
+fn alerts() -> Vec<Value> {
+    rules().into_iter().filter(|r| r.get("alert").is_some()).collect()
 }
 
 #[test]
@@ -76,18 +80,29 @@ fn every_alert_has_a_test_where_it_fires_and_one_where_it_stays_silent() {
 /// Fails naming `what` when `expr` uses a nodelens metric the agent does not export.
 fn assert_exported(what: &str, expr: &str) {
     let exported: HashSet<String> = nodelens::metrics::Metrics::new("lint").names().iter().cloned().collect();
-    assert!(exported.contains("nodelens_log_records_total") && exported.contains("nodelens_pod_info"));
-    // GPU metrics come with the GPU collector; until it lands, views may name them.
-    let later = ["nodelens_gpu_allocated"];
-    for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("nodelens_")) {
-        assert!(exported.contains(word) || later.contains(&word), "{what} uses {word}, which the agent does not export");
+    assert!(exported.contains("nodelens_log_records_total") && exported.contains("nodelens_gpu_allocated"));
+    // Recording rules (`level:metric:operations`) are checked where they are defined.
+    let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'));
+    for word in words.filter(|w| w.starts_with("nodelens_")) {
+        assert!(exported.contains(word), "{what} uses {word}, which the agent does not export");
     }
 }
 
 #[test]
 fn rules_use_only_metrics_the_agent_exports() {
-    for alert in alerts() {
-        assert_exported(alert["alert"].as_str().unwrap(), alert["expr"].as_str().unwrap());
+    for rule in rules() {
+        let name = rule.get("alert").or_else(|| rule.get("record")).and_then(Value::as_str).unwrap();
+        assert_exported(name, rule["expr"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn recording_rules_are_named_level_metric_operations() {
+    let records: Vec<String> = rules().iter().filter_map(|r| r.get("record")?.as_str().map(String::from)).collect();
+    assert!(records.iter().any(|r| r == "user:nodelens_gpu_allocated:sum"), "{records:?}");
+    for record in records {
+        let parts: Vec<&str> = record.split(':').collect();
+        assert!(parts.len() == 3 && parts.iter().all(|p| !p.is_empty()) && parts[1].starts_with("nodelens_"), "{record}");
     }
 }
 
