@@ -174,13 +174,7 @@ impl<'n> Collector<'n> {
             pids,
         };
         for index in 0..count {
-            let mut gpu = Gpu {
-                index,
-                device: None,
-                id: GpuId { index, uuid: String::new(), model: String::new(), mig: None },
-                migs: Vec::new(),
-                last_sample_us: 0,
-            };
+            let mut gpu = placeholder(index);
             collector.identify(&mut gpu);
             collector.devices.push(gpu);
         }
@@ -319,6 +313,7 @@ impl<'n> Collector<'n> {
     }
 }
 
+/// GPU `index` before NVML has given a handle for it.
 fn placeholder(index: u32) -> Gpu<'static> {
     Gpu {
         index,
