@@ -15,6 +15,7 @@ pub mod logs;
 pub mod metrics;
 pub mod periodic;
 pub mod pipeline;
+pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod sinks;

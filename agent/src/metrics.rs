@@ -14,6 +14,7 @@ use crate::gpu::export::{self, GpuExport};
 use crate::host::names::ContainerLabels;
 use crate::logs::derived::{DerivedFamilies, Totals};
 use crate::logs::tailer::TailerMetrics;
+use crate::process::{self, ProcessCollector};
 
 /// Labels of `nodelens_log_records_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,6 +207,8 @@ impl Metrics {
         let gpu = GpuExport::default();
         r.registry.register_collector(Box::new(gpu.clone()));
         r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
+        r.registry.register_collector(Box::new(ProcessCollector));
+        r.names.extend(process::NAMES.iter().map(|n| n.to_string()));
         Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm, gpu }
     }
 
@@ -241,5 +244,7 @@ mod tests {
         assert!(text.contains(r#"nodelens_log_files_tailed{node="gpu-7"} 3"#), "{text}");
         assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
         assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");
+        assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
+        assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }
 }

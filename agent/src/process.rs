@@ -1,0 +1,88 @@
+//! The agent's own CPU time and resident memory, read from `/proc/self` at scrape time, so
+//! the agent dashboard shows what nodelens costs on each node without a cAdvisor join.
+
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+
+/// Names of the series [`ProcessCollector`] exports.
+pub const NAMES: &[&str] = &["nodelens_process_cpu_seconds_total", "nodelens_process_resident_memory_bytes"];
+
+/// CPU seconds (user + system) and resident bytes of this process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// User plus system CPU time, in seconds.
+    pub cpu_seconds: f64,
+    /// Resident set size, in bytes.
+    pub resident_bytes: u64,
+}
+
+/// Parses `/proc/<pid>/stat` and `/proc/<pid>/statm` given the clock tick rate and page size.
+fn parse(stat: &str, statm: &str, ticks_per_second: f64, page_size: u64) -> Option<Usage> {
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'. utime and stime are fields 14 and 15, the 12th and 13th after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_ascii_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    let resident_pages: u64 = statm.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    Some(Usage { cpu_seconds: (utime + stime) / ticks_per_second, resident_bytes: resident_pages * page_size })
+}
+
+/// This process's usage now, or `None` where `/proc` cannot be read.
+pub fn usage() -> Option<Usage> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    // SAFETY: sysconf only reads configuration values.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    parse(&stat, &statm, ticks.max(1) as f64, page.max(1) as u64)
+}
+
+/// Encodes [`usage`] on every scrape.
+#[derive(Debug, Default)]
+pub struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some(usage) = usage() else { return Ok(()) };
+        let cpu =
+            encoder.encode_descriptor("process_cpu_seconds", "User and system CPU time the agent has used", None, MetricType::Counter)?;
+        ConstCounter::new(usage.cpu_seconds).encode(cpu)?;
+        let rss = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory of the agent", None, MetricType::Gauge)?;
+        ConstGauge::new(usage.resident_bytes as i64).encode(rss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_memory_come_from_the_fields_after_the_command_name() {
+        let stat = "4242 (node lens) (x)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 100 200000000 5000";
+        let usage = parse(stat, "50000 5000 1000 10 0 8000 0", 100.0, 4096).unwrap();
+        assert_eq!(usage, Usage { cpu_seconds: 3.25, resident_bytes: 5000 * 4096 });
+        assert_eq!(parse("4242 (x) S 1", "1 2", 100.0, 4096), None);
+    }
+
+    #[test]
+    fn this_process_uses_some_memory_and_its_cpu_time_grows_while_it_works() {
+        let before = usage().unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        let mut after = before;
+        while after.cpu_seconds <= before.cpu_seconds && start.elapsed().as_secs() < 10 {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(std::hint::black_box(i));
+            }
+            after = usage().unwrap();
+        }
+        std::hint::black_box(x);
+        assert!(before.resident_bytes > 1 << 20, "{before:?}");
+        assert!(after.cpu_seconds > before.cpu_seconds, "{before:?} {after:?}");
+    }
+}
