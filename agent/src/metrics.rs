@@ -161,8 +161,12 @@ struct Registrar {
 
 impl Registrar {
     fn add<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
-        let suffix = if matches!(M::TYPE, MetricType::Counter) { "_total" } else { "" };
-        self.names.push(format!("nodelens_{name}{suffix}"));
+        let suffixes: &[&str] = match M::TYPE {
+            MetricType::Counter => &["_total"],
+            MetricType::Histogram => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        self.names.extend(suffixes.iter().map(|suffix| format!("nodelens_{name}{suffix}")));
         self.registry.register(name, help, metric);
     }
 }

@@ -26,6 +26,7 @@ const ERROR_INSUFFICIENT_SIZE: nvmlReturn_t = 7;
 const ERROR_TIMEOUT: nvmlReturn_t = 10;
 const ERROR_GPU_IS_LOST: nvmlReturn_t = 15;
 const ERROR_ARGUMENT_VERSION_MISMATCH: nvmlReturn_t = 25;
+const ERROR_UNKNOWN: nvmlReturn_t = 999;
 
 /// `nvmlEventTypeXidCriticalError`.
 const EVENT_XID_CRITICAL: c_ulonglong = 0x8;
@@ -310,7 +311,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(device: nvmlDevice_t, sensor: 
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, power: *mut c_uint) -> nvmlReturn_t {
-    with_gpu(device, |gpu| put(power, gpu.power_milliwatts))
+    with_gpu(device, |gpu| if gpu.power_read_fails { ERROR_UNKNOWN } else { put(power, gpu.power_milliwatts) })
 }
 
 #[no_mangle]

@@ -42,6 +42,9 @@ pub struct Gpu {
     pub temperature_celsius: u32,
     /// Power draw.
     pub power_milliwatts: u32,
+    /// `nvmlDeviceGetPowerUsage` fails with `NVML_ERROR_UNKNOWN`, as it does on a board whose
+    /// power sensor has faulted.
+    pub power_read_fails: bool,
     /// Enforced power limit.
     pub power_limit_milliwatts: u32,
     /// Energy since the driver loaded.

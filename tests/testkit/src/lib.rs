@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod http;
 pub mod kubelet;
 pub mod kubernetes;
+pub mod views;
 
 /// Compares what was emitted with what was written and panics with a short report: the
 /// count of each, the records missing, the ones seen twice, and the first place the order differs.
