@@ -5,7 +5,7 @@
 //! A file that cannot be read or holds no valid certificate counts in
 //! `nodelens_certificate_errors_total{path}` and never stops the agent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -130,10 +130,19 @@ pub fn matching_files(patterns: &[String]) -> Vec<PathBuf> {
     files
 }
 
-/// Reads every matching file once and brings the metrics up to date; returns the series now
-/// exported, so the next refresh can remove those that went away.
-pub fn refresh(patterns: &[String], metrics: &CertMetrics, previous: &HashSet<CertLabels>) -> HashSet<CertLabels> {
-    let mut current = HashSet::new();
+/// What one refresh leaves for the next.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The series exported, so the next refresh can remove those that went away.
+    pub exported: HashSet<CertLabels>,
+    /// Files that could not be used, with the reason: each is logged when it starts failing
+    /// or its reason changes, not on every refresh.
+    pub failing: HashMap<String, String>,
+}
+
+/// Reads every matching file once and brings the metrics up to date.
+pub fn refresh(patterns: &[String], metrics: &CertMetrics, previous: Checked) -> Checked {
+    let mut now = Checked::default();
     for path in matching_files(patterns) {
         let file = path.display().to_string();
         match std::fs::read(&path).map_err(CertError::from).and_then(|bytes| certificates_in(&bytes)) {
@@ -141,24 +150,28 @@ pub fn refresh(patterns: &[String], metrics: &CertMetrics, previous: &HashSet<Ce
                 for cert in found {
                     let labels = CertLabels { path: file.clone(), subject: cert.subject };
                     metrics.not_after.get_or_create(&labels).set(cert.not_after);
-                    current.insert(labels);
+                    now.exported.insert(labels);
                 }
             }
             Err(e) => {
-                tracing::warn!(path = %file, error = %e, "certificate file not usable");
-                metrics.errors.get_or_create(&PathLabels { path: file }).inc();
+                let reason = e.to_string();
+                if previous.failing.get(&file) != Some(&reason) {
+                    tracing::warn!(path = %file, error = %reason, "certificate file not usable");
+                }
+                metrics.errors.get_or_create(&PathLabels { path: file.clone() }).inc();
+                now.failing.insert(file, reason);
             }
         }
     }
-    for gone in previous.difference(&current) {
+    for gone in previous.exported.difference(&now.exported) {
         metrics.not_after.remove(gone);
     }
-    current
+    now
 }
 
 /// Refreshes every `interval` until shutdown.
 pub async fn run(patterns: Vec<String>, interval: Duration, metrics: CertMetrics, shutdown: Shutdown) {
-    crate::periodic::every(interval, "certificate check", shutdown, move |previous| refresh(&patterns, &metrics, &previous)).await
+    crate::periodic::every(interval, "certificate check", shutdown, move |previous| refresh(&patterns, &metrics, previous)).await
 }
 
 #[cfg(test)]

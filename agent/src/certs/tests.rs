@@ -60,15 +60,21 @@ fn a_refresh_exports_matches_counts_errors_and_forgets_removed_files() {
     std::fs::write(pki.join("broken.crt"), "not a certificate").unwrap();
     let patterns = vec![format!("{}/pki/**/*.crt", dir.path().display())];
     let metrics = CertMetrics::default();
-    let exported = refresh(&patterns, &metrics, &HashSet::new());
-    assert_eq!(exported.len(), 2);
+    let checked = refresh(&patterns, &metrics, Checked::default());
+    assert_eq!(checked.exported.len(), 2);
+    let broken = pki.join("broken.crt").display().to_string();
+    assert_eq!(checked.failing.keys().collect::<Vec<_>>(), [&broken], "remembered, so it is logged once");
     let apiserver = CertLabels { path: dir.path().join("pki/apiserver.crt").display().to_string(), subject: "CN=kube-apiserver".into() };
     assert_eq!(metrics.not_after.get_or_create(&apiserver).get(), jan_first(2027));
     assert_eq!(metrics.errors.get_or_create(&PathLabels { path: pki.join("broken.crt").display().to_string() }).get(), 1);
 
     std::fs::remove_file(dir.path().join("pki/apiserver.crt")).unwrap();
-    let exported = refresh(&patterns, &metrics, &exported);
-    assert_eq!(exported.len(), 1);
+    let checked = refresh(&patterns, &metrics, checked);
+    assert_eq!(checked.exported.len(), 1);
+    assert_eq!(metrics.errors.get_or_create(&PathLabels { path: broken.clone() }).get(), 2, "counted on every check");
+    assert!(checked.failing.contains_key(&broken));
+    std::fs::write(pki.join("broken.crt"), cert_pem("fixed", 2029)).unwrap();
+    assert!(refresh(&patterns, &metrics, checked).failing.is_empty(), "a fixed file is forgotten, so a new failure is logged again");
     let mut text = String::new();
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register("cert", "", metrics.not_after.clone());

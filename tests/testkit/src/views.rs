@@ -106,7 +106,7 @@ pub fn substitute(expr: &str, rate_interval: &str, vars: &[(&str, &str)]) -> Str
         .replace("$__interval", "1m")
         .replace("$__range_s", "3600")
         .replace("$__range", "1h");
-    let mut names: Vec<&str> = ["node", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid"].into();
+    let mut names: Vec<&str> = ["node", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid", "model"].into();
     names.extend(vars.iter().map(|(n, _)| *n));
     // Longest first, so `$app` does not eat the start of `$application`.
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));
