@@ -286,10 +286,14 @@ fn an_older_driver_without_a_function_turns_off_only_its_metric() {
     let old = without_symbol(&nvml_library(), "nvmlDeviceGetTotalEnergyConsumption", node.dir.path());
     let agent = node.start(&old, "");
     let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
-    let m = scrape_until(&agent, "the H100 read", |m| value(m, "nodelens_gpu_power_watts", &h).is_some());
+    let resnet = container(0, H100, "resnet-0", "resnet", "alice");
+    // Attribution needs the pod list and a second poll's samples: wait for it too.
+    let m = scrape_until(&agent, "the H100 read and attributed", |m| {
+        value(m, "nodelens_gpu_power_watts", &h).is_some() && value(m, "nodelens_container_gpu_utilization_ratio", &resnet).is_some()
+    });
     assert!(!m.contains("nodelens_gpu_energy_joules_total{"), "{m}");
     assert_eq!(value(&m, "nodelens_gpu_temperature_celsius", &h), Some(61.0));
-    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &container(0, H100, "resnet-0", "resnet", "alice")), Some(0.3));
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &resnet), Some(0.3));
     std::thread::sleep(Duration::from_millis(600));
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
