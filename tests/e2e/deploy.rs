@@ -6,32 +6,17 @@
 //! `NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy` rewrites the generated files.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use nodelens_testkit::views::{files, root};
 use serde::Deserialize;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 const GENERATED: &str =
     "# Generated from {source} by tests/e2e/deploy.rs; do not edit.\n# NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy rewrites it.\n";
-
-fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    out.sort();
-    out
-}
 
 fn prometheus_rule() -> String {
     let mut groups = Vec::new();

@@ -117,15 +117,12 @@ pub fn substitute(expr: &str, rate_interval: &str, vars: &[(&str, &str)]) -> Str
     expr
 }
 
-/// PromQL words that are not metric names: keywords, and aggregations (which may be followed
-/// by `by (...)` rather than by their parenthesis).
+/// PromQL words followed by a list of label names.
+const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+
+/// Other PromQL words that are not metric names: keywords, and aggregations (which may be
+/// followed by `by (...)` rather than by their parenthesis).
 const KEYWORDS: &[&str] = &[
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "bool",
     "offset",
     "and",
@@ -189,9 +186,8 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
                     next += 1;
                 }
                 let is_call = chars.get(next) == Some(&'(');
-                let grouping = ["by", "without", "on", "ignoring", "group_left", "group_right"].contains(&word.as_str());
-                after_grouping_keyword = grouping;
-                if !is_call && !KEYWORDS.contains(&word.as_str()) {
+                after_grouping_keyword = GROUPING.contains(&word.as_str());
+                if !is_call && !after_grouping_keyword && !KEYWORDS.contains(&word.as_str()) {
                     names.insert(word);
                 }
             }
