@@ -15,8 +15,9 @@ mod common;
 use common::CONTAINERS;
 use nodelens::config::Config;
 use nodelens::logs::checkpoint::Checkpoints;
-use nodelens::metrics::{Metrics, SinkOutcomeLabels};
+use nodelens::metrics::Metrics;
 use nodelens::pipeline::{self, LogPipeline};
+use nodelens::sinks::SinkOutcomeLabels;
 
 const ROLE: &str = "NODELENS_BENCH_ROLE";
 
@@ -43,8 +44,8 @@ fn main() {
         let delivered = metrics.sinks.records.get_or_create(&SinkOutcomeLabels { sink: "elasticsearch", outcome: "delivered" }).clone();
         let start_cpu = common::cpu_seconds();
         let start = Instant::now();
-        let sinks = pipeline::configured_sinks(&config, &metrics).unwrap();
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, None, sinks).unwrap();
+        let sinks = pipeline::configured_sinks(&config, &metrics.sinks).unwrap();
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, None, sinks).unwrap();
         while delivered.get() < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -13,8 +13,10 @@ use crate::certs;
 use crate::config::Config;
 use crate::host::names::Names;
 use crate::host::shm_metrics;
+use crate::kube::meta::PodMeta;
 use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
+use crate::logs::path;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, LogPipeline};
 use crate::server::{self, Health};
@@ -31,7 +33,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     let listener = server::bind(config.metrics.listen).await.with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
-    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), Shutdown::new(shutdown_tx.subscribe())));
+    let limits = server::Limits::default();
+    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe())));
 
     let pods = match kube::connect(&config.kubernetes).await? {
         Some(client) => {
@@ -39,7 +42,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
             let store =
                 Arc::new(PodStore::new(keys(&config.kubernetes.app_keys)?, keys(&config.kubernetes.user_keys)?, metrics.pod_info.clone()));
             let watch_namespaces = config.kubernetes.watch_namespaces;
-            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, || Shutdown::new(shutdown_tx.subscribe()));
+            let pods_dir = config.logs.pods_dir.clone();
+            let keep_deleted = Arc::new(move |pod: &PodMeta| path::pod_dir(&pods_dir, &pod.namespace, &pod.name, &pod.uid).exists());
+            let shutdown = || Shutdown::new(shutdown_tx.subscribe());
+            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, keep_deleted, shutdown);
             tracing::info!(node = %config.node_name, "watching this node's pods");
             Some(store)
         }
@@ -61,8 +67,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config)?);
-        let sinks = pipeline::configured_sinks(&config, &metrics)?;
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics, pods.clone(), sinks)?;
+        let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
         Some(pipeline)
     } else {

@@ -212,6 +212,37 @@ fn default_max_series() -> usize {
     500
 }
 
+/// Labels every log-derived series carries; a rule's own labels cannot be named so.
+const LOG_METRIC_RESERVED_LABELS: &[&str] = &["name", "namespace", "pod", "app", "user", "node"];
+
+impl LogMetricRule {
+    /// Checks what serde cannot: the glob and regex compile, and the groups the rule names
+    /// exist. The error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name is empty".into());
+        }
+        globset::Glob::new(&self.app).map_err(|e| format!("app: {e}"))?;
+        let pattern = regex::bytes::Regex::new(&self.pattern).map_err(|e| format!("pattern: {e}"))?;
+        let has_group = |name: &str| pattern.capture_names().any(|n| n == Some(name));
+        match self.value.as_str() {
+            "" if self.kind == LogMetricKind::Gauge => return Err("a gauge needs a value group".into()),
+            "" => {}
+            name if !has_group(name) => return Err(format!("value: the pattern has no group named `{name}`")),
+            _ => {}
+        }
+        for name in &self.labels {
+            if LOG_METRIC_RESERVED_LABELS.contains(&name.as_str()) {
+                return Err(format!("labels: `{name}` is reserved"));
+            }
+            if !has_group(name) {
+                return Err(format!("labels: the pattern has no group named `{name}`"));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_glob() -> String {
     "*".into()
 }
@@ -243,6 +274,12 @@ pub struct KubernetesConfig {
     pub watch_namespaces: bool,
     /// The kubelet's pod-resources gRPC socket.
     pub pod_resources_socket: PathBuf,
+    /// How long log reading waits at start for the first pod list, so every record carries
+    /// its pod's metadata and `nodelens.io/exclude` holds from the first record. Past it (the
+    /// API unreachable) records ship with metadata from their paths; the files on disk are
+    /// the buffer meanwhile.
+    #[serde(with = "duration")]
+    pub metadata_wait: Duration,
 }
 
 impl Default for KubernetesConfig {
@@ -254,6 +291,7 @@ impl Default for KubernetesConfig {
             user_keys: ["label:user", "annotation:kubesphere.io/creator", "label:owner", "namespace_label:user"].map(String::from).to_vec(),
             watch_namespaces: false,
             pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
+            metadata_wait: Duration::from_secs(60),
         }
     }
 }
@@ -407,8 +445,26 @@ impl Config {
         if self.logs.max_inflight_bytes < self.logs.max_line_bytes as u64 {
             return Err(key_error("logs.max_inflight_bytes", "must be at least logs.max_line_bytes".into()));
         }
-        if self.logs.rescan_interval < Duration::from_millis(100) {
-            return Err(key_error("logs.rescan_interval", "must be at least 100ms".into()));
+        // A zero period spins a thread or panics a timer; a zero timeout wedges a request.
+        let es = &self.sinks.elasticsearch;
+        let durations = [
+            ("host.scan_interval", self.host.scan_interval, Duration::from_secs(1)),
+            ("logs.partial_timeout", self.logs.partial_timeout, Duration::from_millis(1)),
+            ("logs.rescan_interval", self.logs.rescan_interval, Duration::from_millis(100)),
+            ("gpu.poll_interval", self.gpu.poll_interval, Duration::from_millis(100)),
+            ("sinks.elasticsearch.flush_interval", es.flush_interval, Duration::from_millis(1)),
+            ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
+            ("certificates.interval", self.certificates.interval, Duration::from_secs(1)),
+        ];
+        for (key, value, min) in durations {
+            if value < min {
+                return Err(key_error(key, format!("must be at least {}", humantime::format_duration(min))));
+            }
+        }
+        for (i, rule) in self.logs.multiline.iter().enumerate() {
+            if rule.timeout.is_zero() {
+                return Err(key_error(&format!("logs.multiline[{i}].timeout"), "must be more than 0s".into()));
+            }
         }
         for (i, glob) in self.logs.exclude_namespaces.iter().enumerate() {
             globset::Glob::new(glob).map_err(|e| key_error(&format!("logs.exclude_namespaces[{i}]"), e.to_string()))?;
@@ -436,7 +492,7 @@ impl Config {
         }
         let mut rule_names = std::collections::HashSet::new();
         for (i, rule) in self.logs.log_metrics.iter().enumerate() {
-            crate::logs::derived::Rule::compile(rule).map_err(|e| key_error(&format!("logs.log_metrics[{i}] ({})", rule.name), e))?;
+            rule.check().map_err(|e| key_error(&format!("logs.log_metrics[{i}] ({})", rule.name), e))?;
             if !rule_names.insert((&rule.name, rule.kind)) {
                 return Err(key_error(&format!("logs.log_metrics[{i}].name"), format!("`{}` is used twice", rule.name)));
             }
@@ -445,8 +501,15 @@ impl Config {
         if !es.api_key.is_empty() && !es.username.is_empty() {
             return Err(key_error("sinks.elasticsearch.api_key", "set either api_key or username, not both".into()));
         }
-        if es.batch_max_bytes < 64 * 1024 {
-            return Err(key_error("sinks.elasticsearch.batch_max_bytes", "must be at least 65536".into()));
+        // Elasticsearch refuses bodies over http.max_content_length (100mb by default).
+        if !(64 * 1024..=100 * 1024 * 1024).contains(&es.batch_max_bytes) {
+            return Err(key_error("sinks.elasticsearch.batch_max_bytes", "must be between 65536 and 104857600".into()));
+        }
+        if self.logs.max_line_bytes > 64 * 1024 * 1024 {
+            return Err(key_error("logs.max_line_bytes", "must be at most 67108864 (each record is held in memory whole)".into()));
+        }
+        if self.logs.max_inflight_bytes > 1 << 30 {
+            return Err(key_error("logs.max_inflight_bytes", "must be at most 1073741824".into()));
         }
         if self.sinks.stdout.enabled == Switch::Off && es.endpoints.is_empty() {
             return Err(key_error("sinks", "no sink is enabled: set sinks.elasticsearch.endpoints or sinks.stdout.enabled".into()));

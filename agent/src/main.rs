@@ -58,6 +58,7 @@ fn run(config: Config) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -74,6 +75,33 @@ fn run(config: Config) -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard one: the tailer holds files of many
+/// containers open, and the usual soft limit of 1024 is reached at about a thousand pods.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit (RLIMIT_NOFILE)");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::debug!(limit = limit.rlim_cur, "open files limit already at its hard limit");
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit reads only the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = limit.rlim_cur,
+            hard = limit.rlim_max,
+            "cannot raise the open files limit (RLIMIT_NOFILE) to its hard limit"
+        );
+        return;
+    }
+    tracing::debug!(limit = raised.rlim_cur, "open files limit raised to its hard limit");
+}
+
 /// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.
 async fn signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -82,5 +110,26 @@ async fn signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn open_files_limit() -> libc::rlimit {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes only the struct it is given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        limit
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let before = open_files_limit();
+        let lowered = libc::rlimit { rlim_cur: before.rlim_max.min(256), rlim_max: before.rlim_max };
+        // SAFETY: setrlimit reads only the struct it is given.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        super::raise_open_files_limit();
+        let after = open_files_limit();
+        assert_eq!((after.rlim_cur, after.rlim_max), (before.rlim_max, before.rlim_max));
     }
 }

@@ -1,136 +1,27 @@
-//! Every metric the agent exports, with typed label sets. All series carry `node` (a
+//! The registry of every metric the agent exports. Each part owns its metric handles and
+//! label types; this module only registers them under their names, all with `node` (a
 //! registry-wide label). Served by [`crate::server`].
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
 use crate::host::names::ContainerLabels;
-use crate::logs::derived::{DerivedFamilies, Totals};
-use crate::logs::tailer::TailerMetrics;
+use crate::kube::store::PodInfoLabels;
+use crate::logs::derived::Totals;
+use crate::pipeline::LogMetrics;
 use crate::process::{self, ProcessCollector};
-
-/// Labels of `nodelens_log_records_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RecordLabels {
-    /// Pod namespace.
-    pub namespace: String,
-    /// Application (`service.name`).
-    pub app: String,
-    /// stdout or stderr.
-    pub stream: &'static str,
-    /// `log.level`, or `unknown`.
-    pub level: &'static str,
-}
-
-/// Labels of `nodelens_log_bytes_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AppLabels {
-    /// Pod namespace.
-    pub namespace: String,
-    /// Application.
-    pub app: String,
-}
-
-/// Labels of `nodelens_log_records_flagged_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FlagLabels {
-    /// `truncated`, `partial` or `malformed`.
-    pub flag: &'static str,
-}
-
-/// Labels of `nodelens_log_records_dropped_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    /// Why the records were dropped.
-    pub reason: &'static str,
-}
-
-/// Labels of `nodelens_sink_records_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SinkOutcomeLabels {
-    /// `stdout` or `elasticsearch`.
-    pub sink: &'static str,
-    /// `delivered`, `duplicate`, `rejected` or `retried`.
-    pub outcome: &'static str,
-}
-
-/// Labels of per-sink series.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SinkLabels {
-    /// The sink.
-    pub sink: &'static str,
-}
-
-/// Labels of `nodelens_pod_info`: the join target for cAdvisor and kube-state-metrics series.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PodInfoLabels {
-    /// Namespace.
-    pub namespace: String,
-    /// Pod name.
-    pub pod: String,
-    /// Pod UID.
-    pub uid: String,
-    /// Application.
-    pub app: String,
-    /// User.
-    pub user: String,
-    /// `deployment`, `statefulset`, ... or empty.
-    pub workload_kind: String,
-    /// The workload's name, or empty.
-    pub workload: String,
-}
+use crate::sinks::SinkMetrics;
 
 /// Labels of `nodelens_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     /// The agent's version.
     pub version: &'static str,
-}
-
-/// Log pipeline metrics.
-#[derive(Clone, Default)]
-pub struct LogMetrics {
-    /// `nodelens_log_records_total`.
-    pub records: Family<RecordLabels, Counter>,
-    /// `nodelens_log_bytes_total`: message bytes.
-    pub bytes: Family<AppLabels, Counter>,
-    /// `nodelens_log_records_flagged_total`: records shipped truncated, partial or malformed.
-    pub flagged: Family<FlagLabels, Counter>,
-    /// Tailer gauges and the lost-bytes counter.
-    pub tailer: TailerMetrics,
-    /// Log-derived metrics.
-    pub derived: DerivedFamilies,
-}
-
-/// Sink metrics.
-#[derive(Clone)]
-pub struct SinkMetrics {
-    /// `nodelens_sink_records_total`.
-    pub records: Family<SinkOutcomeLabels, Counter>,
-    /// `nodelens_sink_request_duration_seconds`.
-    pub request_duration: Family<SinkLabels, Histogram>,
-    /// `nodelens_sink_retries_total`: requests retried after a failure.
-    pub retries: Family<SinkLabels, Counter>,
-    /// `nodelens_log_records_dropped_total`: records a sink will never deliver.
-    pub dropped: Family<ReasonLabels, Counter>,
-}
-
-impl Default for SinkMetrics {
-    fn default() -> Self {
-        SinkMetrics {
-            records: Family::default(),
-            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
-            retries: Family::default(),
-            dropped: Family::default(),
-        }
-    }
 }
 
 /// All metrics and the registry that serves them.
@@ -183,13 +74,19 @@ impl Metrics {
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.add("build_info", "nodelens build; the value is 1", build);
-        r.add("log_records", "Log records read, by namespace, app, stream and level", logs.records.clone());
-        r.add("log_bytes", "Message bytes of log records read", logs.bytes.clone());
-        r.add("log_records_flagged", "Records shipped truncated, partial or malformed", logs.flagged.clone());
+        r.add("log_records", "Log records read, by namespace, app, stream and level", logs.counts.records.clone());
+        r.add("log_bytes", "Message bytes of log records read", logs.counts.bytes.clone());
+        r.add("log_records_flagged", "Records shipped truncated, partial or malformed", logs.counts.flagged.clone());
         r.add("log_records_dropped", "Records not delivered, by reason", sinks.dropped.clone());
-        r.add("log_files_tailed", "Log files open for reading", logs.tailer.files_tailed.clone());
+        r.add("log_files_tailed", "Container instances whose log is followed", logs.tailer.files_tailed.clone());
+        r.add("log_files_open", "Log files held open (idle ones are closed)", logs.tailer.files_open.clone());
         r.add("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
         r.add("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
+        r.add(
+            "log_files_truncated",
+            "Log files truncated in place (copytruncate) and read again from the start",
+            logs.tailer.truncated.clone(),
+        );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
         r.names.push("nodelens_log_metric_total".into());
@@ -233,11 +130,16 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::counts::RecordLabels;
 
     #[test]
     fn every_series_carries_node_and_the_spec_names() {
         let m = Metrics::new("gpu-7");
-        m.logs.records.get_or_create(&RecordLabels { namespace: "ml".into(), app: "a".into(), stream: "stdout", level: "unknown" }).inc();
+        m.logs
+            .counts
+            .records
+            .get_or_create(&RecordLabels { namespace: "ml".into(), app: "a".into(), stream: "stdout", level: "unknown" })
+            .inc();
         m.logs.tailer.files_tailed.set(3);
         let text = m.encode();
         assert!(text.contains(r#"nodelens_build_info{node="gpu-7",version=""#), "{text}");
@@ -248,6 +150,7 @@ mod tests {
         assert!(text.contains(r#"nodelens_log_files_tailed{node="gpu-7"} 3"#), "{text}");
         assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
         assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");
+        assert!(text.contains("nodelens_log_files_truncated_total{"), "{text}");
         assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
         assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }

@@ -5,12 +5,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -29,25 +31,65 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// What one client may hold of the endpoint. Every namespace's apps and users are in
+/// `/metrics`, and a node agent is reachable from every pod unless a NetworkPolicy says
+/// otherwise: a slow or hostile client must not wedge it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to send a request's headers, counted from the connection's start or the end of
+    /// the previous response (so it is also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// Longest life of one connection, slow readers of a response included.
+    pub connection_lifetime: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { header_timeout: Duration::from_secs(10), connection_lifetime: Duration::from_secs(60), max_connections: 1024 }
+    }
+}
+
 /// Serves until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, mut shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, limits: Limits, mut shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refused: u64 = 0;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics endpoint accept failed");
+                    // Out of descriptors: let connections finish before accepting more.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.recv() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if refused % 1000 == 0 {
+                tracing::warn!(%peer, max = limits.max_connections, refused = refused + 1, "metrics endpoint at its connection limit; closing new connections");
+            }
+            refused += 1;
+            drop(stream);
+            continue;
+        };
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| respond(req, metrics.clone(), health.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.connection_lifetime, connection).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended with an error"),
+                Err(_) => tracing::debug!(%peer, "metrics connection outlived its limit; closed"),
+                Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
@@ -71,4 +113,78 @@ async fn respond(req: Request<Incoming>, metrics: Arc<Metrics>, health: Arc<Heal
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics, /healthz or /readyz\n".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn get_metrics(addr: SocketAddr) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    #[tokio::test]
+    async fn idle_and_half_sent_connections_are_closed_and_metrics_keep_answering() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(1);
+        let limits =
+            Limits { header_timeout: Duration::from_millis(300), connection_lifetime: Duration::from_secs(5), max_connections: 400 };
+        let metrics = Arc::new(Metrics::new("n"));
+        tokio::spawn(serve(listener, metrics, Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+
+        // 300 silent clients and 50 that send half a request, then stall.
+        let mut slow = Vec::new();
+        for i in 0..350 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            if i % 7 == 0 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost:").await.unwrap();
+            }
+            slow.push(s);
+        }
+        let started = tokio::time::Instant::now();
+        let body = get_metrics(addr).await.unwrap();
+        assert!(body.contains("nodelens_build_info"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
+
+        // Past the header timeout every slow client has been hung up on.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut closed = 0;
+        for s in &mut slow {
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+                Ok(Ok(_)) | Ok(Err(_)) => closed += 1,
+                Err(_) => {}
+            }
+        }
+        assert_eq!(closed, slow.len(), "every idle or half-sent connection is closed");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_at_once() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(1);
+        let limits = Limits { header_timeout: Duration::from_secs(30), connection_lifetime: Duration::from_secs(30), max_connections: 10 };
+        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed, not left hanging");
+        assert_eq!(n.unwrap_or(0), 0, "the 11th connection is closed without an answer");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(get_metrics(addr).await.unwrap().contains("nodelens_build_info"), "slots come back");
+    }
 }

@@ -282,7 +282,7 @@ fn a_training_log_becomes_metrics_and_they_leave_with_the_pod() {
     let agent = node.start();
     agent.wait_for(WAIT, "the records", count_is(4));
     let (_, body) = agent.get("/metrics");
-    let pod = [r#"namespace="ml""#, r#"pod="resnet-0""#, r#"app="resnet-0""#];
+    let pod = [r#"namespace="ml""#, r#"pod="resnet-0""#, r#"app="resnet""#];
     let with = |name: &'static str| pod.iter().copied().chain([name]).collect::<Vec<_>>();
     assert_eq!(metric_sum(&body, "nodelens_log_metric", &with(r#"name="loss""#)), 0.53, "{body}");
     assert_eq!(metric_sum(&body, "nodelens_log_metric_total", &with(r#"name="steps""#)), 3.0);

@@ -142,3 +142,40 @@ fn kubernetes_keys_and_multiline_rules_are_validated() {
         .unwrap();
     assert_eq!(good.logs.multiline[0].timeout, Duration::from_secs(1));
 }
+
+#[test]
+fn log_metric_rules_are_validated_naming_the_rule_and_the_reason() {
+    for (rule, reason) in [
+        ("{name: loss, pattern: 'loss=(?P<v>[0-9.]+)', type: gauge}", "needs a value group"),
+        ("{name: loss, pattern: 'loss=(', type: counter}", "pattern"),
+        ("{name: loss, pattern: 'loss=(?P<v>.+)', type: counter, value: x}", "no group named `x`"),
+        ("{name: loss, pattern: '(?P<pod>.+)', type: counter, labels: [pod]}", "`pod` is reserved"),
+        ("{name: loss, app: '[', pattern: 'x', type: counter}", "app"),
+    ] {
+        let err = load_text(&format!("logs:\n  log_metrics:\n    - {rule}\n"), &[]).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("logs.log_metrics[0] (loss)") && err.contains(reason), "{rule}: {err}");
+    }
+    let good =
+        load_text("logs:\n  log_metrics:\n    - {name: loss, pattern: 'loss=(?P<v>[0-9.]+)', type: gauge, value: v}\n", &[]).unwrap();
+    assert!(good.validate().is_ok());
+}
+
+#[test]
+fn zero_periods_and_out_of_range_sizes_are_refused_naming_the_key() {
+    for (key, yaml) in [
+        ("gpu.poll_interval", "gpu:\n  poll_interval: 0s\n"),
+        ("host.scan_interval", "host:\n  scan_interval: 0s\n"),
+        ("certificates.interval", "certificates:\n  interval: 0s\n"),
+        ("sinks.elasticsearch.request_timeout", "sinks:\n  elasticsearch:\n    request_timeout: 0s\n"),
+        ("sinks.elasticsearch.flush_interval", "sinks:\n  elasticsearch:\n    flush_interval: 0s\n"),
+        ("logs.partial_timeout", "logs:\n  partial_timeout: 0s\n"),
+        ("logs.multiline[0].timeout", "logs:\n  multiline:\n    - {app: '*', start_pattern: '^x', timeout: 0s}\n"),
+        ("sinks.elasticsearch.batch_max_bytes", "sinks:\n  elasticsearch:\n    batch_max_bytes: 1000000000\n"),
+        ("logs.max_line_bytes", "logs:\n  max_line_bytes: 1000000000\n  max_inflight_bytes: 1000000000\n"),
+        ("logs.max_inflight_bytes", "logs:\n  max_inflight_bytes: 100000000000\n"),
+    ] {
+        let err = load_text(yaml, &[]).and_then(Config::validate).expect_err(key).to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    assert!(load_text("gpu:\n  poll_interval: 100ms\n", &[]).and_then(Config::validate).is_ok(), "small but sane is fine");
+}

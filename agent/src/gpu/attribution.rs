@@ -198,7 +198,7 @@ mod tests {
                 "namespace=ml".into(),
                 "pod=a-0".into(),
                 "container=main".into(),
-                "app=a-0".into(),
+                "app=a".into(),
                 "user=".into()
             ]
         );

@@ -50,6 +50,28 @@ fn pod_uid(segment: &str) -> Option<String> {
     valid.then(|| uid.replace('_', "-"))
 }
 
+/// The agent's own pod: `POD_UID` (the DaemonSet passes `metadata.uid`), else the pod named
+/// by the agent's own cgroup, `<proc_root>/self/cgroup`, else by the kubelet's per-pod
+/// directory in its mounts (`/var/lib/kubelet/pods/<uid>/...` for `/etc/hosts` and volumes),
+/// which a cgroup namespace does not hide. `None` outside a pod.
+pub fn own_pod_uid(proc_root: &std::path::Path) -> Option<String> {
+    if let Some(uid) = std::env::var("POD_UID").ok().filter(|u| !u.trim().is_empty()) {
+        return Some(uid.trim().to_string());
+    }
+    let read = |name: &str| std::fs::read_to_string(proc_root.join("self").join(name)).ok();
+    read("cgroup").and_then(|c| parse(&c)).map(|c| c.pod_uid).or_else(|| read("mountinfo").and_then(|m| pod_uid_in_mounts(&m)))
+}
+
+/// The pod UID in a kubelet pod directory named by `/proc/<pid>/mountinfo`.
+fn pod_uid_in_mounts(mountinfo: &str) -> Option<String> {
+    mountinfo.split_whitespace().find_map(|field| {
+        let (_, rest) = field.split_once("/kubelet/pods/")?;
+        let uid = rest.split('/').next()?;
+        let valid = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        valid.then(|| uid.to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +116,26 @@ mod tests {
         ] {
             assert_eq!(parse(&case), None, "{case}");
         }
+    }
+
+    #[test]
+    fn the_agents_own_pod_is_found_in_its_cgroup_or_its_mounts() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("self")).unwrap();
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID}.scope\n",
+            UID.replace('-', "_")
+        );
+        std::fs::write(root.path().join("self/cgroup"), systemd).unwrap();
+        assert_eq!(own_pod_uid(root.path()).as_deref(), Some(UID));
+        // Behind a cgroup namespace the path is `/`; the kubelet's pod directory still shows.
+        std::fs::write(root.path().join("self/cgroup"), "0::/\n").unwrap();
+        let mounts = format!(
+            "1210 1190 0:27 / / rw - overlay overlay rw\n1225 1190 253:1 /var/lib/kubelet/pods/{UID}/etc-hosts /etc/hosts rw - ext4 /dev/vda1 rw\n"
+        );
+        std::fs::write(root.path().join("self/mountinfo"), mounts).unwrap();
+        assert_eq!(own_pod_uid(root.path()).as_deref(), Some(UID));
+        std::fs::write(root.path().join("self/mountinfo"), "1210 1190 0:27 / / rw - overlay overlay rw\n").unwrap();
+        assert_eq!(own_pod_uid(root.path()), None, "a host process is in no pod");
     }
 }

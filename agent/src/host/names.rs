@@ -1,7 +1,8 @@
 //! Who a container is — namespace, pod, container, app, user — for metrics about containers
 //! found outside the log pipeline (through `/proc` or the kubelet's pod-resources API): from
 //! the pod store when the API is there, else from the kubelet's log directories
-//! (`<ns>_<pod>_<uid>`) and container symlinks, the application then being the pod's name.
+//! (`<ns>_<pod>_<uid>`) and container symlinks, the application then being the pod's name
+//! without its generated suffixes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 
 use super::cgroup::ContainerCgroup;
 use crate::kube::meta::PodMeta;
+use crate::kube::resolve::app_from_pod_name;
 use crate::kube::store::PodStore;
 use crate::logs::path;
 
@@ -92,7 +94,7 @@ impl Lookup<'_> {
         let (namespace, pod) = index.pods.get(&container.pod_uid)?.clone();
         Some(ContainerLabels {
             container: index.containers.get(&container.container_id).cloned().unwrap_or_default(),
-            app: pod.clone(),
+            app: app_from_pod_name(&pod).to_string(),
             user: String::new(),
             namespace,
             pod,
@@ -111,7 +113,7 @@ impl Lookup<'_> {
                 namespace: namespace.to_string(),
                 pod: pod.to_string(),
                 container: container.to_string(),
-                app: pod.to_string(),
+                app: app_from_pod_name(pod).to_string(),
                 user: String::new(),
             },
         }

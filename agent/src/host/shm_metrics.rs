@@ -70,7 +70,7 @@ mod tests {
             namespace: "ml".into(),
             pod: "trainer-0".into(),
             container: "main".into(),
-            app: "trainer-0".into(),
+            app: "trainer".into(),
             user: String::new(),
         };
         assert_eq!(exported, HashSet::from([labels.clone()]));

@@ -44,15 +44,17 @@ pub async fn connect(config: &KubernetesConfig) -> anyhow::Result<Option<kube::C
 }
 
 /// Starts the watches feeding `store`: pods always, namespaces when a key needs their labels
-/// or `watch_namespaces` asks for their exclude annotation.
+/// or `watch_namespaces` asks for their exclude annotation. A deleted pod is kept while
+/// `keep_deleted` says its log files are on disk.
 pub fn start(
     client: kube::Client,
     node: String,
     store: Arc<PodStore>,
     watch_namespaces: bool,
+    keep_deleted: watch::KeepDeleted,
     shutdown: impl Fn() -> Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), shutdown()))];
+    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), keep_deleted, shutdown()))];
     if watch_namespaces || store.needs_namespaces() {
         tasks.push(tokio::spawn(watch::namespaces(client, store, shutdown())));
     }

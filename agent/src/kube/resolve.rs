@@ -1,7 +1,7 @@
 //! Who a pod belongs to: its application and its user, from ordered key lists such as
 //! `["label:app.kubernetes.io/name", "label:app", "owner"]`. The first key with a non-empty
-//! value wins; the application falls back to the owning workload's name, then the pod name;
-//! the user falls back to empty.
+//! value wins; the application falls back to the owning workload's name, then the pod name
+//! without the suffixes controllers generate; the user falls back to empty.
 
 use std::collections::BTreeMap;
 
@@ -56,9 +56,37 @@ pub fn first(keys: &[Key], sources: &Sources) -> Option<String> {
     })
 }
 
-/// The application: the first key's value, else the workload, else the pod name.
+/// The application: the first key's value, else the workload, else [`app_from_pod_name`].
 pub fn app(keys: &[Key], sources: &Sources, pod: &str) -> String {
-    first(keys, sources).or_else(|| sources.owner.map(str::to_string)).unwrap_or_else(|| pod.to_string())
+    first(keys, sources).or_else(|| sources.owner.map(str::to_string)).unwrap_or_else(|| app_from_pod_name(pod).to_string())
+}
+
+/// The characters of Kubernetes' random names (`k8s.io/apimachinery/pkg/util/rand`): no
+/// vowels, no easily confused digits.
+const RAND_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+/// The application a pod's name stands for when nothing else names it: the name without
+/// the suffixes its controller generated, so every pod of one workload counts as one
+/// application. `web-7d9f8b6c5d-x2k4p` (a Deployment's: pod-template-hash and random
+/// suffix), `agent-x2k4p` (a DaemonSet's or Job's), `nightly-29100480-x2k4p` (a CronJob's
+/// Job), `indexed-3-x2k4p` (an indexed Job's), `db-3` (a StatefulSet's ordinal) and
+/// `wf-1234567890` (an Argo workflow step's) all lose them; names without one stay.
+pub fn app_from_pod_name(pod: &str) -> &str {
+    let is_rand = |s: &str, len: std::ops::RangeInclusive<usize>| len.contains(&s.len()) && s.bytes().all(|b| RAND_ALPHABET.contains(&b));
+    let is_number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((head, last)) = pod.rsplit_once('-') else { return pod };
+    if is_rand(last, 5..=5) {
+        // Before the random suffix: a ReplicaSet's template hash, a CronJob's schedule
+        // time or an indexed Job's index.
+        return match head.rsplit_once('-') {
+            Some((name, part)) if is_rand(part, 6..=10) || is_number(part) => name,
+            _ => head,
+        };
+    }
+    if is_number(last) {
+        return head;
+    }
+    pod
 }
 
 /// The user: the first key's value, else empty.
@@ -114,7 +142,33 @@ mod tests {
         let ks = keys(&["label:app"]);
         assert_eq!(app(&ks, &with_owner, "trainer-0"), "trainer");
         assert_eq!(app(&ks, &bare, "lonely-pod"), "lonely-pod");
+        assert_eq!(app(&ks, &bare, "nightly-29100480-x2k4p"), "nightly", "generated suffixes go");
         assert_eq!(user(&keys(&["label:user", "namespace_label:user"]), &bare), "");
+    }
+
+    #[test]
+    fn generated_suffixes_are_stripped_from_pod_names() {
+        for (pod, expected) in [
+            ("web-7d9f8b6c5d-x2k4p", "web"),
+            ("api-gateway-5c7b9d4f68-q2w5z", "api-gateway"),
+            ("web-64948c8f-8zvxc", "web"),
+            ("node-exporter-x2k4p", "node-exporter"),
+            ("train-once-7bq2t", "train-once"),
+            ("nightly-29100480-x2k4p", "nightly"),
+            ("indexed-3-x2k4p", "indexed"),
+            ("postgres-3", "postgres"),
+            ("kafka-broker-12", "kafka-broker"),
+            ("wf-1234567890", "wf"),
+            ("redis", "redis"),
+            ("lonely-pod", "lonely-pod"),
+            ("nvidia-dcgm-x2k4p", "nvidia-dcgm"),
+            ("my-app-v2", "my-app-v2"),
+            ("web-server", "web-server"),
+            ("cache-abcde", "cache-abcde"),
+            ("x2k4p", "x2k4p"),
+        ] {
+            assert_eq!(app_from_pod_name(pod), expected, "{pod}");
+        }
     }
 
     #[test]

@@ -1,20 +1,40 @@
 //! The pods on this node, as the watch reports them, with their application and user
 //! resolved. Shared by the log encoder (enrichment) and the metrics (`nodelens_pod_info`).
-//! A deleted pod stays for [`KEEP_DELETED`] so its last lines are still enriched.
+//! A deleted pod stays while its log files are on disk (at least [`KEEP_DELETED`]), so its
+//! last lines are still enriched, however late they are read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::meta::{PodMeta, EXCLUDE};
 use super::resolve::{self, Key, Sources};
-use crate::metrics::PodInfoLabels;
 
-/// How long a deleted pod's metadata is kept.
+/// The least time a deleted pod's metadata is kept, whether or not its files are still there.
 pub const KEEP_DELETED: Duration = Duration::from_secs(60);
+
+/// Labels of `nodelens_pod_info`: the join target for cAdvisor and kube-state-metrics series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodInfoLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Application.
+    pub app: String,
+    /// User.
+    pub user: String,
+    /// `deployment`, `statefulset`, ... or empty.
+    pub workload_kind: String,
+    /// The workload's name, or empty.
+    pub workload: String,
+}
 
 /// A namespace as far as the agent cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,7 +60,6 @@ struct Inner {
 /// The pod store.
 pub struct PodStore {
     inner: Mutex<Inner>,
-    changed: Condvar,
     app_keys: Vec<Key>,
     user_keys: Vec<Key>,
     pod_info: Family<PodInfoLabels, Gauge>,
@@ -49,7 +68,7 @@ pub struct PodStore {
 impl PodStore {
     /// An empty store resolving with these keys and exporting `pod_info`.
     pub fn new(app_keys: Vec<Key>, user_keys: Vec<Key>, pod_info: Family<PodInfoLabels, Gauge>) -> PodStore {
-        PodStore { inner: Mutex::default(), changed: Condvar::new(), app_keys, user_keys, pod_info }
+        PodStore { inner: Mutex::default(), app_keys, user_keys, pod_info }
     }
 
     /// Annotations worth keeping from a pod: the ones the keys name, and `nodelens.io/*`.
@@ -79,22 +98,6 @@ impl PodStore {
         pods
     }
 
-    /// The pod with `uid`, waiting up to `timeout` for the watch to report it.
-    pub fn wait_for(&self, uid: &str, timeout: Duration) -> Option<Arc<PodMeta>> {
-        let deadline = Instant::now() + timeout;
-        let mut inner = self.inner.lock().unwrap();
-        loop {
-            if let Some(e) = inner.pods.get(uid) {
-                return Some(e.meta.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            inner = self.changed.wait_timeout(inner, left).unwrap().0;
-        }
-    }
-
     /// Whether the namespace carries `nodelens.io/exclude: "true"`.
     pub fn namespace_excluded(&self, namespace: &str) -> bool {
         self.inner.lock().unwrap().namespaces.get(namespace).is_some_and(|n| n.excluded)
@@ -119,16 +122,19 @@ impl PodStore {
     pub fn apply(&self, pod: PodMeta) {
         let mut inner = self.inner.lock().unwrap();
         self.apply_locked(&mut inner, pod);
-        drop(inner);
-        self.changed.notify_all();
     }
 
-    /// A pod was deleted: its metadata stays a while, its `pod_info` series goes now.
+    /// A pod was deleted: its metadata stays (see [`PodStore::prune`]), its `pod_info`
+    /// series goes now.
     pub fn delete(&self, uid: &str) {
+        self.delete_at(uid, Instant::now());
+    }
+
+    fn delete_at(&self, uid: &str, now: Instant) {
         let mut inner = self.inner.lock().unwrap();
         if let Some(entry) = inner.pods.get_mut(uid) {
             if entry.deleted_at.is_none() {
-                entry.deleted_at = Some(Instant::now());
+                entry.deleted_at = Some(now);
                 self.pod_info.remove(&info_labels(&entry.meta));
             }
         }
@@ -148,7 +154,6 @@ impl PodStore {
         for uid in gone {
             self.delete(&uid);
         }
-        self.changed.notify_all();
     }
 
     /// A namespace was added or changed: its pods are resolved again.
@@ -165,9 +170,29 @@ impl PodStore {
         }
     }
 
-    /// Drops pods deleted more than [`KEEP_DELETED`] ago.
-    pub fn prune(&self, now: Instant) {
-        self.inner.lock().unwrap().pods.retain(|_, e| e.deleted_at.is_none_or(|at| now.duration_since(at) < KEEP_DELETED));
+    /// Drops pods deleted at least [`KEEP_DELETED`] before `now` for which `keep` (asked
+    /// without the lock held: it may look at the disk) is false — `keep` says whether the
+    /// pod's log files are still there to be read.
+    pub fn prune(&self, now: Instant, keep: impl Fn(&PodMeta) -> bool) {
+        let candidates: Vec<(Arc<PodMeta>, Instant)> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .pods
+                .values()
+                .filter_map(|e| Some((e.meta.clone(), e.deleted_at.filter(|at| now.duration_since(*at) >= KEEP_DELETED)?)))
+                .collect()
+        };
+        let gone: Vec<(Arc<PodMeta>, Instant)> = candidates.into_iter().filter(|(meta, _)| !keep(meta)).collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        for (meta, deleted_at) in gone {
+            // Unless the watch reported it again meanwhile.
+            if inner.pods.get(&meta.uid).is_some_and(|e| e.deleted_at == Some(deleted_at)) {
+                inner.pods.remove(&meta.uid);
+            }
+        }
     }
 
     fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta) {
@@ -275,9 +300,9 @@ mod tests {
         s.delete("u1");
         assert!(s.get("u1").is_some());
         assert_eq!(series(&family), 0);
-        s.prune(Instant::now());
+        s.prune(Instant::now(), |_| false);
         assert!(s.get("u1").is_some(), "kept for a while");
-        s.prune(Instant::now() + KEEP_DELETED);
+        s.prune(Instant::now() + KEEP_DELETED, |_| false);
         assert!(s.get("u1").is_none());
     }
 
@@ -289,21 +314,40 @@ mod tests {
         s.relist(vec![pod("u2", "ml", &[]), pod("u3", "ml", &[])]);
         assert!(s.is_synced());
         assert_eq!(series(&family), 2);
-        s.prune(Instant::now() + KEEP_DELETED);
+        s.prune(Instant::now() + KEEP_DELETED, |_| false);
         assert!(s.get("u1").is_none() && s.get("u3").is_some());
     }
 
     #[test]
-    fn waiting_for_a_pod_returns_when_the_watch_reports_it() {
+    fn a_deleted_pod_is_kept_while_its_log_directory_exists() {
         let (s, _) = store();
-        let s = Arc::new(s);
-        let writer = s.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            writer.apply(pod("late", "ml", &[]));
+        let pods_dir = tempfile::tempdir().unwrap();
+        let dir = crate::logs::path::pod_dir(pods_dir.path(), "ml", "pod-u1", "u1");
+        std::fs::create_dir(&dir).unwrap();
+        let keep = |p: &PodMeta| crate::logs::path::pod_dir(pods_dir.path(), &p.namespace, &p.name, &p.uid).exists();
+        s.apply(pod("u1", "ml", &[("app", "a")]));
+        let deleted = Instant::now();
+        s.delete_at("u1", deleted);
+        s.prune(deleted + KEEP_DELETED * 30, keep);
+        assert_eq!(s.get("u1").map(|p| p.app.clone()).as_deref(), Some("a"), "its files are still on disk");
+        std::fs::remove_dir(&dir).unwrap();
+        s.prune(deleted + KEEP_DELETED / 2, keep);
+        assert!(s.get("u1").is_some(), "kept at least KEEP_DELETED");
+        s.prune(deleted + KEEP_DELETED, keep);
+        assert!(s.get("u1").is_none(), "dropped once the directory is gone");
+    }
+
+    #[test]
+    fn a_pod_back_before_the_prune_is_not_dropped() {
+        let (s, _) = store();
+        s.apply(pod("u1", "ml", &[]));
+        let deleted = Instant::now();
+        s.delete_at("u1", deleted);
+        s.prune(deleted + KEEP_DELETED, |_| {
+            // A relist reports the pod again while the prune looks at the disk.
+            s.apply(pod("u1", "ml", &[("app", "back")]));
+            false
         });
-        assert!(s.wait_for("late", Duration::from_secs(5)).is_some());
-        assert!(s.wait_for("never", Duration::from_millis(20)).is_none());
-        t.join().unwrap();
+        assert_eq!(s.get("u1").map(|p| p.app.clone()).as_deref(), Some("back"));
     }
 }

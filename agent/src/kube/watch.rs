@@ -12,12 +12,16 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 
-use super::meta;
+use super::meta::{self, PodMeta};
 use super::store::{self, PodStore};
 use crate::shutdown::Shutdown;
 
-/// Watches this node's pods into `store` until shutdown.
-pub async fn pods(client: Client, node: String, store: Arc<PodStore>, mut shutdown: Shutdown) {
+/// Says whether a deleted pod's log files are still on disk (its metadata is then kept).
+pub type KeepDeleted = Arc<dyn Fn(&PodMeta) -> bool + Send + Sync>;
+
+/// Watches this node's pods into `store` until shutdown; every 10 s drops deleted pods that
+/// `keep` no longer holds.
+pub async fn pods(client: Client, node: String, store: Arc<PodStore>, keep: KeepDeleted, mut shutdown: Shutdown) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher::watcher(api, config).default_backoff();
@@ -47,7 +51,11 @@ pub async fn pods(client: Client, node: String, store: Arc<PodStore>, mut shutdo
                 Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying with backoff"),
                 None => return,
             },
-            _ = prune.tick() => store.prune(Instant::now()),
+            _ = prune.tick() => {
+                let (store, keep) = (store.clone(), keep.clone());
+                // `keep` looks at the disk.
+                let _ = tokio::task::spawn_blocking(move || store.prune(Instant::now(), &*keep)).await;
+            }
             _ = shutdown.recv() => return,
         }
     }

@@ -6,8 +6,9 @@
 //! `0.log.<ts>.gz` stays one file with one position. A file is finished at its end once a newer
 //! file exists (the runtime has moved on), or when the container can write no more.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,17 @@ pub struct Lost {
     pub bytes: u64,
 }
 
+/// What one read step produced.
+#[derive(Debug)]
+pub struct Progress {
+    /// Records read, and the position they complete.
+    pub chunk: Chunk,
+    /// Bytes found to be gone for good.
+    pub lost: Vec<Lost>,
+    /// The file was found truncated in place; it is read again from its start.
+    pub truncated: bool,
+}
+
 /// Reading state of a file opened during this run.
 struct FileState {
     consumed: u64,
@@ -52,6 +64,8 @@ struct OpenFile {
     fingerprint: u64,
     gzip: bool,
     reader: LineReader,
+    /// Since when steps found nothing new; an idle file is closed after [`CLOSE_IDLE_AFTER`].
+    idle_since: Option<Instant>,
 }
 
 /// How long a file may be absent from scans before it counts as deleted. A scan can race with
@@ -59,9 +73,18 @@ struct OpenFile {
 /// file that still exists under another name.
 const GONE_AFTER: Duration = Duration::from_secs(2);
 
-/// How long a rotated file must be quiet before its end is final: the runtime may write to
-/// the renamed file until the kubelet has asked it to reopen.
-const QUIET_BEFORE_FINISH: Duration = Duration::from_secs(1);
+/// How long a rotated file must be quiet before its end is final. Once the newer file holds a
+/// line the runtime has reopened, but the other stream's writer may still be finishing a write
+/// to the renamed file; a short quiet period covers that without delaying the newer file.
+const QUIET_BEFORE_FINISH: Duration = Duration::from_millis(250);
+
+/// A file with nothing new for this long is closed, so quiet and exited containers hold no
+/// file descriptor; it is reopened (and checked to be the same inode) when it grows.
+const CLOSE_IDLE_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a tail with nothing to read sleeps before looking again; scans and writes wake
+/// it sooner.
+const IDLE_POLL: Duration = Duration::from_secs(30);
 
 /// The tail of one container instance.
 pub struct ContainerTail {
@@ -77,6 +100,11 @@ pub struct ContainerTail {
     /// When to look at the file again after finding nothing new.
     pub next_poll: Instant,
     backoff: Duration,
+    /// The files have moved since the last scan (an open found another file or none): the
+    /// tailer rescans the pod directory and clears this.
+    pub wants_rescan: bool,
+    /// Fingerprints whose open error was already logged.
+    open_errors: HashSet<u64>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -95,6 +123,8 @@ impl ContainerTail {
             final_: false,
             next_poll: Instant::now(),
             backoff: MIN_BACKOFF,
+            wants_rescan: false,
+            open_errors: HashSet::new(),
         }
     }
 
@@ -113,7 +143,7 @@ impl ContainerTail {
         self.update_at(chain, checkpoints, Instant::now())
     }
 
-    fn update_at(&mut self, chain: Vec<ScannedFile>, checkpoints: &Checkpoints, now: Instant) -> Vec<Lost> {
+    fn update_at(&mut self, mut chain: Vec<ScannedFile>, checkpoints: &Checkpoints, now: Instant) -> Vec<Lost> {
         let in_chain = |fp: u64| chain.iter().any(|f| f.fingerprint.hash == fp);
         for old in self.chain.drain(..) {
             if !in_chain(old.fingerprint.hash) {
@@ -134,6 +164,7 @@ impl ContainerTail {
         let mut lost = Vec::new();
         for file in gone {
             let fp = file.fingerprint.hash;
+            self.open_errors.remove(&fp);
             let state = self.states.remove(&fp);
             if state.as_ref().is_some_and(|s| s.finished) {
                 continue;
@@ -143,7 +174,14 @@ impl ContainerTail {
                 lost.push(Lost { path: file.path.clone(), bytes: file.size - position });
             }
         }
+        // What was read of the open file is on disk, whatever the scan saw a moment earlier.
+        if let Some(open) = &self.open {
+            if let Some(file) = chain.iter_mut().find(|f| f.fingerprint.hash == open.fingerprint && !open.gzip) {
+                file.size = file.size.max(open.reader.consumed());
+            }
+        }
         self.chain = chain;
+        self.poke();
         lost
     }
 
@@ -163,9 +201,15 @@ impl ContainerTail {
         self.next_poll = Instant::now();
     }
 
-    /// Final and read to the end: the tail can be dropped.
+    /// Final and read to the end: nothing more will come from this container instance.
     pub fn is_done(&self, checkpoints: &Checkpoints) -> bool {
         self.final_ && self.open.is_none() && self.missing.is_empty() && self.select(checkpoints).is_none()
+    }
+
+    /// No file of this container instance is left on disk. A finished tail is kept until then,
+    /// so its files keep their positions and are never read again.
+    pub fn is_gone(&self) -> bool {
+        self.chain.is_empty() && self.missing.is_empty() && self.open.is_none()
     }
 
     /// Ids of every file that may still exist, for checkpoint garbage collection.
@@ -180,27 +224,35 @@ impl ContainerTail {
     }
 
     /// Reads the next records, up to the limits. `None` when there was nothing to do.
-    pub fn step(&mut self, checkpoints: &Checkpoints, limits: &StepLimits, now: Instant) -> Option<(Chunk, Vec<Lost>)> {
-        let mut lost = Vec::new();
+    pub fn step(&mut self, checkpoints: &Checkpoints, limits: &StepLimits, now: Instant) -> Option<Progress> {
         if self.open.is_none() {
-            let index = self.select(checkpoints)?;
+            let Some(index) = self.select(checkpoints) else {
+                self.next_poll = now + IDLE_POLL;
+                return None;
+            };
             match self.open_file(index, checkpoints, limits) {
-                Ok(open) => self.open = Some(open),
+                Ok(Some(open)) => self.open = Some(open),
+                Ok(None) => {
+                    self.back_off(now);
+                    return None;
+                }
                 Err(e) => {
+                    // Renamed, compressed or replaced since the scan, or not openable right now
+                    // (EMFILE, EACCES): look again. Its bytes count as lost only once the file
+                    // is gone from disk.
                     let file = &self.chain[index];
-                    let fp = file.fingerprint.hash;
-                    let position = checkpoints.offset(self.file_id(fp)).unwrap_or(0);
-                    if e.kind() != io::ErrorKind::NotFound {
-                        tracing::error!(path = %file.path.display(), error = %e, "cannot read log file; skipping it");
-                        lost.push(Lost { path: file.path.clone(), bytes: file.size.saturating_sub(position) });
+                    if e.kind() != io::ErrorKind::NotFound && self.open_errors.insert(file.fingerprint.hash) {
+                        tracing::warn!(path = %file.path.display(), error = %e, "cannot open log file; will retry");
                     }
-                    self.states.insert(fp, FileState { consumed: position, finished: true });
-                    return Some((Chunk::new(self.source(index)), lost));
+                    self.wants_rescan = true;
+                    self.back_off(now);
+                    return None;
                 }
             }
         }
         let open = self.open.as_mut().expect("opened above");
         let mut chunk = Chunk::new(open.source.clone());
+        let mut lost = Vec::new();
         let start = open.reader.consumed();
         let mut at_end = false;
         let mut read_error = None;
@@ -217,17 +269,27 @@ impl ContainerTail {
                 }
             }
         }
+        let known_size = self.chain.iter().find(|f| f.fingerprint.hash == open.fingerprint).map_or(0, |f| f.size);
+        // Shorter than what was read: truncated in place (copytruncate, `> 0.log`).
+        let truncated = at_end && !open.gzip && open.reader.file_len().is_some_and(|len| len < open.reader.consumed());
+        if truncated {
+            tracing::warn!(path = %open.source.path.display(), offset = open.reader.consumed(), "log file truncated in place; reading it again from its start");
+            if known_size > open.reader.consumed() {
+                lost.push(Lost { path: open.source.path.clone(), bytes: known_size - open.reader.consumed() });
+            }
+        }
         let is_last = self.chain.last().map(|f| f.fingerprint.hash) == Some(open.fingerprint);
         let quiet = || open.reader.modified().is_none_or(|m| m.elapsed().unwrap_or_default() >= QUIET_BEFORE_FINISH);
-        let finished = read_error.is_some() || (at_end && (open.gzip || ((!is_last || self.final_) && quiet())));
+        let finished = truncated || read_error.is_some() || (at_end && (open.gzip || ((!is_last || self.final_) && quiet())));
         if let Some(e) = &read_error {
-            let size = self.chain.iter().find(|f| f.fingerprint.hash == open.fingerprint).map_or(0, |f| f.size);
             tracing::error!(path = %open.source.path.display(), error = %e, offset = open.reader.consumed(), "log file unreadable past this offset");
-            lost.push(Lost { path: open.source.path.clone(), bytes: size.saturating_sub(open.reader.consumed()) });
+            lost.push(Lost { path: open.source.path.clone(), bytes: known_size.saturating_sub(open.reader.consumed()) });
         }
         if finished {
-            if let Some(line) = open.reader.take_unfinished() {
-                decode_into(open.source.format, &mut self.assembler, &mut chunk, line, now);
+            if !truncated {
+                if let Some(line) = open.reader.take_unfinished() {
+                    decode_into(open.source.format, &mut self.assembler, &mut chunk, line, now);
+                }
             }
             self.assembler.flush_all(&mut chunk);
         } else if at_end {
@@ -240,19 +302,35 @@ impl ContainerTail {
             .flatten()
             .min()
             .expect("consumed is always there");
-        let state = self.states.get_mut(&open.fingerprint).expect("state created on open");
+        let fingerprint = open.fingerprint;
+        let state = self.states.get_mut(&fingerprint).expect("state created on open");
         state.consumed = consumed;
+        let progressed = chunk.read_bytes > 0 || !chunk.records.is_empty();
+        if let Some(file) = self.chain.iter_mut().find(|f| f.fingerprint.hash == fingerprint && !f.generation.is_gzip()) {
+            file.size = file.size.max(consumed);
+        }
         if finished {
             state.finished = true;
             self.open = None;
+            self.wants_rescan |= truncated;
             self.poke();
-        } else if chunk.read_bytes == 0 && chunk.records.is_empty() {
-            self.next_poll = now + self.backoff;
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        } else {
+        } else if progressed {
+            open.idle_since = None;
             self.backoff = MIN_BACKOFF;
+        } else {
+            let idle_since = *open.idle_since.get_or_insert(now);
+            if now.duration_since(idle_since) >= CLOSE_IDLE_AFTER && open.reader.skipping_from().is_none() {
+                tracing::debug!(path = %open.source.path.display(), offset = consumed, "closing idle log file");
+                self.open = None;
+            }
+            self.back_off(now);
         }
-        Some((chunk, lost))
+        Some(Progress { chunk, lost, truncated })
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.next_poll = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
     /// The first file in the chain not read to its end; the live file when all are. `None`
@@ -287,17 +365,35 @@ impl ContainerTail {
         None
     }
 
-    fn open_file(&mut self, index: usize, checkpoints: &Checkpoints, limits: &StepLimits) -> io::Result<OpenFile> {
+    /// Opens the chain's file at `index` at its position. `Ok(None)` when a file closed while
+    /// idle has not grown since; an error of kind `NotFound` when the path no longer holds
+    /// that file (renamed or compressed since the scan).
+    fn open_file(&mut self, index: usize, checkpoints: &Checkpoints, limits: &StepLimits) -> io::Result<Option<OpenFile>> {
         let file = &self.chain[index];
         let fp = file.fingerprint.hash;
-        let id = self.file_id(fp);
-        let position = self.states.get(&fp).map(|s| s.consumed).or_else(|| checkpoints.offset(id)).unwrap_or(0);
         let gzip = file.generation.is_gzip();
+        let known = self.states.get(&fp).map(|s| s.consumed);
+        let position = known.or_else(|| checkpoints.offset(self.file_id(fp))).unwrap_or(0);
+        let same_file = |meta: &std::fs::Metadata| {
+            let same = (meta.dev(), meta.ino()) == file.inode;
+            same.then_some(()).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "another file is at this path now"))
+        };
+        // A file closed while idle is looked at without a descriptor until it has grown.
+        if known.is_some() && !gzip && index + 1 == self.chain.len() && !self.final_ {
+            let meta = std::fs::metadata(&file.path)?;
+            same_file(&meta)?;
+            if meta.len() == position {
+                return Ok(None);
+            }
+        }
+        let handle = std::fs::File::open(&file.path)?;
+        same_file(&handle.metadata()?)?;
         // Room for the runtime's framing around a record of max_line_bytes.
-        let reader = LineReader::open(&file.path, gzip, position, limits.max_line_bytes + 4096)?;
+        let reader = LineReader::from_file(handle, gzip, position, limits.max_line_bytes + 4096)?;
         self.states.entry(fp).or_insert(FileState { consumed: position, finished: false });
+        self.open_errors.remove(&fp);
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
-        Ok(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader })
+        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None }))
     }
 
     /// The identity of the chain's file at `index`, as records and checkpoints name it.

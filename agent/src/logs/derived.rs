@@ -86,32 +86,16 @@ pub struct Rule {
     max_series: usize,
 }
 
-const RESERVED: &[&str] = &["name", "namespace", "pod", "app", "user", "node"];
-
 impl Rule {
-    /// Compiles a configured rule; the error says what is wrong with it.
+    /// Compiles a configured rule; the error says what is wrong with it
+    /// ([`LogMetricRule::check`]).
     pub fn compile(rule: &LogMetricRule) -> Result<Rule, String> {
-        if rule.name.is_empty() {
-            return Err("name is empty".into());
-        }
-        let app = globset::Glob::new(&rule.app).map_err(|e| format!("app: {e}"))?.compile_matcher();
-        let pattern = regex::bytes::Regex::new(&rule.pattern).map_err(|e| format!("pattern: {e}"))?;
-        let group = |name: &str| pattern.capture_names().position(|n| n == Some(name));
-        let value = match rule.value.as_str() {
-            "" if rule.kind == LogMetricKind::Gauge => return Err("a gauge needs a value group".into()),
-            "" => None,
-            name => Some(group(name).ok_or_else(|| format!("value: the pattern has no group named `{name}`"))?),
-        };
-        let labels = rule
-            .labels
-            .iter()
-            .map(|name| {
-                if RESERVED.contains(&name.as_str()) {
-                    return Err(format!("labels: `{name}` is reserved"));
-                }
-                group(name).map(|i| (name.clone(), i)).ok_or_else(|| format!("labels: the pattern has no group named `{name}`"))
-            })
-            .collect::<Result<_, _>>()?;
+        rule.check()?;
+        let app = globset::Glob::new(&rule.app).map_err(|e| e.to_string())?.compile_matcher();
+        let pattern = regex::bytes::Regex::new(&rule.pattern).map_err(|e| e.to_string())?;
+        let group = |name: &str| pattern.capture_names().position(|n| n == Some(name)).ok_or(format!("no group `{name}`"));
+        let value = if rule.value.is_empty() { None } else { Some(group(&rule.value)?) };
+        let labels = rule.labels.iter().map(|name| Ok((name.clone(), group(name)?))).collect::<Result<_, String>>()?;
         Ok(Rule { name: rule.name.clone(), app, pattern, kind: rule.kind, value, labels, max_series: rule.max_series })
     }
 }

@@ -1,10 +1,10 @@
 //! Enrichment: the metadata every record of a container carries. From the pod store when
 //! the Kubernetes API is there; otherwise from the log path alone, the application then being
-//! the pod name.
+//! the pod name without its generated suffixes.
 
 use super::source::ContainerInfo;
 use crate::kube::meta::{PodMeta, WorkloadKind};
-use crate::kube::resolve::dedot;
+use crate::kube::resolve::{app_from_pod_name, dedot};
 
 /// Everything a document says about where a record came from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,7 +66,7 @@ impl Enricher {
             restart: r.restart,
             container_id: info.container_id.clone(),
             runtime: info.runtime.or(docker_format.then_some("docker")).map(str::to_string),
-            app: r.pod.clone(),
+            app: app_from_pod_name(&r.pod).to_string(),
             node: self.node.clone(),
             cluster: self.cluster.clone(),
             ..Metadata::default()

@@ -1,7 +1,7 @@
 //! What the kubelet's directory layout says about a log file:
 //! `<pods_dir>/<namespace>_<pod>_<uid>/<container>/<restart>.log[.<YYYYmmdd-HHMMSS>[.gz]]`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The container instance a log file belongs to, read from its path alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +45,11 @@ pub fn parse_pod_dir(name: &str) -> Option<(&str, &str, &str)> {
     let mut parts = name.splitn(3, '_');
     let (ns, pod, uid) = (parts.next()?, parts.next()?, parts.next()?);
     (!ns.is_empty() && !pod.is_empty() && !uid.is_empty() && !uid.contains('_')).then_some((ns, pod, uid))
+}
+
+/// A pod's log directory, `<pods_dir>/<namespace>_<pod>_<uid>`.
+pub fn pod_dir(pods_dir: &Path, namespace: &str, pod: &str, uid: &str) -> PathBuf {
+    pods_dir.join(format!("{namespace}_{pod}_{uid}"))
 }
 
 /// Parses a log file name into its restart count and generation. Everything else in a

@@ -106,6 +106,14 @@ impl LineReader {
         }
     }
 
+    /// The length of a plain file now (through its descriptor, whatever its name has become).
+    pub fn file_len(&self) -> Option<u64> {
+        match &self.input {
+            Input::Plain(f) => f.metadata().map(|m| m.len()).ok(),
+            Input::Gzip(_) => None,
+        }
+    }
+
     /// Bytes read from the file but not yet returned (an unfinished last line).
     pub fn buffered(&self) -> usize {
         self.end - self.start

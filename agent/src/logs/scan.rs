@@ -2,11 +2,12 @@
 //! fingerprinted and in rotation order. The walk is the safety net under inotify; it also
 //! serves targeted rescans of one pod directory when inotify reports a change there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use globset::GlobSet;
 
@@ -24,86 +25,179 @@ pub struct ScannedFile {
     pub fingerprint: Fingerprint,
     /// Size on disk; for gzip files the uncompressed size from the trailer.
     pub size: u64,
+    /// Device and inode: a closed file is reopened only where this still holds.
+    pub inode: (u64, u64),
 }
 
-/// Every container instance found, with its files oldest first (one entry per fingerprint:
-/// while the kubelet compresses a rotated file, the plain copy is listed and the `.gz` is not).
-pub type Scan = BTreeMap<ContainerRef, Vec<ScannedFile>>;
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every container instance found, with its files oldest first (one entry per
+    /// fingerprint: while the kubelet compresses a rotated file, the plain copy is listed
+    /// and the `.gz` is not).
+    pub chains: BTreeMap<ContainerRef, Vec<ScannedFile>>,
+    /// Pod directories holding a log file without a whole first line yet (a container that
+    /// has not logged, or a fresh file after a rotation): rescanned when written to.
+    pub pending: BTreeSet<PathBuf>,
+    /// Some file could not be looked at (other than vanishing): what the scan does not list
+    /// may still exist, so nothing may be concluded from its absence.
+    pub incomplete: bool,
+}
 
-/// Fingerprints already computed, by path and inode, so a scan reads only new files.
+/// Which pods a scan skips.
+pub struct Exclusions<'a> {
+    /// Namespace globs (`logs.exclude_namespaces`).
+    pub namespaces: &'a GlobSet,
+    /// The agent's own pod: never read, so a stdout sink cannot feed on itself.
+    pub own_pod_uid: Option<&'a str>,
+}
+
+impl Exclusions<'_> {
+    fn skips(&self, namespace: &str, uid: &str) -> bool {
+        self.namespaces.is_match(namespace) || self.own_pod_uid == Some(uid)
+    }
+}
+
+/// Who a file at a path is, as far as its metadata tells: an inode reused for a new file at
+/// the same path has another birth time (where the filesystem records one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    path: PathBuf,
+    inode: (u64, u64),
+    born: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    /// `None`: no whole first line when last looked at.
+    fingerprint: Option<Fingerprint>,
+    /// The file's length when last looked at: a shorter file was truncated or replaced.
+    len: u64,
+    /// For gzip files, the uncompressed size (the file no longer changes).
+    gzip_size: Option<u64>,
+}
+
+/// Fingerprints already computed, so a scan reads only new files. An entry is used only for
+/// the same path, inode and birth time, and only while the file has not shrunk.
 #[derive(Default)]
 pub struct FingerprintCache {
-    known: HashMap<(PathBuf, u64), (Fingerprint, u64)>,
+    known: HashMap<CacheKey, Cached>,
+    /// Keys looked up since the last sweep.
+    seen: HashSet<CacheKey>,
 }
 
 impl FingerprintCache {
     fn get(&mut self, path: &Path, meta: &fs::Metadata, gzip: bool) -> io::Result<Option<(Fingerprint, u64)>> {
-        let key = (path.to_path_buf(), meta.ino());
-        if let Some(hit) = self.known.get(&key) {
-            if gzip || meta.len() >= hit.1 {
-                return Ok(Some(*hit));
+        let key = CacheKey { path: path.to_path_buf(), inode: (meta.dev(), meta.ino()), born: meta.created().ok() };
+        self.seen.insert(key.clone());
+        let len = meta.len();
+        if let Some(hit) = self.known.get_mut(&key) {
+            match (hit.fingerprint, hit.gzip_size) {
+                (Some(fp), Some(size)) if len == hit.len => return Ok(Some((fp, size))),
+                (Some(fp), None) if len >= hit.len => {
+                    // The length last seen, so a truncation between two scans shows as a shrink.
+                    hit.len = len;
+                    return Ok(Some((fp, len)));
+                }
+                // Nothing new was written: still no whole first line.
+                (None, _) if len == hit.len => return Ok(None),
+                _ => {}
             }
         }
-        let Some(fp) = fingerprint::of_file(path, gzip)? else {
-            return Ok(None);
-        };
-        let size = if gzip { fingerprint::gzip_uncompressed_size(path)? as u64 } else { meta.len() };
-        self.known.insert(key, (fp, size));
-        Ok(Some((fp, size)))
+        let fingerprint = fingerprint::of_file(path, gzip)?;
+        let gzip_size = if gzip && fingerprint.is_some() { Some(fingerprint::gzip_uncompressed_size(path)? as u64) } else { None };
+        self.known.insert(key, Cached { fingerprint, len, gzip_size });
+        Ok(fingerprint.map(|fp| (fp, gzip_size.unwrap_or(len))))
     }
 
-    /// Forgets entries for files `scan` (a full scan) did not see.
-    pub fn retain_seen(&mut self, scan: &Scan) {
-        let seen: std::collections::HashSet<&Path> = scan.values().flatten().map(|f| f.path.as_path()).collect();
-        self.known.retain(|(p, _), _| seen.contains(p.as_path()));
+    /// Forgets what is known about the file at `path` (found truncated in place: its content,
+    /// not its inode, changed).
+    pub fn forget(&mut self, path: &Path) {
+        self.known.retain(|key, _| key.path != path);
+    }
+
+    /// Forgets entries under `dir` (a directory just scanned whole) that the scan did not
+    /// look up: their file is gone, or its path now holds another inode.
+    fn sweep(&mut self, dir: &Path) {
+        self.known.retain(|key, _| !key.path.starts_with(dir) || self.seen.contains(key));
+        self.seen.retain(|key| !key.path.starts_with(dir));
     }
 }
 
-/// Scans all of `pods_dir`, skipping excluded namespaces.
-pub fn scan_all(pods_dir: &Path, exclude: &GlobSet, cache: &mut FingerprintCache) -> io::Result<Scan> {
-    let mut scan = Scan::new();
+/// Scans all of `pods_dir`, skipping excluded pods.
+pub fn scan_all(pods_dir: &Path, exclude: &Exclusions, cache: &mut FingerprintCache) -> io::Result<Scan> {
+    let mut scan = Scan::default();
     for entry in fs::read_dir(pods_dir)? {
         let entry = entry?;
-        scan_pod_dir(&entry.path(), pods_dir, exclude, cache, &mut scan);
+        scan_into(&entry.path(), pods_dir, exclude, cache, &mut scan);
     }
+    cache.sweep(pods_dir);
     Ok(scan)
 }
 
 /// Scans one pod directory into `scan`. Files that vanish mid-scan are skipped: the next
 /// scan sees the truth.
-pub fn scan_pod_dir(pod_dir: &Path, pods_dir: &Path, exclude: &GlobSet, cache: &mut FingerprintCache, scan: &mut Scan) {
+pub fn scan_pod_dir(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut FingerprintCache, scan: &mut Scan) {
+    scan_into(pod_dir, pods_dir, exclude, cache, scan);
+    cache.sweep(pod_dir);
+}
+
+fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut FingerprintCache, scan: &mut Scan) {
     let Some(name) = pod_dir.file_name().and_then(|n| n.to_str()) else { return };
-    let Some((namespace, _, _)) = path::parse_pod_dir(name) else { return };
-    if exclude.is_match(namespace) {
+    let Some((namespace, _, uid)) = path::parse_pod_dir(name) else { return };
+    if exclude.skips(namespace, uid) {
         return;
     }
-    let Ok(containers) = fs::read_dir(pod_dir) else { return };
+    let containers = match fs::read_dir(pod_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            scan.incomplete |= e.kind() != io::ErrorKind::NotFound;
+            return;
+        }
+    };
+    let mut found: BTreeMap<ContainerRef, Vec<ScannedFile>> = BTreeMap::new();
     for container in containers.flatten() {
-        let Ok(files) = fs::read_dir(container.path()) else { continue };
+        let files = match fs::read_dir(container.path()) {
+            Ok(f) => f,
+            Err(e) => {
+                scan.incomplete |= !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory);
+                continue;
+            }
+        };
         for file in files.flatten() {
             let file_path = file.path();
             let Some((reference, generation)) = path::parse(pods_dir, &file_path) else { continue };
             // Follow symlinks: with docker, `<n>.log` links to the runtime's own file.
-            let Ok(meta) = fs::metadata(&file_path) else { continue };
-            if !meta.is_file() {
-                continue;
-            }
+            let meta = match fs::metadata(&file_path) {
+                Ok(meta) if meta.is_file() => meta,
+                Ok(_) => continue,
+                Err(e) => {
+                    scan.incomplete |= e.kind() != io::ErrorKind::NotFound;
+                    continue;
+                }
+            };
             match cache.get(&file_path, &meta, generation.is_gzip()) {
                 Ok(Some((fingerprint, size))) => {
-                    scan.entry(reference).or_default().push(ScannedFile { path: file_path, generation, fingerprint, size });
+                    let inode = (meta.dev(), meta.ino());
+                    found.entry(reference).or_default().push(ScannedFile { path: file_path, generation, fingerprint, size, inode });
                 }
                 Ok(None) => {
-                    scan.entry(reference).or_default();
+                    found.entry(reference).or_default();
+                    scan.pending.insert(pod_dir.to_path_buf());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %file_path.display(), error = %e, "cannot fingerprint log file"),
+                Err(e) => {
+                    scan.incomplete = true;
+                    tracing::warn!(path = %file_path.display(), error = %e, "cannot fingerprint log file");
+                }
             }
         }
     }
-    for files in scan.values_mut() {
+    for (reference, mut files) in found {
         files.sort_by_key(|f| f.generation);
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         files.retain(|f| seen.insert(f.fingerprint.hash));
+        scan.chains.insert(reference, files);
     }
 }
 
@@ -139,20 +233,75 @@ mod tests {
         write(&root.path().join("kube-system_dns_uid2/dns/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
         let mut exclude = globset::GlobSetBuilder::new();
         exclude.add(globset::Glob::new("kube-*").unwrap());
-        let scan = scan_all(root.path(), &exclude.build().unwrap(), &mut FingerprintCache::default()).unwrap();
-        assert_eq!(scan.len(), 2, "restarts 0 and 1 of one container; kube-system excluded");
+        let exclude = exclude.build().unwrap();
+        let scan =
+            scan_all(root.path(), &Exclusions { namespaces: &exclude, own_pod_uid: None }, &mut FingerprintCache::default()).unwrap();
+        assert_eq!(scan.chains.len(), 2, "restarts 0 and 1 of one container; kube-system excluded");
         let chain: Vec<String> =
-            scan.values().next().unwrap().iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+            scan.chains.values().next().unwrap().iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(chain, ["0.log.20261122-010000.gz", "0.log.20261122-020000", "0.log"]);
-        let gz = &scan.values().next().unwrap()[0];
+        let gz = &scan.chains.values().next().unwrap()[0];
         assert_eq!(gz.size, 32, "gzip size is the uncompressed size");
     }
 
+    fn no_exclusions() -> Exclusions<'static> {
+        static EMPTY: std::sync::OnceLock<GlobSet> = std::sync::OnceLock::new();
+        Exclusions { namespaces: EMPTY.get_or_init(GlobSet::empty), own_pod_uid: None }
+    }
+
     #[test]
-    fn a_file_without_a_first_line_still_registers_its_container() {
+    fn a_file_without_a_first_line_registers_its_container_as_pending() {
         let root = tempfile::tempdir().unwrap();
         write(&root.path().join("ns_p_u/c/0.log"), "", false);
-        let scan = scan_all(root.path(), &GlobSet::empty(), &mut FingerprintCache::default()).unwrap();
-        assert_eq!(scan.values().next().unwrap().len(), 0);
+        let mut cache = FingerprintCache::default();
+        let scan = scan_all(root.path(), &no_exclusions(), &mut cache).unwrap();
+        assert_eq!(scan.chains.values().next().unwrap().len(), 0);
+        assert_eq!(scan.pending.iter().collect::<Vec<_>>(), [&root.path().join("ns_p_u")]);
+        write(&root.path().join("ns_p_u/c/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
+        let scan = scan_all(root.path(), &no_exclusions(), &mut cache).unwrap();
+        assert_eq!(scan.chains.values().next().unwrap().len(), 1, "written since: fingerprinted now");
+        assert!(scan.pending.is_empty());
+    }
+
+    #[test]
+    fn the_agents_own_pod_is_not_scanned() {
+        let root = tempfile::tempdir().unwrap();
+        write(&root.path().join("obs_nodelens-x7k2p_self-uid/nodelens/0.log"), "2026-11-22T03:00:00Z stdout F {}\n", false);
+        write(&root.path().join("ml_train_other-uid/c/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
+        let empty = GlobSet::empty();
+        let scan =
+            scan_all(root.path(), &Exclusions { namespaces: &empty, own_pod_uid: Some("self-uid") }, &mut FingerprintCache::default())
+                .unwrap();
+        let pods: Vec<&str> = scan.chains.keys().map(|r| r.pod.as_str()).collect();
+        assert_eq!(pods, ["train"]);
+    }
+
+    #[test]
+    fn sizes_follow_the_file_and_a_shrunk_or_replaced_file_is_fingerprinted_again() {
+        let root = tempfile::tempdir().unwrap();
+        let live = root.path().join("ns_p_u/c/0.log");
+        let mut cache = FingerprintCache::default();
+        let first = |scan: &Scan| scan.chains.values().next().unwrap()[0].clone();
+        write(&live, "2026-11-22T03:00:00Z stdout F a\n", false);
+        let a = first(&scan_all(root.path(), &no_exclusions(), &mut cache).unwrap());
+        fs::OpenOptions::new().append(true).open(&live).unwrap().write_all(b"2026-11-22T03:00:01Z stdout F more\n").unwrap();
+        let grown = first(&scan_all(root.path(), &no_exclusions(), &mut cache).unwrap());
+        assert_eq!(
+            (grown.fingerprint, grown.size),
+            (a.fingerprint, fs::metadata(&live).unwrap().len()),
+            "size is today's, not the cached one"
+        );
+        // Truncated in place and written again (copytruncate): same inode, new content.
+        fs::write(&live, "2026-11-22T04:00:00Z stdout F b\n").unwrap();
+        let b = first(&scan_all(root.path(), &no_exclusions(), &mut cache).unwrap());
+        assert_ne!(b.fingerprint, a.fingerprint);
+        // Rotated away, and a new file at the same path (possibly a reused inode).
+        fs::rename(&live, root.path().join("ns_p_u/c/0.log.20261122-040000")).unwrap();
+        write(&live, "2026-11-22T05:00:00Z stdout F c\n", false);
+        let scan = scan_all(root.path(), &no_exclusions(), &mut cache).unwrap();
+        let chain = scan.chains.values().next().unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0].fingerprint, b.fingerprint);
+        assert_ne!(chain[1].fingerprint, b.fingerprint);
     }
 }

@@ -18,7 +18,7 @@ use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::container::{ContainerTail, Lost, StepLimits};
 use super::path::{self, ContainerRef};
-use super::scan::{self, FingerprintCache, Scan};
+use super::scan::{self, Exclusions, FingerprintCache, Scan, ScannedFile};
 use super::source::{ContainerInfo, FileId};
 use super::wake::{self, Changes, Wake};
 use crate::kube::store::PodStore;
@@ -31,6 +31,8 @@ pub struct TailerSettings {
     pub containers_dir: PathBuf,
     /// Namespaces not collected.
     pub exclude_namespaces: GlobSet,
+    /// The agent's own pod, whose logs are never read.
+    pub own_pod_uid: Option<String>,
     /// Bounds of one read step.
     pub limits: StepLimits,
     /// Full rescan period.
@@ -39,17 +41,44 @@ pub struct TailerSettings {
     pub max_inflight_bytes: u64,
     /// Multi-line rules by application glob, first match wins.
     pub multiline: Vec<(globset::GlobMatcher, Arc<MultilineRule>)>,
+    /// How long reading waits at start for the first pod list before it goes on with
+    /// metadata from paths alone.
+    pub metadata_wait: Duration,
 }
 
 /// The tailer's own metrics.
 #[derive(Clone, Default)]
 pub struct TailerMetrics {
-    /// `nodelens_log_files_tailed`.
+    /// `nodelens_log_files_tailed`: container instances whose live file is followed.
     pub files_tailed: Gauge,
+    /// `nodelens_log_files_open`: log files held open now (idle ones are closed).
+    pub files_open: Gauge,
     /// `nodelens_log_backlog_bytes`.
     pub backlog_bytes: Gauge,
     /// `nodelens_log_lost_bytes_total`.
     pub lost_bytes: Counter,
+    /// `nodelens_log_files_truncated_total`: files truncated in place and read again.
+    pub truncated: Counter,
+}
+
+/// How long a container waits for its pod's metadata once the pod list has arrived: the
+/// watch event of a new pod can come after its first line.
+const POD_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a container held for its pod's metadata is looked at again.
+const HOLD_POLL: Duration = Duration::from_millis(20);
+
+/// How often the backlog and tail gauges are recomputed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bounds of the backoff with which pod directories holding a file without a whole first
+/// line are rescanned when inotify says nothing (it is the fast path; this the safety net).
+const PENDING_POLL: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// A pod directory with a file not fingerprinted yet.
+struct Pending {
+    next: Instant,
+    interval: Duration,
 }
 
 /// The tailer and everything it owns.
@@ -60,11 +89,17 @@ pub struct Tailer {
     out: mpsc::Sender<Chunk>,
     wake: Arc<Wake>,
     metrics: TailerMetrics,
-    /// Pod metadata, to find each container's application for its multi-line rule.
+    /// Pod metadata: each container's application for its multi-line rule, and whether its
+    /// pod is known yet (records wait for their metadata).
     pods: Option<Arc<PodStore>>,
     tails: BTreeMap<ContainerRef, ContainerTail>,
+    /// Containers held back until their pod's metadata is known, since when.
+    held: HashMap<ContainerRef, Instant>,
+    pending: HashMap<PathBuf, Pending>,
     cache: FingerprintCache,
     watcher: Option<notify::RecommendedWatcher>,
+    started: Instant,
+    warned_unsynced: bool,
 }
 
 impl Tailer {
@@ -78,6 +113,9 @@ impl Tailer {
         metrics: TailerMetrics,
         pods: Option<Arc<PodStore>>,
     ) -> Tailer {
+        if let Some(uid) = &settings.own_pod_uid {
+            tracing::info!(pod_uid = %uid, "not reading this agent's own pod's logs");
+        }
         Tailer {
             settings,
             checkpoints,
@@ -87,8 +125,12 @@ impl Tailer {
             metrics,
             pods,
             tails: BTreeMap::new(),
+            held: HashMap::new(),
+            pending: HashMap::new(),
             cache: FingerprintCache::default(),
             watcher: None,
+            started: Instant::now(),
+            warned_unsynced: false,
         }
     }
 
@@ -97,6 +139,8 @@ impl Tailer {
     /// on the next start.
     pub fn run(mut self) {
         let mut next_full_scan = Instant::now();
+        let mut next_gauges = Instant::now();
+        let mut next_release = Instant::now();
         let mut changes = Changes::default();
         loop {
             let now = Instant::now();
@@ -104,23 +148,38 @@ impl Tailer {
                 self.full_scan();
                 next_full_scan = now + self.settings.rescan_interval;
             } else {
-                for pod_dir in &changes.rescan {
+                // A write to a directory with a file not fingerprinted yet may be its first line.
+                let first_lines = changes.written.iter().filter(|d| self.pending.contains_key(*d));
+                let due = self.pending.iter().filter(|(_, p)| p.next <= now).map(|(d, _)| d);
+                let mut dirs: HashSet<PathBuf> = changes.rescan.iter().chain(first_lines).chain(due).cloned().collect();
+                dirs.extend(self.tails.iter().filter(|(_, t)| t.wants_rescan).map(|(r, _)| self.settings.pods_dir.join(pod_dir_name(r))));
+                for pod_dir in &dirs {
                     self.rescan_pod_dir(pod_dir);
                 }
             }
-            for pod_dir in changes.written.iter().chain(&changes.rescan) {
-                self.poke_pod_dir(pod_dir);
-            }
+            self.poke_pods(changes.written.iter().chain(&changes.rescan));
             if changes.shutdown {
                 break;
             }
+            if Instant::now() >= next_release {
+                self.release_held(Instant::now());
+                next_release = Instant::now() + HOLD_POLL;
+            }
             let Some(progressed) = self.read_pass() else { break };
+            let now = Instant::now();
+            if now >= next_gauges {
+                self.update_gauges();
+                next_gauges = now + GAUGE_INTERVAL;
+            }
             let timeout = if progressed {
                 Duration::ZERO
             } else {
-                let next_poll = self.tails.values().filter(|t| t.is_open()).map(|t| t.next_poll).min();
-                let wake_at = next_poll.unwrap_or(next_full_scan).min(next_full_scan);
-                wake_at.saturating_duration_since(Instant::now()).min(Duration::from_secs(1))
+                let next_poll = self.tails.iter().filter(|(r, _)| !self.held.contains_key(*r)).map(|(_, t)| t.next_poll).min();
+                let next_pending = self.pending.values().map(|p| p.next).min();
+                let next_hold = (!self.held.is_empty()).then_some(next_release);
+                let wake_at =
+                    [next_poll, next_pending, next_hold, Some(next_gauges)].into_iter().flatten().fold(next_full_scan, Instant::min);
+                wake_at.saturating_duration_since(now).min(Duration::from_secs(1))
             };
             changes = self.wake.wait(timeout);
         }
@@ -131,78 +190,154 @@ impl Tailer {
     fn read_pass(&mut self) -> Option<bool> {
         let now = Instant::now();
         let mut progressed = false;
-        let mut open = 0;
-        for tail in self.tails.values_mut() {
+        for (reference, tail) in self.tails.iter_mut() {
             if self.inflight.load(Ordering::Acquire) >= self.settings.max_inflight_bytes {
                 // Downstream is behind: the files on disk are the buffer. Look again shortly.
                 progressed = false;
                 std::thread::sleep(Duration::from_millis(5));
                 break;
             }
-            if tail.next_poll <= now {
-                if let Some((chunk, lost)) = tail.step(&self.checkpoints, &self.settings.limits, now) {
-                    count_lost(&self.metrics, &tail.info().reference, lost);
-                    if !chunk.records.is_empty() || chunk.read_bytes > 0 {
-                        progressed = true;
-                        self.inflight.fetch_add(chunk.read_bytes, Ordering::AcqRel);
-                        self.out.blocking_send(chunk).ok()?;
-                    }
+            if tail.next_poll > now || self.held.contains_key(reference) {
+                continue;
+            }
+            let Some(step) = tail.step(&self.checkpoints, &self.settings.limits, now) else { continue };
+            count_lost(&self.metrics, reference, step.lost);
+            if step.truncated {
+                self.metrics.truncated.inc();
+                self.cache.forget(&step.chunk.source.path);
+            }
+            let chunk = step.chunk;
+            if !chunk.records.is_empty() || chunk.read_bytes > 0 {
+                progressed = true;
+                self.inflight.fetch_add(chunk.read_bytes, Ordering::AcqRel);
+                self.out.blocking_send(chunk).ok()?;
+            }
+        }
+        Some(progressed)
+    }
+
+    /// Lets containers read once their pod is known, or once waiting longer cannot help.
+    fn release_held(&mut self, now: Instant) {
+        if self.held.is_empty() {
+            return;
+        }
+        let Some(store) = &self.pods else {
+            self.held.clear();
+            return;
+        };
+        let synced = store.is_synced();
+        let waited_out = now.duration_since(self.started) >= self.settings.metadata_wait;
+        if !synced && waited_out && !self.warned_unsynced {
+            self.warned_unsynced = true;
+            tracing::warn!(waited = ?self.settings.metadata_wait, "no pod list from the Kubernetes API yet; reading logs with metadata from their paths (exclusion annotations cannot be honoured until it arrives)");
+        }
+        let mut released = Vec::new();
+        self.held.retain(|reference, since| {
+            let known = store.get(&reference.pod_uid).is_some();
+            let give_up = if synced { now.duration_since(*since) >= POD_WAIT } else { waited_out };
+            if give_up && !known && synced {
+                tracing::debug!(namespace = %reference.namespace, pod = %reference.pod, "pod not reported by the watch; reading with metadata from its path");
+            }
+            let release = known || give_up;
+            if release {
+                released.push(reference.clone());
+            }
+            !release
+        });
+        // The application is known now: its multi-line rule applies from the first record.
+        if !self.settings.multiline.is_empty() {
+            for reference in released {
+                if let Some(tail) = self.tails.get_mut(&reference) {
+                    tail.set_multiline(multiline_rule(&self.settings.multiline, self.pods.as_deref(), &reference));
                 }
             }
-            open += usize::from(tail.is_open());
         }
-        self.metrics.files_tailed.set(open as i64);
-        Some(progressed)
+    }
+
+    fn update_gauges(&mut self) {
+        let backlog: u64 = self.tails.values().map(|t| t.backlog(&self.checkpoints)).sum();
+        self.metrics.backlog_bytes.set(backlog as i64);
+        let following = self.tails.values().filter(|t| !t.is_done(&self.checkpoints)).count();
+        self.metrics.files_tailed.set(following as i64);
+        self.metrics.files_open.set(self.tails.values().filter(|t| t.is_open()).count() as i64);
     }
 
     fn full_scan(&mut self) {
         if self.watcher.is_none() {
             self.watcher = wake::watch(&self.settings.pods_dir, self.wake.clone());
         }
-        let scan = match scan::scan_all(&self.settings.pods_dir, &self.settings.exclude_namespaces, &mut self.cache) {
+        let exclusions = Exclusions { namespaces: &self.settings.exclude_namespaces, own_pod_uid: self.settings.own_pod_uid.as_deref() };
+        let scan = match scan::scan_all(&self.settings.pods_dir, &exclusions, &mut self.cache) {
             Ok(scan) => scan,
             Err(e) => {
                 tracing::warn!(dir = %self.settings.pods_dir.display(), error = %e, "cannot scan pods_dir; will retry");
                 return;
             }
         };
-        self.cache.retain_seen(&scan);
-        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.contains_key(r)).cloned().collect();
-        self.apply(scan, gone);
+        let now = Instant::now();
+        self.pending.retain(|dir, _| scan.pending.contains(dir));
+        for dir in &scan.pending {
+            self.pending.entry(dir.clone()).or_insert(Pending { next: now + PENDING_POLL.0, interval: PENDING_POLL.0 });
+        }
+        let complete = !scan.incomplete;
+        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.chains.contains_key(r)).cloned().collect();
+        self.apply(scan.chains, gone);
         if !self.settings.multiline.is_empty() {
             for tail in self.tails.values_mut() {
                 let rule = multiline_rule(&self.settings.multiline, self.pods.as_deref(), &tail.info().reference);
                 tail.set_multiline(rule);
             }
         }
-        self.collect_checkpoint_garbage();
-        let backlog: u64 = self.tails.values().map(|t| t.backlog(&self.checkpoints)).sum();
-        self.metrics.backlog_bytes.set(backlog as i64);
+        if complete {
+            self.collect_checkpoint_garbage();
+        }
+        self.update_gauges();
     }
 
     fn rescan_pod_dir(&mut self, pod_dir: &Path) {
-        let mut scan = Scan::new();
-        scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &self.settings.exclude_namespaces, &mut self.cache, &mut scan);
-        let dir_name = pod_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| pod_dir_name(r) == dir_name && !scan.contains_key(r)).cloned().collect();
-        self.apply(scan, gone);
+        let mut scan = Scan::default();
+        let exclusions = Exclusions { namespaces: &self.settings.exclude_namespaces, own_pod_uid: self.settings.own_pod_uid.as_deref() };
+        scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &exclusions, &mut self.cache, &mut scan);
+        let now = Instant::now();
+        if scan.pending.contains(pod_dir) {
+            let p = self.pending.entry(pod_dir.to_path_buf()).or_insert(Pending { next: now, interval: PENDING_POLL.0 });
+            if p.next <= now {
+                p.interval = (p.interval * 2).min(PENDING_POLL.1);
+                p.next = now + p.interval;
+            }
+        } else {
+            self.pending.remove(pod_dir);
+        }
+        let uid = pod_uid_of(pod_dir).unwrap_or_default();
+        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| r.pod_uid == uid && !scan.chains.contains_key(r)).cloned().collect();
+        for tail in self.tails.iter_mut().filter(|(r, _)| r.pod_uid == uid).map(|(_, t)| t) {
+            tail.wants_rescan = false;
+        }
+        self.apply(scan.chains, gone);
     }
 
     /// Merges a scan: new containers get a tail, known ones their new chain, vanished ones
-    /// are read to their end and dropped.
-    fn apply(&mut self, scan: Scan, gone: Vec<ContainerRef>) {
-        let newest_restart: HashMap<(String, String), u32> = scan.keys().fold(HashMap::new(), |mut m, r| {
+    /// are read to their end. A tail is dropped only once none of its files is left on disk,
+    /// so a finished file keeps its position (a restarted container's previous log is read
+    /// once, however many scans see it).
+    fn apply(&mut self, chains: BTreeMap<ContainerRef, Vec<ScannedFile>>, gone: Vec<ContainerRef>) {
+        let newest_restart: HashMap<(String, String), u32> = chains.keys().fold(HashMap::new(), |mut m, r| {
             let e = m.entry((pod_dir_name(r), r.container.clone())).or_insert(r.restart);
             *e = (*e).max(r.restart);
             m
         });
         let mut links = None;
-        for (reference, chain) in scan {
+        let now = Instant::now();
+        let touched: Vec<ContainerRef> = chains.keys().chain(&gone).cloned().collect();
+        for (reference, chain) in chains {
             let restarted = newest_restart[&(pod_dir_name(&reference), reference.container.clone())] > reference.restart;
             let tail = self.tails.entry(reference.clone()).or_insert_with(|| {
                 let links = links.get_or_insert_with(|| container_links(&self.settings.containers_dir));
                 let info = container_info(&self.settings.pods_dir, reference.clone(), links);
                 tracing::info!(namespace = %info.reference.namespace, pod = %info.reference.pod, container = %info.reference.container, restart = info.reference.restart, "tailing container");
+                if self.pods.as_ref().is_some_and(|store| store.get(&reference.pod_uid).is_none()) {
+                    self.held.insert(reference.clone(), now);
+                }
                 let mut tail = ContainerTail::new(Arc::new(info), self.settings.limits.max_line_bytes);
                 tail.set_multiline(multiline_rule(&self.settings.multiline, self.pods.as_deref(), &reference));
                 tail
@@ -220,21 +355,30 @@ impl Tailer {
                 tail.set_final();
             }
         }
-        let checkpoints = &self.checkpoints;
-        self.tails.retain(|_, t| !t.is_done(checkpoints));
+        for reference in touched {
+            if self.tails.get(&reference).is_some_and(|t| t.is_gone() && t.is_done(&self.checkpoints)) {
+                self.tails.remove(&reference);
+                self.held.remove(&reference);
+            }
+        }
     }
 
-    fn poke_pod_dir(&mut self, pod_dir: &Path) {
-        let Some(name) = pod_dir.file_name().and_then(|n| n.to_str()) else { return };
+    /// Makes every tail of these pod directories look at its files now.
+    fn poke_pods<'a>(&mut self, pod_dirs: impl Iterator<Item = &'a PathBuf>) {
+        let uids: HashSet<&str> = pod_dirs.filter_map(|d| pod_uid_of(d)).collect();
+        if uids.is_empty() {
+            return;
+        }
         for (reference, tail) in self.tails.iter_mut() {
-            if pod_dir_name(reference) == name {
+            if uids.contains(reference.pod_uid.as_str()) {
                 tail.poke();
             }
         }
     }
 
-    /// Forgets checkpoints of files that exist no more. An acknowledgement still in flight
-    /// may bring one back; the next full scan removes it again.
+    /// Forgets checkpoints of files that exist no more: every file on disk has a tail (kept
+    /// until its last file is gone), so what no tail lists is gone. An acknowledgement still
+    /// in flight may bring one back; the next full scan removes it again.
     fn collect_checkpoint_garbage(&self) {
         let live: HashSet<FileId> = self.tails.values().flat_map(|t| t.file_ids()).collect();
         for (id, entry) in self.checkpoints.snapshot() {
@@ -255,8 +399,14 @@ fn multiline_rule(
     if rules.is_empty() {
         return None;
     }
-    let app = pods.and_then(|p| p.get(&r.pod_uid)).map_or_else(|| r.pod.clone(), |p| p.app.clone());
+    let app =
+        pods.and_then(|p| p.get(&r.pod_uid)).map_or_else(|| crate::kube::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
     rules.iter().find(|(glob, _)| glob.is_match(&app)).map(|(_, rule)| rule.clone())
+}
+
+/// The pod UID in a pod directory's name (unique on the node, unlike the name).
+fn pod_uid_of(pod_dir: &Path) -> Option<&str> {
+    path::parse_pod_dir(pod_dir.file_name()?.to_str()?).map(|(_, _, uid)| uid)
 }
 
 fn pod_dir_name(r: &ContainerRef) -> String {

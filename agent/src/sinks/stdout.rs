@@ -5,9 +5,8 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::Batch;
+use super::{Batch, SinkMetrics, SinkOutcomeLabels};
 use crate::logs::ack::AckMsg;
-use crate::metrics::{SinkMetrics, SinkOutcomeLabels};
 
 /// Writes every batch to `out` and acknowledges it; fails when the output is gone.
 pub async fn run<W: tokio::io::AsyncWrite + Unpin>(

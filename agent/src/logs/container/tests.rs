@@ -1,4 +1,5 @@
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -50,17 +51,19 @@ impl Fixture {
     }
 
     fn scan(&mut self) -> Vec<ScannedFile> {
-        let mut found = Scan::new();
+        let mut found = Scan::default();
         let pods = self.root.path().join("pods");
-        scan::scan_pod_dir(&pods.join("ns_pod_uid"), &pods, &globset::GlobSet::empty(), &mut self.cache, &mut found);
-        found.into_values().next().unwrap_or_default()
+        let empty = globset::GlobSet::empty();
+        let exclusions = scan::Exclusions { namespaces: &empty, own_pod_uid: None };
+        scan::scan_pod_dir(&pods.join("ns_pod_uid"), &pods, &exclusions, &mut self.cache, &mut found);
+        found.chains.into_values().next().unwrap_or_default()
     }
 
     /// Messages of every step until there is nothing more to read.
     fn read_all(&mut self) -> Vec<String> {
         let mut out = Vec::new();
         for _ in 0..20 {
-            let Some((chunk, _)) = self.tail.step(&self.checkpoints, &LIMITS, Instant::now()) else { break };
+            let Some(Progress { chunk, .. }) = self.tail.step(&self.checkpoints, &LIMITS, Instant::now()) else { break };
             out.extend(chunk.records.iter().map(|r| String::from_utf8_lossy(chunk.message(r)).into_owned()));
             self.tail.next_poll = Instant::now();
         }
@@ -152,4 +155,100 @@ fn a_rotated_file_written_just_now_is_not_finished_yet() {
     assert_eq!(f.read_all(), ["late"], "the renamed file stays open while it was written to just now");
     f.age("0.log.20261122-000001");
     assert_eq!(f.read_all(), ["b"]);
+}
+
+#[test]
+fn a_file_truncated_in_place_is_read_again_from_its_start() {
+    let mut f = Fixture::new();
+    f.write("0.log", &["before-1", "before-2"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["before-1", "before-2"]);
+    // copytruncate: same inode, emptied, written again.
+    let again = f.line("after-1");
+    fs::OpenOptions::new().write(true).truncate(true).open(f.file("0.log")).unwrap();
+    let step = f.tail.step(&f.checkpoints, &LIMITS, Instant::now()).expect("the open file notices");
+    assert!(step.truncated);
+    assert!(f.tail.wants_rescan, "the tailer is asked to fingerprint it again");
+    fs::write(f.file("0.log"), again).unwrap();
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["after-1"], "new content from offset 0, nothing old repeated");
+}
+
+#[test]
+fn a_file_gone_between_scan_and_open_is_not_finished_but_looked_for_again() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["rotated-1", "rotated-2"]);
+    f.write("0.log", &["live-1"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    // The kubelet compresses the rotated file and removes the plain one after the scan.
+    gzip(&f.file("0.log.20261122-000001"));
+    assert!(f.read_all().is_empty(), "nothing read out of order");
+    assert!(f.tail.wants_rescan);
+    let chain = f.scan();
+    let lost = f.tail.update(chain, &f.checkpoints);
+    assert!(lost.is_empty());
+    assert_eq!(f.read_all(), ["rotated-1", "rotated-2", "live-1"], "read from the .gz twin");
+}
+
+#[test]
+fn an_idle_file_is_closed_and_reopened_where_it_left_off() {
+    let mut f = Fixture::new();
+    f.write("0.log", &["one"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["one"]);
+    let t0 = Instant::now();
+    f.tail.step(&f.checkpoints, &LIMITS, t0);
+    assert!(f.tail.is_open());
+    f.tail.step(&f.checkpoints, &LIMITS, t0 + CLOSE_IDLE_AFTER);
+    assert!(!f.tail.is_open(), "idle: no descriptor held");
+    assert!(f.tail.step(&f.checkpoints, &LIMITS, t0 + CLOSE_IDLE_AFTER).is_none(), "unchanged: not even opened");
+    assert!(!f.tail.is_open());
+    let more = f.line("two");
+    fs::OpenOptions::new().append(true).open(f.file("0.log")).unwrap().write_all(more.as_bytes()).unwrap();
+    assert_eq!(f.read_all(), ["two"]);
+}
+
+#[test]
+fn a_closed_file_whose_path_now_holds_another_is_not_read_at_the_old_offset() {
+    let mut f = Fixture::new();
+    f.write("0.log", &["one", "two"]);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["one", "two"]);
+    let t0 = Instant::now();
+    f.tail.step(&f.checkpoints, &LIMITS, t0);
+    f.tail.step(&f.checkpoints, &LIMITS, t0 + CLOSE_IDLE_AFTER);
+    assert!(!f.tail.is_open());
+    // Rotated while closed: the old path holds a new, longer file.
+    fs::rename(f.file("0.log"), f.file("0.log.20261122-000001")).unwrap();
+    f.write("0.log", &["three", "four", "five"]);
+    f.tail.poke();
+    assert!(f.read_all().is_empty(), "not read through the old name");
+    assert!(f.tail.wants_rescan);
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.read_all(), ["three", "four", "five"]);
+}
+
+#[test]
+fn sizes_and_backlog_follow_what_was_read() {
+    let mut f = Fixture::new();
+    f.write("0.log", &["one"]);
+    let chain = f.scan();
+    let first = chain[0].size;
+    f.tail.update(chain, &f.checkpoints);
+    assert_eq!(f.tail.backlog(&f.checkpoints), first);
+    let more = f.line("two");
+    fs::OpenOptions::new().append(true).open(f.file("0.log")).unwrap().write_all(more.as_bytes()).unwrap();
+    assert_eq!(f.read_all(), ["one", "two"]);
+    let total = fs::metadata(f.file("0.log")).unwrap().len();
+    assert_eq!(f.tail.backlog(&f.checkpoints), total, "read, not acknowledged: all of it is backlog");
+    let fp = f.scan()[0].fingerprint.hash;
+    let id = FileId::new(&f.tail.info().reference, fp);
+    f.checkpoints.acknowledge(id, total, &f.file("0.log"));
+    assert_eq!(f.tail.backlog(&f.checkpoints), 0);
 }

@@ -20,10 +20,9 @@ use tokio::time::Instant;
 
 use self::bulk::{Item, Outcome};
 use self::client::{Client, Reply};
-use super::Batch;
+use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::ElasticsearchConfig;
 use crate::logs::ack::AckMsg;
-use crate::metrics::{ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 
 const SINK: &str = "elasticsearch";
 const MIN_BACKOFF: Duration = Duration::from_millis(100);

@@ -1,0 +1,299 @@
+//! The encoder stage: pod metadata, counts and ECS documents for each chunk.
+//!
+//! It never waits for the pod store: the tailer holds a container back until its pod is
+//! known (or a bound passed), and whatever the store answers later re-renders the
+//! container's template.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::counts::{AppLabels, CountFamilies, Counts};
+use crate::config::LogsConfig;
+use crate::kube::meta::PodMeta;
+use crate::kube::store::PodStore;
+use crate::logs::ack::AckMsg;
+use crate::logs::chunk::Chunk;
+use crate::logs::derived::{Derived, DerivedFamilies, PodLabels};
+use crate::logs::enrich::Enricher;
+use crate::logs::fingerprint::Format;
+use crate::logs::level::{self, Level};
+use crate::logs::path::{self, ContainerRef};
+use crate::sinks::ecs::{self, Documents, Template};
+use crate::sinks::Batch;
+
+/// How long a container's template is kept without records.
+const TEMPLATE_IDLE: Duration = Duration::from_secs(600);
+
+/// The encoder and the state it keeps per container.
+pub struct Encoder {
+    enricher: Enricher,
+    pods: Option<Arc<PodStore>>,
+    /// Where pod directories are, to tell gone pods.
+    pods_dir: PathBuf,
+    /// How often series are checked for pods that are gone (the rescan period).
+    sweep_every: Duration,
+    counts: Counts,
+    derived: Derived,
+    templates: HashMap<ContainerRef, CachedTemplate>,
+    seq: u64,
+    last_prune: Instant,
+    last_sweep: Instant,
+}
+
+struct CachedTemplate {
+    /// The pod metadata the template was rendered from; a new one re-renders it.
+    pod: Option<Arc<PodMeta>>,
+    template: Arc<Template>,
+    app: AppLabels,
+    excluded: bool,
+    /// The log-metric rules of the container's application, and the labels they add.
+    rules: Vec<usize>,
+    pod_labels: PodLabels,
+    used: Instant,
+}
+
+impl Encoder {
+    /// An encoder counting into `counts` and `derived`, starting at `now`.
+    pub fn new(
+        enricher: Enricher,
+        pods: Option<Arc<PodStore>>,
+        logs: &LogsConfig,
+        counts: CountFamilies,
+        derived: DerivedFamilies,
+        now: Instant,
+    ) -> Encoder {
+        Encoder {
+            enricher,
+            pods,
+            pods_dir: logs.pods_dir.clone(),
+            sweep_every: logs.rescan_interval,
+            counts: Counts::new(counts),
+            derived: Derived::new(&logs.log_metrics, derived),
+            templates: HashMap::new(),
+            seq: 0,
+            last_prune: now,
+            last_sweep: now,
+        }
+    }
+
+    /// Encodes chunks until the tailer is done, registering each with the committer before
+    /// handing it to every sink.
+    pub fn run(&mut self, mut chunks: mpsc::Receiver<Chunk>, sinks: Vec<mpsc::Sender<Arc<Batch>>>, acks: mpsc::Sender<AckMsg>) {
+        while let Some(chunk) = chunks.blocking_recv() {
+            let batch = Arc::new(self.encode(&chunk, Instant::now()));
+            let targets = if batch.docs.is_empty() { 0 } else { sinks.len() as u32 };
+            let register = AckMsg::Register {
+                seq: batch.seq,
+                file: batch.file,
+                path: chunk.source.path.clone(),
+                offset: chunk.commit_offset,
+                read_bytes: chunk.read_bytes,
+                sinks: targets,
+            };
+            if acks.blocking_send(register).is_err() {
+                return;
+            }
+            if targets > 0 && sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
+                tracing::error!("a sink is gone; stopping the encoder");
+                return;
+            }
+        }
+    }
+
+    /// The batch of one chunk, encoded at `now`.
+    pub fn encode(&mut self, chunk: &Chunk, now: Instant) -> Batch {
+        if now.saturating_duration_since(self.last_prune) > TEMPLATE_IDLE {
+            self.templates.retain(|_, t| now.saturating_duration_since(t.used) < TEMPLATE_IDLE);
+            self.last_prune = now;
+        }
+        if now.saturating_duration_since(self.last_sweep) > self.sweep_every {
+            self.sweep(now);
+        }
+        let info = &chunk.source.container;
+        let pod = self.pods.as_ref().and_then(|store| store.get(&info.reference.pod_uid));
+        let stale = self.templates.get(&info.reference).is_none_or(|t| !same_pod(&t.pod, &pod));
+        if stale {
+            let cached = self.render(chunk, pod, now);
+            self.templates.insert(info.reference.clone(), cached);
+        }
+        let cached = self.templates.get_mut(&info.reference).expect("inserted above");
+        cached.used = now;
+        let mut docs = Documents::default();
+        if !cached.excluded {
+            let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
+            ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+            self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
+            if !cached.rules.is_empty() {
+                for record in &chunk.records {
+                    self.derived.observe(&cached.rules, &cached.pod_labels, chunk.message(record));
+                }
+            }
+        }
+        let batch = Batch { seq: self.seq, file: chunk.source.id, docs };
+        self.seq += 1;
+        batch
+    }
+
+    fn render(&self, chunk: &Chunk, pod: Option<Arc<PodMeta>>, now: Instant) -> CachedTemplate {
+        let info = &chunk.source.container;
+        let meta = self.enricher.metadata(info, chunk.source.format == Format::Docker, pod.as_deref());
+        let excluded = pod.as_ref().is_some_and(|p| p.excludes(&info.reference.container))
+            || self.pods.as_ref().is_some_and(|s| s.namespace_excluded(&info.reference.namespace));
+        if excluded {
+            tracing::info!(namespace = %meta.namespace, pod = %meta.pod, container = %meta.container, "logs excluded by annotation");
+        }
+        let pod_labels = PodLabels {
+            namespace: meta.namespace.clone(),
+            pod: meta.pod.clone(),
+            uid: meta.pod_uid.clone(),
+            app: meta.app.clone(),
+            user: meta.user.clone(),
+        };
+        CachedTemplate {
+            pod,
+            template: Arc::new(Template::new(&meta)),
+            rules: self.derived.rules_for(&meta.app),
+            app: AppLabels { namespace: meta.namespace, app: meta.app },
+            pod_labels,
+            excluded,
+            used: now,
+        }
+    }
+
+    /// Removes the series of pods that are gone: log-derived series at once, per-application
+    /// counts once the application has had no pod for a while.
+    pub fn sweep(&mut self, now: Instant) {
+        let (pods, pods_dir) = (&self.pods, &self.pods_dir);
+        // Known to the store (deleted ones while their files are on disk), or, without it or
+        // before it knows the pod, a log directory on disk.
+        let alive = |r: &ContainerRef| {
+            pods.as_ref().is_some_and(|store| store.get(&r.pod_uid).is_some())
+                || path::pod_dir(pods_dir, &r.namespace, &r.pod, &r.pod_uid).exists()
+        };
+        if !self.derived.is_empty() {
+            let live: HashSet<&str> = self.templates.keys().filter(|r| alive(r)).map(|r| r.pod_uid.as_str()).collect();
+            self.derived.retain_pods(|uid| live.contains(uid));
+        }
+        self.counts.sweep(now, alive);
+        self.last_sweep = now;
+    }
+}
+
+fn same_pod(a: &Option<Arc<PodMeta>>, b: &Option<Arc<PodMeta>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::logs::chunk::{Flags, Record, StreamKind};
+    use crate::logs::source::{ContainerInfo, FileId, Source};
+    use crate::pipeline::counts::APP_SERIES_IDLE;
+
+    fn chunk(pods_dir: &Path, namespace: &str, pod: &str, message: &str) -> Chunk {
+        let reference = ContainerRef {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            pod_uid: format!("uid-{pod}"),
+            container: "main".into(),
+            restart: 0,
+        };
+        let dir = path::pod_dir(pods_dir, namespace, pod, &reference.pod_uid);
+        let source = Source {
+            id: FileId::new(&reference, 1),
+            path: dir.join("main/0.log"),
+            container: Arc::new(ContainerInfo { reference, container_id: None, runtime: None }),
+            format: Format::Cri,
+        };
+        let mut chunk = Chunk::new(Arc::new(source));
+        let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40.123456789Z");
+        let message = chunk.push_bytes(message.as_bytes());
+        chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 0, flags: Flags::default() });
+        chunk
+    }
+
+    fn encoder(pods_dir: &Path, pods: Option<Arc<PodStore>>, now: Instant) -> (Encoder, CountFamilies) {
+        let logs = LogsConfig { pods_dir: pods_dir.to_path_buf(), ..LogsConfig::default() };
+        let families = CountFamilies::default();
+        let enricher = Enricher::new("node-1".into(), String::new());
+        (Encoder::new(enricher, pods, &logs, families.clone(), DerivedFamilies::default(), now), families)
+    }
+
+    fn exposition(families: &CountFamilies) -> String {
+        let mut registry = Registry::with_prefix("nodelens");
+        registry.register("log_records", "", families.records.clone());
+        registry.register("log_bytes", "", families.bytes.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    fn series_of(text: &str, app: &str) -> usize {
+        text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("app=\"{app}\""))).count()
+    }
+
+    fn service_name(batch: &Batch) -> String {
+        let doc: serde_json::Value = serde_json::from_slice(batch.docs.doc(0)).unwrap();
+        doc["service"]["name"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn path_only_apps_lose_generated_suffixes_and_their_series_leave_after_the_pod() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut encoder, families) = encoder(pods_dir.path(), None, t0);
+        let job = chunk(pods_dir.path(), "ml", "nightly-29100480-x2k4p", "done");
+        let web = chunk(pods_dir.path(), "ml", "web-7d9f8b6c5d-x2k4p", "GET /");
+        for c in [&job, &web] {
+            std::fs::create_dir_all(c.source.path.parent().unwrap()).unwrap();
+        }
+        assert_eq!(service_name(&encoder.encode(&job, t0)), "nightly");
+        assert_eq!(service_name(&encoder.encode(&web, t0)), "web");
+        let text = exposition(&families);
+        assert_eq!((series_of(&text, "nightly"), series_of(&text, "web")), (2, 2), "{text}");
+
+        std::fs::remove_dir_all(path::pod_dir(pods_dir.path(), "ml", "nightly-29100480-x2k4p", "uid-nightly-29100480-x2k4p")).unwrap();
+        encoder.sweep(t0 + Duration::from_secs(10));
+        assert_eq!(series_of(&exposition(&families), "nightly"), 2, "kept a while");
+        encoder.sweep(t0 + Duration::from_secs(20) + APP_SERIES_IDLE);
+        let text = exposition(&families);
+        assert_eq!((series_of(&text, "nightly"), series_of(&text, "web")), (0, 2), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_pod_does_not_hold_up_the_encoder_and_is_enriched_once_known() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(PodStore::new(vec![crate::kube::resolve::Key::Label("app".into())], Vec::new(), Default::default()));
+        let (mut encoder, _) = encoder(pods_dir.path(), Some(store.clone()), Instant::now());
+        let line = chunk(pods_dir.path(), "ml", "trainer-0", "epoch 1");
+        let started = Instant::now();
+        assert_eq!(service_name(&encoder.encode(&line, Instant::now())), "trainer", "path metadata, at once");
+        assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+        store.apply(PodMeta {
+            namespace: "ml".into(),
+            name: "trainer-0".into(),
+            uid: "uid-trainer-0".into(),
+            ip: None,
+            labels: BTreeMap::from([("app".to_string(), "resnet".to_string())]),
+            annotations: BTreeMap::new(),
+            workload: None,
+            containers: Vec::new(),
+            app: String::new(),
+            user: String::new(),
+        });
+        assert_eq!(service_name(&encoder.encode(&line, Instant::now())), "resnet", "re-rendered from the store");
+    }
+}
