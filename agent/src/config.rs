@@ -336,7 +336,9 @@ pub struct SinksConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ElasticsearchConfig {
-    /// Base URLs tried in turn (failover); empty = sink off.
+    /// Base URLs tried in turn (failover); empty = sink off. A password in a URL is used for
+    /// basic auth and never printed or logged.
+    #[serde(serialize_with = "redacted_urls")]
     pub endpoints: Vec<String>,
     /// Data stream written with `create` operations.
     pub data_stream: String,
@@ -362,6 +364,12 @@ pub struct ElasticsearchConfig {
     /// Timeout of one `_bulk` request.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// `_bulk` requests in flight at once (checkpoints still advance in read order).
+    pub max_concurrent_requests: usize,
+    /// How long a record Elasticsearch answers 5xx for is sent again before it is given up
+    /// (counted as `retries_exhausted`). 429s and failed requests are retried without end.
+    #[serde(with = "duration")]
+    pub item_retry_timeout: Duration,
 }
 
 impl Default for ElasticsearchConfig {
@@ -378,6 +386,8 @@ impl Default for ElasticsearchConfig {
             batch_max_bytes: 5 * 1024 * 1024,
             flush_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 4,
+            item_retry_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -454,6 +464,7 @@ impl Config {
             ("gpu.poll_interval", self.gpu.poll_interval, Duration::from_millis(100)),
             ("sinks.elasticsearch.flush_interval", es.flush_interval, Duration::from_millis(1)),
             ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
+            ("sinks.elasticsearch.item_retry_timeout", es.item_retry_timeout, Duration::from_millis(1)),
             ("certificates.interval", self.certificates.interval, Duration::from_secs(1)),
         ];
         for (key, value, min) in durations {
@@ -500,6 +511,9 @@ impl Config {
         let es = &self.sinks.elasticsearch;
         if !es.api_key.is_empty() && !es.username.is_empty() {
             return Err(key_error("sinks.elasticsearch.api_key", "set either api_key or username, not both".into()));
+        }
+        if !(1..=64).contains(&es.max_concurrent_requests) {
+            return Err(key_error("sinks.elasticsearch.max_concurrent_requests", "must be between 1 and 64".into()));
         }
         // Elasticsearch refuses bodies over http.max_content_length (100mb by default).
         if !(64 * 1024..=100 * 1024 * 1024).contains(&es.batch_max_bytes) {
@@ -572,6 +586,25 @@ fn hostname() -> String {
 
 fn redacted<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(if value.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redacted_urls<S: serde::Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+/// `url` with the password of its user info (`http://user:password@host`) replaced, for
+/// anything printed or logged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
+            format!("{scheme}://{user}:<redacted>@{host}{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Durations as humans write them: `500ms`, `2s`, `1m`.

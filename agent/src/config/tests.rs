@@ -112,15 +112,15 @@ fn node_name_falls_back_to_a_non_empty_name() {
 #[test]
 fn printed_config_hides_secrets_and_parses_back() {
     let config = load_text(
-        "sinks:\n  elasticsearch:\n    endpoints: [https://es:9200]\n    api_key: c2VjcmV0\n",
+        "sinks:\n  elasticsearch:\n    endpoints: [https://es:9200, 'http://elastic:pa55word@es-2:9200']\n    api_key: c2VjcmV0\n",
         &[("NODELENS_SINKS__ELASTICSEARCH__PASSWORD", "hunter2")],
     )
     .unwrap();
     let yaml = config.to_yaml();
-    assert!(!yaml.contains("c2VjcmV0") && !yaml.contains("hunter2"), "{yaml}");
+    assert!(!yaml.contains("c2VjcmV0") && !yaml.contains("hunter2") && !yaml.contains("pa55word"), "{yaml}");
     assert!(yaml.contains("<redacted>"));
     let reparsed: Config = serde_yaml_ng::from_str(&yaml).unwrap();
-    assert_eq!(reparsed.sinks.elasticsearch.endpoints, ["https://es:9200"]);
+    assert_eq!(reparsed.sinks.elasticsearch.endpoints, ["https://es:9200", "http://elastic:<redacted>@es-2:9200"]);
     assert_eq!(reparsed.logs.partial_timeout, config.logs.partial_timeout);
 }
 

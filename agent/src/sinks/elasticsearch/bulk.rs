@@ -74,8 +74,11 @@ pub enum Outcome {
     Created,
     /// Already there (409 on `create`): a resend after a crash or a lost reply.
     Duplicate,
-    /// 429 or 5xx: send again later.
-    Retry,
+    /// 429: Elasticsearch is overloaded; send again later, however long it takes.
+    Overloaded,
+    /// 5xx: send again later, for at most `item_retry_timeout` (a shard may fail on this
+    /// document every time).
+    Failed(String),
     /// Any other 4xx: the document will never be accepted.
     Rejected(String),
 }
@@ -108,11 +111,12 @@ pub fn outcomes(reply: &[u8], count: usize) -> Result<Vec<Outcome>, String> {
         .items
         .into_iter()
         .map(|mut item| {
-            let Some((_, item)) = item.drain().next() else { return Outcome::Retry };
+            let Some((_, item)) = item.drain().next() else { return Outcome::Failed("empty item in the reply".into()) };
             match item.status {
                 200..=299 => Outcome::Created,
                 409 => Outcome::Duplicate,
-                429 | 500..=599 => Outcome::Retry,
+                429 => Outcome::Overloaded,
+                500..=599 => Outcome::Failed(reason(item.status, item.error.as_ref())),
                 _ => Outcome::Rejected(reason(item.status, item.error.as_ref())),
             }
         })
@@ -188,7 +192,8 @@ mod tests {
             {"create":{"status":400,"error":{"type":"document_parsing_exception","reason":"failed to parse","caused_by":{"reason":"bad date"}}}}
         ]}"#;
         let got = outcomes(reply, 5).unwrap();
-        assert_eq!(got[..4], [Outcome::Created, Outcome::Duplicate, Outcome::Retry, Outcome::Retry]);
+        assert_eq!(got[..3], [Outcome::Created, Outcome::Duplicate, Outcome::Overloaded]);
+        assert_eq!(got[3], Outcome::Failed("503 unavailable_shards_exception: x".into()));
         assert_eq!(got[4], Outcome::Rejected("400 document_parsing_exception: failed to parse (bad date)".into()));
     }
 

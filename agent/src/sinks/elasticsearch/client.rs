@@ -1,13 +1,15 @@
 //! The HTTP side of `_bulk`: one reqwest client (rustls; a private CA from `ca_file`), basic or
 //! API-key auth, gzip bodies, and failover across endpoints.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use reqwest::StatusCode;
 
 use super::bulk::{self, Item};
-use crate::config::{Compression, ElasticsearchConfig};
+use crate::config::{redact_url, Compression, ElasticsearchConfig};
 
 /// How a `_bulk` request ended.
 #[derive(Debug)]
@@ -16,6 +18,9 @@ pub enum Reply {
     Done(Vec<u8>),
     /// 413: the body is too large; send it in smaller parts.
     TooLarge,
+    /// 400 for the request as a whole (a body Elasticsearch cannot parse): one record may be
+    /// the cause, so the request is split until it is found.
+    BadRequest(String),
 }
 
 /// A request that failed as a whole; it is sent again after a backoff.
@@ -28,14 +33,15 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// Sends `_bulk` requests.
+/// Sends `_bulk` requests; clones share the connection pool and the endpoint in use.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    endpoints: Vec<String>,
-    current: usize,
+    endpoints: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
     path: String,
     gzip: bool,
-    auth: Auth,
+    auth: Arc<Auth>,
 }
 
 impl Client {
@@ -58,51 +64,64 @@ impl Client {
         }
         Ok(Client {
             http: builder.build()?,
-            endpoints: config.endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
-            current: 0,
+            endpoints: Arc::new(config.endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect()),
+            current: Arc::new(AtomicUsize::new(0)),
             path: format!("/{}/_bulk?filter_path=errors,items.*.error,items.*.status", config.data_stream),
             gzip: config.compression == Compression::Gzip,
-            auth: Auth::from_config(config)?,
+            auth: Arc::new(Auth::from_config(config)?),
         })
     }
 
     /// Sends `items` to the current endpoint; on failure the next call tries the next one.
-    pub async fn bulk(&mut self, items: &[Item]) -> Result<(Reply, Duration), Failure> {
-        let endpoint = self.endpoints[self.current].clone();
-        let failure = |reason: String| Failure { endpoint: endpoint.clone(), reason };
+    pub async fn bulk(&self, items: &[Item]) -> Result<(Reply, Duration), Failure> {
+        let current = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        let endpoint = &self.endpoints[current];
+        let failure = |reason: String| Failure { endpoint: redact_url(endpoint), reason };
         let mut request = self.auth.apply(self.http.post(format!("{endpoint}{}", self.path)));
-        let plain_len: usize = items.iter().map(Item::body_len).sum();
-        request = if self.gzip {
-            // Buffered, so deflate sees large blocks rather than one call per line.
-            let encoder = flate2::write::GzEncoder::new(Vec::with_capacity(plain_len / 6), flate2::Compression::fast());
-            let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, encoder);
-            let body = bulk::body(items, &mut buffered)
-                .and_then(|()| buffered.into_inner().map_err(|e| e.into_error()))
-                .and_then(|encoder| encoder.finish())
-                .map_err(|e| failure(e.to_string()))?;
-            request.header(CONTENT_ENCODING, "gzip").body(body)
-        } else {
-            let mut body = Vec::with_capacity(plain_len);
-            bulk::body(items, &mut body).map_err(|e| failure(e.to_string()))?;
-            request.body(body)
-        };
+        // Encoding and compressing megabytes is CPU work: off the async threads.
+        let (owned, gzip) = (items.to_vec(), self.gzip);
+        let body = tokio::task::spawn_blocking(move || encode_body(&owned, gzip))
+            .await
+            .map_err(|e| failure(e.to_string()))?
+            .map_err(|e| failure(e.to_string()))?;
+        if self.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip");
+        }
         let started = Instant::now();
         let result = async {
-            let response = request.send().await.map_err(|e| failure(error_chain(&e)))?;
+            let response = request.body(body).send().await.map_err(|e| failure(error_chain(&e.without_url())))?;
             let status = response.status();
-            let bytes = response.bytes().await.map_err(|e| failure(error_chain(&e)))?;
+            let bytes = response.bytes().await.map_err(|e| failure(error_chain(&e.without_url())))?;
+            let text = || String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
             match status {
                 StatusCode::OK => Ok(Reply::Done(bytes.to_vec())),
                 StatusCode::PAYLOAD_TOO_LARGE => Ok(Reply::TooLarge),
-                other => Err(failure(format!("{other}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(512)])))),
+                StatusCode::BAD_REQUEST => Ok(Reply::BadRequest(format!("400: {}", text()))),
+                other => Err(failure(format!("{other}: {}", text()))),
             }
         }
         .await;
         if result.is_err() {
-            self.current = (self.current + 1) % self.endpoints.len();
+            // Move on from this endpoint, unless a concurrent request already did.
+            let _ = self.current.compare_exchange(current, (current + 1) % self.endpoints.len(), Ordering::Relaxed, Ordering::Relaxed);
         }
         result.map(|reply| (reply, started.elapsed()))
     }
+}
+
+/// The NDJSON body of `items`, gzip-compressed when asked.
+fn encode_body(items: &[Item], gzip: bool) -> std::io::Result<Vec<u8>> {
+    let plain_len: usize = items.iter().map(Item::body_len).sum();
+    if !gzip {
+        let mut body = Vec::with_capacity(plain_len);
+        bulk::body(items, &mut body)?;
+        return Ok(body);
+    }
+    // Buffered, so deflate sees large blocks rather than one call per line.
+    let encoder = flate2::write::GzEncoder::new(Vec::with_capacity(plain_len / 6), flate2::Compression::fast());
+    let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, encoder);
+    bulk::body(items, &mut buffered)?;
+    buffered.into_inner().map_err(|e| e.into_error())?.finish()
 }
 
 /// How requests authenticate.
@@ -156,6 +175,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_endpoint_urls_are_redacted() {
+        assert_eq!(redact_url("http://elastic:pw@es:9200"), "http://elastic:<redacted>@es:9200");
+        assert_eq!(redact_url("https://u:p@ss@es:9200/x?y=1"), "https://u:<redacted>@es:9200/x?y=1");
+        assert_eq!(redact_url("http://es:9200/a@b"), "http://es:9200/a@b", "an @ in the path is not user info");
+        assert_eq!(redact_url("http://es:9200"), "http://es:9200");
+    }
 
     #[test]
     fn password_file_is_read_and_a_missing_one_is_a_clear_error() {

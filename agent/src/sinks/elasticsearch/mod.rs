@@ -15,7 +15,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use self::bulk::{Item, Outcome};
@@ -28,21 +29,25 @@ const SINK: &str = "elasticsearch";
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Runs the sink until its input closes, then delivers what it holds and returns.
+/// Runs the sink until its input closes, then delivers what it holds and returns. Up to
+/// `max_concurrent_requests` batches are delivered at once; each is acknowledged when all its
+/// records have settled, and the committer advances checkpoints in read order whatever order
+/// acknowledgements arrive in.
 pub async fn run(
     config: ElasticsearchConfig,
-    mut client: Client,
+    client: Client,
     mut batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
-    let mut pending: Vec<Arc<Batch>> = Vec::new();
+    let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let mut deliveries = JoinSet::new();
     let mut open = true;
     while open {
         let Some(first) = batches.recv().await else { break };
         let deadline = Instant::now() + config.flush_interval;
         let mut bytes = first.docs.bytes.len();
-        pending.push(first);
+        let mut pending = vec![first];
         while bytes < config.batch_max_bytes {
             match tokio::time::timeout_at(deadline, batches.recv()).await {
                 Ok(Some(batch)) => {
@@ -56,27 +61,61 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        deliver(&mut client, &pending, config.batch_max_bytes, &metrics).await;
-        for batch in pending.drain(..) {
-            acks.send(AckMsg::Ack { seq: batch.seq }).await?;
+        // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
+        let slot = slots.clone().acquire_owned().await?;
+        let (client, acks, metrics, config) = (client.clone(), acks.clone(), metrics.clone(), config.clone());
+        deliveries.spawn(async move {
+            deliver(&client, &pending, &config, &metrics).await;
+            drop(slot);
+            for batch in &pending {
+                // The committer is gone only at shutdown, when nothing more can be committed.
+                let _ = acks.send(AckMsg::Ack { seq: batch.seq }).await;
+            }
+        });
+        while let Some(done) = deliveries.try_join_next() {
+            done?;
         }
+    }
+    while let Some(done) = deliveries.join_next().await {
+        done?;
     }
     Ok(())
 }
 
+/// Counts outcomes of one sink.
+struct Tally<'a> {
+    metrics: &'a SinkMetrics,
+}
+
+impl Tally<'_> {
+    fn count(&self, outcome: &'static str, n: usize) {
+        if n > 0 {
+            self.metrics.records.get_or_create(&SinkOutcomeLabels { sink: SINK, outcome }).inc_by(n as u64);
+        }
+    }
+
+    /// Records that will never be delivered: counted as rejected and dropped, and logged once
+    /// with Elasticsearch's reason.
+    fn give_up(&self, reason: &'static str, reasons: &[String], message: &'static str) {
+        let Some(first) = reasons.first() else { return };
+        self.count("rejected", reasons.len());
+        self.metrics.dropped.get_or_create(&ReasonLabels { reason }).inc_by(reasons.len() as u64);
+        tracing::warn!(count = reasons.len(), reason = %first, "{message}");
+    }
+}
+
 /// Delivers every record of `batches`, returning once each has settled.
-async fn deliver(client: &mut Client, batches: &[Arc<Batch>], max_bytes: usize, metrics: &SinkMetrics) {
+async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics) {
     let items: Vec<Item> =
         batches.iter().flat_map(|b| (0..b.docs.len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
-    let mut runs: VecDeque<Vec<Item>> = bulk::split_by_size(&items, max_bytes).into_iter().map(|r| items[r].to_vec()).collect();
-    let count = |outcome: &'static str, n: usize| {
-        if n > 0 {
-            metrics.records.get_or_create(&SinkOutcomeLabels { sink: SINK, outcome }).inc_by(n as u64);
-        }
-    };
+    let mut runs: VecDeque<Vec<Item>> =
+        bulk::split_by_size(&items, config.batch_max_bytes).into_iter().map(|r| items[r].to_vec()).collect();
+    let tally = Tally { metrics };
     let sink = SinkLabels { sink: SINK };
     while let Some(mut todo) = runs.pop_front() {
         let mut attempt = 0u32;
+        // Since when some of `todo` has been failing with 5xx.
+        let mut failing_since: Option<Instant> = None;
         while !todo.is_empty() {
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
@@ -90,24 +129,38 @@ async fn deliver(client: &mut Client, batches: &[Arc<Batch>], max_bytes: usize, 
                             continue;
                         }
                     };
-                    let (mut created, mut duplicates, mut rejected) = (0, 0, Vec::new());
-                    let mut retry = Vec::new();
+                    let (mut created, mut duplicates, mut rejected, mut failed) = (0, 0, Vec::new(), Vec::new());
+                    // Items to send again, and whether each failed (5xx) rather than was refused for load (429).
+                    let mut retry: Vec<(Item, bool)> = Vec::new();
                     for (item, outcome) in todo.into_iter().zip(outcomes) {
                         match outcome {
                             Outcome::Created => created += 1,
                             Outcome::Duplicate => duplicates += 1,
-                            Outcome::Retry => retry.push(item),
+                            Outcome::Overloaded => retry.push((item, false)),
+                            Outcome::Failed(reason) => {
+                                retry.push((item, true));
+                                failed.push(reason);
+                            }
                             Outcome::Rejected(reason) => rejected.push(reason),
                         }
                     }
-                    count("delivered", created);
-                    count("duplicate", duplicates);
-                    count("rejected", rejected.len());
-                    count("retried", retry.len());
-                    if let Some(first) = rejected.first() {
-                        metrics.dropped.get_or_create(&ReasonLabels { reason: "rejected" }).inc_by(rejected.len() as u64);
-                        tracing::warn!(count = rejected.len(), reason = %first, "Elasticsearch rejected records; they will not be sent again");
+                    tally.count("delivered", created);
+                    tally.count("duplicate", duplicates);
+                    tally.give_up("rejected", &rejected, "Elasticsearch rejected records; they will not be sent again");
+                    if failed.is_empty() {
+                        failing_since = None;
+                    } else if failing_since.get_or_insert_with(Instant::now).elapsed() >= config.item_retry_timeout {
+                        // Only 429s are retried without end: they are back-pressure, not this document.
+                        retry.retain(|(_, failed)| !failed);
+                        tally.give_up(
+                            "retries_exhausted",
+                            &failed,
+                            "Elasticsearch kept failing on records (5xx) for item_retry_timeout; they will not be sent again",
+                        );
+                        failing_since = None;
                     }
+                    let retry: Vec<Item> = retry.into_iter().map(|(item, _)| item).collect();
+                    tally.count("retried", retry.len());
                     todo = retry;
                     if !todo.is_empty() {
                         retry_later(metrics, &sink, &mut attempt).await;
@@ -120,12 +173,20 @@ async fn deliver(client: &mut Client, batches: &[Arc<Batch>], max_bytes: usize, 
                     break;
                 }
                 Ok((Reply::TooLarge, _)) => {
-                    count("rejected", 1);
-                    metrics.dropped.get_or_create(&ReasonLabels { reason: "too_large" }).inc();
-                    tracing::warn!(
-                        bytes = todo[0].doc().len(),
-                        "a single record is larger than Elasticsearch accepts (413); it will not be sent again"
-                    );
+                    let reasons = [format!("413 request entity too large ({} bytes)", todo[0].doc().len())];
+                    tally.give_up("too_large", &reasons, "a single record is larger than Elasticsearch accepts; it will not be sent again");
+                    break;
+                }
+                Ok((Reply::BadRequest(reason), _)) if todo.len() > 1 => {
+                    // One record may make the whole request unparseable: halve to find it.
+                    tracing::debug!(%reason, records = todo.len(), "_bulk request refused as a whole; splitting it");
+                    let second = todo.split_off(todo.len() / 2);
+                    runs.push_front(second);
+                    runs.push_front(todo);
+                    break;
+                }
+                Ok((Reply::BadRequest(reason), _)) => {
+                    tally.give_up("rejected", &[reason], "Elasticsearch refused a request holding one record; it will not be sent again");
                     break;
                 }
                 Err(failure) => {
