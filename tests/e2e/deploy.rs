@@ -10,6 +10,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use nodelens_testkit::views::{files, root};
 use serde::Deserialize;
@@ -116,6 +117,7 @@ struct Endpoint {
     port: String,
     path: String,
     interval: String,
+    honor_labels: bool,
     relabelings: Vec<Relabeling>,
 }
 
@@ -169,6 +171,7 @@ fn every_rendered_object_is_valid_for_its_kind() {
                 "ConfigMap" => round_trip::<ConfigMap>(object),
                 "DaemonSet" => round_trip::<DaemonSet>(object),
                 "Service" => round_trip::<Service>(object),
+                "NetworkPolicy" => round_trip::<NetworkPolicy>(object),
                 "ServiceMonitor" => drop(serde_json::from_value::<Crd<ServiceMonitorSpec>>(object.clone()).expect("ServiceMonitor schema")),
                 "PrometheusRule" => drop(serde_json::from_value::<Crd<RuleSpec>>(object.clone()).expect("PrometheusRule schema")),
                 other => panic!("{dir}: unexpected kind {other}"),
@@ -253,4 +256,32 @@ fn the_shipped_agent_config_passes_check_config() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("node_name: node-1"));
+}
+
+#[test]
+fn only_the_monitoring_namespace_reaches_metrics_and_prometheus_keeps_the_workload_labels() {
+    for dir in kustomizations() {
+        let objects = render(dir);
+        let policy: NetworkPolicy =
+            serde_json::from_value(objects.iter().find(|o| o["kind"] == "NetworkPolicy").expect("a NetworkPolicy").clone()).unwrap();
+        let spec = policy.spec.unwrap();
+        let agent: DaemonSet = daemonset(dir);
+        let pod_labels = agent.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        for (k, v) in spec.pod_selector.unwrap().match_labels.unwrap() {
+            assert_eq!(pod_labels.get(&k), Some(&v), "{dir}: the policy selects the agent's pods");
+        }
+        assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]), "{dir}: egress stays open");
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 1, "{dir}");
+        let from = ingress[0].from.as_ref().unwrap();
+        let namespaces = from[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(namespaces.get("kubernetes.io/metadata.name").map(String::as_str), Some("monitoring"), "{dir}");
+        assert!(from[0].pod_selector.is_none() && from.len() == 1, "{dir}: no other peer");
+        let port = &ingress[0].ports.as_ref().unwrap()[0];
+        assert_eq!(port.port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())), "{dir}");
+
+        let monitor = objects.iter().find(|o| o["kind"] == "ServiceMonitor").expect("a ServiceMonitor");
+        let spec: Crd<ServiceMonitorSpec> = serde_json::from_value(monitor.clone()).unwrap();
+        assert!(spec.spec.endpoints.iter().all(|e| e.honor_labels), "{dir}: honorLabels, or namespace/pod/container become exported_*");
+    }
 }
