@@ -219,8 +219,8 @@ fn kibana_objects() -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
 }
 
-/// Field paths of the bundled index template's mapping (`a.b.c`); dynamic templates add
-/// `kubernetes.labels.*`.
+/// Field paths of the bundled index template's mapping (`a.b.c`); `kubernetes.labels` is one
+/// flattened field whose keys are queried as `kubernetes.labels.<key>`.
 fn mapped_fields() -> BTreeSet<String> {
     fn walk(prefix: &str, properties: &serde_json::Value, out: &mut BTreeSet<String>) {
         for (name, field) in properties.as_object().unwrap() {
