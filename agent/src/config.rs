@@ -458,14 +458,14 @@ impl Config {
         // A zero period spins a thread or panics a timer; a zero timeout wedges a request.
         let es = &self.sinks.elasticsearch;
         let durations = [
-            ("host.scan_interval", self.host.scan_interval, Duration::from_secs(1)),
+            ("host.scan_interval", self.host.scan_interval, Duration::from_millis(100)),
             ("logs.partial_timeout", self.logs.partial_timeout, Duration::from_millis(1)),
             ("logs.rescan_interval", self.logs.rescan_interval, Duration::from_millis(100)),
             ("gpu.poll_interval", self.gpu.poll_interval, Duration::from_millis(100)),
             ("sinks.elasticsearch.flush_interval", es.flush_interval, Duration::from_millis(1)),
             ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
             ("sinks.elasticsearch.item_retry_timeout", es.item_retry_timeout, Duration::from_millis(1)),
-            ("certificates.interval", self.certificates.interval, Duration::from_secs(1)),
+            ("certificates.interval", self.certificates.interval, Duration::from_millis(100)),
         ];
         for (key, value, min) in durations {
             if value < min {

@@ -1,10 +1,11 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the agent's threads are
 //! alive) and `/readyz` (start-up finished: checkpoints loaded, pipeline running).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -43,17 +44,26 @@ pub struct Limits {
     pub connection_lifetime: Duration,
     /// Connections served at once; more are closed at once.
     pub max_connections: usize,
+    /// Connections one client address may hold, so a single client cannot take every slot
+    /// (and the kubelet's probes with them).
+    pub max_per_client: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { header_timeout: Duration::from_secs(10), connection_lifetime: Duration::from_secs(60), max_connections: 1024 }
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            connection_lifetime: Duration::from_secs(60),
+            max_connections: 1024,
+            max_per_client: 32,
+        }
     }
 }
 
 /// Serves until `shutdown` fires.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, limits: Limits, mut shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_client = Arc::new(Mutex::new(HashMap::new()));
     let mut refused: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
@@ -67,6 +77,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
                 }
             },
             _ = shutdown.recv() => return,
+        };
+        let Some(client_slot) = ClientSlot::take(&per_client, peer.ip(), limits.max_per_client) else {
+            tracing::debug!(%peer, max = limits.max_per_client, "metrics client at its connection limit; closing");
+            drop(stream);
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             if refused % 1000 == 0 {
@@ -89,8 +104,38 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
                 Err(_) => tracing::debug!(%peer, "metrics connection outlived its limit; closed"),
                 Ok(Ok(())) => {}
             }
-            drop(slot);
+            drop((slot, client_slot));
         });
+    }
+}
+
+/// One of a client address's connections; released on drop.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut map = counts.lock().unwrap();
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -135,8 +180,12 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, _) = tokio::sync::broadcast::channel(1);
-        let limits =
-            Limits { header_timeout: Duration::from_millis(300), connection_lifetime: Duration::from_secs(5), max_connections: 400 };
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            connection_lifetime: Duration::from_secs(5),
+            max_connections: 400,
+            max_per_client: 400,
+        };
         let metrics = Arc::new(Metrics::new("n"));
         tokio::spawn(serve(listener, metrics, Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
 
@@ -172,7 +221,12 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, _) = tokio::sync::broadcast::channel(1);
-        let limits = Limits { header_timeout: Duration::from_secs(30), connection_lifetime: Duration::from_secs(30), max_connections: 10 };
+        let limits = Limits {
+            header_timeout: Duration::from_secs(30),
+            connection_lifetime: Duration::from_secs(30),
+            max_connections: 10,
+            max_per_client: 10,
+        };
         tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
         let mut held = Vec::new();
         for _ in 0..10 {
@@ -186,5 +240,39 @@ mod tests {
         drop(held);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(get_metrics(addr).await.unwrap().contains("nodelens_build_info"), "slots come back");
+    }
+
+    #[tokio::test]
+    async fn one_client_cannot_take_every_slot() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(1);
+        let limits = Limits {
+            header_timeout: Duration::from_secs(30),
+            connection_lifetime: Duration::from_secs(30),
+            max_connections: 100,
+            max_per_client: 5,
+        };
+        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The same address is refused; another one (the kubelet's probe) is still served.
+        let mut sixth = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), sixth.read(&mut buf)).await.expect("closed at once");
+        assert_eq!(n.unwrap_or(0), 0);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut probe = socket.connect(addr).await.unwrap();
+        probe.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut reply = String::new();
+        probe.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(get_metrics(addr).await.unwrap().contains("nodelens_build_info"), "its slots come back");
     }
 }

@@ -56,6 +56,7 @@ pub fn start(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), keep_deleted, shutdown()))];
     if watch_namespaces || store.needs_namespaces() {
+        store.expect_namespaces();
         tasks.push(tokio::spawn(watch::namespaces(client, store, shutdown())));
     }
     tasks

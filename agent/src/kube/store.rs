@@ -55,6 +55,9 @@ struct Inner {
     pods: HashMap<String, Entry>,
     namespaces: HashMap<String, NamespaceMeta>,
     synced: bool,
+    /// Namespaces are watched (for exclusion or labels), and their first list has arrived.
+    namespaces_expected: bool,
+    namespaces_synced: bool,
 }
 
 /// The pod store.
@@ -105,7 +108,19 @@ impl PodStore {
 
     /// Whether the first full list has arrived.
     pub fn is_synced(&self) -> bool {
-        self.inner.lock().unwrap().synced
+        let inner = self.inner.lock().unwrap();
+        inner.synced && (!inner.namespaces_expected || inner.namespaces_synced)
+    }
+
+    /// Namespaces will be watched: the store is synced only once they are listed too, so a
+    /// namespace's `nodelens.io/exclude` holds from the first record.
+    pub fn expect_namespaces(&self) {
+        self.inner.lock().unwrap().namespaces_expected = true;
+    }
+
+    /// The namespace watch's first list is complete.
+    pub fn namespaces_listed(&self) {
+        self.inner.lock().unwrap().namespaces_synced = true;
     }
 
     /// Number of pods held, deleted ones included.
@@ -121,7 +136,7 @@ impl PodStore {
     /// A pod was added or changed.
     pub fn apply(&self, pod: PodMeta) {
         let mut inner = self.inner.lock().unwrap();
-        self.apply_locked(&mut inner, pod);
+        self.apply_locked(&mut inner, pod, false);
     }
 
     /// A pod was deleted: its metadata stays (see [`PodStore::prune`]), its `pod_info`
@@ -147,7 +162,7 @@ impl PodStore {
         let gone: Vec<String> =
             inner.pods.iter().filter(|(uid, e)| e.deleted_at.is_none() && !listed.contains(*uid)).map(|(uid, _)| uid.clone()).collect();
         for pod in pods {
-            self.apply_locked(&mut inner, pod);
+            self.apply_locked(&mut inner, pod, false);
         }
         inner.synced = true;
         drop(inner);
@@ -162,11 +177,14 @@ impl PodStore {
         if inner.namespaces.get(name) == Some(&meta) {
             return;
         }
+        let exclusion_changed = inner.namespaces.get(name).is_none_or(|old| old.excluded != meta.excluded);
         inner.namespaces.insert(name.to_string(), meta);
         let pods: Vec<PodMeta> =
             inner.pods.values().filter(|e| e.meta.namespace == name && e.deleted_at.is_none()).map(|e| (*e.meta).clone()).collect();
         for pod in pods {
-            self.apply_locked(&mut inner, pod);
+            // A new entry even when the pod resolves the same, so enrichment looks again and
+            // the namespace's exclusion applies to containers already being read.
+            self.apply_locked(&mut inner, pod, exclusion_changed);
         }
     }
 
@@ -195,7 +213,7 @@ impl PodStore {
         }
     }
 
-    fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta) {
+    fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta, force: bool) {
         let empty = BTreeMap::new();
         let namespace_labels = inner.namespaces.get(&pod.namespace).map_or(&empty, |n| &n.labels);
         let sources = Sources {
@@ -208,7 +226,7 @@ impl PodStore {
         pod.user = resolve::user(&self.user_keys, &sources);
         let new_labels = info_labels(&pod);
         if let Some(old) = inner.pods.get(&pod.uid) {
-            if *old.meta == pod && old.deleted_at.is_none() {
+            if *old.meta == pod && old.deleted_at.is_none() && !force {
                 return;
             }
             let old_labels = info_labels(&old.meta);
@@ -349,5 +367,21 @@ mod tests {
             false
         });
         assert_eq!(s.get("u1").map(|p| p.app.clone()).as_deref(), Some("back"));
+    }
+
+    #[test]
+    fn the_store_is_synced_once_namespaces_are_listed_and_an_exclusion_reaches_known_pods() {
+        let (s, _) = store();
+        s.expect_namespaces();
+        s.relist(vec![pod("u1", "team-a", &[])]);
+        assert!(!s.is_synced(), "pods listed, namespaces not yet: exclusion unknown");
+        s.apply_namespace("team-a", NamespaceMeta::default());
+        s.namespaces_listed();
+        assert!(s.is_synced());
+        let before = s.get("u1").unwrap();
+        s.apply_namespace("team-a", NamespaceMeta { labels: BTreeMap::new(), excluded: true });
+        let after = s.get("u1").unwrap();
+        assert!(!Arc::ptr_eq(&before, &after), "a new entry, so the encoder renders the pod again");
+        assert!(s.namespace_excluded("team-a"));
     }
 }

@@ -77,6 +77,7 @@ pub async fn namespaces(client: Client, store: Arc<PodStore>, mut shutdown: Shut
                 let annotations = ns.metadata.annotations.clone().unwrap_or_default();
                 store.apply_namespace(&name, store::namespace_meta(ns.metadata.labels.clone().unwrap_or_default(), &annotations));
             }
+            Some(Ok(Event::InitDone)) => store.namespaces_listed(),
             Some(Ok(_)) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "namespace watch failed; retrying with backoff"),
             None => return,

@@ -6,7 +6,7 @@
 //! `0.log.<ts>.gz` stays one file with one position. A file is finished at its end once a newer
 //! file exists (the runtime has moved on), or when the container can write no more.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -66,6 +66,8 @@ struct OpenFile {
     reader: LineReader,
     /// Since when steps found nothing new; an idle file is closed after [`CLOSE_IDLE_AFTER`].
     idle_since: Option<Instant>,
+    /// Its path is a symlink (docker's `<n>.log` into the runtime's own directory).
+    symlinked: bool,
 }
 
 /// How long a file may be absent from scans before it counts as deleted. A scan can race with
@@ -81,6 +83,10 @@ const QUIET_BEFORE_FINISH: Duration = Duration::from_millis(250);
 /// A file with nothing new for this long is closed, so quiet and exited containers hold no
 /// file descriptor; it is reopened (and checked to be the same inode) when it grows.
 const CLOSE_IDLE_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a rotated file that exists but cannot be opened is retried before its unread
+/// bytes count as lost and the files after it are read.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 
 /// How long a tail with nothing to read sleeps before looking again; scans and writes wake
 /// it sooner.
@@ -103,8 +109,8 @@ pub struct ContainerTail {
     /// The files have moved since the last scan (an open found another file or none): the
     /// tailer rescans the pod directory and clears this.
     pub wants_rescan: bool,
-    /// Fingerprints whose open error was already logged.
-    open_errors: HashSet<u64>,
+    /// Fingerprints whose file cannot be opened, since when (logged once).
+    open_errors: HashMap<u64, Instant>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -124,7 +130,7 @@ impl ContainerTail {
             next_poll: Instant::now(),
             backoff: MIN_BACKOFF,
             wants_rescan: false,
-            open_errors: HashSet::new(),
+            open_errors: HashMap::new(),
         }
     }
 
@@ -144,6 +150,7 @@ impl ContainerTail {
     }
 
     fn update_at(&mut self, mut chain: Vec<ScannedFile>, checkpoints: &Checkpoints, now: Instant) -> Vec<Lost> {
+        let missing_before: Vec<u64> = self.missing.keys().copied().collect();
         let in_chain = |fp: u64| chain.iter().any(|f| f.fingerprint.hash == fp);
         for old in self.chain.drain(..) {
             if !in_chain(old.fingerprint.hash) {
@@ -180,8 +187,16 @@ impl ContainerTail {
                 file.size = file.size.max(open.reader.consumed());
             }
         }
+        let changed = missing_before.len() != self.missing.len()
+            || missing_before.iter().any(|fp| !self.missing.contains_key(fp))
+            || self.chain.len() != chain.len()
+            || self.chain.iter().zip(&chain).any(|(a, b)| a.fingerprint != b.fingerprint || a.size != b.size || a.path != b.path);
         self.chain = chain;
-        self.poke();
+        // A rescan that finds what was known (one asked for after an open failed) leaves the
+        // backoff alone.
+        if changed {
+            self.poke();
+        }
         lost
     }
 
@@ -236,18 +251,14 @@ impl ContainerTail {
                     self.back_off(now);
                     return None;
                 }
-                Err(e) => {
-                    // Renamed, compressed or replaced since the scan, or not openable right now
-                    // (EMFILE, EACCES): look again. Its bytes count as lost only once the file
-                    // is gone from disk.
-                    let file = &self.chain[index];
-                    if e.kind() != io::ErrorKind::NotFound && self.open_errors.insert(file.fingerprint.hash) {
-                        tracing::warn!(path = %file.path.display(), error = %e, "cannot open log file; will retry");
-                    }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Renamed, compressed or replaced since the scan: find it again. Its bytes
+                    // count as lost only once the file is gone from disk.
                     self.wants_rescan = true;
                     self.back_off(now);
                     return None;
                 }
+                Err(e) => return self.open_failed(index, e, checkpoints, now),
             }
         }
         let open = self.open.as_mut().expect("opened above");
@@ -319,13 +330,42 @@ impl ContainerTail {
             self.backoff = MIN_BACKOFF;
         } else {
             let idle_since = *open.idle_since.get_or_insert(now);
-            if now.duration_since(idle_since) >= CLOSE_IDLE_AFTER && open.reader.skipping_from().is_none() {
+            // Kept open: a record still being joined (its timeout must fire), and docker's
+            // symlinked files, which the runtime rotates itself, out of inotify's sight.
+            let closable = open.reader.skipping_from().is_none() && self.assembler.pending_from().is_none() && !open.symlinked;
+            if now.duration_since(idle_since) >= CLOSE_IDLE_AFTER && closable {
                 tracing::debug!(path = %open.source.path.display(), offset = consumed, "closing idle log file");
                 self.open = None;
             }
             self.back_off(now);
         }
         Some(Progress { chunk, lost, truncated })
+    }
+
+    /// A file that exists and cannot be opened or positioned (EACCES, EMFILE, EIO, a
+    /// compressed copy cut short by a crash). Retried with backoff; a rotated file still
+    /// failing after [`GIVE_UP_AFTER`], or a compressed one at once (it will not change), is
+    /// counted as lost so the files after it are read.
+    fn open_failed(&mut self, index: usize, e: io::Error, checkpoints: &Checkpoints, now: Instant) -> Option<Progress> {
+        let file = &self.chain[index];
+        let fp = file.fingerprint.hash;
+        let since = *self.open_errors.entry(fp).or_insert_with(|| {
+            tracing::warn!(path = %file.path.display(), error = %e, "cannot open log file; will retry");
+            now
+        });
+        let is_live = index + 1 == self.chain.len() && !self.final_ && !file.generation.is_gzip();
+        let give_up = !is_live && (file.generation.is_gzip() || now.duration_since(since) >= GIVE_UP_AFTER);
+        if !give_up {
+            self.back_off(now);
+            return None;
+        }
+        let position = self.states.get(&fp).map(|s| s.consumed).or_else(|| checkpoints.offset(self.file_id(fp))).unwrap_or(0);
+        tracing::error!(path = %file.path.display(), error = %e, offset = position, "log file unreadable; skipping the rest of it");
+        let lost = vec![Lost { path: file.path.clone(), bytes: file.size.saturating_sub(position) }];
+        self.states.insert(fp, FileState { consumed: position, finished: true });
+        self.open_errors.remove(&fp);
+        self.poke();
+        Some(Progress { chunk: Chunk::new(self.source(index)), lost, truncated: false })
     }
 
     fn back_off(&mut self, now: Instant) {
@@ -393,7 +433,8 @@ impl ContainerTail {
         self.states.entry(fp).or_insert(FileState { consumed: position, finished: false });
         self.open_errors.remove(&fp);
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
-        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None }))
+        let symlinked = std::fs::symlink_metadata(&file.path).is_ok_and(|m| m.file_type().is_symlink());
+        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None, symlinked }))
     }
 
     /// The identity of the chain's file at `index`, as records and checkpoints name it.

@@ -201,11 +201,13 @@ impl Derived {
         }
     }
 
-    /// Removes the series of pods for which `alive` is false.
-    pub fn retain_pods(&mut self, alive: impl Fn(&str) -> bool) {
+    /// Removes the series of pods for which `alive(namespace, pod, uid)` is false.
+    pub fn retain_pods(&mut self, alive: impl Fn(&str, &str, &str) -> bool) {
         for ((rule, series), count) in self.rules.iter().zip(&mut self.series).zip(&mut self.counts) {
             series.retain(|uid, by_key| {
-                if alive(uid) {
+                let labels = by_key.values().next().map(|s| s.labels.as_slice()).unwrap_or_default();
+                let label = |name: &str| labels.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
+                if alive(label("namespace"), label("pod"), uid) {
                     return true;
                 }
                 for gone in by_key.values() {
@@ -311,7 +313,7 @@ mod tests {
         let rules = d.rules_for("resnet");
         d.observe(&rules, &pod("1"), b"step=1 loss=1.0");
         d.observe(&rules, &pod("2"), b"step=1 loss=2.0");
-        d.retain_pods(|uid| uid == "2");
+        d.retain_pods(|_, _, uid| uid == "2");
         let text = exposition(&families);
         assert!(!text.contains("resnet-1") && text.contains("resnet-2"), "{text}");
     }

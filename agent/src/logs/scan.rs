@@ -36,12 +36,13 @@ pub struct Scan {
     /// fingerprint: while the kubelet compresses a rotated file, the plain copy is listed
     /// and the `.gz` is not).
     pub chains: BTreeMap<ContainerRef, Vec<ScannedFile>>,
-    /// Pod directories holding a log file without a whole first line yet (a container that
-    /// has not logged, or a fresh file after a rotation): rescanned when written to.
-    pub pending: BTreeSet<PathBuf>,
-    /// Some file could not be looked at (other than vanishing): what the scan does not list
-    /// may still exist, so nothing may be concluded from its absence.
-    pub incomplete: bool,
+    /// Log files without a whole first line yet (a container that has not logged, or a
+    /// fresh file after a rotation), by pod directory, with their length: looked at again
+    /// when they grow.
+    pub pending: BTreeMap<PathBuf, Vec<(PathBuf, u64)>>,
+    /// Pod directories where something could not be looked at (other than vanishing): what
+    /// the scan does not list there may still exist, so nothing is concluded from its absence.
+    pub unreadable: BTreeSet<PathBuf>,
 }
 
 /// Which pods a scan skips.
@@ -84,6 +85,8 @@ pub struct FingerprintCache {
     known: HashMap<CacheKey, Cached>,
     /// Keys looked up since the last sweep.
     seen: HashSet<CacheKey>,
+    /// Files whose fingerprinting failed, warned about once.
+    warned: HashSet<PathBuf>,
 }
 
 impl FingerprintCache {
@@ -108,6 +111,14 @@ impl FingerprintCache {
         let gzip_size = if gzip && fingerprint.is_some() { Some(fingerprint::gzip_uncompressed_size(path)? as u64) } else { None };
         self.known.insert(key, Cached { fingerprint, len, gzip_size });
         Ok(fingerprint.map(|fp| (fp, gzip_size.unwrap_or(len))))
+    }
+
+    /// True the first time `path` fails to be fingerprinted.
+    fn warn_once(&mut self, path: &Path) -> bool {
+        if self.warned.len() > 10_000 {
+            self.warned.clear();
+        }
+        self.warned.insert(path.to_path_buf())
     }
 
     /// Forgets what is known about the file at `path` (found truncated in place: its content,
@@ -148,10 +159,15 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
     if exclude.skips(namespace, uid) {
         return;
     }
+    let unreadable = |scan: &mut Scan, e: &io::Error| {
+        if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) {
+            scan.unreadable.insert(pod_dir.to_path_buf());
+        }
+    };
     let containers = match fs::read_dir(pod_dir) {
         Ok(c) => c,
         Err(e) => {
-            scan.incomplete |= e.kind() != io::ErrorKind::NotFound;
+            unreadable(scan, &e);
             return;
         }
     };
@@ -160,7 +176,7 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
         let files = match fs::read_dir(container.path()) {
             Ok(f) => f,
             Err(e) => {
-                scan.incomplete |= !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory);
+                unreadable(scan, &e);
                 continue;
             }
         };
@@ -172,7 +188,10 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
                 Ok(meta) if meta.is_file() => meta,
                 Ok(_) => continue,
                 Err(e) => {
-                    scan.incomplete |= e.kind() != io::ErrorKind::NotFound;
+                    if e.kind() != io::ErrorKind::NotFound {
+                        found.entry(reference).or_default();
+                    }
+                    unreadable(scan, &e);
                     continue;
                 }
             };
@@ -183,12 +202,16 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
                 }
                 Ok(None) => {
                     found.entry(reference).or_default();
-                    scan.pending.insert(pod_dir.to_path_buf());
+                    scan.pending.entry(pod_dir.to_path_buf()).or_default().push((file_path, meta.len()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    scan.incomplete = true;
-                    tracing::warn!(path = %file_path.display(), error = %e, "cannot fingerprint log file");
+                    // Its container stays listed: a file that cannot be read now is not gone.
+                    found.entry(reference).or_default();
+                    if cache.warn_once(&file_path) {
+                        tracing::warn!(path = %file_path.display(), error = %e, "cannot fingerprint log file; will retry");
+                    }
+                    unreadable(scan, &e);
                 }
             }
         }
@@ -256,7 +279,7 @@ mod tests {
         let mut cache = FingerprintCache::default();
         let scan = scan_all(root.path(), &no_exclusions(), &mut cache).unwrap();
         assert_eq!(scan.chains.values().next().unwrap().len(), 0);
-        assert_eq!(scan.pending.iter().collect::<Vec<_>>(), [&root.path().join("ns_p_u")]);
+        assert_eq!(scan.pending.keys().collect::<Vec<_>>(), [&root.path().join("ns_p_u")]);
         write(&root.path().join("ns_p_u/c/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
         let scan = scan_all(root.path(), &no_exclusions(), &mut cache).unwrap();
         assert_eq!(scan.chains.values().next().unwrap().len(), 1, "written since: fingerprinted now");
@@ -303,5 +326,17 @@ mod tests {
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[0].fingerprint, b.fingerprint);
         assert_ne!(chain[1].fingerprint, b.fingerprint);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_looked_at_keeps_its_container_listed_and_marks_the_pod_unreadable() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ns_p_u/c");
+        fs::create_dir_all(&dir).unwrap();
+        // A symlink loop fails with ELOOP even for root, like EACCES or EIO would for others.
+        std::os::unix::fs::symlink(dir.join("1.log"), dir.join("1.log")).unwrap();
+        let scan = scan_all(root.path(), &no_exclusions(), &mut FingerprintCache::default()).unwrap();
+        assert_eq!(scan.chains.keys().map(|r| r.restart).collect::<Vec<_>>(), [1], "listed, not taken for gone");
+        assert!(scan.unreadable.contains(&root.path().join("ns_p_u")));
     }
 }

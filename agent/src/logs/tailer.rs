@@ -75,10 +75,37 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// line are rescanned when inotify says nothing (it is the fast path; this the safety net).
 const PENDING_POLL: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
-/// A pod directory with a file not fingerprinted yet.
+/// What visiting one tail in a read pass came to.
+enum Visit {
+    Next,
+    /// The in-flight budget is used up.
+    Full,
+    /// Downstream is gone.
+    Closed,
+}
+
+/// A pod directory with files not fingerprinted yet.
 struct Pending {
+    /// The files and their length when last looked at: a write makes them longer.
+    files: Vec<(PathBuf, u64)>,
     next: Instant,
     interval: Duration,
+}
+
+impl Pending {
+    fn new(files: Vec<(PathBuf, u64)>, now: Instant) -> Pending {
+        Pending { files, next: now + PENDING_POLL.0, interval: PENDING_POLL.0 }
+    }
+
+    /// Whether a file grew (or went) since the scan: one `stat` each, no directory walk.
+    fn changed(&self) -> bool {
+        self.files.iter().any(|(path, len)| std::fs::metadata(path).map_or(true, |m| m.len() != *len))
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.interval = (self.interval * 2).min(PENDING_POLL.1);
+        self.next = now + self.interval;
+    }
 }
 
 /// The tailer and everything it owns.
@@ -93,6 +120,8 @@ pub struct Tailer {
     /// pod is known yet (records wait for their metadata).
     pods: Option<Arc<PodStore>>,
     tails: BTreeMap<ContainerRef, ContainerTail>,
+    /// Where the next read pass starts.
+    cursor: Option<ContainerRef>,
     /// Containers held back until their pod's metadata is known, since when.
     held: HashMap<ContainerRef, Instant>,
     pending: HashMap<PathBuf, Pending>,
@@ -125,6 +154,7 @@ impl Tailer {
             metrics,
             pods,
             tails: BTreeMap::new(),
+            cursor: None,
             held: HashMap::new(),
             pending: HashMap::new(),
             cache: FingerprintCache::default(),
@@ -149,9 +179,17 @@ impl Tailer {
                 next_full_scan = now + self.settings.rescan_interval;
             } else {
                 // A write to a directory with a file not fingerprinted yet may be its first line.
-                let first_lines = changes.written.iter().filter(|d| self.pending.contains_key(*d));
-                let due = self.pending.iter().filter(|(_, p)| p.next <= now).map(|(d, _)| d);
-                let mut dirs: HashSet<PathBuf> = changes.rescan.iter().chain(first_lines).chain(due).cloned().collect();
+                let mut dirs: HashSet<PathBuf> = changes.rescan.iter().cloned().collect();
+                for (dir, pending) in self.pending.iter_mut() {
+                    let written = changes.written.contains(dir);
+                    if written || pending.next <= now {
+                        if pending.changed() {
+                            dirs.insert(dir.clone());
+                        } else if !written {
+                            pending.back_off(now);
+                        }
+                    }
+                }
                 dirs.extend(self.tails.iter().filter(|(_, t)| t.wants_rescan).map(|(r, _)| self.settings.pods_dir.join(pod_dir_name(r))));
                 for pod_dir in &dirs {
                     self.rescan_pod_dir(pod_dir);
@@ -190,17 +228,17 @@ impl Tailer {
     fn read_pass(&mut self) -> Option<bool> {
         let now = Instant::now();
         let mut progressed = false;
-        for (reference, tail) in self.tails.iter_mut() {
+        // Start where a pass cut short by back-pressure stopped, so every container gets its
+        // turn rather than those first in order (after an outage, all are behind).
+        let start = self.cursor.take();
+        let mut visit = |reference: &ContainerRef, tail: &mut ContainerTail| -> Visit {
             if self.inflight.load(Ordering::Acquire) >= self.settings.max_inflight_bytes {
-                // Downstream is behind: the files on disk are the buffer. Look again shortly.
-                progressed = false;
-                std::thread::sleep(Duration::from_millis(5));
-                break;
+                return Visit::Full;
             }
             if tail.next_poll > now || self.held.contains_key(reference) {
-                continue;
+                return Visit::Next;
             }
-            let Some(step) = tail.step(&self.checkpoints, &self.settings.limits, now) else { continue };
+            let Some(step) = tail.step(&self.checkpoints, &self.settings.limits, now) else { return Visit::Next };
             count_lost(&self.metrics, reference, step.lost);
             if step.truncated {
                 self.metrics.truncated.inc();
@@ -210,8 +248,44 @@ impl Tailer {
             if !chunk.records.is_empty() || chunk.read_bytes > 0 {
                 progressed = true;
                 self.inflight.fetch_add(chunk.read_bytes, Ordering::AcqRel);
-                self.out.blocking_send(chunk).ok()?;
+                if self.out.blocking_send(chunk).is_err() {
+                    return Visit::Closed;
+                }
             }
+            Visit::Next
+        };
+        let mut stopped = None;
+        let (tail_end, head) = match &start {
+            Some(c) => (self.tails.range_mut(c.clone()..), Some(c.clone())),
+            None => (self.tails.range_mut(..), None),
+        };
+        for (reference, tail) in tail_end {
+            match visit(reference, tail) {
+                Visit::Next => {}
+                Visit::Full => {
+                    stopped = Some(reference.clone());
+                    break;
+                }
+                Visit::Closed => return None,
+            }
+        }
+        if let (None, Some(head)) = (&stopped, head) {
+            for (reference, tail) in self.tails.range_mut(..head) {
+                match visit(reference, tail) {
+                    Visit::Next => {}
+                    Visit::Full => {
+                        stopped = Some(reference.clone());
+                        break;
+                    }
+                    Visit::Closed => return None,
+                }
+            }
+        }
+        if stopped.is_some() {
+            // Downstream is behind: the files on disk are the buffer. Look again shortly.
+            self.cursor = stopped;
+            std::thread::sleep(Duration::from_millis(5));
+            return Some(false);
         }
         Some(progressed)
     }
@@ -275,12 +349,21 @@ impl Tailer {
             }
         };
         let now = Instant::now();
-        self.pending.retain(|dir, _| scan.pending.contains(dir));
-        for dir in &scan.pending {
-            self.pending.entry(dir.clone()).or_insert(Pending { next: now + PENDING_POLL.0, interval: PENDING_POLL.0 });
+        let mut pending = std::mem::take(&mut self.pending);
+        for (dir, files) in scan.pending {
+            match pending.remove(&dir) {
+                Some(mut known) => {
+                    known.files = files;
+                    self.pending.insert(dir, known);
+                }
+                None => {
+                    self.pending.insert(dir, Pending::new(files, now));
+                }
+            }
         }
-        let complete = !scan.incomplete;
-        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.chains.contains_key(r)).cloned().collect();
+        let unreadable = scan.unreadable;
+        let readable = |r: &ContainerRef| !unreadable.contains(&self.settings.pods_dir.join(pod_dir_name(r)));
+        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.chains.contains_key(*r) && readable(r)).cloned().collect();
         self.apply(scan.chains, gone);
         if !self.settings.multiline.is_empty() {
             for tail in self.tails.values_mut() {
@@ -288,9 +371,7 @@ impl Tailer {
                 tail.set_multiline(rule);
             }
         }
-        if complete {
-            self.collect_checkpoint_garbage();
-        }
+        self.collect_checkpoint_garbage(&unreadable);
         self.update_gauges();
     }
 
@@ -299,17 +380,23 @@ impl Tailer {
         let exclusions = Exclusions { namespaces: &self.settings.exclude_namespaces, own_pod_uid: self.settings.own_pod_uid.as_deref() };
         scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &exclusions, &mut self.cache, &mut scan);
         let now = Instant::now();
-        if scan.pending.contains(pod_dir) {
-            let p = self.pending.entry(pod_dir.to_path_buf()).or_insert(Pending { next: now, interval: PENDING_POLL.0 });
-            if p.next <= now {
-                p.interval = (p.interval * 2).min(PENDING_POLL.1);
-                p.next = now + p.interval;
+        match scan.pending.remove(pod_dir) {
+            Some(files) => {
+                let p = self.pending.entry(pod_dir.to_path_buf()).or_insert_with(|| Pending::new(Vec::new(), now));
+                p.files = files;
+                if p.next <= now {
+                    p.back_off(now);
+                }
             }
-        } else {
-            self.pending.remove(pod_dir);
+            None => {
+                self.pending.remove(pod_dir);
+            }
         }
         let uid = pod_uid_of(pod_dir).unwrap_or_default();
-        let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| r.pod_uid == uid && !scan.chains.contains_key(r)).cloned().collect();
+        // Nothing is gone from a directory that could not be read whole.
+        let readable = !scan.unreadable.contains(pod_dir);
+        let gone: Vec<ContainerRef> =
+            self.tails.keys().filter(|r| readable && r.pod_uid == uid && !scan.chains.contains_key(r)).cloned().collect();
         for tail in self.tails.iter_mut().filter(|(r, _)| r.pod_uid == uid).map(|(_, t)| t) {
             tail.wants_rescan = false;
         }
@@ -348,15 +435,21 @@ impl Tailer {
                 tail.set_final();
             }
         }
+        let mut unlisted = HashSet::new();
         for reference in gone {
             if let Some(tail) = self.tails.get_mut(&reference) {
                 let lost = tail.update(Vec::new(), &self.checkpoints);
                 count_lost(&self.metrics, &reference, lost);
                 tail.set_final();
+                unlisted.insert(reference);
             }
         }
+        // A tail is dropped once its container is no longer listed at all (an empty file of a
+        // crashed instance keeps it, so it is not created again on every scan).
         for reference in touched {
-            if self.tails.get(&reference).is_some_and(|t| t.is_gone() && t.is_done(&self.checkpoints)) {
+            let drop =
+                unlisted.contains(&reference) && self.tails.get(&reference).is_some_and(|t| t.is_gone() && t.is_done(&self.checkpoints));
+            if drop {
                 self.tails.remove(&reference);
                 self.held.remove(&reference);
             }
@@ -379,10 +472,11 @@ impl Tailer {
     /// Forgets checkpoints of files that exist no more: every file on disk has a tail (kept
     /// until its last file is gone), so what no tail lists is gone. An acknowledgement still
     /// in flight may bring one back; the next full scan removes it again.
-    fn collect_checkpoint_garbage(&self) {
+    fn collect_checkpoint_garbage(&self, unreadable: &std::collections::BTreeSet<PathBuf>) {
         let live: HashSet<FileId> = self.tails.values().flat_map(|t| t.file_ids()).collect();
         for (id, entry) in self.checkpoints.snapshot() {
-            if !live.contains(&id) {
+            // A file under a directory that could not be read may still be there.
+            if !live.contains(&id) && !unreadable.iter().any(|dir| entry.path.starts_with(dir)) {
                 tracing::debug!(path = %entry.path.display(), "forgetting checkpoint of a removed file");
                 self.checkpoints.forget(id);
             }

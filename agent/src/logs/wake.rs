@@ -101,7 +101,11 @@ pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::Reco
     match watcher.watch(pods_dir, RecursiveMode::Recursive) {
         Ok(()) => Some(watcher),
         Err(e) => {
-            tracing::debug!(dir = %pods_dir.display(), error = %e, "cannot watch pods_dir yet");
+            if pods_dir.is_dir() {
+                tracing::warn!(dir = %pods_dir.display(), error = %e, "cannot watch pods_dir (inotify limit?); new lines wait for the periodic rescan until it works");
+            } else {
+                tracing::debug!(dir = %pods_dir.display(), error = %e, "cannot watch pods_dir yet");
+            }
             None
         }
     }

@@ -4,7 +4,7 @@
 //! known (or a bound passed), and whatever the store answers later re-renders the
 //! container's template.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,8 +175,11 @@ impl Encoder {
                 || path::pod_dir(pods_dir, &r.namespace, &r.pod, &r.pod_uid).exists()
         };
         if !self.derived.is_empty() {
-            let live: HashSet<&str> = self.templates.keys().filter(|r| alive(r)).map(|r| r.pod_uid.as_str()).collect();
-            self.derived.retain_pods(|uid| live.contains(uid));
+            // Asked of every pod with series, not only those with a cached template: a job that
+            // logs its loss every 15 minutes keeps its gauge between lines.
+            self.derived.retain_pods(|namespace, pod, uid| {
+                pods.as_ref().is_some_and(|store| store.get(uid).is_some()) || path::pod_dir(pods_dir, namespace, pod, uid).exists()
+            });
         }
         self.counts.sweep(now, alive);
         self.last_sweep = now;

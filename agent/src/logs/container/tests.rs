@@ -252,3 +252,54 @@ fn sizes_and_backlog_follow_what_was_read() {
     f.checkpoints.acknowledge(id, total, &f.file("0.log"));
     assert_eq!(f.tail.backlog(&f.checkpoints), 0);
 }
+
+#[test]
+fn a_compressed_file_that_cannot_be_read_is_counted_lost_and_the_next_file_is_read() {
+    let mut f = Fixture::new();
+    f.write("0.log.20261122-000001", &["rotated-1", "rotated-2", "rotated-3"]);
+    f.write("0.log", &["live-1"]);
+    let chain = f.scan();
+    let rotated_size = chain[0].size;
+    f.tail.update(chain, &f.checkpoints);
+    // Part of the rotated file was shipped before the node crashed mid-compression.
+    let fp = f.scan()[0].fingerprint.hash;
+    let id = FileId::new(&f.tail.info().reference, fp);
+    f.checkpoints.acknowledge(id, 10, &f.file("0.log.20261122-000001"));
+    gzip(&f.file("0.log.20261122-000001"));
+    let gz = f.file("0.log.20261122-000001.gz");
+    let bytes = fs::read(&gz).unwrap();
+    fs::write(&gz, &bytes[..bytes.len() - 12]).unwrap();
+    let mut tail = ContainerTail::new(f.tail.info().clone(), 1024);
+    let chain = f.scan();
+    assert!(chain[0].path.ends_with("0.log.20261122-000001.gz"));
+    tail.update(chain, &f.checkpoints);
+    let mut lost = Vec::new();
+    let mut messages = Vec::new();
+    for _ in 0..10 {
+        if let Some(step) = tail.step(&f.checkpoints, &LIMITS, Instant::now()) {
+            lost.extend(step.lost);
+            messages.extend(step.chunk.records.iter().map(|r| String::from_utf8_lossy(step.chunk.message(r)).into_owned()));
+        }
+        tail.next_poll = Instant::now();
+    }
+    assert!(messages.ends_with(&["live-1".to_string()]), "the live file is not blocked: {messages:?}");
+    assert!(lost.iter().map(|l| l.bytes).sum::<u64>() > 0, "the unreadable rest is counted: {lost:?}");
+    assert!(rotated_size > 10);
+}
+
+#[test]
+fn an_idle_file_stays_open_while_a_partial_record_waits_for_its_timeout() {
+    let mut f = Fixture::new();
+    let head = "2026-11-22T03:16:40.000000001Z stdout P first half \n".to_string();
+    fs::write(f.file("0.log"), head).unwrap();
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    let limits = StepLimits { partial_timeout: Duration::from_secs(30), ..LIMITS };
+    let t0 = Instant::now();
+    assert!(f.tail.step(&f.checkpoints, &limits, t0).unwrap().chunk.records.is_empty(), "the part waits for its closing part");
+    f.tail.step(&f.checkpoints, &limits, t0 + Duration::from_secs(1));
+    f.tail.step(&f.checkpoints, &limits, t0 + Duration::from_secs(1) + CLOSE_IDLE_AFTER);
+    assert!(f.tail.is_open(), "closing now would stop the partial timeout");
+    let step = f.tail.step(&f.checkpoints, &limits, t0 + limits.partial_timeout).unwrap();
+    assert_eq!(step.chunk.records.len(), 1, "the partial record ships at its timeout");
+}
