@@ -1,15 +1,22 @@
 //! Lints the bundled views. Rules: every alert has a severity, a summary, a description naming
-//! what it is about and a runbook link that resolves in docs/runbooks.md; every alert has a
+//! what it is about and an absolute runbook link (`RUNBOOK_BASE_URL#section`) whose section
+//! exists in docs/runbooks.md; every alert has a
 //! promtool test in which it fires and one in which it must stay silent. Dashboards: Grafana 10+
 //! JSON with a stable uid, the data source as first variable, and every query valid PromQL
 //! (checked by promtool with the variables substituted). Both read only metrics the agent
 //! exports, recording rules of rules/, or the external metrics listed in
-//! dashboards/external-metrics.md. (promtool runs the rule tests themselves: tests/run-all.sh;
+//! dashboards/external-metrics.md. The numbers: every dashboard query, variables substituted,
+//! runs under promtool on the synthetic cluster of dashboards/tests/ and must return data
+//! (table queries: rows without `__name__`, joined by the same explicit labels), and the
+//! known-answer scenarios of dashboards/tests/known-answers.yaml (8 GPUs for 1 h of 24 h are 8
+//! GPU-hours, 4 sharers hold 1 GPU, ...) must give their answers. (promtool runs the rule tests themselves: tests/run-all.sh;
 //! tests/e2e/prometheus.rs checks the names against a live agent and runs every query.)
 
 use std::collections::{BTreeSet, HashSet};
 
-use nodelens_testkit::views::{self, dashboards, external_metrics, metric_names, panels, queries, recorded_names, root, rules};
+use nodelens_testkit::views::{
+    self, dashboards, external_metrics, metric_names, panels, queries, recorded_names, root, rules, RUNBOOK_BASE_URL,
+};
 use serde_yaml_ng::Value;
 
 fn alerts() -> Vec<Value> {
@@ -34,7 +41,10 @@ fn every_alert_is_documented_and_linked_to_its_runbook() {
             "{name}: the description names the node or the app it is about"
         );
         let url = alert["annotations"]["runbook_url"].as_str().unwrap();
-        let anchor = url.strip_prefix("docs/runbooks.md#").unwrap_or_else(|| panic!("{name}: runbook_url {url}"));
+        let anchor = url
+            .strip_prefix(RUNBOOK_BASE_URL)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .unwrap_or_else(|| panic!("{name}: runbook_url {url} is not {RUNBOOK_BASE_URL}#<section>"));
         assert!(anchors.contains(anchor), "{name}: no runbook section for #{anchor}");
     }
 }
@@ -185,8 +195,12 @@ fn dashboards_define_every_variable_they_use_and_link_only_to_bundled_dashboards
             let target: String = text[i + 3..].chars().take_while(|c| *c != '/' && *c != '?').collect();
             assert!(uids.contains(&target), "{name}: links to /d/{target}, which is not a bundled dashboard");
             let url: String = text[i..].chars().take_while(|c| *c != '"').collect();
-            for carried in ["var-datasource=${datasource}", "var-cluster=${cluster}", "${__url_time_range}"] {
+            // `:queryparam` writes every value of a multi-select (`var-cluster=a&var-cluster=b`).
+            for carried in ["${datasource:queryparam}", "${cluster:queryparam}", "${__url_time_range}"] {
                 assert!(url.contains(carried), "{name}: drill-down {url} carries {carried}");
+            }
+            for (j, _) in url.match_indices("=${") {
+                assert!(url[j + 3..].starts_with("__"), "{name}: drill-down {url} passes a variable without :queryparam");
             }
         }
     }
@@ -202,7 +216,8 @@ fn the_application_dashboard_links_to_its_logs_in_kibana() {
     let (_, app) = dashboards().into_iter().find(|(_, d)| d["uid"] == "nodelens-application").unwrap();
     let kibana_url =
         app["templating"]["list"].as_array().unwrap().iter().find(|v| v["name"] == "kibana_url").expect("a Kibana URL variable");
-    assert_eq!(kibana_url["type"], "textbox");
+    // Provisioned dashboards cannot be saved from the UI: a constant, set at install time.
+    assert_eq!((kibana_url["type"].as_str(), kibana_url["hide"].as_u64()), (Some("constant"), Some(2)));
     let link = app["links"].as_array().unwrap().iter().find(|l| l["title"] == "Logs in Kibana").expect("a Logs in Kibana link");
     let url = link["url"].as_str().unwrap();
     assert!(url.starts_with("${kibana_url}/app/discover#/view/"), "{url}");
@@ -318,4 +333,204 @@ fn variable_references_are_found_in_every_form() {
     let got: Vec<String> =
         variable_references("a $node b ${app} c ${__from:date:iso} d ${kibana_url} $1 $__rate_interval").into_iter().collect();
     assert_eq!(got, ["app", "kibana_url", "node"]);
+}
+
+/// Runs `promtool test rules` on a generated test file (YAML written as JSON) with the rules of
+/// rules/ loaded: promtool's report on failure.
+fn promtool_test(tests: Vec<serde_json::Value>) -> Result<(), String> {
+    let rule_files: Vec<String> = views::files("rules", ".rules.yaml").iter().map(|f| f.display().to_string()).collect();
+    let doc = serde_json::json!({"rule_files": rule_files, "evaluation_interval": "1m", "tests": tests});
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("views.test.yaml");
+    std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let out = std::process::Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .expect("promtool is installed (tests/run-all.sh installs Debian's prometheus package)");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(report)
+    }
+}
+
+fn yaml_file(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    let yaml: Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::to_value(yaml).unwrap()
+}
+
+/// The scenarios of dashboards/tests/known-answers.yaml, each a promtool test of the
+/// dashboards' own queries with their answers.
+#[test]
+fn dashboard_queries_give_the_known_answers() {
+    let doc = yaml_file("dashboards/tests/known-answers.yaml");
+    let scenarios = doc["scenarios"].as_array().unwrap();
+    assert!(scenarios.len() >= 4);
+    let mut tests = Vec::new();
+    let mut checked = BTreeSet::new();
+    for scenario in scenarios {
+        let range = scenario["range"].as_str().unwrap_or("1h");
+        let rate_interval = scenario["rate_interval"].as_str().unwrap_or("5m");
+        let vars: Vec<(String, String)> = scenario["vars"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect())
+            .unwrap_or_default();
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut exprs = Vec::new();
+        for check in scenario["checks"].as_array().unwrap() {
+            let reference = check["query"].as_str().unwrap();
+            let expr = views::query_by_reference(reference).unwrap_or_else(|| panic!("{reference}: no such dashboard query"));
+            checked.insert(reference.to_string());
+            exprs.push(serde_json::json!({
+                "expr": views::substitute_over(&expr, range, rate_interval, &vars),
+                "eval_time": check["eval_time"],
+                "exp_samples": check["exp_samples"],
+            }));
+        }
+        tests.push(serde_json::json!({
+            "name": scenario["name"],
+            "interval": "1m",
+            "input_series": scenario["input_series"],
+            "promql_expr_test": exprs,
+        }));
+    }
+    for must in [
+        "nodelens-user / GPU-hours held / A",
+        "nodelens-cluster / GPUs allocated / A",
+        "nodelens-cluster / Allocated but idle / A",
+        "nodelens-machine / XID errors / A",
+        "nodelens-cluster / GPUs lost / A",
+    ] {
+        assert!(checked.contains(must), "no known answer for {must}");
+    }
+    if let Err(report) = promtool_test(tests) {
+        panic!("a dashboard query gives a wrong answer:\n{report}");
+    }
+}
+
+/// Variables of the synthetic cluster in dashboards/tests/synthetic-cluster.yaml.
+const SYNTHETIC_VARS: &[(&str, &str)] =
+    &[("cluster", "c1"), ("node", "n1"), ("namespace", "ml"), ("app", "train"), ("user", "alice"), ("name", "loss")];
+
+/// Every panel and variable query of every dashboard returns data on the synthetic cluster;
+/// a table query's rows have no `__name__`. A new panel is covered without a new test.
+#[test]
+fn every_dashboard_query_returns_data_on_the_synthetic_cluster() {
+    let synthetic = yaml_file("dashboards/tests/synthetic-cluster.yaml");
+    let mut exprs = Vec::new();
+    let mut count = 0;
+    for (file, d) in dashboards() {
+        let tables: BTreeSet<String> = panels(&d)
+            .iter()
+            .filter(|p| p["type"] == "table")
+            .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t["expr"].as_str().map(String::from))
+            .collect();
+        for q in queries(&file, &d) {
+            let expr = views::substitute_over(&q.expr, "1h", "5m", SYNTHETIC_VARS);
+            // absent() is empty exactly when the query returns data.
+            exprs.push(serde_json::json!({"expr": format!("absent({expr})"), "eval_time": "150m", "exp_samples": []}));
+            if tables.contains(&q.expr) {
+                exprs.push(serde_json::json!({
+                    "expr": format!("group by (__name__) ({expr})"),
+                    "eval_time": "150m",
+                    "exp_samples": [{"labels": "{}", "value": 1}],
+                }));
+            }
+            count += 1;
+        }
+    }
+    assert!(count > 100, "{count} queries");
+    let test = serde_json::json!({"name": "every dashboard query returns data", "interval": "1m", "input_series": synthetic["input_series"], "promql_expr_test": exprs});
+    if let Err(report) = promtool_test(vec![test]) {
+        // promtool names each failing expression; absent(...) failing means no data.
+        panic!("dashboard queries that return no data (absent) or rows with __name__ (group by) on the synthetic cluster:\n{report}");
+    }
+}
+
+/// The `by (...)` list of an expression's outermost aggregation (inside `sort`/`topk`-like
+/// wrappers and parentheses).
+fn outer_grouping(expr: &str) -> Option<Vec<String>> {
+    let mut rest = expr.trim();
+    loop {
+        let before = rest;
+        for wrapper in ["sort_desc(", "sort(", "("] {
+            rest = rest.strip_prefix(wrapper).map(str::trim_start).unwrap_or(rest);
+        }
+        if rest == before {
+            break;
+        }
+    }
+    let word: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+    if !["sum", "max", "min", "avg", "count", "group"].contains(&word.as_str()) {
+        return None;
+    }
+    let labels = rest[word.len()..].trim_start().strip_prefix("by")?.trim_start().strip_prefix('(')?.split(')').next()?;
+    Some(labels.split(',').map(|l| l.trim().to_string()).collect())
+}
+
+/// Tables are instant queries in table format, each aggregated `by` explicit labels that
+/// include `cluster`, the same labels for every query of one table (Grafana's merge joins
+/// only rows that agree on every shared field); status-history panels ask for few points.
+#[test]
+fn tables_join_by_explicit_labels_and_status_history_panels_are_drawable() {
+    for (file, d) in dashboards() {
+        let name = file.display();
+        for p in panels(&d) {
+            let title = p["title"].as_str().unwrap_or("");
+            if p["type"] == "status-history" {
+                let points = p["maxDataPoints"].as_u64().unwrap_or(u64::MAX);
+                assert!(points <= 200, "{name} / {title}: maxDataPoints {points}: Grafana draws at most width/2 points");
+            }
+            if p["type"] != "table" {
+                continue;
+            }
+            let targets = p["targets"].as_array().unwrap();
+            let mut groupings = BTreeSet::new();
+            for t in targets {
+                assert_eq!((t["instant"].as_bool(), t["format"].as_str()), (Some(true), Some("table")), "{name} / {title}");
+                let expr = t["expr"].as_str().unwrap();
+                let by = outer_grouping(expr).unwrap_or_else(|| panic!("{name} / {title}: {expr} is not aggregated by explicit labels"));
+                assert!(by.contains(&"cluster".to_string()), "{name} / {title}: {expr} drops cluster");
+                groupings.insert(by);
+            }
+            if targets.len() > 1 {
+                assert_eq!(groupings.len(), 1, "{name} / {title}: its queries group by different labels: {groupings:?}");
+                let merged = p["transformations"].as_array().into_iter().flatten().any(|t| t["id"] == "merge");
+                assert!(merged, "{name} / {title}: several queries and no merge");
+            }
+        }
+    }
+    assert_eq!(outer_grouping("sort((max by (cluster, node) (x) - time()) / 86400)"), Some(vec!["cluster".into(), "node".into()]));
+    assert_eq!(outer_grouping("x{a=\"b\"}"), None);
+}
+
+/// The Alertmanager inhibition rules shipped in rules/alertmanager/ name alerts that exist and
+/// make a valid Alertmanager configuration (amtool check-config).
+#[test]
+fn shipped_inhibition_rules_name_real_alerts_and_load_in_alertmanager() {
+    let text = std::fs::read_to_string(root().join("rules/alertmanager/inhibit-rules.yaml")).unwrap();
+    let doc: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let names: HashSet<String> = alerts().iter().map(|a| a["alert"].as_str().unwrap().to_string()).collect();
+    let rules = doc["inhibit_rules"].as_sequence().unwrap();
+    assert!(rules.len() >= 2);
+    for rule in rules {
+        for side in ["source_matchers", "target_matchers"] {
+            let matcher = rule[side].as_sequence().unwrap().iter().filter_map(Value::as_str).find(|m| m.starts_with("alertname"));
+            let matcher = matcher.unwrap_or_else(|| panic!("{side} of {rule:?} names its alert"));
+            let pattern = matcher.split('"').nth(1).unwrap();
+            for alert in pattern.split('|') {
+                assert!(names.contains(alert), "{matcher}: no alert {alert}");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("alertmanager.yml");
+    std::fs::write(&config, format!("route: {{receiver: x}}\nreceivers: [{{name: x}}]\n{text}")).unwrap();
+    let out = std::process::Command::new("amtool").arg("check-config").arg(&config).output().expect("amtool is installed");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

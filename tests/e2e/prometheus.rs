@@ -7,7 +7,16 @@
 //! - every panel query and variable query of every dashboard, variables substituted, returns
 //!   data from Prometheus's HTTP API;
 //! - GpuLost and GpuAllocatedIdle (with a short `for` in a test copy of the rules) reach
-//!   Alertmanager and its webhook receiver, with their labels and annotations.
+//!   Alertmanager and its webhook receiver, with their labels and annotations;
+//!   NodelensAgentDown for a node kube-state-metrics lists but no agent is scraped on;
+//!   NodeGpuCountDropped is held back by the shipped inhibition rules;
+//! - the numbers are right: the time-sliced H100 counts as one GPU held by its two sharers, and
+//!   it is busy, so only the notebook's L4 is allocated but idle.
+//!
+//! The agent is scraped as prometheus-operator scrapes it from the shipped ServiceMonitor: the
+//! target carries the agent pod's own `namespace`, `pod`, `container`, `service`, `endpoint`
+//! labels, and `honor_labels` is the ServiceMonitor's `honorLabels`; without it the workload
+//! labels would become `exported_*` and the checks below fail.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -26,7 +35,7 @@ use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, F
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
-use nodelens_testkit::views::{self, dashboards, exposition_names, metric_names, queries, rules};
+use nodelens_testkit::views::{self, dashboards, exposition_names, metric_names, queries, rules, RUNBOOK_BASE_URL};
 use serde_json::{json, Value};
 
 const NODE: &str = "gpu-node-1";
@@ -205,6 +214,24 @@ fn rules_with_short_for(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The `honorLabels` of the shipped ServiceMonitor's endpoint (prometheus-operator's default:
+/// false).
+fn service_monitor_honors_labels() -> bool {
+    let text = std::fs::read_to_string(views::root().join("deploy/base/service.yaml")).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let object = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if object["kind"] == "ServiceMonitor" {
+            return object["spec"]["endpoints"][0]["honorLabels"].as_bool().unwrap_or(false);
+        }
+    }
+    panic!("deploy/base/service.yaml has a ServiceMonitor");
+}
+
+/// The shipped Alertmanager inhibition rules, as YAML lines of alertmanager.yml.
+fn inhibit_rules() -> String {
+    std::fs::read_to_string(views::root().join("rules/alertmanager/inhibit-rules.yaml")).unwrap()
+}
+
 /// The simulated node, the agent on it, and everything the agent talks to.
 struct Node {
     dir: tempfile::TempDir,
@@ -349,6 +376,7 @@ impl Drop for Writer {
 /// A running Prometheus and Alertmanager.
 struct Monitoring {
     prometheus: SocketAddr,
+    alertmanager: SocketAddr,
     logs: (PathBuf, PathBuf),
     _daemons: (Daemon, Daemon),
 }
@@ -360,7 +388,8 @@ impl Monitoring {
         std::fs::write(
             &am_config,
             format!(
-                "route:\n  receiver: test\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: test\n    webhook_configs:\n      - url: http://{webhook}/alerts\n        send_resolved: false\n"
+                "route:\n  receiver: test\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: test\n    webhook_configs:\n      - url: http://{webhook}/alerts\n        send_resolved: false\n{inhibit}",
+                inhibit = inhibit_rules(),
             ),
         )
         .unwrap();
@@ -386,8 +415,18 @@ impl Monitoring {
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{rules}alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{alertmanager}\"]\nscrape_configs:\n{a}{b}{c}{d}",
             rules = rule_files.concat(),
-            // As the ServiceMonitor in deploy/ does: `instance` is the node's name.
-            a = job("nodelens", "/metrics", agent, &format!(", instance: {NODE}"), false),
+            // As prometheus-operator scrapes the ServiceMonitor in deploy/: the target labels
+            // name the agent's own pod, `instance` is the node's name (its relabeling), and
+            // `honor_labels` is the ServiceMonitor's.
+            a = job(
+                "nodelens",
+                "/metrics",
+                agent,
+                &format!(
+                    ", instance: {NODE}, namespace: nodelens, pod: nodelens-x7k2p, container: nodelens, service: nodelens, endpoint: metrics"
+                ),
+                service_monitor_honors_labels(),
+            ),
             b = job("kubelet", "/cadvisor", exporter, "", true),
             c = job("kube-state-metrics", "/kube-state-metrics", exporter, "", true),
             d = job("node-exporter", "/node-exporter", exporter, &format!(", node: {NODE}"), false),
@@ -404,7 +443,7 @@ impl Monitoring {
             ],
             &prom_log,
         );
-        Monitoring { prometheus, logs: (prom_log, am_log), _daemons: (prom, am) }
+        Monitoring { prometheus, alertmanager, logs: (prom_log, am_log), _daemons: (prom, am) }
     }
 
     fn logs(&self) -> String {
@@ -428,6 +467,19 @@ impl Monitoring {
         }
         Ok(reply["data"]["result"].clone())
     }
+}
+
+/// The value of each series of an instant query's result, by the labels `keys` name.
+fn values_by(result: &Value, keys: &[&str]) -> std::collections::BTreeMap<Vec<String>, f64> {
+    result
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let key = keys.iter().map(|k| s["metric"][*k].as_str().unwrap_or_default().to_string()).collect();
+            (key, s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+        })
+        .collect()
 }
 
 /// Whether a query result holds data: a scalar, or at least one series with a sample.
@@ -457,6 +509,11 @@ fn every_dashboard_query_returns_data_and_gpu_alerts_reach_alertmanager() {
     wait_for("the agent to attribute the GPUs", context, || {
         let (_, body) = agent.get("/metrics");
         body.contains("nodelens_container_gpu_utilization_ratio{").then_some(())
+    });
+    // Prometheus has seen the node with its three GPUs before one is lost.
+    wait_for("Prometheus to record three working GPUs", context, || {
+        let result = monitoring.query("node:nodelens_gpus_up:sum == 3", true).ok()?;
+        has_data(&result).then_some(())
     });
     let xids = vec![XidEvent { id: 1, xid: 79 }, XidEvent { id: 2, xid: 13 }];
     scenario(true, xids).write(&node.scenario).unwrap();
@@ -523,12 +580,69 @@ fn every_dashboard_query_returns_data_and_gpu_alerts_reach_alertmanager() {
         lost["annotations"]["description"],
         format!("GPU 2 (NVIDIA A100-SXM4-40GB, {A100}) on node {NODE} is reported lost by NVML; its workloads have failed or will.")
     );
-    assert_eq!(lost["annotations"]["runbook_url"], "docs/runbooks.md#gpulost");
+    assert_eq!(lost["annotations"]["runbook_url"], format!("{RUNBOOK_BASE_URL}#gpulost"));
+    // One alert per physical GPU, labelled by the GPU only: not by the agent's pod.
+    let keys: BTreeSet<&str> = labels.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, BTreeSet::from(["alertname", "cluster", "gpu", "model", "node", "severity", "uuid"]), "{lost}");
     let idle = find("GpuAllocatedIdle");
     let labels = &idle["labels"];
     let who = ["namespace", "pod", "app", "user", "uuid"].map(|k| labels[k].as_str().unwrap_or_default().to_string());
     assert_eq!(who, ["ml", "notebook-0", "notebook", "dave", L4].map(String::from), "{idle}");
     let idle_gpus: Vec<&Value> = alerts.iter().filter(|a| a["labels"]["alertname"] == "GpuAllocatedIdle").collect();
     assert!(idle_gpus.iter().all(|a| a["labels"]["user"] == "dave"), "only the notebook is idle: {idle_gpus:?}");
+
+    // The workload labels are the agent's, not the scrape target's (honor_labels).
+    let instant = |expr: &str| monitoring.query(expr, true).unwrap_or_else(|e| panic!("{expr}: {e}\n{}", context()));
+    let exported = instant("count({exported_namespace!=\"\"} or {exported_pod!=\"\"})");
+    assert!(!has_data(&exported), "series with exported_* labels: the scrape overrode the agent's labels: {exported}");
+    let holders = values_by(&instant("nodelens_gpu_allocated"), &["namespace", "pod"]);
+    let pods: Vec<String> = holders.keys().map(|k| k.join("/")).collect();
+    assert_eq!(pods, ["ml/bert-0", "ml/notebook-0", "ml/resnet-0"], "{holders:?}");
+
+    // The numbers: the H100 time-sliced by resnet and bert is one GPU, half each; it is 80%
+    // busy, so only dave's L4 is allocated but idle.
+    let panel = |reference: &str| {
+        let expr = views::query_by_reference(reference).unwrap();
+        views::substitute(&expr, "10s", &vars)
+    };
+    let held = wait_for("the GPU shares to be recorded", context, || {
+        let held = values_by(&instant("user:nodelens_gpu_allocated:sum"), &["user"]);
+        (held.len() == 3).then_some(held)
+    });
+    let by_user: Vec<(String, f64)> = held.into_iter().map(|(k, v)| (k[0].clone(), v)).collect();
+    assert_eq!(by_user, [("alice".to_string(), 0.5), ("bob".to_string(), 0.5), ("dave".to_string(), 1.0)]);
+    let stat = |reference: &str| values_by(&instant(&panel(reference)), &[]).into_values().next().unwrap();
+    assert_eq!(stat("nodelens-cluster / GPUs allocated / A"), 2.0);
+    assert_eq!(stat("nodelens-cluster / Allocated but idle / A"), 1.0);
+    assert_eq!(stat("nodelens-cluster / GPUs lost / A"), 1.0);
+    assert_eq!(stat("nodelens-user / GPUs held / A"), 0.5, "alice holds half the H100");
+
+    // A node kube-state-metrics lists but where no agent is scraped pages; the node whose
+    // agent is scraped does not.
+    let down = wait_for("NodelensAgentDown at the webhook", context, || {
+        let all: Vec<Value> = received.lock().unwrap().iter().flat_map(|n| n["alerts"].as_array().cloned().unwrap_or_default()).collect();
+        let down: Vec<Value> = all.into_iter().filter(|a| a["labels"]["alertname"] == "NodelensAgentDown").collect();
+        (!down.is_empty()).then_some(down)
+    });
+    assert!(down.iter().all(|a| a["labels"]["node"] == "cpu-node-2"), "{down:?}");
+
+    // The lost A100 also lowers the node's GPU count: Alertmanager holds that alert back
+    // (the shipped inhibition rules), and the webhook never hears of it.
+    let suppressed = wait_for("NodeGpuCountDropped inhibited in Alertmanager", context, || {
+        let (_, body) = http_get(monitoring.alertmanager, "/api/v2/alerts?filter=alertname%3D%22NodeGpuCountDropped%22");
+        let alerts: Value = serde_json::from_str(&body).ok()?;
+        let alert = alerts.as_array()?.first()?.clone();
+        (alert["status"]["state"] == "suppressed").then_some(alert)
+    });
+    assert!(!suppressed["status"]["inhibitedBy"].as_array().unwrap().is_empty(), "{suppressed}");
+    std::thread::sleep(Duration::from_secs(3));
+    let notified: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["alerts"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["labels"]["alertname"].as_str().map(String::from))
+        .collect();
+    assert!(!notified.iter().any(|n| n == "NodeGpuCountDropped"), "an inhibited alert was sent: {notified:?}");
     agent.terminate();
 }

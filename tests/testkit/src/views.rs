@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
+/// Where the runbooks are published: every alert's `runbook_url` is this base, `#`, and the
+/// alert's section in docs/runbooks.md. An installation replaces the base, this exact string,
+/// in the rendered rules (the Helm chart's value, a kustomize patch, `sed`).
+pub const RUNBOOK_BASE_URL: &str = "https://github.com/nodelens/nodelens/blob/main/docs/runbooks.md";
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().and_then(Path::parent).unwrap().to_path_buf()
@@ -101,11 +106,39 @@ pub fn queries(file: &Path, dashboard: &Json) -> Vec<Query> {
 /// `expr` with Grafana's variables replaced: `$__rate_interval` and friends by `rate_interval`
 /// and fixed spans, `$var`/`${var}` by the value `vars` gives (or `.*`).
 pub fn substitute(expr: &str, rate_interval: &str, vars: &[(&str, &str)]) -> String {
+    substitute_over(expr, "1h", rate_interval, vars)
+}
+
+/// Seconds in a Prometheus duration such as `1h30m` or `24h`.
+pub fn duration_seconds(text: &str) -> u64 {
+    let (mut total, mut number) = (0, 0);
+    for c in text.chars() {
+        match c {
+            '0'..='9' => number = number * 10 + u64::from(c.to_digit(10).unwrap()),
+            unit => {
+                let scale = match unit {
+                    's' => 1,
+                    'm' => 60,
+                    'h' => 3600,
+                    'd' => 86400,
+                    'w' => 7 * 86400,
+                    _ => panic!("{text}: unknown duration unit {unit}"),
+                };
+                total += number * scale;
+                number = 0;
+            }
+        }
+    }
+    total
+}
+
+/// [`substitute`] with the dashboard's time range `range` (`$__range`, `$__range_s`).
+pub fn substitute_over(expr: &str, range: &str, rate_interval: &str, vars: &[(&str, &str)]) -> String {
     let mut expr = expr
         .replace("$__rate_interval", rate_interval)
         .replace("$__interval", "1m")
-        .replace("$__range_s", "3600")
-        .replace("$__range", "1h");
+        .replace("$__range_s", &duration_seconds(range).to_string())
+        .replace("$__range", range);
     let mut names: Vec<&str> = ["node", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid", "model"].into();
     names.extend(vars.iter().map(|(n, _)| *n));
     // Longest first, so `$app` does not eat the start of `$application`.
@@ -115,6 +148,17 @@ pub fn substitute(expr: &str, rate_interval: &str, vars: &[(&str, &str)]) -> Str
         expr = expr.replace(&format!("${{{name}}}"), value).replace(&format!("${name}"), value);
     }
     expr
+}
+
+/// A query of a dashboard by `uid / panel title / refId`, as the known-answer scenarios in
+/// dashboards/tests/ name them.
+pub fn query_by_reference(reference: &str) -> Option<String> {
+    let mut parts = reference.splitn(3, " / ");
+    let (uid, title, ref_id) = (parts.next()?, parts.next()?, parts.next()?);
+    let (_, dashboard) = dashboards().into_iter().find(|(_, d)| d["uid"] == uid)?;
+    let panel = panels(&dashboard).into_iter().find(|p| p["title"] == title)?;
+    let target = panel["targets"].as_array()?.iter().find(|t| t["refId"] == ref_id)?.clone();
+    target["expr"].as_str().map(String::from)
 }
 
 /// PromQL words followed by a list of label names.
@@ -267,5 +311,8 @@ mod tests {
     fn substitution_uses_given_values_and_matches_all_otherwise() {
         let got = substitute(r#"rate(x{node=~"$node", app="${app}", user=~"$user"}[$__rate_interval])"#, "30s", &[("app", "resnet")]);
         assert_eq!(got, r#"rate(x{node=~".*", app="resnet", user=~".*"}[30s])"#);
+        let got = substitute_over("sum_over_time(x[$__range:1m]) * $__range_s", "24h", "5m", &[]);
+        assert_eq!(got, "sum_over_time(x[24h:1m]) * 86400");
+        assert_eq!(duration_seconds("1h30m"), 5400);
     }
 }
