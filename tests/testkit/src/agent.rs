@@ -1,62 +1,155 @@
-//! Runs the real `nodelens` binary and collects its stdout documents and stderr log.
+//! Runs the real `nodelens` binary and collects its stdout documents (each with the moment
+//! it was read, for write-to-output latency) and stderr log; reads its fds, RSS and CPU from
+//! `/proc/<pid>`. It can run the agent as its own pod does in the default install, with stdout
+//! and stderr landing in that pod's log file as CRI records.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// What the harness collected from the agent's stdout.
+#[derive(Default)]
+struct Collected {
+    docs: Vec<Value>,
+    /// When the harness read each document, in the order of `docs`.
+    arrived: Vec<Instant>,
+}
+
+/// How to run the agent beyond its config.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Variables removed from the inherited environment (e.g. `POD_UID`).
+    pub env_remove: Vec<String>,
+    /// The agent's own container log: every stdout and stderr line is also appended here as a
+    /// CRI record, as the runtime does for the agent's pod. This is the default install, where
+    /// stdout is the sink.
+    pub own_log: Option<PathBuf>,
+    /// Run as this (uid, gid) instead of the test's user (root ignores file permissions).
+    pub user: Option<(u32, u32)>,
+    /// Do not read stdout until [`Agent::resume_stdout`]: the pipe fills, the stdout sink
+    /// blocks, and the agent stops reading once `logs.max_inflight_bytes` are in flight.
+    pub stdout_paused: bool,
+}
+
 /// A running agent.
 pub struct Agent {
     child: Child,
-    docs: Arc<Mutex<Vec<Value>>>,
+    collected: Arc<Mutex<Collected>>,
     /// Lines of stdout that are not JSON documents.
     torn: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    paused: Arc<AtomicBool>,
     readers: Vec<thread::JoinHandle<()>>,
 }
 
 impl Agent {
     /// Starts `binary` with `config` and extra environment.
     pub fn start(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Agent {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Agent::start_with(binary, config, Options { env, ..Options::default() })
+    }
+
+    /// Starts `binary` with `config`, run as `options` say.
+    pub fn start_with(binary: &Path, config: &Path, options: Options) -> Agent {
         let mut cmd = Command::new(binary);
         cmd.arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for (k, v) in env {
+        for k in &options.env_remove {
+            cmd.env_remove(k);
+        }
+        for (k, v) in &options.env {
             cmd.env(k, v);
         }
+        if let Some((uid, gid)) = options.user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        // The runtime creates the container's log file before it starts the process.
+        let own_log = options.own_log.map(|path| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path).expect("own log opens")))
+        });
         let mut child = cmd.spawn().expect("nodelens starts");
-        let docs = Arc::new(Mutex::new(Vec::new()));
+        let collected = Arc::new(Mutex::new(Collected::default()));
         let torn = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
+        let paused = Arc::new(AtomicBool::new(options.stdout_paused));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        let (d, t, e) = (docs.clone(), torn.clone(), stderr.clone());
+        let (c, t, e, p) = (collected.clone(), torn.clone(), stderr.clone(), paused.clone());
+        let (own_out, own_err) = (own_log.clone(), own_log);
         let readers = vec![
             thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
+                let mut lines = BufReader::new(out).lines();
+                loop {
+                    while p.load(Ordering::Acquire) {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    let Some(line) = lines.next() else { break };
                     let line = line.expect("stdout is UTF-8");
+                    let arrived = Instant::now();
+                    if let Some(own) = &own_out {
+                        append_cri(own, "stdout", &line);
+                    }
                     match serde_json::from_str(&line) {
-                        Ok(doc) => d.lock().unwrap().push(doc),
+                        Ok(doc) => {
+                            let mut c = c.lock().unwrap();
+                            c.docs.push(doc);
+                            c.arrived.push(arrived);
+                        }
                         Err(_) => t.lock().unwrap().push(line),
                     }
                 }
             }),
             thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Some(own) = &own_err {
+                        append_cri(own, "stderr", &line);
+                    }
                     e.lock().unwrap().push(line);
                 }
             }),
         ];
-        Agent { child, docs, torn, stderr, readers }
+        Agent { child, collected, torn, stderr, paused, readers }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts reading stdout again (see [`Options::stdout_paused`]).
+    pub fn resume_stdout(&self) {
+        self.paused.store(false, Ordering::Release);
+    }
+
+    /// Stops reading stdout until [`Agent::resume_stdout`].
+    pub fn pause_stdout(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    /// Documents printed so far, each with the moment the harness read it.
+    pub fn docs_arrived(&self) -> Vec<(Instant, Value)> {
+        let c = self.collected.lock().unwrap();
+        c.arrived.iter().copied().zip(c.docs.iter().cloned()).collect()
+    }
+
+    /// Open file descriptors of the agent, from `/proc/<pid>/fd`.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).expect("agent is running").count()
     }
 
     /// Documents printed so far.
     pub fn docs(&self) -> Vec<Value> {
-        self.docs.lock().unwrap().clone()
+        self.collected.lock().unwrap().docs.clone()
     }
 
     /// The agent's log so far.
@@ -68,7 +161,7 @@ impl Agent {
     pub fn wait_for(&self, timeout: Duration, what: &str, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if done(&self.docs.lock().unwrap()) {
+            if done(&self.collected.lock().unwrap().docs) {
                 return;
             }
             thread::sleep(Duration::from_millis(20));
@@ -150,6 +243,8 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(20));
         };
+        // A paused reader would never see the end of stdout.
+        self.resume_stdout();
         for r in std::mem::take(&mut self.readers) {
             r.join().expect("reader thread");
         }
@@ -185,4 +280,103 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Appends `line` to the agent's own container log as the runtime frames it.
+fn append_cri(log: &Mutex<std::fs::File>, stream: &str, line: &str) {
+    let record = format!("{} {stream} F {line}\n", rfc3339_now());
+    log.lock().unwrap().write_all(record.as_bytes()).expect("own log is writable");
+}
+
+/// Now as RFC 3339 with nanoseconds, UTC, as the runtime stamps records.
+pub fn rfc3339_now() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let secs = now.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z", rest / 3600, (rest / 60) % 60, rest % 60, now.subsec_nanos())
+}
+
+/// The agent's own pod, as the kubelet lays out its logs, and as `/proc/self/cgroup` names it.
+#[derive(Debug, Clone)]
+pub struct OwnPod {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its UID (what the DaemonSet passes as `POD_UID`).
+    pub uid: String,
+    /// The agent container's runtime id (64 hex digits).
+    pub container_id: String,
+}
+
+impl OwnPod {
+    /// A DaemonSet pod `nodelens-<suffix>` in `nodelens`.
+    pub fn new(suffix: &str, uid: &str) -> OwnPod {
+        OwnPod { namespace: "nodelens".into(), name: format!("nodelens-{suffix}"), uid: uid.into(), container_id: "5e".repeat(32) }
+    }
+
+    /// `<pods_dir>/<ns>_<pod>_<uid>/nodelens/0.log`, the file the agent's stdout lands in.
+    pub fn log_path(&self, pods_dir: &Path) -> PathBuf {
+        pods_dir.join(format!("{}_{}_{}", self.namespace, self.name, self.uid)).join("nodelens").join("0.log")
+    }
+
+    /// Writes `<proc_root>/self/cgroup` as the agent's container sees it on a systemd,
+    /// containerd, cgroup v2 node.
+    pub fn write_self_cgroup(&self, proc_root: &Path) {
+        let dir = proc_root.join("self");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgroup = crate::gpu::Cgroup::V2SystemdContainerd.render(&self.uid, &self.container_id);
+        std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+    }
+}
+
+/// Write-to-output latency of records that carry a key: `written` maps each key (a
+/// message) to when it was written, `arrived` is what came out with when. Returns one
+/// latency per written key that came out (its first arrival), and the keys that did not.
+pub fn latencies(written: &[(String, Instant)], arrived: &[(Instant, Value)]) -> (Vec<(String, Duration)>, Vec<String>) {
+    let mut first: std::collections::HashMap<&str, Instant> = std::collections::HashMap::new();
+    for (at, doc) in arrived {
+        if let Some(m) = doc["message"].as_str() {
+            first.entry(m).or_insert(*at);
+        }
+    }
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for (key, at) in written {
+        match first.get(key.as_str()) {
+            Some(got) => out.push((key.clone(), got.saturating_duration_since(*at))),
+            None => missing.push(key.clone()),
+        }
+    }
+    (out, missing)
+}
+
+/// The `q` quantile (0..=1) of `samples`, nearest rank; zero when there are none.
+pub fn quantile(samples: &[Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Every series (sample line) of the exposition whose name is `name` exactly.
+pub fn series<'a>(exposition: &'a str, name: &str) -> Vec<&'a str> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .collect()
 }

@@ -3,7 +3,9 @@
 //! statuses in request order, `create`-only writes to data streams (`index` is refused), a
 //! missing `@timestamp` refused, 409 for a `create` of an existing `_id`, and `filter_path`
 //! honoured. Faults can be injected: request-level 429/503, item-level 429s, slow replies,
-//! replies lost after the write was applied, 413 above a size, and mapping rejections.
+//! replies lost after the write was applied, 413 above a size, mapping rejections, and an
+//! outage answering every request with one status until it ends. Each stored document keeps
+//! the moment it arrived, so tests can measure write-to-index latency.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -50,6 +52,14 @@ pub struct Seen {
 #[derive(Default)]
 struct State {
     docs: Vec<(String, Value)>,
+    /// When each of `docs` was created.
+    arrived: Vec<std::time::Instant>,
+    /// Documents handed out by `take_docs` and no longer held.
+    taken: usize,
+    /// `create`s refused with 409 because the `_id` existed.
+    conflicts: usize,
+    /// Every request is answered with this status, unapplied.
+    outage: Option<u16>,
     ids: HashMap<String, usize>,
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
@@ -123,9 +133,43 @@ impl FakeElasticsearch {
         self.state.lock().unwrap().docs.clone()
     }
 
-    /// Number of stored documents.
+    /// Number of documents created (those taken by [`FakeElasticsearch::take_docs`] included).
     pub fn count(&self) -> usize {
-        self.state.lock().unwrap().docs.len()
+        let st = self.state.lock().unwrap();
+        st.taken + st.docs.len()
+    }
+
+    /// Moves out the documents stored since the last call, with their ids and arrival times,
+    /// so a long run does not hold them all. [`FakeElasticsearch::docs`] then holds only
+    /// later ones; `_id`s stay known, so a resend still gets 409.
+    pub fn take_docs(&self) -> Vec<(String, Value, std::time::Instant)> {
+        let mut st = self.state.lock().unwrap();
+        let docs = std::mem::take(&mut st.docs);
+        let arrived = std::mem::take(&mut st.arrived);
+        st.taken += docs.len();
+        docs.into_iter().zip(arrived).map(|((id, doc), at)| (id, doc, at)).collect()
+    }
+
+    /// Stored documents with the moment each arrived.
+    pub fn docs_arrived(&self) -> Vec<(String, Value, std::time::Instant)> {
+        let st = self.state.lock().unwrap();
+        st.docs.iter().cloned().zip(st.arrived.iter().copied()).map(|((id, doc), at)| (id, doc, at)).collect()
+    }
+
+    /// `create`s answered 409 (the `_id` was stored already): resends.
+    pub fn conflicts(&self) -> usize {
+        self.state.lock().unwrap().conflicts
+    }
+
+    /// Starts an outage: every request is answered `status` (503, 429, ...) and not applied,
+    /// until [`FakeElasticsearch::recover`].
+    pub fn outage(&self, status: u16) {
+        self.state.lock().unwrap().outage = Some(status);
+    }
+
+    /// Ends the outage.
+    pub fn recover(&self) {
+        self.state.lock().unwrap().outage = None;
     }
 
     /// Requests received so far.
@@ -222,7 +266,14 @@ async fn respond(
     raw: &[u8],
     state: &Mutex<State>,
 ) -> (Reply, bool) {
-    let fault = state.lock().unwrap().faults.pop_front();
+    let (fault, outage) = {
+        let mut st = state.lock().unwrap();
+        let outage = st.outage;
+        (if outage.is_some() { None } else { st.faults.pop_front() }, outage)
+    };
+    if let Some(code) = outage {
+        return (error_reply(code, "outage", "injected outage"), false);
+    }
     if let Some(Fault::Slow(d)) = &fault {
         tokio::time::sleep(*d).await;
     }
@@ -345,6 +396,7 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
         }
     }
     if st.ids.contains_key(&id) {
+        st.conflicts += 1;
         return item(
             &op,
             &id,
@@ -354,8 +406,10 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     }
     let created = item(&op, &id, 201, None);
     st.seq += 1;
-    st.ids.insert(id.clone(), st.docs.len());
+    let index = st.taken + st.docs.len();
+    st.ids.insert(id.clone(), index);
     st.docs.push((id, doc));
+    st.arrived.push(std::time::Instant::now());
     created
 }
 

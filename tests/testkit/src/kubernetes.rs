@@ -3,7 +3,8 @@
 //! event per line) every change after N as ADDED, MODIFIED, DELETED and BOOKMARK events; a
 //! version older than the compaction point gets a 410 Gone `ERROR` event, as etcd compaction
 //! causes; open watches can be dropped. `fieldSelector=spec.nodeName=<node>` is honoured, and
-//! every request is recorded so tests can check what the agent asked for.
+//! every request is recorded so tests can check what the agent asked for. Lists can be made
+//! slow, as an API server under load or a control plane still starting makes them.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -40,6 +41,9 @@ struct State {
     compacted: u64,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// Lists are answered this long after they arrive.
+    list_delay: std::time::Duration,
+    lists_answered: usize,
 }
 
 /// A running fake API server.
@@ -139,6 +143,17 @@ impl FakeApiServer {
         self.state.lock().unwrap().watchers.clear();
     }
 
+    /// Answers every list (not watches) `delay` after it arrives, with the objects as they
+    /// are then: the API is slow, the agent starts before it has pod metadata.
+    pub fn delay_lists(&self, delay: std::time::Duration) {
+        self.state.lock().unwrap().list_delay = delay;
+    }
+
+    /// Lists answered so far (pod and namespace lists, not watches).
+    pub fn lists_answered(&self) -> usize {
+        self.state.lock().unwrap().lists_answered
+    }
+
     /// Every request line received (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -202,8 +217,13 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
         },
     };
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let delay = state.lock().unwrap().list_delay;
+    if !watch && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut st = state.lock().unwrap();
-    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if watch {
         let (tx, rx) = mpsc::unbounded_channel();
         if from != 0 && from < st.compacted {
             let gone = status(410, "Expired", &format!("too old resource version: {from} ({})", st.compacted));
@@ -229,6 +249,7 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
         .filter(|((k, _), o)| *k == kind && node.as_deref().is_none_or(|n| node_of(o) == Some(n)))
         .map(|(_, o)| o.clone())
         .collect();
+    st.lists_answered += 1;
     Ok(reply(
         200,
         json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
