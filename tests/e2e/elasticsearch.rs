@@ -281,3 +281,32 @@ fn a_private_ca_from_ca_file_secures_the_connection() {
     trusted.terminate();
     assert_eq!(es.count(), 10);
 }
+
+/// A document Elasticsearch fails on every time (a shard failing on it, 500) is given up after
+/// `item_retry_timeout`, counted once, and does not hold up the other records.
+#[test]
+fn a_poison_document_is_given_up_and_does_not_stop_the_node() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.fail_messages_containing("POISON");
+    let config = node.config(&es.url(), "    item_retry_timeout: 2s\n");
+    let mut log = node.container("ingest");
+    write_lines(&mut log, "before", 0..500);
+    log.write_cri("stdout", "POISON record").unwrap();
+    write_lines(&mut log, "after", 0..3000);
+    let agent = node.start(&config, &[]);
+    wait_until("every other record", &agent, || es.count() >= 3500);
+    let metrics = |labels: &[&str]| metric_sum(&agent.get("/metrics").1, "nodelens_log_records_dropped_total", labels);
+    wait_until("the poison record given up", &agent, || metrics(&[r#"reason="retries_exhausted""#]) == 1.0);
+    // Requests run concurrently: each record exactly once, in whatever order they landed.
+    let mut got = messages_by_pod(&es).remove("ingest").unwrap();
+    got.sort();
+    let mut all: Vec<String> = expected("before", 0..500);
+    all.extend(expected("after", 0..3000));
+    all.sort();
+    assert_same_records("ingest", &got, &all);
+    assert!(agent.log().contains("shard failure on this document"), "Elasticsearch's reason is logged:\n{}", agent.log());
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="rejected""#]), 1.0);
+    agent.terminate();
+}

@@ -61,6 +61,14 @@ struct State {
     /// Every request is answered with this status, unapplied.
     outage: Option<u16>,
     ids: HashMap<String, usize>,
+    /// Field paths mapped so far (objects and leaves), as Elasticsearch counts them against
+    /// `index.mapping.total_fields.limit`.
+    fields: std::collections::HashSet<String>,
+    /// The index template's mapping, when one is installed: its `flattened` fields count as
+    /// one, whatever keys they hold, and its settings set the field limit.
+    template: Option<Value>,
+    /// Documents whose message contains this are answered 500 every time (a shard failing on them).
+    fail_containing: Option<String>,
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
     required_auth: Option<String>,
@@ -195,6 +203,18 @@ impl FakeElasticsearch {
     /// Refuses documents whose message contains `text` with a 400 mapping error.
     pub fn reject_messages_containing(&self, text: &str) {
         self.state.lock().unwrap().reject_containing = Some(text.to_string());
+    }
+
+    /// Answers 500 to documents whose message contains `text`, every time they are sent.
+    pub fn fail_messages_containing(&self, text: &str) {
+        self.state.lock().unwrap().fail_containing = Some(text.to_string());
+    }
+
+    /// Installs an index template (the JSON of `PUT _index_template`): its mapping's
+    /// `flattened` fields and its `index.mapping.total_fields.limit` apply from now on.
+    /// Without one the default limit of 1,000 fields applies and every key is a field.
+    pub fn install_index_template(&self, template: Value) {
+        self.state.lock().unwrap().template = Some(template);
     }
 
     /// Stops listening; connections are refused until a new double starts on the port.
@@ -395,6 +415,14 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
             );
         }
     }
+    if let (Some(bad), Some(msg)) = (&st.fail_containing, doc.get("message").and_then(|m| m.as_str())) {
+        if msg.contains(bad.as_str()) {
+            return item(&op, &id, 500, Some(("illegal_state_exception", "shard failure on this document (injected)".into())));
+        }
+    }
+    if let Err(reason) = map_fields(st, &doc) {
+        return item(&op, &id, 400, Some(("illegal_argument_exception", reason)));
+    }
     if st.ids.contains_key(&id) {
         st.conflicts += 1;
         return item(
@@ -411,6 +439,41 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     st.docs.push((id, doc));
     st.arrived.push(std::time::Instant::now());
     created
+}
+
+/// Adds the document's fields to the mapping, refusing it (and mapping nothing) when that
+/// would pass the total fields limit, as Elasticsearch does with dynamic mapping.
+fn map_fields(st: &mut State, doc: &Value) -> Result<(), String> {
+    let mapping = st.template.as_ref().map(|t| t["template"]["mappings"].clone());
+    let limit =
+        st.template.as_ref().and_then(|t| t["template"]["settings"]["index.mapping.total_fields.limit"].as_u64()).unwrap_or(1000) as usize;
+    fn flattened(mapping: Option<&Value>, path: &[&str]) -> bool {
+        let Some(mut node) = mapping else { return false };
+        for part in path {
+            node = &node["properties"][*part];
+        }
+        node["type"] == "flattened"
+    }
+    fn walk(value: &Value, path: &mut Vec<String>, mapping: Option<&Value>, out: &mut Vec<String>) {
+        let Value::Object(map) = value else { return };
+        for (key, child) in map {
+            path.push(key.clone());
+            out.push(path.join("."));
+            let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+            if !flattened(mapping, &parts) {
+                walk(child, path, mapping, out);
+            }
+            path.pop();
+        }
+    }
+    let mut paths = Vec::new();
+    walk(doc, &mut Vec::new(), mapping.as_ref(), &mut paths);
+    let new: Vec<String> = paths.into_iter().filter(|p| !st.fields.contains(p)).collect();
+    if st.fields.len() + new.len() > limit {
+        return Err(format!("Limit of total fields [{limit}] has been exceeded while adding new fields [{}]", new.len()));
+    }
+    st.fields.extend(new);
+    Ok(())
 }
 
 /// Elasticsearch's `filter_path`: keeps the paths given (`*` matches any key; arrays are
