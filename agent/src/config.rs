@@ -366,10 +366,10 @@ pub struct ElasticsearchConfig {
     pub request_timeout: Duration,
     /// `_bulk` requests in flight at once (checkpoints still advance in read order).
     pub max_concurrent_requests: usize,
-    /// How long a record Elasticsearch answers 5xx for is sent again before it is given up
-    /// (counted as `retries_exhausted`). 429s and failed requests are retried without end.
-    #[serde(with = "duration")]
-    pub item_retry_timeout: Duration,
+    /// How many 5xx answers a record may get, while Elasticsearch accepts other records,
+    /// before it is given up (counted as `retries_exhausted`). During an outage, when nothing
+    /// is accepted, records are kept and sent again without end, as are 429s.
+    pub item_max_attempts: u32,
 }
 
 impl Default for ElasticsearchConfig {
@@ -387,7 +387,7 @@ impl Default for ElasticsearchConfig {
             flush_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 4,
-            item_retry_timeout: Duration::from_secs(30),
+            item_max_attempts: 5,
         }
     }
 }
@@ -464,7 +464,6 @@ impl Config {
             ("gpu.poll_interval", self.gpu.poll_interval, Duration::from_millis(100)),
             ("sinks.elasticsearch.flush_interval", es.flush_interval, Duration::from_millis(1)),
             ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
-            ("sinks.elasticsearch.item_retry_timeout", es.item_retry_timeout, Duration::from_millis(1)),
             ("certificates.interval", self.certificates.interval, Duration::from_millis(100)),
         ];
         for (key, value, min) in durations {
@@ -511,6 +510,9 @@ impl Config {
         let es = &self.sinks.elasticsearch;
         if !es.api_key.is_empty() && !es.username.is_empty() {
             return Err(key_error("sinks.elasticsearch.api_key", "set either api_key or username, not both".into()));
+        }
+        if es.item_max_attempts == 0 {
+            return Err(key_error("sinks.elasticsearch.item_max_attempts", "must be at least 1".into()));
         }
         if !(1..=64).contains(&es.max_concurrent_requests) {
             return Err(key_error("sinks.elasticsearch.max_concurrent_requests", "must be between 1 and 64".into()));

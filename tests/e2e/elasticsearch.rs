@@ -283,13 +283,13 @@ fn a_private_ca_from_ca_file_secures_the_connection() {
 }
 
 /// A document Elasticsearch fails on every time (a shard failing on it, 500) is given up after
-/// `item_retry_timeout`, counted once, and does not hold up the other records.
+/// `item_max_attempts` while the others get in, counted once, and does not hold them up.
 #[test]
 fn a_poison_document_is_given_up_and_does_not_stop_the_node() {
     let node = Node::new();
     let es = FakeElasticsearch::start();
     es.fail_messages_containing("POISON");
-    let config = node.config(&es.url(), "    item_retry_timeout: 2s\n");
+    let config = node.config(&es.url(), "");
     let mut log = node.container("ingest");
     write_lines(&mut log, "before", 0..500);
     log.write_cri("stdout", "POISON record").unwrap();
@@ -308,5 +308,30 @@ fn a_poison_document_is_given_up_and_does_not_stop_the_node() {
     assert!(agent.log().contains("shard failure on this document"), "Elasticsearch's reason is logged:\n{}", agent.log());
     let (_, body) = agent.get("/metrics");
     assert_eq!(metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="rejected""#]), 1.0);
+    agent.terminate();
+}
+
+/// Every item answered 5xx (shards unavailable) is an outage, not poison: nothing is given
+/// up, and everything lands once Elasticsearch recovers.
+#[test]
+fn an_outage_answered_item_by_item_with_5xx_gives_up_nothing() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.fail_messages_containing("line");
+    let config = node.config(&es.url(), "    item_max_attempts: 2\n");
+    let mut log = node.container("ingest");
+    write_lines(&mut log, "outage", 0..300);
+    let agent = node.start(&config, &[]);
+    wait_until("several rounds of 5xx", &agent, || es.seen().len() >= 4);
+    std::thread::sleep(Duration::from_secs(2));
+    es.fail_messages_containing("\u{0}nothing");
+    wait_until("every record", &agent, || es.count() >= 300);
+    let (_, body) = agent.get("/metrics");
+    assert_eq!(metric_sum(&body, "nodelens_log_records_dropped_total", &[]), 0.0, "{body}");
+    let mut got = messages_by_pod(&es).remove("ingest").unwrap();
+    got.sort();
+    let mut want = expected("outage", 0..300);
+    want.sort();
+    assert_same_records("ingest", &got, &want);
     agent.terminate();
 }

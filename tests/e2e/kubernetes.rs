@@ -359,47 +359,57 @@ fn container_shm_sizes_and_certificate_expiry_are_exported() {
 /// A tenant's pods with thousands of distinct label keys against the Elasticsearch double
 /// holding the shipped index template: `kubernetes.labels` is one flattened field, so the
 /// mapping cannot pass the field limit; without the template (every key a field, the default
-/// 1,000-field limit) the same documents are refused, as Elasticsearch would.
+/// 1,000-field limit) the same documents are refused, as Elasticsearch would. A pod with
+/// 3,000 labels of its own ships documents carrying the first 64.
 #[test]
 fn thousands_of_label_keys_cannot_push_the_data_stream_past_the_field_limit() {
     use nodelens_testkit::elasticsearch::FakeElasticsearch;
-    let template: Value = serde_json::from_str(
-        &std::fs::read_to_string(nodelens_testkit::views::root().join("deploy/elasticsearch/index-template.json")).unwrap(),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(nodelens_testkit::views::root().join("deploy/elasticsearch/index-template.json")).unwrap();
+    let template: Value = serde_json::from_str(&text).unwrap();
+    const PODS: usize = 30;
     for with_template in [true, false] {
         let c = Cluster::new();
         let es = FakeElasticsearch::start();
         if with_template {
             es.install_index_template(template.clone());
         }
-        let labels: serde_json::Map<String, Value> = (0..3000).map(|i| (format!("tenant.example/key-{i}"), json!("v"))).collect();
-        c.api.apply(pod("noisy", "labels-0", "uid-labels", NODE, Value::Object(labels), &["main"]));
-        c.api.apply(pod("ml", "quiet-0", "uid-quiet", NODE, json!({"app": "quiet"}), &["main"]));
-        let mut noisy = c.log("noisy", "labels-0", "uid-labels", "main");
-        let mut quiet = c.log("ml", "quiet-0", "uid-quiet", "main");
-        for i in 0..20 {
-            noisy.write_cri("stdout", &format!("noisy {i}")).unwrap();
-            quiet.write_cri("stdout", &format!("quiet {i}")).unwrap();
+        let mut logs = Vec::new();
+        for p in 0..PODS {
+            let labels: serde_json::Map<String, Value> = (0..60).map(|i| (format!("tenant.example/p{p}-key-{i}"), json!("v"))).collect();
+            let (name, uid) = (format!("labels-{p}"), format!("uid-labels-{p}"));
+            c.api.apply(pod("noisy", &name, &uid, NODE, Value::Object(labels), &["main"]));
+            logs.push(c.log("noisy", &name, &uid, "main"));
         }
+        let huge: serde_json::Map<String, Value> = (0..3000).map(|i| (format!("huge.example/key-{i:04}"), json!("v"))).collect();
+        c.api.apply(pod("ml", "huge-0", "uid-huge", NODE, Value::Object(huge), &["main"]));
+        logs.push(c.log("ml", "huge-0", "uid-huge", "main"));
+        for log in &mut logs {
+            for i in 0..5 {
+                log.write_cri("stdout", &format!("line {i}")).unwrap();
+            }
+        }
+        let total = (PODS + 1) * 5;
         let sink = format!("sinks:\n  elasticsearch:\n    endpoints: [{}]\n    flush_interval: 200ms\n", es.url());
         let agent = c.start_full(&sink, "", "");
-        let delivered = |agent: &Agent| metric_sum(&agent.get("/metrics").1, "nodelens_sink_records_total", &[r#"outcome="delivered""#]);
-        let rejected = |agent: &Agent| metric_sum(&agent.get("/metrics").1, "nodelens_sink_records_total", &[r#"outcome="rejected""#]);
+        let settled = |agent: &Agent| {
+            let body = agent.get("/metrics").1;
+            metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="delivered""#])
+                + metric_sum(&body, "nodelens_sink_records_total", &[r#"outcome="rejected""#])
+        };
         let deadline = Instant::now() + WAIT;
-        while delivered(&agent) + rejected(&agent) < 40.0 && Instant::now() < deadline {
+        while settled(&agent) < total as f64 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         let stored = es.docs();
-        let noisy_stored = stored.iter().filter(|(_, d)| d["kubernetes"]["namespace"] == "noisy").count();
-        let quiet_stored = stored.iter().filter(|(_, d)| d["kubernetes"]["namespace"] == "ml").count();
+        let huge_doc = stored.iter().find(|(_, d)| d["kubernetes"]["namespace"] == "ml").map(|(_, d)| d.clone());
+        let labels_of_huge = huge_doc.as_ref().map(|d| d["kubernetes"]["labels"].as_object().unwrap().len());
+        assert_eq!(labels_of_huge, Some(64), "a document carries at most 64 labels\n{}", agent.log());
         if with_template {
-            assert_eq!((noisy_stored, quiet_stored), (20, 20), "flattened labels: everything lands\n{}", agent.log());
-            let doc = &stored.iter().find(|(_, d)| d["kubernetes"]["namespace"] == "noisy").unwrap().1;
-            assert_eq!(doc["kubernetes"]["labels"].as_object().unwrap().len(), 3000, "every key is still there to query");
+            assert_eq!(stored.len(), total, "flattened labels: everything lands\n{}", agent.log());
         } else {
-            assert_eq!(noisy_stored, 0, "the double refuses what Elasticsearch would");
-            assert_eq!(rejected(&agent), 20.0, "counted as rejected, not retried forever");
+            let rejected = metric_sum(&agent.get("/metrics").1, "nodelens_sink_records_total", &[r#"outcome="rejected""#]);
+            assert!(stored.len() < total && rejected > 0.0, "the double refuses what Elasticsearch would: {} stored", stored.len());
+            assert_eq!(stored.len() + rejected as usize, total, "each record stored or counted as rejected");
             assert!(agent.log().contains("Limit of total fields [1000] has been exceeded"), "the reason is logged:\n{}", agent.log());
         }
         agent.terminate();

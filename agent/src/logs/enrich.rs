@@ -73,7 +73,13 @@ impl Enricher {
         };
         let Some(pod) = pod else { return meta };
         meta.pod_ip = pod.ip.clone();
-        meta.labels = pod.labels.iter().map(|(k, v)| (dedot(k), v.clone())).collect();
+        meta.labels = bounded_labels(&pod.labels);
+        if meta.labels.len() < pod.labels.len() {
+            tracing::warn!(
+                namespace = %pod.namespace, pod = %pod.name, labels = pod.labels.len(), kept = meta.labels.len(),
+                "pod has more labels than a document carries; the rest are left out of kubernetes.labels"
+            );
+        }
         meta.workload = pod.workload.as_ref().map(|w| (w.kind, w.name.clone()));
         meta.job = pod.workload.as_ref().and_then(|w| w.job.clone());
         meta.app = pod.app.clone();
@@ -93,4 +99,26 @@ impl Enricher {
         }
         meta
     }
+}
+
+/// Most labels a document carries, and most bytes of them: every record repeats its pod's
+/// labels, so a pod with thousands would make every document of it huge (and the agent's
+/// memory with them). Kubernetes' own labels are in the first few; the app and user keys are
+/// resolved from all of them regardless.
+pub const MAX_LABELS: usize = 64;
+/// See [`MAX_LABELS`].
+pub const MAX_LABEL_BYTES: usize = 8 * 1024;
+
+/// The pod's labels, de-dotted, up to [`MAX_LABELS`] and [`MAX_LABEL_BYTES`] (keys in order).
+fn bounded_labels(labels: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut bytes = 0;
+    labels
+        .iter()
+        .take(MAX_LABELS)
+        .take_while(|(k, v)| {
+            bytes += k.len() + v.len();
+            bytes <= MAX_LABEL_BYTES
+        })
+        .map(|(k, v)| (dedot(k), v.clone()))
+        .collect()
 }

@@ -76,8 +76,8 @@ pub enum Outcome {
     Duplicate,
     /// 429: Elasticsearch is overloaded; send again later, however long it takes.
     Overloaded,
-    /// 5xx: send again later, for at most `item_retry_timeout` (a shard may fail on this
-    /// document every time).
+    /// 5xx: send again later; given up after `item_max_attempts` such answers while
+    /// Elasticsearch accepts other records (a shard may fail on this document every time).
     Failed(String),
     /// Any other 4xx: the document will never be accepted.
     Rejected(String),

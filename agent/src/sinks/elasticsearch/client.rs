@@ -18,9 +18,6 @@ pub enum Reply {
     Done(Vec<u8>),
     /// 413: the body is too large; send it in smaller parts.
     TooLarge,
-    /// 400 for the request as a whole (a body Elasticsearch cannot parse): one record may be
-    /// the cause, so the request is split until it is found.
-    BadRequest(String),
 }
 
 /// A request that failed as a whole; it is sent again after a backoff.
@@ -96,7 +93,6 @@ impl Client {
             match status {
                 StatusCode::OK => Ok(Reply::Done(bytes.to_vec())),
                 StatusCode::PAYLOAD_TOO_LARGE => Ok(Reply::TooLarge),
-                StatusCode::BAD_REQUEST => Ok(Reply::BadRequest(format!("400: {}", text()))),
                 other => Err(failure(format!("{other}: {}", text()))),
             }
         }

@@ -12,6 +12,7 @@ pub mod bulk;
 pub mod client;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ pub async fn run(
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let health = Health::new();
     let mut deliveries = JoinSet::new();
     let mut open = true;
     while open {
@@ -63,9 +65,9 @@ pub async fn run(
         }
         // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
         let slot = slots.clone().acquire_owned().await?;
-        let (client, acks, metrics, config) = (client.clone(), acks.clone(), metrics.clone(), config.clone());
+        let (client, acks, metrics, config, health) = (client.clone(), acks.clone(), metrics.clone(), config.clone(), health.clone());
         deliveries.spawn(async move {
-            deliver(&client, &pending, &config, &metrics).await;
+            deliver(&client, &pending, &config, &metrics, &health).await;
             drop(slot);
             for batch in &pending {
                 // The committer is gone only at shutdown, when nothing more can be committed.
@@ -104,8 +106,45 @@ impl Tally<'_> {
     }
 }
 
+/// What the sink's deliveries have seen of Elasticsearch lately, to tell a record it fails on
+/// (poison) from an outage: a 5xx for one record while others get in is the record's own.
+#[derive(Clone)]
+pub struct Health {
+    started: Instant,
+    /// When a record was last accepted (milliseconds after `started`, plus one; 0 = never).
+    last_accepted_ms: Arc<AtomicU64>,
+    /// When a request last failed as a whole, or every record of a request got 5xx.
+    last_trouble_ms: Arc<AtomicU64>,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health { started: Instant::now(), last_accepted_ms: Arc::new(AtomicU64::new(0)), last_trouble_ms: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn accepted(&self) {
+        self.last_accepted_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn trouble(&self) {
+        self.last_trouble_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether a 5xx for a record sent at `sent_at` counts against it: others got in after it
+    /// was sent, or (for a record that already failed while others got in) nothing has looked
+    /// like an outage since the last record got in.
+    fn blames(&self, sent_at: Instant, struck_before: bool) -> bool {
+        let (accepted, trouble) = (self.last_accepted_ms.load(Ordering::Relaxed), self.last_trouble_ms.load(Ordering::Relaxed));
+        accepted > sent_at.duration_since(self.started).as_millis() as u64 + 1 || (struck_before && accepted > trouble)
+    }
+}
+
 /// Delivers every record of `batches`, returning once each has settled.
-async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics) {
+async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) {
     let items: Vec<Item> =
         batches.iter().flat_map(|b| (0..b.docs.len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
     let mut runs: VecDeque<Vec<Item>> =
@@ -114,9 +153,10 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
     let sink = SinkLabels { sink: SINK };
     while let Some(mut todo) = runs.pop_front() {
         let mut attempt = 0u32;
-        // Since when some of `todo` has been failing with 5xx.
-        let mut failing_since: Option<Instant> = None;
+        // Per item of `todo`: 5xx answers while Elasticsearch accepted other records.
+        let mut strikes: Vec<u32> = vec![0; todo.len()];
         while !todo.is_empty() {
+            let sent_at = Instant::now();
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
@@ -129,17 +169,32 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
                             continue;
                         }
                     };
-                    let (mut created, mut duplicates, mut rejected, mut failed) = (0, 0, Vec::new(), Vec::new());
-                    // Items to send again, and whether each failed (5xx) rather than was refused for load (429).
-                    let mut retry: Vec<(Item, bool)> = Vec::new();
-                    for (item, outcome) in todo.into_iter().zip(outcomes) {
+                    if outcomes.iter().any(|o| matches!(o, Outcome::Created | Outcome::Duplicate)) {
+                        health.accepted();
+                    } else if outcomes.len() > 1 && outcomes.iter().all(|o| matches!(o, Outcome::Failed(_))) {
+                        health.trouble();
+                    }
+                    let (mut created, mut duplicates, mut rejected, mut exhausted) = (0, 0, Vec::new(), Vec::new());
+                    let (mut retry, mut retry_strikes) = (Vec::new(), Vec::new());
+                    for ((item, outcome), mut strike) in todo.into_iter().zip(outcomes).zip(strikes) {
                         match outcome {
                             Outcome::Created => created += 1,
                             Outcome::Duplicate => duplicates += 1,
-                            Outcome::Overloaded => retry.push((item, false)),
+                            // 429 is back-pressure: retried however long it takes.
+                            Outcome::Overloaded => {
+                                retry.push(item);
+                                retry_strikes.push(strike);
+                            }
                             Outcome::Failed(reason) => {
-                                retry.push((item, true));
-                                failed.push(reason);
+                                // Only while other records get in is a 5xx this record's own;
+                                // during an outage nothing is given up.
+                                strike += u32::from(health.blames(sent_at, strike > 0));
+                                if strike >= config.item_max_attempts {
+                                    exhausted.push(reason);
+                                } else {
+                                    retry.push(item);
+                                    retry_strikes.push(strike);
+                                }
                             }
                             Outcome::Rejected(reason) => rejected.push(reason),
                         }
@@ -147,21 +202,14 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
                     tally.count("delivered", created);
                     tally.count("duplicate", duplicates);
                     tally.give_up("rejected", &rejected, "Elasticsearch rejected records; they will not be sent again");
-                    if failed.is_empty() {
-                        failing_since = None;
-                    } else if failing_since.get_or_insert_with(Instant::now).elapsed() >= config.item_retry_timeout {
-                        // Only 429s are retried without end: they are back-pressure, not this document.
-                        retry.retain(|(_, failed)| !failed);
-                        tally.give_up(
-                            "retries_exhausted",
-                            &failed,
-                            "Elasticsearch kept failing on records (5xx) for item_retry_timeout; they will not be sent again",
-                        );
-                        failing_since = None;
-                    }
-                    let retry: Vec<Item> = retry.into_iter().map(|(item, _)| item).collect();
+                    tally.give_up(
+                        "retries_exhausted",
+                        &exhausted,
+                        "Elasticsearch kept failing on records (5xx) while accepting others; they will not be sent again",
+                    );
                     tally.count("retried", retry.len());
                     todo = retry;
+                    strikes = retry_strikes;
                     if !todo.is_empty() {
                         retry_later(metrics, &sink, &mut attempt).await;
                     }
@@ -177,19 +225,10 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
                     tally.give_up("too_large", &reasons, "a single record is larger than Elasticsearch accepts; it will not be sent again");
                     break;
                 }
-                Ok((Reply::BadRequest(reason), _)) if todo.len() > 1 => {
-                    // One record may make the whole request unparseable: halve to find it.
-                    tracing::debug!(%reason, records = todo.len(), "_bulk request refused as a whole; splitting it");
-                    let second = todo.split_off(todo.len() / 2);
-                    runs.push_front(second);
-                    runs.push_front(todo);
-                    break;
-                }
-                Ok((Reply::BadRequest(reason), _)) => {
-                    tally.give_up("rejected", &[reason], "Elasticsearch refused a request holding one record; it will not be sent again");
-                    break;
-                }
                 Err(failure) => {
+                    // Connection errors, timeouts, and any status for the request as a whole
+                    // (a 400 from a proxy is not the records' fault): kept, sent again.
+                    health.trouble();
                     tracing::warn!(error = %failure, attempt, "_bulk request failed; retrying");
                     retry_later(metrics, &sink, &mut attempt).await;
                 }
