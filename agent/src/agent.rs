@@ -66,7 +66,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     crate::gpu::start(&config, names, metrics.gpu.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
 
     let mut pipeline = if config.logs.enabled {
-        let checkpoints = Arc::new(open_checkpoints(&config)?);
+        let checkpoints = Arc::new(open_checkpoints(&config).await?);
         let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
         let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
@@ -100,9 +100,23 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
 /// Opens `state_dir`. Only the built-in default falls back to a per-user directory, so a
 /// plain `nodelens` runs on a laptop without root.
-fn open_checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
+async fn open_checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
     let default = Config::default().state_dir;
-    match Checkpoints::open(&config.state_dir) {
+    let mut waited = false;
+    let opened = loop {
+        match Checkpoints::open(&config.state_dir) {
+            Err(e) if e.source.kind() == std::io::ErrorKind::WouldBlock => {
+                // The pod this one replaces on the node is still shutting down: wait, not ready.
+                if !waited {
+                    tracing::warn!(error = %e, "waiting for the other agent to release state_dir");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => break other,
+        }
+    };
+    match opened {
         Ok(c) => Ok(c),
         Err(e) if config.state_dir == default && e.source.kind() == std::io::ErrorKind::PermissionDenied => {
             let home = std::env::var_os("HOME").map(PathBuf::from).context("no HOME for a fallback state_dir")?;

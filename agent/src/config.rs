@@ -213,7 +213,8 @@ fn default_max_series() -> usize {
 }
 
 /// Labels every log-derived series carries; a rule's own labels cannot be named so.
-const LOG_METRIC_RESERVED_LABELS: &[&str] = &["name", "namespace", "pod", "app", "user", "node"];
+const LOG_METRIC_RESERVED_LABELS: &[&str] =
+    &["name", "namespace", "pod", "app", "user", "node", "cluster", "job", "instance", "container", "le", "quantile"];
 
 impl LogMetricRule {
     /// Checks what serde cannot: the glob and regex compile, and the groups the rule names
@@ -232,7 +233,14 @@ impl LogMetricRule {
             _ => {}
         }
         for name in &self.labels {
-            if LOG_METRIC_RESERVED_LABELS.contains(&name.as_str()) {
+            // Prometheus refuses a whole scrape over one bad label name; with honorLabels a
+            // tenant's value must not become the target's job or instance either.
+            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("labels: `{name}` is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"));
+            }
+            if LOG_METRIC_RESERVED_LABELS.contains(&name.as_str()) || name.starts_with("__") {
                 return Err(format!("labels: `{name}` is reserved"));
             }
             if !has_group(name) {
@@ -466,9 +474,15 @@ impl Config {
             ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
             ("certificates.interval", self.certificates.interval, Duration::from_millis(100)),
         ];
+        // Beyond a day a period or timeout means nothing, and an absurd one overflows a clock.
+        let max = Duration::from_secs(24 * 3600);
+        let durations = durations.into_iter().chain([("kubernetes.metadata_wait", self.kubernetes.metadata_wait, Duration::ZERO)]);
         for (key, value, min) in durations {
             if value < min {
                 return Err(key_error(key, format!("must be at least {}", humantime::format_duration(min))));
+            }
+            if value > max {
+                return Err(key_error(key, "must be at most 1d".into()));
             }
         }
         for (i, rule) in self.logs.multiline.iter().enumerate() {
@@ -483,7 +497,7 @@ impl Config {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(key_error(
                     &format!("sinks.elasticsearch.endpoints[{i}]"),
-                    format!("`{endpoint}` is not an http:// or https:// URL"),
+                    format!("`{}` is not an http:// or https:// URL", redact_url(endpoint)),
                 ));
             }
         }
@@ -594,18 +608,20 @@ fn redacted_urls<S: serde::Serializer>(urls: &[String], serializer: S) -> Result
     serializer.collect_seq(urls.iter().map(|u| redact_url(u)))
 }
 
-/// `url` with the password of its user info (`http://user:password@host`) replaced, for
-/// anything printed or logged.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
-            format!("{scheme}://{user}:<redacted>@{host}{path}")
+/// `url` with its user info (`http://user:password@host`, or a token as the user) replaced,
+/// for anything printed or logged. What does not parse as a URL but holds an `@` is hidden
+/// whole.
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let user = if url.password().is_some() { url.username().to_string() } else { String::new() };
+            let _ = url.set_username(if user.is_empty() { "redacted" } else { &user });
+            let _ = url.set_password(Some("redacted"));
+            url.to_string()
         }
-        None => url.to_string(),
+        Ok(_) => text.to_string(),
+        Err(_) if text.contains('@') => "<URL with credentials, redacted>".to_string(),
+        Err(_) => text.to_string(),
     }
 }
 

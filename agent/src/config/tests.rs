@@ -120,7 +120,7 @@ fn printed_config_hides_secrets_and_parses_back() {
     assert!(!yaml.contains("c2VjcmV0") && !yaml.contains("hunter2") && !yaml.contains("pa55word"), "{yaml}");
     assert!(yaml.contains("<redacted>"));
     let reparsed: Config = serde_yaml_ng::from_str(&yaml).unwrap();
-    assert_eq!(reparsed.sinks.elasticsearch.endpoints, ["https://es:9200", "http://elastic:<redacted>@es-2:9200"]);
+    assert_eq!(reparsed.sinks.elasticsearch.endpoints, ["https://es:9200", "http://elastic:redacted@es-2:9200/"]);
     assert_eq!(reparsed.logs.partial_timeout, config.logs.partial_timeout);
 }
 
@@ -150,6 +150,8 @@ fn log_metric_rules_are_validated_naming_the_rule_and_the_reason() {
         ("{name: loss, pattern: 'loss=(', type: counter}", "pattern"),
         ("{name: loss, pattern: 'loss=(?P<v>.+)', type: counter, value: x}", "no group named `x`"),
         ("{name: loss, pattern: '(?P<pod>.+)', type: counter, labels: [pod]}", "`pod` is reserved"),
+        ("{name: loss, pattern: '(?P<job>.+)', type: counter, labels: [job]}", "`job` is reserved"),
+        ("{name: loss, pattern: '(?P<__x>.+)', type: counter, labels: [__x]}", "`__x` is reserved"),
         ("{name: loss, app: '[', pattern: 'x', type: counter}", "app"),
     ] {
         let err = load_text(&format!("logs:\n  log_metrics:\n    - {rule}\n"), &[]).unwrap().validate().unwrap_err().to_string();
@@ -173,6 +175,9 @@ fn zero_periods_and_out_of_range_sizes_are_refused_naming_the_key() {
         ("sinks.elasticsearch.batch_max_bytes", "sinks:\n  elasticsearch:\n    batch_max_bytes: 1000000000\n"),
         ("logs.max_line_bytes", "logs:\n  max_line_bytes: 1000000000\n  max_inflight_bytes: 1000000000\n"),
         ("logs.max_inflight_bytes", "logs:\n  max_inflight_bytes: 100000000000\n"),
+        ("sinks.elasticsearch.flush_interval", "sinks:\n  elasticsearch:\n    flush_interval: 200000000000000d\n"),
+        ("kubernetes.metadata_wait", "kubernetes:\n  metadata_wait: 400d\n"),
+        ("sinks.elasticsearch.item_max_attempts", "sinks:\n  elasticsearch:\n    item_max_attempts: 0\n"),
     ] {
         let err = load_text(yaml, &[]).and_then(Config::validate).expect_err(key).to_string();
         assert!(err.contains(key), "{key}: {err}");

@@ -45,6 +45,10 @@ struct OnDisk {
 pub struct Checkpoints {
     dir: PathBuf,
     table: Mutex<Table>,
+    /// An exclusive `flock` on `state_dir/.lock`, held for the agent's life: two agents on
+    /// one state directory (a DaemonSet handing a node over, two installs) would read every
+    /// file twice and overwrite each other's checkpoints.
+    _lock: File,
 }
 
 #[derive(Default)]
@@ -65,6 +69,7 @@ impl Checkpoints {
         let file = state_dir.join(FILE_NAME);
         let probe = state_dir.join(".write-test");
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(err(state_dir))?;
+        let lock = lock(state_dir).map_err(err(state_dir))?;
         let mut entries = HashMap::new();
         match fs::read(&file) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
@@ -83,7 +88,7 @@ impl Checkpoints {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(&file)(e)),
         }
-        Ok(Checkpoints { dir: state_dir.to_path_buf(), table: Mutex::new(Table { entries, dirty: false }) })
+        Ok(Checkpoints { dir: state_dir.to_path_buf(), table: Mutex::new(Table { entries, dirty: false }), _lock: lock })
     }
 
     /// The acknowledged offset of `id`, if it was ever acknowledged.
@@ -134,9 +139,25 @@ impl Checkpoints {
     }
 }
 
+/// Takes `dir/.lock` exclusively; an error of kind `WouldBlock` while another agent holds it.
+fn lock(dir: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(io::ErrorKind::WouldBlock, "another nodelens holds this state_dir")
+        } else {
+            e
+        });
+    }
+    Ok(file)
+}
+
 /// Temp file, fsync, rename over the old file, fsync the directory so the rename is durable.
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut file = File::create(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -161,10 +182,24 @@ mod tests {
         cp.acknowledge(id(2), 5, Path::new("/p/1.log"));
         cp.forget(id(2));
         cp.persist().unwrap();
+        drop(cp);
         let reopened = Checkpoints::open(dir.path()).unwrap();
         assert_eq!(reopened.offset(id(1)), Some(100));
         assert_eq!(reopened.offset(id(2)), None);
-        assert!(!dir.path().join(".checkpoints.json.tmp").exists(), "temp file renamed away");
+        assert!(
+            fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")),
+            "temp file renamed away"
+        );
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_state_dir_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Checkpoints::open(dir.path()).unwrap();
+        let err = Checkpoints::open(dir.path()).err().expect("locked");
+        assert_eq!(err.source.kind(), io::ErrorKind::WouldBlock, "{err}");
+        drop(first);
+        assert!(Checkpoints::open(dir.path()).is_ok(), "free again once the first is gone");
     }
 
     #[test]

@@ -174,8 +174,10 @@ mod tests {
 
     #[test]
     fn passwords_in_endpoint_urls_are_redacted() {
-        assert_eq!(redact_url("http://elastic:pw@es:9200"), "http://elastic:<redacted>@es:9200");
-        assert_eq!(redact_url("https://u:p@ss@es:9200/x?y=1"), "https://u:<redacted>@es:9200/x?y=1");
+        assert_eq!(redact_url("http://elastic:pw@es:9200"), "http://elastic:redacted@es:9200/");
+        assert!(!redact_url("https://u:p%40ss@es:9200/x?y=1").contains("ss@"));
+        assert!(!redact_url("http://elastic:p#ss@es:9200").contains("ss"), "{}", redact_url("http://elastic:p#ss@es:9200"));
+        assert_eq!(redact_url("http://TOKEN123@es:9200"), "http://redacted:redacted@es:9200/", "a token as the user");
         assert_eq!(redact_url("http://es:9200/a@b"), "http://es:9200/a@b", "an @ in the path is not user info");
         assert_eq!(redact_url("http://es:9200"), "http://es:9200");
     }
