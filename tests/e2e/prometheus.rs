@@ -6,8 +6,9 @@
 //! - every nodelens metric a rule or dashboard reads is on the live agent's `/metrics`;
 //! - every panel query and variable query of every dashboard, variables substituted, returns
 //!   data from Prometheus's HTTP API;
-//! - GpuLost and GpuAllocatedIdle (with a short `for` in a test copy of the rules) reach
-//!   Alertmanager and its webhook receiver, with their labels and annotations;
+//! - GpuLost and GpuAllocatedIdle (with a short `for`, and a few samples enough, in a test
+//!   copy of the rules) reach Alertmanager and its webhook receiver, with their labels and
+//!   annotations;
 //!   NodelensAgentDown for a node kube-state-metrics lists but no agent is scraped on;
 //!   NodeGpuCountDropped is held back by the shipped inhibition rules;
 //! - the numbers are right: the time-sliced H100 counts as one GPU held by its two sharers, and
@@ -191,7 +192,8 @@ fn webhook() -> (Server, Arc<Mutex<Vec<Value>>>) {
     (server, received)
 }
 
-/// The rules of rules/, every `for:` shortened so alerts fire within the test.
+/// The rules of rules/, every `for:` shortened so alerts fire within the test, and every
+/// "enough samples in the window" condition (`count_over_time(...) > N`) met by a few.
 fn rules_with_short_for(dir: &Path) -> Vec<PathBuf> {
     views::files("rules", ".rules.yaml")
         .into_iter()
@@ -202,6 +204,8 @@ fn rules_with_short_for(dir: &Path) -> Vec<PathBuf> {
                 .map(|l| {
                     if l.trim_start().starts_with("for: ") {
                         format!("{}for: 3s\n", &l[..l.find("for:").unwrap()])
+                    } else if let Some(at) = l.find("count_over_time(").and_then(|_| l.rfind(") > ")) {
+                        format!("{}) > 3\n", &l[..at])
                     } else {
                         format!("{l}\n")
                     }
@@ -460,6 +464,10 @@ impl Monitoring {
         } else {
             format!("/api/v1/query_range?query={}&start={}&end={now}&step=1", encode(expr), now - 60.0)
         };
+        // Prometheus may still be starting when the agent is already up.
+        if std::net::TcpStream::connect(self.prometheus).is_err() {
+            return Err("Prometheus is not listening yet".to_string());
+        }
         let (status, body) = http_get(self.prometheus, &path);
         let reply: Value = serde_json::from_str(&body).map_err(|e| format!("HTTP {status}: {e}: {body}"))?;
         if reply["status"] != "success" {
