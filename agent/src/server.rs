@@ -180,19 +180,24 @@ mod tests {
         Ok(body)
     }
 
-    #[tokio::test]
-    async fn idle_and_half_sent_connections_are_closed_and_metrics_keep_answering() {
+    /// Serves on a fresh loopback port with `limits`; the sender keeps it running.
+    async fn start(limits: Limits) -> (SocketAddr, tokio::sync::broadcast::Sender<()>) {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, _) = tokio::sync::broadcast::channel(1);
+        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        (addr, tx)
+    }
+
+    #[tokio::test]
+    async fn idle_and_half_sent_connections_are_closed_and_metrics_keep_answering() {
         let limits = Limits {
             header_timeout: Duration::from_millis(300),
             connection_lifetime: Duration::from_secs(5),
             max_connections: 400,
             max_per_client: 400,
         };
-        let metrics = Arc::new(Metrics::new("n"));
-        tokio::spawn(serve(listener, metrics, Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        let (addr, _running) = start(limits).await;
 
         // 300 silent clients and 50 that send half a request, then stall.
         let mut slow = Vec::new();
@@ -223,16 +228,13 @@ mod tests {
 
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_at_once() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, _) = tokio::sync::broadcast::channel(1);
         let limits = Limits {
             header_timeout: Duration::from_secs(30),
             connection_lifetime: Duration::from_secs(30),
             max_connections: 10,
             max_per_client: 10,
         };
-        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        let (addr, _running) = start(limits).await;
         let mut held = Vec::new();
         for _ in 0..10 {
             held.push(TcpStream::connect(addr).await.unwrap());
@@ -249,16 +251,13 @@ mod tests {
 
     #[tokio::test]
     async fn one_client_cannot_take_every_slot() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, _) = tokio::sync::broadcast::channel(1);
         let limits = Limits {
             header_timeout: Duration::from_secs(30),
             connection_lifetime: Duration::from_secs(30),
             max_connections: 100,
             max_per_client: 5,
         };
-        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        let (addr, _running) = start(limits).await;
         let mut held = Vec::new();
         for _ in 0..5 {
             held.push(TcpStream::connect(addr).await.unwrap());

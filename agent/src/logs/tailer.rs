@@ -190,7 +190,7 @@ impl Tailer {
                         }
                     }
                 }
-                dirs.extend(self.tails.iter().filter(|(_, t)| t.wants_rescan).map(|(r, _)| self.settings.pods_dir.join(pod_dir_name(r))));
+                dirs.extend(self.tails.iter().filter(|(_, t)| t.wants_rescan).map(|(r, _)| pod_dir(&self.settings.pods_dir, r)));
                 for pod_dir in &dirs {
                     self.rescan_pod_dir(pod_dir);
                 }
@@ -254,32 +254,24 @@ impl Tailer {
             }
             Visit::Next
         };
-        let mut stopped = None;
-        let (tail_end, head) = match &start {
-            Some(c) => (self.tails.range_mut(c.clone()..), Some(c.clone())),
-            None => (self.tails.range_mut(..), None),
-        };
-        for (reference, tail) in tail_end {
-            match visit(reference, tail) {
-                Visit::Next => {}
-                Visit::Full => {
-                    stopped = Some(reference.clone());
-                    break;
-                }
-                Visit::Closed => return None,
-            }
-        }
-        if let (None, Some(head)) = (&stopped, head) {
-            for (reference, tail) in self.tails.range_mut(..head) {
+        // Visits a range of tails; `Err` when downstream is gone, `Ok(Some(r))` when the
+        // in-flight budget ran out at `r`.
+        let mut walk = |tails: std::collections::btree_map::RangeMut<'_, ContainerRef, ContainerTail>| {
+            for (reference, tail) in tails {
                 match visit(reference, tail) {
                     Visit::Next => {}
-                    Visit::Full => {
-                        stopped = Some(reference.clone());
-                        break;
-                    }
-                    Visit::Closed => return None,
+                    Visit::Full => return Ok(Some(reference.clone())),
+                    Visit::Closed => return Err(()),
                 }
             }
+            Ok(None)
+        };
+        let mut stopped = match &start {
+            Some(c) => walk(self.tails.range_mut(c.clone()..)).ok()?,
+            None => walk(self.tails.range_mut(..)).ok()?,
+        };
+        if let (None, Some(head)) = (&stopped, start) {
+            stopped = walk(self.tails.range_mut(..head)).ok()?;
         }
         if stopped.is_some() {
             // Downstream is behind: the files on disk are the buffer. Look again shortly.
@@ -340,7 +332,7 @@ impl Tailer {
         if self.watcher.is_none() {
             self.watcher = wake::watch(&self.settings.pods_dir, self.wake.clone());
         }
-        let exclusions = Exclusions { namespaces: &self.settings.exclude_namespaces, own_pod_uid: self.settings.own_pod_uid.as_deref() };
+        let exclusions = exclusions(&self.settings);
         let scan = match scan::scan_all(&self.settings.pods_dir, &exclusions, &mut self.cache) {
             Ok(scan) => scan,
             Err(e) => {
@@ -362,7 +354,7 @@ impl Tailer {
             }
         }
         let unreadable = scan.unreadable;
-        let readable = |r: &ContainerRef| !unreadable.contains(&self.settings.pods_dir.join(pod_dir_name(r)));
+        let readable = |r: &ContainerRef| !unreadable.contains(&pod_dir(&self.settings.pods_dir, r));
         let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.chains.contains_key(*r) && readable(r)).cloned().collect();
         self.apply(scan.chains, gone);
         if !self.settings.multiline.is_empty() {
@@ -377,7 +369,7 @@ impl Tailer {
 
     fn rescan_pod_dir(&mut self, pod_dir: &Path) {
         let mut scan = Scan::default();
-        let exclusions = Exclusions { namespaces: &self.settings.exclude_namespaces, own_pod_uid: self.settings.own_pod_uid.as_deref() };
+        let exclusions = exclusions(&self.settings);
         scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &exclusions, &mut self.cache, &mut scan);
         let now = Instant::now();
         match scan.pending.remove(pod_dir) {
@@ -409,7 +401,7 @@ impl Tailer {
     /// once, however many scans see it).
     fn apply(&mut self, chains: BTreeMap<ContainerRef, Vec<ScannedFile>>, gone: Vec<ContainerRef>) {
         let newest_restart: HashMap<(String, String), u32> = chains.keys().fold(HashMap::new(), |mut m, r| {
-            let e = m.entry((pod_dir_name(r), r.container.clone())).or_insert(r.restart);
+            let e = m.entry((r.pod_uid.clone(), r.container.clone())).or_insert(r.restart);
             *e = (*e).max(r.restart);
             m
         });
@@ -417,7 +409,7 @@ impl Tailer {
         let now = Instant::now();
         let touched: Vec<ContainerRef> = chains.keys().chain(&gone).cloned().collect();
         for (reference, chain) in chains {
-            let restarted = newest_restart[&(pod_dir_name(&reference), reference.container.clone())] > reference.restart;
+            let restarted = newest_restart[&(reference.pod_uid.clone(), reference.container.clone())] > reference.restart;
             let tail = self.tails.entry(reference.clone()).or_insert_with(|| {
                 let links = links.get_or_insert_with(|| container_links(&self.settings.containers_dir));
                 let info = container_info(&self.settings.pods_dir, reference.clone(), links);
@@ -503,8 +495,14 @@ fn pod_uid_of(pod_dir: &Path) -> Option<&str> {
     path::parse_pod_dir(pod_dir.file_name()?.to_str()?).map(|(_, _, uid)| uid)
 }
 
-fn pod_dir_name(r: &ContainerRef) -> String {
-    format!("{}_{}_{}", r.namespace, r.pod, r.pod_uid)
+/// What scans skip: excluded namespaces and the agent's own pod.
+fn exclusions(settings: &TailerSettings) -> Exclusions<'_> {
+    Exclusions { namespaces: &settings.exclude_namespaces, own_pod_uid: settings.own_pod_uid.as_deref() }
+}
+
+/// The pod directory of a container instance.
+fn pod_dir(pods_dir: &Path, r: &ContainerRef) -> PathBuf {
+    path::pod_dir(pods_dir, &r.namespace, &r.pod, &r.pod_uid)
 }
 
 fn count_lost(metrics: &TailerMetrics, reference: &ContainerRef, lost: Vec<Lost>) {
@@ -528,7 +526,7 @@ fn container_links(containers_dir: &Path) -> HashMap<PathBuf, String> {
 }
 
 fn container_info(pods_dir: &Path, reference: ContainerRef, links: &HashMap<PathBuf, String>) -> ContainerInfo {
-    let live = pods_dir.join(pod_dir_name(&reference)).join(&reference.container).join(format!("{}.log", reference.restart));
+    let live = pod_dir(pods_dir, &reference).join(&reference.container).join(format!("{}.log", reference.restart));
     let target = std::fs::read_link(&live).ok();
     let from_target = target.as_ref().and_then(|t| path::container_id_in(t.to_str()?)).map(str::to_string);
     let runtime = target.as_ref().filter(|t| t.to_string_lossy().contains("/docker/")).map(|_| "docker");
