@@ -53,7 +53,17 @@ impl Node {
     }
 
     fn start_with(&self, config: &Path, options: Options) -> Agent {
-        Agent::start_with(Path::new(env!("CARGO_BIN_EXE_nodelens")), config, options)
+        let built = Path::new(env!("CARGO_BIN_EXE_nodelens"));
+        if options.user.is_none() {
+            return Agent::start_with(built, config, options);
+        }
+        // Another user may not reach the build directory (a checkout under a private
+        // directory): run a copy from the node's own directory, which the test opens up.
+        use std::os::unix::fs::PermissionsExt;
+        let copy = self.dir.path().join("nodelens");
+        std::fs::copy(built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Agent::start_with(&copy, config, options)
     }
 
     fn container(&self, pod: &str, container: &str) -> ContainerLog {
