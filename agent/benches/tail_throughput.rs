@@ -17,6 +17,7 @@ use nodelens::logs::ack::AckMsg;
 use nodelens::logs::checkpoint::Checkpoints;
 use nodelens::metrics::Metrics;
 use nodelens::pipeline::{LogPipeline, SinkStarter};
+use nodelens::sinks::Formats;
 
 fn main() {
     let mib: u64 = std::env::args().skip(1).find(|a| !a.starts_with('-')).and_then(|a| a.parse().ok()).unwrap_or(64);
@@ -80,10 +81,10 @@ fn main() {
 
 /// A sink that counts documents and acknowledges at once.
 fn discard(seen: Arc<AtomicU64>) -> SinkStarter {
-    Box::new(move |mut rx, acks| {
+    SinkStarter::new(Formats { ecs: true, otlp: false }, move |mut rx, acks| {
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
-                seen.fetch_add(batch.docs.len() as u64, Ordering::AcqRel);
+                seen.fetch_add(batch.records as u64, Ordering::AcqRel);
                 acks.send(AckMsg::Ack { seq: batch.seq }).await?;
             }
             Ok(())

@@ -18,6 +18,7 @@ use crate::kube::{self, resolve::Key, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::path;
 use crate::metrics::Metrics;
+use crate::otlp;
 use crate::pipeline::{self, LogPipeline};
 use crate::server::{self, Health};
 use crate::shutdown::Shutdown;
@@ -65,6 +66,17 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     crate::gpu::start(&config, names, metrics.gpu.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
 
+    let push = &config.metrics.otlp;
+    let metrics_push = if push.endpoint.is_empty() {
+        None
+    } else {
+        let exporter = otlp::Exporter::new(&otlp::metrics::settings(push), otlp::Signal::Metrics)?;
+        let origin = otlp::metrics::Origin { node: config.node_name.clone(), cluster: config.cluster_name.clone() };
+        let shutdown = Shutdown::new(shutdown_tx.subscribe());
+        tracing::info!(endpoint = %crate::config::redact_url(&push.endpoint), interval = ?push.interval, "pushing metrics over OTLP");
+        Some(tokio::spawn(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)))
+    };
+
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config).await?);
         let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
@@ -94,6 +106,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         pipeline.stop(DRAIN_GRACE).await;
     }
     let _ = shutdown_tx.send(());
+    if let Some(push) = metrics_push {
+        // The last push carries the final counts; a receiver that is away does not hold up the exit.
+        let _ = tokio::time::timeout(Duration::from_secs(5), push).await;
+    }
     let _ = server.await;
     result
 }

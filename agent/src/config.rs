@@ -336,6 +336,8 @@ impl Default for GpuConfig {
 pub struct SinksConfig {
     /// Elasticsearch `_bulk`.
     pub elasticsearch: ElasticsearchConfig,
+    /// OTLP log export (OpenTelemetry Collector, Alloy, vendors).
+    pub otlp: OtlpSinkConfig,
     /// One ECS JSON document per line on standard output.
     pub stdout: StdoutConfig,
 }
@@ -400,6 +402,68 @@ impl Default for ElasticsearchConfig {
     }
 }
 
+/// The OTLP log sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpSinkConfig {
+    /// The receiver: `http://host:4318` (OTLP/HTTP; `/v1/logs` is appended unless the URL
+    /// already ends with it) or `http://host:4317` (gRPC); `https://` for TLS. Empty = sink off.
+    #[serde(serialize_with = "redacted_url")]
+    pub endpoint: String,
+    /// `http/protobuf` or `grpc`.
+    pub protocol: OtlpProtocol,
+    /// Sent with every request (HTTP headers or gRPC metadata), e.g. `Authorization`. Values
+    /// are never printed.
+    #[serde(serialize_with = "redacted_map")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Request body compression.
+    pub compression: Compression,
+    /// PEM file of a private CA to trust.
+    pub ca_file: String,
+    /// Largest request before compression. Collectors refuse gRPC messages over 4 MiB by default.
+    pub batch_max_bytes: usize,
+    /// Longest a record waits for its request to fill.
+    #[serde(with = "duration")]
+    pub flush_interval: Duration,
+    /// Timeout of one export request.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// Export requests in flight at once (checkpoints still advance in read order).
+    pub max_concurrent_requests: usize,
+    /// How often a request the receiver refuses for good (400, 401, 403, 404, 413, ...) is
+    /// tried before its records are given up and counted as `rejected`. Retryable answers
+    /// (429, 502, 503, 504, gRPC UNAVAILABLE, ...) and connection errors are retried without end.
+    pub max_attempts: u32,
+}
+
+impl Default for OtlpSinkConfig {
+    fn default() -> Self {
+        OtlpSinkConfig {
+            endpoint: String::new(),
+            protocol: OtlpProtocol::HttpProtobuf,
+            headers: Default::default(),
+            compression: Compression::Gzip,
+            ca_file: String::new(),
+            batch_max_bytes: 2 * 1024 * 1024,
+            flush_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 4,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with binary protobuf bodies.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP/gRPC.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
 /// Request body compression.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -424,11 +488,51 @@ pub struct StdoutConfig {
 pub struct MetricsConfig {
     /// Address serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
+    /// Also push the agent's metrics over OTLP.
+    pub otlp: OtlpMetricsConfig,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: SocketAddr::from(([0, 0, 0, 0], 9400)) }
+        MetricsConfig { listen: SocketAddr::from(([0, 0, 0, 0], 9400)), otlp: OtlpMetricsConfig::default() }
+    }
+}
+
+/// OTLP metrics push: the families of `/metrics`, every `interval`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpMetricsConfig {
+    /// The receiver (`/v1/metrics` is appended for OTLP/HTTP); empty = off.
+    #[serde(serialize_with = "redacted_url")]
+    pub endpoint: String,
+    /// `http/protobuf` or `grpc`.
+    pub protocol: OtlpProtocol,
+    /// How often the metrics are pushed.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Sent with every request; values are never printed.
+    #[serde(serialize_with = "redacted_map")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Request body compression.
+    pub compression: Compression,
+    /// PEM file of a private CA to trust.
+    pub ca_file: String,
+    /// Timeout of one export request.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for OtlpMetricsConfig {
+    fn default() -> Self {
+        OtlpMetricsConfig {
+            endpoint: String::new(),
+            protocol: OtlpProtocol::HttpProtobuf,
+            interval: Duration::from_secs(30),
+            headers: Default::default(),
+            compression: Compression::Gzip,
+            ca_file: String::new(),
+            request_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -472,6 +576,10 @@ impl Config {
             ("gpu.poll_interval", self.gpu.poll_interval, Duration::from_millis(100)),
             ("sinks.elasticsearch.flush_interval", es.flush_interval, Duration::from_millis(1)),
             ("sinks.elasticsearch.request_timeout", es.request_timeout, Duration::from_millis(100)),
+            ("sinks.otlp.flush_interval", self.sinks.otlp.flush_interval, Duration::from_millis(1)),
+            ("sinks.otlp.request_timeout", self.sinks.otlp.request_timeout, Duration::from_millis(100)),
+            ("metrics.otlp.interval", self.metrics.otlp.interval, Duration::from_secs(1)),
+            ("metrics.otlp.request_timeout", self.metrics.otlp.request_timeout, Duration::from_millis(100)),
             ("certificates.interval", self.certificates.interval, Duration::from_millis(100)),
         ];
         // Beyond a day a period or timeout means nothing, and an absurd one overflows a clock.
@@ -541,8 +649,37 @@ impl Config {
         if self.logs.max_inflight_bytes > 1 << 30 {
             return Err(key_error("logs.max_inflight_bytes", "must be at most 1073741824".into()));
         }
-        if self.sinks.stdout.enabled == Switch::Off && es.endpoints.is_empty() {
-            return Err(key_error("sinks", "no sink is enabled: set sinks.elasticsearch.endpoints or sinks.stdout.enabled".into()));
+        let otlp = &self.sinks.otlp;
+        for (key, endpoint) in [("sinks.otlp.endpoint", &otlp.endpoint), ("metrics.otlp.endpoint", &self.metrics.otlp.endpoint)] {
+            if !endpoint.is_empty() && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(key_error(key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
+            }
+        }
+        for (key, headers) in [("sinks.otlp.headers", &otlp.headers), ("metrics.otlp.headers", &self.metrics.otlp.headers)] {
+            for (name, value) in headers {
+                let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(value).is_ok();
+                if !valid {
+                    return Err(key_error(&format!("{key}.{name}"), "not a valid header name and value".into()));
+                }
+            }
+        }
+        if otlp.max_attempts == 0 {
+            return Err(key_error("sinks.otlp.max_attempts", "must be at least 1".into()));
+        }
+        if !(1..=64).contains(&otlp.max_concurrent_requests) {
+            return Err(key_error("sinks.otlp.max_concurrent_requests", "must be between 1 and 64".into()));
+        }
+        // One record must fit (the tailer cuts records at logs.max_line_bytes); receivers
+        // refuse very large messages.
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&otlp.batch_max_bytes) {
+            return Err(key_error("sinks.otlp.batch_max_bytes", "must be between 65536 and 67108864".into()));
+        }
+        if self.sinks.stdout.enabled == Switch::Off && es.endpoints.is_empty() && otlp.endpoint.is_empty() {
+            return Err(key_error(
+                "sinks",
+                "no sink is enabled: set sinks.elasticsearch.endpoints, sinks.otlp.endpoint or sinks.stdout.enabled".into(),
+            ));
         }
         Ok(self)
     }
@@ -552,7 +689,7 @@ impl Config {
         match self.sinks.stdout.enabled {
             Switch::On => true,
             Switch::Off => false,
-            Switch::Auto => self.sinks.elasticsearch.endpoints.is_empty(),
+            Switch::Auto => self.sinks.elasticsearch.endpoints.is_empty() && self.sinks.otlp.endpoint.is_empty(),
         }
     }
 
@@ -602,6 +739,14 @@ fn hostname() -> String {
 
 fn redacted<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(if value.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redacted_url<S: serde::Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
+fn redacted_map<S: serde::Serializer>(map: &std::collections::BTreeMap<String, String>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.keys().map(|k| (k, "<redacted>")))
 }
 
 fn redacted_urls<S: serde::Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {

@@ -28,7 +28,7 @@ use crate::logs::derived::DerivedFamilies;
 use crate::logs::enrich::Enricher;
 use crate::logs::tailer::{Tailer, TailerMetrics, TailerSettings};
 use crate::logs::wake::Wake;
-use crate::sinks::{self, Batch, SinkMetrics};
+use crate::sinks::{self, Batch, Formats, SinkMetrics};
 
 /// Chunks between the tailer and the encoder.
 const CHUNK_QUEUE: usize = 8;
@@ -46,22 +46,46 @@ pub struct LogMetrics {
     pub derived: DerivedFamilies,
 }
 
-/// Starts one sink task: it takes batches in read order and acknowledges each.
-pub type SinkStarter =
+type StartFn =
     Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
+
+/// Starts one sink task: it takes batches in read order and acknowledges each.
+pub struct SinkStarter {
+    formats: Formats,
+    start: StartFn,
+}
+
+impl SinkStarter {
+    /// A sink that reads `formats` of each batch, started by `start`.
+    pub fn new(
+        formats: Formats,
+        start: impl FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send + 'static,
+    ) -> SinkStarter {
+        SinkStarter { formats, start: Box::new(start) }
+    }
+}
+
+const ECS: Formats = Formats { ecs: true, otlp: false };
+const OTLP: Formats = Formats { ecs: false, otlp: true };
 
 /// The sinks the config asks for; fails when one cannot be set up (an unreadable CA file).
 pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Result<Vec<SinkStarter>> {
-    let mut sinks: Vec<SinkStarter> = Vec::new();
+    let mut sinks = Vec::new();
     let es = &config.sinks.elasticsearch;
     if !es.endpoints.is_empty() {
         let client = sinks::elasticsearch::client::Client::new(es)?;
         let (es, m) = (es.clone(), metrics.clone());
-        sinks.push(Box::new(move |rx, acks| tokio::spawn(sinks::elasticsearch::run(es, client, rx, acks, m))));
+        sinks.push(SinkStarter::new(ECS, move |rx, acks| tokio::spawn(sinks::elasticsearch::run(es, client, rx, acks, m))));
+    }
+    let otlp = &config.sinks.otlp;
+    if !otlp.endpoint.is_empty() {
+        let exporter = crate::otlp::Exporter::new(&sinks::otlp::settings(otlp), crate::otlp::Signal::Logs)?;
+        let (otlp, m) = (otlp.clone(), metrics.clone());
+        sinks.push(SinkStarter::new(OTLP, move |rx, acks| tokio::spawn(sinks::otlp::run(otlp, exporter, rx, acks, m))));
     }
     if config.stdout_enabled() {
         let m = metrics.clone();
-        sinks.push(Box::new(move |rx, acks| {
+        sinks.push(SinkStarter::new(ECS, move |rx, acks| {
             tokio::spawn(async move { sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink") })
         }));
     }
@@ -122,11 +146,12 @@ impl LogPipeline {
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
 
+        let formats = sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
         let (sink_txs, sinks): (Vec<_>, Vec<_>) = sinks
             .into_iter()
-            .map(|start| {
+            .map(|sink| {
                 let (tx, rx) = mpsc::channel(BATCH_QUEUE);
-                (tx, start(rx, ack_tx.clone()))
+                (tx, (sink.start)(rx, ack_tx.clone()))
             })
             .unzip();
 
@@ -134,7 +159,7 @@ impl LogPipeline {
         let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
-        let mut encoder = Encoder::new(enricher, pods, logs, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
+        let mut encoder = Encoder::new(enricher, pods, logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer })
     }

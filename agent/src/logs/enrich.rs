@@ -4,7 +4,7 @@
 
 use super::source::ContainerInfo;
 use crate::kube::meta::{PodMeta, WorkloadKind};
-use crate::kube::resolve::{app_from_pod_name, dedot};
+use crate::kube::resolve::app_from_pod_name;
 
 /// Everything a document says about where a record came from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -27,7 +27,7 @@ pub struct Metadata {
     pub runtime: Option<String>,
     /// `container.image.name`.
     pub image: Option<String>,
-    /// `kubernetes.labels.*`, keys de-dotted.
+    /// The pod's labels (as Kubernetes spells the keys; ECS documents de-dot them).
     pub labels: Vec<(String, String)>,
     /// `kubernetes.<kind>.name` of the owning workload.
     pub workload: Option<(WorkloadKind, String)>,
@@ -109,7 +109,7 @@ pub const MAX_LABELS: usize = 64;
 /// See [`MAX_LABELS`].
 pub const MAX_LABEL_BYTES: usize = 8 * 1024;
 
-/// The pod's labels, de-dotted, up to [`MAX_LABELS`] and [`MAX_LABEL_BYTES`] (keys in order).
+/// The pod's labels, up to [`MAX_LABELS`] and [`MAX_LABEL_BYTES`] (keys in order).
 fn bounded_labels(labels: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
     let mut bytes = 0;
     labels
@@ -119,6 +119,6 @@ fn bounded_labels(labels: &std::collections::BTreeMap<String, String>) -> Vec<(S
             bytes += k.len() + v.len();
             bytes <= MAX_LABEL_BYTES
         })
-        .map(|(k, v)| (dedot(k), v.clone()))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

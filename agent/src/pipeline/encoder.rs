@@ -22,8 +22,9 @@ use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
 use crate::logs::path::{self, ContainerRef};
+use crate::otlp::logs::ResourceTemplate;
 use crate::sinks::ecs::{self, Documents, Template};
-use crate::sinks::Batch;
+use crate::sinks::{Batch, Formats};
 
 /// How long a container's template is kept without records.
 const TEMPLATE_IDLE: Duration = Duration::from_secs(600);
@@ -36,6 +37,8 @@ pub struct Encoder {
     pods_dir: PathBuf,
     /// How often series are checked for pods that are gone (the rescan period).
     sweep_every: Duration,
+    /// What the sinks read.
+    formats: Formats,
     counts: Counts,
     derived: Derived,
     templates: HashMap<ContainerRef, CachedTemplate>,
@@ -47,7 +50,8 @@ pub struct Encoder {
 struct CachedTemplate {
     /// The pod metadata the template was rendered from; a new one re-renders it.
     pod: Option<Arc<PodMeta>>,
-    template: Arc<Template>,
+    template: Template,
+    resource: ResourceTemplate,
     app: AppLabels,
     excluded: bool,
     /// The log-metric rules of the container's application, and the labels they add.
@@ -62,6 +66,7 @@ impl Encoder {
         enricher: Enricher,
         pods: Option<Arc<PodStore>>,
         logs: &LogsConfig,
+        formats: Formats,
         counts: CountFamilies,
         derived: DerivedFamilies,
         now: Instant,
@@ -71,6 +76,7 @@ impl Encoder {
             pods,
             pods_dir: logs.pods_dir.clone(),
             sweep_every: logs.rescan_interval,
+            formats,
             counts: Counts::new(counts),
             derived: Derived::new(&logs.log_metrics, derived),
             templates: HashMap::new(),
@@ -85,7 +91,7 @@ impl Encoder {
     pub fn run(&mut self, mut chunks: mpsc::Receiver<Chunk>, sinks: Vec<mpsc::Sender<Arc<Batch>>>, acks: mpsc::Sender<AckMsg>) {
         while let Some(chunk) = chunks.blocking_recv() {
             let batch = Arc::new(self.encode(&chunk, Instant::now()));
-            let targets = if batch.docs.is_empty() { 0 } else { sinks.len() as u32 };
+            let targets = if batch.records == 0 { 0 } else { sinks.len() as u32 };
             let register = AckMsg::Register {
                 seq: batch.seq,
                 file: batch.file,
@@ -122,10 +128,16 @@ impl Encoder {
         }
         let cached = self.templates.get_mut(&info.reference).expect("inserted above");
         cached.used = now;
-        let mut docs = Documents::default();
+        let (mut docs, mut otlp) = (Documents::default(), Vec::new());
+        let records = if cached.excluded { 0 } else { chunk.records.len() };
         if !cached.excluded {
             let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
-            ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+            if self.formats.ecs {
+                ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+            }
+            if self.formats.otlp && records > 0 {
+                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, std::time::SystemTime::now(), &mut otlp);
+            }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
             if !cached.rules.is_empty() {
                 for record in &chunk.records {
@@ -133,7 +145,7 @@ impl Encoder {
                 }
             }
         }
-        let batch = Batch { seq: self.seq, file: chunk.source.id, docs };
+        let batch = Batch { seq: self.seq, file: chunk.source.id, records, docs, otlp };
         self.seq += 1;
         batch
     }
@@ -155,7 +167,8 @@ impl Encoder {
         };
         CachedTemplate {
             pod,
-            template: Arc::new(Template::new(&meta)),
+            template: Template::new(&meta),
+            resource: ResourceTemplate::new(&meta),
             rules: self.derived.rules_for(&meta.app),
             app: AppLabels { namespace: meta.namespace, app: meta.app },
             pod_labels,
@@ -232,7 +245,8 @@ mod tests {
         let logs = LogsConfig { pods_dir: pods_dir.to_path_buf(), ..LogsConfig::default() };
         let families = CountFamilies::default();
         let enricher = Enricher::new("node-1".into(), String::new());
-        (Encoder::new(enricher, pods, &logs, families.clone(), DerivedFamilies::default(), now), families)
+        let formats = Formats { ecs: true, otlp: true };
+        (Encoder::new(enricher, pods, &logs, formats, families.clone(), DerivedFamilies::default(), now), families)
     }
 
     fn exposition(families: &CountFamilies) -> String {

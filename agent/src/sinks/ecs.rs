@@ -9,6 +9,7 @@ use std::io::Write;
 
 use serde_json::{json, Map, Value};
 
+use crate::kube::resolve::dedot;
 use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
@@ -47,7 +48,7 @@ impl Template {
             kubernetes["pod"]["ip"] = json!(ip);
         }
         if !meta.labels.is_empty() {
-            kubernetes["labels"] = Value::Object(meta.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+            kubernetes["labels"] = Value::Object(meta.labels.iter().map(|(k, v)| (dedot(k), json!(v))).collect());
         }
         if let Some((kind, name)) = &meta.workload {
             kubernetes[kind.as_str()] = json!({"name": name});

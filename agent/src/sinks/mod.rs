@@ -4,30 +4,50 @@
 
 pub mod ecs;
 pub mod elasticsearch;
+pub mod otlp;
 pub mod stdout;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
 use crate::logs::source::FileId;
 
-/// Encoded documents of one chunk, shared by every sink.
+/// The records of one chunk, encoded once for every sink, in each format a sink asked for.
 #[derive(Debug)]
 pub struct Batch {
     /// Read order; the unit of acknowledgement.
     pub seq: u64,
     /// The file the records came from (with each offset, the document id).
     pub file: FileId,
-    /// The documents.
+    /// How many records.
+    pub records: usize,
+    /// The ECS documents (empty when no sink takes them).
     pub docs: ecs::Documents,
+    /// The records as one encoded OTLP `ResourceLogs` (empty when no sink takes it).
+    pub otlp: Vec<u8>,
+}
+
+/// The encodings the encoder writes for the sinks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Formats {
+    /// ECS JSON documents (Elasticsearch, stdout).
+    pub ecs: bool,
+    /// OTLP `ResourceLogs`.
+    pub otlp: bool,
 }
 
 /// Labels of `nodelens_sink_records_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkOutcomeLabels {
-    /// `stdout` or `elasticsearch`.
+    /// `stdout`, `elasticsearch` or `otlp`.
     pub sink: &'static str,
     /// `delivered`, `duplicate`, `rejected` or `retried`.
     pub outcome: &'static str,
@@ -69,4 +89,42 @@ impl Default for SinkMetrics {
             dropped: Family::default(),
         }
     }
+}
+
+/// Takes batches after `first` until they reach `max_bytes` (as `size` measures them) or
+/// `flush_interval` has passed. The flag is false when the input has closed.
+pub async fn gather(
+    batches: &mut mpsc::Receiver<Arc<Batch>>,
+    first: Arc<Batch>,
+    flush_interval: Duration,
+    max_bytes: usize,
+    size: impl Fn(&Batch) -> usize,
+) -> (Vec<Arc<Batch>>, bool) {
+    let deadline = Instant::now() + flush_interval;
+    let mut bytes = size(&first);
+    let mut pending = vec![first];
+    while bytes < max_bytes {
+        match tokio::time::timeout_at(deadline, batches.recv()).await {
+            Ok(Some(batch)) => {
+                bytes += size(&batch);
+                pending.push(batch);
+            }
+            Ok(None) => return (pending, false),
+            Err(_) => break,
+        }
+    }
+    (pending, true)
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Waits before a retry and counts it: exponential backoff with jitter (half the step plus a
+/// random part of the other half), and at least what the receiver asked for.
+pub async fn backoff(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32, at_least: Option<Duration>) {
+    metrics.retries.get_or_create(sink).inc();
+    let step = MIN_BACKOFF.saturating_mul(1 << (*attempt).min(16)).min(MAX_BACKOFF);
+    *attempt += 1;
+    let jitter = step.mul_f64(fastrand::f64() / 2.0);
+    tokio::time::sleep((step / 2 + jitter).max(at_least.unwrap_or_default())).await;
 }

@@ -148,7 +148,7 @@ mod tests {
             d.ends.push(d.bytes.len() as u32);
             d.offsets.push(i as u64 * 100);
         }
-        Arc::new(Batch { seq: 0, file: FileId { container: 1, fingerprint: 2 }, docs: d })
+        Arc::new(Batch { seq: 0, file: FileId { container: 1, fingerprint: 2 }, records: d.len(), docs: d, otlp: Vec::new() })
     }
 
     fn items(b: &Arc<Batch>) -> Vec<Item> {

@@ -14,7 +14,6 @@ pub mod client;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -27,8 +26,6 @@ use crate::config::ElasticsearchConfig;
 use crate::logs::ack::AckMsg;
 
 const SINK: &str = "elasticsearch";
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs the sink until its input closes, then delivers what it holds and returns. Up to
 /// `max_concurrent_requests` batches are delivered at once; each is acknowledged when all its
@@ -47,22 +44,8 @@ pub async fn run(
     let mut open = true;
     while open {
         let Some(first) = batches.recv().await else { break };
-        let deadline = Instant::now() + config.flush_interval;
-        let mut bytes = first.docs.bytes.len();
-        let mut pending = vec![first];
-        while bytes < config.batch_max_bytes {
-            match tokio::time::timeout_at(deadline, batches.recv()).await {
-                Ok(Some(batch)) => {
-                    bytes += batch.docs.bytes.len();
-                    pending.push(batch);
-                }
-                Ok(None) => {
-                    open = false;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let pending;
+        (pending, open) = super::gather(&mut batches, first, config.flush_interval, config.batch_max_bytes, |b| b.docs.bytes.len()).await;
         // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
         let slot = slots.clone().acquire_owned().await?;
         let (client, acks, metrics, config, health) = (client.clone(), acks.clone(), metrics.clone(), config.clone(), health.clone());
@@ -237,11 +220,6 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
     }
 }
 
-/// Exponential backoff with jitter: half the step plus a random part of the other half.
 async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32) {
-    metrics.retries.get_or_create(sink).inc();
-    let step = MIN_BACKOFF.saturating_mul(1 << (*attempt).min(16)).min(MAX_BACKOFF);
-    *attempt += 1;
-    let jitter = step.mul_f64(fastrand::f64() / 2.0);
-    tokio::time::sleep(step / 2 + jitter).await;
+    super::backoff(metrics, sink, attempt, None).await;
 }

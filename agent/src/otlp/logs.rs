@@ -1,0 +1,302 @@
+//! Records as OTLP `LogRecord`s, with OpenTelemetry's semantic conventions: one `Resource` per
+//! container (`k8s.*`, `container.*`, `service.name`, `user.name`), and per record the
+//! runtime's timestamp, the detected severity, `log.iostream`, `log.file.path` and
+//! `log.record.uid` (the Elasticsearch `_id`, so a resend after a crash is recognisable).
+//!
+//! A chunk is one container's records, so it becomes one `ResourceLogs`; its resource is
+//! encoded once per container ([`ResourceTemplate`]). An `ExportLogsServiceRequest` is the
+//! `ResourceLogs` of several chunks one after another ([`request`]), which protobuf defines as
+//! the repeated field, so requests are put together without decoding anything.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ScopeLogs, SeverityNumber};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::encoding::{encode_key, encode_varint, WireType};
+use prost::Message;
+
+use crate::logs::chunk::{Chunk, Record};
+use crate::logs::enrich::Metadata;
+use crate::logs::level::Level;
+use crate::logs::source::FileId;
+
+/// A container's `Resource`, encoded.
+#[derive(Debug, Clone)]
+pub struct ResourceTemplate {
+    resource: Vec<u8>,
+}
+
+fn kv(key: impl Into<String>, value: Value) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+}
+
+fn text(value: &str) -> Value {
+    Value::StringValue(value.to_string())
+}
+
+impl ResourceTemplate {
+    /// The resource attributes of `meta`.
+    pub fn new(meta: &Metadata) -> ResourceTemplate {
+        let mut attributes = vec![
+            kv("k8s.namespace.name", text(&meta.namespace)),
+            kv("k8s.pod.name", text(&meta.pod)),
+            kv("k8s.pod.uid", text(&meta.pod_uid)),
+            kv("k8s.container.name", text(&meta.container)),
+            kv("k8s.container.restart_count", Value::IntValue(meta.restart.into())),
+            kv("k8s.node.name", text(&meta.node)),
+            kv("host.name", text(&meta.node)),
+            kv("service.name", text(&meta.app)),
+        ];
+        let optional = [
+            ("k8s.cluster.name", Some(meta.cluster.as_str()).filter(|c| !c.is_empty())),
+            ("user.name", Some(meta.user.as_str()).filter(|u| !u.is_empty())),
+            ("k8s.pod.ip", meta.pod_ip.as_deref()),
+            ("container.id", meta.container_id.as_deref()),
+            ("container.image.name", meta.image.as_deref()),
+            ("container.runtime", meta.runtime.as_deref()),
+            ("k8s.job.name", meta.job.as_deref()),
+        ];
+        attributes.extend(optional.into_iter().filter_map(|(key, value)| Some(kv(key, text(value?)))));
+        if let Some((kind, name)) = &meta.workload {
+            attributes.push(kv(format!("k8s.{}.name", kind.as_str()), text(name)));
+        }
+        attributes.extend(meta.labels.iter().map(|(k, v)| kv(format!("k8s.pod.label.{k}"), text(v))));
+        ResourceTemplate { resource: Resource { attributes, ..Default::default() }.encode_to_vec() }
+    }
+}
+
+/// `LogRecord.severity_number` and `severity_text` of a detected level.
+fn severity(level: Level) -> (SeverityNumber, &'static str) {
+    match level {
+        Level::Trace => (SeverityNumber::Trace, "TRACE"),
+        Level::Debug => (SeverityNumber::Debug, "DEBUG"),
+        Level::Info => (SeverityNumber::Info, "INFO"),
+        Level::Warn => (SeverityNumber::Warn, "WARN"),
+        Level::Error => (SeverityNumber::Error, "ERROR"),
+        Level::Fatal => (SeverityNumber::Fatal, "FATAL"),
+    }
+}
+
+/// Appends the `ResourceLogs` of `chunk` to `out`: every record, `levels[i]` being record i's
+/// level, observed at `observed`.
+pub fn encode_chunk(chunk: &Chunk, resource: &ResourceTemplate, levels: &[Option<Level>], observed: SystemTime, out: &mut Vec<u8>) {
+    let observed = unix_nanos(observed);
+    let path = chunk.source.path.to_string_lossy();
+    let records = chunk
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| log_record(chunk, record, levels.get(i).copied().flatten(), &path, observed, chunk.source.id))
+        .collect();
+    let scope = ScopeLogs {
+        scope: Some(InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() }),
+        log_records: records,
+        schema_url: String::new(),
+    };
+    // ResourceLogs { resource = 1; scope_logs = 2 }, the resource already encoded.
+    let resource = &resource.resource;
+    let len = prost::encoding::key_len(1) * 2
+        + prost::encoding::encoded_len_varint(resource.len() as u64)
+        + resource.len()
+        + prost::encoding::encoded_len_varint(scope.encoded_len() as u64)
+        + scope.encoded_len();
+    out.reserve(len);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(resource.len() as u64, out);
+    out.extend_from_slice(resource);
+    prost::encoding::message::encode(2, &scope, out);
+}
+
+fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, file: FileId) -> LogRecord {
+    let message = chunk.message(record);
+    let body = match std::str::from_utf8(message) {
+        Ok(text) => text.to_string(),
+        Err(_) => String::from_utf8_lossy(message).into_owned(),
+    };
+    let mut attributes = vec![
+        kv("log.iostream", text(record.stream.as_str())),
+        kv("log.file.path", text(path)),
+        kv("log.record.uid", Value::StringValue(format!("{:032x}", file.record_id(record.offset)))),
+    ];
+    if !record.flags.is_empty() {
+        let flags = record.flags.names().map(|name| AnyValue { value: Some(text(name)) }).collect();
+        attributes.push(kv("log.flags", Value::ArrayValue(ArrayValue { values: flags })));
+    }
+    let (severity_number, severity_text) = level.map(severity).unwrap_or((SeverityNumber::Unspecified, ""));
+    LogRecord {
+        time_unix_nano: parse_timestamp(chunk.timestamp(record)).unwrap_or(0),
+        observed_time_unix_nano: observed,
+        severity_number: severity_number as i32,
+        severity_text: severity_text.to_string(),
+        body: Some(AnyValue { value: Some(Value::StringValue(body)) }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Nanoseconds since the epoch of a runtime's RFC 3339 timestamp (`Z` or a `±hh:mm` offset);
+/// `None` when it is not one, which leaves `time_unix_nano` unset (the receiver then uses
+/// the observed time, as the spec says).
+pub fn parse_timestamp(text: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (local, offset_s) = match text.len().checked_sub(6).map(|i| (text.split_at(i), text.as_bytes()[i])) {
+        Some(((local, offset), b'+' | b'-')) if offset.as_bytes()[3] == b':' => {
+            let hours: i64 = offset[1..3].parse().ok()?;
+            let minutes: i64 = offset[4..6].parse().ok()?;
+            let sign = if offset.starts_with('-') { -1 } else { 1 };
+            (local, sign * (hours * 3600 + minutes * 60))
+        }
+        _ => (text.strip_suffix('Z')?, 0),
+    };
+    let local = humantime::parse_rfc3339_weak(local).ok()?;
+    let nanos = unix_nanos(local) as i128 - i128::from(offset_s) * 1_000_000_000;
+    u64::try_from(nanos).ok()
+}
+
+/// An `ExportLogsServiceRequest` of the encoded `ResourceLogs` in `parts`.
+pub fn request<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts {
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(part.len() as u64, &mut out);
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The size [`request`] adds around one part of `len` bytes.
+pub fn framing_len(len: usize) -> usize {
+    prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(len as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+
+    use super::*;
+    use crate::logs::chunk::{Flags, StreamKind};
+    use crate::logs::source::Source;
+
+    fn meta() -> Metadata {
+        Metadata {
+            namespace: "ml".into(),
+            pod: "trainer-0".into(),
+            pod_uid: "uid-1".into(),
+            pod_ip: Some("10.0.0.7".into()),
+            container: "worker".into(),
+            restart: 2,
+            container_id: Some("containerd://abc".into()),
+            runtime: Some("containerd".into()),
+            image: Some("registry/trainer:3".into()),
+            labels: vec![("app.kubernetes.io/name".into(), "trainer".into())],
+            workload: Some((crate::kube::meta::WorkloadKind::CronJob, "nightly".into())),
+            job: Some("nightly-29123456".into()),
+            app: "trainer".into(),
+            user: "alice".into(),
+            node: "gpu-1".into(),
+            cluster: "prod".into(),
+        }
+    }
+
+    fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
+        list.iter()
+            .map(|kv| {
+                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Value::StringValue(s)) => s.clone(),
+                    Some(Value::IntValue(i)) => format!("int:{i}"),
+                    other => format!("{other:?}"),
+                };
+                (kv.key.clone(), value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn timestamps_are_read_with_nanoseconds_and_offsets() {
+        assert_eq!(parse_timestamp(b"1970-01-01T00:00:01.000000042Z"), Some(1_000_000_042));
+        assert_eq!(parse_timestamp(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
+        assert_eq!(parse_timestamp(b"2026-11-22T05:16:40.123456789+02:00"), Some(1_795_317_400_123_456_789));
+        assert_eq!(parse_timestamp(b"2026-11-21T22:46:40.5-04:30"), Some(1_795_317_400_500_000_000));
+        assert_eq!(parse_timestamp(b"2026-11-22T03:16:40Z"), Some(1_795_317_400_000_000_000));
+        assert_eq!(parse_timestamp(b"yesterday"), None);
+        assert_eq!(parse_timestamp(b""), None);
+    }
+
+    #[test]
+    fn a_chunk_becomes_one_resource_logs_with_the_semantic_conventions() {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        for (i, (message, stream, flags)) in [
+            (&b"step=1 loss=0.5"[..], StreamKind::Stdout, Flags::default()),
+            (&b"bad \xff byte"[..], StreamKind::Stderr, Flags::TRUNCATED),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40.123456789Z");
+            let message = chunk.push_bytes(message);
+            chunk.records.push(Record { timestamp, message, stream, offset: 100 * i as u64, flags });
+        }
+        let template = ResourceTemplate::new(&meta());
+        let mut one = Vec::new();
+        let observed = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        encode_chunk(&chunk, &template, &[None, Some(Level::Error)], observed, &mut one);
+        let body = request([one.as_slice(), one.as_slice()]);
+        let decoded = ExportLogsServiceRequest::decode(body.as_slice()).unwrap();
+        assert_eq!(decoded.resource_logs.len(), 2, "parts concatenate into the repeated field");
+
+        let resource = attributes(&decoded.resource_logs[0].resource.as_ref().unwrap().attributes);
+        let want: BTreeMap<String, String> = [
+            ("k8s.namespace.name", "ml"),
+            ("k8s.pod.name", "trainer-0"),
+            ("k8s.pod.uid", "uid-1"),
+            ("k8s.container.name", "worker"),
+            ("k8s.container.restart_count", "int:2"),
+            ("k8s.node.name", "gpu-1"),
+            ("host.name", "gpu-1"),
+            ("k8s.cluster.name", "prod"),
+            ("service.name", "trainer"),
+            ("user.name", "alice"),
+            ("k8s.pod.ip", "10.0.0.7"),
+            ("container.id", "containerd://abc"),
+            ("container.image.name", "registry/trainer:3"),
+            ("container.runtime", "containerd"),
+            ("k8s.cronjob.name", "nightly"),
+            ("k8s.job.name", "nightly-29123456"),
+            ("k8s.pod.label.app.kubernetes.io/name", "trainer"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(resource, want);
+
+        let scope = &decoded.resource_logs[0].scope_logs[0];
+        assert_eq!(scope.scope.as_ref().unwrap().name, "nodelens");
+        let [first, second] = &scope.log_records[..] else { panic!("two records: {scope:?}") };
+        assert_eq!(first.time_unix_nano, 1_795_317_400_123_456_789);
+        assert_eq!(first.observed_time_unix_nano, 1_800_000_000_000_000_000);
+        assert_eq!((first.severity_number, first.severity_text.as_str()), (0, ""));
+        assert_eq!(first.body.as_ref().unwrap().value, Some(Value::StringValue("step=1 loss=0.5".into())));
+        let attrs = attributes(&first.attributes);
+        assert_eq!(attrs["log.iostream"], "stdout");
+        assert_eq!(attrs["log.file.path"], "/var/log/pods/ns_pod_uid/c/0.log");
+        assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(0)));
+        assert!(!attrs.contains_key("log.flags"));
+
+        assert_eq!((second.severity_number, second.severity_text.as_str()), (SeverityNumber::Error as i32, "ERROR"));
+        assert_eq!(second.body.as_ref().unwrap().value, Some(Value::StringValue("bad \u{fffd} byte".into())));
+        let attrs = attributes(&second.attributes);
+        assert_eq!(attrs["log.iostream"], "stderr");
+        assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(100)));
+        assert!(attrs["log.flags"].contains("truncated"), "{attrs:?}");
+        assert_eq!(request([one.as_slice()]).len(), one.len() + framing_len(one.len()));
+    }
+}

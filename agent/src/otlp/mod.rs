@@ -1,0 +1,322 @@
+//! OTLP export, shared by the log sink and the metrics push: the wire (OTLP/HTTP with protobuf
+//! bodies, or OTLP/gRPC) and what a receiver's answer means.
+//!
+//! Requests are built by the callers as encoded `Export*ServiceRequest` bytes from the
+//! official protos (`opentelemetry-proto`), so batching and acknowledgement stay in our
+//! pipeline. An answer is one of three: accepted (perhaps with some records rejected, as the
+//! receiver's `partial_success` says), retryable (HTTP 429/502/503/504, gRPC UNAVAILABLE,
+//! RESOURCE_EXHAUSTED, ..., or no answer at all; with the delay the receiver asked for in
+//! `Retry-After` or `RetryInfo`), or refused for good.
+
+pub mod logs;
+pub mod metrics;
+mod status;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use crate::config::{redact_url, Compression, OtlpProtocol};
+
+/// What is exported: decides the path and the answer's message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// `ExportLogsServiceRequest`.
+    Logs,
+    /// `ExportMetricsServiceRequest`.
+    Metrics,
+}
+
+impl Signal {
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Logs => "/v1/logs",
+            Signal::Metrics => "/v1/metrics",
+        }
+    }
+
+    fn grpc_path(self) -> &'static str {
+        match self {
+            Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+            Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        }
+    }
+
+    /// The rejected count and message of an encoded success answer.
+    fn partial_success(self, body: &[u8]) -> Result<(u64, String), prost::DecodeError> {
+        use opentelemetry_proto::tonic::collector::{logs::v1 as logs, metrics::v1 as metrics};
+        Ok(match self {
+            Signal::Logs => logs::ExportLogsServiceResponse::decode(body)?
+                .partial_success
+                .map(|p| (p.rejected_log_records.max(0) as u64, p.error_message))
+                .unwrap_or_default(),
+            Signal::Metrics => metrics::ExportMetricsServiceResponse::decode(body)?
+                .partial_success
+                .map(|p| (p.rejected_data_points.max(0) as u64, p.error_message))
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// Where and how to export: the config of `sinks.otlp` or `metrics.otlp`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config key, for messages (`sinks.otlp`).
+    pub key: &'static str,
+    /// The receiver's URL.
+    pub endpoint: String,
+    /// HTTP or gRPC.
+    pub protocol: OtlpProtocol,
+    /// Headers or metadata sent with every request.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Body compression.
+    pub compression: Compression,
+    /// PEM file of a private CA.
+    pub ca_file: String,
+    /// Timeout of one request.
+    pub timeout: Duration,
+}
+
+/// The receiver took the request.
+#[derive(Debug, Default)]
+pub struct Accepted {
+    /// Items it rejected (`partial_success`); the rest are delivered.
+    pub rejected: u64,
+    /// Its reason for them.
+    pub message: String,
+}
+
+/// The request failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{endpoint}: {reason}")]
+pub struct Failure {
+    /// The endpoint, credentials hidden.
+    pub endpoint: String,
+    /// The status and the receiver's message, or the connection error.
+    pub reason: String,
+    /// Whether sending it again may succeed.
+    pub retryable: bool,
+    /// How long the receiver asked us to wait.
+    pub retry_after: Option<Duration>,
+    /// An HTTP 413: the request is too large to be taken whole.
+    pub too_large: bool,
+}
+
+/// Sends export requests; clones share connections.
+#[derive(Clone)]
+pub struct Exporter {
+    signal: Signal,
+    shown: String,
+    gzip: bool,
+    transport: Transport,
+}
+
+#[derive(Clone)]
+enum Transport {
+    Http { client: reqwest::Client, url: String },
+    Grpc { channel: Channel, metadata: MetadataMap },
+}
+
+impl Exporter {
+    /// Builds the exporter; reads `ca_file` now, so a bad path fails start-up. Connections are
+    /// made on first use: a receiver that is down at start is not an error.
+    pub fn new(settings: &Settings, signal: Signal) -> anyhow::Result<Exporter> {
+        let key = settings.key;
+        let ca = match settings.ca_file.as_str() {
+            "" => None,
+            path => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("{key}.ca_file {path}: {e}"))?),
+        };
+        let endpoint = settings.endpoint.trim_end_matches('/');
+        let transport = match settings.protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+                for (name, value) in &settings.headers {
+                    let name = HeaderName::from_str(name).map_err(|e| anyhow::anyhow!("{key}.headers.{name}: {e}"))?;
+                    let mut value = HeaderValue::from_str(value).map_err(|e| anyhow::anyhow!("{key}.headers.{name}: {e}"))?;
+                    value.set_sensitive(true);
+                    headers.insert(name, value);
+                }
+                let mut builder = reqwest::Client::builder()
+                    .default_headers(headers)
+                    .timeout(settings.timeout)
+                    .connect_timeout(Duration::from_secs(5))
+                    .pool_idle_timeout(Duration::from_secs(30));
+                if let Some(pem) = &ca {
+                    for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| anyhow::anyhow!("{key}.ca_file: {e}"))? {
+                        builder = builder.add_root_certificate(cert);
+                    }
+                }
+                let path = signal.http_path();
+                let url = if endpoint.ends_with(path) { endpoint.to_string() } else { format!("{endpoint}{path}") };
+                Transport::Http { client: builder.build()?, url }
+            }
+            OtlpProtocol::Grpc => {
+                let mut metadata = MetadataMap::new();
+                for (name, value) in &settings.headers {
+                    // gRPC metadata keys are lower case.
+                    let name = MetadataKey::from_str(&name.to_ascii_lowercase()).map_err(|e| anyhow::anyhow!("{key}.headers.{name}: {e}"))?;
+                    let value = MetadataValue::try_from(value.as_str()).map_err(|e| anyhow::anyhow!("{key}.headers: {e}"))?;
+                    metadata.insert(name, value);
+                }
+                let mut channel = Channel::from_shared(endpoint.to_string())
+                    .map_err(|e| anyhow::anyhow!("{key}.endpoint: {e}"))?
+                    .timeout(settings.timeout)
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_keepalive(Some(Duration::from_secs(60)));
+                if endpoint.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &ca {
+                        tls = tls.ca_certificate(Certificate::from_pem(pem));
+                    }
+                    channel = channel.tls_config(tls).map_err(|e| anyhow::anyhow!("{key}: TLS: {e}"))?;
+                }
+                Transport::Grpc { channel: channel.connect_lazy(), metadata }
+            }
+        };
+        Ok(Exporter { signal, shown: redact_url(endpoint), gzip: settings.compression == Compression::Gzip, transport })
+    }
+
+    /// Sends one encoded `Export*ServiceRequest`; returns how long the receiver took.
+    pub async fn export(&self, request: Vec<u8>) -> Result<(Accepted, Duration), Failure> {
+        let failure = |reason: String, retryable: bool, retry_after: Option<Duration>| Failure {
+            endpoint: self.shown.clone(),
+            reason,
+            retryable,
+            retry_after,
+            too_large: false,
+        };
+        match &self.transport {
+            Transport::Http { client, url } => {
+                let mut post = client.post(url);
+                let body = if self.gzip {
+                    post = post.header(CONTENT_ENCODING, "gzip");
+                    // Compressing megabytes is CPU work: off the async threads.
+                    tokio::task::spawn_blocking(move || gzip(&request))
+                        .await
+                        .map_err(|e| failure(format!("compression task: {e}"), true, None))?
+                } else {
+                    request
+                };
+                let started = Instant::now();
+                let reply = post.body(body).send().await.map_err(|e| failure(describe(&e), true, None))?;
+                let status = reply.status();
+                let retry_after = reply.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+                let protobuf = reply.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
+                let body = reply.bytes().await.map_err(|e| failure(describe(&e), true, None))?;
+                let took = started.elapsed();
+                if status.is_success() {
+                    let (rejected, message) =
+                        self.signal.partial_success(&body).map_err(|e| failure(format!("undecodable answer: {e}"), true, None))?;
+                    return Ok((Accepted { rejected, message }, took));
+                }
+                let message = if protobuf { status::message(&body) } else { String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned() };
+                let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+                let mut failure = failure(format!("{status}: {}", message.trim()), retryable, retry_after);
+                failure.too_large = status.as_u16() == 413;
+                Err(failure)
+            }
+            Transport::Grpc { channel, metadata } => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                if self.gzip {
+                    grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                grpc.ready().await.map_err(|e| failure(format!("connecting: {e}"), true, None))?;
+                let mut call = tonic::Request::new(request);
+                *call.metadata_mut() = metadata.clone();
+                let started = Instant::now();
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
+                match grpc.unary(call, path, status::RawCodec::default()).await {
+                    Ok(reply) => {
+                        let (rejected, message) = self
+                            .signal
+                            .partial_success(&reply.into_inner())
+                            .map_err(|e| failure(format!("undecodable answer: {e}"), true, None))?;
+                        Ok((Accepted { rejected, message }, started.elapsed()))
+                    }
+                    Err(status) => {
+                        use tonic::Code::*;
+                        let retryable =
+                            matches!(status.code(), Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss | ResourceExhausted);
+                        let reason = format!("{:?}: {}", status.code(), status.message());
+                        Err(failure(reason, retryable, status::retry_delay(status.details())))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A reqwest error with its causes (the bare error says only "error sending request").
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `Retry-After` in seconds; an HTTP date (rare from collectors) is taken as no advice.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(3600)))
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+    encoder.write_all(body).expect("writing to a Vec");
+    encoder.finish().expect("writing to a Vec")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_and_bounded() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("999999"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn partial_success_is_read_per_signal() {
+        use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceResponse};
+        let body = ExportLogsServiceResponse {
+            partial_success: Some(ExportLogsPartialSuccess { rejected_log_records: 3, error_message: "too old".into() }),
+        }
+        .encode_to_vec();
+        assert_eq!(Signal::Logs.partial_success(&body).unwrap(), (3, "too old".to_string()));
+        assert_eq!(Signal::Logs.partial_success(&[]).unwrap(), (0, String::new()), "an empty answer is full success");
+        assert!(Signal::Logs.partial_success(&[0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn http_paths_are_appended_unless_given() {
+        let settings = |endpoint: &str| Settings {
+            key: "sinks.otlp",
+            endpoint: endpoint.into(),
+            protocol: OtlpProtocol::HttpProtobuf,
+            headers: Default::default(),
+            compression: Compression::Gzip,
+            ca_file: String::new(),
+            timeout: Duration::from_secs(1),
+        };
+        for (endpoint, want) in [
+            ("http://collector:4318", "http://collector:4318/v1/logs"),
+            ("http://collector:4318/", "http://collector:4318/v1/logs"),
+            ("https://vendor.example/otlp/v1/logs", "https://vendor.example/otlp/v1/logs"),
+        ] {
+            let Transport::Http { url, .. } = Exporter::new(&settings(endpoint), Signal::Logs).unwrap().transport else { panic!() };
+            assert_eq!(url, want);
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The OTLP log sink: batches' `ResourceLogs` put together into `ExportLogsServiceRequest`s
+//! of up to `batch_max_bytes`, over OTLP/HTTP or gRPC ([`crate::otlp`]).
+//!
+//! A batch is acknowledged once its request has settled: accepted (the records the receiver
+//! names in `partial_success` counted as rejected, with its message), or refused for good
+//! `max_attempts` times (counted as rejected). Retryable answers and connection errors are
+//! retried without end, waiting at least as long as the receiver asks, and meanwhile the
+//! tailer pauses and the files wait on disk. Every record carries `log.record.uid`, so what
+//! a lost answer makes us send twice can be told downstream.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
+use crate::config::OtlpSinkConfig;
+use crate::logs::ack::AckMsg;
+use crate::otlp::{self, logs, Exporter};
+
+const SINK: &str = "otlp";
+
+/// The exporter settings of `sinks.otlp`.
+pub fn settings(config: &OtlpSinkConfig) -> otlp::Settings {
+    otlp::Settings {
+        key: "sinks.otlp",
+        endpoint: config.endpoint.clone(),
+        protocol: config.protocol,
+        headers: config.headers.clone(),
+        compression: config.compression,
+        ca_file: config.ca_file.clone(),
+        timeout: config.request_timeout,
+    }
+}
+
+/// Runs the sink until its input closes, then delivers what it holds and returns. Up to
+/// `max_concurrent_requests` requests are in flight; the committer advances checkpoints in
+/// read order whatever order they settle in.
+pub async fn run(
+    config: OtlpSinkConfig,
+    exporter: Exporter,
+    mut batches: mpsc::Receiver<Arc<Batch>>,
+    acks: mpsc::Sender<AckMsg>,
+    metrics: SinkMetrics,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let last_rejection = Arc::new(Mutex::new(String::new()));
+    let mut deliveries = JoinSet::new();
+    let mut open = true;
+    while open {
+        let Some(first) = batches.recv().await else { break };
+        let size = |b: &Batch| b.otlp.len() + logs::framing_len(b.otlp.len());
+        let pending;
+        (pending, open) = super::gather(&mut batches, first, config.flush_interval, config.batch_max_bytes, size).await;
+        // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
+        let slot = slots.clone().acquire_owned().await?;
+        let (exporter, acks, metrics, config, last_rejection) =
+            (exporter.clone(), acks.clone(), metrics.clone(), config.clone(), last_rejection.clone());
+        deliveries.spawn(async move {
+            deliver(&exporter, &pending, &config, &Tally { metrics: &metrics, last_rejection: &last_rejection }).await;
+            drop(slot);
+            for batch in &pending {
+                // The committer is gone only at shutdown, when nothing more can be committed.
+                let _ = acks.send(AckMsg::Ack { seq: batch.seq }).await;
+            }
+        });
+        while let Some(done) = deliveries.try_join_next() {
+            done?;
+        }
+    }
+    while let Some(done) = deliveries.join_next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// Counts outcomes, and says why records were rejected once per distinct reason in a row.
+struct Tally<'a> {
+    metrics: &'a SinkMetrics,
+    last_rejection: &'a Mutex<String>,
+}
+
+impl Tally<'_> {
+    fn count(&self, outcome: &'static str, n: usize) {
+        if n > 0 {
+            self.metrics.records.get_or_create(&SinkOutcomeLabels { sink: SINK, outcome }).inc_by(n as u64);
+        }
+    }
+
+    fn reject(&self, n: usize, reason: &'static str, message: &str) {
+        self.count("rejected", n);
+        self.metrics.dropped.get_or_create(&ReasonLabels { reason }).inc_by(n as u64);
+        let mut last = self.last_rejection.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != message {
+            tracing::warn!(count = n, reason = %message, "the OTLP receiver rejected records; they will not be sent again");
+            *last = message.to_string();
+        } else {
+            tracing::debug!(count = n, reason = %message, "the OTLP receiver rejected records");
+        }
+    }
+}
+
+/// Delivers every record of `batches`, returning once each has settled.
+async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) {
+    let sink = SinkLabels { sink: SINK };
+    let mut runs: VecDeque<&[Arc<Batch>]> = VecDeque::from([batches]);
+    while let Some(run) = runs.pop_front() {
+        let records: usize = run.iter().map(|b| b.records).sum();
+        let request = logs::request(run.iter().map(|b| b.otlp.as_slice()));
+        let (mut attempt, mut refused) = (0u32, 0u32);
+        loop {
+            match exporter.export(request.clone()).await {
+                Ok((accepted, took)) => {
+                    tally.metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
+                    let rejected = (accepted.rejected as usize).min(records);
+                    tally.count("delivered", records - rejected);
+                    if rejected > 0 {
+                        let message = if accepted.message.is_empty() { "no reason given" } else { accepted.message.as_str() };
+                        tally.reject(rejected, "rejected", message);
+                    }
+                    break;
+                }
+                Err(failure) if failure.too_large && run.len() > 1 => {
+                    let (first, second) = run.split_at(run.len() / 2);
+                    runs.push_front(second);
+                    runs.push_front(first);
+                    break;
+                }
+                Err(failure) if failure.retryable => {
+                    tracing::warn!(error = %failure, attempt, "OTLP export failed; retrying");
+                    tally.count("retried", records);
+                    super::backoff(tally.metrics, &sink, &mut attempt, failure.retry_after).await;
+                }
+                Err(failure) => {
+                    refused += 1;
+                    if refused >= config.max_attempts {
+                        tally.reject(records, "rejected", &failure.to_string());
+                        break;
+                    }
+                    tracing::warn!(error = %failure, attempt = refused, "the OTLP receiver refused the export; trying again");
+                    super::backoff(tally.metrics, &sink, &mut attempt, failure.retry_after).await;
+                }
+            }
+        }
+    }
+}
