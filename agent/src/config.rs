@@ -651,7 +651,7 @@ impl Config {
         }
         let otlp = &self.sinks.otlp;
         for (key, endpoint) in [("sinks.otlp.endpoint", &otlp.endpoint), ("metrics.otlp.endpoint", &self.metrics.otlp.endpoint)] {
-            if !endpoint.is_empty() && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(key_error(key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
             }
         }

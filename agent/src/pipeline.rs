@@ -46,8 +46,7 @@ pub struct LogMetrics {
     pub derived: DerivedFamilies,
 }
 
-type StartFn =
-    Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
+type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
 
 /// Starts one sink task: it takes batches in read order and acknowledges each.
 pub struct SinkStarter {
@@ -146,7 +145,8 @@ impl LogPipeline {
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
 
-        let formats = sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
+        let formats =
+            sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
         let (sink_txs, sinks): (Vec<_>, Vec<_>) = sinks
             .into_iter()
             .map(|sink| {

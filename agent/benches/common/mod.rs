@@ -13,13 +13,13 @@ pub const CONTAINERS: usize = 8;
 pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
     let mut total = 0;
     for c in 0..CONTAINERS {
-        let dir = pods.join(format!("bench_train-{c}_uid-{c}")).join("worker");
+        let dir = pods.join(format!("bench_train-{c}_0000000{c}-7d9f-4b6c-9d5e-0123456789ab")).join("worker");
         std::fs::create_dir_all(&dir).unwrap();
         let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join("0.log")).unwrap());
         let (mut written, mut i) = (0u64, 0u64);
         while written < bytes {
             let line = format!(
-                "2026-11-22T03:{:02}:{:02}.{:09}Z {} F step={i} loss={:.4} lr=0.0003 throughput={} samples/s gpu_mem={}MiB {}\n",
+                "2026-11-22T03:{:02}:{:02}.{:09}Z {} F rank={c} step={i} loss={:.4} lr=0.0003 throughput={} samples/s gpu_mem={}MiB {}\n",
                 (i / 60_000) % 60,
                 (i / 1000) % 60,
                 i % 1_000_000_000,

@@ -234,12 +234,10 @@ mod tests {
     #[test]
     fn a_chunk_becomes_one_resource_logs_with_the_semantic_conventions() {
         let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
-        for (i, (message, stream, flags)) in [
-            (&b"step=1 loss=0.5"[..], StreamKind::Stdout, Flags::default()),
-            (&b"bad \xff byte"[..], StreamKind::Stderr, Flags::TRUNCATED),
-        ]
-        .into_iter()
-        .enumerate()
+        for (i, (message, stream, flags)) in
+            [(&b"step=1 loss=0.5"[..], StreamKind::Stdout, Flags::default()), (&b"bad \xff byte"[..], StreamKind::Stderr, Flags::TRUNCATED)]
+                .into_iter()
+                .enumerate()
         {
             let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40.123456789Z");
             let message = chunk.push_bytes(message);

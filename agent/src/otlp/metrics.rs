@@ -143,7 +143,11 @@ pub fn request(origin: &Origin, metrics: Vec<Metric>) -> ExportMetricsServiceReq
         resource_metrics: vec![ResourceMetrics {
             resource: Some(Resource { attributes, ..Default::default() }),
             scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() }),
+                scope: Some(InstrumentationScope {
+                    name: "nodelens".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
                 metrics,
                 schema_url: String::new(),
             }],
@@ -315,8 +319,11 @@ fn histogram_point(attributes: Vec<KeyValue>, mut b: Buckets, start: u64, now: u
     }
 }
 
-/// `name{k="v",...} value [timestamp]` → its parts; label values unescaped.
-fn sample(line: &str) -> Option<(&str, Vec<(&str, String)>, f64)> {
+/// A sample's labels, values unescaped.
+type Labels<'a> = Vec<(&'a str, String)>;
+
+/// `name{k="v",...} value [timestamp]` → its parts.
+fn sample(line: &str) -> Option<(&str, Labels<'_>, f64)> {
     let (name, mut rest) = line.split_at(line.find(['{', ' '])?);
     let mut labels = Vec::new();
     if let Some(mut inner) = rest.strip_prefix('{') {
@@ -373,7 +380,10 @@ mod tests {
     use super::*;
 
     fn find<'a>(metrics: &'a [Metric], name: &str) -> &'a Metric {
-        metrics.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no {name} in {:?}", metrics.iter().map(|m| &m.name).collect::<Vec<_>>()))
+        metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", metrics.iter().map(|m| &m.name).collect::<Vec<_>>()))
     }
 
     fn attrs(list: &[KeyValue]) -> Vec<(String, String)> {
@@ -395,7 +405,7 @@ mod tests {
         let backlog: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
         backlog.set(1.5e9);
         registry.register("log_backlog_bytes", "Bytes not yet acknowledged.", backlog);
-        let duration = PromHistogram::new([0.01, 0.1, 1.0].into_iter());
+        let duration = PromHistogram::new([0.01, 0.1, 1.0]);
         for v in [0.005, 0.05, 0.05, 0.5, 5.0] {
             duration.observe(v);
         }
@@ -412,14 +422,17 @@ mod tests {
         let Some(Data::Sum(sum)) = &records.data else { panic!("{records:?}") };
         assert!(sum.is_monotonic);
         assert_eq!(sum.aggregation_temporality, AggregationTemporality::Cumulative as i32);
-        let mut points: Vec<(Vec<(String, String)>, Option<Number>, u64, u64)> =
+        type Point = (Vec<(String, String)>, Option<Number>, u64, u64);
+        let mut points: Vec<Point> =
             sum.data_points.iter().map(|p| (attrs(&p.attributes), p.value, p.start_time_unix_nano, p.time_unix_nano)).collect();
         points.sort_by(|a, b| a.0.cmp(&b.0));
         let label = |app: &str, stream: &str| {
             vec![("node".to_string(), "gpu-1".to_string()), ("app".into(), app.into()), ("stream".into(), stream.into())]
         };
-        let mut want =
-            vec![(label("a \"quoted\" \\ app", "stdout"), Some(Number::AsDouble(41.0)), 100, 200), (label("b,c={}", "stderr"), Some(Number::AsDouble(1.0)), 100, 200)];
+        let mut want = vec![
+            (label("a \"quoted\" \\ app", "stdout"), Some(Number::AsDouble(41.0)), 100, 200),
+            (label("b,c={}", "stderr"), Some(Number::AsDouble(1.0)), 100, 200),
+        ];
         want.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(points, want);
 

@@ -159,7 +159,8 @@ impl Exporter {
                 let mut metadata = MetadataMap::new();
                 for (name, value) in &settings.headers {
                     // gRPC metadata keys are lower case.
-                    let name = MetadataKey::from_str(&name.to_ascii_lowercase()).map_err(|e| anyhow::anyhow!("{key}.headers.{name}: {e}"))?;
+                    let name =
+                        MetadataKey::from_str(&name.to_ascii_lowercase()).map_err(|e| anyhow::anyhow!("{key}.headers.{name}: {e}"))?;
                     let value = MetadataValue::try_from(value.as_str()).map_err(|e| anyhow::anyhow!("{key}.headers: {e}"))?;
                     metadata.insert(name, value);
                 }
@@ -214,7 +215,8 @@ impl Exporter {
                         self.signal.partial_success(&body).map_err(|e| failure(format!("undecodable answer: {e}"), true, None))?;
                     return Ok((Accepted { rejected, message }, took));
                 }
-                let message = if protobuf { status::message(&body) } else { String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned() };
+                let message =
+                    if protobuf { status::message(&body) } else { String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned() };
                 let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
                 let mut failure = failure(format!("{status}: {}", message.trim()), retryable, retry_after);
                 failure.too_large = status.as_u16() == 413;
@@ -230,7 +232,7 @@ impl Exporter {
                 *call.metadata_mut() = metadata.clone();
                 let started = Instant::now();
                 let path = tonic::codegen::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
-                match grpc.unary(call, path, status::RawCodec::default()).await {
+                match grpc.unary(call, path, status::RawCodec).await {
                     Ok(reply) => {
                         let (rejected, message) = self
                             .signal
@@ -240,8 +242,10 @@ impl Exporter {
                     }
                     Err(status) => {
                         use tonic::Code::*;
-                        let retryable =
-                            matches!(status.code(), Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss | ResourceExhausted);
+                        let retryable = matches!(
+                            status.code(),
+                            Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss | ResourceExhausted
+                        );
                         let reason = format!("{:?}: {}", status.code(), status.message());
                         Err(failure(reason, retryable, status::retry_delay(status.details())))
                     }

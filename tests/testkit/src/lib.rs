@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod http;
 pub mod kubelet;
 pub mod kubernetes;
+pub mod otlp;
 pub mod views;
 
 /// Compares what was emitted with what was written and panics with a short report: the
