@@ -9,6 +9,8 @@ const PREFIX: &str = "NODELENS_";
 
 /// Variables that start with the prefix but are not config keys.
 const RESERVED: &[&str] = &["NODELENS_CONFIG"];
+/// The shape of a key in a free-form map: a string.
+static FREE_KEY: Value = Value::String(String::new());
 
 /// Replaces `${VAR}` and `${VAR:-default}` with the variable's value (empty when unset and no
 /// default is given, as `envsubst` does); `$$` is a literal `$`.
@@ -51,9 +53,13 @@ pub fn apply_overrides(tree: &mut Value, defaults: &Value, vars: &[(String, Stri
         let env_error = |message: String| ConfigError::Env { var: var.clone(), message };
         let dotted = path.join(".");
         let mut shape = defaults;
-        for key in &path {
-            shape =
-                shape.as_mapping().and_then(|m| m.get(key.as_str())).ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?;
+        for (depth, key) in path.iter().enumerate() {
+            shape = match shape.as_mapping() {
+                // A map without keys of its own (`headers`) takes any key, as a string; header
+                // names are case-insensitive, so the lower-cased variable name serves.
+                Some(map) if map.is_empty() && depth + 1 == path.len() => &FREE_KEY,
+                map => map.and_then(|m| m.get(key.as_str())).ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?,
+            };
         }
         let value = match shape {
             Value::Mapping(_) => return Err(env_error(format!("`{dotted}` is a section; set one of its keys"))),

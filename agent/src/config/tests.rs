@@ -184,3 +184,40 @@ fn zero_periods_and_out_of_range_sizes_are_refused_naming_the_key() {
     }
     assert!(load_text("gpu:\n  poll_interval: 100ms\n", &[]).and_then(Config::validate).is_ok(), "small but sane is fine");
 }
+
+#[test]
+fn otlp_headers_come_from_the_file_or_the_environment_and_are_never_printed() {
+    let config = load_text(
+        "sinks:\n  otlp:\n    endpoint: http://collector:4318\n    headers:\n      X-Scope-OrgID: tenant-7\n",
+        &[("NODELENS_SINKS__OTLP__HEADERS__AUTHORIZATION", "Bearer t0ken"), ("NODELENS_METRICS__OTLP__PROTOCOL", "grpc")],
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let headers = &config.sinks.otlp.headers;
+    assert_eq!(headers.get("X-Scope-OrgID").map(String::as_str), Some("tenant-7"));
+    assert_eq!(headers.get("authorization").map(String::as_str), Some("Bearer t0ken"));
+    assert_eq!(config.metrics.otlp.protocol, OtlpProtocol::Grpc);
+    assert!(!config.stdout_enabled(), "OTLP is a sink: stdout stays off on auto");
+    let yaml = config.to_yaml();
+    assert!(!yaml.contains("t0ken") && !yaml.contains("tenant-7") && yaml.contains("authorization"), "{yaml}");
+    let err = load_text("sinks:\n  otlp:\n    endpoint: http://c:4318\n", &[("NODELENS_SINKS__OTLP__HEADERS__A__B", "x")]).unwrap_err();
+    assert!(err.to_string().contains("not a config key"), "{err}");
+}
+
+#[test]
+fn otlp_settings_are_checked() {
+    for (text, key) in [
+        ("sinks:\n  otlp:\n    endpoint: collector:4317\n", "sinks.otlp.endpoint"),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    protocol: grpc-web\n", "sinks.otlp.protocol"),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    max_attempts: 0\n", "sinks.otlp.max_attempts"),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    batch_max_bytes: 100\n", "sinks.otlp.batch_max_bytes"),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    headers: {\"bad name\": x}\n", "sinks.otlp.headers.bad name"),
+        ("metrics:\n  otlp:\n    endpoint: http://c:4317\n    interval: 10ms\n", "metrics.otlp.interval"),
+    ] {
+        let err = load_text(text, &[]).and_then(Config::validate).unwrap_err();
+        assert!(err.to_string().contains(key), "{text}: {err}");
+    }
+    let only_otlp = "sinks:\n  stdout:\n    enabled: false\n  otlp:\n    endpoint: https://c:4318\n";
+    assert!(load_text(only_otlp, &[]).unwrap().validate().is_ok(), "OTLP alone is a sink");
+}

@@ -3,7 +3,8 @@
 //!
 //! The source is the exposition `/metrics` serves (prometheus-client's OpenMetrics text), read
 //! back here, so both endpoints show the same numbers from one registry, custom collectors
-//! included: a counter `nodelens_x_total` becomes the monotonic Sum `nodelens_x`, a gauge a
+//! included: a counter `nodelens_x_total` becomes the monotonic Sum `nodelens_x` (the one
+//! `unknown` family, `nodelens_log_metric_total`, keeps its name), a gauge a
 //! Gauge, a histogram an explicit-bucket Histogram; labels are data-point attributes (`node`
 //! included, so series of different nodes stay apart wherever they are forwarded), and the
 //! resource names the node. A push that fails is not retried: the next one carries the
@@ -212,8 +213,10 @@ pub fn parse(text: &str, start: u64, now: u64) -> Vec<Metric> {
             let (otlp_name, kind) = match kind {
                 "counter" => (name, Kind::Counter),
                 "histogram" => (name, Kind::Histogram),
-                // A collector's counter declared without a type keeps `_total` in its name.
-                "unknown" if name.ends_with("_total") => (name.trim_end_matches("_total"), Kind::Counter),
+                // `nodelens_log_metric_total` is declared `unknown` because the counter family
+                // name it would need is the gauges' (`nodelens_log_metric`): it stays a Sum of
+                // its own name, so the two do not collide over OTLP either.
+                "unknown" if name.ends_with("_total") => (name, Kind::Counter),
                 _ => (name, Kind::Gauge),
             };
             let data = match kind {
@@ -452,11 +455,11 @@ mod tests {
     }
 
     #[test]
-    fn an_untyped_total_is_a_counter_and_bad_lines_are_skipped() {
+    fn an_untyped_total_is_a_sum_of_its_own_name_and_bad_lines_are_skipped() {
         let text = "# HELP nodelens_log_metric_total Sum of matches.\n# TYPE nodelens_log_metric_total unknown\n\
                     nodelens_log_metric_total{name=\"oom\",node=\"n\"} 3\nnodelens_log_metric_total{name=\"broken 7\n# EOF\n";
         let metrics = parse(text, 1, 2);
-        let metric = find(&metrics, "nodelens_log_metric");
+        let metric = find(&metrics, "nodelens_log_metric_total");
         let Some(Data::Sum(sum)) = &metric.data else { panic!("{metric:?}") };
         assert_eq!(sum.data_points.len(), 1);
         assert_eq!(sum.data_points[0].value, Some(Number::AsDouble(3.0)));
