@@ -430,9 +430,9 @@ pub struct OtlpSinkConfig {
     pub request_timeout: Duration,
     /// Export requests in flight at once (checkpoints still advance in read order).
     pub max_concurrent_requests: usize,
-    /// How often a request the receiver refuses for good (400, 401, 403, 404, 413, ...) is
-    /// tried before its records are given up and counted as `rejected`. Retryable answers
-    /// (429, 502, 503, 504, gRPC UNAVAILABLE, ...) and connection errors are retried without end.
+    /// How often a request whose data the receiver refuses (HTTP 400, INVALID_ARGUMENT) is
+    /// tried before its records are given up and counted as `rejected`. Every other failure
+    /// (429, 5xx, 401/403/404, UNAVAILABLE, no answer) is retried without end.
     pub max_attempts: u32,
 }
 
@@ -655,9 +655,17 @@ impl Config {
                 return Err(key_error(key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
             }
         }
-        for (key, headers) in [("sinks.otlp.headers", &otlp.headers), ("metrics.otlp.headers", &self.metrics.otlp.headers)] {
+        let headers = [
+            ("sinks.otlp.headers", &otlp.headers, otlp.protocol),
+            ("metrics.otlp.headers", &self.metrics.otlp.headers, self.metrics.otlp.protocol),
+        ];
+        for (key, headers, protocol) in headers {
             for (name, value) in headers {
-                let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                let grpc_ok = protocol != OtlpProtocol::Grpc
+                    || (tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(name.to_ascii_lowercase().as_bytes()).is_ok()
+                        && tonic::metadata::MetadataValue::try_from(value.as_str()).is_ok());
+                let valid = grpc_ok
+                    && reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
                     && reqwest::header::HeaderValue::from_str(value).is_ok();
                 if !valid {
                     return Err(key_error(&format!("{key}.{name}"), "not a valid header name and value".into()));
@@ -674,6 +682,14 @@ impl Config {
         // refuse very large messages.
         if !(64 * 1024..=64 * 1024 * 1024).contains(&otlp.batch_max_bytes) {
             return Err(key_error("sinks.otlp.batch_max_bytes", "must be between 65536 and 67108864".into()));
+        }
+        // Collectors refuse gRPC messages over 4 MiB unless configured otherwise; a request may
+        // pass the limit by one chunk (256 KiB).
+        if otlp.protocol == OtlpProtocol::Grpc && otlp.batch_max_bytes > 3 * 1024 * 1024 {
+            return Err(key_error(
+                "sinks.otlp.batch_max_bytes",
+                "must be at most 3145728 with grpc (receivers take 4 MiB messages)".into(),
+            ));
         }
         if self.sinks.stdout.enabled == Switch::Off && es.endpoints.is_empty() && otlp.endpoint.is_empty() {
             return Err(key_error(

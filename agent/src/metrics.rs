@@ -98,6 +98,7 @@ impl Metrics {
         r.add("sink_records", "Records handed to sinks, by outcome", sinks.records.clone());
         r.add("sink_request_duration_seconds", "Duration of sink requests", sinks.request_duration.clone());
         r.add("sink_retries", "Sink requests retried after a failure", sinks.retries.clone());
+        r.add("otlp_metric_points", "Data points of the OTLP metrics push, by outcome", sinks.pushed_points.clone());
         let pod_info = Family::default();
         r.add("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
         let certs = CertMetrics::default();

@@ -172,7 +172,8 @@ fn the_schema_refuses_unknown_keys_and_wrong_types() {
     for (args, names) in [
         (vec!["--set", "serviceMonitr.enabled=false"], "serviceMonitr"),
         (vec!["--set", "config.logs.pods_dri=/x"], "pods_dri"),
-        (vec!["--set", "config.sinks.otlp.endpoint=http://collector:4318"], "otlp"),
+        (vec!["--set", "config.sinks.otlp.endpoint=collector:4318"], "endpoint"),
+        (vec!["--set", "config.sinks.otlp.protocl=grpc"], "protocl"),
         (vec!["--set", "metrics.port=metrics"], "/metrics/port"),
         (vec!["--set", "nodes=some"], "/nodes"),
         (vec!["--set", "config.sinks.elasticsearch.endpoints[0]=es:9200"], "endpoints"),
@@ -181,6 +182,7 @@ fn the_schema_refuses_unknown_keys_and_wrong_types() {
         assert!(err.contains(names), "{args:?}: the error names {names}: {err}");
     }
     assert!(try_render(&["--set", "serviceMonitor.enabled=false"]).is_ok(), "the correctly spelled key renders");
+    assert!(try_render(&["--set", "config.sinks.otlp.endpoint=http://collector:4318"]).is_ok(), "OTLP is a sink the chart takes");
 }
 
 #[test]

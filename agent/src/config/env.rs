@@ -49,16 +49,20 @@ pub fn apply_overrides(tree: &mut Value, defaults: &Value, vars: &[(String, Stri
         vars.iter().filter(|(k, _)| k.starts_with(PREFIX) && !RESERVED.contains(&k.as_str())).collect();
     overrides.sort();
     for (var, raw) in overrides {
-        let path: Vec<String> = var[PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let mut path: Vec<String> = var[PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         let env_error = |message: String| ConfigError::Env { var: var.clone(), message };
         let dotted = path.join(".");
         let mut shape = defaults;
-        for (depth, key) in path.iter().enumerate() {
+        for depth in 0..path.len() {
             shape = match shape.as_mapping() {
-                // A map without keys of its own (`headers`) takes any key, as a string; header
-                // names are case-insensitive, so the lower-cased variable name serves.
-                Some(map) if map.is_empty() && depth + 1 == path.len() => &FREE_KEY,
-                map => map.and_then(|m| m.get(key.as_str())).ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?,
+                // A map without keys of its own (`headers`) takes any key, as a string. Header
+                // names are case-insensitive, and `_` stands for `-` (proxies drop headers
+                // with underscores): `..._HEADERS__X_API_KEY` is `x-api-key`.
+                Some(map) if map.is_empty() && depth + 1 == path.len() => {
+                    path[depth] = path[depth].replace('_', "-");
+                    &FREE_KEY
+                }
+                map => map.and_then(|m| m.get(path[depth].as_str())).ok_or_else(|| env_error(format!("`{dotted}` is not a config key")))?,
             };
         }
         let value = match shape {

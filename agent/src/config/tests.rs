@@ -189,7 +189,11 @@ fn zero_periods_and_out_of_range_sizes_are_refused_naming_the_key() {
 fn otlp_headers_come_from_the_file_or_the_environment_and_are_never_printed() {
     let config = load_text(
         "sinks:\n  otlp:\n    endpoint: http://collector:4318\n    headers:\n      X-Scope-OrgID: tenant-7\n",
-        &[("NODELENS_SINKS__OTLP__HEADERS__AUTHORIZATION", "Bearer t0ken"), ("NODELENS_METRICS__OTLP__PROTOCOL", "grpc")],
+        &[
+            ("NODELENS_SINKS__OTLP__HEADERS__AUTHORIZATION", "Bearer t0ken"),
+            ("NODELENS_SINKS__OTLP__HEADERS__X_API_KEY", "k3y"),
+            ("NODELENS_METRICS__OTLP__PROTOCOL", "grpc"),
+        ],
     )
     .unwrap()
     .validate()
@@ -197,6 +201,7 @@ fn otlp_headers_come_from_the_file_or_the_environment_and_are_never_printed() {
     let headers = &config.sinks.otlp.headers;
     assert_eq!(headers.get("X-Scope-OrgID").map(String::as_str), Some("tenant-7"));
     assert_eq!(headers.get("authorization").map(String::as_str), Some("Bearer t0ken"));
+    assert_eq!(headers.get("x-api-key").map(String::as_str), Some("k3y"), "{headers:?}");
     assert_eq!(config.metrics.otlp.protocol, OtlpProtocol::Grpc);
     assert!(!config.stdout_enabled(), "OTLP is a sink: stdout stays off on auto");
     let yaml = config.to_yaml();
@@ -214,6 +219,11 @@ fn otlp_settings_are_checked() {
         ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    batch_max_bytes: 100\n", "sinks.otlp.batch_max_bytes"),
         ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    headers: {\"bad name\": x}\n", "sinks.otlp.headers.bad name"),
         ("metrics:\n  otlp:\n    endpoint: http://c:4317\n    interval: 10ms\n", "metrics.otlp.interval"),
+        (
+            "sinks:\n  otlp:\n    endpoint: http://c:4317\n    protocol: grpc\n    headers: {x-sig-bin: abc}\n",
+            "sinks.otlp.headers.x-sig-bin",
+        ),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    protocol: grpc\n    batch_max_bytes: 8388608\n", "sinks.otlp.batch_max_bytes"),
     ] {
         let err = load_text(text, &[]).and_then(Config::validate).unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");

@@ -55,7 +55,7 @@ impl ResourceTemplate {
             ("k8s.pod.ip", meta.pod_ip.as_deref()),
             ("container.id", meta.container_id.as_deref()),
             ("container.image.name", meta.image.as_deref()),
-            ("container.runtime", meta.runtime.as_deref()),
+            ("container.runtime.name", meta.runtime.as_deref()),
             ("k8s.job.name", meta.job.as_deref()),
         ];
         attributes.extend(optional.into_iter().filter_map(|(key, value)| Some(kv(key, text(value?)))));
@@ -122,7 +122,7 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     ];
     if !record.flags.is_empty() {
         let flags = record.flags.names().map(|name| AnyValue { value: Some(text(name)) }).collect();
-        attributes.push(kv("log.flags", Value::ArrayValue(ArrayValue { values: flags })));
+        attributes.push(kv("nodelens.log.flags", Value::ArrayValue(ArrayValue { values: flags })));
     }
     let (severity_number, severity_text) = level.map(severity).unwrap_or((SeverityNumber::Unspecified, ""));
     LogRecord {
@@ -266,7 +266,7 @@ mod tests {
             ("k8s.pod.ip", "10.0.0.7"),
             ("container.id", "containerd://abc"),
             ("container.image.name", "registry/trainer:3"),
-            ("container.runtime", "containerd"),
+            ("container.runtime.name", "containerd"),
             ("k8s.cronjob.name", "nightly"),
             ("k8s.job.name", "nightly-29123456"),
             ("k8s.pod.label.app.kubernetes.io/name", "trainer"),
@@ -287,14 +287,14 @@ mod tests {
         assert_eq!(attrs["log.iostream"], "stdout");
         assert_eq!(attrs["log.file.path"], "/var/log/pods/ns_pod_uid/c/0.log");
         assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(0)));
-        assert!(!attrs.contains_key("log.flags"));
+        assert!(!attrs.contains_key("nodelens.log.flags"));
 
         assert_eq!((second.severity_number, second.severity_text.as_str()), (SeverityNumber::Error as i32, "ERROR"));
         assert_eq!(second.body.as_ref().unwrap().value, Some(Value::StringValue("bad \u{fffd} byte".into())));
         let attrs = attributes(&second.attributes);
         assert_eq!(attrs["log.iostream"], "stderr");
         assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(100)));
-        assert!(attrs["log.flags"].contains("truncated"), "{attrs:?}");
+        assert!(attrs["nodelens.log.flags"].contains("truncated"), "{attrs:?}");
         assert_eq!(request([one.as_slice()]).len(), one.len() + framing_len(one.len()));
     }
 }

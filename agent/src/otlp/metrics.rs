@@ -29,9 +29,7 @@ use super::{Exporter, Settings};
 use crate::config::OtlpMetricsConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::sinks::SinkOutcomeLabels;
-
-const SINK: &str = "otlp_metrics";
+use crate::sinks::OutcomeLabels;
 
 /// The exporter settings of `metrics.otlp`.
 pub fn settings(config: &OtlpMetricsConfig) -> Settings {
@@ -58,7 +56,7 @@ pub struct Origin {
 /// Pushes `metrics` every `interval` until `shutdown`, then once more with the final values.
 pub async fn run(interval: Duration, exporter: Exporter, metrics: Arc<Metrics>, origin: Origin, mut shutdown: Shutdown) {
     let started = unix_nanos(SystemTime::now());
-    let counts = metrics.sinks.records.clone();
+    let counts = metrics.sinks.pushed_points.clone();
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
@@ -80,7 +78,7 @@ pub async fn run(interval: Duration, exporter: Exporter, metrics: Arc<Metrics>, 
         };
         let count = |outcome, n: usize| {
             if n > 0 {
-                counts.get_or_create(&SinkOutcomeLabels { sink: SINK, outcome }).inc_by(n as u64);
+                counts.get_or_create(&OutcomeLabels { outcome }).inc_by(n as u64);
             }
         };
         match exporter.export(request).await {
@@ -133,7 +131,11 @@ pub fn request(origin: &Origin, metrics: Vec<Metric>) -> ExportMetricsServiceReq
     let mut attributes = vec![
         kv("service.name", "nodelens"),
         kv("service.version", env!("CARGO_PKG_VERSION")),
-        kv("service.instance.id", &origin.node),
+        // Unique across clusters that reuse node names.
+        kv(
+            "service.instance.id",
+            &if origin.cluster.is_empty() { origin.node.clone() } else { format!("{}/{}", origin.cluster, origin.node) },
+        ),
         kv("k8s.node.name", &origin.node),
         kv("host.name", &origin.node),
     ];

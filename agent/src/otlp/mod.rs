@@ -3,10 +3,9 @@
 //!
 //! Requests are built by the callers as encoded `Export*ServiceRequest` bytes from the
 //! official protos (`opentelemetry-proto`), so batching and acknowledgement stay in our
-//! pipeline. An answer is one of three: accepted (perhaps with some records rejected, as the
-//! receiver's `partial_success` says), retryable (HTTP 429/502/503/504, gRPC UNAVAILABLE,
-//! RESOURCE_EXHAUSTED, ..., or no answer at all; with the delay the receiver asked for in
-//! `Retry-After` or `RetryInfo`), or refused for good.
+//! pipeline. An answer is accepted (any 2xx / OK, perhaps with some records rejected, as the
+//! receiver's `partial_success` says), or a [`Failure`] of one of the [`FailureKind`]s, with
+//! the delay the receiver asked for in `Retry-After` or `RetryInfo`.
 
 pub mod logs;
 pub mod metrics;
@@ -98,12 +97,25 @@ pub struct Failure {
     pub endpoint: String,
     /// The status and the receiver's message, or the connection error.
     pub reason: String,
-    /// Whether sending it again may succeed.
-    pub retryable: bool,
+    /// What sending it again can do.
+    pub kind: FailureKind,
     /// How long the receiver asked us to wait.
     pub retry_after: Option<Duration>,
-    /// An HTTP 413: the request is too large to be taken whole.
-    pub too_large: bool,
+}
+
+/// What a failure means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Send it again, however long it takes: no answer, an answer OTLP calls retryable (429,
+    /// 502, 503, 504, UNAVAILABLE, ...), and answers about the endpoint rather than the data
+    /// (401, 403, 404, a proxy's 5xx, UNAUTHENTICATED, UNIMPLEMENTED, ...), which a fixed
+    /// token or route ends; meanwhile the files wait on disk.
+    Retry,
+    /// The receiver refused the data itself (HTTP 400, INVALID_ARGUMENT).
+    Refused,
+    /// Too large to be taken whole (HTTP 413; RESOURCE_EXHAUSTED without RetryInfo, which
+    /// is how a collector refuses a message over its size limit): send it in parts.
+    TooLarge,
 }
 
 /// Sends export requests; clones share connections.
@@ -143,6 +155,9 @@ impl Exporter {
                 }
                 let mut builder = reqwest::Client::builder()
                     .default_headers(headers)
+                    .user_agent(concat!("nodelens/", env!("CARGO_PKG_VERSION")))
+                    // A redirected POST turns into a GET: better the 3xx as an error to see.
+                    .redirect(reqwest::redirect::Policy::none())
                     .timeout(settings.timeout)
                     .connect_timeout(Duration::from_secs(5))
                     .pool_idle_timeout(Duration::from_secs(30));
@@ -168,6 +183,13 @@ impl Exporter {
                     .map_err(|e| anyhow::anyhow!("{key}.endpoint: {e}"))?
                     .timeout(settings.timeout)
                     .connect_timeout(Duration::from_secs(5))
+                    .user_agent(concat!("nodelens/", env!("CARGO_PKG_VERSION")))
+                    .map_err(|e| anyhow::anyhow!("{key}: {e}"))?
+                    // HTTP/2 pings find a collector that vanished without a reset in seconds,
+                    // not when TCP gives up minutes later.
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .keep_alive_while_idle(true)
                     .tcp_keepalive(Some(Duration::from_secs(60)));
                 if endpoint.starts_with("https://") {
                     let mut tls = ClientTlsConfig::new().with_native_roots();
@@ -184,13 +206,13 @@ impl Exporter {
 
     /// Sends one encoded `Export*ServiceRequest`; returns how long the receiver took.
     pub async fn export(&self, request: Vec<u8>) -> Result<(Accepted, Duration), Failure> {
-        let failure = |reason: String, retryable: bool, retry_after: Option<Duration>| Failure {
+        let failure = |reason: String, kind: FailureKind, retry_after: Option<Duration>| Failure {
             endpoint: self.shown.clone(),
             reason,
-            retryable,
+            kind,
             retry_after,
-            too_large: false,
         };
+        let retry = FailureKind::Retry;
         match &self.transport {
             Transport::Http { client, url } => {
                 let mut post = client.post(url);
@@ -199,58 +221,69 @@ impl Exporter {
                     // Compressing megabytes is CPU work: off the async threads.
                     tokio::task::spawn_blocking(move || gzip(&request))
                         .await
-                        .map_err(|e| failure(format!("compression task: {e}"), true, None))?
+                        .map_err(|e| failure(format!("compression task: {e}"), retry, None))?
                 } else {
                     request
                 };
                 let started = Instant::now();
-                let reply = post.body(body).send().await.map_err(|e| failure(describe(&e), true, None))?;
+                let reply = post.body(body).send().await.map_err(|e| failure(describe(&e), retry, None))?;
                 let status = reply.status();
                 let retry_after = reply.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
                 let protobuf = reply.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
-                let body = reply.bytes().await.map_err(|e| failure(describe(&e), true, None))?;
+                let body = reply.bytes().await.map_err(|e| failure(describe(&e), retry, None))?;
                 let took = started.elapsed();
                 if status.is_success() {
-                    let (rejected, message) =
-                        self.signal.partial_success(&body).map_err(|e| failure(format!("undecodable answer: {e}"), true, None))?;
-                    return Ok((Accepted { rejected, message }, took));
+                    // A 2xx is acceptance, whatever the body (a gateway may answer `{}`): only
+                    // a protobuf body can tell of rejected records.
+                    return Ok((self.accepted(protobuf.then_some(&body[..])), took));
                 }
                 let message =
                     if protobuf { status::message(&body) } else { String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned() };
-                let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
-                let mut failure = failure(format!("{status}: {}", message.trim()), retryable, retry_after);
-                failure.too_large = status.as_u16() == 413;
-                Err(failure)
+                let kind = match status.as_u16() {
+                    400 => FailureKind::Refused,
+                    413 => FailureKind::TooLarge,
+                    _ => retry,
+                };
+                Err(failure(format!("{status}: {}", message.trim()), kind, retry_after))
             }
             Transport::Grpc { channel, metadata } => {
                 let mut grpc = tonic::client::Grpc::new(channel.clone());
                 if self.gzip {
                     grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
                 }
-                grpc.ready().await.map_err(|e| failure(format!("connecting: {e}"), true, None))?;
+                grpc.ready().await.map_err(|e| failure(format!("connecting: {e}"), retry, None))?;
                 let mut call = tonic::Request::new(request);
                 *call.metadata_mut() = metadata.clone();
                 let started = Instant::now();
                 let path = tonic::codegen::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
                 match grpc.unary(call, path, status::RawCodec).await {
-                    Ok(reply) => {
-                        let (rejected, message) = self
-                            .signal
-                            .partial_success(&reply.into_inner())
-                            .map_err(|e| failure(format!("undecodable answer: {e}"), true, None))?;
-                        Ok((Accepted { rejected, message }, started.elapsed()))
-                    }
+                    Ok(reply) => Ok((self.accepted(Some(&reply.into_inner())), started.elapsed())),
                     Err(status) => {
-                        use tonic::Code::*;
-                        let retryable = matches!(
-                            status.code(),
-                            Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss | ResourceExhausted
-                        );
-                        let reason = format!("{:?}: {}", status.code(), status.message());
-                        Err(failure(reason, retryable, status::retry_delay(status.details())))
+                        let retry_after = status::retry_delay(status.details());
+                        let kind = match status.code() {
+                            tonic::Code::InvalidArgument => FailureKind::Refused,
+                            tonic::Code::ResourceExhausted if retry_after.is_none() => FailureKind::TooLarge,
+                            _ => retry,
+                        };
+                        Err(failure(format!("{:?}: {}", status.code(), status.message()), kind, retry_after))
                     }
                 }
             }
+        }
+    }
+}
+
+impl Exporter {
+    /// What a success answer's body says of rejected items; an answer that cannot be read
+    /// still accepted the request (sending it again would duplicate it).
+    fn accepted(&self, body: Option<&[u8]>) -> Accepted {
+        match body.map(|b| self.signal.partial_success(b)) {
+            Some(Ok((rejected, message))) => Accepted { rejected, message },
+            Some(Err(e)) => {
+                tracing::debug!(endpoint = %self.shown, error = %e, "OTLP success answer is not an Export*ServiceResponse; taken as full success");
+                Accepted::default()
+            }
+            None => Accepted::default(),
         }
     }
 }

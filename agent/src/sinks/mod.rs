@@ -53,6 +53,13 @@ pub struct SinkOutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `nodelens_otlp_metric_points_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `delivered`, `rejected` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Labels of per-sink series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
@@ -78,6 +85,8 @@ pub struct SinkMetrics {
     pub retries: Family<SinkLabels, Counter>,
     /// `nodelens_log_records_dropped_total`: records a sink will never deliver.
     pub dropped: Family<ReasonLabels, Counter>,
+    /// `nodelens_otlp_metric_points_total`: data points of the OTLP metrics push.
+    pub pushed_points: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for SinkMetrics {
@@ -87,6 +96,7 @@ impl Default for SinkMetrics {
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             retries: Family::default(),
             dropped: Family::default(),
+            pushed_points: Family::default(),
         }
     }
 }

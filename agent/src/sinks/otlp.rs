@@ -2,10 +2,11 @@
 //! of up to `batch_max_bytes`, over OTLP/HTTP or gRPC ([`crate::otlp`]).
 //!
 //! A batch is acknowledged once its request has settled: accepted (the records the receiver
-//! names in `partial_success` counted as rejected, with its message), or refused for good
-//! `max_attempts` times (counted as rejected). Retryable answers and connection errors are
-//! retried without end, waiting at least as long as the receiver asks, and meanwhile the
-//! tailer pauses and the files wait on disk. Every record carries `log.record.uid`, so what
+//! names in `partial_success` counted as rejected, with its message), or its data refused
+//! (400, INVALID_ARGUMENT, or too large for the receiver even alone) `max_attempts` times
+//! (counted as rejected). A request too large is split. Every other failure is retried
+//! without end, waiting at least as long as the receiver asks, and meanwhile the tailer
+//! pauses and the files wait on disk. Every record carries `log.record.uid`, so what
 //! a lost answer makes us send twice can be told downstream.
 
 use std::collections::VecDeque;
@@ -17,7 +18,7 @@ use tokio::task::JoinSet;
 use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::OtlpSinkConfig;
 use crate::logs::ack::AckMsg;
-use crate::otlp::{self, logs, Exporter};
+use crate::otlp::{self, logs, Exporter, FailureKind};
 
 const SINK: &str = "otlp";
 
@@ -121,18 +122,20 @@ async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkC
                     }
                     break;
                 }
-                Err(failure) if failure.too_large && run.len() > 1 => {
+                Err(failure) if failure.kind == FailureKind::TooLarge && run.len() > 1 => {
                     let (first, second) = run.split_at(run.len() / 2);
                     runs.push_front(second);
                     runs.push_front(first);
                     break;
                 }
-                Err(failure) if failure.retryable => {
+                Err(failure) if failure.kind == FailureKind::Retry => {
                     tracing::warn!(error = %failure, attempt, "OTLP export failed; retrying");
                     tally.count("retried", records);
                     super::backoff(tally.metrics, &sink, &mut attempt, failure.retry_after).await;
                 }
                 Err(failure) => {
+                    // The data itself was refused (or one chunk is too large): a few more tries,
+                    // in case the receiver was briefly wrong, then given up.
                     refused += 1;
                     if refused >= config.max_attempts {
                         tally.reject(records, "rejected", &failure.to_string());
