@@ -7,17 +7,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 mod common;
 
 use common::CONTAINERS;
 use nodelens::config::Config;
-use nodelens::logs::checkpoint::Checkpoints;
-use nodelens::metrics::Metrics;
-use nodelens::pipeline::{self, LogPipeline};
-use nodelens::sinks::SinkOutcomeLabels;
 
 const ROLE: &str = "NODELENS_BENCH_ROLE";
 
@@ -37,22 +31,7 @@ fn main() {
     config.logs.pods_dir = pods;
     config.state_dir = dir.path().join("state");
     config.sinks.elasticsearch.endpoints = vec![format!("http://127.0.0.1:{}", port.trim())];
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (cpu, wall) = runtime.block_on(async {
-        let metrics = Metrics::new("bench");
-        let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
-        let delivered = metrics.sinks.records.get_or_create(&SinkOutcomeLabels { sink: "elasticsearch", outcome: "delivered" }).clone();
-        let start_cpu = common::cpu_seconds();
-        let start = Instant::now();
-        let sinks = pipeline::configured_sinks(&config, &metrics.sinks).unwrap();
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, None, sinks).unwrap();
-        while delivered.get() < records {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let result = (common::cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
-        pipeline.stop(Duration::from_secs(5)).await;
-        result
-    });
+    let (cpu, wall) = common::ship(&config, "elasticsearch", records);
     let _ = child.kill();
     let _ = child.wait();
     println!(

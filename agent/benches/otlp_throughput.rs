@@ -21,10 +21,6 @@ mod common;
 
 use common::CONTAINERS;
 use nodelens::config::{Config, OtlpProtocol};
-use nodelens::logs::checkpoint::Checkpoints;
-use nodelens::metrics::Metrics;
-use nodelens::pipeline::{self, LogPipeline};
-use nodelens::sinks::SinkOutcomeLabels;
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
 use prost::Message;
 
@@ -53,22 +49,7 @@ fn main() {
     config.state_dir = dir.path().join("state");
     config.sinks.otlp.endpoint = format!("http://127.0.0.1:{}", if grpc { &grpc_port } else { &http_port });
     config.sinks.otlp.protocol = if grpc { OtlpProtocol::Grpc } else { OtlpProtocol::HttpProtobuf };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (cpu, wall) = runtime.block_on(async {
-        let metrics = Metrics::new("bench");
-        let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
-        let delivered = metrics.sinks.records.get_or_create(&SinkOutcomeLabels { sink: "otlp", outcome: "delivered" }).clone();
-        let start_cpu = common::cpu_seconds();
-        let start = Instant::now();
-        let sinks = pipeline::configured_sinks(&config, &metrics.sinks).unwrap();
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, None, sinks).unwrap();
-        while delivered.get() < records {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let result = (common::cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
-        pipeline.stop(Duration::from_secs(5)).await;
-        result
-    });
+    let (cpu, wall) = common::ship(&config, "otlp", records);
     let received = count(&http_port);
     assert!(received >= records, "the receiver decoded {received} of {records} records");
     println!(

@@ -601,12 +601,15 @@ impl Config {
         for (i, glob) in self.logs.exclude_namespaces.iter().enumerate() {
             globset::Glob::new(glob).map_err(|e| key_error(&format!("logs.exclude_namespaces[{i}]"), e.to_string()))?;
         }
-        for (i, endpoint) in self.sinks.elasticsearch.endpoints.iter().enumerate() {
+        let es_endpoints =
+            self.sinks.elasticsearch.endpoints.iter().enumerate().map(|(i, e)| (format!("sinks.elasticsearch.endpoints[{i}]"), e));
+        let otlp_endpoints = [("sinks.otlp.endpoint", &self.sinks.otlp.endpoint), ("metrics.otlp.endpoint", &self.metrics.otlp.endpoint)]
+            .into_iter()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(key, e)| (key.to_string(), e));
+        for (key, endpoint) in es_endpoints.chain(otlp_endpoints) {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(key_error(
-                    &format!("sinks.elasticsearch.endpoints[{i}]"),
-                    format!("`{}` is not an http:// or https:// URL", redact_url(endpoint)),
-                ));
+                return Err(key_error(&key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
             }
         }
         for (list, keys) in [("app_keys", &self.kubernetes.app_keys), ("user_keys", &self.kubernetes.user_keys)] {
@@ -633,16 +636,6 @@ impl Config {
         if !es.api_key.is_empty() && !es.username.is_empty() {
             return Err(key_error("sinks.elasticsearch.api_key", "set either api_key or username, not both".into()));
         }
-        if es.item_max_attempts == 0 {
-            return Err(key_error("sinks.elasticsearch.item_max_attempts", "must be at least 1".into()));
-        }
-        if !(1..=64).contains(&es.max_concurrent_requests) {
-            return Err(key_error("sinks.elasticsearch.max_concurrent_requests", "must be between 1 and 64".into()));
-        }
-        // Elasticsearch refuses bodies over http.max_content_length (100mb by default).
-        if !(64 * 1024..=100 * 1024 * 1024).contains(&es.batch_max_bytes) {
-            return Err(key_error("sinks.elasticsearch.batch_max_bytes", "must be between 65536 and 104857600".into()));
-        }
         if self.logs.max_line_bytes > 64 * 1024 * 1024 {
             return Err(key_error("logs.max_line_bytes", "must be at most 67108864 (each record is held in memory whole)".into()));
         }
@@ -650,11 +643,6 @@ impl Config {
             return Err(key_error("logs.max_inflight_bytes", "must be at most 1073741824".into()));
         }
         let otlp = &self.sinks.otlp;
-        for (key, endpoint) in [("sinks.otlp.endpoint", &otlp.endpoint), ("metrics.otlp.endpoint", &self.metrics.otlp.endpoint)] {
-            if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(key_error(key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
-            }
-        }
         let headers = [
             ("sinks.otlp.headers", &otlp.headers, otlp.protocol),
             ("metrics.otlp.headers", &self.metrics.otlp.headers, self.metrics.otlp.protocol),
@@ -672,16 +660,21 @@ impl Config {
                 }
             }
         }
-        if otlp.max_attempts == 0 {
-            return Err(key_error("sinks.otlp.max_attempts", "must be at least 1".into()));
-        }
-        if !(1..=64).contains(&otlp.max_concurrent_requests) {
-            return Err(key_error("sinks.otlp.max_concurrent_requests", "must be between 1 and 64".into()));
-        }
-        // One record must fit (the tailer cuts records at logs.max_line_bytes); receivers
-        // refuse very large messages.
-        if !(64 * 1024..=64 * 1024 * 1024).contains(&otlp.batch_max_bytes) {
-            return Err(key_error("sinks.otlp.batch_max_bytes", "must be between 65536 and 67108864".into()));
+        // Elasticsearch refuses bodies over http.max_content_length (100mb by default); OTLP
+        // receivers refuse very large messages.
+        let counts = [
+            ("sinks.elasticsearch.item_max_attempts", es.item_max_attempts as usize, 1, usize::MAX),
+            ("sinks.elasticsearch.max_concurrent_requests", es.max_concurrent_requests, 1, 64),
+            ("sinks.elasticsearch.batch_max_bytes", es.batch_max_bytes, 64 * 1024, 100 * 1024 * 1024),
+            ("sinks.otlp.max_attempts", otlp.max_attempts as usize, 1, usize::MAX),
+            ("sinks.otlp.max_concurrent_requests", otlp.max_concurrent_requests, 1, 64),
+            ("sinks.otlp.batch_max_bytes", otlp.batch_max_bytes, 64 * 1024, 64 * 1024 * 1024),
+        ];
+        for (key, value, min, max) in counts {
+            if value < min || value > max {
+                let bounds = if max == usize::MAX { format!("must be at least {min}") } else { format!("must be between {min} and {max}") };
+                return Err(key_error(key, bounds));
+            }
         }
         // Collectors refuse gRPC messages over 4 MiB unless configured otherwise; a request may
         // pass the limit by one chunk (256 KiB).

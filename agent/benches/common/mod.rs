@@ -4,6 +4,14 @@
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nodelens::config::Config;
+use nodelens::logs::checkpoint::Checkpoints;
+use nodelens::metrics::Metrics;
+use nodelens::pipeline::{self, LogPipeline};
+use nodelens::sinks::SinkOutcomeLabels;
 
 /// Containers in a generated backlog.
 pub const CONTAINERS: usize = 8;
@@ -61,4 +69,25 @@ pub fn current_rss_mib() -> f64 {
 fn status_kib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// Runs the real pipeline with the sinks `config` asks for until `sink` has delivered
+/// `records`, and returns the CPU-seconds and wall seconds it took.
+pub fn ship(config: &Config, sink: &'static str, records: u64) -> (f64, f64) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let metrics = Metrics::new("bench");
+        let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
+        let delivered = metrics.sinks.records.get_or_create(&SinkOutcomeLabels { sink, outcome: "delivered" }).clone();
+        let start_cpu = cpu_seconds();
+        let start = Instant::now();
+        let sinks = pipeline::configured_sinks(config, &metrics.sinks).unwrap();
+        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, None, sinks).unwrap();
+        while delivered.get() < records {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let result = (cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
+        pipeline.stop(Duration::from_secs(5)).await;
+        result
+    })
 }

@@ -8,10 +8,10 @@
 //! `ResourceLogs` of several chunks one after another ([`request`]), which protobuf defines as
 //! the repeated field, so requests are put together without decoding anything.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ScopeLogs, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
@@ -21,19 +21,12 @@ use crate::logs::chunk::{Chunk, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
 use crate::logs::source::FileId;
+use crate::otlp::{kv, text, unix_nanos};
 
 /// A container's `Resource`, encoded.
 #[derive(Debug, Clone)]
 pub struct ResourceTemplate {
     resource: Vec<u8>,
-}
-
-fn kv(key: impl Into<String>, value: Value) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
-}
-
-fn text(value: &str) -> Value {
-    Value::StringValue(value.to_string())
 }
 
 impl ResourceTemplate {
@@ -136,10 +129,6 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     }
 }
 
-fn unix_nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 /// Nanoseconds since the epoch of a runtime's RFC 3339 timestamp (`Z` or a `±hh:mm` offset);
 /// `None` when it is not one, which leaves `time_unix_nano` unset (the receiver then uses
 /// the observed time, as the spec says).
@@ -180,7 +169,10 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use std::time::UNIX_EPOCH;
+
     use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
 
     use super::*;
     use crate::logs::chunk::{Flags, StreamKind};

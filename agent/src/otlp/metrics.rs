@@ -12,11 +12,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -25,7 +24,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
-use super::{Exporter, Settings};
+use super::{kv as attribute, text, unix_nanos, Exporter, Settings};
 use crate::config::OtlpMetricsConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -109,10 +108,6 @@ pub async fn run(interval: Duration, exporter: Exporter, metrics: Arc<Metrics>, 
     }
 }
 
-fn unix_nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 fn points_of(metric: &Metric) -> usize {
     match &metric.data {
         Some(Data::Gauge(g)) => g.data_points.len(),
@@ -123,7 +118,7 @@ fn points_of(metric: &Metric) -> usize {
 }
 
 fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }), ..Default::default() }
+    attribute(key, text(value))
 }
 
 /// The request carrying `metrics`, from `origin`.
@@ -376,6 +371,7 @@ fn unescape_help(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;

@@ -12,7 +12,10 @@ pub mod metrics;
 mod status;
 
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 
 use prost::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
@@ -286,6 +289,21 @@ impl Exporter {
             None => Accepted::default(),
         }
     }
+}
+
+/// A string attribute, or one of another type.
+pub(crate) fn kv(key: impl Into<String>, value: Value) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+}
+
+/// A string attribute value.
+pub(crate) fn text(value: &str) -> Value {
+    Value::StringValue(value.to_string())
+}
+
+/// Nanoseconds since the epoch, as OTLP timestamps are.
+pub(crate) fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// A reqwest error with its causes (the bare error says only "error sending request").

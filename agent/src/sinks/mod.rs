@@ -7,6 +7,7 @@ pub mod elasticsearch;
 pub mod otlp;
 pub mod stdout;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +16,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::logs::ack::AckMsg;
 use crate::logs::source::FileId;
 
 /// The records of one chunk, encoded once for every sink, in each format a sink asked for.
@@ -101,15 +104,65 @@ impl Default for SinkMetrics {
     }
 }
 
+/// How a sink puts batches together into requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Requests {
+    /// Longest a batch waits for its request to fill.
+    pub flush_interval: Duration,
+    /// Size at which a request is sent (as the sink measures batches).
+    pub max_bytes: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+}
+
+/// Runs a sink until its input closes, then delivers what it holds and returns. Batches are
+/// gathered into requests as `requests` says (`size` measuring each), up to `concurrency`
+/// are delivered at once by `deliver`, and each batch is acknowledged when its delivery
+/// returns; the committer advances checkpoints in read order whatever order they settle in.
+pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
+    mut batches: mpsc::Receiver<Arc<Batch>>,
+    acks: mpsc::Sender<AckMsg>,
+    requests: Requests,
+    size: impl Fn(&Batch) -> usize,
+    deliver: impl Fn(Arc<[Arc<Batch>]>) -> F,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(requests.concurrency));
+    let mut deliveries = JoinSet::new();
+    let mut open = true;
+    while open {
+        let Some(first) = batches.recv().await else { break };
+        let pending: Arc<[Arc<Batch>]>;
+        (pending, open) = gather(&mut batches, first, requests.flush_interval, requests.max_bytes, &size).await;
+        // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
+        let slot = slots.clone().acquire_owned().await?;
+        let (delivery, acks) = (deliver(pending.clone()), acks.clone());
+        deliveries.spawn(async move {
+            delivery.await;
+            drop(slot);
+            for batch in pending.iter() {
+                // The committer is gone only at shutdown, when nothing more can be committed.
+                let _ = acks.send(AckMsg::Ack { seq: batch.seq }).await;
+            }
+        });
+        while let Some(done) = deliveries.try_join_next() {
+            done?;
+        }
+    }
+    while let Some(done) = deliveries.join_next().await {
+        done?;
+    }
+    Ok(())
+}
+
 /// Takes batches after `first` until they reach `max_bytes` (as `size` measures them) or
 /// `flush_interval` has passed. The flag is false when the input has closed.
-pub async fn gather(
+async fn gather(
     batches: &mut mpsc::Receiver<Arc<Batch>>,
     first: Arc<Batch>,
     flush_interval: Duration,
     max_bytes: usize,
     size: impl Fn(&Batch) -> usize,
-) -> (Vec<Arc<Batch>>, bool) {
+) -> (Arc<[Arc<Batch>]>, bool) {
     let deadline = Instant::now() + flush_interval;
     let mut bytes = size(&first);
     let mut pending = vec![first];
@@ -119,11 +172,11 @@ pub async fn gather(
                 bytes += size(&batch);
                 pending.push(batch);
             }
-            Ok(None) => return (pending, false),
+            Ok(None) => return (pending.into(), false),
             Err(_) => break,
         }
     }
-    (pending, true)
+    (pending.into(), true)
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);

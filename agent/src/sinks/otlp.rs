@@ -12,8 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 
 use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::OtlpSinkConfig;
@@ -36,44 +35,26 @@ pub fn settings(config: &OtlpSinkConfig) -> otlp::Settings {
 }
 
 /// Runs the sink until its input closes, then delivers what it holds and returns. Up to
-/// `max_concurrent_requests` requests are in flight; the committer advances checkpoints in
-/// read order whatever order they settle in.
+/// `max_concurrent_requests` requests are in flight.
 pub async fn run(
     config: OtlpSinkConfig,
     exporter: Exporter,
-    mut batches: mpsc::Receiver<Arc<Batch>>,
+    batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
     let last_rejection = Arc::new(Mutex::new(String::new()));
-    let mut deliveries = JoinSet::new();
-    let mut open = true;
-    while open {
-        let Some(first) = batches.recv().await else { break };
-        let size = |b: &Batch| b.otlp.len() + logs::framing_len(b.otlp.len());
-        let pending;
-        (pending, open) = super::gather(&mut batches, first, config.flush_interval, config.batch_max_bytes, size).await;
-        // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
-        let slot = slots.clone().acquire_owned().await?;
-        let (exporter, acks, metrics, config, last_rejection) =
-            (exporter.clone(), acks.clone(), metrics.clone(), config.clone(), last_rejection.clone());
-        deliveries.spawn(async move {
-            deliver(&exporter, &pending, &config, &Tally { metrics: &metrics, last_rejection: &last_rejection }).await;
-            drop(slot);
-            for batch in &pending {
-                // The committer is gone only at shutdown, when nothing more can be committed.
-                let _ = acks.send(AckMsg::Ack { seq: batch.seq }).await;
-            }
-        });
-        while let Some(done) = deliveries.try_join_next() {
-            done?;
-        }
-    }
-    while let Some(done) = deliveries.join_next().await {
-        done?;
-    }
-    Ok(())
+    let requests = super::Requests {
+        flush_interval: config.flush_interval,
+        max_bytes: config.batch_max_bytes,
+        concurrency: config.max_concurrent_requests,
+    };
+    let size = |b: &Batch| b.otlp.len() + logs::framing_len(b.otlp.len());
+    super::run_deliveries(batches, acks, requests, size, move |pending| {
+        let (exporter, metrics, config, last_rejection) = (exporter.clone(), metrics.clone(), config.clone(), last_rejection.clone());
+        async move { deliver(&exporter, &pending, &config, &Tally { metrics: &metrics, last_rejection: &last_rejection }).await }
+    })
+    .await
 }
 
 /// Counts outcomes, and says why records were rejected once per distinct reason in a row.

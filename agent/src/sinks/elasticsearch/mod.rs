@@ -15,8 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::bulk::{Item, Outcome};
@@ -28,43 +27,32 @@ use crate::logs::ack::AckMsg;
 const SINK: &str = "elasticsearch";
 
 /// Runs the sink until its input closes, then delivers what it holds and returns. Up to
-/// `max_concurrent_requests` batches are delivered at once; each is acknowledged when all its
-/// records have settled, and the committer advances checkpoints in read order whatever order
-/// acknowledgements arrive in.
+/// `max_concurrent_requests` requests are in flight; each batch is acknowledged when all its
+/// records have settled.
 pub async fn run(
     config: ElasticsearchConfig,
     client: Client,
-    mut batches: mpsc::Receiver<Arc<Batch>>,
+    batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
     let health = Health::new();
-    let mut deliveries = JoinSet::new();
-    let mut open = true;
-    while open {
-        let Some(first) = batches.recv().await else { break };
-        let pending;
-        (pending, open) = super::gather(&mut batches, first, config.flush_interval, config.batch_max_bytes, |b| b.docs.bytes.len()).await;
-        // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
-        let slot = slots.clone().acquire_owned().await?;
-        let (client, acks, metrics, config, health) = (client.clone(), acks.clone(), metrics.clone(), config.clone(), health.clone());
-        deliveries.spawn(async move {
-            deliver(&client, &pending, &config, &metrics, &health).await;
-            drop(slot);
-            for batch in &pending {
-                // The committer is gone only at shutdown, when nothing more can be committed.
-                let _ = acks.send(AckMsg::Ack { seq: batch.seq }).await;
-            }
-        });
-        while let Some(done) = deliveries.try_join_next() {
-            done?;
-        }
-    }
-    while let Some(done) = deliveries.join_next().await {
-        done?;
-    }
-    Ok(())
+    let requests = super::Requests {
+        flush_interval: config.flush_interval,
+        max_bytes: config.batch_max_bytes,
+        concurrency: config.max_concurrent_requests,
+    };
+    super::run_deliveries(
+        batches,
+        acks,
+        requests,
+        |b| b.docs.bytes.len(),
+        move |pending| {
+            let (client, metrics, config, health) = (client.clone(), metrics.clone(), config.clone(), health.clone());
+            async move { deliver(&client, &pending, &config, &metrics, &health).await }
+        },
+    )
+    .await
 }
 
 /// Counts outcomes of one sink.
