@@ -51,7 +51,7 @@ fn main() {
             ));
             let pid = 10_000 + n;
             proc.add(pid, 5_000 + u64::from(n), &Cgroup::V2SystemdContainerd.render(&uid, &id));
-            processes.push(Process { pid, used_memory_bytes: 256 << 20, gpu_instance: None, sm_percent: 1 + p % 50 });
+            processes.push(Process { pid, used_memory_bytes: 256 << 20, sm_percent: 1 + p % 50, ..Process::default() });
             allocated.push(Allocated::new("ml", &pod, "main", "nvidia.com/gpu", &[&format!("{uuid}::{p}")]));
         }
         scenario.gpus.push(Gpu {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nodelens_testkit::agent::{metric_sum, Agent};
-use nodelens_testkit::gpu::scenario::{Gpu, MigInstance, Process, Scenario, XidEvent, SCENARIO_ENV};
+use nodelens_testkit::gpu::scenario::{Gpm, Gpu, MigInstance, Process, RemappedRows, Scenario, XidEvent, SCENARIO_ENV};
 use nodelens_testkit::gpu::{nvml_library, without_symbol, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
 use serde_json::json;
@@ -21,6 +21,8 @@ const A100: &str = "GPU-a1a1a1a1-0000-4000-8000-000000000001";
 const MIG_1G: &str = "MIG-11111111-1111-5111-8111-111111111111";
 const MIG_3G: &str = "MIG-33333333-3333-5333-8333-333333333333";
 const L4: &str = "GPU-14141414-0000-4000-8000-000000000014";
+const H100_MIG: &str = "GPU-4d4d4d4d-0000-4000-8000-000000000001";
+const MIB: f64 = 1_048_576.0;
 const GIB: u64 = 1 << 30;
 
 /// A workload pod: name, uid, app, user, container id, GPU process pid and cgroup style.
@@ -66,7 +68,7 @@ fn h100(processes: Vec<Process>) -> Gpu {
 }
 
 fn process(pid: u32, memory: u64, sm_percent: u32) -> Process {
-    Process { pid, used_memory_bytes: memory, gpu_instance: None, sm_percent }
+    Process { pid, used_memory_bytes: memory, sm_percent, ..Process::default() }
 }
 
 /// GPU 0 (H100) time-sliced between resnet (30% SM, 10 GiB) and bert (50%, 20 GiB); GPU 1
@@ -82,7 +84,13 @@ fn scenario() -> Scenario {
                 name: "NVIDIA A100-SXM4-40GB".into(),
                 memory_total_bytes: 40 * GIB,
                 temperature_celsius: 40,
-                processes: vec![Process { pid: 4303, used_memory_bytes: 4 * GIB, gpu_instance: Some(1), sm_percent: 90 }],
+                processes: vec![Process {
+                    pid: 4303,
+                    used_memory_bytes: 4 * GIB,
+                    gpu_instance: Some(1),
+                    sm_percent: 90,
+                    ..Process::default()
+                }],
                 mig: vec![
                     MigInstance {
                         uuid: MIG_1G.into(),
@@ -90,6 +98,7 @@ fn scenario() -> Scenario {
                         gpu_instance: 1,
                         memory_total_bytes: 5 * GIB,
                         memory_used_bytes: 4 * GIB,
+                        gpm: None,
                     },
                     MigInstance {
                         uuid: MIG_3G.into(),
@@ -97,6 +106,7 @@ fn scenario() -> Scenario {
                         gpu_instance: 2,
                         memory_total_bytes: 20 * GIB,
                         memory_used_bytes: 0,
+                        gpm: None,
                     },
                 ],
                 ..Gpu::default()
@@ -116,6 +126,10 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Node::with(scenario())
+    }
+
+    fn with(scenario: Scenario) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("pods")).unwrap();
         let api = FakeApiServer::start();
@@ -136,16 +150,20 @@ impl Node {
             Allocated::new("ml", "cpu-only-0", "main", "example.com/fpga", &["fpga-0"]),
         ]);
         let scenario_path = dir.path().join("scenario.json");
-        scenario().write(&scenario_path).unwrap();
+        scenario.write(&scenario_path).unwrap();
         Node { dir, api, kubelet, proc, scenario: scenario_path }
     }
 
     fn start(&self, library: &Path, gpu_extra: &str) -> Agent {
+        self.start_polling(library, "200ms", gpu_extra)
+    }
+
+    fn start_polling(&self, library: &Path, poll_interval: &str, gpu_extra: &str) -> Agent {
         let kubeconfig = self.dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, self.api.kubeconfig()).unwrap();
         let config = self.dir.path().join("nodelens.yaml");
         let text = format!(
-            "node_name: {NODE}\nstate_dir: {state}\nhost:\n  proc_root: {proc}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  pod_resources_socket: {sock}\ngpu:\n  nvml_library: {lib}\n  poll_interval: 200ms\n{gpu_extra}metrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: {NODE}\nstate_dir: {state}\nhost:\n  proc_root: {proc}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  pod_resources_socket: {sock}\ngpu:\n  nvml_library: {lib}\n  poll_interval: {poll_interval}\n{gpu_extra}metrics:\n  listen: 127.0.0.1:0\n",
             state = self.dir.path().join("state").display(),
             proc = self.proc.root.display(),
             pods = self.dir.path().join("pods").display(),
@@ -324,4 +342,190 @@ fn without_nvml_the_agent_runs_without_gpu_metrics_unless_gpus_are_required() {
     let (status, _, log) = node.start(&missing, "  enabled: true\n").wait_exit(WAIT);
     assert!(!status.success(), "gpu.enabled: true without NVML is an error: {log}");
     assert!(log.contains("gpu.enabled is true"), "{log}");
+}
+
+/// What the GPM counters of a busy Hopper GPU measure.
+fn gpm(sm_active_percent: f64) -> Gpm {
+    Gpm {
+        graphics_percent: 80.0,
+        sm_active_percent,
+        sm_occupancy_percent: 25.0,
+        tensor_active_percent: 30.0,
+        dram_active_percent: 55.0,
+        fp64_active_percent: 1.0,
+        fp32_active_percent: 12.0,
+        fp16_active_percent: 3.0,
+        pcie_tx_mib_per_s: 1000.0,
+        pcie_rx_mib_per_s: 500.0,
+        nvlink_tx_mib_per_s: 2000.0,
+        nvlink_rx_mib_per_s: 4000.0,
+    }
+}
+
+/// GPU 0: an H100 with GPM, time-sliced between resnet (steady 30 %) and bert, which runs
+/// kernels at 90 % in one driver sample period of every six; two rows remapped, one pending.
+/// GPU 1: an H100 in MIG mode, mig-job in its 1g instance. GPU 2: an L4, no GPM, PCIe from the
+/// legacy sensor.
+fn hopper_scenario() -> Scenario {
+    let bursty = Process { pid: 4202, used_memory_bytes: 20 * GIB, sm_percent: 90, burst_cycle: 6, burst_busy: 1, ..Process::default() };
+    let mut h = h100(vec![process(4101, 10 * GIB, 30), bursty]);
+    h.gpm = Some(gpm(42.0));
+    h.remapped_rows = Some(RemappedRows { correctable: 2, uncorrectable: 1, pending: true, failed: false });
+    let instance = |uuid: &str, profile: &str, gpu_instance, gpm| MigInstance {
+        uuid: uuid.into(),
+        profile: profile.into(),
+        gpu_instance,
+        memory_total_bytes: 10 * GIB,
+        memory_used_bytes: 0,
+        gpm: Some(gpm),
+    };
+    let mig = Gpu {
+        uuid: H100_MIG.into(),
+        name: "NVIDIA H100 80GB HBM3".into(),
+        memory_total_bytes: 80 * GIB,
+        temperature_celsius: 45,
+        gpm: Some(gpm(20.0)),
+        processes: vec![Process { pid: 4303, used_memory_bytes: 4 * GIB, gpu_instance: Some(1), ..Process::default() }],
+        mig: vec![
+            instance(
+                MIG_1G,
+                "1g.10gb",
+                1,
+                Gpm { graphics_percent: 64.0, sm_active_percent: 50.0, tensor_active_percent: 45.0, ..Gpm::default() },
+            ),
+            instance(MIG_3G, "3g.40gb", 2, Gpm::default()),
+        ],
+        ..Gpu::default()
+    };
+    let l4 = Gpu {
+        uuid: L4.into(),
+        name: "NVIDIA L4".into(),
+        memory_total_bytes: 24 * GIB,
+        pcie_tx_kb_per_s: 20_480,
+        pcie_rx_kb_per_s: 10_240,
+        ..Gpu::default()
+    };
+    Scenario { driver_version: "560.35.03".into(), gpus: vec![h, mig, l4] }
+}
+
+fn close(actual: Option<f64>, expected: f64, what: &str, m: &str) {
+    let a = actual.unwrap_or_else(|| panic!("no {what}\n{m}"));
+    assert!((a - expected).abs() < 1e-6, "{what}: {a}, expected {expected}");
+}
+
+/// Scrapes until `series` changes twice and returns the increase between those changes: one
+/// poll's worth, as the counter moves only when the agent polls.
+fn one_poll_increase(agent: &Agent, name: &str, labels: &str) -> f64 {
+    let read = || value(&agent.get("/metrics").1, name, labels);
+    let deadline = Instant::now() + WAIT;
+    let mut seen: Vec<f64> = Vec::new();
+    while seen.len() < 3 && Instant::now() < deadline {
+        if let Some(v) = read() {
+            if seen.last() != Some(&v) {
+                seen.push(v);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(seen.len(), 3, "{name}{{{labels}}} did not move twice: {seen:?}");
+    seen[2] - seen[1]
+}
+
+#[test]
+fn hopper_gpus_export_profiling_metrics_per_gpu_and_mig_instance_with_time_weighted_shares() {
+    let node = Node::with(hopper_scenario());
+    let agent = node.start_polling(&nvml_library(), "2s", "");
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let parent = format!("gpu=\"1\",uuid=\"{H100_MIG}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let mig = format!("gpu=\"1\",uuid=\"{MIG_1G}\",model=\"NVIDIA H100 80GB HBM3\",mig_profile=\"1g.10gb\",gpu_instance=\"1\"");
+    let mig_3g = format!("gpu=\"1\",uuid=\"{MIG_3G}\",model=\"NVIDIA H100 80GB HBM3\",mig_profile=\"3g.40gb\",gpu_instance=\"2\"");
+    let l4 = format!("gpu=\"2\",uuid=\"{L4}\",model=\"NVIDIA L4\"");
+    let bert = container(0, H100, "bert-0", "bert", "bob");
+    let mig_job = container(1, MIG_1G, "mig-job-0", "mig-job", "carol");
+    let m = scrape_until(&agent, "GPM metrics and the MIG instance's container", |m| {
+        value(m, "nodelens_gpu_sm_active_ratio", &h).is_some() && value(m, "nodelens_container_gpu_utilization_ratio", &mig_job).is_some()
+    });
+
+    // Per GPU: GPM's percentages as ratios, each its own metric.
+    for (name, expected) in [
+        ("sm_active", 0.42),
+        ("sm_occupancy", 0.25),
+        ("tensor_active", 0.30),
+        ("dram_active", 0.55),
+        ("fp64_active", 0.01),
+        ("fp32_active", 0.12),
+        ("fp16_active", 0.03),
+    ] {
+        close(value(&m, &format!("nodelens_gpu_{name}_ratio"), &h), expected, name, &m);
+    }
+    assert_eq!(value(&m, "nodelens_gpu_utilization_ratio", &h), Some(0.8), "NVML's utilization stays NVML's");
+    // MIG: each instance measured on its own; its utilization is GPM's graphics activity, and
+    // the one container on it gets it.
+    close(value(&m, "nodelens_gpu_sm_active_ratio", &parent), 0.20, "the MIG GPU's own SM activity", &m);
+    close(value(&m, "nodelens_gpu_sm_active_ratio", &mig), 0.50, "the 1g instance's SM activity", &m);
+    close(value(&m, "nodelens_gpu_tensor_active_ratio", &mig), 0.45, "the 1g instance's tensor activity", &m);
+    close(value(&m, "nodelens_gpu_utilization_ratio", &mig), 0.64, "the 1g instance's utilization", &m);
+    close(value(&m, "nodelens_gpu_sm_active_ratio", &mig_3g), 0.0, "the idle 3g instance", &m);
+    close(value(&m, "nodelens_container_gpu_utilization_ratio", &mig_job), 0.64, "mig-job's utilization", &m);
+    assert!(!m.lines().any(|l| l.starts_with("nodelens_gpu_pcie_bytes_total") && l.contains("MIG-")), "traffic is per GPU only");
+    // No GPM on the L4: no profiling series, one line saying so.
+    assert!(!m.lines().any(|l| l.starts_with("nodelens_gpu_") && l.contains("_active_ratio") && l.contains(L4)), "{m}");
+    // Row remapping.
+    assert_eq!(value(&m, "nodelens_gpu_remapped_rows_total", &format!("{h},cause=\"correctable\"")), Some(2.0));
+    assert_eq!(value(&m, "nodelens_gpu_remapped_rows_total", &format!("{h},cause=\"uncorrectable\"")), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_row_remap_pending", &h), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_row_remap_failed", &h), Some(0.0));
+    assert_eq!(value(&m, "nodelens_gpu_row_remap_failed", &l4), None, "the L4's driver answers NOT_SUPPORTED: no series");
+
+    // Traffic: one 2 s poll's bytes, at GPM's MiB/s and the legacy sensor's KB/s.
+    for (labels, name, per_second) in [
+        (format!("{h},direction=\"tx\""), "nodelens_gpu_pcie_bytes_total", 1000.0 * MIB),
+        (format!("{h},direction=\"rx\""), "nodelens_gpu_nvlink_bytes_total", 4000.0 * MIB),
+        (format!("{l4},direction=\"tx\""), "nodelens_gpu_pcie_bytes_total", 20_480.0 * 1024.0),
+    ] {
+        let bytes = one_poll_increase(&agent, name, &labels);
+        let expected = per_second * 2.0;
+        assert!((bytes / expected - 1.0).abs() < 0.05, "{name}{{{labels}}}: {bytes} bytes in a poll, expected {expected}");
+    }
+
+    // bert's share is its samples over the window: 90 % in 1 of 6 periods is 15 %, never the
+    // 90 % its samples average.
+    let deadline = Instant::now() + WAIT;
+    let mut shares = Vec::new();
+    while Instant::now() < deadline && !shares.iter().any(|s: &f64| (s - 0.15).abs() < 0.016) {
+        shares.extend(value(&agent.get("/metrics").1, "nodelens_container_gpu_utilization_ratio", &bert));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(shares.iter().any(|s| (s - 0.15).abs() < 0.016), "bert's share never read 15 %: {shares:?}");
+    assert!(shares.iter().all(|s| *s < 0.25), "a bursty process's share is not its samples' mean: {shares:?}");
+    close(
+        value(&agent.get("/metrics").1, "nodelens_container_gpu_utilization_ratio", &container(0, H100, "resnet-0", "resnet", "alice")),
+        0.3,
+        "steady resnet",
+        "",
+    );
+
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("no GPM on this GPU").count(), 1, "one line, for the L4: {log}");
+    assert!(!log.contains("lacks the function") && !log.contains("WARN"), "{log}");
+}
+
+#[test]
+fn a_driver_without_gpm_exports_everything_else_and_says_so_once() {
+    let node = Node::with(hopper_scenario());
+    let old = without_symbol(&nvml_library(), "nvmlGpmMetricsGet", node.dir.path());
+    let agent = node.start(&old, "");
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let m = scrape_until(&agent, "the H100 read with PCIe from the legacy sensor", |m| {
+        value(m, "nodelens_gpu_pcie_bytes_total", &format!("{h},direction=\"tx\"")).is_some()
+    });
+    assert!(!m.contains("_active_ratio{"), "{m}");
+    assert_eq!(value(&m, "nodelens_gpu_row_remap_pending", &h), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_utilization_ratio", &h), Some(0.8));
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("has no GPM").count(), 1, "{log}");
+    assert!(log.contains("nvmlGpmMetricsGet") && !log.contains("lacks the function"), "{log}");
 }

@@ -84,7 +84,7 @@ fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
         ecc_uncorrected: Some(0),
         ..Gpu::default()
     };
-    let process = |pid, memory_gib, sm_percent| Process { pid, used_memory_bytes: memory_gib * GIB, gpu_instance: None, sm_percent };
+    let process = |pid, memory_gib, sm_percent| Process { pid, used_memory_bytes: memory_gib * GIB, sm_percent, ..Process::default() };
     Scenario {
         driver_version: "550.54.15".into(),
         gpus: vec![

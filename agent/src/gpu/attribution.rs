@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::allocation::{parse_device_id, Allocation, DeviceRef};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
-use super::reading::{GpuId, Reading};
+use super::reading::{GpuGauge, GpuId, Reading};
 use crate::host::names::{ContainerLabels, Names};
 
 /// Use of one GPU by one container, summed over its processes.
@@ -52,6 +52,16 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         }
         if let Some(bytes) = p.memory_bytes {
             entry.memory_bytes = Some(entry.memory_bytes.unwrap_or(0) + bytes);
+        }
+    }
+
+    // The driver has no per-process samples under MIG, but GPM measures the instance itself:
+    // an instance used by one container is that container's.
+    for gpu in reading.gpus.iter().filter(|g| g.id.mig.is_some()) {
+        let Some(busy) = gpu.get(GpuGauge::Utilization) else { continue };
+        let mut on_it = uses.iter_mut().filter(|((uuid, _), _)| *uuid == gpu.id.uuid);
+        if let (Some((_, only)), None) = (on_it.next(), on_it.next()) {
+            only.utilization = only.utilization.or(Some(busy));
         }
     }
 

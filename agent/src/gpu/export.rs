@@ -79,6 +79,18 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_power_watts",
     "nodelens_gpu_power_limit_watts",
     "nodelens_gpu_sm_clock_hertz",
+    "nodelens_gpu_sm_active_ratio",
+    "nodelens_gpu_sm_occupancy_ratio",
+    "nodelens_gpu_tensor_active_ratio",
+    "nodelens_gpu_dram_active_ratio",
+    "nodelens_gpu_fp64_active_ratio",
+    "nodelens_gpu_fp32_active_ratio",
+    "nodelens_gpu_fp16_active_ratio",
+    "nodelens_gpu_pcie_bytes_total",
+    "nodelens_gpu_nvlink_bytes_total",
+    "nodelens_gpu_remapped_rows_total",
+    "nodelens_gpu_row_remap_pending",
+    "nodelens_gpu_row_remap_failed",
     "nodelens_gpu_energy_joules_total",
     "nodelens_gpu_throttled",
     "nodelens_gpu_ecc_errors_total",
@@ -174,6 +186,52 @@ impl Collector for GpuExport {
             g.reading.xids.iter().map(move |(xid, n)| ((g.labels.as_slice(), [("xid", xid.to_string())]), ConstCounter::new(*n)))
         });
         family(&mut encoder, "gpu_xid_errors", "Critical XID error events since the agent started, by XID", MetricType::Counter, xids)?;
+        let traffic = |pick: fn(&GpuReading) -> Option<(f64, f64)>| {
+            gpus.iter().filter(up).filter_map(move |g| pick(&g.reading).map(|t| (g, t))).flat_map(|(g, (tx, rx))| {
+                [("tx", tx), ("rx", rx)]
+                    .map(|(direction, bytes)| ((g.labels.as_slice(), [("direction", direction)]), ConstCounter::new(bytes)))
+            })
+        };
+        family(
+            &mut encoder,
+            "gpu_pcie_bytes",
+            "PCIe bytes since the agent started (GPM; on GPUs without it, estimated from the throughput sensor)",
+            MetricType::Counter,
+            traffic(|r| r.pcie_bytes),
+        )?;
+        family(
+            &mut encoder,
+            "gpu_nvlink_bytes",
+            "NVLink bytes since the agent started, all links (GPM)",
+            MetricType::Counter,
+            traffic(|r| r.nvlink_bytes),
+        )?;
+        let rows = || gpus.iter().filter_map(|g| g.reading.remapped_rows.map(|r| (g, r)));
+        let remapped = rows().flat_map(|(g, r)| {
+            [("correctable", r.correctable), ("uncorrectable", r.uncorrectable)]
+                .map(|(cause, n)| ((g.labels.as_slice(), [("cause", cause)]), ConstCounter::new(u64::from(n))))
+        });
+        family(
+            &mut encoder,
+            "gpu_remapped_rows",
+            "Device memory rows replaced by spare rows after ECC errors, by cause",
+            MetricType::Counter,
+            remapped,
+        )?;
+        family(
+            &mut encoder,
+            "gpu_row_remap_pending",
+            "1 while a row remap waits for a GPU reset to take effect",
+            MetricType::Gauge,
+            rows().map(|(g, r)| (g.labels.as_slice(), ConstGauge::new(i64::from(r.pending)))),
+        )?;
+        family(
+            &mut encoder,
+            "gpu_row_remap_failed",
+            "1 when a row remap failed (no spare row left): the GPU needs service",
+            MetricType::Gauge,
+            rows().map(|(g, r)| (g.labels.as_slice(), ConstGauge::new(i64::from(r.failed)))),
+        )?;
 
         let containers = &view.containers;
         let allocated = containers.iter().filter(|c| c.allocated).map(|c| (c.labels.as_slice(), ConstGauge::new(1i64)));

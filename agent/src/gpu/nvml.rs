@@ -2,6 +2,10 @@
 //! `gpu.poll_interval` reads them into a [`Reading`] it publishes on a watch channel. Between
 //! polls it waits on an NVML event set, so critical XID errors are counted as they happen.
 //!
+//! On GPUs with GPM (Hopper and newer) each poll also takes a GPM sample of the GPU and of each
+//! MIG instance; the profiling metrics are computed between it and the previous poll's sample,
+//! so they cover the whole poll interval.
+//!
 //! Every driver call is made here, never on the async runtime. A call that fails degrades one
 //! value, not the collector: a function missing from an older driver turns its metric off (one
 //! warning), `NOT_SUPPORTED` leaves it out for that GPU, and "GPU is lost" marks that GPU down
@@ -14,15 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
-use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::enums::gpm::GpmMetricId;
+use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
+use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, EventSet, Nvml};
 use tokio::sync::{oneshot, watch};
 
 use super::processes::PidResolver;
-use super::reading::{GpuGauge, GpuId, GpuReading, MigId, ProcessUse, Reading};
+use super::reading::{GpuGauge, GpuId, GpuReading, MigId, ProcessUse, Reading, RemappedRows};
 
 /// The library loaded when `gpu.nvml_library` is empty: the driver's runtime name (the
 /// unversioned `libnvidia-ml.so` exists only where development packages are installed).
@@ -30,6 +36,44 @@ pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 
 /// The longest the thread waits before checking whether the agent is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(200);
+
+/// The GPM metrics read each poll.
+const GPM_METRICS: [GpmMetricId; 12] = [
+    GpmMetricId::GraphicsUtil,
+    GpmMetricId::SmUtil,
+    GpmMetricId::SmOccupancy,
+    GpmMetricId::AnyTensorUtil,
+    GpmMetricId::DramBwUtil,
+    GpmMetricId::Fp64Util,
+    GpmMetricId::Fp32Util,
+    GpmMetricId::Fp16Util,
+    GpmMetricId::PcieTxPerSec,
+    GpmMetricId::PcieRxPerSec,
+    GpmMetricId::NvlinkTotalTxPerSec,
+    GpmMetricId::NvlinkTotalRxPerSec,
+];
+
+/// GPM percentages and the gauges they fill (as ratios).
+const GPM_GAUGES: [(GpmMetricId, GpuGauge); 7] = [
+    (GpmMetricId::SmUtil, GpuGauge::SmActive),
+    (GpmMetricId::SmOccupancy, GpuGauge::SmOccupancy),
+    (GpmMetricId::AnyTensorUtil, GpuGauge::TensorActive),
+    (GpmMetricId::DramBwUtil, GpuGauge::DramActive),
+    (GpmMetricId::Fp64Util, GpuGauge::Fp64Active),
+    (GpmMetricId::Fp32Util, GpuGauge::Fp32Active),
+    (GpmMetricId::Fp16Util, GpuGauge::Fp16Active),
+];
+
+/// GPM reports traffic in MiB/s.
+const MIB: f64 = 1_048_576.0;
+/// `nvmlDeviceGetPcieThroughput` reports KB/s of 1,024 bytes.
+const KIB: f64 = 1024.0;
+/// The driver's per-process utilization sample period until two samples show it.
+const DEFAULT_SAMPLE_PERIOD_US: u64 = 166_667;
+
+/// GPM functions every GPM call needs; a library without one has no GPM.
+const GPM_FUNCTIONS: [&str; 5] =
+    ["nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleFree", "nvmlGpmSampleGet", "nvmlGpmMetricsGet"];
 
 /// What the thread needs.
 pub struct Settings {
@@ -99,8 +143,20 @@ struct Gpu<'n> {
     device: Option<Device<'n>>,
     id: GpuId,
     migs: Vec<(Device<'n>, GpuId)>,
-    /// Timestamp of the newest per-process utilization sample seen, microseconds.
-    last_sample_us: u64,
+    /// Per-process SM shares: where the last window ended (the driver's newest sample
+    /// instant, µs) and the driver's sample period as measured.
+    window_end_us: u64,
+    sample_period_us: u64,
+    /// GPM is read on this GPU.
+    gpm: bool,
+    /// The previous GPM sample of the GPU (`None`) and of each MIG instance (its GPU instance
+    /// id), with when it was taken.
+    gpm_samples: HashMap<Option<u32>, (GpmSample<'n>, Instant)>,
+    /// Traffic since the agent started: (transmitted, received) bytes.
+    pcie_bytes: Option<(f64, f64)>,
+    nvlink_bytes: Option<(f64, f64)>,
+    /// When the legacy PCIe throughput was last read.
+    pcie_read_at: Option<Instant>,
 }
 
 /// A GPU that answered "lost" in this poll.
@@ -153,6 +209,8 @@ struct Collector<'n> {
     devices: Vec<Gpu<'n>>,
     calls: Calls,
     events: Option<EventSet<'n>>,
+    /// The library has the GPM functions.
+    gpm_library: bool,
     /// Critical XID events counted: (GPU position, xid) → count.
     xids: HashMap<(usize, u64), u64>,
     pids: PidResolver,
@@ -170,6 +228,7 @@ impl<'n> Collector<'n> {
             devices: Vec::new(),
             calls: Calls::default(),
             events: None,
+            gpm_library: gpm_library(nvml),
             xids: HashMap::new(),
             pids,
         };
@@ -213,6 +272,18 @@ impl<'n> Collector<'n> {
                 gpu.migs.push((mig, id));
             }
         }
+        gpu.gpm = self.gpm_library
+            && match device.gpm_support() {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::info!(gpu = gpu.index, model = %gpu.id.model, "no GPM on this GPU (Hopper and newer have it): SM, tensor and DRAM activity are not exported for it");
+                    false
+                }
+                Err(e) => {
+                    tracing::info!(gpu = gpu.index, error = %e, "GPM support unknown; profiling metrics off for this GPU");
+                    false
+                }
+            };
         gpu.device = Some(device);
     }
 
@@ -320,8 +391,99 @@ fn placeholder(index: u32) -> Gpu<'static> {
         device: None,
         id: GpuId { index, uuid: String::new(), model: String::new(), mig: None },
         migs: Vec::new(),
-        last_sample_us: 0,
+        window_end_us: 0,
+        sample_period_us: DEFAULT_SAMPLE_PERIOD_US,
+        gpm: false,
+        gpm_samples: HashMap::new(),
+        pcie_bytes: None,
+        nvlink_bytes: None,
+        pcie_read_at: None,
     }
+}
+
+/// Whether the library has GPM; says so once when it does not.
+fn gpm_library(nvml: &Nvml) -> bool {
+    let lib = nvml.lib();
+    let present = [
+        lib.nvmlGpmQueryDeviceSupport.is_ok(),
+        lib.nvmlGpmSampleAlloc.is_ok(),
+        lib.nvmlGpmSampleFree.is_ok(),
+        lib.nvmlGpmSampleGet.is_ok(),
+        lib.nvmlGpmMetricsGet.is_ok(),
+    ];
+    let missing: Vec<_> = GPM_FUNCTIONS.iter().zip(present).filter(|(_, ok)| !ok).map(|(f, _)| *f).collect();
+    if !missing.is_empty() {
+        tracing::info!(missing = ?missing, "this NVML library has no GPM (a driver before R525): SM, tensor and DRAM activity are not exported");
+    }
+    missing.is_empty()
+}
+
+/// `nvmlDeviceGetRemappedRows` (not wrapped by `nvml-wrapper`).
+fn remapped_rows(device: &Device) -> Result<RemappedRows, NvmlError> {
+    let function = nvml_sym(device.nvml().lib().nvmlDeviceGetRemappedRows.as_ref())?;
+    let (mut correctable, mut uncorrectable, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: a valid device handle and four valid out-pointers, as nvml.h requires.
+    nvml_try(unsafe { function(device.handle(), &mut correctable, &mut uncorrectable, &mut pending, &mut failed) })?;
+    Ok(RemappedRows { correctable, uncorrectable, pending: pending != 0, failed: failed != 0 })
+}
+
+/// GPM metrics between two samples, with the seconds between them.
+struct GpmWindow {
+    values: HashMap<GpmMetricId, f64>,
+    seconds: f64,
+}
+
+impl GpmWindow {
+    /// A percentage as a ratio.
+    fn ratio(&self, metric: GpmMetricId) -> Option<f64> {
+        self.values.get(&metric).map(|p| (p / 100.0).clamp(0.0, 1.0))
+    }
+
+    /// Bytes moved in the window by a MiB/s metric.
+    fn bytes(&self, metric: GpmMetricId) -> Option<f64> {
+        self.values.get(&metric).map(|mib_per_s| mib_per_s.max(0.0) * MIB * self.seconds)
+    }
+
+    /// Fills the profiling gauges of `r`.
+    fn fill(&self, r: &mut GpuReading) {
+        for (metric, gauge) in GPM_GAUGES {
+            r.set(gauge, self.ratio(metric));
+        }
+    }
+}
+
+/// Adds a window's (tx, rx) bytes to a running total; `None` while neither is measured.
+fn add_traffic(total: &mut Option<(f64, f64)>, tx: Option<f64>, rx: Option<f64>) {
+    if tx.is_none() && rx.is_none() {
+        return;
+    }
+    let t = total.get_or_insert((0.0, 0.0));
+    t.0 += tx.unwrap_or(0.0);
+    t.1 += rx.unwrap_or(0.0);
+}
+
+/// Takes a GPM sample of the GPU (`instance` = `None`) or of one MIG instance and returns the
+/// metrics since the previous poll's sample; `None` on the first one or when it failed.
+fn gpm_window<'n>(calls: &mut Calls, gpu: &mut Gpu<'n>, instance: Option<u32>) -> Result<Option<GpmWindow>, Lost> {
+    let Some(d) = &gpu.device else { return Err(Lost) };
+    let name = if instance.is_some() { "gpm_mig_sample" } else { "gpm_sample" };
+    let sample = calls.call(name, gpu.index, || match instance {
+        None => d.gpm_sample(),
+        Some(gi) => d.gpm_mig_sample(gi),
+    })?;
+    let Some(sample) = sample else {
+        gpu.gpm_samples.remove(&instance);
+        return Ok(None);
+    };
+    let now = Instant::now();
+    let Some((before, at)) = gpu.gpm_samples.insert(instance, (sample, now)) else { return Ok(None) };
+    let current = &gpu.gpm_samples[&instance].0;
+    let Some(results) = calls.call("gpm_metrics_get", gpu.index, || gpm_metrics_get(d.nvml(), &before, current, &GPM_METRICS))? else {
+        return Ok(None);
+    };
+    // A metric this GPU or instance does not measure comes back as an error of its own.
+    let values = results.into_iter().filter_map(Result::ok).map(|r| (r.metric_id, r.value)).collect();
+    Ok(Some(GpmWindow { values, seconds: now.duration_since(at).as_secs_f64() }))
 }
 
 /// The GPU instance id of a MIG device (not wrapped by `nvml-wrapper`).
@@ -334,7 +496,7 @@ fn gpu_instance_id(nvml: &Nvml, mig: &Device) -> Option<u32> {
 }
 
 /// The board-level readings of a GPU, then one reading per MIG instance.
-fn read_gpu(calls: &mut Calls, gpu: &Gpu) -> Result<Vec<GpuReading>, Lost> {
+fn read_gpu(calls: &mut Calls, gpu: &mut Gpu) -> Result<Vec<GpuReading>, Lost> {
     let Some(d) = &gpu.device else { return Err(Lost) };
     let i = gpu.index;
     let mut r = GpuReading::new(gpu.id.clone(), true);
@@ -354,6 +516,7 @@ fn read_gpu(calls: &mut Calls, gpu: &Gpu) -> Result<Vec<GpuReading>, Lost> {
         calls.call("total_ecc_errors", i, || d.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile))?,
         calls.call("total_ecc_errors", i, || d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile))?,
     );
+    r.remapped_rows = calls.call("remapped_rows", i, || remapped_rows(d))?;
     let mut readings = vec![r];
     for (mig, id) in &gpu.migs {
         let mut m = GpuReading::new(id.clone(), true);
@@ -362,7 +525,44 @@ fn read_gpu(calls: &mut Calls, gpu: &Gpu) -> Result<Vec<GpuReading>, Lost> {
         m.set(GpuGauge::MemoryTotal, memory.as_ref().map(|m| m.total as f64));
         readings.push(m);
     }
+    read_traffic_and_gpm(calls, gpu, &mut readings)?;
     Ok(readings)
+}
+
+/// GPM on the GPU and its MIG instances (a MIG instance's utilization is its GPM graphics
+/// activity, which NVML's utilization call does not give), and PCIe/NVLink traffic: from GPM
+/// where the GPU has it, else PCIe from the legacy throughput sensor.
+fn read_traffic_and_gpm(calls: &mut Calls, gpu: &mut Gpu, readings: &mut [GpuReading]) -> Result<(), Lost> {
+    if gpu.gpm {
+        if let Some(w) = gpm_window(calls, gpu, None)? {
+            w.fill(&mut readings[0]);
+            add_traffic(&mut gpu.pcie_bytes, w.bytes(GpmMetricId::PcieTxPerSec), w.bytes(GpmMetricId::PcieRxPerSec));
+            add_traffic(&mut gpu.nvlink_bytes, w.bytes(GpmMetricId::NvlinkTotalTxPerSec), w.bytes(GpmMetricId::NvlinkTotalRxPerSec));
+        }
+        let instances: Vec<u32> = gpu.migs.iter().filter_map(|(_, id)| id.mig.as_ref().map(|m| m.gpu_instance)).collect();
+        for (k, gi) in instances.into_iter().enumerate() {
+            if let Some(w) = gpm_window(calls, gpu, Some(gi))? {
+                let m = &mut readings[k + 1];
+                w.fill(m);
+                m.set(GpuGauge::Utilization, w.ratio(GpmMetricId::GraphicsUtil));
+            }
+        }
+    } else {
+        let Some(d) = &gpu.device else { return Err(Lost) };
+        let i = gpu.index;
+        let tx = calls.call("pcie_throughput", i, || d.pcie_throughput(PcieUtilCounter::Send))?;
+        let rx = calls.call("pcie_throughput", i, || d.pcie_throughput(PcieUtilCounter::Receive))?;
+        // The sensor gives the rate of the last 20 ms: the bytes of the interval are estimated
+        // as that rate times the time since the previous read.
+        let now = Instant::now();
+        let seconds = gpu.pcie_read_at.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
+        gpu.pcie_read_at = Some(now);
+        let bytes = |kb: Option<u32>| kb.map(|kb| f64::from(kb) * KIB * seconds);
+        add_traffic(&mut gpu.pcie_bytes, bytes(tx), bytes(rx));
+    }
+    readings[0].pcie_bytes = gpu.pcie_bytes;
+    readings[0].nvlink_bytes = gpu.nvlink_bytes;
+    Ok(())
 }
 
 /// The processes on a GPU with their memory and SM utilization since the last poll, added to
@@ -372,7 +572,7 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
     let i = gpu.index;
     let running = calls.call("running_compute_processes", i, || d.running_compute_processes())?.unwrap_or_default();
     // NOT_FOUND means no process ran a kernel since the last poll: idle, not an error.
-    let since = gpu.last_sample_us;
+    let since = gpu.window_end_us;
     let samples = if gpu.migs.is_empty() {
         calls.call("process_utilization_stats", i, || match d.process_utilization_stats(since) {
             Err(NvmlError::NotFound) => Ok(Vec::new()),
@@ -384,16 +584,12 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
     if samples.is_some() {
         reading.sampled.push(gpu.id.uuid.clone());
     }
-    let mut sm: HashMap<u32, (u64, u32)> = HashMap::new();
-    for s in samples.iter().flatten() {
-        let entry = sm.entry(s.pid).or_default();
-        entry.0 += u64::from(s.sm_util);
-        entry.1 += 1;
-        gpu.last_sample_us = gpu.last_sample_us.max(s.timestamp);
-    }
+    let points: Vec<(u32, u64, u32)> =
+        samples.iter().flatten().filter(|s| s.timestamp > since).map(|s| (s.pid, s.timestamp, s.sm_util)).collect();
+    let shares = sm_shares(&points, &mut gpu.window_end_us, &mut gpu.sample_period_us);
     let sm_ratio = |pid: u32| -> Option<f64> {
         samples.as_ref()?;
-        Some(sm.get(&pid).map_or(0.0, |(sum, n)| (*sum as f64 / f64::from(*n) / 100.0).min(1.0)))
+        Some(shares.get(&pid).copied().unwrap_or(0.0))
     };
     let uses = &mut reading.processes;
     for p in &running {
@@ -417,8 +613,71 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
         });
     }
     // Processes sampled but without a compute context (graphics work) still used the SMs.
-    for (&pid, _) in sm.iter().filter(|(pid, _)| !running.iter().any(|p| p.pid == **pid)) {
+    for (&pid, _) in shares.iter().filter(|(pid, _)| !running.iter().any(|p| p.pid == **pid)) {
         uses.push(ProcessUse { uuid: gpu.id.uuid.clone(), pid, container: pids.resolve(pid), memory_bytes: None, sm_ratio: sm_ratio(pid) });
     }
     Ok(())
+}
+
+/// Each process's share of the SMs over the window since the previous one, from the driver's
+/// per-process samples `(pid, timestamp µs, SM %)` newer than `window_end`.
+///
+/// The driver takes a sample every period and gives a process one only for the periods in
+/// which it ran; each sample stands for one period. The window runs from the previous
+/// window's end to the newest sample instant, so it holds a whole number of periods, and a
+/// process's share is its samples' SM % summed over the periods of the window: a process that
+/// ran 6 of 30 periods at 90 % has 0.18, not the 0.9 its samples average. Without new samples
+/// the window stays open (every share is 0 and the next window covers this one's time too).
+/// `period` is kept as the smallest gap seen between two sample instants.
+pub fn sm_shares(samples: &[(u32, u64, u32)], window_end: &mut u64, period: &mut u64) -> HashMap<u32, f64> {
+    let mut instants: Vec<u64> = samples.iter().map(|s| s.1).collect();
+    instants.sort_unstable();
+    instants.dedup();
+    if let Some(gap) = instants.windows(2).map(|w| w[1] - w[0]).filter(|g| *g > 0).min() {
+        *period = (*period).min(gap).max(1);
+    }
+    let (Some(&oldest), Some(&newest)) = (instants.first(), instants.last()) else { return HashMap::new() };
+    // The first window starts with the oldest sample the driver still held.
+    let start = if *window_end == 0 { oldest.saturating_sub(*period) } else { *window_end };
+    *window_end = newest;
+    let periods = ((newest - start) as f64 / *period as f64 - 0.01).ceil().max(1.0);
+    let mut percent: HashMap<u32, u64> = HashMap::new();
+    for &(pid, _, sm) in samples {
+        *percent.entry(pid).or_default() += u64::from(sm.min(100));
+    }
+    percent.into_iter().map(|(pid, sum)| (pid, (sum as f64 / 100.0 / periods).min(1.0))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sm_shares;
+
+    const P: u64 = 166_667;
+
+    #[test]
+    fn a_bursty_process_gets_its_time_weighted_share_not_its_samples_mean() {
+        // 5 s of 30 periods: a steady process at 40 %, and one that ran 6 periods at 90 %.
+        let (mut end, mut period) = (1_000 * P, 200_000);
+        let mut samples: Vec<_> = (1..=30).map(|k| (1, (1_000 + k) * P, 40)).collect();
+        samples.extend((1..=6).map(|k| (2, (1_000 + k) * P, 90)));
+        let shares = sm_shares(&samples, &mut end, &mut period);
+        assert_eq!(period, P, "the period is measured from the samples");
+        assert_eq!(end, 1_030 * P);
+        assert!((shares[&1] - 0.4).abs() < 1e-9, "{shares:?}");
+        assert!((shares[&2] - 0.18).abs() < 1e-9, "1 s of 5 at 90 % is 18 %: {shares:?}");
+    }
+
+    #[test]
+    fn windows_without_samples_stay_open_and_the_first_window_starts_at_the_oldest_sample() {
+        let (mut end, mut period) = (0, P);
+        let first: Vec<_> = (10..20).map(|k| (7, k * P, 50)).collect();
+        let shares = sm_shares(&first, &mut end, &mut period);
+        assert!((shares[&7] - 0.5).abs() < 1e-9, "10 samples over 10 periods: {shares:?}");
+        assert!(sm_shares(&[], &mut end, &mut period).is_empty());
+        assert_eq!(end, 19 * P, "an empty poll leaves the window where it was");
+        // The next samples come 10 periods later: one burst of 2 periods at 100 % in 10.
+        let later = [(7, 28 * P, 100), (7, 29 * P, 100)];
+        let shares = sm_shares(&later, &mut end, &mut period);
+        assert!((shares[&7] - 0.2).abs() < 1e-9, "{shares:?}");
+    }
 }

@@ -46,11 +46,28 @@ pub enum GpuGauge {
     PowerLimit,
     /// `nodelens_gpu_sm_clock_hertz`.
     SmClock,
+    /// `nodelens_gpu_sm_active_ratio` (GPM).
+    SmActive,
+    /// `nodelens_gpu_sm_occupancy_ratio` (GPM).
+    SmOccupancy,
+    /// `nodelens_gpu_tensor_active_ratio` (GPM).
+    TensorActive,
+    /// `nodelens_gpu_dram_active_ratio` (GPM).
+    DramActive,
+    /// `nodelens_gpu_fp64_active_ratio` (GPM).
+    Fp64Active,
+    /// `nodelens_gpu_fp32_active_ratio` (GPM).
+    Fp32Active,
+    /// `nodelens_gpu_fp16_active_ratio` (GPM).
+    Fp16Active,
 }
+
+/// Number of [`GpuGauge`]s.
+pub const GAUGES: usize = GpuGauge::ALL.len();
 
 impl GpuGauge {
     /// Every gauge.
-    pub const ALL: [GpuGauge; 8] = [
+    pub const ALL: [GpuGauge; 15] = [
         GpuGauge::Utilization,
         GpuGauge::MemoryUtilization,
         GpuGauge::MemoryUsed,
@@ -59,12 +76,22 @@ impl GpuGauge {
         GpuGauge::Power,
         GpuGauge::PowerLimit,
         GpuGauge::SmClock,
+        GpuGauge::SmActive,
+        GpuGauge::SmOccupancy,
+        GpuGauge::TensorActive,
+        GpuGauge::DramActive,
+        GpuGauge::Fp64Active,
+        GpuGauge::Fp32Active,
+        GpuGauge::Fp16Active,
     ];
 
     /// Metric name without the `nodelens_` prefix, and help text.
     pub fn describe(self) -> (&'static str, &'static str) {
         match self {
-            GpuGauge::Utilization => ("gpu_utilization_ratio", "Fraction of the last sample period in which a kernel ran on the GPU"),
+            GpuGauge::Utilization => (
+                "gpu_utilization_ratio",
+                "Fraction of the last sample period in which a kernel ran on the GPU (for a MIG instance: GPM graphics activity)",
+            ),
             GpuGauge::MemoryUtilization => {
                 ("gpu_memory_utilization_ratio", "Fraction of the last sample period in which device memory was read or written")
             }
@@ -74,6 +101,16 @@ impl GpuGauge {
             GpuGauge::Power => ("gpu_power_watts", "Power drawn by the board"),
             GpuGauge::PowerLimit => ("gpu_power_limit_watts", "Power limit the driver enforces"),
             GpuGauge::SmClock => ("gpu_sm_clock_hertz", "Current SM clock"),
+            GpuGauge::SmActive => (
+                "gpu_sm_active_ratio",
+                "Fraction of SMs busy (at least one warp resident), averaged over the poll interval; unlike utilization, a kernel on one SM of 132 reads 0.008",
+            ),
+            GpuGauge::SmOccupancy => ("gpu_sm_occupancy_ratio", "Resident warps against the SMs' maximum, averaged over the poll interval"),
+            GpuGauge::TensorActive => ("gpu_tensor_active_ratio", "Fraction of time the SMs ran tensor-core instructions (any precision)"),
+            GpuGauge::DramActive => ("gpu_dram_active_ratio", "Device memory bandwidth used against its peak"),
+            GpuGauge::Fp64Active => ("gpu_fp64_active_ratio", "Fraction of time the SMs ran non-tensor FP64 instructions"),
+            GpuGauge::Fp32Active => ("gpu_fp32_active_ratio", "Fraction of time the SMs ran non-tensor FP32 instructions"),
+            GpuGauge::Fp16Active => ("gpu_fp16_active_ratio", "Fraction of time the SMs ran non-tensor FP16 instructions"),
         }
     }
 }
@@ -87,7 +124,7 @@ pub struct GpuReading {
     /// False when NVML reports the GPU lost (fallen off the bus).
     pub up: bool,
     /// Gauges, indexed like [`GpuGauge::ALL`].
-    pub gauges: [Option<f64>; 8],
+    pub gauges: [Option<f64>; GAUGES],
     /// Energy since the driver loaded, joules.
     pub energy_joules: Option<f64>,
     /// `nvmlClocksThrottleReason*` bits.
@@ -96,12 +133,42 @@ pub struct GpuReading {
     pub ecc: (Option<u64>, Option<u64>),
     /// Critical XID events counted since the agent started: (xid, count).
     pub xids: Vec<(u64, u64)>,
+    /// PCIe bytes since the agent started: (transmitted, received).
+    pub pcie_bytes: Option<(f64, f64)>,
+    /// NVLink bytes since the agent started, all links: (transmitted, received).
+    pub nvlink_bytes: Option<(f64, f64)>,
+    /// Row remapping state (Ampere and newer).
+    pub remapped_rows: Option<RemappedRows>,
+}
+
+/// `nvmlDeviceGetRemappedRows`: rows of device memory replaced by spares after ECC errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemappedRows {
+    /// Rows remapped after correctable errors.
+    pub correctable: u32,
+    /// Rows remapped after uncorrectable errors.
+    pub uncorrectable: u32,
+    /// A remap waits for the next GPU reset to take effect.
+    pub pending: bool,
+    /// A remap failed: no spare row was left, the GPU needs service.
+    pub failed: bool,
 }
 
 impl GpuReading {
     /// A reading with nothing read yet.
     pub fn new(id: GpuId, up: bool) -> GpuReading {
-        GpuReading { id, up, gauges: [None; 8], energy_joules: None, throttle_reasons: None, ecc: (None, None), xids: Vec::new() }
+        GpuReading {
+            id,
+            up,
+            gauges: [None; GAUGES],
+            energy_joules: None,
+            throttle_reasons: None,
+            ecc: (None, None),
+            xids: Vec::new(),
+            pcie_bytes: None,
+            nvlink_bytes: None,
+            remapped_rows: None,
+        }
     }
 
     /// Sets one gauge.
@@ -126,8 +193,9 @@ pub struct ProcessUse {
     pub container: Option<ContainerCgroup>,
     /// Device memory it holds.
     pub memory_bytes: Option<u64>,
-    /// SM utilization over the samples since the last poll, 0..1; `None` where the driver
-    /// does not sample per process (MIG).
+    /// The process's share of the SMs over the poll window, 0..1: its samples' SM
+    /// utilization weighted by the time each covers, divided by the window (a process that ran
+    /// 1 s of 5 at 90 % is 0.18). `None` where the driver does not sample per process (MIG).
     pub sm_ratio: Option<f64>,
 }
 

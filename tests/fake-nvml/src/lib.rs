@@ -3,12 +3,14 @@
 //! strict where the real library is: calls before `nvmlInit` fail with `UNINITIALIZED`, unknown
 //! handles with `INVALID_ARGUMENT`, short buffers with `INSUFFICIENT_SIZE`, versioned structs
 //! with the wrong version with `ARGUMENT_VERSION_MISMATCH`, and MIG devices do not report
-//! utilization (`NOT_SUPPORTED`), as on real hardware.
+//! utilization (`NOT_SUPPORTED`), as on real hardware. GPUs of older architectures (no `gpm`
+//! in the scenario) answer GPM calls with `NOT_SUPPORTED`; see [`gpm`].
 #![allow(non_camel_case_types, non_snake_case, clippy::missing_safety_doc)]
 
+pub mod gpm;
 pub mod scenario;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -110,9 +112,21 @@ struct State {
     checked: Option<Instant>,
     scenario: Scenario,
     init_count: u32,
+    /// GPM samples allocated and not yet freed.
+    samples: BTreeSet<usize>,
+    /// GPM counters of every GPU and MIG instance sampled so far.
+    gpm: BTreeMap<gpm::Source, gpm::Counters>,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { path: None, modified: None, checked: None, scenario: empty(), init_count: 0 });
+static STATE: Mutex<State> = Mutex::new(State {
+    path: None,
+    modified: None,
+    checked: None,
+    scenario: empty(),
+    init_count: 0,
+    samples: BTreeSet::new(),
+    gpm: BTreeMap::new(),
+});
 
 const fn empty() -> Scenario {
     Scenario { driver_version: String::new(), gpus: Vec::new() }
@@ -129,6 +143,9 @@ fn state() -> MutexGuard<'static, State> {
     let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
     if modified != state.modified {
         if let Some(scenario) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            // The counters ran at the old rates until now.
+            let State { gpm, scenario: old, .. } = &mut *state;
+            gpm::advance(gpm, old);
             state.scenario = scenario;
             state.modified = modified;
         }
@@ -423,7 +440,8 @@ fn samples_since(gpu: &Gpu, last_seen: c_ulonglong) -> Vec<nvmlProcessUtilizatio
     let oldest = (newest + 1).saturating_sub(SAMPLES_KEPT).max(last_seen / SAMPLE_PERIOD_US + 1);
     let busy = gpu.processes.iter().filter(|p| p.sm_percent > 0 && p.gpu_instance.is_none());
     busy.flat_map(|p| {
-        (oldest..=newest).map(move |k| nvmlProcessUtilizationSample_t {
+        let ran = move |k: &u64| p.burst_cycle == 0 || k % p.burst_cycle < p.burst_busy;
+        (oldest..=newest).filter(ran).map(move |k| nvmlProcessUtilizationSample_t {
             pid: p.pid,
             timeStamp: k * SAMPLE_PERIOD_US,
             smUtil: p.sm_percent,
@@ -433,6 +451,36 @@ fn samples_since(gpu: &Gpu, last_seen: c_ulonglong) -> Vec<nvmlProcessUtilizatio
         })
     })
     .collect()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(device: nvmlDevice_t, counter: c_uint, value: *mut c_uint) -> nvmlReturn_t {
+    with_gpu(device, |gpu| match counter {
+        0 => put(value, gpu.pcie_tx_kb_per_s),
+        1 => put(value, gpu.pcie_rx_kb_per_s),
+        _ => ERROR_INVALID_ARGUMENT,
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
+    device: nvmlDevice_t,
+    correctable: *mut c_uint,
+    uncorrectable: *mut c_uint,
+    pending: *mut c_uint,
+    failed: *mut c_uint,
+) -> nvmlReturn_t {
+    if [correctable, uncorrectable, pending, failed].iter().any(|p| p.is_null()) {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    with_gpu(device, |gpu| {
+        let Some(rows) = gpu.remapped_rows else { return ERROR_NOT_SUPPORTED };
+        correctable.write(rows.correctable);
+        uncorrectable.write(rows.uncorrectable);
+        pending.write(rows.pending as c_uint);
+        failed.write(rows.failed as c_uint);
+        SUCCESS
+    })
 }
 
 #[no_mangle]

@@ -63,6 +63,62 @@ pub struct Gpu {
     pub mig: Vec<MigInstance>,
     /// Critical XID events raised so far; each is delivered once per event set.
     pub xid_events: Vec<XidEvent>,
+    /// GPM (Hopper and newer): what the performance counters measure right now. `None` = an
+    /// older architecture: `nvmlGpmQueryDeviceSupport` says unsupported and sampling fails
+    /// with `NOT_SUPPORTED`.
+    pub gpm: Option<Gpm>,
+    /// `nvmlDeviceGetPcieThroughput`, KB/s, as the legacy 20 ms sensor reports it.
+    pub pcie_tx_kb_per_s: u32,
+    /// `nvmlDeviceGetPcieThroughput` for received bytes, KB/s.
+    pub pcie_rx_kb_per_s: u32,
+    /// `nvmlDeviceGetRemappedRows`; `None` = before Ampere (`NOT_SUPPORTED`).
+    pub remapped_rows: Option<RemappedRows>,
+}
+
+/// The rates a GPU's (or MIG instance's) GPM counters advance at. Samples integrate them over
+/// time, so `nvmlGpmMetricsGet` reports the time-weighted mean between two samples even when a
+/// test changes them in between.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gpm {
+    /// `NVML_GPM_METRIC_GRAPHICS_UTIL`, percent.
+    pub graphics_percent: f64,
+    /// `NVML_GPM_METRIC_SM_UTIL`, percent.
+    pub sm_active_percent: f64,
+    /// `NVML_GPM_METRIC_SM_OCCUPANCY`, percent.
+    pub sm_occupancy_percent: f64,
+    /// `NVML_GPM_METRIC_ANY_TENSOR_UTIL`, percent.
+    pub tensor_active_percent: f64,
+    /// `NVML_GPM_METRIC_DRAM_BW_UTIL`, percent.
+    pub dram_active_percent: f64,
+    /// `NVML_GPM_METRIC_FP64_UTIL`, percent.
+    pub fp64_active_percent: f64,
+    /// `NVML_GPM_METRIC_FP32_UTIL`, percent.
+    pub fp32_active_percent: f64,
+    /// `NVML_GPM_METRIC_FP16_UTIL`, percent.
+    pub fp16_active_percent: f64,
+    /// `NVML_GPM_METRIC_PCIE_TX_PER_SEC`, MiB/s (whole GPUs only).
+    pub pcie_tx_mib_per_s: f64,
+    /// `NVML_GPM_METRIC_PCIE_RX_PER_SEC`, MiB/s.
+    pub pcie_rx_mib_per_s: f64,
+    /// `NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC`, MiB/s (whole GPUs only).
+    pub nvlink_tx_mib_per_s: f64,
+    /// `NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC`, MiB/s.
+    pub nvlink_rx_mib_per_s: f64,
+}
+
+/// `nvmlDeviceGetRemappedRows`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemappedRows {
+    /// Rows remapped for correctable errors.
+    pub correctable: u32,
+    /// Rows remapped for uncorrectable errors.
+    pub uncorrectable: u32,
+    /// A remap waits for the next GPU reset.
+    pub pending: bool,
+    /// A remap failed: the GPU needs service.
+    pub failed: bool,
 }
 
 /// A process with a compute context on a GPU.
@@ -78,6 +134,11 @@ pub struct Process {
     /// SM utilization while it runs kernels, percent; 0 = idle, and an idle process has no
     /// utilization samples, as with the real driver.
     pub sm_percent: u32,
+    /// Bursty work: the process runs kernels only in the first `burst_busy` of every
+    /// `burst_cycle` driver sample periods (wall-clock aligned). 0 = always busy.
+    pub burst_cycle: u64,
+    /// Busy sample periods per cycle.
+    pub burst_busy: u64,
 }
 
 /// A MIG device (GPU instance with its compute instance).
@@ -94,6 +155,8 @@ pub struct MigInstance {
     pub memory_total_bytes: u64,
     /// Memory in use in the instance.
     pub memory_used_bytes: u64,
+    /// The instance's GPM counters (`nvmlGpmMigSampleGet`); needs GPM on the parent.
+    pub gpm: Option<Gpm>,
 }
 
 /// A critical XID error event.
