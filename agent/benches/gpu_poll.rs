@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nodelens::gpu::allocation::Allocation;
+use nodelens::gpu::allocation::{Allocation, Source};
 use nodelens::gpu::attribution;
 use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, Reading};
 use nodelens::host::names::Names;
@@ -145,8 +145,13 @@ fn encode_time() -> (Duration, usize) {
     let mut reading = Reading { driver_version: "550.54.15".into(), ..Reading::default() };
     let mut allocations = Vec::new();
     for g in 0..GPUS {
-        let id =
-            GpuId { index: g, uuid: format!("GPU-{g:08x}-0000-4000-8000-000000000000"), model: "NVIDIA H100 80GB HBM3".into(), mig: None };
+        let id = GpuId {
+            index: g,
+            uuid: format!("GPU-{g:08x}-0000-4000-8000-000000000000"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            mig: None,
+            minor: Some(g),
+        };
         let mut gpu = GpuReading::new(id.clone(), true);
         for gauge in GpuGauge::ALL {
             gpu.set(gauge, Some(0.5));
@@ -156,7 +161,13 @@ fn encode_time() -> (Duration, usize) {
         reading.sampled.push(id.uuid.clone());
         for p in 0..PER_GPU {
             let pod = format!("train-{}", g * PER_GPU + p);
-            allocations.push(Allocation { namespace: "ml".into(), pod, container: "main".into(), device_id: format!("{}::{p}", id.uuid) });
+            allocations.push(Allocation {
+                namespace: "ml".into(),
+                pod,
+                container: "main".into(),
+                device_id: format!("{}::{p}", id.uuid),
+                source: Source::DevicePlugin,
+            });
         }
     }
     let names = Names { pods_dir: "/nonexistent".into(), containers_dir: "/nonexistent".into(), pods: None };

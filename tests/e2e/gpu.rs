@@ -98,7 +98,7 @@ fn scenario() -> Scenario {
                         gpu_instance: 1,
                         memory_total_bytes: 5 * GIB,
                         memory_used_bytes: 4 * GIB,
-                        gpm: None,
+                        ..MigInstance::default()
                     },
                     MigInstance {
                         uuid: MIG_3G.into(),
@@ -106,7 +106,7 @@ fn scenario() -> Scenario {
                         gpu_instance: 2,
                         memory_total_bytes: 20 * GIB,
                         memory_used_bytes: 0,
-                        gpm: None,
+                        ..MigInstance::default()
                     },
                 ],
                 ..Gpu::default()
@@ -378,6 +378,7 @@ fn hopper_scenario() -> Scenario {
         memory_total_bytes: 10 * GIB,
         memory_used_bytes: 0,
         gpm: Some(gpm),
+        ..MigInstance::default()
     };
     let mig = Gpu {
         uuid: H100_MIG.into(),
@@ -528,4 +529,42 @@ fn a_driver_without_gpm_exports_everything_else_and_says_so_once() {
     assert!(status.success(), "{log}");
     assert_eq!(log.matches("has no GPM").count(), 1, "{log}");
     assert!(log.contains("nvmlGpmMetricsGet") && !log.contains("lacks the function"), "{log}");
+}
+
+#[test]
+fn gpus_allocated_through_dra_claims_are_attributed() {
+    // Minor numbers differ from NVML indexes, as DRA device names use the minor.
+    let mut scenario = hopper_scenario();
+    (scenario.gpus[0].minor, scenario.gpus[1].minor, scenario.gpus[2].minor) = (Some(3), Some(0), Some(1));
+    let placements = [(MIG_1G, 19, 6, 1), (MIG_3G, 9, 0, 4)];
+    for m in scenario.gpus[1].mig.iter_mut() {
+        let &(_, profile_id, start, size) = placements.iter().find(|p| p.0 == m.uuid).unwrap();
+        (m.profile_id, m.placement_start, m.placement_size) = (profile_id, start, size);
+    }
+    let node = Node::with(scenario);
+    node.kubelet.set(vec![
+        // One claim shared by two pods' containers: both hold the GPU.
+        Allocated::claim("ml", "resnet-0", "main", "shared-h100", &["gpu-3"]),
+        Allocated::claim("ml", "bert-0", "main", "shared-h100", &["gpu-3"]),
+        Allocated::claim("ml", "mig-job-0", "main", "one-slice", &["gpu-0-mig-1g10gb-19-6"]),
+        Allocated::claim("ml", "notebook-0", "main", "notebook-gpu", &["gpu-1"]),
+        // Another driver's device, and a device-plugin GPU beside claims.
+        Allocated { resource: "nic.example.com".into(), ..Allocated::claim("ml", "notebook-0", "main", "nic", &["gpu-9"]) },
+    ]);
+    let agent = node.start(&nvml_library(), "");
+    let resnet = container(0, H100, "resnet-0", "resnet", "alice");
+    let bert = container(0, H100, "bert-0", "bert", "bob");
+    let mig_job = container(1, MIG_1G, "mig-job-0", "mig-job", "carol");
+    let notebook = container(2, L4, "notebook-0", "notebook", "dave");
+    let m = scrape_until(&agent, "the claimed GPUs attributed", |m| {
+        [&resnet, &bert, &mig_job, &notebook].iter().all(|c| value(m, "nodelens_gpu_allocated", c).is_some())
+            && value(m, "nodelens_container_gpu_utilization_ratio", &mig_job).is_some()
+            && value(m, "nodelens_container_gpu_utilization_ratio", &resnet).is_some()
+    });
+    assert_eq!(metric_sum(&m, "nodelens_gpu_allocated", &[]), 4.0, "the NIC's claim is not a GPU: {m}");
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &resnet), Some(0.3));
+    close(value(&m, "nodelens_container_gpu_utilization_ratio", &mig_job), 0.64, "mig-job's slice", &m);
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &notebook), Some(0.0), "claimed and idle");
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
 }

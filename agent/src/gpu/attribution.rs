@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::allocation::{parse_device_id, Allocation, DeviceRef};
+use super::allocation::{Allocation, DeviceRef};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
 use super::reading::{GpuGauge, GpuId, Reading};
 use crate::host::names::{ContainerLabels, Names};
@@ -22,22 +22,27 @@ struct Use {
 /// Builds the exported view of one reading.
 pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> GpuView {
     let by_uuid: HashMap<&str, &GpuId> = reading.gpus.iter().map(|g| (g.id.uuid.as_str(), &g.id)).collect();
-    let find = |device: &DeviceRef| -> Option<&GpuId> {
-        match device {
-            DeviceRef::Uuid(uuid) => by_uuid.get(uuid.as_str()).copied(),
-            DeviceRef::MigOfGpu { parent_uuid, gpu_instance } => reading
-                .gpus
-                .iter()
-                .map(|g| &g.id)
-                .find(|id| id.mig.as_ref().is_some_and(|m| &m.parent_uuid == parent_uuid && m.gpu_instance == *gpu_instance)),
-            DeviceRef::Index(index) => reading.gpus.iter().map(|g| &g.id).find(|id| id.index == *index && id.mig.is_none()),
-        }
-    };
+    let find =
+        |device: &DeviceRef| -> Option<&GpuId> {
+            match device {
+                DeviceRef::Uuid(uuid) => by_uuid.get(uuid.as_str()).copied(),
+                DeviceRef::MigOfGpu { parent_uuid, gpu_instance } => reading
+                    .gpus
+                    .iter()
+                    .map(|g| &g.id)
+                    .find(|id| id.mig.as_ref().is_some_and(|m| &m.parent_uuid == parent_uuid && m.gpu_instance == *gpu_instance)),
+                DeviceRef::Index(index) => reading.gpus.iter().map(|g| &g.id).find(|id| id.index == *index && id.mig.is_none()),
+                DeviceRef::Minor(minor) => reading.gpus.iter().map(|g| &g.id).find(|id| id.minor == Some(*minor) && id.mig.is_none()),
+                DeviceRef::MigPlacement { parent_minor, profile_id, start } => reading.gpus.iter().map(|g| &g.id).find(|id| {
+                    id.minor == Some(*parent_minor) && id.mig.as_ref().is_some_and(|m| m.placement == Some((*profile_id, *start)))
+                }),
+            }
+        };
 
     let mut lookup = names.lookup();
     let mut uses: BTreeMap<(String, ContainerLabels), Use> = BTreeMap::new();
     for a in allocations {
-        let Some(gpu) = parse_device_id(&a.device_id).as_ref().and_then(find) else {
+        let Some(gpu) = a.device().as_ref().and_then(find) else {
             tracing::debug!(device = %a.device_id, "allocated device not found among the GPUs NVML reports");
             continue;
         };
@@ -116,6 +121,7 @@ fn container_labels(gpu: &GpuId, who: ContainerLabels) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::allocation::Source;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
     use crate::host::cgroup::ContainerCgroup;
 
@@ -131,12 +137,13 @@ mod tests {
     }
 
     fn reading() -> Reading {
-        let gpu = GpuId { index: 0, uuid: GPU.into(), model: "NVIDIA H100".into(), mig: None };
+        let gpu = GpuId { index: 0, uuid: GPU.into(), model: "NVIDIA H100".into(), mig: None, minor: Some(0) };
         let mig = GpuId {
             index: 1,
             uuid: MIG.into(),
             model: "NVIDIA A100".into(),
-            mig: Some(MigId { profile: "1g.10gb".into(), gpu_instance: 3, parent_uuid: "GPU-parent".into() }),
+            mig: Some(MigId { profile: "1g.10gb".into(), gpu_instance: 3, parent_uuid: "GPU-parent".into(), placement: Some((19, 6)) }),
+            minor: Some(1),
         };
         let process = |pid, uid: &str, digit, uuid: &str, sm| ProcessUse {
             uuid: uuid.into(),
@@ -160,6 +167,48 @@ mod tests {
         }
     }
 
+    fn allocation(pod: &str, device: &str) -> Allocation {
+        Allocation {
+            namespace: "ml".into(),
+            pod: pod.into(),
+            container: "main".into(),
+            device_id: device.into(),
+            source: Source::DevicePlugin,
+        }
+    }
+
+    fn claim(pod: &str, device: &str) -> Allocation {
+        Allocation { source: Source::Dra, ..allocation(pod, device) }
+    }
+
+    #[test]
+    fn dra_devices_are_found_by_minor_number_and_mig_placement() {
+        let view = compose(
+            &reading(),
+            &[claim("x-0", "gpu-0"), claim("y-0", "gpu-1-mig-1g10gb-19-6"), claim("z-0", "gpu-1"), claim("w-0", "gpu-1-mig-1g10gb-19-0")],
+            &names(std::path::Path::new("/nonexistent")),
+        );
+        assert!(row(&view, "x-0", GPU).allocated);
+        assert!(row(&view, "y-0", MIG).allocated, "minor 1, profile 19 at slice 6");
+        assert_eq!(
+            view.containers.len(),
+            2,
+            "minor 1 is the MIG GPU's parent, not listed as a whole GPU; slice 0 is no instance: {view:#?}"
+        );
+    }
+
+    #[test]
+    fn a_mig_instance_used_by_one_container_lends_it_its_gpm_utilization() {
+        let mut r = reading();
+        r.gpus[1].set(GpuGauge::Utilization, Some(0.64));
+        let no_names = names(std::path::Path::new("/nonexistent"));
+        let view = compose(&r, &[allocation("c-0", MIG)], &no_names);
+        assert_eq!(row(&view, "c-0", MIG).utilization, Some(0.64));
+        let view = compose(&r, &[allocation("c-0", MIG), claim("d-0", "gpu-1-mig-1g10gb-19-6")], &no_names);
+        assert_eq!(row(&view, "c-0", MIG).utilization, None, "two containers on one instance: not split");
+        assert_eq!(row(&view, "d-0", MIG).utilization, None);
+    }
+
     fn row<'a>(view: &'a GpuView, pod: &str, uuid: &str) -> &'a ContainerRow {
         let has = |r: &&ContainerRow, k: &str, v: &str| r.labels.iter().any(|(lk, lv)| *lk == k && lv == v);
         view.containers.iter().find(|r| has(r, "pod", pod) && has(r, "uuid", uuid)).unwrap_or_else(|| panic!("{pod} on {uuid}: {view:#?}"))
@@ -174,12 +223,6 @@ mod tests {
             let link = dir.path().join(format!("containers/{pod}_ml_main-{}.log", digit.to_string().repeat(64)));
             std::os::unix::fs::symlink("/dev/null", link).unwrap();
         }
-        let allocation = |pod: &str, device: &str| Allocation {
-            namespace: "ml".into(),
-            pod: pod.into(),
-            container: "main".into(),
-            device_id: device.into(),
-        };
         let allocations = [
             allocation("a-0", &format!("{GPU}::0")),
             allocation("b-0", &format!("{GPU}::1")),

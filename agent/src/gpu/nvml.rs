@@ -253,21 +253,25 @@ impl<'n> Collector<'n> {
         };
         gpu.id.uuid = device.uuid().unwrap_or_default();
         gpu.id.model = device.name().unwrap_or_default();
+        gpu.id.minor = device.minor_number().ok();
         if device.mig_mode().is_ok_and(|m| m.current == 1) {
             let slots = device.mig_device_count().unwrap_or(0);
             for slot in 0..slots {
                 let Ok(mig) = device.mig_device_by_index(slot) else { continue };
                 let name = mig.name().unwrap_or_default();
                 let profile = name.rsplit_once(" MIG ").map(|(_, p)| p.to_string()).unwrap_or(name);
+                let gpu_instance = gpu_instance_id(self.nvml, &mig).unwrap_or(0);
                 let id = GpuId {
                     index: gpu.index,
                     uuid: mig.uuid().unwrap_or_default(),
                     model: gpu.id.model.clone(),
                     mig: Some(MigId {
                         profile,
-                        gpu_instance: gpu_instance_id(self.nvml, &mig).unwrap_or(0),
+                        gpu_instance,
                         parent_uuid: gpu.id.uuid.clone(),
+                        placement: gpu_instance_placement(self.nvml, &device, gpu_instance),
                     }),
+                    minor: gpu.id.minor,
                 };
                 gpu.migs.push((mig, id));
             }
@@ -389,7 +393,7 @@ fn placeholder(index: u32) -> Gpu<'static> {
     Gpu {
         index,
         device: None,
-        id: GpuId { index, uuid: String::new(), model: String::new(), mig: None },
+        id: GpuId { index, uuid: String::new(), model: String::new(), mig: None, minor: None },
         migs: Vec::new(),
         window_end_us: 0,
         sample_period_us: DEFAULT_SAMPLE_PERIOD_US,
@@ -493,6 +497,25 @@ fn gpu_instance_id(nvml: &Nvml, mig: &Device) -> Option<u32> {
     // SAFETY: a valid MIG handle and a valid out-pointer, as nvml.h requires.
     let status = unsafe { function(mig.handle(), &mut id) };
     (status == 0).then_some(id)
+}
+
+/// The profile id and placement start of a GPU instance (not wrapped by `nvml-wrapper`).
+fn gpu_instance_placement(nvml: &Nvml, parent: &Device, gpu_instance: u32) -> Option<(u32, u32)> {
+    let lib = nvml.lib();
+    let (by_id, get_info) = (lib.nvmlDeviceGetGpuInstanceById.as_ref().ok()?, lib.nvmlGpuInstanceGetInfo.as_ref().ok()?);
+    let mut instance = std::ptr::null_mut();
+    // SAFETY: a valid device handle and out-pointers, as nvml.h requires; the instance handle
+    // is only passed back to the library.
+    unsafe {
+        if by_id(parent.handle(), gpu_instance, &mut instance) != 0 {
+            return None;
+        }
+        let mut info = std::mem::zeroed();
+        if get_info(instance, &mut info) != 0 {
+            return None;
+        }
+        Some((info.profileId, info.placement.start))
+    }
 }
 
 /// The board-level readings of a GPU, then one reading per MIG instance.

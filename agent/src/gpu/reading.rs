@@ -14,6 +14,8 @@ pub struct GpuId {
     pub model: String,
     /// Set for a MIG instance.
     pub mig: Option<MigId>,
+    /// The physical GPU's minor number (`/dev/nvidiaN`), which DRA device names use.
+    pub minor: Option<u32>,
 }
 
 /// Which MIG instance.
@@ -25,6 +27,8 @@ pub struct MigId {
     pub gpu_instance: u32,
     /// UUID of the physical GPU.
     pub parent_uuid: String,
+    /// GPU instance profile id and placement start, which DRA device names use.
+    pub placement: Option<(u32, u32)>,
 }
 
 /// The per-GPU gauges, in the order they are exported.

@@ -519,6 +519,74 @@ pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: nvmlDevice_t, is_mi
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minor: *mut c_uint) -> nvmlReturn_t {
+    let Some(handle) = Handle::from_ptr(device) else { return ERROR_INVALID_ARGUMENT };
+    with_gpu(device, |gpu| put(minor, gpu.minor.unwrap_or(handle.gpu as c_uint)))
+}
+
+#[repr(C)]
+pub struct nvmlGpuInstance_st {
+    _opaque: [u8; 0],
+}
+pub type nvmlGpuInstance_t = *mut nvmlGpuInstance_st;
+
+#[repr(C)]
+pub struct nvmlGpuInstancePlacement_t {
+    pub start: c_uint,
+    pub size: c_uint,
+}
+
+#[repr(C)]
+pub struct nvmlGpuInstanceInfo_t {
+    pub device: nvmlDevice_t,
+    pub id: c_uint,
+    pub profileId: c_uint,
+    pub placement: nvmlGpuInstancePlacement_t,
+}
+
+/// GPU instance handles: the MIG device's handle with a high bit set, so that passing one
+/// where a device handle belongs (or the reverse) is caught.
+const GPU_INSTANCE_BIT: usize = 1 << 40;
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceById(device: nvmlDevice_t, id: c_uint, instance: *mut nvmlGpuInstance_t) -> nvmlReturn_t {
+    let Some(handle) = Handle::from_ptr(device) else { return ERROR_INVALID_ARGUMENT };
+    with_gpu(device, |gpu| {
+        if gpu.mig.is_empty() {
+            return ERROR_NOT_SUPPORTED;
+        }
+        match gpu.mig.iter().position(|m| m.gpu_instance == id) {
+            None => ERROR_NOT_FOUND,
+            Some(m) => put(instance, (Handle { gpu: handle.gpu, mig: Some(m) }.to_ptr() as usize | GPU_INSTANCE_BIT) as nvmlGpuInstance_t),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpuInstanceGetInfo(instance: nvmlGpuInstance_t, info: *mut nvmlGpuInstanceInfo_t) -> nvmlReturn_t {
+    let raw = instance as usize;
+    if raw & GPU_INSTANCE_BIT == 0 {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let Some(Handle { gpu, mig: Some(_) }) = Handle::from_ptr((raw & !GPU_INSTANCE_BIT) as nvmlDevice_t) else {
+        return ERROR_INVALID_ARGUMENT;
+    };
+    let parent = Handle { gpu, mig: None }.to_ptr();
+    with_device((raw & !GPU_INSTANCE_BIT) as nvmlDevice_t, |_, mig| {
+        let Some(m) = mig else { return ERROR_INVALID_ARGUMENT };
+        put(
+            info,
+            nvmlGpuInstanceInfo_t {
+                device: parent,
+                id: m.gpu_instance,
+                profileId: m.profile_id,
+                placement: nvmlGpuInstancePlacement_t { start: m.placement_start, size: m.placement_size },
+            },
+        )
+    })
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
     with_device(device, |_, mig| match mig {
         None => ERROR_NOT_SUPPORTED,

@@ -30,6 +30,9 @@ pub struct Gpu {
     pub name: String,
     /// Fallen off the bus: every call on it returns `NVML_ERROR_GPU_IS_LOST`.
     pub lost: bool,
+    /// `nvmlDeviceGetMinorNumber` (the N of `/dev/nvidiaN`); `None` = its NVML index. The two
+    /// differ on machines whose PCI order is not the driver's enumeration order.
+    pub minor: Option<u32>,
     /// `nvmlDeviceGetUtilizationRates().gpu`, percent.
     pub utilization_percent: u32,
     /// `nvmlDeviceGetUtilizationRates().memory`, percent.
@@ -151,6 +154,12 @@ pub struct MigInstance {
     pub profile: String,
     /// GPU instance id.
     pub gpu_instance: u32,
+    /// `nvmlGpuInstanceInfo_t.profileId`: the GPU instance profile (e.g. 19 for `1g.10gb` on
+    /// an H100).
+    pub profile_id: u32,
+    /// `nvmlGpuInstanceInfo_t.placement`: first memory slice and slice count.
+    pub placement_start: u32,
+    pub placement_size: u32,
     /// The instance's memory.
     pub memory_total_bytes: u64,
     /// Memory in use in the instance.

@@ -14,7 +14,10 @@ mod proto {
 }
 
 use proto::pod_resources_lister_server::{PodResourcesLister, PodResourcesListerServer};
-use proto::{ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse, PodResources};
+use proto::{
+    CdiDevice, ClaimResource, ContainerDevices, ContainerResources, DynamicResource, ListPodResourcesRequest, ListPodResourcesResponse,
+    PodResources,
+};
 
 const LIBRARY: &str = "libnodelens_fake_nvml.so";
 
@@ -57,8 +60,12 @@ pub struct Allocated {
     pub container: String,
     /// Extended resource, e.g. `nvidia.com/gpu`.
     pub resource: String,
-    /// Device ids as the device plugin advertised them.
+    /// Device ids as the device plugin advertised them; for a claim, the DRA driver's
+    /// device names.
     pub device_ids: Vec<String>,
+    /// Set for devices of a DRA ResourceClaim: the claim's name (`resource` is then the DRA
+    /// driver's name).
+    pub claim: Option<String>,
 }
 
 impl Allocated {
@@ -70,6 +77,38 @@ impl Allocated {
             container: container.into(),
             resource: resource.into(),
             device_ids: device_ids.iter().map(|d| d.to_string()).collect(),
+            claim: None,
+        }
+    }
+
+    /// Devices of the ResourceClaim `claim` (in the pod's namespace), prepared by NVIDIA's DRA
+    /// driver, used by `namespace/pod/container`. Several containers may share one claim.
+    pub fn claim(namespace: &str, pod: &str, container: &str, claim: &str, device_names: &[&str]) -> Allocated {
+        Allocated { claim: Some(claim.into()), ..Allocated::new(namespace, pod, container, "gpu.nvidia.com", device_names) }
+    }
+
+    /// The claim's devices as the kubelet reports them: driver, pool (the node), device name,
+    /// and the CDI device the driver prepared (`k8s.gpu.nvidia.com/claim=<claim uid>-<name>`).
+    fn dynamic_resource(&self, claim: &str) -> DynamicResource {
+        let uid = format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            claim.len(),
+            claim.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))) & 0xffff_ffff_ffff
+        );
+        DynamicResource {
+            claim_name: claim.into(),
+            claim_namespace: self.namespace.clone(),
+            claim_resources: self
+                .device_ids
+                .iter()
+                .map(|name| ClaimResource {
+                    cdi_devices: vec![CdiDevice { name: format!("k8s.{}/claim={uid}-{name}", self.resource) }],
+                    driver_name: self.resource.clone(),
+                    pool_name: "node".into(),
+                    device_name: name.clone(),
+                    share_id: None,
+                })
+                .collect(),
         }
     }
 }
@@ -86,12 +125,17 @@ impl PodResourcesLister for Lister {
         self.calls.fetch_add(1, Ordering::SeqCst);
         // Pods → containers → devices, as the kubelet groups them; CPU-only containers are
         // listed too, without devices.
-        let mut pods: BTreeMap<(String, String), BTreeMap<String, Vec<ContainerDevices>>> = BTreeMap::new();
+        type Resources = (Vec<ContainerDevices>, Vec<DynamicResource>);
+        let mut pods: BTreeMap<(String, String), BTreeMap<String, Resources>> = BTreeMap::new();
         for a in self.allocated.lock().unwrap().iter() {
             let containers = pods.entry((a.namespace.clone(), a.pod.clone())).or_default();
-            let devices = containers.entry(a.container.clone()).or_default();
-            if !a.device_ids.is_empty() {
-                devices.push(ContainerDevices { resource_name: a.resource.clone(), device_ids: a.device_ids.clone(), topology: None });
+            let (devices, claims) = containers.entry(a.container.clone()).or_default();
+            match &a.claim {
+                Some(claim) => claims.push(a.dynamic_resource(claim)),
+                None if a.device_ids.is_empty() => {}
+                None => {
+                    devices.push(ContainerDevices { resource_name: a.resource.clone(), device_ids: a.device_ids.clone(), topology: None })
+                }
             }
         }
         let pod_resources = pods
@@ -99,7 +143,16 @@ impl PodResourcesLister for Lister {
             .map(|((namespace, name), containers)| PodResources {
                 name,
                 namespace,
-                containers: containers.into_iter().map(|(name, devices)| ContainerResources { name, devices, cpu_ids: vec![] }).collect(),
+                containers: containers
+                    .into_iter()
+                    .map(|(name, (devices, dynamic_resources))| ContainerResources {
+                        name,
+                        devices,
+                        cpu_ids: vec![],
+                        memory: vec![],
+                        dynamic_resources,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(tonic::Response::new(ListPodResourcesResponse { pod_resources }))
