@@ -31,7 +31,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use nodelens_testkit::agent::{http_get, Agent};
 use nodelens_testkit::elasticsearch::{FakeElasticsearch, Fault};
-use nodelens_testkit::gpu::scenario::{Gpu, Process, Scenario, XidEvent, SCENARIO_ENV};
+use nodelens_testkit::gpu::scenario::{Gpm, Gpu, Process, RemappedRows, Scenario, XidEvent, SCENARIO_ENV};
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
@@ -100,6 +100,19 @@ fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
                 ecc_uncorrected: Some(1),
                 processes: vec![process(4101, 10, 30), process(4202, 20, 50)],
                 xid_events: xids,
+                gpm: Some(Gpm {
+                    graphics_percent: 80.0,
+                    sm_active_percent: 45.0,
+                    sm_occupancy_percent: 20.0,
+                    tensor_active_percent: 35.0,
+                    dram_active_percent: 50.0,
+                    pcie_tx_mib_per_s: 800.0,
+                    pcie_rx_mib_per_s: 400.0,
+                    nvlink_tx_mib_per_s: 3000.0,
+                    nvlink_rx_mib_per_s: 3000.0,
+                    ..Gpm::default()
+                }),
+                remapped_rows: Some(RemappedRows { correctable: 1, ..RemappedRows::default() }),
                 ..gpu(H100, "NVIDIA H100 80GB HBM3", 80)
             },
             Gpu { power_read_fails: true, ecc_corrected: None, ecc_uncorrected: None, ..gpu(L4, "NVIDIA L4", 24) },
