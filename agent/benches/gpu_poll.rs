@@ -6,7 +6,10 @@
 //! time per poll cycle (whole process: NVML reads, pid lookups, the pod-resources call and
 //! attribution), and its RSS.
 //!
-//! `cargo bench --bench gpu_poll -- [seconds]` (default 10).
+//! Every GPU has GPM (one GPM sample and one metrics call per poll, as on Hopper) and row
+//! remapping; `--no-gpm` runs the same node as pre-Hopper GPUs, for the cost of GPM.
+//!
+//! `cargo bench --bench gpu_poll -- [seconds] [--no-gpm]` (default 10).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,7 +20,8 @@ use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, Reading};
 use nodelens::host::names::Names;
 use nodelens::metrics::Metrics;
 use nodelens_testkit::agent::Agent;
-use nodelens_testkit::gpu::scenario::{Gpu, Process, Scenario, SCENARIO_ENV};
+use nodelens::gpu::reading::RemappedRows;
+use nodelens_testkit::gpu::scenario::{self, Gpm, Gpu, Process, Scenario, SCENARIO_ENV};
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
 use serde_json::json;
@@ -29,6 +33,7 @@ const NODE: &str = "bench-node";
 
 fn main() {
     let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10);
+    let gpm = !std::env::args().any(|a| a == "--no-gpm");
     let dir = tempfile::tempdir().unwrap();
     let api = FakeApiServer::start();
     let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
@@ -68,6 +73,18 @@ fn main() {
             ecc_corrected: Some(0),
             ecc_uncorrected: Some(0),
             processes,
+            gpm: gpm.then_some(Gpm {
+                graphics_percent: 90.0,
+                sm_active_percent: 60.0,
+                sm_occupancy_percent: 30.0,
+                tensor_active_percent: 40.0,
+                dram_active_percent: 50.0,
+                pcie_tx_mib_per_s: 1000.0,
+                nvlink_tx_mib_per_s: 5000.0,
+                ..Gpm::default()
+            }),
+            pcie_tx_kb_per_s: 100_000,
+            remapped_rows: Some(scenario::RemappedRows::default()),
             ..Gpu::default()
         });
     }
@@ -125,7 +142,8 @@ fn main() {
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
 
-    println!("gpu_poll: {GPUS} GPUs x {PER_GPU} processes, {series} series on /metrics, poll every {POLL:?}");
+    let gpm = if gpm { "with GPM" } else { "without GPM" };
+    println!("gpu_poll: {GPUS} GPUs x {PER_GPU} processes, {gpm}, {series} series on /metrics, poll every {POLL:?}");
     println!("  poll cycle:  {:.2} ms CPU per poll ({polls} polls in {seconds} s, whole agent)", cpu_per_poll * 1e3);
     println!(
         "  scrape:      median {:.3} ms, p99 {:.3} ms (loopback HTTP, {} scrapes)",
@@ -157,6 +175,8 @@ fn encode_time() -> (Duration, usize) {
             gpu.set(gauge, Some(0.5));
         }
         (gpu.energy_joules, gpu.throttle_reasons, gpu.ecc) = (Some(1000.0), Some(0), (Some(0), Some(0)));
+        (gpu.pcie_bytes, gpu.nvlink_bytes) = (Some((1e12, 1e12)), Some((1e12, 1e12)));
+        gpu.remapped_rows = Some(RemappedRows { correctable: 0, uncorrectable: 0, pending: false, failed: false });
         reading.gpus.push(gpu);
         reading.sampled.push(id.uuid.clone());
         for p in 0..PER_GPU {
