@@ -1,5 +1,6 @@
 //! The agent's own CPU time and resident memory, read from `/proc/self` at scrape time, so
-//! the agent dashboard shows what nodelens costs on each node without a cAdvisor join.
+//! the agent dashboard shows what nodelens costs on each node without a cAdvisor join; and the
+//! memory limit of its cgroup, so an alert can warn before the agent is OOM-killed.
 
 use std::fmt;
 
@@ -10,7 +11,11 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 /// Names of the series [`ProcessCollector`] exports.
-pub const NAMES: &[&str] = &["nodelens_process_cpu_seconds_total", "nodelens_process_resident_memory_bytes"];
+pub const NAMES: &[&str] =
+    &["nodelens_process_cpu_seconds_total", "nodelens_process_resident_memory_bytes", "nodelens_process_memory_limit_bytes"];
+
+/// Where the cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// CPU seconds (user + system) and resident bytes of this process.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,6 +47,31 @@ pub fn usage() -> Option<Usage> {
     parse(&stat, &statm, ticks.max(1) as f64, page.max(1) as u64)
 }
 
+/// The memory limit of the agent's cgroup, or `None` without one (`max`, or cgroup v1's
+/// "unlimited" near `i64::MAX`). `cgroup` is `/proc/self/cgroup`; `read` reads a file under the
+/// cgroup root. cgroup v2 first (the unified `0::<path>` line; `/` inside a container's own
+/// cgroup namespace), then v1's memory controller.
+fn memory_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let parse = |text: String| text.trim().parse::<u64>().ok().filter(|v| *v < 1 << 60);
+    let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::"));
+    if let Some(path) = v2 {
+        let path = path.trim_end_matches('/');
+        return read(&format!("{path}/memory.max")).or_else(|| read("/memory.max")).and_then(parse);
+    }
+    let v1 = cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == "memory").then(|| path.trim_end_matches('/').to_string())
+    })?;
+    read(&format!("/memory{v1}/memory.limit_in_bytes")).or_else(|| read("/memory/memory.limit_in_bytes")).and_then(parse)
+}
+
+/// The limit of this process's cgroup now.
+fn own_memory_limit() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    memory_limit(&cgroup, |path| std::fs::read_to_string(format!("{CGROUP_ROOT}{path}")).ok())
+}
+
 /// Encodes [`usage`] on every scrape.
 #[derive(Debug, Default)]
 pub struct ProcessCollector;
@@ -53,13 +83,33 @@ impl Collector for ProcessCollector {
             encoder.encode_descriptor("process_cpu_seconds", "User and system CPU time the agent has used", None, MetricType::Counter)?;
         ConstCounter::new(usage.cpu_seconds).encode(cpu)?;
         let rss = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory of the agent", None, MetricType::Gauge)?;
-        ConstGauge::new(usage.resident_bytes as i64).encode(rss)
+        ConstGauge::new(usage.resident_bytes as i64).encode(rss)?;
+        let Some(bytes) = own_memory_limit() else { return Ok(()) };
+        let limit =
+            encoder.encode_descriptor("process_memory_limit_bytes", "Memory limit of the agent's cgroup (its container)", None, MetricType::Gauge)?;
+        ConstGauge::new(bytes as i64).encode(limit)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_limit_is_read_from_the_agents_own_cgroup() {
+        let files = |entries: &'static [(&'static str, &'static str)]| {
+            move |path: &str| entries.iter().find(|(p, _)| *p == path).map(|(_, v)| v.to_string())
+        };
+        let v2 = files(&[("/kubepods.slice/pod-x/cri-containerd-1.scope/memory.max", "268435456\n"), ("/memory.max", "max\n")]);
+        assert_eq!(memory_limit("0::/kubepods.slice/pod-x/cri-containerd-1.scope\n", &v2), Some(256 << 20));
+        assert_eq!(memory_limit("0::/\n", &v2), None, "inside its own namespace the root is the container: max = no limit");
+        let own_namespace = files(&[("/memory.max", "536870912\n")]);
+        assert_eq!(memory_limit("0::/\n", own_namespace), Some(512 << 20));
+        let v1 = files(&[("/memory/kubepods/pod-y/abc/memory.limit_in_bytes", "134217728\n")]);
+        assert_eq!(memory_limit("12:cpu,cpuacct:/kubepods/pod-y/abc\n11:memory:/kubepods/pod-y/abc\n", v1), Some(128 << 20));
+        let unlimited = files(&[("/memory/memory.limit_in_bytes", "9223372036854771712\n")]);
+        assert_eq!(memory_limit("4:memory:/\n", unlimited), None);
+    }
 
     #[test]
     fn cpu_and_memory_come_from_the_fields_after_the_command_name() {
