@@ -47,16 +47,21 @@ pub fn usage() -> Option<Usage> {
     parse(&stat, &statm, ticks.max(1) as f64, page.max(1) as u64)
 }
 
-/// The memory limit of the agent's cgroup, or `None` without one (`max`, or cgroup v1's
-/// "unlimited" near `i64::MAX`). `cgroup` is `/proc/self/cgroup`; `read` reads a file under the
-/// cgroup root. cgroup v2 first (the unified `0::<path>` line; `/` inside a container's own
-/// cgroup namespace), then v1's memory controller.
-fn memory_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
-    let parse = |text: String| text.trim().parse::<u64>().ok().filter(|v| *v < 1 << 60);
-    let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::"));
-    if let Some(path) = v2 {
+/// The memory limit of the agent's cgroup in bytes: infinite without one (`max`, or cgroup
+/// v1's "unlimited" near `i64::MAX`), `None` where no cgroup file can be read. `cgroup` is
+/// `/proc/self/cgroup`; `read` reads a file under the cgroup root. cgroup v2 first (the
+/// unified `0::<path>` line; `/` inside a container's own cgroup namespace), then v1's memory
+/// controller (hybrid hosts have both lines, the memory controller on v1).
+fn memory_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<f64> {
+    let parse = |text: String| match text.trim() {
+        "max" => Some(f64::INFINITY),
+        v => v.parse::<u64>().ok().map(|v| if v >= 1 << 60 { f64::INFINITY } else { v as f64 }),
+    };
+    if let Some(path) = cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
         let path = path.trim_end_matches('/');
-        return read(&format!("{path}/memory.max")).or_else(|| read("/memory.max")).and_then(parse);
+        if let Some(limit) = read(&format!("{path}/memory.max")).and_then(parse) {
+            return Some(limit);
+        }
     }
     let v1 = cgroup.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
@@ -67,7 +72,7 @@ fn memory_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u
 }
 
 /// The limit of this process's cgroup now.
-fn own_memory_limit() -> Option<u64> {
+fn own_memory_limit() -> Option<f64> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     memory_limit(&cgroup, |path| std::fs::read_to_string(format!("{CGROUP_ROOT}{path}")).ok())
 }
@@ -86,8 +91,8 @@ impl Collector for ProcessCollector {
         ConstGauge::new(usage.resident_bytes as i64).encode(rss)?;
         let Some(bytes) = own_memory_limit() else { return Ok(()) };
         let limit =
-            encoder.encode_descriptor("process_memory_limit_bytes", "Memory limit of the agent's cgroup (its container)", None, MetricType::Gauge)?;
-        ConstGauge::new(bytes as i64).encode(limit)
+            encoder.encode_descriptor("process_memory_limit_bytes", "Memory limit of the agent's cgroup (its container); +Inf without one", None, MetricType::Gauge)?;
+        ConstGauge::new(bytes).encode(limit)
     }
 }
 
@@ -101,14 +106,17 @@ mod tests {
             move |path: &str| entries.iter().find(|(p, _)| *p == path).map(|(_, v)| v.to_string())
         };
         let v2 = files(&[("/kubepods.slice/pod-x/cri-containerd-1.scope/memory.max", "268435456\n"), ("/memory.max", "max\n")]);
-        assert_eq!(memory_limit("0::/kubepods.slice/pod-x/cri-containerd-1.scope\n", &v2), Some(256 << 20));
-        assert_eq!(memory_limit("0::/\n", &v2), None, "inside its own namespace the root is the container: max = no limit");
+        assert_eq!(memory_limit("0::/kubepods.slice/pod-x/cri-containerd-1.scope\n", &v2), Some(f64::from(256 << 20)));
+        assert_eq!(memory_limit("0::/\n", &v2), Some(f64::INFINITY), "`max`: no limit");
         let own_namespace = files(&[("/memory.max", "536870912\n")]);
-        assert_eq!(memory_limit("0::/\n", own_namespace), Some(512 << 20));
+        assert_eq!(memory_limit("0::/\n", own_namespace), Some(f64::from(512 << 20)));
+        // A hybrid host: the unified line has no memory controller, v1's has the limit.
         let v1 = files(&[("/memory/kubepods/pod-y/abc/memory.limit_in_bytes", "134217728\n")]);
-        assert_eq!(memory_limit("12:cpu,cpuacct:/kubepods/pod-y/abc\n11:memory:/kubepods/pod-y/abc\n", v1), Some(128 << 20));
+        let hybrid = "12:cpu,cpuacct:/kubepods/pod-y/abc\n11:memory:/kubepods/pod-y/abc\n0::/\n";
+        assert_eq!(memory_limit(hybrid, v1), Some(f64::from(128 << 20)));
         let unlimited = files(&[("/memory/memory.limit_in_bytes", "9223372036854771712\n")]);
-        assert_eq!(memory_limit("4:memory:/\n", unlimited), None);
+        assert_eq!(memory_limit("4:memory:/\n", unlimited), Some(f64::INFINITY));
+        assert_eq!(memory_limit("0::/x\n", files(&[])), None, "nothing readable: no series");
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub struct Query {
     pub instant: bool,
 }
 
-/// Every panel query and every query variable's selector (`label_values(selector, label)`).
+/// Every panel query, every annotation query, and every query variable's selector
+/// (`label_values(selector, label)`).
 pub fn queries(file: &Path, dashboard: &Json) -> Vec<Query> {
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     let mut out = Vec::new();
@@ -90,6 +91,13 @@ pub fn queries(file: &Path, dashboard: &Json) -> Vec<Query> {
                 instant: t["instant"].as_bool().unwrap_or(false),
             });
         }
+    }
+    for a in dashboard["annotations"]["list"].as_array().into_iter().flatten().filter(|a| a["expr"].is_string()) {
+        out.push(Query {
+            what: format!("{name} / annotation {}", a["name"].as_str().unwrap_or("")),
+            expr: a["expr"].as_str().unwrap().to_string(),
+            instant: false,
+        });
     }
     for v in dashboard["templating"]["list"].as_array().unwrap().iter().filter(|v| v["type"] == "query") {
         let query = v["query"]["query"].as_str().unwrap();
