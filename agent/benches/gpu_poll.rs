@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use nodelens::gpu::allocation::{Allocation, Source};
 use nodelens::gpu::attribution;
+use nodelens::gpu::reading::RemappedRows;
 use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, Reading};
 use nodelens::host::names::Names;
 use nodelens::metrics::Metrics;
 use nodelens_testkit::agent::Agent;
-use nodelens::gpu::reading::RemappedRows;
 use nodelens_testkit::gpu::scenario::{self, Gpm, Gpu, Process, Scenario, SCENARIO_ENV};
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};

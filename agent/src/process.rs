@@ -90,8 +90,12 @@ impl Collector for ProcessCollector {
         let rss = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory of the agent", None, MetricType::Gauge)?;
         ConstGauge::new(usage.resident_bytes as i64).encode(rss)?;
         let Some(bytes) = own_memory_limit() else { return Ok(()) };
-        let limit =
-            encoder.encode_descriptor("process_memory_limit_bytes", "Memory limit of the agent's cgroup (its container); +Inf without one", None, MetricType::Gauge)?;
+        let limit = encoder.encode_descriptor(
+            "process_memory_limit_bytes",
+            "Memory limit of the agent's cgroup (its container); +Inf without one",
+            None,
+            MetricType::Gauge,
+        )?;
         ConstGauge::new(bytes).encode(limit)
     }
 }
@@ -106,8 +110,8 @@ mod tests {
             move |path: &str| entries.iter().find(|(p, _)| *p == path).map(|(_, v)| v.to_string())
         };
         let v2 = files(&[("/kubepods.slice/pod-x/cri-containerd-1.scope/memory.max", "268435456\n"), ("/memory.max", "max\n")]);
-        assert_eq!(memory_limit("0::/kubepods.slice/pod-x/cri-containerd-1.scope\n", &v2), Some(f64::from(256 << 20)));
-        assert_eq!(memory_limit("0::/\n", &v2), Some(f64::INFINITY), "`max`: no limit");
+        assert_eq!(memory_limit("0::/kubepods.slice/pod-x/cri-containerd-1.scope\n", v2), Some(f64::from(256 << 20)));
+        assert_eq!(memory_limit("0::/\n", v2), Some(f64::INFINITY), "`max`: no limit");
         let own_namespace = files(&[("/memory.max", "536870912\n")]);
         assert_eq!(memory_limit("0::/\n", own_namespace), Some(f64::from(512 << 20)));
         // A hybrid host: the unified line has no memory controller, v1's has the limit.

@@ -370,6 +370,8 @@ fn hopper_scenario() -> Scenario {
     let bursty = Process { pid: 4202, used_memory_bytes: 20 * GIB, sm_percent: 90, burst_cycle: 6, burst_busy: 1, ..Process::default() };
     let mut h = h100(vec![process(4101, 10 * GIB, 30), bursty]);
     h.gpm = Some(gpm(42.0));
+    // The driver keeps 1.5 s of per-process samples, less than a 2 s poll holds.
+    h.samples_kept = 9;
     h.remapped_rows = Some(RemappedRows { correctable: 2, uncorrectable: 1, pending: true, failed: false });
     let instance = |uuid: &str, profile: &str, gpu_instance, gpm| MigInstance {
         uuid: uuid.into(),
@@ -414,22 +416,34 @@ fn close(actual: Option<f64>, expected: f64, what: &str, m: &str) {
     assert!((a - expected).abs() < 1e-6, "{what}: {a}, expected {expected}");
 }
 
-/// Scrapes until `series` changes twice and returns the increase between those changes: one
-/// poll's worth, as the counter moves only when the agent polls.
-fn one_poll_increase(agent: &Agent, name: &str, labels: &str) -> f64 {
-    let read = || value(&agent.get("/metrics").1, name, labels);
-    let deadline = Instant::now() + WAIT;
-    let mut seen: Vec<f64> = Vec::new();
-    while seen.len() < 3 && Instant::now() < deadline {
-        if let Some(v) = read() {
-            if seen.last() != Some(&v) {
-                seen.push(v);
+/// The per-second rate of each counter between two of its changes seen `changes` apart (the
+/// first value read is not a change: it was reached at an unknown time). The counters move
+/// only when the agent polls, so whole polls are measured. Each counter must only grow.
+fn rates(agent: &Agent, series: &[(&str, String)], changes: usize) -> Vec<f64> {
+    let deadline = Instant::now() + WAIT * 2;
+    let mut seen: Vec<Vec<(Instant, f64)>> = vec![Vec::new(); series.len()];
+    while seen.iter().any(|s| s.len() <= changes + 1) && Instant::now() < deadline {
+        let (_, m) = agent.get("/metrics");
+        let at = Instant::now();
+        for ((name, labels), s) in series.iter().zip(seen.iter_mut()) {
+            if let Some(v) = value(&m, name, labels) {
+                if s.last().map(|(_, last)| *last) != Some(v) {
+                    s.push((at, v));
+                }
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(25));
     }
-    assert_eq!(seen.len(), 3, "{name}{{{labels}}} did not move twice: {seen:?}");
-    seen[2] - seen[1]
+    series
+        .iter()
+        .zip(seen)
+        .map(|((name, labels), s)| {
+            assert!(s.len() > changes + 1, "{name}{{{labels}}} did not move {} times: {s:?}", changes + 1);
+            assert!(s.windows(2).all(|w| w[1].1 > w[0].1), "{name}{{{labels}}} went backwards: {s:?}");
+            let ((t0, v0), (t1, v1)) = (s[1], s[changes + 1]);
+            (v1 - v0) / (t1 - t0).as_secs_f64()
+        })
+        .collect()
 }
 
 #[test]
@@ -478,16 +492,20 @@ fn hopper_gpus_export_profiling_metrics_per_gpu_and_mig_instance_with_time_weigh
     assert_eq!(value(&m, "nodelens_gpu_row_remap_failed", &h), Some(0.0));
     assert_eq!(value(&m, "nodelens_gpu_row_remap_failed", &l4), None, "the L4's driver answers NOT_SUPPORTED: no series");
 
-    // Traffic: one 2 s poll's bytes, at GPM's MiB/s and the legacy sensor's KB/s.
-    for (labels, name, per_second) in [
-        (format!("{h},direction=\"tx\""), "nodelens_gpu_pcie_bytes_total", 1000.0 * MIB),
-        (format!("{h},direction=\"rx\""), "nodelens_gpu_nvlink_bytes_total", 4000.0 * MIB),
-        (format!("{l4},direction=\"tx\""), "nodelens_gpu_pcie_bytes_total", 20_480.0 * 1024.0),
-    ] {
-        let bytes = one_poll_increase(&agent, name, &labels);
-        let expected = per_second * 2.0;
-        assert!((bytes / expected - 1.0).abs() < 0.05, "{name}{{{labels}}}: {bytes} bytes in a poll, expected {expected}");
-    }
+    // Traffic: bytes per second over whole polls, at GPM's MiB/s and the legacy sensor's KB/s
+    // (read one direction per poll, in turn).
+    let traffic = [
+        ("nodelens_gpu_pcie_bytes_total", format!("{h},direction=\"tx\""), 1000.0 * MIB),
+        ("nodelens_gpu_nvlink_bytes_total", format!("{h},direction=\"rx\""), 4000.0 * MIB),
+        ("nodelens_gpu_pcie_bytes_total", format!("{l4},direction=\"rx\""), 10_240.0 * 1024.0),
+    ];
+    let check_traffic = |when: &str| {
+        let series: Vec<_> = traffic.iter().map(|(name, labels, _)| (*name, labels.clone())).collect();
+        for (rate, (name, labels, expected)) in rates(&agent, &series, 2).into_iter().zip(&traffic) {
+            assert!((rate / expected - 1.0).abs() < 0.1, "{when}: {name}{{{labels}}}: {rate} B/s, expected {expected}");
+        }
+    };
+    check_traffic("running");
 
     // bert's share is its samples over the window: 90 % in 1 of 6 periods is 15 %, never the
     // 90 % its samples average.
@@ -502,9 +520,25 @@ fn hopper_gpus_export_profiling_metrics_per_gpu_and_mig_instance_with_time_weigh
     close(
         value(&agent.get("/metrics").1, "nodelens_container_gpu_utilization_ratio", &container(0, H100, "resnet-0", "resnet", "alice")),
         0.3,
-        "steady resnet",
+        "steady resnet, though the driver keeps fewer samples than a poll holds",
         "",
     );
+
+    // The H100 falls off the bus and comes back, its counters restarted: no poll spans the
+    // outage, so the traffic counters neither jump nor go back.
+    let before = value(&agent.get("/metrics").1, "nodelens_gpu_pcie_bytes_total", &traffic[0].1).unwrap();
+    let mut lost = hopper_scenario();
+    lost.gpus[0].lost = true;
+    lost.write(&node.scenario).unwrap();
+    scrape_until(&agent, "the H100 lost", |m| value(m, "nodelens_gpu_up", &h) == Some(0.0));
+    std::thread::sleep(Duration::from_secs(3));
+    let mut back = lost;
+    back.gpus[0].lost = false;
+    back.write(&node.scenario).unwrap();
+    scrape_until(&agent, "the H100 back", |m| value(m, "nodelens_gpu_up", &h) == Some(1.0));
+    check_traffic("after the GPU came back");
+    let after = value(&agent.get("/metrics").1, "nodelens_gpu_pcie_bytes_total", &traffic[0].1).unwrap();
+    assert!(after >= before, "{after} < {before}");
 
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
@@ -567,4 +601,21 @@ fn gpus_allocated_through_dra_claims_are_attributed() {
     assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &notebook), Some(0.0), "claimed and idle");
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
+    assert!(!log.contains("placements"), "{log}");
+
+    // An agent NVML refuses GPU instance lookups to: whole GPUs are still found, the MIG claim
+    // is not, and the log says so once.
+    let mut denied = hopper_scenario();
+    (denied.gpus[0].minor, denied.gpus[1].minor, denied.gpus[2].minor) = (Some(3), Some(0), Some(1));
+    denied.gpus[1].gpu_instances_denied = true;
+    denied.write(&node.scenario).unwrap();
+    let agent = node.start(&nvml_library(), "");
+    let m = scrape_until(&agent, "the whole GPUs' claims attributed", |m| {
+        [&resnet, &bert, &notebook].iter().all(|c| value(m, "nodelens_gpu_allocated", c).is_some())
+    });
+    assert_eq!(value(&m, "nodelens_gpu_allocated", &mig_job), None, "{m}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(log.matches("does not give MIG instance placements").count(), 1, "{log}");
 }

@@ -61,11 +61,15 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     }
 
     // The driver has no per-process samples under MIG, but GPM measures the instance itself:
-    // an instance used by one container is that container's.
+    // an instance is a container's when that container is the only one on it and every
+    // process on it is that container's (none outside Kubernetes, none unresolved).
     for gpu in reading.gpus.iter().filter(|g| g.id.mig.is_some()) {
         let Some(busy) = gpu.get(GpuGauge::Utilization) else { continue };
+        let processes: Vec<_> = reading.processes.iter().filter(|p| p.uuid == gpu.id.uuid).collect();
         let mut on_it = uses.iter_mut().filter(|((uuid, _), _)| *uuid == gpu.id.uuid);
-        if let (Some((_, only)), None) = (on_it.next(), on_it.next()) {
+        let (Some(((_, who), only)), None) = (on_it.next(), on_it.next()) else { continue };
+        let all_its = processes.iter().all(|p| p.container.as_ref().and_then(|c| lookup.by_cgroup(c)).as_ref() == Some(&*who));
+        if all_its && (!processes.is_empty() || busy == 0.0) {
             only.utilization = only.utilization.or(Some(busy));
         }
     }
@@ -152,9 +156,10 @@ mod tests {
             memory_bytes: Some(1 << 30),
             sm_ratio: sm,
         };
+        let parent = GpuId { index: 1, uuid: "GPU-parent".into(), model: "NVIDIA A100".into(), mig: None, minor: Some(1) };
         Reading {
             driver_version: "550.1".into(),
-            gpus: vec![GpuReading::new(gpu, true), GpuReading::new(mig, true)],
+            gpus: vec![GpuReading::new(gpu, true), GpuReading::new(parent, true), GpuReading::new(mig, true)],
             processes: vec![
                 process(10, "uid-a", 'a', GPU, Some(0.3)),
                 process(11, "uid-a", 'a', GPU, Some(0.1)),
@@ -190,20 +195,25 @@ mod tests {
         );
         assert!(row(&view, "x-0", GPU).allocated);
         assert!(row(&view, "y-0", MIG).allocated, "minor 1, profile 19 at slice 6");
-        assert_eq!(
-            view.containers.len(),
-            2,
-            "minor 1 is the MIG GPU's parent, not listed as a whole GPU; slice 0 is no instance: {view:#?}"
-        );
+        assert!(row(&view, "z-0", "GPU-parent").allocated, "gpu-1: the whole GPU of minor 1, not its MIG instance");
+        assert_eq!(view.containers.len(), 3, "slice 0 holds no instance: {view:#?}");
     }
 
     #[test]
     fn a_mig_instance_used_by_one_container_lends_it_its_gpm_utilization() {
         let mut r = reading();
-        r.gpus[1].set(GpuGauge::Utilization, Some(0.64));
+        r.gpus[2].set(GpuGauge::Utilization, Some(0.64));
         let no_names = names(std::path::Path::new("/nonexistent"));
-        let view = compose(&r, &[allocation("c-0", MIG)], &no_names);
-        assert_eq!(row(&view, "c-0", MIG).utilization, Some(0.64));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pods/ml_c-0_uid-c/main")).unwrap();
+        std::fs::create_dir_all(dir.path().join("containers")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", dir.path().join(format!("containers/c-0_ml_main-{}.log", "c".repeat(64)))).unwrap();
+        let view = compose(&r, &[allocation("c-0", MIG)], &names(dir.path()));
+        assert_eq!(row(&view, "c-0", MIG).utilization, Some(0.64), "its process is the instance's only one");
+        r.processes.push(ProcessUse { uuid: MIG.into(), pid: 99, container: None, memory_bytes: None, sm_ratio: None });
+        let view = compose(&r, &[allocation("c-0", MIG)], &names(dir.path()));
+        assert_eq!(row(&view, "c-0", MIG).utilization, None, "a process outside Kubernetes shares the instance");
+        r.processes.pop();
         let view = compose(&r, &[allocation("c-0", MIG), claim("d-0", "gpu-1-mig-1g10gb-19-6")], &no_names);
         assert_eq!(row(&view, "c-0", MIG).utilization, None, "two containers on one instance: not split");
         assert_eq!(row(&view, "d-0", MIG).utilization, None);
@@ -260,9 +270,9 @@ mod tests {
     #[test]
     fn mig_instances_carry_profile_and_instance_labels() {
         let view = compose(&reading(), &[], &names(std::path::Path::new("/nonexistent")));
-        let keys: Vec<_> = view.gpus[1].labels.iter().map(|(k, _)| *k).collect();
+        let keys: Vec<_> = view.gpus[2].labels.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, ["gpu", "uuid", "model", "mig_profile", "gpu_instance"]);
-        assert_eq!(view.gpus[1].labels[4].1, "3");
+        assert_eq!(view.gpus[2].labels[4].1, "3");
         assert_eq!(view.gpus[0].labels.len(), 3);
     }
 }

@@ -12,6 +12,7 @@ pub mod export;
 pub mod nvml;
 pub mod processes;
 pub mod reading;
+pub mod shares;
 
 use std::sync::Arc;
 

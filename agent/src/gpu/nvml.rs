@@ -29,6 +29,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::processes::PidResolver;
 use super::reading::{GpuGauge, GpuId, GpuReading, MigId, ProcessUse, Reading, RemappedRows};
+use super::shares::{Sample, ShareWindow};
 
 /// The library loaded when `gpu.nvml_library` is empty: the driver's runtime name (the
 /// unversioned `libnvidia-ml.so` exists only where development packages are installed).
@@ -68,8 +69,12 @@ const GPM_GAUGES: [(GpmMetricId, GpuGauge); 7] = [
 const MIB: f64 = 1_048_576.0;
 /// `nvmlDeviceGetPcieThroughput` reports KB/s of 1,024 bytes.
 const KIB: f64 = 1024.0;
-/// The driver's per-process utilization sample period until two samples show it.
-const DEFAULT_SAMPLE_PERIOD_US: u64 = 166_667;
+/// How often the per-process utilization samples are fetched: more often than the driver's
+/// buffer of them turns over, whatever the poll interval.
+const SAMPLE_FETCH: Duration = Duration::from_secs(1);
+/// How often MIG-enabled GPUs are enumerated again (instances made or destroyed, as DRA
+/// drivers do when they prepare a claim).
+const MIG_REFRESH: Duration = Duration::from_secs(60);
 
 /// GPM functions every GPM call needs; a library without one has no GPM.
 const GPM_FUNCTIONS: [&str; 5] =
@@ -107,7 +112,7 @@ pub fn run(settings: Settings, out: watch::Sender<Option<Arc<Reading>>>, started
             return;
         }
     };
-    let mut collector = Collector::discover(&nvml, PidResolver::new(settings.proc_root));
+    let mut collector = Collector::discover(&nvml, PidResolver::new(settings.proc_root), settings.poll_interval);
     if collector.devices.is_empty() {
         let _ = started.send(Err(format!("NVML loaded from {library} but reports no GPU")));
         return;
@@ -142,11 +147,9 @@ struct Gpu<'n> {
     /// `None` while NVML cannot give a handle (lost before the agent started).
     device: Option<Device<'n>>,
     id: GpuId,
-    migs: Vec<(Device<'n>, GpuId)>,
-    /// Per-process SM shares: where the last window ended (the driver's newest sample
-    /// instant, µs) and the driver's sample period as measured.
-    window_end_us: u64,
-    sample_period_us: u64,
+    migs: Vec<Mig<'n>>,
+    /// Per-process samples between polls, for the SM shares.
+    shares: ShareWindow,
     /// GPM is read on this GPU.
     gpm: bool,
     /// The previous GPM sample of the GPU (`None`) and of each MIG instance (its GPU instance
@@ -155,8 +158,27 @@ struct Gpu<'n> {
     /// Traffic since the agent started: (transmitted, received) bytes.
     pcie_bytes: Option<(f64, f64)>,
     nvlink_bytes: Option<(f64, f64)>,
-    /// When the legacy PCIe throughput was last read.
-    pcie_read_at: Option<Instant>,
+    /// When the legacy PCIe throughput was last read, per direction (one per poll, in turn).
+    pcie_read_at: [Option<Instant>; 2],
+    /// Polls so far, to take turns.
+    polls: u64,
+}
+
+/// A MIG device (a compute instance in a GPU instance).
+struct Mig<'n> {
+    device: Device<'n>,
+    id: GpuId,
+    /// The GPU instance id, `None` where NVML would not say.
+    gpu_instance: Option<u32>,
+}
+
+impl Gpu<'_> {
+    /// Forgets what spans polls: the GPU was lost, and its counters restart when it is back.
+    fn forget_windows(&mut self) {
+        self.shares.reset();
+        self.gpm_samples.clear();
+        self.pcie_read_at = [None, None];
+    }
 }
 
 /// A GPU that answered "lost" in this poll.
@@ -193,6 +215,15 @@ impl Calls {
                 self.unsupported.insert((name, gpu));
                 Ok(None)
             }
+            Err(NvmlError::NoPermission) => {
+                tracing::warn!(
+                    function = name,
+                    gpu,
+                    "NVML refuses this call to the agent (no permission); the metrics read with it are off"
+                );
+                self.unsupported.insert((name, gpu));
+                Ok(None)
+            }
             Err(e) => {
                 tracing::debug!(function = name, gpu, error = %e, "NVML call failed");
                 *self.errors.entry(name).or_default() += 1;
@@ -213,11 +244,18 @@ struct Collector<'n> {
     gpm_library: bool,
     /// Critical XID events counted: (GPU position, xid) → count.
     xids: HashMap<(usize, u64), u64>,
+    /// When samples were last fetched and MIG devices last enumerated.
+    fetched_at: Instant,
+    migs_at: Instant,
+    /// A MIG placement was missing (said once).
+    placement_warned: bool,
+    /// `gpu.poll_interval`.
+    poll_interval: Duration,
     pids: PidResolver,
 }
 
 impl<'n> Collector<'n> {
-    fn discover(nvml: &'n Nvml, pids: PidResolver) -> Collector<'n> {
+    fn discover(nvml: &'n Nvml, pids: PidResolver, poll_interval: Duration) -> Collector<'n> {
         let count = nvml.device_count().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "NVML could not count the GPUs");
             0
@@ -230,6 +268,10 @@ impl<'n> Collector<'n> {
             events: None,
             gpm_library: gpm_library(nvml),
             xids: HashMap::new(),
+            fetched_at: Instant::now(),
+            migs_at: Instant::now(),
+            placement_warned: false,
+            poll_interval,
             pids,
         };
         for index in 0..count {
@@ -243,7 +285,7 @@ impl<'n> Collector<'n> {
 
     /// Gets a handle for `gpu`, with its identity and MIG instances; leaves it without one
     /// (reported down) when NVML cannot give one.
-    fn identify(&self, gpu: &mut Gpu<'n>) {
+    fn identify(&mut self, gpu: &mut Gpu<'n>) {
         let device = match self.nvml.device_by_index(gpu.index) {
             Ok(d) => d,
             Err(e) => {
@@ -254,28 +296,7 @@ impl<'n> Collector<'n> {
         gpu.id.uuid = device.uuid().unwrap_or_default();
         gpu.id.model = device.name().unwrap_or_default();
         gpu.id.minor = device.minor_number().ok();
-        if device.mig_mode().is_ok_and(|m| m.current == 1) {
-            let slots = device.mig_device_count().unwrap_or(0);
-            for slot in 0..slots {
-                let Ok(mig) = device.mig_device_by_index(slot) else { continue };
-                let name = mig.name().unwrap_or_default();
-                let profile = name.rsplit_once(" MIG ").map(|(_, p)| p.to_string()).unwrap_or(name);
-                let gpu_instance = gpu_instance_id(self.nvml, &mig).unwrap_or(0);
-                let id = GpuId {
-                    index: gpu.index,
-                    uuid: mig.uuid().unwrap_or_default(),
-                    model: gpu.id.model.clone(),
-                    mig: Some(MigId {
-                        profile,
-                        gpu_instance,
-                        parent_uuid: gpu.id.uuid.clone(),
-                        placement: gpu_instance_placement(self.nvml, &device, gpu_instance),
-                    }),
-                    minor: gpu.id.minor,
-                };
-                gpu.migs.push((mig, id));
-            }
-        }
+        gpu.migs = self.migs_of(&device, &gpu.id);
         gpu.gpm = self.gpm_library
             && match device.gpm_support() {
                 Ok(true) => true,
@@ -289,6 +310,66 @@ impl<'n> Collector<'n> {
                 }
             };
         gpu.device = Some(device);
+    }
+
+    /// The MIG devices of a GPU in MIG mode, with their GPU instance ids and placements.
+    fn migs_of(&mut self, device: &Device<'n>, parent: &GpuId) -> Vec<Mig<'n>> {
+        let mut migs = Vec::new();
+        if !device.mig_mode().is_ok_and(|m| m.current == 1) {
+            return migs;
+        }
+        let slots = device.mig_device_count().unwrap_or(0);
+        for slot in 0..slots {
+            let Ok(mig) = device.mig_device_by_index(slot) else { continue };
+            let name = mig.name().unwrap_or_default();
+            let profile = name.rsplit_once(" MIG ").map(|(_, p)| p.to_string()).unwrap_or(name);
+            let gpu_instance = gpu_instance_id(self.nvml, &mig);
+            let placement = gpu_instance.and_then(|gi| gpu_instance_placement(self.nvml, device, gi));
+            if placement.is_none() && !self.placement_warned {
+                self.placement_warned = true;
+                tracing::warn!(
+                    gpu = parent.index,
+                    "NVML does not give MIG instance placements to the agent: GPUs of DRA claims on MIG devices are not attributed"
+                );
+            }
+            let id = GpuId {
+                index: parent.index,
+                uuid: mig.uuid().unwrap_or_default(),
+                model: parent.model.clone(),
+                mig: Some(MigId { profile, gpu_instance: gpu_instance.unwrap_or(0), parent_uuid: parent.uuid.clone(), placement }),
+                minor: parent.minor,
+            };
+            migs.push(Mig { device: mig, id, gpu_instance });
+        }
+        migs
+    }
+
+    /// Enumerates the MIG devices of MIG-enabled GPUs again.
+    fn refresh_migs(&mut self) {
+        for position in 0..self.devices.len() {
+            let Some(device) = self.devices[position].device.take() else { continue };
+            if !self.devices[position].migs.is_empty() {
+                let id = self.devices[position].id.clone();
+                let migs = self.migs_of(&device, &id);
+                let gpu = &mut self.devices[position];
+                let before: Vec<&str> = gpu.migs.iter().map(|m| m.id.uuid.as_str()).collect();
+                if before != migs.iter().map(|m| m.id.uuid.as_str()).collect::<Vec<_>>() {
+                    tracing::info!(gpu = gpu.index, before = before.len(), now = migs.len(), "MIG devices changed");
+                    gpu.migs = migs;
+                }
+            }
+            self.devices[position].device = Some(device);
+        }
+    }
+
+    /// Fetches the per-process utilization samples of every GPU that has them, so that none
+    /// turns over in the driver's buffer before a poll counts it.
+    fn fetch_samples(&mut self) {
+        self.fetched_at = Instant::now();
+        for gpu in self.devices.iter_mut().filter(|g| g.migs.is_empty()) {
+            // A lost GPU is found lost by the next poll.
+            let _ = fetch_process_samples(&mut self.calls, gpu);
+        }
     }
 
     /// An event set with every GPU that supports critical-XID events registered. A failed
@@ -320,24 +401,30 @@ impl<'n> Collector<'n> {
     /// Reads every GPU once.
     fn poll(&mut self) -> Reading {
         let mut reading = Reading { driver_version: self.driver_version.clone(), ..Reading::default() };
+        if self.migs_at.elapsed() >= MIG_REFRESH {
+            self.migs_at = Instant::now();
+            self.refresh_migs();
+        }
         for position in 0..self.devices.len() {
             if self.devices[position].device.is_none() {
                 let mut gpu = std::mem::replace(&mut self.devices[position], placeholder(position as u32));
                 self.identify(&mut gpu);
                 self.devices[position] = gpu;
             }
-            let Collector { devices, calls, pids, xids, .. } = self;
+            let Collector { devices, calls, pids, xids, poll_interval, .. } = self;
             let gpu = &mut devices[position];
             let mut xid_counts: Vec<(u64, u64)> = xids.iter().filter(|((p, _), _)| *p == position).map(|((_, x), n)| (*x, *n)).collect();
             xid_counts.sort_unstable();
-            let mut readings = match read_gpu(calls, gpu).and_then(|r| read_processes(calls, gpu, pids, &mut reading).map(|()| r)) {
-                Ok(gpu_readings) => gpu_readings,
-                Err(Lost) => {
-                    let mut lost = vec![GpuReading::new(gpu.id.clone(), false)];
-                    lost.extend(gpu.migs.iter().map(|(_, id)| GpuReading::new(id.clone(), false)));
-                    lost
-                }
-            };
+            let mut readings =
+                match read_gpu(calls, gpu, *poll_interval).and_then(|r| read_processes(calls, gpu, pids, &mut reading).map(|()| r)) {
+                    Ok(gpu_readings) => gpu_readings,
+                    Err(Lost) => {
+                        gpu.forget_windows();
+                        let mut lost = vec![GpuReading::new(gpu.id.clone(), false)];
+                        lost.extend(gpu.migs.iter().map(|m| GpuReading::new(m.id.clone(), false)));
+                        lost
+                    }
+                };
             readings[0].xids = xid_counts;
             reading.gpus.extend(readings);
         }
@@ -357,6 +444,9 @@ impl<'n> Collector<'n> {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return true;
+            }
+            if self.fetched_at.elapsed() >= SAMPLE_FETCH {
+                self.fetch_samples();
             }
             let slice = left.min(STOP_CHECK);
             let Some(set) = &self.events else {
@@ -395,13 +485,13 @@ fn placeholder(index: u32) -> Gpu<'static> {
         device: None,
         id: GpuId { index, uuid: String::new(), model: String::new(), mig: None, minor: None },
         migs: Vec::new(),
-        window_end_us: 0,
-        sample_period_us: DEFAULT_SAMPLE_PERIOD_US,
+        shares: ShareWindow::default(),
         gpm: false,
         gpm_samples: HashMap::new(),
         pcie_bytes: None,
         nvlink_bytes: None,
-        pcie_read_at: None,
+        pcie_read_at: [None, None],
+        polls: 0,
     }
 }
 
@@ -468,7 +558,7 @@ fn add_traffic(total: &mut Option<(f64, f64)>, tx: Option<f64>, rx: Option<f64>)
 
 /// Takes a GPM sample of the GPU (`instance` = `None`) or of one MIG instance and returns the
 /// metrics since the previous poll's sample; `None` on the first one or when it failed.
-fn gpm_window<'n>(calls: &mut Calls, gpu: &mut Gpu<'n>, instance: Option<u32>) -> Result<Option<GpmWindow>, Lost> {
+fn gpm_window<'n>(calls: &mut Calls, gpu: &mut Gpu<'n>, instance: Option<u32>, longest: Duration) -> Result<Option<GpmWindow>, Lost> {
     let Some(d) = &gpu.device else { return Err(Lost) };
     let name = if instance.is_some() { "gpm_mig_sample" } else { "gpm_sample" };
     let sample = calls.call(name, gpu.index, || match instance {
@@ -481,8 +571,13 @@ fn gpm_window<'n>(calls: &mut Calls, gpu: &mut Gpu<'n>, instance: Option<u32>) -
     };
     let now = Instant::now();
     let Some((before, at)) = gpu.gpm_samples.insert(instance, (sample, now)) else { return Ok(None) };
+    // A window much longer than a poll spans a stall or a reset: no rate over it.
+    if now.duration_since(at) > longest {
+        return Ok(None);
+    }
     let current = &gpu.gpm_samples[&instance].0;
-    let Some(results) = calls.call("gpm_metrics_get", gpu.index, || gpm_metrics_get(d.nvml(), &before, current, &GPM_METRICS))? else {
+    let name = if instance.is_some() { "gpm_mig_metrics_get" } else { "gpm_metrics_get" };
+    let Some(results) = calls.call(name, gpu.index, || gpm_metrics_get(d.nvml(), &before, current, &GPM_METRICS))? else {
         return Ok(None);
     };
     // A metric this GPU or instance does not measure comes back as an error of its own.
@@ -519,7 +614,7 @@ fn gpu_instance_placement(nvml: &Nvml, parent: &Device, gpu_instance: u32) -> Op
 }
 
 /// The board-level readings of a GPU, then one reading per MIG instance.
-fn read_gpu(calls: &mut Calls, gpu: &mut Gpu) -> Result<Vec<GpuReading>, Lost> {
+fn read_gpu(calls: &mut Calls, gpu: &mut Gpu, poll_interval: Duration) -> Result<Vec<GpuReading>, Lost> {
     let Some(d) = &gpu.device else { return Err(Lost) };
     let i = gpu.index;
     let mut r = GpuReading::new(gpu.id.clone(), true);
@@ -541,51 +636,97 @@ fn read_gpu(calls: &mut Calls, gpu: &mut Gpu) -> Result<Vec<GpuReading>, Lost> {
     );
     r.remapped_rows = calls.call("remapped_rows", i, || remapped_rows(d))?;
     let mut readings = vec![r];
-    for (mig, id) in &gpu.migs {
-        let mut m = GpuReading::new(id.clone(), true);
-        let memory = calls.call("memory_info", i, || mig.memory_info())?;
+    for mig in &gpu.migs {
+        let mut m = GpuReading::new(mig.id.clone(), true);
+        let memory = calls.call("memory_info", i, || mig.device.memory_info())?;
         m.set(GpuGauge::MemoryUsed, memory.as_ref().map(|m| m.used as f64));
         m.set(GpuGauge::MemoryTotal, memory.as_ref().map(|m| m.total as f64));
         readings.push(m);
     }
-    read_traffic_and_gpm(calls, gpu, &mut readings)?;
+    read_traffic_and_gpm(calls, gpu, &mut readings, poll_interval)?;
+    gpu.polls += 1;
     Ok(readings)
 }
 
 /// GPM on the GPU and its MIG instances (a MIG instance's utilization is its GPM graphics
 /// activity, which NVML's utilization call does not give), and PCIe/NVLink traffic: from GPM
 /// where the GPU has it, else PCIe from the legacy throughput sensor.
-fn read_traffic_and_gpm(calls: &mut Calls, gpu: &mut Gpu, readings: &mut [GpuReading]) -> Result<(), Lost> {
+fn read_traffic_and_gpm(calls: &mut Calls, gpu: &mut Gpu, readings: &mut [GpuReading], poll_interval: Duration) -> Result<(), Lost> {
+    let longest = poll_interval * 3 + Duration::from_secs(1);
     if gpu.gpm {
-        if let Some(w) = gpm_window(calls, gpu, None)? {
+        if let Some(w) = gpm_window(calls, gpu, None, longest)? {
             w.fill(&mut readings[0]);
             add_traffic(&mut gpu.pcie_bytes, w.bytes(GpmMetricId::PcieTxPerSec), w.bytes(GpmMetricId::PcieRxPerSec));
             add_traffic(&mut gpu.nvlink_bytes, w.bytes(GpmMetricId::NvlinkTotalTxPerSec), w.bytes(GpmMetricId::NvlinkTotalRxPerSec));
         }
-        let instances: Vec<u32> = gpu.migs.iter().filter_map(|(_, id)| id.mig.as_ref().map(|m| m.gpu_instance)).collect();
-        for (k, gi) in instances.into_iter().enumerate() {
-            if let Some(w) = gpm_window(calls, gpu, Some(gi))? {
-                let m = &mut readings[k + 1];
+        // GPM measures a GPU instance: one sample per instance, for its one MIG device. An
+        // instance split into several compute instances is left out (its activity is not any
+        // one device's).
+        let mut per_instance: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (k, mig) in gpu.migs.iter().enumerate() {
+            if let Some(gi) = mig.gpu_instance {
+                per_instance.entry(gi).or_default().push(k + 1);
+            }
+        }
+        for (gi, rows) in per_instance.into_iter().filter(|(_, rows)| rows.len() == 1) {
+            if let Some(w) = gpm_window(calls, gpu, Some(gi), longest)? {
+                let m = &mut readings[rows[0]];
                 w.fill(m);
                 m.set(GpuGauge::Utilization, w.ratio(GpmMetricId::GraphicsUtil));
             }
         }
+        if calls.unsupported.contains(&("gpm_sample", gpu.index)) || calls.unsupported.contains(&("gpm_metrics_get", gpu.index)) {
+            tracing::info!(
+                gpu = gpu.index,
+                "GPM sampling refused on this GPU: profiling metrics off for it, PCIe from the throughput sensor"
+            );
+            gpu.gpm = false;
+            gpu.gpm_samples.clear();
+        }
     } else {
         let Some(d) = &gpu.device else { return Err(Lost) };
-        let i = gpu.index;
-        let tx = calls.call("pcie_throughput", i, || d.pcie_throughput(PcieUtilCounter::Send))?;
-        let rx = calls.call("pcie_throughput", i, || d.pcie_throughput(PcieUtilCounter::Receive))?;
-        // The sensor gives the rate of the last 20 ms: the bytes of the interval are estimated
-        // as that rate times the time since the previous read.
+        // The sensor gives the rate of the last 20 ms, and reading it may take that long: one
+        // direction per poll, in turn, each estimated as its rate times the time since that
+        // direction was last read.
+        let direction = (gpu.polls % 2) as usize;
+        let counter = if direction == 0 { PcieUtilCounter::Send } else { PcieUtilCounter::Receive };
+        let kb = calls.call("pcie_throughput", gpu.index, || d.pcie_throughput(counter))?;
         let now = Instant::now();
-        let seconds = gpu.pcie_read_at.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
-        gpu.pcie_read_at = Some(now);
-        let bytes = |kb: Option<u32>| kb.map(|kb| f64::from(kb) * KIB * seconds);
-        add_traffic(&mut gpu.pcie_bytes, bytes(tx), bytes(rx));
+        let seconds = gpu.pcie_read_at[direction].map_or(0.0, |at| now.duration_since(at).as_secs_f64());
+        gpu.pcie_read_at[direction] = Some(now);
+        if let Some(kb) = kb {
+            let bytes = f64::from(kb) * KIB * if seconds > longest.as_secs_f64() * 2.0 { 0.0 } else { seconds };
+            let t = gpu.pcie_bytes.get_or_insert((0.0, 0.0));
+            if direction == 0 {
+                t.0 += bytes;
+            } else {
+                t.1 += bytes;
+            }
+        }
     }
     readings[0].pcie_bytes = gpu.pcie_bytes;
     readings[0].nvlink_bytes = gpu.nvlink_bytes;
     Ok(())
+}
+
+/// Fetches the per-process utilization samples the driver holds that are newer than the last
+/// fetch into the GPU's share window; false where the GPU does not sample per process.
+fn fetch_process_samples(calls: &mut Calls, gpu: &mut Gpu) -> Result<bool, Lost> {
+    let Some(d) = &gpu.device else { return Err(Lost) };
+    let since = gpu.shares.since();
+    // NOT_FOUND means no process ran a kernel since: idle, not an error.
+    let samples = calls.call("process_utilization_stats", gpu.index, || match d.process_utilization_stats(since) {
+        Err(NvmlError::NotFound) => Ok(Vec::new()),
+        other => other,
+    })?;
+    let Some(samples) = samples else { return Ok(false) };
+    gpu.shares.add(samples.into_iter().map(|s| Sample { pid: s.pid, at_us: s.timestamp, sm_percent: s.sm_util }));
+    Ok(true)
+}
+
+/// Wall-clock microseconds, the driver's timestamps' clock.
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The processes on a GPU with their memory and SM utilization since the last poll, added to
@@ -594,32 +735,16 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
     let Some(d) = &gpu.device else { return Err(Lost) };
     let i = gpu.index;
     let running = calls.call("running_compute_processes", i, || d.running_compute_processes())?.unwrap_or_default();
-    // NOT_FOUND means no process ran a kernel since the last poll: idle, not an error.
-    let since = gpu.window_end_us;
-    let samples = if gpu.migs.is_empty() {
-        calls.call("process_utilization_stats", i, || match d.process_utilization_stats(since) {
-            Err(NvmlError::NotFound) => Ok(Vec::new()),
-            other => other,
-        })?
-    } else {
-        None
-    };
-    if samples.is_some() {
+    let sampled = gpu.migs.is_empty() && fetch_process_samples(calls, gpu)?;
+    let shares = if sampled { gpu.shares.close(now_us()) } else { HashMap::new() };
+    if sampled {
         reading.sampled.push(gpu.id.uuid.clone());
     }
-    let points: Vec<(u32, u64, u32)> =
-        samples.iter().flatten().filter(|s| s.timestamp > since).map(|s| (s.pid, s.timestamp, s.sm_util)).collect();
-    let shares = sm_shares(&points, &mut gpu.window_end_us, &mut gpu.sample_period_us);
-    let sm_ratio = |pid: u32| -> Option<f64> {
-        samples.as_ref()?;
-        Some(shares.get(&pid).copied().unwrap_or(0.0))
-    };
+    let sm_ratio = |pid: u32| -> Option<f64> { sampled.then(|| shares.get(&pid).copied().unwrap_or(0.0)) };
     let uses = &mut reading.processes;
     for p in &running {
         let uuid = match p.gpu_instance_id {
-            Some(gi) => {
-                gpu.migs.iter().find(|(_, id)| id.mig.as_ref().is_some_and(|m| m.gpu_instance == gi)).map(|(_, id)| id.uuid.clone())
-            }
+            Some(gi) => gpu.migs.iter().find(|m| m.gpu_instance == Some(gi)).map(|m| m.id.uuid.clone()),
             None => None,
         };
         let memory_bytes = match p.used_gpu_memory {
@@ -640,67 +765,4 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
         uses.push(ProcessUse { uuid: gpu.id.uuid.clone(), pid, container: pids.resolve(pid), memory_bytes: None, sm_ratio: sm_ratio(pid) });
     }
     Ok(())
-}
-
-/// Each process's share of the SMs over the window since the previous one, from the driver's
-/// per-process samples `(pid, timestamp µs, SM %)` newer than `window_end`.
-///
-/// The driver takes a sample every period and gives a process one only for the periods in
-/// which it ran; each sample stands for one period. The window runs from the previous
-/// window's end to the newest sample instant, so it holds a whole number of periods, and a
-/// process's share is its samples' SM % summed over the periods of the window: a process that
-/// ran 6 of 30 periods at 90 % has 0.18, not the 0.9 its samples average. Without new samples
-/// the window stays open (every share is 0 and the next window covers this one's time too).
-/// `period` is kept as the smallest gap seen between two sample instants.
-pub fn sm_shares(samples: &[(u32, u64, u32)], window_end: &mut u64, period: &mut u64) -> HashMap<u32, f64> {
-    let mut instants: Vec<u64> = samples.iter().map(|s| s.1).collect();
-    instants.sort_unstable();
-    instants.dedup();
-    if let Some(gap) = instants.windows(2).map(|w| w[1] - w[0]).filter(|g| *g > 0).min() {
-        *period = (*period).min(gap).max(1);
-    }
-    let (Some(&oldest), Some(&newest)) = (instants.first(), instants.last()) else { return HashMap::new() };
-    // The first window starts with the oldest sample the driver still held.
-    let start = if *window_end == 0 { oldest.saturating_sub(*period) } else { *window_end };
-    *window_end = newest;
-    let periods = ((newest - start) as f64 / *period as f64 - 0.01).ceil().max(1.0);
-    let mut percent: HashMap<u32, u64> = HashMap::new();
-    for &(pid, _, sm) in samples {
-        *percent.entry(pid).or_default() += u64::from(sm.min(100));
-    }
-    percent.into_iter().map(|(pid, sum)| (pid, (sum as f64 / 100.0 / periods).min(1.0))).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sm_shares;
-
-    const P: u64 = 166_667;
-
-    #[test]
-    fn a_bursty_process_gets_its_time_weighted_share_not_its_samples_mean() {
-        // 5 s of 30 periods: a steady process at 40 %, and one that ran 6 periods at 90 %.
-        let (mut end, mut period) = (1_000 * P, 200_000);
-        let mut samples: Vec<_> = (1..=30).map(|k| (1, (1_000 + k) * P, 40)).collect();
-        samples.extend((1..=6).map(|k| (2, (1_000 + k) * P, 90)));
-        let shares = sm_shares(&samples, &mut end, &mut period);
-        assert_eq!(period, P, "the period is measured from the samples");
-        assert_eq!(end, 1_030 * P);
-        assert!((shares[&1] - 0.4).abs() < 1e-9, "{shares:?}");
-        assert!((shares[&2] - 0.18).abs() < 1e-9, "1 s of 5 at 90 % is 18 %: {shares:?}");
-    }
-
-    #[test]
-    fn windows_without_samples_stay_open_and_the_first_window_starts_at_the_oldest_sample() {
-        let (mut end, mut period) = (0, P);
-        let first: Vec<_> = (10..20).map(|k| (7, k * P, 50)).collect();
-        let shares = sm_shares(&first, &mut end, &mut period);
-        assert!((shares[&7] - 0.5).abs() < 1e-9, "10 samples over 10 periods: {shares:?}");
-        assert!(sm_shares(&[], &mut end, &mut period).is_empty());
-        assert_eq!(end, 19 * P, "an empty poll leaves the window where it was");
-        // The next samples come 10 periods later: one burst of 2 periods at 100 % in 10.
-        let later = [(7, 28 * P, 100), (7, 29 * P, 100)];
-        let shares = sm_shares(&later, &mut end, &mut period);
-        assert!((shares[&7] - 0.2).abs() < 1e-9, "{shares:?}");
-    }
 }

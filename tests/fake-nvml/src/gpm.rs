@@ -18,9 +18,11 @@ const SUPPORT_VERSION: c_uint = 1;
 /// `NVML_GPM_METRIC_MAX` of the header nodelens is built against: the length of `metrics[]`.
 pub const METRIC_MAX: usize = 210;
 
-/// Metric ids the fake measures, with the scenario field, short name and unit. Ids from 20 up
-/// are traffic, measured on whole GPUs only.
-const METRICS: [(c_uint, fn(&Gpm) -> f64, &CStr, &CStr); 12] = [
+/// A metric the fake measures: its id, the scenario field with its rate, short name and unit.
+type Metric = (c_uint, fn(&Gpm) -> f64, &'static CStr, &'static CStr);
+
+/// Metric ids the fake measures. Ids from 20 up are traffic, measured on whole GPUs only.
+const METRICS: [Metric; 12] = [
     (1, |g| g.graphics_percent, c"graphics_util", c"%"),
     (2, |g| g.sm_active_percent, c"sm_util", c"%"),
     (3, |g| g.sm_occupancy_percent, c"sm_occupancy", c"%"),

@@ -23,6 +23,7 @@ const SUCCESS: nvmlReturn_t = 0;
 const ERROR_UNINITIALIZED: nvmlReturn_t = 1;
 const ERROR_INVALID_ARGUMENT: nvmlReturn_t = 2;
 const ERROR_NOT_SUPPORTED: nvmlReturn_t = 3;
+const ERROR_NO_PERMISSION: nvmlReturn_t = 4;
 const ERROR_NOT_FOUND: nvmlReturn_t = 6;
 const ERROR_INSUFFICIENT_SIZE: nvmlReturn_t = 7;
 const ERROR_TIMEOUT: nvmlReturn_t = 10;
@@ -46,7 +47,7 @@ const MAX_MIG_DEVICES: c_uint = 7;
 const NO_INSTANCE: c_uint = 0xFFFF_FFFF;
 /// The driver samples per-process utilization every 1/6 s ...
 const SAMPLE_PERIOD_US: u64 = 166_667;
-/// ... and keeps the last few samples.
+/// ... and keeps the last few samples (unless the scenario says how many).
 const SAMPLES_KEPT: u64 = 20;
 
 #[repr(C)]
@@ -142,10 +143,13 @@ fn state() -> MutexGuard<'static, State> {
     let Some(path) = state.path.clone() else { return state };
     let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
     if modified != state.modified {
-        if let Some(scenario) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-            // The counters ran at the old rates until now.
+        if let Some(scenario) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Scenario>(&b).ok()) {
+            // The counters ran at the old rates until now; a GPU that is lost (reset, off the
+            // bus) starts them again from zero when it is back.
             let State { gpm, scenario: old, .. } = &mut *state;
             gpm::advance(gpm, old);
+            let lost: Vec<usize> = scenario.gpus.iter().enumerate().filter(|(_, g)| g.lost).map(|(i, _)| i).collect();
+            gpm.retain(|(gpu, _), _| !lost.contains(gpu));
             state.scenario = scenario;
             state.modified = modified;
         }
@@ -437,7 +441,8 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 fn samples_since(gpu: &Gpu, last_seen: c_ulonglong) -> Vec<nvmlProcessUtilizationSample_t> {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
     let newest = now / SAMPLE_PERIOD_US;
-    let oldest = (newest + 1).saturating_sub(SAMPLES_KEPT).max(last_seen / SAMPLE_PERIOD_US + 1);
+    let kept = if gpu.samples_kept == 0 { SAMPLES_KEPT } else { gpu.samples_kept };
+    let oldest = (newest + 1).saturating_sub(kept).max(last_seen / SAMPLE_PERIOD_US + 1);
     let busy = gpu.processes.iter().filter(|p| p.sm_percent > 0 && p.gpu_instance.is_none());
     busy.flat_map(|p| {
         let ran = move |k: &u64| p.burst_cycle == 0 || k % p.burst_cycle < p.burst_busy;
@@ -554,6 +559,9 @@ pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceById(device: nvmlDevice_t, id: 
     with_gpu(device, |gpu| {
         if gpu.mig.is_empty() {
             return ERROR_NOT_SUPPORTED;
+        }
+        if gpu.gpu_instances_denied {
+            return ERROR_NO_PERMISSION;
         }
         match gpu.mig.iter().position(|m| m.gpu_instance == id) {
             None => ERROR_NOT_FOUND,

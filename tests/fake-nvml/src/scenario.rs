@@ -76,6 +76,10 @@ pub struct Gpu {
     pub pcie_rx_kb_per_s: u32,
     /// `nvmlDeviceGetRemappedRows`; `None` = before Ampere (`NOT_SUPPORTED`).
     pub remapped_rows: Option<RemappedRows>,
+    /// Per-process utilization samples the driver keeps (a ring of the newest); 0 = 20.
+    pub samples_kept: u64,
+    /// `nvmlDeviceGetGpuInstanceById` answers `NO_PERMISSION`, as for an unprivileged caller.
+    pub gpu_instances_denied: bool,
 }
 
 /// The rates a GPU's (or MIG instance's) GPM counters advance at. Samples integrate them over
