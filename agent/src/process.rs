@@ -59,7 +59,9 @@ fn memory_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<f
     };
     if let Some(path) = cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
         let path = path.trim_end_matches('/');
-        if let Some(limit) = read(&format!("{path}/memory.max")).and_then(parse) {
+        // Without a cgroup namespace the path is the host's; the container's own cgroup may
+        // still be what is mounted at the root.
+        if let Some(limit) = read(&format!("{path}/memory.max")).or_else(|| read("/memory.max")).and_then(parse) {
             return Some(limit);
         }
     }
@@ -121,6 +123,8 @@ mod tests {
         let unlimited = files(&[("/memory/memory.limit_in_bytes", "9223372036854771712\n")]);
         assert_eq!(memory_limit("4:memory:/\n", unlimited), Some(f64::INFINITY));
         assert_eq!(memory_limit("0::/x\n", files(&[])), None, "nothing readable: no series");
+        let mounted_at_root = files(&[("/memory.max", "1073741824\n")]);
+        assert_eq!(memory_limit("0::/kubepods.slice/pod-z/cri-containerd-2.scope\n", mounted_at_root), Some(f64::from(1 << 30)));
     }
 
     #[test]
