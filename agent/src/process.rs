@@ -11,8 +11,12 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 /// Names of the series [`ProcessCollector`] exports.
-pub const NAMES: &[&str] =
-    &["nodelens_process_cpu_seconds_total", "nodelens_process_resident_memory_bytes", "nodelens_process_memory_limit_bytes"];
+pub const NAMES: &[&str] = &[
+    "nodelens_process_cpu_seconds_total",
+    "nodelens_process_resident_memory_bytes",
+    "nodelens_process_memory_limit_bytes",
+    "nodelens_process_start_time_seconds",
+];
 
 /// Where the cgroup file systems are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -36,6 +40,27 @@ fn parse(stat: &str, statm: &str, ticks_per_second: f64, page_size: u64) -> Opti
     let stime: f64 = fields.next()?.parse().ok()?;
     let resident_pages: u64 = statm.split_ascii_whitespace().nth(1)?.parse().ok()?;
     Some(Usage { cpu_seconds: (utime + stime) / ticks_per_second, resident_bytes: resident_pages * page_size })
+}
+
+/// When the process started, Unix seconds: its start (`/proc/<pid>/stat` field 22, clock ticks
+/// after boot) plus the boot time (`btime` of `/proc/stat`).
+fn started_at(stat: &str, proc_stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let start_ticks: f64 = after_name.split_ascii_whitespace().nth(19)?.parse().ok()?;
+    let boot: f64 = proc_stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    Some(boot + start_ticks / ticks_per_second)
+}
+
+/// This process's start time, read once.
+fn own_start_time() -> Option<f64> {
+    static STARTED: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let proc_stat = std::fs::read_to_string("/proc/stat").ok()?;
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        started_at(&stat, &proc_stat, ticks.max(1) as f64)
+    })
 }
 
 /// This process's usage now, or `None` where `/proc` cannot be read.
@@ -91,6 +116,16 @@ impl Collector for ProcessCollector {
         ConstCounter::new(usage.cpu_seconds).encode(cpu)?;
         let rss = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory of the agent", None, MetricType::Gauge)?;
         ConstGauge::new(usage.resident_bytes as i64).encode(rss)?;
+        if let Some(started) = own_start_time() {
+            // Alerts on counters the agent keeps only for its own run (XIDs) tell a new run by it.
+            let start = encoder.encode_descriptor(
+                "process_start_time_seconds",
+                "When the agent process started, Unix time",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(started).encode(start)?;
+        }
         let Some(bytes) = own_memory_limit() else { return Ok(()) };
         let limit = encoder.encode_descriptor(
             "process_memory_limit_bytes",
@@ -105,6 +140,16 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_time_is_boot_time_plus_the_start_ticks() {
+        let stat = "4242 (node lens (x)) S 1 4242 4242 0 -1 4194560 9000 0 0 0 300 25 0 0 20 0 12 0 123400 9000000 5000";
+        assert_eq!(started_at(stat, "cpu  1 2 3\nbtime 1764600000\nprocesses 9\n", 100.0), Some(1_764_601_234.0));
+        assert_eq!(started_at(stat, "cpu  1 2 3\n", 100.0), None);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let own = own_start_time().expect("this process's start time");
+        assert!(own <= now + 1.0 && own > now - 86_400.0, "{own} against {now}");
+    }
 
     #[test]
     fn the_memory_limit_is_read_from_the_agents_own_cgroup() {
