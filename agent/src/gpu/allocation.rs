@@ -95,7 +95,7 @@ impl PodResources {
                     .filter(|r| r.driver_name == NVIDIA_DRA_DRIVER)
                     .filter_map(|r| dra_device_name(&r))
                     .map(|name| (name, Source::Dra));
-                for (device_id, source) in plugin.chain(dra).collect::<Vec<_>>() {
+                for (device_id, source) in plugin.chain(dra) {
                     allocations.push(Allocation {
                         namespace: pod.namespace.clone(),
                         pod: pod.name.clone(),

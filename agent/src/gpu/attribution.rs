@@ -4,7 +4,7 @@
 //! processes run there, or both; two containers sharing a GPU each get their own processes'
 //! utilization and memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::allocation::{Allocation, DeviceRef};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
@@ -17,6 +17,8 @@ struct Use {
     allocated: bool,
     utilization: Option<f64>,
     memory_bytes: Option<u64>,
+    /// Its processes on the GPU.
+    processes: usize,
 }
 
 /// Builds the exported view of one reading.
@@ -49,9 +51,15 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         let labels = lookup.by_name(&a.namespace, &a.pod, &a.container);
         uses.entry((gpu.uuid.clone(), labels)).or_default().allocated = true;
     }
+    // Devices with a process no pod container was found for (outside Kubernetes, or gone).
+    let mut unresolved: HashSet<&str> = HashSet::new();
     for p in &reading.processes {
-        let Some(labels) = p.container.as_ref().and_then(|c| lookup.by_cgroup(c)) else { continue };
+        let Some(labels) = p.container.as_ref().and_then(|c| lookup.by_cgroup(c)) else {
+            unresolved.insert(p.uuid.as_str());
+            continue;
+        };
         let entry = uses.entry((p.uuid.clone(), labels)).or_default();
+        entry.processes += 1;
         if let Some(sm) = p.sm_ratio {
             entry.utilization = Some((entry.utilization.unwrap_or(0.0) + sm).min(1.0));
         }
@@ -63,13 +71,11 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     // The driver has no per-process samples under MIG, but GPM measures the instance itself:
     // an instance is a container's when that container is the only one on it and every
     // process on it is that container's (none outside Kubernetes, none unresolved).
-    for gpu in reading.gpus.iter().filter(|g| g.id.mig.is_some()) {
+    for gpu in reading.gpus.iter().filter(|g| g.id.mig.is_some() && !unresolved.contains(g.id.uuid.as_str())) {
         let Some(busy) = gpu.get(GpuGauge::Utilization) else { continue };
-        let processes: Vec<_> = reading.processes.iter().filter(|p| p.uuid == gpu.id.uuid).collect();
-        let mut on_it = uses.iter_mut().filter(|((uuid, _), _)| *uuid == gpu.id.uuid);
-        let (Some(((_, who), only)), None) = (on_it.next(), on_it.next()) else { continue };
-        let all_its = processes.iter().all(|p| p.container.as_ref().and_then(|c| lookup.by_cgroup(c)).as_ref() == Some(&*who));
-        if all_its && (!processes.is_empty() || busy == 0.0) {
+        let mut on_it = uses.iter_mut().filter(|((uuid, _), _)| *uuid == gpu.id.uuid).map(|(_, u)| u);
+        let (Some(only), None) = (on_it.next(), on_it.next()) else { continue };
+        if only.processes > 0 || busy == 0.0 {
             only.utilization = only.utilization.or(Some(busy));
         }
     }

@@ -76,10 +76,6 @@ const SAMPLE_FETCH: Duration = Duration::from_secs(1);
 /// drivers do when they prepare a claim).
 const MIG_REFRESH: Duration = Duration::from_secs(60);
 
-/// GPM functions every GPM call needs; a library without one has no GPM.
-const GPM_FUNCTIONS: [&str; 5] =
-    ["nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleFree", "nvmlGpmSampleGet", "nvmlGpmMetricsGet"];
-
 /// What the thread needs.
 pub struct Settings {
     /// `gpu.nvml_library`, or empty.
@@ -497,15 +493,16 @@ fn placeholder(index: u32) -> Gpu<'static> {
 
 /// Whether the library has GPM; says so once when it does not.
 fn gpm_library(nvml: &Nvml) -> bool {
+    // The functions every GPM call needs; a library without one has no GPM.
     let lib = nvml.lib();
-    let present = [
-        lib.nvmlGpmQueryDeviceSupport.is_ok(),
-        lib.nvmlGpmSampleAlloc.is_ok(),
-        lib.nvmlGpmSampleFree.is_ok(),
-        lib.nvmlGpmSampleGet.is_ok(),
-        lib.nvmlGpmMetricsGet.is_ok(),
+    let functions = [
+        ("nvmlGpmQueryDeviceSupport", lib.nvmlGpmQueryDeviceSupport.is_ok()),
+        ("nvmlGpmSampleAlloc", lib.nvmlGpmSampleAlloc.is_ok()),
+        ("nvmlGpmSampleFree", lib.nvmlGpmSampleFree.is_ok()),
+        ("nvmlGpmSampleGet", lib.nvmlGpmSampleGet.is_ok()),
+        ("nvmlGpmMetricsGet", lib.nvmlGpmMetricsGet.is_ok()),
     ];
-    let missing: Vec<_> = GPM_FUNCTIONS.iter().zip(present).filter(|(_, ok)| !ok).map(|(f, _)| *f).collect();
+    let missing: Vec<&str> = functions.iter().filter(|(_, present)| !present).map(|(name, _)| *name).collect();
     if !missing.is_empty() {
         tracing::info!(missing = ?missing, "this NVML library has no GPM (a driver before R525): SM, tensor and DRAM activity are not exported");
     }
@@ -694,15 +691,9 @@ fn read_traffic_and_gpm(calls: &mut Calls, gpu: &mut Gpu, readings: &mut [GpuRea
         let now = Instant::now();
         let seconds = gpu.pcie_read_at[direction].map_or(0.0, |at| now.duration_since(at).as_secs_f64());
         gpu.pcie_read_at[direction] = Some(now);
-        if let Some(kb) = kb {
-            let bytes = f64::from(kb) * KIB * if seconds > longest.as_secs_f64() * 2.0 { 0.0 } else { seconds };
-            let t = gpu.pcie_bytes.get_or_insert((0.0, 0.0));
-            if direction == 0 {
-                t.0 += bytes;
-            } else {
-                t.1 += bytes;
-            }
-        }
+        let bytes = kb.map(|kb| f64::from(kb) * KIB * if seconds > longest.as_secs_f64() * 2.0 { 0.0 } else { seconds });
+        let (tx, rx) = if direction == 0 { (bytes, None) } else { (None, bytes) };
+        add_traffic(&mut gpu.pcie_bytes, tx, rx);
     }
     readings[0].pcie_bytes = gpu.pcie_bytes;
     readings[0].nvlink_bytes = gpu.nvlink_bytes;
