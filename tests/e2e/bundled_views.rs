@@ -230,6 +230,71 @@ fn the_application_dashboard_links_to_its_logs_in_kibana() {
     assert_eq!(saved["type"], "search");
 }
 
+/// The fields a Discover deep link's Lucene query names (`field:value`, `_exists_:field`), each
+/// of which must be mapped, and that it scopes by cluster the way documents without
+/// `orchestrator.cluster.name` (no `cluster_name` configured) still match.
+fn assert_discover_link(what: &str, url: &str, cluster: &str) {
+    let fields = mapped_fields();
+    let search = url.split("/app/discover#/view/").nth(1).and_then(|r| r.split('?').next()).unwrap_or_else(|| panic!("{what}: {url} opens Discover"));
+    assert!(kibana_objects().iter().any(|o| o["id"] == search && o["type"] == "search"), "{what}: saved search {search} is bundled");
+    let query = url.split("query:'").nth(1).and_then(|q| q.strip_suffix("'))")).unwrap_or_else(|| panic!("{what}: {url} has a query"));
+    assert!(url.contains("(query:(language:lucene,query:'"), "{what}: {url}: Lucene (KQL has no regular expressions)");
+    let query = query.replace("%22", "\"").replace("%20", " ");
+    assert!(query.ends_with(&format!(" AND (orchestrator.cluster.name:{cluster} OR NOT _exists_:orchestrator.cluster.name)")), "{what}: {query}");
+    for word in query.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+        if let Some((field, _)) = word.split_once(':') {
+            let field = if field == "_exists_" { &word["_exists_:".len()..] } else { field };
+            assert!(fields.contains(field), "{what}: query field {field} is mapped");
+        }
+    }
+}
+
+#[test]
+fn every_kibana_link_of_the_dashboards_scopes_by_cluster_and_names_mapped_fields() {
+    let mut links = 0;
+    for (file, d) in dashboards() {
+        let text = serde_json::to_string(&d).unwrap();
+        for (i, _) in text.match_indices("${kibana_url:raw}") {
+            let url: String = text[i..].chars().take_while(|c| *c != '"').collect();
+            assert_discover_link(&file.display().to_string(), &url, "/${cluster:regex}/");
+            links += 1;
+        }
+    }
+    assert!(links >= 6, "{links} Kibana links");
+}
+
+/// Every alert links to the dashboard of what it is about (`dashboard_url`, relative to Grafana:
+/// the chart makes it absolute from `links.grafanaUrl`), passing variables that dashboard has;
+/// `logs_url` (relative to Kibana) opens a bundled saved search. promtool renders both in the
+/// rule tests' `exp_annotations`.
+#[test]
+fn alert_links_open_bundled_dashboards_with_their_variables_and_bundled_searches() {
+    let boards = dashboards();
+    let mut logs = 0;
+    for alert in alerts() {
+        let name = alert["alert"].as_str().unwrap();
+        let url = alert["annotations"]["dashboard_url"].as_str().unwrap_or_else(|| panic!("{name}: no dashboard_url"));
+        let (uid, query) = url.strip_prefix("/d/").and_then(|r| r.split_once('?')).unwrap_or_else(|| panic!("{name}: {url} is /d/<uid>?<vars>"));
+        let (_, board) = boards.iter().find(|(_, d)| d["uid"] == uid).unwrap_or_else(|| panic!("{name}: {uid} is not bundled"));
+        let variables: BTreeSet<&str> = board["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+        for (i, _) in query.match_indices("var-") {
+            let var: String = query[i + 4..].chars().take_while(|c| *c != '=').collect();
+            assert!(variables.contains(var.as_str()), "{name}: {uid} has no variable {var}");
+        }
+        assert!(query.contains("{{ with $labels.cluster }}&var-cluster={{ . | urlquery }}{{ end }}"), "{name}: {url} keeps the cluster");
+        if let Some(url) = alert["annotations"]["logs_url"].as_str() {
+            assert!(url.starts_with("/app/discover#/view/"), "{name}: {url}");
+            let scoped = url.replace(
+                "{{ with $labels.cluster }}%20AND%20(orchestrator.cluster.name:%22{{ . }}%22%20OR%20NOT%20_exists_:orchestrator.cluster.name){{ end }}",
+                "%20AND%20(orchestrator.cluster.name:%22c%22%20OR%20NOT%20_exists_:orchestrator.cluster.name)",
+            );
+            assert_discover_link(name, &scoped, "\"c\"");
+            logs += 1;
+        }
+    }
+    assert!(logs >= 3, "{logs} alerts link to logs");
+}
+
 fn kibana_objects() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(root().join("dashboards/kibana/nodelens.ndjson")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
     agent_config, assert_certificates_in_use, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
-    check_config, objects, of_kind, placement, pod, rule_groups, Crd, RuleSpec, ServiceMonitorSpec,
+    check_config, objects, of_kind, placement, pod, rule_groups, rule_groups_without_links, Crd, RuleSpec, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::{files, root};
 use serde_json::Value;
@@ -177,6 +177,8 @@ fn the_schema_refuses_unknown_keys_and_wrong_types() {
         (vec!["--set", "metrics.port=metrics"], "/metrics/port"),
         (vec!["--set", "nodes=some"], "/nodes"),
         (vec!["--set", "config.sinks.elasticsearch.endpoints[0]=es:9200"], "endpoints"),
+        (vec!["--set", "links.grafanaUrl=grafana.example.com"], "grafanaUrl"),
+        (vec!["--set", "links.kibanaurl=https://kibana.example.com"], "kibanaurl"),
     ] {
         let err = try_render(&args).expect_err(&format!("{args:?} is refused"));
         assert!(err.contains(names), "{args:?}: the error names {names}: {err}");
@@ -190,8 +192,8 @@ fn the_rendered_rules_and_dashboards_equal_their_sources() {
     let objects = render(&[]);
     let rule: Vec<Value> = objects.iter().filter(|o| o["kind"] == "PrometheusRule").cloned().collect();
     assert_eq!(rule.len(), 1);
-    let sources = serde_json::to_value(rule_groups()).unwrap();
-    assert_eq!(rule[0]["spec"]["groups"], sources, "the PrometheusRule's groups are rules/*.rules.yaml's");
+    let sources = serde_json::to_value(rule_groups_without_links()).unwrap();
+    assert_eq!(rule[0]["spec"]["groups"], sources, "the PrometheusRule's groups are rules/*.rules.yaml's, without links");
 
     let maps: Vec<ConfigMap> = of_kind(&objects, "ConfigMap");
     let mut rendered = BTreeMap::new();
@@ -214,7 +216,7 @@ fn the_rendered_rules_and_dashboards_equal_their_sources() {
 }
 
 #[test]
-fn kube_prometheus_stack_labels_runbook_and_kibana_urls_are_configurable() {
+fn kube_prometheus_stack_labels_runbook_grafana_and_kibana_urls_are_configurable() {
     let objects = render(&["--values", &format!("{CHART}/ci/kube-prometheus-stack-values.yaml")]);
     for kind in ["ServiceMonitor", "PrometheusRule"] {
         let object = objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("a {kind}"));
@@ -233,6 +235,23 @@ fn kube_prometheus_stack_labels_runbook_and_kibana_urls_are_configurable() {
         assert_eq!(*url, format!("https://github.com/example/nodelens/blob/main/docs/runbooks.md#{anchor}"), "rebased runbook link");
         assert!(!anchor.is_empty(), "{url} keeps its anchor");
     }
+    // Links: the source's paths under the configured addresses, for every alert that has one.
+    let sources: BTreeMap<String, serde_yaml_ng::Value> = rule_groups()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().clone())
+        .filter_map(|r| Some((r.get("alert")?.as_str()?.to_string(), r["annotations"].clone())))
+        .collect();
+    let mut linked = 0;
+    for rendered in rule.spec.groups.iter().flat_map(|g| &g.rules).filter(|r| r.alert.is_some()) {
+        let name = rendered.alert.as_ref().unwrap();
+        let annotations = rendered.annotations.as_ref().unwrap();
+        for (key, base) in [("dashboard_url", "https://grafana.example.com"), ("logs_url", "https://kibana.example.com/s/ml")] {
+            let source = sources[name][key].as_str();
+            assert_eq!(annotations.get(key).map(String::as_str), source.map(|p| format!("{base}{p}")).as_deref(), "{name}: {key}");
+            linked += source.is_some() as usize;
+        }
+    }
+    assert!(linked > sources.len(), "{linked} links for {} alerts", sources.len());
 
     let dashboards: Vec<ConfigMap> = of_kind(&objects, "ConfigMap")
         .into_iter()
@@ -252,10 +271,16 @@ fn kube_prometheus_stack_labels_runbook_and_kibana_urls_are_configurable() {
     let application: Value = serde_json::from_str(application).unwrap();
     let kibana =
         application["templating"]["list"].as_array().unwrap().iter().find(|v| v["name"] == "kibana_url").expect("a kibana_url variable");
-    assert_eq!(kibana["query"], "https://kibana.example.com", "{kibana}");
+    assert_eq!(kibana["query"], "https://kibana.example.com/s/ml", "{kibana}");
     if let Some(current) = kibana.get("current") {
-        assert_eq!(current["value"], "https://kibana.example.com", "{kibana}");
+        assert_eq!(current["value"], "https://kibana.example.com/s/ml", "{kibana}");
     }
+    // The older key still sets the dashboards' Kibana address, and adds no links to alerts.
+    let objects = render(&["--set", "dashboards.kibanaUrl=https://logs.example.com"]);
+    let application = objects.iter().find_map(|o| o["data"]["application.json"].as_str()).expect("the application dashboard");
+    assert!(application.contains("\"https://logs.example.com\"") && !application.contains("http://kibana:5601"));
+    let rule = objects.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().to_string();
+    assert!(!rule.contains("dashboard_url") && !rule.contains("logs_url"), "no links without links.*");
 
     let policy: Vec<NetworkPolicy> = of_kind(&objects, "NetworkPolicy");
     let from = policy[0].spec.clone().unwrap().ingress.unwrap()[0].from.clone().unwrap();

@@ -34,13 +34,33 @@ pub fn rule_groups() -> Vec<serde_yaml_ng::Value> {
     groups
 }
 
+/// The annotations of rules/ that are paths in Grafana (`dashboard_url`) and Kibana
+/// (`logs_url`): links only with the address users' browsers reach those at.
+pub const LINK_ANNOTATIONS: [&str; 2] = ["dashboard_url", "logs_url"];
+
+/// [`rule_groups`] without [`LINK_ANNOTATIONS`]: what ships where no Grafana or Kibana address
+/// is known (the kustomize base, the chart without `links`).
+pub fn rule_groups_without_links() -> Vec<serde_yaml_ng::Value> {
+    let mut groups = rule_groups();
+    for group in &mut groups {
+        for rule in group["rules"].as_sequence_mut().unwrap() {
+            if let Some(annotations) = rule.get_mut("annotations").and_then(|a| a.as_mapping_mut()) {
+                for key in LINK_ANNOTATIONS {
+                    annotations.remove(key);
+                }
+            }
+        }
+    }
+    groups
+}
+
 /// deploy/base/prometheusrule.yaml.
 pub fn prometheus_rule() -> String {
     let object = serde_json::json!({
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {"name": "nodelens", "labels": {"app.kubernetes.io/name": "nodelens"}},
-        "spec": {"groups": rule_groups()},
+        "spec": {"groups": rule_groups_without_links()},
     });
     GENERATED.replace("{source}", "rules/*.rules.yaml") + &serde_yaml_ng::to_string(&object).unwrap()
 }
