@@ -12,7 +12,7 @@
 //! GPU-hours, 4 sharers hold 1 GPU, ...) must give their answers. (promtool runs the rule tests themselves: tests/run-all.sh;
 //! tests/e2e/prometheus.rs checks the names against a live agent and runs every query.)
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use nodelens_testkit::views::{
     self, dashboards, external_metrics, metric_names, panels, queries, recorded_names, root, rules, RUNBOOK_BASE_URL,
@@ -235,12 +235,19 @@ fn the_application_dashboard_links_to_its_logs_in_kibana() {
 /// `orchestrator.cluster.name` (no `cluster_name` configured) still match.
 fn assert_discover_link(what: &str, url: &str, cluster: &str) {
     let fields = mapped_fields();
-    let search = url.split("/app/discover#/view/").nth(1).and_then(|r| r.split('?').next()).unwrap_or_else(|| panic!("{what}: {url} opens Discover"));
+    let search = url
+        .split("/app/discover#/view/")
+        .nth(1)
+        .and_then(|r| r.split('?').next())
+        .unwrap_or_else(|| panic!("{what}: {url} opens Discover"));
     assert!(kibana_objects().iter().any(|o| o["id"] == search && o["type"] == "search"), "{what}: saved search {search} is bundled");
     let query = url.split("query:'").nth(1).and_then(|q| q.strip_suffix("'))")).unwrap_or_else(|| panic!("{what}: {url} has a query"));
     assert!(url.contains("(query:(language:lucene,query:'"), "{what}: {url}: Lucene (KQL has no regular expressions)");
     let query = query.replace("%22", "\"").replace("%20", " ");
-    assert!(query.ends_with(&format!(" AND (orchestrator.cluster.name:{cluster} OR NOT _exists_:orchestrator.cluster.name)")), "{what}: {query}");
+    assert!(
+        query.ends_with(&format!(" AND (orchestrator.cluster.name:{cluster} OR NOT _exists_:orchestrator.cluster.name)")),
+        "{what}: {query}"
+    );
     for word in query.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
         if let Some((field, _)) = word.split_once(':') {
             let field = if field == "_exists_" { &word["_exists_:".len()..] } else { field };
@@ -274,9 +281,11 @@ fn alert_links_open_bundled_dashboards_with_their_variables_and_bundled_searches
     for alert in alerts() {
         let name = alert["alert"].as_str().unwrap();
         let url = alert["annotations"]["dashboard_url"].as_str().unwrap_or_else(|| panic!("{name}: no dashboard_url"));
-        let (uid, query) = url.strip_prefix("/d/").and_then(|r| r.split_once('?')).unwrap_or_else(|| panic!("{name}: {url} is /d/<uid>?<vars>"));
+        let (uid, query) =
+            url.strip_prefix("/d/").and_then(|r| r.split_once('?')).unwrap_or_else(|| panic!("{name}: {url} is /d/<uid>?<vars>"));
         let (_, board) = boards.iter().find(|(_, d)| d["uid"] == uid).unwrap_or_else(|| panic!("{name}: {uid} is not bundled"));
-        let variables: BTreeSet<&str> = board["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+        let variables: BTreeSet<&str> =
+            board["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
         for (i, _) in query.match_indices("var-") {
             let var: String = query[i + 4..].chars().take_while(|c| *c != '=').collect();
             assert!(variables.contains(var.as_str()), "{name}: {uid} has no variable {var}");
@@ -303,71 +312,236 @@ fn kibana_objects() -> Vec<serde_json::Value> {
 /// Field paths of the bundled index template's mapping (`a.b.c`); `kubernetes.labels` is one
 /// flattened field whose keys are queried as `kubernetes.labels.<key>`.
 fn mapped_fields() -> BTreeSet<String> {
-    fn walk(prefix: &str, properties: &serde_json::Value, out: &mut BTreeSet<String>) {
+    mapped_field_types().into_keys().collect()
+}
+
+/// [`mapped_fields`] with each field's mapping type (`keyword`, `date_nanos`, ...).
+fn mapped_field_types() -> BTreeMap<String, String> {
+    fn walk(prefix: &str, properties: &serde_json::Value, out: &mut BTreeMap<String, String>) {
         for (name, field) in properties.as_object().unwrap() {
             let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
             match field.get("properties") {
                 Some(nested) => walk(&path, nested, out),
                 None => {
-                    out.insert(path);
+                    out.insert(path, field["type"].as_str().unwrap_or_else(|| panic!("{name}: a mapping type")).to_string());
                 }
             }
         }
     }
     let text = std::fs::read_to_string(root().join("deploy/elasticsearch/index-template.json")).unwrap();
     let template: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut out = BTreeSet::new();
+    let mut out = BTreeMap::new();
     walk("", &template["template"]["mappings"]["properties"], &mut out);
     out
 }
 
+/// For each object type we ship, a type migration version Kibana 8.8 is known to have (the
+/// dashboards of its 8.8 sample data, an 8.8 export of a visualization, 8.0.0 where data views and
+/// saved searches became shareable): Kibana refuses to import an object migrated past what it
+/// knows.
+const KIBANA_8_8_TYPE_VERSIONS: &[(&str, &str)] =
+    &[("index-pattern", "8.0.0"), ("search", "8.0.0"), ("visualization", "8.5.0"), ("dashboard", "8.7.0")];
+
+/// Aggregation-based visualization types we ship, with the agg schemas each one takes.
+const VISUALIZATION_SCHEMAS: &[(&str, &[&str])] = &[("histogram", &["metric", "segment", "group"]), ("table", &["metric", "bucket"])];
+
+/// Mapping types Kibana can aggregate on in our visualizations.
+const AGGREGATABLE_TYPES: &[&str] = &["keyword", "date", "date_nanos"];
+
+/// The Grafana address the data view's links use in the file; replaced at install time.
+const GRAFANA_PLACEHOLDER: &str = "http://grafana:3000";
+
+/// `8.5.0` as `[8, 5, 0]`, which compare as versions do.
+fn version(text: &str) -> Vec<u32> {
+    text.split('.').map(|p| p.parse().unwrap_or_else(|_| panic!("{text}: a version"))).collect()
+}
+
+/// Parses a JSON string attribute (`visState`, `panelsJSON`, `searchSourceJSON`, ...).
+fn json_attribute(id: &str, value: &serde_json::Value) -> serde_json::Value {
+    let text = value.as_str().unwrap_or_else(|| panic!("{id}: {value} is a JSON string"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{id}: {text}: {e}"))
+}
+
+/// A saved search's or visualization's data view is referenced, its query is KQL over mapped
+/// fields.
+fn assert_search_source(id: &str, o: &serde_json::Value, fields: &BTreeSet<String>) {
+    let source = json_attribute(id, &o["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"]);
+    let index_ref = source["indexRefName"].as_str().unwrap_or_else(|| panic!("{id}: searchSourceJSON names its data view"));
+    let index = o["references"].as_array().unwrap().iter().find(|r| r["name"] == index_ref);
+    assert_eq!(index.map(|r| &r["type"]), Some(&serde_json::json!("index-pattern")), "{id}: its data view is referenced");
+    assert_eq!(source["query"]["language"], "kuery");
+    let query = source["query"]["query"].as_str().unwrap();
+    for word in query.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+        if let Some((field, _)) = word.split_once(':') {
+            assert!(fields.contains(field), "{id}: query field {field} is mapped");
+        }
+    }
+}
+
+/// An aggregation-based visualization of a type we use, every agg of a schema that type takes,
+/// on an aggregatable mapped field; chart series and terms orders name metric aggs.
+fn assert_visualization(id: &str, attributes: &serde_json::Value, types: &BTreeMap<String, String>) {
+    let vis = json_attribute(id, &attributes["visState"]);
+    assert_eq!(vis["title"], attributes["title"], "{id}: visState has the object's title");
+    let kind = vis["type"].as_str().unwrap();
+    let (_, schemas) = VISUALIZATION_SCHEMAS.iter().find(|(k, _)| *k == kind).unwrap_or_else(|| panic!("{id}: vis type {kind}"));
+    let aggs = vis["aggs"].as_array().unwrap();
+    let metrics: BTreeSet<&str> = aggs.iter().filter(|a| a["schema"] == "metric").map(|a| a["id"].as_str().unwrap()).collect();
+    assert!(!metrics.is_empty(), "{id}: a metric");
+    let agg_ids: HashSet<&str> = aggs.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(agg_ids.len(), aggs.len(), "{id}: agg ids are unique");
+    for agg in aggs {
+        let what = format!("{id}: agg {} ({})", agg["id"], agg["type"]);
+        let schema = agg["schema"].as_str().unwrap();
+        assert!(schemas.contains(&schema), "{what}: schema {schema} is not one of {kind}'s {schemas:?}");
+        if let Some(field) = agg["params"].get("field") {
+            let field = field.as_str().unwrap();
+            let mapping = types.get(field).unwrap_or_else(|| panic!("{what}: {field} is not a mapped field"));
+            assert!(AGGREGATABLE_TYPES.contains(&mapping.as_str()), "{what}: {field} is {mapping}, not aggregatable");
+        }
+        if agg["type"] == "terms" {
+            let order_by = agg["params"]["orderBy"].as_str().unwrap();
+            assert!(metrics.contains(order_by), "{what}: ordered by metric {order_by}");
+        }
+    }
+    if kind == "histogram" {
+        let params = &vis["params"];
+        let axes: BTreeSet<&str> = params["valueAxes"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+        assert!(!params["categoryAxes"].as_array().unwrap().is_empty(), "{id}: a category axis");
+        for series in params["seriesParams"].as_array().unwrap() {
+            assert!(metrics.contains(series["data"]["id"].as_str().unwrap()), "{id}: series {series} draws a metric");
+            assert!(axes.contains(series["valueAxis"].as_str().unwrap()), "{id}: series {series} is on a value axis");
+        }
+        let on_time =
+            aggs.iter().any(|a| a["schema"] == "segment" && a["type"] == "date_histogram" && a["params"]["field"] == "@timestamp");
+        assert!(on_time, "{id}: the x-axis is a date histogram on @timestamp");
+    }
+}
+
+/// Every panel opens a visualization or saved search of the file the way Kibana resolves
+/// `panelRefName` (the references prefixed `<panelIndex>:`, or all of them when none is), panel
+/// indices are unique and no two panels overlap on the 48-column grid.
+fn assert_dashboard(id: &str, o: &serde_json::Value) -> BTreeSet<String> {
+    let attributes = &o["attributes"];
+    assert_eq!(attributes["timeRestore"], false, "{id}: keeps the time range the user has");
+    json_attribute(id, &attributes["optionsJSON"]);
+    let source = json_attribute(id, &attributes["kibanaSavedObjectMeta"]["searchSourceJSON"]);
+    assert_eq!(source["query"]["language"], "kuery");
+    let panels = json_attribute(id, &attributes["panelsJSON"]);
+    let panels = panels.as_array().unwrap();
+    assert!(!panels.is_empty(), "{id}: panels");
+    let references = o["references"].as_array().unwrap();
+    let (mut indices, mut opened, mut rects) = (HashSet::new(), BTreeSet::new(), Vec::new());
+    for panel in panels {
+        let index = panel["panelIndex"].as_str().unwrap();
+        assert!(indices.insert(index), "{id}: panel index {index} is unique");
+        let grid = &panel["gridData"];
+        assert_eq!(grid["i"].as_str(), Some(index), "{id}: panel {index}: gridData.i is its panelIndex");
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| grid[k].as_u64().unwrap_or_else(|| panic!("{id}: panel {index}: gridData.{k}")));
+        assert!(w > 0 && h > 0 && x + w <= 48, "{id}: panel {index} fits the grid");
+        for (other, (ox, oy, ow, oh)) in &rects {
+            let apart = x + w <= *ox || *ox + *ow <= x || y + h <= *oy || *oy + *oh <= y;
+            assert!(apart, "{id}: panels {other} and {index} overlap");
+        }
+        rects.push((index, (x, y, w, h)));
+        let ref_name = panel["panelRefName"].as_str().unwrap_or_else(|| panic!("{id}: panel {index} is by reference"));
+        let prefix = format!("{index}:");
+        let prefixed: Vec<&serde_json::Value> =
+            references.iter().filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with(&prefix))).collect();
+        let candidates = if prefixed.is_empty() { references.iter().collect() } else { prefixed };
+        let reference = candidates
+            .iter()
+            .find(|r| r["name"].as_str().map(|n| n.strip_prefix(&prefix).unwrap_or(n)) == Some(ref_name))
+            .unwrap_or_else(|| panic!("{id}: panel {index}: no reference {ref_name}"));
+        let kind = reference["type"].as_str().unwrap();
+        assert!(["visualization", "search"].contains(&kind), "{id}: panel {index} opens a {kind}");
+        assert_eq!(panel["type"].as_str(), Some(kind), "{id}: panel {index}: its type is its reference's");
+        opened.insert(reference["id"].as_str().unwrap().to_string());
+    }
+    opened
+}
+
+/// The data view formats `service.name` as a link to the bundled Grafana dashboard of that app,
+/// at the install-time placeholder address, passing only variables that dashboard has.
+fn assert_grafana_link(id: &str, attributes: &serde_json::Value, fields: &BTreeSet<String>) {
+    let formats = json_attribute(id, &attributes["fieldFormatMap"]);
+    for field in formats.as_object().unwrap().keys() {
+        assert!(fields.contains(field), "{id}: field format for {field}, not a mapped field");
+    }
+    let format = &formats["service.name"];
+    assert_eq!(format["id"], "url", "{id}: service.name is a link");
+    assert_eq!(format["params"]["labelTemplate"], "{{value}}", "{id}: the link reads as the app's name");
+    let url = format["params"]["urlTemplate"].as_str().unwrap();
+    let path = url.strip_prefix(GRAFANA_PLACEHOLDER).unwrap_or_else(|| panic!("{id}: {url} starts with {GRAFANA_PLACEHOLDER}"));
+    let (uid, query) = path.strip_prefix("/d/").and_then(|r| r.split_once('?')).unwrap_or_else(|| panic!("{id}: {url} is /d/<uid>?<vars>"));
+    let boards = dashboards();
+    let (_, board) = boards.iter().find(|(_, d)| d["uid"] == uid).unwrap_or_else(|| panic!("{id}: {uid} is not a bundled dashboard"));
+    let variables: BTreeSet<&str> = board["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    for pair in query.split('&') {
+        let var = pair.strip_prefix("var-").and_then(|p| p.split_once('=')).map(|(v, _)| v);
+        let var = var.unwrap_or_else(|| panic!("{id}: {url}: {pair} is var-<name>=<value>"));
+        assert!(variables.contains(var), "{id}: {uid} has no variable {var}");
+    }
+    assert!(query.split('&').any(|p| p == "var-app={{value}}"), "{id}: {url} opens the app's dashboard");
+}
+
 /// What Kibana's saved-objects import API requires of each line, and what makes the objects
-/// work against the data stream the agent writes: known types, unique ids, references that
-/// resolve inside the file, a data view over the agent's data stream with `@timestamp`, and
-/// saved searches whose columns and queries name mapped fields.
+/// work against the data stream the agent writes: known types at migration versions Kibana 8.8
+/// knows, unique ids, references that resolve inside the file, a data view over the agent's
+/// data stream with `@timestamp` whose `service.name` links to Grafana, saved searches and
+/// aggregation-based visualizations that name mapped (for aggs: aggregatable) fields, and a
+/// dashboard of them.
 #[test]
 fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
     let objects = kibana_objects();
+    let types = mapped_field_types();
     let fields = mapped_fields();
     assert!(fields.contains("service.name") && fields.contains("kubernetes.namespace"), "{fields:?}");
     let ids: HashSet<(String, String)> =
         objects.iter().map(|o| (o["type"].as_str().unwrap().to_string(), o["id"].as_str().unwrap().to_string())).collect();
     assert_eq!(ids.len(), objects.len(), "ids are unique");
     let data_stream = nodelens::config::Config::default().sinks.elasticsearch.data_stream;
-    let mut titles = BTreeSet::new();
+    let (mut titles, mut on_dashboards) = (BTreeSet::new(), BTreeSet::new());
     for o in &objects {
         let (kind, id) = (o["type"].as_str().unwrap(), o["id"].as_str().unwrap());
-        assert!(["index-pattern", "search"].contains(&kind), "{id}: type {kind}");
+        let (_, known) = KIBANA_8_8_TYPE_VERSIONS.iter().find(|(k, _)| *k == kind).unwrap_or_else(|| panic!("{id}: type {kind}"));
         assert!(id.starts_with("nodelens-"), "{id}: a stable id of ours");
+        assert_eq!(o["coreMigrationVersion"], "8.8.0", "{id}");
+        let type_version = o["typeMigrationVersion"].as_str().unwrap_or_else(|| panic!("{id}: typeMigrationVersion"));
+        assert!(version(type_version) <= version(known), "{id}: {kind} {type_version} is newer than Kibana 8.8's {known}");
         let attributes = o["attributes"].as_object().unwrap_or_else(|| panic!("{id}: attributes"));
         titles.insert(attributes["title"].as_str().unwrap().to_string());
         for r in o["references"].as_array().unwrap() {
             let target = (r["type"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string());
             assert!(ids.contains(&target), "{id}: reference {target:?} is in the file");
         }
-        if kind == "index-pattern" {
-            let pattern = attributes["title"].as_str().unwrap();
-            let prefix = pattern.strip_suffix('*').unwrap();
-            assert!(data_stream.starts_with(prefix), "{id}: {pattern} covers the default data stream {data_stream}");
-            assert_eq!(attributes["timeFieldName"], "@timestamp");
-            continue;
-        }
-        let source: serde_json::Value =
-            serde_json::from_str(attributes["kibanaSavedObjectMeta"]["searchSourceJSON"].as_str().unwrap()).unwrap();
-        let index_ref = source["indexRefName"].as_str().unwrap();
-        assert!(o["references"].as_array().unwrap().iter().any(|r| r["name"] == index_ref), "{id}: its data view is referenced");
-        assert_eq!(source["query"]["language"], "kuery");
-        for column in attributes["columns"].as_array().unwrap() {
-            assert!(fields.contains(column.as_str().unwrap()), "{id}: column {column} is a mapped field");
-        }
-        let query = source["query"]["query"].as_str().unwrap();
-        for word in query.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
-            if let Some((field, _)) = word.split_once(':') {
-                assert!(fields.contains(field), "{id}: query field {field} is mapped");
+        match kind {
+            "index-pattern" => {
+                let pattern = attributes["title"].as_str().unwrap();
+                let prefix = pattern.strip_suffix('*').unwrap();
+                assert!(data_stream.starts_with(prefix), "{id}: {pattern} covers the default data stream {data_stream}");
+                assert_eq!(attributes["timeFieldName"], "@timestamp");
+                assert_grafana_link(id, &o["attributes"], &fields);
             }
+            "search" => {
+                assert_search_source(id, o, &fields);
+                for column in attributes["columns"].as_array().unwrap() {
+                    assert!(fields.contains(column.as_str().unwrap()), "{id}: column {column} is a mapped field");
+                }
+            }
+            "visualization" => {
+                assert_search_source(id, o, &fields);
+                assert_visualization(id, &o["attributes"], &types);
+            }
+            _ => on_dashboards.extend(assert_dashboard(id, o)),
         }
     }
-    assert!(titles.contains("Logs of one app") && titles.contains("Errors by app"), "{titles:?}");
+    for o in objects.iter().filter(|o| o["type"] == "visualization") {
+        assert!(on_dashboards.contains(o["id"].as_str().unwrap()), "{}: on no dashboard", o["id"]);
+    }
+    for title in ["Logs of one app", "Errors by app", "nodelens: log volume by app and level"] {
+        assert!(titles.contains(title), "{title} is bundled: {titles:?}");
+    }
 }
 
 #[test]
