@@ -245,11 +245,14 @@ fn assert_discover_link(what: &str, url: &str, cluster: &str) {
     assert!(url.contains("(query:(language:lucene,query:'"), "{what}: {url}: Lucene (KQL has no regular expressions)");
     let query = query.replace("%22", "\"").replace("%20", " ");
     assert!(
-        query.ends_with(&format!(" AND (orchestrator.cluster.name:{cluster} OR NOT _exists_:orchestrator.cluster.name)")),
+        query.ends_with(&format!(" AND (orchestrator.cluster.name:{cluster} OR (*:* NOT _exists_:orchestrator.cluster.name))")),
         "{what}: {query}"
     );
+    // Lucene's classic parser, which query_string uses, reads `A OR NOT B` as `A -B`: a
+    // negation must stand in a group with something to subtract from, `(*:* NOT B)`.
+    assert!(!query.contains("OR NOT") && !query.contains("(NOT"), "{what}: {query}: a bare negation matches nothing");
     for word in query.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
-        if let Some((field, _)) = word.split_once(':') {
+        if let Some((field, _)) = word.split_once(':').filter(|(field, _)| *field != "*") {
             let field = if field == "_exists_" { &word["_exists_:".len()..] } else { field };
             assert!(fields.contains(field), "{what}: query field {field} is mapped");
         }
@@ -294,8 +297,8 @@ fn alert_links_open_bundled_dashboards_with_their_variables_and_bundled_searches
         if let Some(url) = alert["annotations"]["logs_url"].as_str() {
             assert!(url.starts_with("/app/discover#/view/"), "{name}: {url}");
             let scoped = url.replace(
-                "{{ with $labels.cluster }}%20AND%20(orchestrator.cluster.name:%22{{ . }}%22%20OR%20NOT%20_exists_:orchestrator.cluster.name){{ end }}",
-                "%20AND%20(orchestrator.cluster.name:%22c%22%20OR%20NOT%20_exists_:orchestrator.cluster.name)",
+                "{{ with or $labels.cluster $externalLabels.cluster }}%20AND%20(orchestrator.cluster.name:%22{{ . }}%22%20OR%20(*:*%20NOT%20_exists_:orchestrator.cluster.name)){{ end }}",
+                "%20AND%20(orchestrator.cluster.name:%22c%22%20OR%20(*:*%20NOT%20_exists_:orchestrator.cluster.name))",
             );
             assert_discover_link(name, &scoped, "\"c\"");
             logs += 1;
