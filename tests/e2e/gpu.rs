@@ -251,6 +251,12 @@ fn shared_gpus_are_attributed_to_each_container_app_and_user() {
     assert_eq!(metric_sum(&m, "nodelens_gpu_ecc_errors_total", &[&format!("uuid=\"{L4}\"")]), 0.0);
     assert!(!m.contains(&format!("nodelens_gpu_ecc_errors_total{{node=\"{NODE}\",{l4}")), "no ECC on the L4: no series");
 
+    // Per physical GPU and kind, from 0 before any XID (so increase() sees the first one).
+    for kind in ["hardware", "application"] {
+        assert_eq!(value(&m, "nodelens_gpu_xid_events_total", &format!("{h},kind=\"{kind}\"")), Some(0.0), "{kind}");
+    }
+    assert!(!m.contains(&format!("nodelens_gpu_xid_events_total{{node=\"{NODE}\",{mig}")), "XIDs belong to the physical GPU");
+
     // bert's process exits and resnet gets busier; two XID 79s and an XID 13 on the H100.
     node.proc.remove(4202);
     let mut next = scenario();
@@ -264,6 +270,8 @@ fn shared_gpus_are_attributed_to_each_container_app_and_user() {
             && value(m, "nodelens_container_gpu_memory_used_bytes", &bert) == Some(0.0)
     });
     assert_eq!(value(&m, "nodelens_gpu_xid_errors_total", &xid(13)), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_xid_events_total", &format!("{h},kind=\"hardware\"")), Some(2.0), "79 twice");
+    assert_eq!(value(&m, "nodelens_gpu_xid_events_total", &format!("{h},kind=\"application\"")), Some(1.0), "13");
     assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &bert), Some(0.0), "allocated, no process left: idle");
 
     // The kubelet frees bert's replica: its series go.

@@ -16,6 +16,11 @@ use super::reading::{GpuGauge, GpuReading};
 /// Label pairs of one series.
 pub type Labels = Vec<(&'static str, String)>;
 
+/// XIDs that point at the GPU, its memory or its links rather than at the application
+/// (NVIDIA's XID catalogue): `kind="hardware"` of `nodelens_gpu_xid_events_total`, and the
+/// alert GpuCriticalXidError.
+pub const HARDWARE_XIDS: [u64; 13] = [48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 119, 120, 140];
+
 /// One GPU or MIG instance with its labels (`gpu, uuid, model`, and `mig_profile,
 /// gpu_instance` for a MIG instance).
 #[derive(Debug, Clone)]
@@ -95,6 +100,7 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_throttled",
     "nodelens_gpu_ecc_errors_total",
     "nodelens_gpu_xid_errors_total",
+    "nodelens_gpu_xid_events_total",
     "nodelens_gpu_allocated",
     "nodelens_container_gpu_utilization_ratio",
     "nodelens_container_gpu_memory_used_bytes",
@@ -186,6 +192,21 @@ impl Collector for GpuExport {
             g.reading.xids.iter().map(move |(xid, n)| ((g.labels.as_slice(), [("xid", xid.to_string())]), ConstCounter::new(*n)))
         });
         family(&mut encoder, "gpu_xid_errors", "Critical XID error events since the agent started, by XID", MetricType::Counter, xids)?;
+        // Per physical GPU and kind, from 0 at the agent's start: increase() sees a GPU's first
+        // XID, which the per-XID series (appearing with the value 1) hides.
+        let xid_events = gpus.iter().filter(|g| g.reading.id.mig.is_none()).flat_map(|g| {
+            let hardware: u64 = g.reading.xids.iter().filter(|(xid, _)| HARDWARE_XIDS.contains(xid)).map(|(_, n)| n).sum();
+            let all: u64 = g.reading.xids.iter().map(|(_, n)| n).sum();
+            [("hardware", hardware), ("application", all - hardware)]
+                .map(|(kind, n)| ((g.labels.as_slice(), [("kind", kind)]), ConstCounter::new(n)))
+        });
+        family(
+            &mut encoder,
+            "gpu_xid_events",
+            "Critical XID error events since the agent started, by kind (hardware: XIDs that point at the GPU, its memory or links)",
+            MetricType::Counter,
+            xid_events,
+        )?;
         let traffic = |pick: fn(&GpuReading) -> Option<(f64, f64)>| {
             gpus.iter().filter(up).filter_map(move |g| pick(&g.reading).map(|t| (g, t))).flat_map(|(g, (tx, rx))| {
                 [("tx", tx), ("rx", rx)]

@@ -142,13 +142,9 @@ pub fn duration_seconds(text: &str) -> u64 {
 
 /// [`substitute`] with the dashboard's time range `range` (`$__range`, `$__range_s`).
 pub fn substitute_over(expr: &str, range: &str, rate_interval: &str, vars: &[(&str, &str)]) -> String {
-    // `$__interval`, Grafana's step of 1m here, is one second short: promtool evaluates rules
-    // on the step boundaries, where Prometheus 2's closed ranges would hold two evaluations of
-    // a once-a-minute rule (a live Prometheus offsets each group within its interval, and
-    // Prometheus 3's ranges are left-open).
     let mut expr = expr
         .replace("$__rate_interval", rate_interval)
-        .replace("$__interval", "59s")
+        .replace("$__interval", "1m")
         .replace("$__range_s", &duration_seconds(range).to_string())
         .replace("$__range", range);
     let mut names: Vec<&str> = ["node", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid", "model"].into();
