@@ -117,7 +117,7 @@ impl Collector for ProcessCollector {
         let rss = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory of the agent", None, MetricType::Gauge)?;
         ConstGauge::new(usage.resident_bytes as i64).encode(rss)?;
         if let Some(started) = own_start_time() {
-            // Alerts on counters the agent keeps only for its own run (XIDs) tell a new run by it.
+            // The conventional process_start_time_seconds: when this run of the agent began.
             let start = encoder.encode_descriptor(
                 "process_start_time_seconds",
                 "When the agent process started, Unix time",

@@ -165,8 +165,6 @@ pub struct RuleSpec {
 #[allow(dead_code)]
 pub struct RuleGroup {
     pub name: String,
-    /// The operator's CRD takes a Prometheus duration.
-    pub interval: Option<String>,
     pub rules: Vec<Rule>,
 }
 
