@@ -27,12 +27,39 @@ if ! command -v helm >/dev/null; then
 fi
 helm version --short
 
+# Prometheus 3's promtool next to Debian stable's 2.x one (kube-prometheus-stack runs
+# Prometheus 3; range selectors changed at their left edge): the `promtool` package of Debian's
+# unstable suite, through an apt configuration of our own (its own sources list, lists and
+# cache; the system's sources are left alone), unpacked with dpkg -x and kept in a cache.
+promtool3_dir=${NODELENS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nodelens}/promtool-3
+if ! "$promtool3_dir/usr/bin/promtool" --version 2>/dev/null | grep -q 'version 3\.'; then
+  apt_dir=$(mktemp -d)
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/parts" "$apt_dir/deb"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
+    >"$apt_dir/sources.list"
+  apt_private=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/parts"
+    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Dir::State::Status=/dev/null
+    -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+  apt-get "${apt_private[@]}" update -qq
+  (cd "$apt_dir/deb" && apt-get "${apt_private[@]}" download -qq promtool)
+  rm -rf "$promtool3_dir" && mkdir -p "$promtool3_dir"
+  dpkg -x "$apt_dir"/deb/promtool_*.deb "$promtool3_dir"
+  rm -rf "$apt_dir"
+fi
+# tests/e2e/helm.rs and deploy.rs run the rendered rules' tests under both promtools.
+export NODELENS_PROMTOOL3="$promtool3_dir/usr/bin/promtool"
+promtool --version | head -1
+"$NODELENS_PROMTOOL3" --version | head -1
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 
-promtool check rules rules/*.yaml
-(cd rules/tests && promtool test rules ./*.test.yaml)
+# The rules under Prometheus 2.x (Debian stable's) and 3.x (the unstable suite's, above).
+for tool in promtool "$NODELENS_PROMTOOL3"; do
+  "$tool" check rules rules/*.yaml
+  (cd rules/tests && "$tool" test rules ./*.test.yaml)
+done
 
 # The benchmarks must build; they are run by hand in release mode (README, "Benchmarks").
 # Building them in the dev profile reuses the test build instead of compiling everything a
