@@ -12,7 +12,7 @@ mod manifests;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    agent_config, assert_certificates_in_use, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
+    agent_config, assert_certificates_in_use, assert_rule_tests_pass, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
     chart_files, check_config, dashboard_config_maps, kustomize, of_kind, placement, pod, prometheus_rule, Crd, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::root;
@@ -143,5 +143,12 @@ fn only_the_monitoring_namespace_reaches_metrics_and_prometheus_keeps_the_worklo
         let monitor = objects.iter().find(|o| o["kind"] == "ServiceMonitor").expect("a ServiceMonitor");
         let spec: Crd<ServiceMonitorSpec> = serde_json::from_value(monitor.clone()).unwrap();
         assert!(spec.spec.endpoints.iter().all(|e| e.honor_labels), "{dir}: honorLabels, or namespace/pod/container become exported_*");
+    }
+}
+
+#[test]
+fn nodelens_agent_down_pages_for_every_node_the_overlays_run_an_agent_on() {
+    for dir in kustomizations() {
+        assert_rule_tests_pass(dir, &kustomize(dir), "agent-down-all-nodes.test.yaml");
     }
 }

@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    agent_config, assert_certificates_in_use, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
+    agent_config, assert_certificates_in_use, assert_rule_tests_pass, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
     check_config, objects, of_kind, placement, pod, rule_groups, rule_groups_without_links, Crd, RuleSpec, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::{files, root};
@@ -352,4 +352,18 @@ fn elasticsearch_credentials_come_from_secrets() {
     ])
     .unwrap_err();
     assert!(err.contains("apiKeySecret replaces"), "{err}");
+}
+
+#[test]
+fn nodelens_agent_down_pages_for_the_nodes_each_install_mode_runs_an_agent_on() {
+    // nodes: all (with and without the GPU DaemonSet): every Ready Linux node but virtual ones.
+    assert_rule_tests_pass("defaults", &render(&[]), "agent-down-all-nodes.test.yaml");
+    assert_rule_tests_pass("gpu.enabled=false", &render(&["--set", "gpu.enabled=false"]), "agent-down-all-nodes.test.yaml");
+    // nodes: gpu: GPU nodes only; CPU and control-plane nodes run no agent and page for none.
+    let gpu_only = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml")]);
+    assert_rule_tests_pass("gpu-nodes-values.yaml", &gpu_only, "agent-down-gpu-nodes.test.yaml");
+    // Another GPU label: the rule reads it as kube-state-metrics names it.
+    let relabelled = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml"), "--set", "gpu.nodeLabel.key=example.com/gpu-node"]);
+    let rule = relabelled.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().to_string();
+    assert!(rule.contains("kube_node_labels{label_example_com_gpu_node=\\\"true\\\"}"), "{rule}");
 }

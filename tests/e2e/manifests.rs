@@ -452,3 +452,35 @@ pub fn kustomize(dir: &str) -> Vec<Value> {
     assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
     objects(&String::from_utf8(out.stdout).unwrap())
 }
+
+/// Every promtool CI runs the rule tests with: Debian's 2.x on PATH, and Prometheus 3's from
+/// `NODELENS_PROMTOOL3` (tests/run-all.sh fetches it; range selectors differ at their left edge).
+pub fn promtools() -> Vec<String> {
+    let mut tools = vec!["promtool".to_string()];
+    tools.extend(std::env::var("NODELENS_PROMTOOL3").ok().filter(|p| !p.is_empty()));
+    tools
+}
+
+/// `promtool test rules` of `tests/e2e/data/rules/<test>` against the PrometheusRule in a
+/// rendering (written as `rules.yaml` beside a copy of the test), under every promtool.
+pub fn assert_rule_tests_pass(what: &str, objects: &[Value], test: &str) {
+    let rules: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "PrometheusRule").collect();
+    assert_eq!(rules.len(), 1, "{what}: one PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    let groups = serde_json::json!({"groups": rules[0]["spec"]["groups"]});
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml_ng::to_string(&groups).unwrap()).unwrap();
+    std::fs::copy(root().join("tests/e2e/data/rules").join(test), dir.path().join(test)).unwrap();
+    for tool in promtools() {
+        let out = Command::new(&tool)
+            .args(["test", "rules", test])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e} (tests/run-all.sh installs promtool)"));
+        assert!(
+            out.status.success(),
+            "{what}: {tool} test rules {test}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
