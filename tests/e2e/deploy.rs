@@ -12,8 +12,9 @@ mod manifests;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    agent_config, assert_certificates_in_use, assert_rule_tests_pass, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
-    chart_files, check_config, dashboard_config_maps, kustomize, of_kind, placement, pod, prometheus_rule, Crd, ServiceMonitorSpec,
+    agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_read_only_rbac,
+    assert_rule_tests_pass, assert_selectors_disjoint, assert_valid, chart_files, check_config, dashboard_config_maps, kustomize, of_kind,
+    placement, pod, prometheus_rule, Crd, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::root;
 
@@ -150,5 +151,28 @@ fn only_the_monitoring_namespace_reaches_metrics_and_prometheus_keeps_the_worklo
 fn nodelens_agent_down_pages_for_every_node_the_overlays_run_an_agent_on() {
     for dir in kustomizations() {
         assert_rule_tests_pass(dir, &kustomize(dir), "agent-down-all-nodes.test.yaml");
+    }
+}
+
+#[test]
+fn every_kustomization_puts_one_agent_on_each_real_node_and_none_on_virtual_ones() {
+    for dir in kustomizations() {
+        assert_one_agent_per_real_node(dir, &daemonsets(dir));
+    }
+}
+
+#[test]
+fn every_namespace_an_applied_kustomization_creates_allows_privileged_pods() {
+    for dir in kustomizations() {
+        let namespaces: Vec<k8s_openapi::api::core::v1::Namespace> = of_kind(&kustomize(dir), "Namespace");
+        assert!(!namespaces.is_empty(), "{dir}");
+        for ns in namespaces {
+            let labels = ns.metadata.labels.unwrap_or_default();
+            assert_eq!(
+                labels.get("pod-security.kubernetes.io/enforce").map(String::as_str),
+                Some("privileged"),
+                "{dir}: hostPID and hostPath pods are refused under baseline"
+            );
+        }
     }
 }

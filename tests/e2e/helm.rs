@@ -15,8 +15,9 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    agent_config, assert_certificates_in_use, assert_rule_tests_pass, assert_least_privilege, assert_read_only_rbac, assert_selectors_disjoint, assert_valid,
-    check_config, objects, of_kind, placement, pod, rule_groups, rule_groups_without_links, Crd, RuleSpec, ServiceMonitorSpec,
+    admits, agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_read_only_rbac,
+    assert_rule_tests_pass, assert_selectors_disjoint, assert_valid, check_config, namespace_labels, objects, of_kind, placement,
+    placement_on, pod, rule_groups, rule_groups_without_links, runs_on_node, Crd, Node, RuleSpec, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::{files, root};
 use serde_json::Value;
@@ -161,7 +162,7 @@ fn mixed_clusters_get_one_agent_per_node_and_gpu_nodes_the_nvidia_runtime() {
     );
     for ds in &labelled {
         let affinity = pod(ds).affinity.unwrap().node_affinity.unwrap().required_during_scheduling_ignored_during_execution.unwrap();
-        assert_eq!(affinity.node_selector_terms[0].match_expressions.as_ref().unwrap()[0].key, "example.com/gpu");
+        assert!(affinity.node_selector_terms[0].match_expressions.as_ref().unwrap().iter().any(|e| e.key == "example.com/gpu"));
     }
     let err = try_render(&["--set", "nodes=gpu", "--set", "gpu.enabled=false"]).unwrap_err();
     assert!(err.contains("nodes: gpu needs gpu.enabled"), "{err}");
@@ -179,6 +180,9 @@ fn the_schema_refuses_unknown_keys_and_wrong_types() {
         (vec!["--set", "config.sinks.elasticsearch.endpoints[0]=es:9200"], "endpoints"),
         (vec!["--set", "links.grafanaUrl=grafana.example.com"], "grafanaUrl"),
         (vec!["--set", "links.kibanaurl=https://kibana.example.com"], "kibanaurl"),
+        (vec!["--set", "image.digest=latest"], "digest"),
+        (vec!["--set", "nodeAffinityExpressions[0].key=type,nodeAffinityExpressions[0].operator=NotEquals"], "operator"),
+        (vec!["--set", "networkPolicy.namespaceSelector.matchLabel.team=obs"], "matchLabel"),
     ] {
         let err = try_render(&args).expect_err(&format!("{args:?} is refused"));
         assert!(err.contains(names), "{args:?}: the error names {names}: {err}");
@@ -283,8 +287,8 @@ fn kube_prometheus_stack_labels_runbook_grafana_and_kibana_urls_are_configurable
     assert!(!rule.contains("dashboard_url") && !rule.contains("logs_url"), "no links without links.*");
 
     let policy: Vec<NetworkPolicy> = of_kind(&objects, "NetworkPolicy");
-    let from = policy[0].spec.clone().unwrap().ingress.unwrap()[0].from.clone().unwrap();
-    assert_eq!(from[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"], "monitoring");
+    assert!(admits(&policy[0], &namespace_labels("monitoring", &[]), "metrics"));
+    assert!(!admits(&policy[0], &namespace_labels("default", &[]), "metrics"));
 }
 
 #[test]
@@ -366,4 +370,147 @@ fn nodelens_agent_down_pages_for_the_nodes_each_install_mode_runs_an_agent_on() 
     let relabelled = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml"), "--set", "gpu.nodeLabel.key=example.com/gpu-node"]);
     let rule = relabelled.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().to_string();
     assert!(rule.contains("kube_node_labels{label_example_com_gpu_node=\\\"true\\\"}"), "{rule}");
+}
+
+#[test]
+fn every_real_node_gets_one_agent_and_virtual_nodes_none() {
+    each_setup(|name, args| {
+        let daemonsets: Vec<DaemonSet> = of_kind(&render(args), "DaemonSet");
+        if name == "gpu-nodes-values.yaml" {
+            let on = placement_on(&daemonsets, &[]);
+            assert_eq!(on[&Node::Gpu], ["nodelens-gpu"], "{name}: {on:?}");
+            for node in [Node::Cpu, Node::ControlPlane, Node::Virtual, Node::Windows] {
+                assert!(on[&node].is_empty(), "{name}: nodes: gpu leaves {node:?} alone: {on:?}");
+            }
+        } else {
+            assert_one_agent_per_real_node(name, &daemonsets);
+        }
+    });
+    // Overridable: without the chart's expressions, a virtual node would get an agent too.
+    let daemonsets: Vec<DaemonSet> =
+        of_kind(&render(&["--set", "nodeAffinityExpressions=null", "--set", "gpu.enabled=false"]), "DaemonSet");
+    assert_eq!(placement_on(&daemonsets, &[])[&Node::Virtual], ["nodelens"], "nodeAffinityExpressions: [] lets virtual nodes in");
+}
+
+#[test]
+fn an_operators_affinity_narrows_the_charts_placement_and_never_replaces_it() {
+    let pool = "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0]";
+    let objects = render(&[
+        "--set",
+        &format!("{pool}.key=example.com/pool,{pool}.operator=In,{pool}.values[0]=ml"),
+        "--set",
+        "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+        "--set",
+        "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.topologyKey=kubernetes.io/hostname",
+    ]);
+    assert_valid("affinity", &objects);
+    let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+    let in_pool = placement_on(&daemonsets, &[("example.com/pool", "ml")]);
+    assert_eq!(in_pool[&Node::Cpu], ["nodelens"], "{in_pool:?}");
+    assert_eq!(in_pool[&Node::Gpu], ["nodelens-gpu"], "a GPU node in the pool still gets the GPU DaemonSet only: {in_pool:?}");
+    assert!(in_pool[&Node::Virtual].is_empty(), "a virtual node in the pool still gets none: {in_pool:?}");
+    let outside = placement_on(&daemonsets, &[("example.com/pool", "batch")]);
+    for node in NODES_ALL {
+        assert!(outside[&node].is_empty(), "a node the operator's affinity excludes gets none: {outside:?}");
+    }
+    for ds in &daemonsets {
+        assert!(pod(ds).affinity.unwrap().pod_anti_affinity.is_some(), "the rest of the operator's affinity is kept");
+    }
+    let (labels, taints) = Node::Cpu.with(&[]);
+    assert!(daemonsets.iter().all(|ds| !runs_on_node(ds, &labels, &taints)), "a node without the pool label gets none");
+}
+
+const NODES_ALL: [Node; 5] = manifests::NODES;
+
+#[test]
+fn security_context_and_image_digest_values_reach_the_pods() {
+    let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let objects = render(&[
+        "--set",
+        "podSecurityContext.fsGroup=2000,podSecurityContext.supplementalGroups[0]=3000",
+        "--set",
+        "securityContext.seLinuxOptions.type=spc_t,securityContext.readOnlyRootFilesystem=true",
+        "--set",
+        &format!("image.digest={digest}"),
+        "--set",
+        "image.tag=0.1.0-rc1",
+    ]);
+    assert_valid("security values", &objects);
+    let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+    assert_eq!(daemonsets.len(), 2);
+    for ds in &daemonsets {
+        assert_least_privilege("security values", ds);
+        let pod = pod(ds);
+        let psc = pod.security_context.clone().unwrap();
+        assert_eq!((psc.fs_group, psc.supplemental_groups.clone()), (Some(2000), Some(vec![3000])), "podSecurityContext on the pod");
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault", "and the chart's seccomp profile kept");
+        let sc = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.se_linux_options.unwrap().type_.as_deref(), Some("spc_t"), "securityContext on the container");
+        assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"], "and the chart's own kept");
+        assert_eq!(pod.containers[0].image.as_deref(), Some(format!("ghcr.io/nodelens/nodelens:0.1.0-rc1@{digest}").as_str()));
+    }
+    let defaults: Vec<DaemonSet> = of_kind(&render(&[]), "DaemonSet");
+    assert_eq!(pod(&defaults[0]).containers[0].image.as_deref(), Some("ghcr.io/nodelens/nodelens:0.1.0"), "no digest by default");
+}
+
+#[test]
+fn the_network_policy_admits_every_listed_namespace_or_a_selector_and_nothing_else() {
+    let policy = |args: &[&str]| -> NetworkPolicy { of_kind(&render(args), "NetworkPolicy").remove(0) };
+    let listed = policy(&["--set", "networkPolicy.prometheusNamespaces={monitoring,observability}"]);
+    for ns in ["monitoring", "observability"] {
+        assert!(admits(&listed, &namespace_labels(ns, &[]), "metrics"), "{ns} is listed");
+    }
+    assert!(!admits(&listed, &namespace_labels("default", &[]), "metrics"), "another namespace is not");
+    assert!(!admits(&listed, &namespace_labels("monitoring", &[]), "other"), "only the metrics port");
+
+    let selected =
+        policy(&["--set", "networkPolicy.prometheusNamespaces=null", "--set", "networkPolicy.namespaceSelector.matchLabels.team=obs"]);
+    assert!(admits(&selected, &namespace_labels("prom-a", &[("team", "obs")]), "metrics"), "a namespace the selector matches");
+    assert!(!admits(&selected, &namespace_labels("monitoring", &[]), "metrics"), "the default list is gone");
+    assert!(!admits(&selected, &namespace_labels("apps", &[("team", "web")]), "metrics"));
+
+    let legacy = policy(&["--set", "networkPolicy.prometheusNamespace=prometheus"]);
+    assert!(admits(&legacy, &namespace_labels("prometheus", &[]), "metrics"), "the older single-namespace key still works");
+    assert!(admits(&legacy, &namespace_labels("monitoring", &[]), "metrics"));
+
+    let err = try_render(&["--set", "networkPolicy.prometheusNamespaces=null"]).unwrap_err();
+    assert!(err.contains("prometheusNamespaces or a namespaceSelector"), "{err}");
+}
+
+#[test]
+fn a_resource_quota_admits_the_priority_class_on_gke_or_the_class_can_be_dropped() {
+    let objects = render(&["--set", "priorityClassQuota.enabled=true"]);
+    assert_valid("quota", &objects);
+    let quota = objects.iter().find(|o| o["kind"] == "ResourceQuota").expect("a ResourceQuota");
+    assert_eq!(quota["metadata"]["namespace"], "nodelens");
+    let scope = &quota["spec"]["scopeSelector"]["matchExpressions"][0];
+    assert_eq!((scope["scopeName"].as_str(), scope["operator"].as_str()), (Some("PriorityClass"), Some("In")));
+    assert_eq!(scope["values"], serde_json::json!(["system-node-critical"]));
+    assert!(!render(&[]).iter().any(|o| o["kind"] == "ResourceQuota"), "off by default");
+
+    let without: Vec<DaemonSet> = of_kind(&render(&["--set", "priorityClassName="]), "DaemonSet");
+    assert!(without.iter().all(|ds| pod(ds).priority_class_name.is_none()), "priorityClassName: \"\" drops the class");
+}
+
+#[test]
+fn notes_name_the_namespace_label_and_every_daemonset_to_check() {
+    let notes = |args: &[&str]| {
+        let mut all = vec!["install", "nodelens", CHART, "--namespace", "nodelens", "--dry-run=client"];
+        all.extend_from_slice(args);
+        let out = helm(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text[text.find("NOTES:").expect("NOTES")..].to_string()
+    };
+    let defaults = notes(&[]);
+    assert!(defaults.contains("pod-security.kubernetes.io/enforce=privileged"), "{defaults}");
+    for ds in ["daemonset/nodelens ", "daemonset/nodelens-gpu"] {
+        assert!(defaults.contains(&format!("rollout status {}", ds.trim())), "all nodes: {ds} in {defaults}");
+    }
+    let gpu_only = notes(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml")]);
+    assert!(gpu_only.contains("rollout status daemonset/nodelens-gpu"), "{gpu_only}");
+    assert!(
+        !gpu_only.contains("daemonset/nodelens\n") && !gpu_only.contains("daemonset/nodelens "),
+        "no DaemonSet that is not there: {gpu_only}"
+    );
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount, Taint};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use nodelens_testkit::views::{files, root};
@@ -192,6 +192,7 @@ pub fn assert_valid(what: &str, objects: &[Value]) {
             "ConfigMap" => round_trip::<ConfigMap>(object),
             "DaemonSet" => round_trip::<DaemonSet>(object),
             "Service" => round_trip::<Service>(object),
+            "ResourceQuota" => round_trip::<ResourceQuota>(object),
             "NetworkPolicy" => round_trip::<NetworkPolicy>(object),
             "ServiceMonitor" => drop(serde_json::from_value::<Crd<ServiceMonitorSpec>>(object.clone()).expect("ServiceMonitor schema")),
             "PrometheusRule" => drop(serde_json::from_value::<Crd<RuleSpec>>(object.clone()).expect("PrometheusRule schema")),
@@ -251,6 +252,165 @@ pub fn assert_least_privilege(what: &str, ds: &DaemonSet) {
         }
     }
     assert_eq!(writable, ["/var/lib/nodelens"], "{what}: the state directory is the only writable hostPath");
+
+    // seccomp RuntimeDefault for every container, init containers included (the pod's, unless
+    // a container sets its own).
+    let pod_profile = pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.clone());
+    assert_eq!(pod_profile.as_deref(), Some("RuntimeDefault"), "{what}: the pod's seccomp profile");
+    for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
+        let own = c.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.clone());
+        assert_eq!(own.or(pod_profile.clone()).as_deref(), Some("RuntimeDefault"), "{what}: container {}", c.name);
+    }
+    // Nothing is created on the host but the state directory: every other hostPath must exist.
+    for volume in &volumes {
+        let Some(host) = &volume.host_path else { continue };
+        let expected = if host.path == "/var/lib/nodelens" { "DirectoryOrCreate" } else { "Directory" };
+        assert_eq!(host.type_.as_deref(), Some(expected), "{what}: hostPath {}", host.path);
+    }
+    // A DaemonSet that runs on workers mounts nothing at or under /etc/kubernetes (it exists on
+    // control-plane nodes only; the runtime would create it, or the pod would not start).
+    if [Node::Cpu, Node::Gpu].iter().any(|n| runs_on(ds, *n)) {
+        for volume in &volumes {
+            if let Some(host) = &volume.host_path {
+                assert!(!Path::new(&host.path).starts_with("/etc/kubernetes"), "{what}: runs on workers and mounts {}", host.path);
+            }
+        }
+    }
+}
+
+/// The nodes the placement tests put DaemonSets on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Node {
+    /// A Linux worker without GPUs.
+    Cpu,
+    /// A GPU worker, labelled as the NVIDIA GPU operator labels them, tainted for GPU pods only.
+    Gpu,
+    /// A kubeadm control-plane node with its NoSchedule taint.
+    ControlPlane,
+    /// A virtual-kubelet node (Azure ACI, Alibaba ECI): its label and provider taint.
+    Virtual,
+    /// A Windows node.
+    Windows,
+}
+
+pub const NODES: [Node; 5] = [Node::Cpu, Node::Gpu, Node::ControlPlane, Node::Virtual, Node::Windows];
+
+impl Node {
+    /// The node's labels (plus `extra`) and taints.
+    pub fn with(self, extra: &[(&str, &str)]) -> (BTreeMap<String, String>, Vec<Taint>) {
+        let taint =
+            |key: &str, value: &str| Taint { key: key.into(), value: Some(value.into()), effect: "NoSchedule".into(), ..Taint::default() };
+        let os = if self == Node::Windows { "windows" } else { "linux" };
+        let mut labels = BTreeMap::from([("kubernetes.io/os".to_string(), os.to_string())]);
+        let mut taints = Vec::new();
+        match self {
+            Node::Cpu | Node::Windows => {}
+            Node::Gpu => {
+                labels.insert(GPU_LABEL.0.into(), GPU_LABEL.1.into());
+                taints.push(taint("nvidia.com/gpu", "present"));
+            }
+            Node::ControlPlane => {
+                labels.insert("node-role.kubernetes.io/control-plane".into(), String::new());
+                taints.push(taint("node-role.kubernetes.io/control-plane", ""));
+            }
+            Node::Virtual => {
+                labels.insert("type".into(), "virtual-kubelet".into());
+                labels.insert("kubernetes.io/role".into(), "agent".into());
+                taints.push(taint("virtual-kubelet.io/provider", "azure"));
+            }
+        }
+        labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        (labels, taints)
+    }
+}
+
+/// Whether the pod tolerates every NoSchedule/NoExecute taint of a node.
+pub fn tolerates(pod: &PodSpec, taints: &[Taint]) -> bool {
+    taints.iter().all(|t| {
+        pod.tolerations.iter().flatten().any(|tol| {
+            let effect_ok = tol.effect.as_deref().is_none_or(|e| e.is_empty() || e == t.effect);
+            let key_ok = tol.key.as_deref().is_none_or(|k| k.is_empty()) || tol.key.as_deref() == Some(t.key.as_str());
+            let value_ok = match tol.operator.as_deref() {
+                Some("Exists") => true,
+                _ => tol.value.as_deref().unwrap_or_default() == t.value.as_deref().unwrap_or_default(),
+            };
+            effect_ok && key_ok && value_ok && (tol.operator.as_deref() == Some("Exists") || tol.key.is_some())
+        })
+    })
+}
+
+/// Whether the DaemonSet controller runs a pod of `ds` on a node with these labels and taints.
+pub fn runs_on_node(ds: &DaemonSet, labels: &BTreeMap<String, String>, taints: &[Taint]) -> bool {
+    let pod = pod(ds);
+    schedules_on(&pod, labels) && tolerates(&pod, taints)
+}
+
+pub fn runs_on(ds: &DaemonSet, node: Node) -> bool {
+    let (labels, taints) = node.with(&[]);
+    runs_on_node(ds, &labels, &taints)
+}
+
+/// Which DaemonSets run a pod on each kind of node.
+pub fn placement_on(daemonsets: &[DaemonSet], extra: &[(&str, &str)]) -> BTreeMap<Node, Vec<String>> {
+    NODES
+        .iter()
+        .map(|node| {
+            let (labels, taints) = node.with(extra);
+            let names =
+                daemonsets.iter().filter(|ds| runs_on_node(ds, &labels, &taints)).map(|ds| ds.metadata.name.clone().unwrap()).collect();
+            (*node, names)
+        })
+        .collect()
+}
+
+/// Exactly one agent on a CPU, a GPU and a tainted control-plane node; none on a virtual or
+/// Windows node.
+pub fn assert_one_agent_per_real_node(what: &str, daemonsets: &[DaemonSet]) {
+    let on = placement_on(daemonsets, &[]);
+    for node in [Node::Cpu, Node::Gpu, Node::ControlPlane] {
+        assert_eq!(on[&node].len(), 1, "{what}: {node:?} runs exactly one agent: {on:?}");
+    }
+    for node in [Node::Virtual, Node::Windows] {
+        assert!(on[&node].is_empty(), "{what}: {node:?} runs no agent: {on:?}");
+    }
+}
+
+/// Whether a NetworkPolicy lets a pod in a namespace with these labels reach `port` (a
+/// named port) of the pods it selects.
+pub fn admits(policy: &NetworkPolicy, namespace_labels: &BTreeMap<String, String>, port: &str) -> bool {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = policy.spec.clone().unwrap();
+    spec.ingress.iter().flatten().any(|rule| {
+        let port_ok = rule.ports.as_ref().is_none_or(|ports| ports.iter().any(|p| p.port == Some(IntOrString::String(port.into()))));
+        let peer_ok = rule.from.as_ref().is_none_or(|from| {
+            from.iter().any(|peer| {
+                assert!(peer.pod_selector.is_none() && peer.ip_block.is_none(), "namespace peers only");
+                peer.namespace_selector.as_ref().is_some_and(|sel| {
+                    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| namespace_labels.get(k) == Some(v));
+                    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
+                        let values = e.values.clone().unwrap_or_default();
+                        let value = namespace_labels.get(&e.key);
+                        match e.operator.as_str() {
+                            "In" => value.is_some_and(|v| values.contains(v)),
+                            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                            "Exists" => value.is_some(),
+                            "DoesNotExist" => value.is_none(),
+                            other => panic!("operator {other}"),
+                        }
+                    });
+                    labels_ok && exprs_ok
+                })
+            })
+        });
+        port_ok && peer_ok
+    })
+}
+
+/// A namespace's labels as the API server sets them (kubernetes.io/metadata.name) plus `extra`.
+pub fn namespace_labels(name: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), name.to_string())]);
+    labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    labels
 }
 
 /// RBAC is exactly get/list/watch on pods and namespaces.
@@ -414,6 +574,8 @@ pub fn assert_certificates_in_use(what: &str, config: &serde_yaml_ng::Value, ds:
         .iter()
         .map(|p| p.to_string_lossy().trim_start_matches(&*host.path().to_string_lossy()).to_string())
         .collect();
+    let control_plane = globs.iter().any(|g| g.starts_with("/etc/kubernetes"));
+    let in_use: Vec<String> = in_use.into_iter().filter(|p| control_plane || !p.starts_with("/etc/kubernetes")).collect();
     let mut expected = in_use.clone();
     expected.sort();
     assert_eq!(matched, expected, "{what}: the certificates in use, nothing rotated, no key, no kubeconfig ({globs:?})");

@@ -110,15 +110,29 @@ spec:
       {{- if .gpu }}
       runtimeClassName: {{ $v.gpu.runtimeClassName }}
       {{- end }}
+      {{- /* The chart's placement (GPU or not, never a virtual node) ANDed into each of the
+      operator's required node selector terms; the rest of the operator's affinity as given. */}}
+      {{- $own := deepCopy ($v.nodeAffinityExpressions | default list) }}
       {{- if or .gpu .avoidGpu }}
+      {{- $own = append $own (dict "key" $gpuLabel.key "operator" (ternary "In" "NotIn" .gpu) "values" (list $gpuLabel.value)) }}
+      {{- end }}
+      {{- $affinity := deepCopy ($v.affinity | default dict) }}
+      {{- $nodeAffinity := get $affinity "nodeAffinity" | default dict }}
+      {{- $required := get $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" | default dict }}
+      {{- $terms := list }}
+      {{- range (get $required "nodeSelectorTerms" | default (list dict)) }}
+      {{- $term := deepCopy . }}
+      {{- $_ := set $term "matchExpressions" (concat (get $term "matchExpressions" | default list) $own) }}
+      {{- $terms = append $terms $term }}
+      {{- end }}
+      {{- if $own }}
+      {{- $_ := set $required "nodeSelectorTerms" $terms }}
+      {{- $_ := set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+      {{- $_ := set $affinity "nodeAffinity" $nodeAffinity }}
+      {{- end }}
+      {{- with $affinity }}
       affinity:
-        nodeAffinity:
-          requiredDuringSchedulingIgnoredDuringExecution:
-            nodeSelectorTerms:
-              - matchExpressions:
-                  - key: {{ $gpuLabel.key }}
-                    operator: {{ if .gpu }}In{{ else }}NotIn{{ end }}
-                    values: [{{ $gpuLabel.value | quote }}]
+        {{- toYaml . | nindent 8 }}
       {{- end }}
       {{- with $v.nodeSelector }}
       nodeSelector:
@@ -133,9 +147,11 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+      securityContext:
+        {{- toYaml (mergeOverwrite (dict "seccompProfile" (dict "type" "RuntimeDefault")) (deepCopy $v.podSecurityContext)) | nindent 8 }}
       containers:
         - name: nodelens
-          image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}"
+          image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}{{ with $v.image.digest }}@{{ . }}{{ end }}"
           imagePullPolicy: {{ $v.image.pullPolicy }}
           args: ["run", "--config", "/etc/nodelens/config.yaml"]
           env:
@@ -185,14 +201,11 @@ spec:
             failureThreshold: 3
           resources:
             {{- toYaml (or (and .gpu $v.gpu.resources) $v.resources) | nindent 12 }}
+          # uid 0 reads the root-owned log files and kubelet certificates through their owner
+          # bits; no capability is needed, so none is kept. securityContext values override.
+          {{- $container := dict "readOnlyRootFilesystem" true "allowPrivilegeEscalation" false "runAsUser" 0 "capabilities" (dict "drop" (list "ALL")) }}
           securityContext:
-            readOnlyRootFilesystem: true
-            allowPrivilegeEscalation: false
-            # uid 0 reads the root-owned log files and kubelet certificates through their
-            # owner bits; no capability is needed, so none is kept.
-            runAsUser: 0
-            capabilities:
-              drop: ["ALL"]
+            {{- toYaml (mergeOverwrite $container (deepCopy $v.securityContext)) | nindent 12 }}
           volumeMounts:
             - {name: config, mountPath: /etc/nodelens, readOnly: true}
             - {name: state, mountPath: /var/lib/nodelens}
@@ -224,26 +237,32 @@ spec:
           hostPath:
             path: /var/lib/nodelens
             type: DirectoryOrCreate
+        # Only what the kubelet keeps (type Directory: nothing is created on the host; the
+        # state directory above is the agent's only write).
         - name: pods-logs
           hostPath:
             path: /var/log/pods
+            type: Directory
         - name: containers-logs
           hostPath:
             path: /var/log/containers
+            type: Directory
         - name: pod-resources
           hostPath:
             path: /var/lib/kubelet/pod-resources
+            type: Directory
         {{- if $v.certificates.controlPlane }}
+        # Exists on kubeadm control-plane nodes only: pods elsewhere do not start (values.yaml).
         - name: kubernetes-pki
           hostPath:
             path: /etc/kubernetes/pki
-            type: DirectoryOrCreate
+            type: Directory
         {{- end }}
         {{- if $v.certificates.kubelet }}
         - name: kubelet-pki
           hostPath:
             path: /var/lib/kubelet/pki
-            type: DirectoryOrCreate
+            type: Directory
         {{- end }}
         {{- with $v.elasticsearch.passwordSecret }}
         {{- if .name }}
