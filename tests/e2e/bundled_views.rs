@@ -547,6 +547,45 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
     }
 }
 
+/// Grafana's annotation format: the query in `target.expr`, never at the annotation's top level
+/// (the older form), in the dashboards and in every ConfigMap the chart and kustomize ship.
+fn assert_annotations_in_target(what: &str, dashboard: &serde_json::Value) {
+    for a in dashboard["annotations"]["list"].as_array().into_iter().flatten() {
+        let name = a["name"].as_str().unwrap_or_default();
+        assert!(a.get("expr").is_none() && a.get("step").is_none(), "{what}: annotation {name} has a top-level expr or step");
+        if a["builtIn"].as_i64() != Some(1) {
+            assert!(a["target"]["expr"].as_str().is_some_and(|e| !e.is_empty()), "{what}: annotation {name} has no target.expr");
+        }
+    }
+}
+
+#[test]
+fn every_annotation_has_its_query_in_target() {
+    let mut seen = 0;
+    for (file, d) in dashboards() {
+        assert_annotations_in_target(&file.display().to_string(), &d);
+        seen += d["annotations"]["list"].as_array().map_or(0, Vec::len);
+    }
+    assert!(seen >= 2, "the machine dashboard's annotations are checked");
+    let shipped = std::fs::read_to_string(views::root().join("deploy/base/dashboards.yaml")).unwrap();
+    let mut maps = 0;
+    for doc in serde_yaml_ng::Deserializer::from_str(&shipped) {
+        let map: serde_json::Value = serde_json::to_value(<serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap()).unwrap();
+        for (file, text) in map["data"].as_object().into_iter().flatten() {
+            assert_annotations_in_target(
+                &format!("deploy/base/dashboards.yaml {file}"),
+                &serde_json::from_str::<serde_json::Value>(text.as_str().unwrap()).unwrap(),
+            );
+            maps += 1;
+        }
+    }
+    assert!(maps >= 7, "{maps} dashboards in deploy/base/dashboards.yaml");
+    for file in views::files("deploy/helm/nodelens/files/dashboards", ".json") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_annotations_in_target(&file.display().to_string(), &serde_json::from_str::<serde_json::Value>(&text).unwrap());
+    }
+}
+
 #[test]
 fn every_dashboard_query_is_valid_promql_over_known_metrics() {
     let mut rules = String::from("groups:\n  - name: dashboard-queries\n    rules:\n");

@@ -446,7 +446,15 @@ impl Monitoring {
             ),
             b = job("kubelet", "/cadvisor", exporter, "", true),
             c = job("kube-state-metrics", "/kube-state-metrics", exporter, "", true),
-            d = job("node-exporter", "/node-exporter", exporter, &format!(", node: {NODE}"), false),
+            // As kube-prometheus-stack scrapes its node-exporter: the exporter pod's own labels
+            // and no `node` (the views find the node through kube_pod_info).
+            d = job(
+                "node-exporter",
+                "/node-exporter",
+                exporter,
+                ", instance: \"10.0.0.11:9100\", namespace: monitoring, pod: kps-prometheus-node-exporter-7xk2p, container: node-exporter, service: kps-prometheus-node-exporter, endpoint: http-metrics",
+                false,
+            ),
         );
         let prom_config = dir.join("prometheus.yml");
         std::fs::write(&prom_config, config).unwrap();

@@ -92,10 +92,12 @@ pub fn queries(file: &Path, dashboard: &Json) -> Vec<Query> {
             });
         }
     }
-    for a in dashboard["annotations"]["list"].as_array().into_iter().flatten().filter(|a| a["expr"].is_string()) {
+    // Grafana's current annotation format: the query in `target` (a top-level `expr` is the old
+    // one, which bundled_views refuses).
+    for a in dashboard["annotations"]["list"].as_array().into_iter().flatten().filter(|a| a["target"]["expr"].is_string()) {
         out.push(Query {
             what: format!("{name} / annotation {}", a["name"].as_str().unwrap_or("")),
-            expr: a["expr"].as_str().unwrap().to_string(),
+            expr: a["target"]["expr"].as_str().unwrap().to_string(),
             instant: false,
         });
     }
