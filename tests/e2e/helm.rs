@@ -54,7 +54,7 @@ fn setups() -> Vec<(String, Vec<String>)> {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         out.push((name, vec!["--values".into(), file.display().to_string()]));
     }
-    assert!(out.len() >= 5, "the main setups have ci values: {out:?}");
+    assert!(out.len() >= 7, "the main setups have ci values: {out:?}");
     out
 }
 
@@ -513,4 +513,25 @@ fn notes_name_the_namespace_label_and_every_daemonset_to_check() {
         !gpu_only.contains("daemonset/nodelens\n") && !gpu_only.contains("daemonset/nodelens "),
         "no DaemonSet that is not there: {gpu_only}"
     );
+}
+
+#[test]
+fn control_plane_certificates_come_from_a_daemonset_on_control_plane_nodes_only() {
+    let objects = render(&["--values", &format!("{CHART}/ci/control-plane-certificates-values.yaml")]);
+    let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
+    let on = placement_on(&daemonsets, &[]);
+    assert_eq!(on[&Node::ControlPlane], ["nodelens-control-plane"], "{on:?}");
+    assert_eq!((on[&Node::Cpu].clone(), on[&Node::Gpu].clone()), (vec!["nodelens".to_string()], vec!["nodelens-gpu".to_string()]));
+    let config = agent_config(&objects);
+    let cp = daemonsets.iter().find(|d| d.metadata.name.as_deref() == Some("nodelens-control-plane")).unwrap();
+    let effective = check_config(&config, cp).unwrap();
+    let paths = effective["certificates"]["paths"].as_sequence().unwrap();
+    assert!(paths.iter().any(|p| p.as_str().unwrap().starts_with("/etc/kubernetes/pki/")), "{paths:?}");
+    let mounts: Vec<String> = pod(cp).volumes.unwrap().into_iter().filter_map(|v| Some(v.host_path?.path)).collect();
+    assert!(mounts.contains(&"/etc/kubernetes/pki".to_string()), "{mounts:?}");
+    // Off (the default): no DaemonSet mounts anything under /etc/kubernetes.
+    for ds in of_kind::<DaemonSet>(&render(&[]), "DaemonSet") {
+        let mounts: Vec<String> = pod(&ds).volumes.unwrap().into_iter().filter_map(|v| Some(v.host_path?.path)).collect();
+        assert!(!mounts.iter().any(|m| m.starts_with("/etc/kubernetes")), "{:?}: {mounts:?}", ds.metadata.name);
+    }
 }

@@ -569,12 +569,17 @@ pub fn assert_certificates_in_use(what: &str, config: &serde_yaml_ng::Value, ds:
     assert!(!globs.is_empty(), "{what}: certificates are checked");
     let host = tempfile::tempdir().unwrap();
     let (in_use, never) = fake_node_certificates(host.path());
+    // The agent sees only what its DaemonSet mounts: the control-plane certificates where the
+    // config reads them and the DaemonSet (the control-plane nodes' one) mounts them.
+    let host_dirs: Vec<String> = pod(ds).volumes.iter().flatten().filter_map(|v| Some(v.host_path.as_ref()?.path.clone())).collect();
+    let visible = |path: &str| host_dirs.iter().any(|dir| Path::new(path).starts_with(dir));
     let rooted: Vec<String> = globs.iter().map(|g| format!("{}{g}", host.path().display())).collect();
     let matched: Vec<String> = nodelens::certs::matching_files(&rooted)
         .iter()
         .map(|p| p.to_string_lossy().trim_start_matches(&*host.path().to_string_lossy()).to_string())
+        .filter(|p| visible(p) || !p.starts_with("/etc/kubernetes"))
         .collect();
-    let control_plane = globs.iter().any(|g| g.starts_with("/etc/kubernetes"));
+    let control_plane = globs.iter().any(|g| g.starts_with("/etc/kubernetes")) && visible("/etc/kubernetes/pki/ca.crt");
     let in_use: Vec<String> = in_use.into_iter().filter(|p| control_plane || !p.starts_with("/etc/kubernetes")).collect();
     let mut expected = in_use.clone();
     expected.sort();

@@ -63,9 +63,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
-One DaemonSet. Arguments: root (the chart's context), component (agent | gpu-agent), name,
-gpu (whether this one runs on the GPU nodes with the NVIDIA runtime) and avoidGpu (whether it
-stays off them).
+One DaemonSet. Arguments: root (the chart's context), component (agent | gpu-agent |
+control-plane-agent), name, gpu (whether this one runs on the GPU nodes with the NVIDIA
+runtime), avoidGpu (whether it stays off them), controlPlane (whether it runs on control-plane
+nodes only, with their /etc/kubernetes/pki) and avoidControlPlane (whether it stays off them).
 */}}
 {{- define "nodelens.daemonset" -}}
 {{- $root := .root -}}
@@ -115,6 +116,9 @@ spec:
       {{- $own := deepCopy ($v.nodeAffinityExpressions | default list) }}
       {{- if or .gpu .avoidGpu }}
       {{- $own = append $own (dict "key" $gpuLabel.key "operator" (ternary "In" "NotIn" .gpu) "values" (list $gpuLabel.value)) }}
+      {{- end }}
+      {{- if or .controlPlane .avoidControlPlane }}
+      {{- $own = append $own (dict "key" "node-role.kubernetes.io/control-plane" "operator" (ternary "Exists" "DoesNotExist" (.controlPlane | default false))) }}
       {{- end }}
       {{- $affinity := deepCopy ($v.affinity | default dict) }}
       {{- $nodeAffinity := get $affinity "nodeAffinity" | default dict }}
@@ -212,7 +216,7 @@ spec:
             - {name: pods-logs, mountPath: /var/log/pods, readOnly: true}
             - {name: containers-logs, mountPath: /var/log/containers, readOnly: true}
             - {name: pod-resources, mountPath: /var/lib/kubelet/pod-resources, readOnly: true}
-            {{- if $v.certificates.controlPlane }}
+            {{- if .controlPlane }}
             # Only the certificates' directories: the rest of /etc/kubernetes holds admin.conf.
             - {name: kubernetes-pki, mountPath: /etc/kubernetes/pki, readOnly: true}
             {{- end }}
@@ -251,8 +255,8 @@ spec:
           hostPath:
             path: /var/lib/kubelet/pod-resources
             type: Directory
-        {{- if $v.certificates.controlPlane }}
-        # Exists on kubeadm control-plane nodes only: pods elsewhere do not start (values.yaml).
+        {{- if .controlPlane }}
+        # kubeadm's; this DaemonSet runs on control-plane nodes only.
         - name: kubernetes-pki
           hostPath:
             path: /etc/kubernetes/pki
