@@ -521,6 +521,7 @@ fn control_plane_certificates_come_from_a_daemonset_on_control_plane_nodes_only(
     let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
     let on = placement_on(&daemonsets, &[]);
     assert_eq!(on[&Node::ControlPlane], ["nodelens-control-plane"], "{on:?}");
+    assert_selectors_disjoint("control-plane certificates", &daemonsets);
     assert_eq!((on[&Node::Cpu].clone(), on[&Node::Gpu].clone()), (vec!["nodelens".to_string()], vec!["nodelens-gpu".to_string()]));
     let config = agent_config(&objects);
     let cp = daemonsets.iter().find(|d| d.metadata.name.as_deref() == Some("nodelens-control-plane")).unwrap();
