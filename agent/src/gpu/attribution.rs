@@ -79,7 +79,7 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
             let entry = uses.entry((grant.uuid.clone(), labels.clone())).or_default();
             entry.allocated = true;
             let (bytes, cores) = entry.granted.unwrap_or_default();
-            entry.granted = Some((bytes + grant.memory_bytes(), (cores + grant.cores_ratio()).min(1.0)));
+            entry.granted = Some((bytes.saturating_add(grant.memory_bytes()), (cores + grant.cores_ratio()).min(1.0)));
         }
     }
     // Devices with a process no pod container was found for (outside Kubernetes, or gone).

@@ -27,8 +27,8 @@ pub struct Grant {
     /// The physical GPU's UUID.
     pub uuid: String,
     /// Device memory granted, MiB (a `nvidia.com/gpumem-percentage` request is already
-    /// resolved to MiB here).
-    pub memory_mib: u64,
+    /// resolved to MiB here). HAMi keeps it in an `int32`.
+    pub memory_mib: u32,
     /// Share of the GPU's SMs granted, percent (0: HAMi reserves none and its limiter does
     /// not cap the container).
     pub cores_percent: u32,
@@ -37,7 +37,7 @@ pub struct Grant {
 impl Grant {
     /// Device memory granted, bytes.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib * 1024 * 1024
+        u64::from(self.memory_mib) * 1024 * 1024
     }
 
     /// Share of the GPU's SMs granted, 0..1.
@@ -83,8 +83,13 @@ fn parse_container(entry: &str) -> Result<Vec<Grant>, String> {
     entry.split(':').filter(|d| !d.is_empty()).map(parse_device).collect()
 }
 
-fn parse_device(device: &str) -> Result<Grant, String> {
-    let fields: Vec<&str> = device.split(',').collect();
+fn parse_device(text: &str) -> Result<Grant, String> {
+    // Quoted in errors, which are logged: at most 120 characters of it.
+    let device = match text.char_indices().nth(120) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    };
+    let fields: Vec<&str> = text.split(',').collect();
     let [uuid, _kind, memory, cores, ..] = fields[..] else {
         return Err(format!("device `{device}` has fewer than 4 fields"));
     };
@@ -117,7 +122,7 @@ mod tests {
     // A UUID whose last group is all digits.
     const B: &str = "GPU-11111111-2222-3333-4444-555555555555";
 
-    fn grant(uuid: &str, memory_mib: u64, cores_percent: u32) -> Grant {
+    fn grant(uuid: &str, memory_mib: u32, cores_percent: u32) -> Grant {
         Grant { uuid: uuid.into(), memory_mib, cores_percent }
     }
 
@@ -159,6 +164,7 @@ mod tests {
             format!("{A},NVIDIA,lots,30:;"),
             format!("{A},NVIDIA,-1,30:;"),
             format!("{A},NVIDIA,8000,130:;"),
+            format!("{A},NVIDIA,99999999999999999999,30:;"),
             "0,NVIDIA,8000,30:;".to_string(),
             "garbage;".to_string(),
             "\u{1F600},,,;".to_string(),
