@@ -627,3 +627,111 @@ fn gpus_allocated_through_dra_claims_are_attributed() {
     assert!(status.success(), "{log}");
     assert_eq!(log.matches("does not give MIG instance placements").count(), 1, "{log}");
 }
+
+const HAMI_A: &str = "GPU-4a4a4a4a-0000-4000-8000-000000000001";
+/// Its last group is all digits, like the `-<n>` HAMi appends.
+const HAMI_B: &str = "GPU-4b4b4b4b-0000-4000-8000-000000000002";
+
+/// HAMi (v2.9 layout) shares two GPUs of a node; a third, an L4, is outside HAMi and held
+/// whole. slice-a (an init container, then main: 30% of the SMs, 8000 MiB) runs on HAMI_A;
+/// slice-b (50%, 16000 MiB) is idle on HAMI_A, though the kubelet picked one of HAMI_B's ids
+/// for it; broken's annotation cannot be read, its process runs on HAMI_A.
+#[test]
+fn hami_slices_are_attributed_where_hami_placed_them_with_their_grants() {
+    use nodelens_testkit::kubernetes::{hami_devices, with_hami};
+    let gpu = |uuid: &str, name: &str, processes| Gpu {
+        uuid: uuid.into(),
+        name: name.into(),
+        memory_total_bytes: 80 * GIB,
+        memory_used_bytes: 13 * GIB,
+        processes,
+        ..Gpu::default()
+    };
+    let node = Node::with(Scenario {
+        driver_version: "550.54.15".into(),
+        gpus: vec![
+            gpu(HAMI_A, "NVIDIA H100 80GB HBM3", vec![process(5101, 6 * GIB, 20), process(5404, GIB, 5)]),
+            gpu(HAMI_B, "NVIDIA H100 80GB HBM3", vec![]),
+            Gpu {
+                uuid: L4.into(),
+                name: "NVIDIA L4".into(),
+                memory_total_bytes: 24 * GIB,
+                processes: vec![process(5303, 20 * GIB, 90)],
+                ..Gpu::default()
+            },
+        ],
+    });
+    let pods = [
+        ("slice-a", "5a5a5a5a-0000-4000-8000-000000000001", '1', Some(hami_devices(&[&[], &[(HAMI_A, 8000, 30)]])), 5101),
+        ("slice-b", "5b5b5b5b-0000-4000-8000-000000000002", '2', Some(hami_devices(&[&[], &[(HAMI_A, 16000, 50)]])), 0),
+        ("whole", "5c5c5c5c-0000-4000-8000-000000000003", '3', None, 5303),
+        // A device without its cores field.
+        ("broken", "5d5d5d5d-0000-4000-8000-000000000004", '4', Some(format!(";{HAMI_A},NVIDIA,16000:;")), 5404),
+    ];
+    for (pod, uid, digit, annotation, pid) in &pods {
+        let id = digit.to_string().repeat(64);
+        let mut object = pod_with_ids("ml", pod, uid, NODE, json!({"app": pod, "user": "erin"}), &[("main", id.as_str())]);
+        if let Some(annotation) = annotation {
+            object = with_hami(object, &["fetch-weights"], annotation);
+        }
+        node.api.apply(object);
+        if *pid != 0 {
+            node.proc.add(*pid, 888_000 + u64::from(*pid), &Cgroup::V2SystemdContainerd.render(uid, &id));
+        }
+    }
+    let hami_allocations = || {
+        vec![
+            Allocated::hami("ml", "slice-a", "main", HAMI_A, 0),
+            Allocated::hami("ml", "slice-b", "main", HAMI_B, 1),
+            Allocated::new("ml", "whole", "main", "nvidia.com/gpu", &[L4]),
+            Allocated::hami("ml", "broken", "main", HAMI_A, 2),
+        ]
+    };
+    node.kubelet.set(hami_allocations());
+    let agent = node.start(&nvml_library(), "");
+    let slice_a = container(0, HAMI_A, "slice-a", "slice-a", "erin");
+    let slice_b = container(0, HAMI_A, "slice-b", "slice-b", "erin");
+    let whole = container(2, L4, "whole", "whole", "erin");
+    let broken = container(0, HAMI_A, "broken", "broken", "erin");
+    let m = scrape_until(&agent, "the HAMi slices placed", |m| {
+        value(m, "nodelens_container_gpu_memory_granted_bytes", &slice_b).is_some()
+            && value(m, "nodelens_container_gpu_memory_granted_bytes", &slice_a).is_some()
+            && value(m, "nodelens_container_gpu_utilization_ratio", &broken).is_some()
+            && value(m, "nodelens_gpu_allocated", &whole).is_some()
+    });
+    assert_eq!(value(&m, "nodelens_gpu_allocated", &slice_a), Some(1.0), "{m}");
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &slice_a), Some(0.2));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_used_bytes", &slice_a), Some((6 * GIB) as f64));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_granted_bytes", &slice_a), Some(8000.0 * MIB));
+    assert_eq!(value(&m, "nodelens_container_gpu_cores_granted_ratio", &slice_a), Some(0.3));
+    // Granted, idle, on the GPU HAMi placed it on and nowhere else.
+    assert_eq!(value(&m, "nodelens_gpu_allocated", &slice_b), Some(1.0));
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &slice_b), Some(0.0));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_granted_bytes", &slice_b), Some(16000.0 * MIB));
+    assert_eq!(value(&m, "nodelens_container_gpu_cores_granted_ratio", &slice_b), Some(0.5));
+    assert!(!m.lines().any(|l| l.contains(HAMI_B) && l.contains("pod=\"slice-b\"")), "not on the kubelet's pick: {m}");
+    // The whole GPU outside HAMi: allocated, no grant series.
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &whole), Some(0.9));
+    assert_eq!(value(&m, "nodelens_container_gpu_memory_granted_bytes", &whole), None);
+    // The broken annotation: its process still attributes it, without a grant or allocation.
+    assert_eq!(value(&m, "nodelens_container_gpu_utilization_ratio", &broken), Some(0.05));
+    assert_eq!(value(&m, "nodelens_gpu_allocated", &broken), None);
+    assert_eq!(metric_sum(&m, "nodelens_container_gpu_memory_granted_bytes", &[]), 24000.0 * MIB);
+    assert_eq!(metric_sum(&m, "nodelens_gpu_allocated", &[]), 3.0);
+
+    // The pod updated (as the kubelet's status updates do): still one warning.
+    let (_, uid, digit, annotation, _) = &pods[3];
+    let id = digit.to_string().repeat(64);
+    let again = pod_with_ids("ml", "broken", uid, NODE, json!({"app": "broken", "user": "erin", "rev": "2"}), &[("main", id.as_str())]);
+    node.api.apply(with_hami(again, &["fetch-weights"], annotation.as_deref().unwrap()));
+    // The kubelet frees slice-a (its process, still there, keeps its use series): its
+    // allocation and grant series go with the allocation.
+    node.kubelet.set(hami_allocations().into_iter().filter(|a| a.pod != "slice-a").collect());
+    scrape_until(&agent, "slice-a's grant to go", |m| {
+        ["nodelens_gpu_allocated", "nodelens_container_gpu_memory_granted_bytes", "nodelens_container_gpu_cores_granted_ratio"]
+            .iter()
+            .all(|name| value(m, name, &slice_a).is_none())
+    });
+    let warnings = agent.log().matches("HAMi's allocation annotation cannot be read").count();
+    assert_eq!(warnings, 1, "{}", agent.log());
+}

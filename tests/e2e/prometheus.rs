@@ -11,7 +11,8 @@
 //!   annotations;
 //!   NodelensAgentDown for a node kube-state-metrics lists but no agent is scraped on;
 //!   NodeGpuCountDropped is held back by the shipped inhibition rules;
-//! - the numbers are right: the time-sliced H100 counts as one GPU held by its two sharers, and
+//! - the numbers are right: the H100 shared through HAMi (half its SMs each) counts as one GPU
+//!   held by its two slices, and
 //!   it is busy, so only the notebook's L4 is allocated but idle.
 //!
 //! The agent is scraped as prometheus-operator scrapes it from the shipped ServiceMonitor: the
@@ -35,7 +36,7 @@ use nodelens_testkit::gpu::scenario::{Gpm, Gpu, Process, RemappedRows, Scenario,
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
-use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
+use nodelens_testkit::kubernetes::{hami_devices, pod_with_ids, with_hami, FakeApiServer};
 use nodelens_testkit::views::{self, dashboards, exposition_names, metric_names, queries, rules, RUNBOOK_BASE_URL};
 use serde_json::{json, Value};
 
@@ -67,7 +68,7 @@ fn workloads() -> Vec<Workload> {
     ]
 }
 
-/// An H100 time-sliced between resnet and bert, with corrected and uncorrected ECC errors and
+/// An H100 shared through HAMi by resnet and bert (half its SMs each), with corrected and uncorrected ECC errors and
 /// its power capped; an idle L4 held by dave's notebook, whose power sensor has failed; an
 /// A100 that nobody holds, and which is lost once the test is under way.
 fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
@@ -270,7 +271,14 @@ impl Node {
         let proc = FakeProc::new(&dir.path().join("proc"));
         let mut logs = Vec::new();
         for w in workloads() {
-            api.apply(pod_with_ids("ml", w.pod, w.uid, NODE, json!({"app": w.app, "user": w.user}), &[("main", w.id.as_str())]));
+            let pod = pod_with_ids("ml", w.pod, w.uid, NODE, json!({"app": w.app, "user": w.user}), &[("main", w.id.as_str())]);
+            // HAMi's grants on the H100: 16000 and 24000 MiB, half the SMs each.
+            let pod = match w.pod {
+                "resnet-0" => with_hami(pod, &[], &hami_devices(&[&[(H100, 16000, 50)]])),
+                "bert-0" => with_hami(pod, &[], &hami_devices(&[&[(H100, 24000, 50)]])),
+                _ => pod,
+            };
+            api.apply(pod);
             if let Some(pid) = w.pid {
                 proc.add(pid, 777_000 + u64::from(pid), &Cgroup::V2SystemdContainerd.render(w.uid, &w.id));
                 // The runtime's default 64 MiB /dev/shm.
@@ -280,8 +288,8 @@ impl Node {
             logs.push(ContainerLog::create(&pods, "ml", w.pod, w.uid, "main", 0).unwrap());
         }
         kubelet.set(vec![
-            Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),
-            Allocated::new("ml", "bert-0", "main", "nvidia.com/gpu", &[&format!("{H100}::1")]),
+            Allocated::hami("ml", "resnet-0", "main", H100, 0),
+            Allocated::hami("ml", "bert-0", "main", H100, 1),
             Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
         ]);
         let scenario_path = dir.path().join("scenario.json");
@@ -628,7 +636,7 @@ fn every_dashboard_query_returns_data_and_gpu_alerts_reach_alertmanager() {
     let pods: Vec<String> = holders.keys().map(|k| k.join("/")).collect();
     assert_eq!(pods, ["ml/bert-0", "ml/notebook-0", "ml/resnet-0"], "{holders:?}");
 
-    // The numbers: the H100 time-sliced by resnet and bert is one GPU, half each; it is 80%
+    // The numbers: the H100 HAMi shares between resnet and bert is one GPU, half each; it is 80%
     // busy, so only dave's L4 is allocated but idle.
     let panel = |reference: &str| {
         let expr = views::query_by_reference(reference).unwrap();

@@ -2,12 +2,14 @@
 //! metadata into the rows `/metrics` exports. A container appears on a GPU when the kubelet
 //! allocated the GPU (or a time-sliced replica or MIG instance of it) to it, when its
 //! processes run there, or both; two containers sharing a GPU each get their own processes'
-//! utilization and memory.
+//! utilization and memory. A container holding HAMi slices is on the GPUs HAMi's annotation
+//! places it on, with what HAMi granted it there ([`hami`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::allocation::{Allocation, DeviceRef};
+use super::allocation::{Allocation, DeviceRef, Source};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
+use super::hami;
 use super::reading::{GpuGauge, GpuId, Reading};
 use crate::host::names::{ContainerLabels, Names};
 
@@ -19,6 +21,8 @@ struct Use {
     memory_bytes: Option<u64>,
     /// Its processes on the GPU.
     processes: usize,
+    /// HAMi's grant there: memory bytes and the share of the SMs.
+    granted: Option<(u64, f64)>,
 }
 
 /// Builds the exported view of one reading.
@@ -43,13 +47,40 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
 
     let mut lookup = names.lookup();
     let mut uses: BTreeMap<(String, ContainerLabels), Use> = BTreeMap::new();
+    let is_gpu = |uuid: &str| by_uuid.get(uuid).is_some_and(|id| id.mig.is_none());
+    // Containers holding HAMi slices, placed once each however many ids the kubelet lists.
+    let mut hami_holders: HashSet<(&str, &str, &str)> = HashSet::new();
     for a in allocations {
+        if a.source == Source::DevicePlugin && hami::replica_of(&a.device_id, is_gpu).is_some() {
+            hami_holders.insert((&a.namespace, &a.pod, &a.container));
+            continue;
+        }
         let Some(gpu) = a.device().as_ref().and_then(find) else {
             tracing::debug!(device = %a.device_id, "allocated device not found among the GPUs NVML reports");
             continue;
         };
         let labels = lookup.by_name(&a.namespace, &a.pod, &a.container);
         uses.entry((gpu.uuid.clone(), labels)).or_default().allocated = true;
+    }
+    // The kubelet may have picked a HAMi id of another GPU than the one HAMi placed the
+    // container on: only the pod's annotation places it. Without a readable one (the store
+    // warned), its processes still attribute it.
+    for (namespace, pod, container) in hami_holders {
+        let grants = lookup.pod(namespace, pod).and_then(|meta| match &meta.hami {
+            Some(Ok(grants)) => grants.get(container).cloned(),
+            _ => None,
+        });
+        let Some(grants) = grants else {
+            tracing::debug!(namespace, pod, container, "HAMi slice without a readable placement; attributed by its processes");
+            continue;
+        };
+        let labels = lookup.by_name(namespace, pod, container);
+        for grant in grants.iter().filter(|g| is_gpu(&g.uuid)) {
+            let entry = uses.entry((grant.uuid.clone(), labels.clone())).or_default();
+            entry.allocated = true;
+            let (bytes, cores) = entry.granted.unwrap_or_default();
+            entry.granted = Some((bytes.saturating_add(grant.memory_bytes()), (cores + grant.cores_ratio()).min(1.0)));
+        }
     }
     // Devices with a process no pod container was found for (outside Kubernetes, or gone).
     let mut unresolved: HashSet<&str> = HashSet::new();
@@ -93,6 +124,8 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
                 allocated: u.allocated,
                 utilization: idle(u.utilization),
                 memory_bytes: idle(u.memory_bytes.map(|b| b as f64)),
+                granted_memory_bytes: u.granted.map(|(bytes, _)| bytes as f64),
+                granted_cores_ratio: u.granted.map(|(_, cores)| cores),
             })
         })
         .collect();
@@ -131,7 +164,6 @@ fn container_labels(gpu: &GpuId, who: ContainerLabels) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::allocation::Source;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
     use crate::host::cgroup::ContainerCgroup;
 
@@ -280,5 +312,140 @@ mod tests {
         assert_eq!(keys, ["gpu", "uuid", "model", "mig_profile", "gpu_instance"]);
         assert_eq!(view.gpus[2].labels[4].1, "3");
         assert_eq!(view.gpus[0].labels.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod hami_tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::gpu::allocation::Source;
+    use crate::gpu::reading::{GpuReading, ProcessUse};
+    use crate::host::cgroup::ContainerCgroup;
+    use crate::kube::meta::{ContainerMeta, PodMeta};
+    use crate::kube::store::PodStore;
+
+    const WHOLE: &str = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+    /// Ends in an all-digit group, as NVML's UUIDs may.
+    const SHARED: &str = "GPU-11111111-2222-3333-4444-555555555555";
+    const OTHER: &str = "GPU-99999999-8888-7777-6666-abcdefabcdef";
+
+    fn gpu(index: u32, uuid: &str) -> GpuReading {
+        GpuReading::new(GpuId { index, uuid: uuid.into(), model: "NVIDIA A100".into(), mig: None, minor: Some(index) }, true)
+    }
+
+    fn process(pid: u32, uid: &str, uuid: &str, sm: f64, gib: u64) -> ProcessUse {
+        ProcessUse {
+            uuid: uuid.into(),
+            pid,
+            container: Some(ContainerCgroup { pod_uid: uid.into(), container_id: uid.repeat(64 / uid.len()) }),
+            memory_bytes: Some(gib << 30),
+            sm_ratio: Some(sm),
+        }
+    }
+
+    fn pod(name: &str, uid: &str, annotation: Option<String>) -> PodMeta {
+        let mut annotations = BTreeMap::new();
+        let containers = vec![ContainerMeta {
+            name: "main".into(),
+            image: String::new(),
+            id: Some(uid.repeat(64 / uid.len())),
+            last_id: None,
+            runtime: Some("containerd".into()),
+            restart_count: 0,
+        }];
+        if let Some(a) = &annotation {
+            annotations.insert(hami::ALLOCATED.to_string(), a.clone());
+        }
+        PodMeta {
+            namespace: "ml".into(),
+            name: name.into(),
+            uid: uid.into(),
+            ip: None,
+            labels: BTreeMap::new(),
+            annotations,
+            workload: None,
+            containers,
+            app: String::new(),
+            user: String::new(),
+            hami: annotation.map(|a| hami::grants(&a, &[], &["main"])),
+        }
+    }
+
+    fn allocation(pod: &str, device: &str) -> Allocation {
+        Allocation {
+            namespace: "ml".into(),
+            pod: pod.into(),
+            container: "main".into(),
+            device_id: device.into(),
+            source: Source::DevicePlugin,
+        }
+    }
+
+    fn row<'a>(view: &'a GpuView, pod: &str, uuid: &str) -> Option<&'a ContainerRow> {
+        let has = |r: &&ContainerRow, k: &str, v: &str| r.labels.iter().any(|(lk, lv)| *lk == k && lv == v);
+        view.containers.iter().find(|r| has(r, "pod", pod) && has(r, "uuid", uuid))
+    }
+
+    /// Two HAMi slices of one GPU, one of them listed by the kubelet under another GPU's id
+    /// (HAMi's default lets the kubelet pick), a whole GPU beside them, and a pod whose
+    /// annotation is broken.
+    #[test]
+    fn hami_slices_are_placed_by_the_annotation_with_their_grants() {
+        let store = PodStore::new(Vec::new(), Vec::new(), Default::default());
+        // As HAMi writes it: `<uuid>,NVIDIA,<MiB>,<cores>:` then `;` per container.
+        store.apply(pod("slice-a", "aa", Some(format!("{SHARED},NVIDIA,8000,30:;"))));
+        store.apply(pod("slice-b", "bb", Some(format!("{SHARED},NVIDIA,16000,50:;"))));
+        store.apply(pod("whole", "cc", None));
+        store.apply(pod("broken", "dd", Some(format!("{SHARED},NVIDIA,16000:;"))));
+        let names = Names { pods_dir: "/nonexistent".into(), containers_dir: "/nonexistent".into(), pods: Some(Arc::new(store)) };
+        let reading = Reading {
+            driver_version: "550.1".into(),
+            gpus: vec![gpu(0, WHOLE), gpu(1, SHARED), gpu(2, OTHER)],
+            processes: vec![process(10, "aa", SHARED, 0.2, 6), process(20, "cc", WHOLE, 0.9, 40), process(30, "dd", OTHER, 0.1, 1)],
+            errors: Vec::new(),
+            sampled: vec![WHOLE.into(), SHARED.into(), OTHER.into()],
+        };
+        let allocations = [
+            allocation("slice-a", &format!("{SHARED}-0")),
+            allocation("slice-b", &format!("{OTHER}-3")),
+            allocation("whole", WHOLE),
+            allocation("broken", &format!("{OTHER}-0")),
+        ];
+        let view = compose(&reading, &allocations, &names);
+
+        let a = row(&view, "slice-a", SHARED).expect("slice-a on its GPU");
+        assert_eq!((a.allocated, a.utilization, a.memory_bytes), (true, Some(0.2), Some((6u64 << 30) as f64)));
+        assert_eq!((a.granted_memory_bytes, a.granted_cores_ratio), (Some(8000.0 * 1_048_576.0), Some(0.3)));
+        let b = row(&view, "slice-b", SHARED).expect("slice-b where HAMi placed it, not where the kubelet's id points");
+        assert_eq!((b.allocated, b.utilization, b.memory_bytes), (true, Some(0.0), Some(0.0)), "granted, idle");
+        assert_eq!((b.granted_memory_bytes, b.granted_cores_ratio), (Some(16000.0 * 1_048_576.0), Some(0.5)));
+        assert!(row(&view, "slice-b", OTHER).is_none(), "{view:#?}");
+        let whole = row(&view, "whole", WHOLE).unwrap();
+        assert_eq!(
+            (whole.allocated, whole.utilization, whole.granted_memory_bytes, whole.granted_cores_ratio),
+            (true, Some(0.9), None, None)
+        );
+        let broken = row(&view, "broken", OTHER).expect("attributed by its process");
+        assert_eq!((broken.allocated, broken.utilization, broken.granted_memory_bytes), (false, Some(0.1), None));
+        assert_eq!(view.containers.len(), 4, "{view:#?}");
+    }
+
+    #[test]
+    fn without_pod_metadata_a_hami_slice_is_attributed_by_its_processes_only() {
+        let names = Names { pods_dir: "/nonexistent".into(), containers_dir: "/nonexistent".into(), pods: None };
+        let reading = Reading {
+            driver_version: "550.1".into(),
+            gpus: vec![gpu(1, SHARED)],
+            processes: Vec::new(),
+            errors: Vec::new(),
+            sampled: vec![SHARED.into()],
+        };
+        let view = compose(&reading, &[allocation("slice-a", &format!("{SHARED}-0"))], &names);
+        assert!(view.containers.is_empty(), "the kubelet's id alone places nothing: {view:#?}");
+        let view = compose(&reading, &[allocation("plain", SHARED)], &names);
+        assert!(row(&view, "plain", SHARED).unwrap().allocated, "a UUID ending in digits is a GPU, not a replica");
     }
 }

@@ -42,6 +42,10 @@ pub struct ContainerRow {
     pub utilization: Option<f64>,
     /// Device memory the container's processes hold on the GPU.
     pub memory_bytes: Option<f64>,
+    /// Device memory HAMi granted the container on the GPU.
+    pub granted_memory_bytes: Option<f64>,
+    /// Share of the GPU's SMs HAMi granted the container, 0..1.
+    pub granted_cores_ratio: Option<f64>,
 }
 
 /// Everything the GPU collector exports.
@@ -104,6 +108,8 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_allocated",
     "nodelens_container_gpu_utilization_ratio",
     "nodelens_container_gpu_memory_used_bytes",
+    "nodelens_container_gpu_memory_granted_bytes",
+    "nodelens_container_gpu_cores_granted_ratio",
     "nodelens_gpu_nvml_errors_total",
     "nodelens_gpu_pod_resources_errors_total",
 ];
@@ -278,6 +284,22 @@ impl Collector for GpuExport {
             "Device memory the container's processes hold on the GPU",
             MetricType::Gauge,
             memory,
+        )?;
+        let granted = containers.iter().filter_map(|c| c.granted_memory_bytes.map(|m| (c.labels.as_slice(), ConstGauge::new(m))));
+        family(
+            &mut encoder,
+            "container_gpu_memory_granted_bytes",
+            "Device memory HAMi granted the container on the GPU (its limiter fails allocations beyond it)",
+            MetricType::Gauge,
+            granted,
+        )?;
+        let cores = containers.iter().filter_map(|c| c.granted_cores_ratio.map(|r| (c.labels.as_slice(), ConstGauge::new(r))));
+        family(
+            &mut encoder,
+            "container_gpu_cores_granted_ratio",
+            "Share of the GPU's SMs HAMi granted the container (0: none reserved, not capped)",
+            MetricType::Gauge,
+            cores,
         )?;
 
         let nvml_errors = view.nvml_errors.iter().map(|(function, n)| ([("function", *function)], ConstCounter::new(*n)));

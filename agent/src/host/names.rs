@@ -101,13 +101,16 @@ impl Lookup<'_> {
         })
     }
 
+    /// The pod's metadata, when the API is there and knows it.
+    pub fn pod(&mut self, namespace: &str, pod: &str) -> Option<Arc<PodMeta>> {
+        let store = self.names.pods.as_ref()?;
+        let by_name = self.pods_by_name.get_or_insert_with(|| store.by_name());
+        by_name.get(&(namespace.to_string(), pod.to_string())).cloned()
+    }
+
     /// Names a container the kubelet reported by namespace, pod and container name.
     pub fn by_name(&mut self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
-        let meta = self.names.pods.as_ref().and_then(|store| {
-            let by_name = self.pods_by_name.get_or_insert_with(|| store.by_name());
-            by_name.get(&(namespace.to_string(), pod.to_string())).cloned()
-        });
-        match meta {
+        match self.pod(namespace, pod) {
             Some(meta) => labels(&meta, container.to_string()),
             None => ContainerLabels {
                 namespace: namespace.to_string(),

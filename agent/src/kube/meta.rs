@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::gpu::hami;
+
 /// The kind of workload that owns a pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkloadKind {
@@ -88,6 +90,9 @@ pub struct PodMeta {
     pub app: String,
     /// The user (`user.name`).
     pub user: String,
+    /// HAMi's placement and grants of the pod's GPU slices (`hami.io/vgpu-devices-allocated`),
+    /// or why that annotation could not be read; `None` without it.
+    pub hami: Option<hami::PodGrants>,
 }
 
 impl PodMeta {
@@ -152,6 +157,12 @@ pub fn from_pod(pod: &Pod, keep_annotation: impl Fn(&str) -> bool) -> Option<Pod
             }
         })
         .collect();
+    let hami = meta.annotations.as_ref().and_then(|a| a.get(hami::ALLOCATED)).map(|value| {
+        fn names(list: Option<&Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<&str> {
+            list.into_iter().flatten().map(|c| c.name.as_str()).collect()
+        }
+        hami::grants(value, &names(spec.and_then(|s| s.init_containers.as_ref())), &names(spec.map(|s| &s.containers)))
+    });
     Some(PodMeta {
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone()?,
@@ -163,6 +174,7 @@ pub fn from_pod(pod: &Pod, keep_annotation: impl Fn(&str) -> bool) -> Option<Pod
         containers,
         app: String::new(),
         user: String::new(),
+        hami,
     })
 }
 
@@ -204,6 +216,26 @@ mod tests {
         );
         assert_eq!(app.image, "registry/web:1.2");
         assert!(meta.excludes("sidecar") && !meta.excludes("app"));
+    }
+
+    #[test]
+    fn hamis_allocation_annotation_is_read_against_init_containers_and_containers() {
+        let uuid = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u", "annotations": {
+                "hami.io/vgpu-devices-allocated": format!(";{uuid},NVIDIA,8000,30:;"),
+                "hami.io/vgpu-devices-to-allocate": ";;"}},
+            "spec": {"initContainers": [{"name": "fetch"}], "containers": [{"name": "main"}]}
+        }));
+        let meta = from_pod(&p, |_| false).unwrap();
+        assert!(meta.annotations.is_empty(), "kept parsed, not as text");
+        let grants = meta.hami.unwrap().unwrap();
+        assert_eq!(grants.keys().collect::<Vec<_>>(), ["main"], "the init container's entry comes first (HAMi v2.9 on)");
+        assert_eq!(grants["main"][0].memory_mib, 8000);
+        let mut broken = p.clone();
+        broken.metadata.annotations.as_mut().unwrap().insert(hami::ALLOCATED.into(), "GPU-x,NVIDIA".into());
+        assert!(from_pod(&broken, |_| false).unwrap().hami.unwrap().is_err());
+        assert_eq!(from_pod(&pod(serde_json::json!({"metadata": {"name": "p", "uid": "u"}})), |_| false).unwrap().hami, None);
     }
 
     #[test]

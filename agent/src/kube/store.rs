@@ -225,6 +225,15 @@ impl PodStore {
         pod.app = resolve::app(&self.app_keys, &sources, &pod.name);
         pod.user = resolve::user(&self.user_keys, &sources);
         let new_labels = info_labels(&pod);
+        // Once per pod and value, not at every update of the pod.
+        if let Some(Err(why)) = &pod.hami {
+            if inner.pods.get(&pod.uid).is_none_or(|old| old.meta.hami != pod.hami) {
+                tracing::warn!(
+                    namespace = %pod.namespace, pod = %pod.name, error = %why,
+                    "HAMi's allocation annotation cannot be read; its GPU slices are attributed by their processes only, without grants"
+                );
+            }
+        }
         if let Some(old) = inner.pods.get(&pod.uid) {
             if *old.meta == pod && old.deleted_at.is_none() && !force {
                 return;
@@ -272,6 +281,7 @@ mod tests {
             containers: Vec::new(),
             app: String::new(),
             user: String::new(),
+            hami: None,
         }
     }
 

@@ -310,6 +310,7 @@ mod tests {
             containers: Vec::new(),
             app: String::new(),
             user: String::new(),
+            hami: None,
         });
         assert_eq!(service_name(&encoder.encode(&line, Instant::now())), "resnet", "re-rendered from the store");
     }

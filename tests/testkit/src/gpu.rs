@@ -81,6 +81,15 @@ impl Allocated {
         }
     }
 
+    /// A HAMi slice as the kubelet lists it: HAMi's NVIDIA device plugin registers every GPU
+    /// `splits` times under `nvidia.com/gpu` (`GetPluginDevices`: `for i := uint(0); i < count;
+    /// i++ { id := fmt.Sprintf("%v-%v", dev.ID, i)`), and with its default
+    /// `enablegetpreferredallocation: false` the kubelet picks the ids, so `gpu_uuid` may
+    /// name another GPU than the one HAMi placed the container on.
+    pub fn hami(namespace: &str, pod: &str, container: &str, gpu_uuid: &str, replica: u32) -> Allocated {
+        Allocated::new(namespace, pod, container, "nvidia.com/gpu", &[&format!("{gpu_uuid}-{replica}")])
+    }
+
     /// Devices of the ResourceClaim `claim` (in the pod's namespace), prepared by NVIDIA's DRA
     /// driver, used by `namespace/pod/container`. Several containers may share one claim.
     pub fn claim(namespace: &str, pod: &str, container: &str, claim: &str, device_names: &[&str]) -> Allocated {

@@ -282,3 +282,46 @@ pub fn pod_with_ids(namespace: &str, name: &str, uid: &str, node: &str, labels: 
 pub fn namespace(name: &str, labels: Value, annotations: Value) -> Value {
     json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels, "annotations": annotations}})
 }
+
+/// One HAMi device of a container: GPU UUID, memory MiB, cores percent.
+pub type HamiDevice<'a> = (&'a str, u32, u32);
+
+/// HAMi's encoding of a pod's NVIDIA devices, one entry per container (init containers first,
+/// from HAMi v2.9), as its scheduler writes `hami.io/vgpu-devices-allocated`:
+/// `EncodePodSingleDevice` appends each container's `EncodeContainerDevices` and then `;`
+/// (`res = res + EncodeContainerDevices(ctrdevs)` / `res = res + OnePodMultiContainerSplitSymbol`),
+/// and `EncodeContainerDevices` writes each device as
+/// `fmt.Fprintf(&builder, "%s,%s,%d,%d%s", val.UUID, val.Type, val.Usedmem, val.Usedcores, OneContainerMultiDeviceSplitSymbol)`
+/// with `OneContainerMultiDeviceSplitSymbol = ":"` and `OnePodMultiContainerSplitSymbol = ";"`
+/// (`pkg/device/devices.go`, v2.7-v2.10; `pkg/util/util.go` in v2.4-v2.6, same format).
+pub fn hami_devices(containers: &[&[HamiDevice]]) -> String {
+    containers
+        .iter()
+        .map(|devices| devices.iter().map(|(uuid, mib, cores)| format!("{uuid},NVIDIA,{mib},{cores}:")).collect::<String>() + ";")
+        .collect()
+}
+
+/// `pod` as HAMi leaves it once its device plugin has allocated it (v2.9 on): the scheduler's
+/// annotations (`hami.io/vgpu-node`, `hami.io/vgpu-time`, the devices in both
+/// `hami.io/vgpu-devices-to-allocate` and `hami.io/vgpu-devices-allocated`), then the device
+/// plugin's `patchErasedAnnotation`, which rewrites `-to-allocate` with every container's
+/// entry emptied (`podSingleDev[i] = device.ContainerDevices{}`), and `hami.io/bind-phase:
+/// success`. `init_containers` are added to the spec ahead of the containers.
+pub fn with_hami(mut pod: Value, init_containers: &[&str], allocated: &str) -> Value {
+    let entries = allocated.matches(';').count();
+    let node = pod["spec"]["nodeName"].clone();
+    let annotations = json!({
+        "hami.io/vgpu-node": node,
+        "hami.io/vgpu-time": "1764849600",
+        "hami.io/bind-time": "1764849600",
+        "hami.io/bind-phase": "success",
+        "hami.io/vgpu-devices-to-allocate": ";".repeat(entries),
+        "hami.io/vgpu-devices-allocated": allocated,
+    });
+    pod["metadata"]["annotations"] = annotations;
+    if !init_containers.is_empty() {
+        let init: Vec<Value> = init_containers.iter().map(|c| json!({"name": c, "image": format!("registry.example/{c}:1.0")})).collect();
+        pod["spec"]["initContainers"] = Value::Array(init);
+    }
+    pod
+}
