@@ -12,7 +12,10 @@
 //! `fmt.Fprintf(&builder, "%s,%s,%d,%d%s", val.UUID, val.Type, val.Usedmem, val.Usedcores, ...)`),
 //! a container without a HAMi device having an empty entry. Up to v2.8 the entries are the
 //! pod's containers in order (`Resourcereqs` over `pod.Spec.Containers`); from v2.9 the init
-//! containers come first. The same format from v2.4 (`pkg/util`) to v2.10 (`pkg/device`).
+//! containers come first. The same format from v2.4 (`pkg/util`) to v2.10 (`pkg/device`),
+//! except that v2.4 and v2.5 write a container without a GPU that follows one with a GPU as
+//! an entry holding one empty device, `,,0,0:` (`calcScore` appends `util.ContainerDevice{}`
+//! to it), which is no device.
 
 use std::collections::BTreeMap;
 
@@ -79,8 +82,9 @@ pub fn parse(value: &str) -> Result<Vec<Vec<Grant>>, String> {
 
 fn parse_container(entry: &str) -> Result<Vec<Grant>, String> {
     // Every device ends with `:`, so the last piece is empty; HAMi's decoder skips pieces
-    // without a comma the same way.
-    entry.split(':').filter(|d| !d.is_empty()).map(parse_device).collect()
+    // without a comma the same way. v2.4 and v2.5 mark a container without a GPU with the
+    // empty device `,,0,0`.
+    entry.split(':').filter(|d| !d.is_empty() && *d != ",,0,0").map(parse_device).collect()
 }
 
 fn parse_device(text: &str) -> Result<Grant, String> {
@@ -155,6 +159,16 @@ mod tests {
         assert_eq!(both["main"], vec![grant(A, 8000, 30)]);
     }
 
+    /// v2.4 and v2.5 (`calcScore`): a container without a GPU after one with a GPU gets
+    /// `score.Devices[idx][ctrid] = append(score.Devices[idx][ctrid], util.ContainerDevice{})`,
+    /// encoded `,,0,0:`.
+    #[test]
+    fn the_empty_device_of_v2_4_and_v2_5_is_no_device() {
+        let value = format!("{A},NVIDIA,8000,30:;,,0,0:;");
+        let by_container = grants(&value, &[], &["main", "sidecar"]).unwrap();
+        assert_eq!(by_container.into_iter().collect::<Vec<_>>(), vec![("main".to_string(), vec![grant(A, 8000, 30)])]);
+    }
+
     #[test]
     fn malformed_annotations_are_errors_not_panics() {
         for bad in [
@@ -168,6 +182,7 @@ mod tests {
             "0,NVIDIA,8000,30:;".to_string(),
             "garbage;".to_string(),
             "\u{1F600},,,;".to_string(),
+            ",,8000,30:;".to_string(),
         ] {
             assert!(grants(&bad, &[], &["main"]).is_err(), "{bad:?}");
         }
