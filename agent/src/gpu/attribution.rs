@@ -48,6 +48,7 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     let mut lookup = names.lookup();
     let mut uses: BTreeMap<(String, ContainerLabels), Use> = BTreeMap::new();
     let is_gpu = |uuid: &str| by_uuid.get(uuid).is_some_and(|id| id.mig.is_none());
+    let mig_parents: HashSet<&str> = reading.gpus.iter().filter_map(|g| g.id.mig.as_ref()).map(|m| m.parent_uuid.as_str()).collect();
     // Containers holding HAMi slices, placed once each however many ids the kubelet lists.
     let mut hami_holders: HashSet<(&str, &str, &str)> = HashSet::new();
     for a in allocations {
@@ -75,7 +76,10 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
             continue;
         };
         let labels = lookup.by_name(namespace, pod, container);
-        for grant in grants.iter().filter(|g| is_gpu(&g.uuid)) {
+        // HAMi's dynamic MIG names the parent GPU (v2.10) or `<uuid>[<template>-<slot>]`
+        // (v2.6-v2.9): the container runs on a MIG instance its processes attribute it to;
+        // placing it on the whole GPU would show a busy slice as an idle holder there.
+        for grant in grants.iter().filter(|g| is_gpu(&g.uuid) && !mig_parents.contains(g.uuid.as_str())) {
             let entry = uses.entry((grant.uuid.clone(), labels.clone())).or_default();
             entry.allocated = true;
             let (bytes, cores) = entry.granted.unwrap_or_default();
@@ -322,7 +326,7 @@ mod hami_tests {
 
     use super::*;
     use crate::gpu::allocation::Source;
-    use crate::gpu::reading::{GpuReading, ProcessUse};
+    use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
     use crate::host::cgroup::ContainerCgroup;
     use crate::kube::meta::{ContainerMeta, PodMeta};
     use crate::kube::store::PodStore;
@@ -431,6 +435,33 @@ mod hami_tests {
         let broken = row(&view, "broken", OTHER).expect("attributed by its process");
         assert_eq!((broken.allocated, broken.utilization, broken.granted_memory_bytes), (false, Some(0.1), None));
         assert_eq!(view.containers.len(), 4, "{view:#?}");
+    }
+
+    /// HAMi's dynamic MIG (v2.10) names the parent GPU in the annotation; the container runs
+    /// on a MIG instance of it.
+    #[test]
+    fn a_hami_grant_on_a_gpu_in_mig_mode_is_not_placed_on_the_whole_gpu() {
+        let store = PodStore::new(Vec::new(), Vec::new(), Default::default());
+        store.apply(pod("mig-slice", "ee", Some(format!("{SHARED},NVIDIA,9856,14:;"))));
+        let names = Names { pods_dir: "/nonexistent".into(), containers_dir: "/nonexistent".into(), pods: Some(Arc::new(store)) };
+        let instance = "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+        let mig = GpuId {
+            index: 1,
+            uuid: instance.into(),
+            model: "NVIDIA A100".into(),
+            mig: Some(MigId { profile: "1g.10gb".into(), gpu_instance: 9, parent_uuid: SHARED.into(), placement: None }),
+            minor: Some(1),
+        };
+        let reading = Reading {
+            driver_version: "550.1".into(),
+            gpus: vec![gpu(1, SHARED), GpuReading::new(mig, true)],
+            processes: vec![process(10, "ee", instance, 0.6, 5)],
+            errors: Vec::new(),
+            sampled: vec![SHARED.into(), instance.into()],
+        };
+        let view = compose(&reading, &[allocation("mig-slice", &format!("{SHARED}-0"))], &names);
+        assert!(row(&view, "mig-slice", SHARED).is_none(), "not an idle holder of the whole GPU: {view:#?}");
+        assert_eq!(row(&view, "mig-slice", instance).expect("on its instance").utilization, Some(0.6));
     }
 
     #[test]

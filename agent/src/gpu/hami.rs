@@ -10,9 +10,13 @@
 //! (`EncodePodSingleDevice`) as one entry per container, each followed by `;`, each device of
 //! an entry `<uuid>,<type>,<memory MiB>,<cores percent>:` (`EncodeContainerDevices`:
 //! `fmt.Fprintf(&builder, "%s,%s,%d,%d%s", val.UUID, val.Type, val.Usedmem, val.Usedcores, ...)`),
-//! a container without a HAMi device having an empty entry. Up to v2.8 the entries are the
+//! a container without a HAMi device having an empty entry (v2.4 and v2.5: none for those
+//! ahead of the first container with a GPU). Up to v2.8 the entries are the
 //! pod's containers in order (`Resourcereqs` over `pod.Spec.Containers`); from v2.9 the init
-//! containers come first. The same format from v2.4 (`pkg/util`) to v2.10 (`pkg/device`).
+//! containers come first. The same format from v2.4 (`pkg/util`) to v2.10 (`pkg/device`),
+//! except that v2.4 and v2.5 write a container without a GPU that follows one with a GPU as
+//! an entry holding one empty device, `,,0,0:` (`calcScore` appends `util.ContainerDevice{}`
+//! to it), which is no device.
 
 use std::collections::BTreeMap;
 
@@ -51,13 +55,15 @@ pub type PodGrants = Result<BTreeMap<String, Vec<Grant>>, String>;
 
 /// Reads the annotation's entries for a pod with these init containers and containers (in
 /// their spec order): the entry count says which HAMi wrote it — init containers and then
-/// containers (v2.9 on), or only the containers (up to v2.8); any other count is an error.
+/// containers (v2.9 on), or only the containers (up to v2.8). v2.4 and v2.5 write no entry for
+/// the containers ahead of the first one with a GPU, so fewer entries than containers are the
+/// last containers'. More entries than that is an error.
 pub fn grants(value: &str, init_containers: &[&str], containers: &[&str]) -> PodGrants {
     let entries = parse(value)?;
     let names: Vec<&str> = if entries.len() == init_containers.len() + containers.len() {
         init_containers.iter().chain(containers).copied().collect()
-    } else if entries.len() == containers.len() {
-        containers.to_vec()
+    } else if entries.len() <= containers.len() {
+        containers[containers.len() - entries.len()..].to_vec()
     } else {
         return Err(format!(
             "{} container entries for {} init containers and {} containers",
@@ -79,8 +85,9 @@ pub fn parse(value: &str) -> Result<Vec<Vec<Grant>>, String> {
 
 fn parse_container(entry: &str) -> Result<Vec<Grant>, String> {
     // Every device ends with `:`, so the last piece is empty; HAMi's decoder skips pieces
-    // without a comma the same way.
-    entry.split(':').filter(|d| !d.is_empty()).map(parse_device).collect()
+    // without a comma the same way. v2.4 and v2.5 mark a container without a GPU with the
+    // empty device `,,0,0`.
+    entry.split(':').filter(|d| !d.is_empty() && *d != ",,0,0").map(parse_device).collect()
 }
 
 fn parse_device(text: &str) -> Result<Grant, String> {
@@ -155,6 +162,26 @@ mod tests {
         assert_eq!(both["main"], vec![grant(A, 8000, 30)]);
     }
 
+    /// v2.4 and v2.5 (`calcScore`): a container without a GPU after one with a GPU gets
+    /// `score.Devices[idx][ctrid] = append(score.Devices[idx][ctrid], util.ContainerDevice{})`,
+    /// encoded `,,0,0:`.
+    #[test]
+    fn the_empty_device_of_v2_4_and_v2_5_is_no_device() {
+        let value = format!("{A},NVIDIA,8000,30:;,,0,0:;");
+        let by_container = grants(&value, &[], &["main", "sidecar"]).unwrap();
+        assert_eq!(by_container.into_iter().collect::<Vec<_>>(), vec![("main".to_string(), vec![grant(A, 8000, 30)])]);
+    }
+
+    /// v2.4 and v2.5 (`calcScore`): for a container without a GPU ahead of the first with
+    /// one, `for idx := range score.Devices` finds no device type yet and appends nothing.
+    #[test]
+    fn v2_4_and_v2_5_leave_out_the_containers_ahead_of_the_first_gpu() {
+        let value = format!("{A},NVIDIA,8000,30:;{B},NVIDIA,4000,20:;");
+        let by_container = grants(&value, &[], &["log-shipper", "main", "worker"]).unwrap();
+        assert_eq!(by_container.keys().collect::<Vec<_>>(), ["main", "worker"]);
+        assert_eq!(by_container["worker"], vec![grant(B, 4000, 20)]);
+    }
+
     #[test]
     fn malformed_annotations_are_errors_not_panics() {
         for bad in [
@@ -168,12 +195,14 @@ mod tests {
             "0,NVIDIA,8000,30:;".to_string(),
             "garbage;".to_string(),
             "\u{1F600},,,;".to_string(),
+            ",,8000,30:;".to_string(),
         ] {
             assert!(grants(&bad, &[], &["main"]).is_err(), "{bad:?}");
         }
         let two = format!("{A},NVIDIA,8000,30:;;");
         assert!(grants(&two, &[], &["main"]).is_err(), "two entries, one container");
-        assert!(grants(&two, &["a", "b"], &["main"]).is_err(), "neither layout");
+        let three = format!("{A},NVIDIA,8000,30:;;;");
+        assert!(grants(&three, &["a", "b"], &["main", "side"]).is_err(), "neither layout");
     }
 
     #[test]

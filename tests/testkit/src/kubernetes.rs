@@ -293,7 +293,8 @@ pub type HamiDevice<'a> = (&'a str, u32, u32);
 /// and `EncodeContainerDevices` writes each device as
 /// `fmt.Fprintf(&builder, "%s,%s,%d,%d%s", val.UUID, val.Type, val.Usedmem, val.Usedcores, OneContainerMultiDeviceSplitSymbol)`
 /// with `OneContainerMultiDeviceSplitSymbol = ":"` and `OnePodMultiContainerSplitSymbol = ";"`
-/// (`pkg/device/devices.go`, v2.7-v2.10; `pkg/util/util.go` in v2.4-v2.6, same format).
+/// (`pkg/device/devices.go`, v2.7-v2.10; `pkg/util/util.go` in v2.4-v2.6, same format, but
+/// v2.4 and v2.5 write `,,0,0:` for a container without a GPU after one with a GPU).
 pub fn hami_devices(containers: &[&[HamiDevice]]) -> String {
     containers
         .iter()
