@@ -87,6 +87,16 @@ impl Metrics {
             "Log files truncated in place (copytruncate) and read again from the start",
             logs.tailer.truncated.clone(),
         );
+        r.add(
+            "checkpoint_write_errors",
+            "Attempts to write the checkpoint file that failed (retried every second; shipping goes on)",
+            logs.checkpoints.write_errors.clone(),
+        );
+        r.add(
+            "checkpoint_last_success_timestamp_seconds",
+            "When the checkpoint file last held every acknowledged offset, Unix seconds",
+            logs.checkpoints.last_success.clone(),
+        );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
         r.names.push("nodelens_log_metric_total".into());
