@@ -12,6 +12,7 @@ use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
 use crate::host::names::ContainerLabels;
 use crate::kube::store::PodInfoLabels;
+use crate::kube::watch::WatchLabels;
 use crate::logs::derived::Totals;
 use crate::pipeline::LogMetrics;
 use crate::process::{self, ProcessCollector};
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub pod_info: Family<PodInfoLabels, Gauge>,
     /// Certificate expiry.
     pub certs: CertMetrics,
+    /// `nodelens_kubernetes_watch_up`: a series per watch started.
+    pub kube_watch_up: Family<WatchLabels, Gauge>,
     /// `nodelens_container_shm_bytes`.
     pub shm: Family<ContainerLabels, Gauge>,
     /// GPU and GPU attribution series.
@@ -111,6 +114,12 @@ impl Metrics {
         r.add("otlp_metric_points", "Data points of the OTLP metrics push, by outcome", sinks.pushed_points.clone());
         let pod_info = Family::default();
         r.add("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
+        let kube_watch_up = Family::default();
+        r.add(
+            "kubernetes_watch_up",
+            "1 while the watch of this resource is listed and running, 0 while it fails and is retried",
+            kube_watch_up.clone(),
+        );
         let certs = CertMetrics::default();
         r.add("certificate_not_after_seconds", "Expiry of each certificate found, in Unix seconds", certs.not_after.clone());
         r.add("certificate_errors", "Certificate files that could not be read or held no valid certificate", certs.errors.clone());
@@ -121,7 +130,7 @@ impl Metrics {
         r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
         r.registry.register_collector(Box::new(ProcessCollector));
         r.names.extend(process::NAMES.iter().map(|n| n.to_string()));
-        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm, gpu }
+        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),

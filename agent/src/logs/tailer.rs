@@ -292,17 +292,27 @@ impl Tailer {
             return;
         };
         let synced = store.is_synced();
+        let current = synced && store.is_current();
         let waited_out = now.duration_since(self.started) >= self.settings.metadata_wait;
         if !synced && waited_out && !self.warned_unsynced {
             self.warned_unsynced = true;
             tracing::warn!(waited = ?self.settings.metadata_wait, "no pod list from the Kubernetes API yet; reading logs with metadata from their paths (exclusion annotations cannot be honoured until it arrives)");
         }
+        let metadata_wait = self.settings.metadata_wait;
         let mut released = Vec::new();
         self.held.retain(|reference, since| {
             let known = store.get(&reference.pod_uid).is_some();
-            let give_up = if synced { now.duration_since(*since) >= POD_WAIT } else { waited_out };
-            if give_up && !known && synced {
+            // While the pod watch is down, a new pod is unheard of rather than absent: its
+            // container waits for the watch's next list as before the first one.
+            let give_up = match (synced, current) {
+                (true, true) => now.duration_since(*since) >= POD_WAIT,
+                (true, false) => now.duration_since(*since) >= metadata_wait,
+                (false, _) => waited_out,
+            };
+            if give_up && !known && current {
                 tracing::debug!(namespace = %reference.namespace, pod = %reference.pod, "pod not reported by the watch; reading with metadata from its path");
+            } else if give_up && !known && synced {
+                tracing::warn!(namespace = %reference.namespace, pod = %reference.pod, waited = ?metadata_wait, "pod watch still down; reading with metadata from its path");
             }
             let release = known || give_up;
             if release {
