@@ -100,6 +100,11 @@ impl Metrics {
             "When the checkpoint file last held every acknowledged offset, Unix seconds",
             logs.checkpoints.last_success.clone(),
         );
+        r.add(
+            "log_paths_skipped",
+            "Entries under pods_dir skipped because they cannot be a pod's (counted once per path)",
+            logs.tailer.paths_skipped.clone(),
+        );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
         r.names.push("nodelens_log_metric_total".into());

@@ -59,6 +59,9 @@ pub struct TailerMetrics {
     pub lost_bytes: Counter,
     /// `nodelens_log_files_truncated_total`: files truncated in place and read again.
     pub truncated: Counter,
+    /// `nodelens_log_paths_skipped_total`: entries under `pods_dir` that cannot be a pod's,
+    /// counted once per path.
+    pub paths_skipped: Counter,
 }
 
 /// How long a container waits for its pod's metadata once the pod list has arrived: the
@@ -129,6 +132,8 @@ pub struct Tailer {
     watcher: Option<notify::RecommendedWatcher>,
     started: Instant,
     warned_unsynced: bool,
+    /// Paths skipped (counted and logged) that the last full scan still found.
+    skipped: HashSet<PathBuf>,
 }
 
 impl Tailer {
@@ -161,6 +166,7 @@ impl Tailer {
             watcher: None,
             started: Instant::now(),
             warned_unsynced: false,
+            skipped: HashSet::new(),
         }
     }
 
@@ -350,6 +356,9 @@ impl Tailer {
                 return;
             }
         };
+        let still: HashSet<PathBuf> = scan.skipped.iter().map(|(p, _)| p.clone()).collect();
+        self.count_skipped(scan.skipped);
+        self.skipped.retain(|p| still.contains(p));
         let now = Instant::now();
         let mut pending = std::mem::take(&mut self.pending);
         for (dir, files) in scan.pending {
@@ -381,6 +390,7 @@ impl Tailer {
         let mut scan = Scan::default();
         let exclusions = exclusions(&self.settings);
         scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &exclusions, &mut self.cache, &mut scan);
+        self.count_skipped(std::mem::take(&mut scan.skipped));
         let now = Instant::now();
         match scan.pending.remove(pod_dir) {
             Some(files) => {
@@ -454,6 +464,17 @@ impl Tailer {
             if drop {
                 self.tails.remove(&reference);
                 self.held.remove(&reference);
+            }
+        }
+    }
+
+    /// Counts and logs each skipped path the first time it is found (the set holds only paths
+    /// still there, so it stays as small as the oddities on the node).
+    fn count_skipped(&mut self, skipped: Vec<(PathBuf, &'static str)>) {
+        for (path, why) in skipped {
+            if self.skipped.insert(path.clone()) {
+                self.metrics.paths_skipped.inc();
+                tracing::warn!(path = %path.display(), reason = why, "skipping an entry under pods_dir");
             }
         }
     }

@@ -1,0 +1,185 @@
+//! End to end: faults a node brings in a day (issue 31) show in metrics, not only in the log,
+//! and the agent keeps working through them: a full state file system, entries under
+//! `pods_dir` that cannot be a pod's. The Kubernetes API outage is in `kubernetes.rs`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodelens_testkit::agent::{metric_sum, Agent};
+use nodelens_testkit::kubelet::ContainerLog;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A pod log directory, a state directory and the agent's config.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        Node { dir }
+    }
+
+    fn pods(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn start(&self, rescan: &str) -> Agent {
+        let config = self.dir.path().join("nodelens.yaml");
+        let text = format!(
+            "node_name: fault-node\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  rescan_interval: {rescan}\nmetrics:\n  listen: 127.0.0.1:0\n",
+            state = self.state().display(),
+            pods = self.pods().display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &[])
+    }
+}
+
+fn metric(agent: &Agent, name: &str) -> f64 {
+    metric_sum(&agent.get("/metrics").1, name, &[])
+}
+
+fn wait_until(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check(&agent.get("/metrics").1) {
+            return Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}:\n{}\nlog:\n{}", agent.get("/metrics").1, agent.log());
+}
+
+fn messages(docs: &[Value], prefix: &str) -> Vec<String> {
+    docs.iter().filter_map(|d| d["message"].as_str()).filter(|m| m.starts_with(prefix)).map(String::from).collect()
+}
+
+/// A small tmpfs mounted over a directory, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is not permitted (not root, no CAP_SYS_ADMIN).
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file; the file's path.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// Issue 31, point 1. The state file system fills: shipping goes on, every failed write is
+/// counted and the last success stops moving while `/healthz` stays 200; once space returns a
+/// checkpoint lands within 5 s, and after a kill -9 nothing is sent twice.
+#[test]
+fn a_full_state_file_system_shows_in_metrics_and_a_checkpoint_lands_once_space_returns() {
+    let node = Node::new();
+    let Some(_tmpfs) = Tmpfs::mount(&node.state(), "64k") else {
+        println!("SKIPPED: cannot mount a tmpfs here (needs root); the committer's unit test covers failed writes");
+        return;
+    };
+    let mut log = ContainerLog::create(&node.pods(), "ml", "trainer", "uid-trainer", "main", 0).unwrap();
+    let agent = node.start("1s");
+    wait_until(&agent, "a first checkpoint success", |m| metric_sum(m, "nodelens_checkpoint_last_success_timestamp_seconds", &[]) > 1.0e9);
+    assert_eq!(metric(&agent, "nodelens_checkpoint_write_errors_total"), 0.0, "exported from the start, 0");
+    for i in 0..50 {
+        log.write_cri("stdout", &format!("before {i}")).unwrap();
+    }
+    agent.wait_for(WAIT, "50 lines", |d| messages(d, "before").len() == 50);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let filler = fill(&node.state());
+    for i in 0..50 {
+        log.write_cri("stdout", &format!("during {i}")).unwrap();
+    }
+    agent.wait_for(WAIT, "lines shipped while checkpoints fail", |d| messages(d, "during").len() == 50);
+    wait_until(&agent, "failed writes counted", |m| metric_sum(m, "nodelens_checkpoint_write_errors_total", &[]) >= 3.0);
+    let stale = metric(&agent, "nodelens_checkpoint_last_success_timestamp_seconds");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(metric(&agent, "nodelens_checkpoint_last_success_timestamp_seconds"), stale, "no success while full");
+    assert_eq!(agent.get("/healthz").0, 200, "an external fault must not get the agent restarted");
+    assert_eq!(agent.get("/readyz").0, 200, "nor drop it from the Service its metrics are scraped through");
+    let errors_while_full = metric(&agent, "nodelens_checkpoint_write_errors_total");
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    let freed_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let landed = wait_until(&agent, "a checkpoint after space returns", |m| {
+        metric_sum(m, "nodelens_checkpoint_last_success_timestamp_seconds", &[]) >= freed_unix
+    });
+    let after = landed - freed;
+    assert!(after <= Duration::from_secs(5), "checkpoint {after:?} after space returned");
+    let log_text = agent.log();
+    assert_eq!(log_text.matches("cannot write checkpoints").count(), 1, "logged once per outage:\n{log_text}");
+
+    let (_, docs, _) = agent.kill();
+    assert_eq!(messages(&docs, "during").len(), 50);
+    let again = node.start("1s");
+    std::thread::sleep(Duration::from_secs(3));
+    let resent = again.docs().len();
+    again.terminate();
+    assert_eq!(resent, 0, "the checkpoint written once space returned covers everything shipped");
+    println!("checkpoint writes failed {errors_while_full} times while full; a checkpoint landed {after:?} after space returned; {resent} records sent again after kill -9");
+}
+
+/// Issue 31, point 5. A pod directory without a uid, one whose name is not UTF-8, a container
+/// directory whose name is not UTF-8 and a `0.log` symlink looping on itself: each counted
+/// once and logged once, never again on later rescans, and the good pod beside them is read.
+#[test]
+fn entries_that_cannot_be_a_pods_are_counted_and_logged_once_per_path() {
+    use std::os::unix::ffi::OsStrExt;
+    let node = Node::new();
+    let pods = node.pods();
+    std::fs::create_dir_all(pods.join("ml_no-uid/main")).unwrap();
+    std::fs::create_dir_all(pods.join(std::ffi::OsStr::from_bytes(b"ml_caf\xe9_uid-odd/main"))).unwrap();
+    std::fs::create_dir_all(pods.join("ml_good_uid-good").join(std::ffi::OsStr::from_bytes(b"c\xfe"))).unwrap();
+    let looping = pods.join("ml_loop_uid-loop/main");
+    std::fs::create_dir_all(&looping).unwrap();
+    std::os::unix::fs::symlink(looping.join("0.log"), looping.join("0.log")).unwrap();
+    let mut good = ContainerLog::create(&pods, "ml", "good", "uid-good", "main", 0).unwrap();
+    good.write_cri("stdout", "good line").unwrap();
+    let agent = node.start("200ms");
+    agent.wait_for(WAIT, "the good pod's line", |d| !messages(d, "good line").is_empty());
+    // Ten rescans and more.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(metric(&agent, "nodelens_log_paths_skipped_total"), 4.0, "{}", agent.log());
+    let log = agent.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("skipping an entry under pods_dir")).collect();
+    assert_eq!(warnings.len(), 4, "each once:\n{}", warnings.join("\n"));
+    assert!(warnings.iter().any(|w| w.contains("ml_no-uid")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("ml_caf")), "the readable part of the name: {warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("ml_loop_uid-loop/main/0.log")), "{warnings:?}");
+    good.write_cri("stdout", "good line 2").unwrap();
+    agent.wait_for(WAIT, "still reading", |d| !messages(d, "good line 2").is_empty());
+    let (status, docs, _) = agent.terminate();
+    assert!(status.success());
+    assert_eq!(messages(&docs, "good line").len(), 2);
+}
