@@ -131,6 +131,7 @@ impl LogPipeline {
             },
             rescan_interval: logs.rescan_interval,
             metadata_wait: config.kubernetes.metadata_wait,
+            max_open_files: crate::logs::tailer::max_open_files(logs.max_open_files, crate::process::max_fds()),
             max_inflight_bytes: logs.max_inflight_bytes,
             multiline: logs
                 .multiline

@@ -68,6 +68,8 @@ struct OpenFile {
     idle_since: Option<Instant>,
     /// Its path is a symlink (docker's `<n>.log` into the runtime's own directory).
     symlinked: bool,
+    /// The last step read to its end.
+    at_end: bool,
 }
 
 /// How long a file may be absent from scans before it counts as deleted. A scan can race with
@@ -142,6 +144,18 @@ impl ContainerTail {
     /// Whether a file is open.
     pub fn is_open(&self) -> bool {
         self.open.is_some()
+    }
+
+    /// Closes the open file if the last step read it to its end and nothing is held across a
+    /// reopen (a record being joined, a line being skipped, docker's symlinked files): its
+    /// descriptor goes to a container waiting for one. True if closed.
+    pub fn release_at_end(&mut self) -> bool {
+        let Some(open) = &self.open else { return false };
+        let closable = open.at_end && open.reader.skipping_from().is_none() && self.assembler.pending_from().is_none() && !open.symlinked;
+        if closable {
+            self.open = None;
+        }
+        closable
     }
 
     /// Takes the latest scan of this container's files; returns what was deleted unread.
@@ -307,6 +321,7 @@ impl ContainerTail {
             self.assembler.flush_expired(&mut chunk, now, limits.partial_timeout);
         }
         let consumed = open.reader.consumed();
+        open.at_end = at_end;
         chunk.read_bytes = consumed - start;
         chunk.commit_offset = [Some(consumed), self.assembler.pending_from(), open.reader.skipping_from()]
             .into_iter()
@@ -434,7 +449,7 @@ impl ContainerTail {
         self.open_errors.remove(&fp);
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
         let symlinked = std::fs::symlink_metadata(&file.path).is_ok_and(|m| m.file_type().is_symlink());
-        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None, symlinked }))
+        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None, symlinked, at_end: false }))
     }
 
     /// The identity of the chain's file at `index`, as records and checkpoints name it.

@@ -44,6 +44,23 @@ pub struct TailerSettings {
     /// How long reading waits at start for the first pod list before it goes on with
     /// metadata from paths alone.
     pub metadata_wait: Duration,
+    /// The most log files held open at once (see [`max_open_files`]).
+    pub max_open_files: usize,
+}
+
+/// Descriptors kept for what is not a log file: sockets to the sinks and the API server,
+/// checkpoint writes, directory scans, inotify, the metrics endpoint's connections.
+pub const FD_RESERVE: u64 = 64;
+
+/// The bound on open log files: `configured`, or half of what the descriptor limit leaves
+/// after [`FD_RESERVE`] (at most 4096), never above what it leaves.
+pub fn max_open_files(configured: Option<usize>, fd_limit: Option<u64>) -> usize {
+    let room = fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_RESERVE).max(1));
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    match configured {
+        Some(n) => n.min(room),
+        None => (room / 2).clamp(1, 4096),
+    }
 }
 
 /// The tailer's own metrics.
@@ -67,6 +84,9 @@ pub struct TailerMetrics {
 /// How long a container waits for its pod's metadata once the pod list has arrived: the
 /// watch event of a new pod can come after its first line.
 const POD_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a container waiting for a descriptor (`logs.max_open_files`) is looked at again.
+const OPEN_FILES_WAIT: Duration = Duration::from_millis(20);
 
 /// How often a container held for its pod's metadata is looked at again.
 const HOLD_POLL: Duration = Duration::from_millis(20);
@@ -150,6 +170,7 @@ impl Tailer {
         if let Some(uid) = &settings.own_pod_uid {
             tracing::info!(pod_uid = %uid, "not reading this agent's own pod's logs");
         }
+        tracing::info!(max_open_files = settings.max_open_files, "log files held open at most");
         Tailer {
             settings,
             checkpoints,
@@ -237,6 +258,8 @@ impl Tailer {
         // Start where a pass cut short by back-pressure stopped, so every container gets its
         // turn rather than those first in order (after an outage, all are behind).
         let start = self.cursor.take();
+        let mut open_files = self.tails.values().filter(|t| t.is_open()).count();
+        let mut waiting = false;
         let mut visit = |reference: &ContainerRef, tail: &mut ContainerTail| -> Visit {
             if self.inflight.load(Ordering::Acquire) >= self.settings.max_inflight_bytes {
                 return Visit::Full;
@@ -244,7 +267,20 @@ impl Tailer {
             if tail.next_poll > now || self.held.contains_key(reference) {
                 return Visit::Next;
             }
-            let Some(step) = tail.step(&self.checkpoints, &self.settings.limits, now) else { return Visit::Next };
+            let was_open = tail.is_open();
+            if !was_open && open_files >= self.settings.max_open_files {
+                // Its turn comes when a file open now is at its end and closed for it.
+                waiting = true;
+                tail.next_poll = now + OPEN_FILES_WAIT;
+                return Visit::Next;
+            }
+            let step = tail.step(&self.checkpoints, &self.settings.limits, now);
+            match (was_open, tail.is_open()) {
+                (false, true) => open_files += 1,
+                (true, false) => open_files -= 1,
+                _ => {}
+            }
+            let Some(step) = step else { return Visit::Next };
             count_lost(&self.metrics, reference, step.lost);
             if step.truncated {
                 self.metrics.truncated.inc();
@@ -278,6 +314,11 @@ impl Tailer {
         };
         if let (None, Some(head)) = (&stopped, start) {
             stopped = walk(self.tails.range_mut(..head)).ok()?;
+        }
+        if waiting {
+            // Read in turns: files read to their end give their descriptor to those waiting.
+            let released = self.tails.values_mut().map(|t| t.release_at_end()).filter(|closed| *closed).count();
+            progressed |= released > 0;
         }
         if stopped.is_some() {
             // Downstream is behind: the files on disk are the buffer. Look again shortly.
@@ -563,4 +604,20 @@ fn container_info(pods_dir: &Path, reference: ContainerRef, links: &HashMap<Path
     let runtime = target.as_ref().filter(|t| t.to_string_lossy().contains("/docker/")).map(|_| "docker");
     let container_id = from_target.or_else(|| links.get(&live).cloned());
     ContainerInfo { reference, container_id, runtime }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_files_fit_under_the_descriptor_limit_with_a_reserve() {
+        assert_eq!(max_open_files(None, Some(256)), 96, "half of what 256 leaves after 64");
+        assert_eq!(max_open_files(None, Some(1024)), 480);
+        assert_eq!(max_open_files(None, Some(1 << 20)), 4096);
+        assert_eq!(max_open_files(None, None), 4096);
+        assert_eq!(max_open_files(Some(1000), Some(256)), 192, "never above what the limit leaves");
+        assert_eq!(max_open_files(Some(50), Some(256)), 50);
+        assert_eq!(max_open_files(None, Some(10)), 1, "a tiny limit still reads");
+    }
 }
