@@ -86,6 +86,11 @@ impl Metrics {
         r.add("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
         r.add("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
         r.add(
+            "log_files_lost",
+            "Log files gone (rotated away, deleted, unreadable) before they were read to their end",
+            logs.tailer.files_lost.clone(),
+        );
+        r.add(
             "log_files_truncated",
             "Log files truncated in place (copytruncate) and read again from the start",
             logs.tailer.truncated.clone(),
@@ -176,6 +181,16 @@ mod tests {
         assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
         assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");
         assert!(text.contains("nodelens_log_files_truncated_total{"), "{text}");
+        for name in [
+            "nodelens_log_files_lost_total",
+            "nodelens_log_paths_skipped_total",
+            "nodelens_checkpoint_write_errors_total",
+            "nodelens_checkpoint_last_success_timestamp_seconds",
+            "nodelens_process_open_fds",
+            "nodelens_process_max_fds",
+        ] {
+            assert!(text.contains(&format!("{name}{{node=\"gpu-7\"}} ")), "{name} exported from the start:\n{text}");
+        }
         assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
         assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }

@@ -74,6 +74,8 @@ pub struct TailerMetrics {
     pub backlog_bytes: Gauge,
     /// `nodelens_log_lost_bytes_total`.
     pub lost_bytes: Counter,
+    /// `nodelens_log_files_lost_total`: files gone before they were read to their end.
+    pub files_lost: Counter,
     /// `nodelens_log_files_truncated_total`: files truncated in place and read again.
     pub truncated: Counter,
     /// `nodelens_log_paths_skipped_total`: entries under `pods_dir` that cannot be a pod's,
@@ -581,6 +583,7 @@ fn count_lost(metrics: &TailerMetrics, reference: &ContainerRef, lost: Vec<Lost>
     for l in lost {
         tracing::warn!(path = %l.path.display(), bytes = l.bytes, namespace = %reference.namespace, pod = %reference.pod, "log file removed before it was read; bytes lost");
         metrics.lost_bytes.inc_by(l.bytes);
+        metrics.files_lost.inc();
     }
 }
 
