@@ -75,7 +75,7 @@ pub fn open_fds() -> Option<u64> {
 pub fn max_fds() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct it is given.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur as u64)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
 }
 
 /// This process's usage now, or `None` where `/proc` cannot be read.
@@ -208,7 +208,7 @@ mod tests {
         assert!(during >= before + 5, "{before} then {during}");
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        assert_eq!(max_fds(), Some(limit.rlim_cur as u64));
+        assert_eq!(max_fds(), Some(limit.rlim_cur));
         assert!(max_fds().unwrap() > during);
     }
 
