@@ -262,3 +262,57 @@ fn a_burst_of_containers_under_a_low_descriptor_limit_is_read_in_turns_without_r
     assert!(most_fds < 256, "{most_fds}");
     println!("{containers} containers x 10 lines under RLIMIT_NOFILE 256: written in {written:?}, all shipped {took:?} after they appeared; at most {most_fds} fds, {most_open} log files open");
 }
+
+/// Issue 31, point 2. The agent is stopped (SIGSTOP: CPU throttling, a stalled node, a
+/// debugger) while the kubelet rotates five times with `containerLogMaxFiles: 3`: the two
+/// files created and deleted during the freeze are counted in `nodelens_log_files_lost_total`
+/// and logged as lost, once; the rest is shipped exactly once, and rotations while the agent
+/// is awake count nothing.
+#[test]
+fn files_created_and_deleted_while_the_agent_was_stopped_are_counted_lost() {
+    let node = Node::new();
+    let mut log = ContainerLog::create(&node.pods(), "ml", "trainer", "uid-trainer", "main", 0).unwrap();
+    log.max_files = 3;
+    let agent = node.start("1s");
+    for r in 0..3 {
+        for i in 0..50 {
+            log.write_cri("stdout", &format!("awake {r} {i}")).unwrap();
+        }
+        agent.wait_for(WAIT, "the awake batch", |d| messages(d, &format!("awake {r} ")).len() == 50);
+        log.rotate().unwrap();
+    }
+    for i in 0..100 {
+        log.write_cri("stdout", &format!("before {i}")).unwrap();
+    }
+    agent.wait_for(WAIT, "the lines before the freeze", |d| messages(d, "before").len() == 100);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(metric(&agent, "nodelens_log_files_lost_total"), 0.0, "awake rotations lose nothing:\n{}", agent.log());
+
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    for r in 0..5 {
+        log.rotate().unwrap();
+        for i in 0..100 {
+            log.write_cri("stdout", &format!("frozen {r} {i}")).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+
+    agent.wait_for(WAIT, "what is still on disk", |d| messages(d, "frozen").len() >= 300);
+    wait_until(&agent, "the lost files counted", |m| metric_sum(m, "nodelens_log_files_lost_total", &[]) >= 2.0);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(metric(&agent, "nodelens_log_files_lost_total"), 2.0, "exactly the two files never seen:\n{}", agent.log());
+    assert_eq!(metric(&agent, "nodelens_log_lost_bytes_total"), 0.0, "the file read before the freeze lost nothing");
+    let (status, docs, log_text) = agent.terminate();
+    assert!(status.success());
+    let mut frozen = messages(&docs, "frozen");
+    let shipped = frozen.len();
+    frozen.sort();
+    frozen.dedup();
+    assert_eq!((shipped, frozen.len()), (300, 300), "the three files still on disk, each line once");
+    assert!(frozen.iter().all(|m| !m.starts_with("frozen 0 ") && !m.starts_with("frozen 1 ")), "batches 0 and 1 were in the deleted files");
+    let warnings: Vec<&str> = log_text.lines().filter(|l| l.contains("lost, size unknown")).collect();
+    assert_eq!(warnings.len(), 1, "logged once:\n{log_text}");
+    assert!(warnings[0].contains("ml_trainer_uid-trainer/main"), "{}", warnings[0]);
+    println!("5 rotations during a 2 s SIGSTOP with containerLogMaxFiles 3: 2 files (200 records) counted lost, 300 records shipped once");
+}

@@ -202,6 +202,7 @@ impl Tailer {
         let mut next_release = Instant::now();
         let mut changes = Changes::default();
         loop {
+            self.note_renames(&changes.renamed);
             let now = Instant::now();
             if now >= next_full_scan || changes.rescan_all {
                 self.full_scan();
@@ -486,6 +487,7 @@ impl Tailer {
             });
             let lost = tail.update(chain, &self.checkpoints);
             count_lost(&self.metrics, &tail.info().reference, lost);
+            count_unseen(&self.metrics, &pod_dir(&self.settings.pods_dir, &reference), &reference, tail.take_unseen_lost());
             if restarted {
                 tail.set_final();
             }
@@ -507,6 +509,18 @@ impl Tailer {
             if drop {
                 self.tails.remove(&reference);
                 self.held.remove(&reference);
+            }
+        }
+    }
+
+    /// Tells each tail how often inotify saw its live file renamed away.
+    fn note_renames(&mut self, renamed: &HashMap<PathBuf, u64>) {
+        for (live, times) in renamed {
+            let Some((reference, _)) = path::parse(&self.settings.pods_dir, live) else { continue };
+            if let Some(tail) = self.tails.get_mut(&reference) {
+                for _ in 0..*times {
+                    tail.note_rename();
+                }
             }
         }
     }
@@ -585,6 +599,16 @@ fn count_lost(metrics: &TailerMetrics, reference: &ContainerRef, lost: Vec<Lost>
         metrics.lost_bytes.inc_by(l.bytes);
         metrics.files_lost.inc();
     }
+}
+
+/// Files of a container created and deleted unseen: counted, their size unknown.
+fn count_unseen(metrics: &TailerMetrics, pod_dir: &Path, reference: &ContainerRef, files: u64) {
+    if files == 0 {
+        return;
+    }
+    let dir = pod_dir.join(&reference.container);
+    tracing::warn!(dir = %dir.display(), files, namespace = %reference.namespace, pod = %reference.pod, container = %reference.container, "log files rotated away and deleted before they were read (the agent was stopped or far behind); lost, size unknown");
+    metrics.files_lost.inc_by(files);
 }
 
 /// The kubelet's `containers_dir` symlinks: link target → container id.
