@@ -143,7 +143,7 @@ pub struct LogsConfig {
     /// Bytes read but not yet acknowledged by every sink; reading pauses above this.
     pub max_inflight_bytes: u64,
     /// Log files held open at once; beyond it, files are read in turns (one at the end of
-    /// what it has is closed for one waiting). Unset: half the descriptor limit left after a
+    /// what it has, or open for 5 s, is closed for one waiting). Unset: half the descriptor limit left after a
     /// reserve of 64 for sockets, checkpoints and scans, at most 4096 (96 under a limit of
     /// 256). A value above that is lowered to it.
     pub max_open_files: Option<usize>,

@@ -71,7 +71,15 @@ struct OpenFile {
     symlinked: bool,
     /// The last step read to its end.
     at_end: bool,
+    /// When it was opened: with containers waiting for a descriptor, a plain file holds its
+    /// own for [`OPEN_TURN`] at most.
+    opened_at: Instant,
 }
+
+/// How long a plain file being read stays open while other containers wait for a descriptor
+/// (`logs.max_open_files`); a compressed one stays until its end (reopening it would
+/// decompress it again from its start).
+const OPEN_TURN: Duration = Duration::from_secs(5);
 
 /// How long a file may be absent from scans before it counts as deleted. A scan can race with
 /// the kubelet (a file listed, then renamed or compressed before it is opened) and miss a
@@ -208,12 +216,14 @@ impl ContainerTail {
         self.open.is_some()
     }
 
-    /// Closes the open file if the last step read it to its end and nothing is held across a
-    /// reopen (a record being joined, a line being skipped, docker's symlinked files): its
-    /// descriptor goes to a container waiting for one. True if closed.
-    pub fn release_at_end(&mut self) -> bool {
+    /// Closes the open file if the last step read it to its end, or it is plain and has been
+    /// open for its turn ([`OPEN_TURN`]), and nothing is held across a reopen (a record being
+    /// joined, a line being skipped, docker's symlinked files): its descriptor goes to a
+    /// container waiting for one. True if closed.
+    pub fn release_for_turn(&mut self, now: Instant) -> bool {
         let Some(open) = &self.open else { return false };
-        let closable = open.at_end && open.reader.skipping_from().is_none() && self.assembler.pending_from().is_none() && !open.symlinked;
+        let turn_over = open.at_end || (!open.gzip && now.duration_since(open.opened_at) >= OPEN_TURN);
+        let closable = turn_over && open.reader.skipping_from().is_none() && self.assembler.pending_from().is_none() && !open.symlinked;
         if closable {
             self.open = None;
         }
@@ -527,7 +537,16 @@ impl ContainerTail {
         self.open_errors.remove(&fp);
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
         let symlinked = std::fs::symlink_metadata(&file.path).is_ok_and(|m| m.file_type().is_symlink());
-        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None, symlinked, at_end: false }))
+        Ok(Some(OpenFile {
+            source: self.source(index),
+            fingerprint: fp,
+            gzip,
+            reader,
+            idle_since: None,
+            symlinked,
+            at_end: false,
+            opened_at: Instant::now(),
+        }))
     }
 
     /// The identity of the chain's file at `index`, as records and checkpoints name it.

@@ -319,8 +319,9 @@ impl Tailer {
             stopped = walk(self.tails.range_mut(..head)).ok()?;
         }
         if waiting {
-            // Read in turns: files read to their end give their descriptor to those waiting.
-            let released = self.tails.values_mut().map(|t| t.release_at_end()).filter(|closed| *closed).count();
+            // Read in turns: files read to their end, or open for their turn, give their
+            // descriptor to those waiting.
+            let released = self.tails.values_mut().map(|t| t.release_for_turn(now)).filter(|closed| *closed).count();
             progressed |= released > 0;
         }
         if stopped.is_some() {
