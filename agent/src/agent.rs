@@ -46,7 +46,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
             let pods_dir = config.logs.pods_dir.clone();
             let keep_deleted = Arc::new(move |pod: &PodMeta| path::pod_dir(&pods_dir, &pod.namespace, &pod.name, &pod.uid).exists());
             let shutdown = || Shutdown::new(shutdown_tx.subscribe());
-            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, keep_deleted, shutdown);
+            let up = metrics.kube_watch_up.clone();
+            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, keep_deleted, up, shutdown);
             tracing::info!(node = %config.node_name, "watching this node's pods");
             Some(store)
         }

@@ -142,6 +142,11 @@ pub struct LogsConfig {
     pub rescan_interval: Duration,
     /// Bytes read but not yet acknowledged by every sink; reading pauses above this.
     pub max_inflight_bytes: u64,
+    /// Log files held open at once; beyond it, files are read in turns (one at the end of
+    /// what it has, or open for 5 s, is closed for one waiting). Unset: half the descriptor limit left after a
+    /// reserve of 64 for sockets, checkpoints and scans, at most 4096 (96 under a limit of
+    /// 256). A value above that is lowered to it.
+    pub max_open_files: Option<usize>,
     /// Per-application multi-line rules: `{app: glob, start_pattern: regex, timeout: 2s}`.
     pub multiline: Vec<MultilineRule>,
     /// Log-to-metric rules (see SPEC.md "Log-derived metrics").
@@ -159,6 +164,7 @@ impl Default for LogsConfig {
             partial_timeout: Duration::from_secs(5),
             rescan_interval: Duration::from_secs(10),
             max_inflight_bytes: 4 * 1024 * 1024,
+            max_open_files: None,
             multiline: Vec::new(),
             log_metrics: Vec::new(),
         }
@@ -563,6 +569,9 @@ impl Config {
         }
         if self.logs.max_line_bytes < 1024 {
             return Err(key_error("logs.max_line_bytes", "must be at least 1024".into()));
+        }
+        if self.logs.max_open_files == Some(0) {
+            return Err(key_error("logs.max_open_files", "must be at least 1".into()));
         }
         if self.logs.max_inflight_bytes < self.logs.max_line_bytes as u64 {
             return Err(key_error("logs.max_inflight_bytes", "must be at least logs.max_line_bytes".into()));

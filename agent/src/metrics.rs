@@ -12,6 +12,7 @@ use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
 use crate::host::names::ContainerLabels;
 use crate::kube::store::PodInfoLabels;
+use crate::kube::watch::WatchLabels;
 use crate::logs::derived::Totals;
 use crate::pipeline::LogMetrics;
 use crate::process::{self, ProcessCollector};
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub pod_info: Family<PodInfoLabels, Gauge>,
     /// Certificate expiry.
     pub certs: CertMetrics,
+    /// `nodelens_kubernetes_watch_up`: a series per watch started.
+    pub kube_watch_up: Family<WatchLabels, Gauge>,
     /// `nodelens_container_shm_bytes`.
     pub shm: Family<ContainerLabels, Gauge>,
     /// GPU and GPU attribution series.
@@ -83,9 +86,29 @@ impl Metrics {
         r.add("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
         r.add("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
         r.add(
+            "log_files_lost",
+            "Log files gone (rotated away, deleted, unreadable) before they were read to their end",
+            logs.tailer.files_lost.clone(),
+        );
+        r.add(
             "log_files_truncated",
             "Log files truncated in place (copytruncate) and read again from the start",
             logs.tailer.truncated.clone(),
+        );
+        r.add(
+            "checkpoint_write_errors",
+            "Attempts to write the checkpoint file that failed (retried every second; shipping goes on)",
+            logs.checkpoints.write_errors.clone(),
+        );
+        r.add(
+            "checkpoint_last_success_timestamp_seconds",
+            "When the checkpoint file last held every acknowledged offset, Unix seconds",
+            logs.checkpoints.last_success.clone(),
+        );
+        r.add(
+            "log_paths_skipped",
+            "Entries under pods_dir skipped because they cannot be a pod's (counted once per path)",
+            logs.tailer.paths_skipped.clone(),
         );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
@@ -101,6 +124,12 @@ impl Metrics {
         r.add("otlp_metric_points", "Data points of the OTLP metrics push, by outcome", sinks.pushed_points.clone());
         let pod_info = Family::default();
         r.add("pod_info", "1 for every pod on the node, with its application, user and workload", pod_info.clone());
+        let kube_watch_up = Family::default();
+        r.add(
+            "kubernetes_watch_up",
+            "1 while the watch of this resource is listed and running, 0 while it fails and is retried",
+            kube_watch_up.clone(),
+        );
         let certs = CertMetrics::default();
         r.add("certificate_not_after_seconds", "Expiry of each certificate found, in Unix seconds", certs.not_after.clone());
         r.add("certificate_errors", "Certificate files that could not be read or held no valid certificate", certs.errors.clone());
@@ -111,7 +140,7 @@ impl Metrics {
         r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
         r.registry.register_collector(Box::new(ProcessCollector));
         r.names.extend(process::NAMES.iter().map(|n| n.to_string()));
-        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, certs, shm, gpu }
+        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),
@@ -152,6 +181,16 @@ mod tests {
         assert!(text.contains("nodelens_log_backlog_bytes{"), "{text}");
         assert!(text.contains("nodelens_log_lost_bytes_total{"), "{text}");
         assert!(text.contains("nodelens_log_files_truncated_total{"), "{text}");
+        for name in [
+            "nodelens_log_files_lost_total",
+            "nodelens_log_paths_skipped_total",
+            "nodelens_checkpoint_write_errors_total",
+            "nodelens_checkpoint_last_success_timestamp_seconds",
+            "nodelens_process_open_fds",
+            "nodelens_process_max_fds",
+        ] {
+            assert!(text.contains(&format!("{name}{{node=\"gpu-7\"}} ")), "{name} exported from the start:\n{text}");
+        }
         assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
         assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }

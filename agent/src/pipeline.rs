@@ -20,7 +20,7 @@ use self::counts::CountFamilies;
 use self::encoder::Encoder;
 use crate::config::Config;
 use crate::kube::store::PodStore;
-use crate::logs::ack::{AckMsg, Committer};
+use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
 use crate::logs::assemble::MultilineRule;
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::container::StepLimits;
@@ -44,6 +44,8 @@ pub struct LogMetrics {
     pub tailer: TailerMetrics,
     /// Log-derived metrics.
     pub derived: DerivedFamilies,
+    /// Checkpoint write failures and the last success.
+    pub checkpoints: CheckpointMetrics,
 }
 
 type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
@@ -129,6 +131,7 @@ impl LogPipeline {
             },
             rescan_interval: logs.rescan_interval,
             metadata_wait: config.kubernetes.metadata_wait,
+            max_open_files: crate::logs::tailer::max_open_files(logs.max_open_files, crate::process::max_fds()),
             max_inflight_bytes: logs.max_inflight_bytes,
             multiline: logs
                 .multiline
@@ -155,7 +158,9 @@ impl LogPipeline {
             })
             .unzip();
 
-        let committer = tokio::spawn(Committer::new(checkpoints.clone(), inflight.clone()).run(ack_rx, Duration::from_secs(1)));
+        let committer = tokio::spawn(
+            Committer::new(checkpoints.clone(), inflight.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
+        );
         let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());

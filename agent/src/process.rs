@@ -16,6 +16,8 @@ pub const NAMES: &[&str] = &[
     "nodelens_process_resident_memory_bytes",
     "nodelens_process_memory_limit_bytes",
     "nodelens_process_start_time_seconds",
+    "nodelens_process_open_fds",
+    "nodelens_process_max_fds",
 ];
 
 /// Where the cgroup file systems are mounted.
@@ -61,6 +63,19 @@ fn own_start_time() -> Option<f64> {
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         started_at(&stat, &proc_stat, ticks.max(1) as f64)
     })
+}
+
+/// Descriptors this process holds now: every entry of `/proc/self/fd` (files, sockets,
+/// inotify, epoll), less the one listing the directory.
+pub fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count().saturating_sub(1) as u64)
+}
+
+/// The soft `RLIMIT_NOFILE`: opening a descriptor beyond it fails with EMFILE.
+pub fn max_fds() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
 }
 
 /// This process's usage now, or `None` where `/proc` cannot be read.
@@ -126,6 +141,17 @@ impl Collector for ProcessCollector {
             )?;
             ConstGauge::new(started).encode(start)?;
         }
+        if let (Some(open), Some(max)) = (open_fds(), max_fds()) {
+            let fds = encoder.encode_descriptor("process_open_fds", "Descriptors the agent holds open", None, MetricType::Gauge)?;
+            ConstGauge::new(open as i64).encode(fds)?;
+            let limit = encoder.encode_descriptor(
+                "process_max_fds",
+                "The agent's descriptor limit (soft RLIMIT_NOFILE)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(max.min(i64::MAX as u64) as i64).encode(limit)?;
+        }
         let Some(bytes) = own_memory_limit() else { return Ok(()) };
         let limit = encoder.encode_descriptor(
             "process_memory_limit_bytes",
@@ -170,6 +196,20 @@ mod tests {
         assert_eq!(memory_limit("0::/x\n", files(&[])), None, "nothing readable: no series");
         let mounted_at_root = files(&[("/memory.max", "1073741824\n")]);
         assert_eq!(memory_limit("0::/kubepods.slice/pod-z/cri-containerd-2.scope\n", mounted_at_root), Some(f64::from(1 << 30)));
+    }
+
+    #[test]
+    fn open_descriptors_follow_what_the_process_opens() {
+        let before = open_fds().unwrap();
+        let files: Vec<_> = (0..5).map(|_| tempfile::tempfile().unwrap()).collect();
+        let during = open_fds().unwrap();
+        drop(files);
+        // Other tests run on other threads of this process: they may open files meanwhile.
+        assert!(during >= before + 5, "{before} then {during}");
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        assert_eq!(max_fds(), Some(limit.rlim_cur));
+        assert!(max_fds().unwrap() > during);
     }
 
     #[test]

@@ -415,3 +415,62 @@ fn thousands_of_label_keys_cannot_push_the_data_stream_past_the_field_limit() {
         agent.terminate();
     }
 }
+
+/// Issue 31: the API cut (connections refused), then answering 500s. The watch shows down in
+/// `nodelens_kubernetes_watch_up` throughout, is retried at most 5 s apart, is back within
+/// 10 s of the API, and a pod created during the outage gets its metadata: its container
+/// waits for it as before the first list (up to `kubernetes.metadata_wait`).
+#[test]
+fn a_pod_born_during_an_api_outage_gets_its_metadata_and_the_outage_shows() {
+    let c = Cluster::new();
+    c.api.apply(namespace("ml", json!({"user": "dana"}), json!({})));
+    let agent = c.start("  metadata_wait: 60s\n  watch_namespaces: true\n");
+    let up = |m: &str, resource: &str| metric_sum(m, "nodelens_kubernetes_watch_up", &[&format!(r#"resource="{resource}""#)]);
+    wait_metric(&agent, "the watch series", |m| m.contains(r#"nodelens_kubernetes_watch_up{node="gpu-node-1",resource="pods"}"#));
+    wait_metric(&agent, "both watches up", |m| up(m, "pods") == 1.0 && up(m, "namespaces") == 1.0);
+
+    c.api.refuse_connections();
+    wait_metric(&agent, "pods watch down while refused", |m| up(m, "pods") == 0.0 && up(m, "namespaces") == 0.0);
+    let mut born = c.log("ml", "born-in-outage", "uid-born", "main");
+    c.api.apply(pod("ml", "born-in-outage", "uid-born", NODE, json!({"app": "newborn", "user": "erin"}), &["main"]));
+    for i in 0..20 {
+        born.write_cri("stdout", &format!("outage line {i}")).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let (status, metrics) = agent.get("/healthz");
+    assert_eq!(status, 200, "liveness holds through an API outage: {metrics}");
+    assert_eq!(up(&agent.get("/metrics").1, "pods"), 0.0);
+
+    c.api.accept_connections();
+    c.api.fail_requests(Some(500));
+    let failing_since = Instant::now();
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(up(&agent.get("/metrics").1, "pods"), 0.0, "down while every request gets a 500");
+    let times: Vec<Instant> = c.api.request_times().into_iter().filter(|t| *t >= failing_since).collect();
+    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.push(Instant::now() - *times.last().expect("retried while answered 500"));
+    // Two watches retry independently: a gap between any two requests bounds each one's.
+    assert!(gaps.iter().all(|g| *g <= Duration::from_millis(5_500)), "retries at most 5 s apart: {gaps:?}");
+    assert!(
+        !agent.docs().iter().any(|d| d["message"].as_str().is_some_and(|m| m.starts_with("outage line"))),
+        "the new pod's lines wait for its metadata while the watch is down"
+    );
+
+    c.api.fail_requests(None);
+    let back = Instant::now();
+    wait_metric(&agent, "pods watch up again", |m| up(m, "pods") == 1.0 && up(m, "namespaces") == 1.0);
+    let recovered = back.elapsed();
+    assert!(recovered <= Duration::from_secs(10), "up {recovered:?} after the API");
+    agent.wait_for(WAIT, "the pod's 20 lines", |d| {
+        d.iter().filter(|d| d["message"].as_str().is_some_and(|m| m.starts_with("outage line"))).count() >= 20
+    });
+    let docs = agent.docs();
+    let lines: Vec<&Value> = docs.iter().filter(|d| d["message"].as_str().is_some_and(|m| m.starts_with("outage line"))).collect();
+    assert_eq!(lines.len(), 20, "each once");
+    for doc in lines {
+        assert_eq!(doc["service"]["name"], "newborn", "{doc}");
+        assert_eq!(doc["user"]["name"], "erin", "{doc}");
+    }
+    println!("watch back {recovered:?} after the API; largest retry gap while failing {:?}", gaps.iter().max().unwrap());
+    agent.terminate();
+}

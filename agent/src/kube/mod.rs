@@ -9,6 +9,9 @@ pub mod watch;
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::config::{KubernetesConfig, Switch};
 use crate::shutdown::Shutdown;
 
@@ -45,19 +48,20 @@ pub async fn connect(config: &KubernetesConfig) -> anyhow::Result<Option<kube::C
 
 /// Starts the watches feeding `store`: pods always, namespaces when a key needs their labels
 /// or `watch_namespaces` asks for their exclude annotation. A deleted pod is kept while
-/// `keep_deleted` says its log files are on disk.
+/// `keep_deleted` says its log files are on disk. Each watch has its series in `up` from now.
 pub fn start(
     client: kube::Client,
     node: String,
     store: Arc<PodStore>,
     watch_namespaces: bool,
     keep_deleted: watch::KeepDeleted,
+    up: Family<watch::WatchLabels, Gauge>,
     shutdown: impl Fn() -> Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), keep_deleted, shutdown()))];
+    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown()))];
     if watch_namespaces || store.needs_namespaces() {
         store.expect_namespaces();
-        tasks.push(tokio::spawn(watch::namespaces(client, store, shutdown())));
+        tasks.push(tokio::spawn(watch::namespaces(client, store, up, shutdown())));
     }
     tasks
 }

@@ -55,6 +55,9 @@ struct Inner {
     pods: HashMap<String, Entry>,
     namespaces: HashMap<String, NamespaceMeta>,
     synced: bool,
+    /// The pod watch failed and has not listed again since: a pod created meanwhile is not
+    /// known until it does.
+    watch_down: bool,
     /// Namespaces are watched (for exclusion or labels), and their first list has arrived.
     namespaces_expected: bool,
     namespaces_synced: bool,
@@ -110,6 +113,18 @@ impl PodStore {
     pub fn is_synced(&self) -> bool {
         let inner = self.inner.lock().unwrap();
         inner.synced && (!inner.namespaces_expected || inner.namespaces_synced)
+    }
+
+    /// Whether the first list has arrived and the pod watch has not failed since its last
+    /// list: a pod missing from the store is then most likely not on the node (or its event is
+    /// a moment away), rather than unheard of.
+    pub fn is_current(&self) -> bool {
+        self.is_synced() && !self.inner.lock().unwrap().watch_down
+    }
+
+    /// The pod watch failed (`false`) or listed again (`true`).
+    pub fn set_watch_up(&self, up: bool) {
+        self.inner.lock().unwrap().watch_down = !up;
     }
 
     /// Namespaces will be watched: the store is synced only once they are listed too, so a

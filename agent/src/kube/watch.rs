@@ -1,7 +1,12 @@
 //! One watch of the pods on this node (`fieldSelector=spec.nodeName=<node>`), and of
 //! namespaces when a key needs their labels. kube-runtime's watcher does the protocol: list,
-//! then watch from the list's resourceVersion with bookmarks, relist on 410 Gone, reconnect
-//! with backoff. Never a GET per pod.
+//! then watch from the list's resourceVersion with bookmarks, relist on 410 Gone. Never a GET
+//! per pod.
+//!
+//! A failed request ends the watch: it is marked down (`nodelens_kubernetes_watch_up`), and
+//! started again with a fresh list after a [`Retry`] delay of at most [`RETRY_MAX`]. The list
+//! is what tells the API is back (a resumed watch that brings no event would not), and it
+//! brings the pods created during the outage, whose events were never received.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +14,10 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::meta::{self, PodMeta};
 use super::store::{self, PodStore};
@@ -19,68 +26,196 @@ use crate::shutdown::Shutdown;
 /// Says whether a deleted pod's log files are still on disk (its metadata is then kept).
 pub type KeepDeleted = Arc<dyn Fn(&PodMeta) -> bool + Send + Sync>;
 
+/// Labels of `nodelens_kubernetes_watch_up`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    /// `pods` or `namespaces`.
+    pub resource: &'static str,
+}
+
+/// The first delay before a watch is started again.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+/// The longest: the API back, the agent learns of pods created meanwhile within this (plus a
+/// list), not half a minute later as with kube-runtime's default backoff.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Delays between attempts: doubling from [`RETRY_MIN`] to [`RETRY_MAX`], each drawn between
+/// half and all of its step so a fleet of agents does not reconnect in step after an API
+/// restart. Reset by a successful list.
+#[derive(Debug)]
+pub struct Retry {
+    step: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry { step: RETRY_MIN }
+    }
+}
+
+impl Retry {
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (step * 2).min(RETRY_MAX);
+        step.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    /// A list went through: the next failure starts from the shortest delay again.
+    pub fn reset(&mut self) {
+        self.step = RETRY_MIN;
+    }
+}
+
+/// Whether one watch is up, in its gauge and in the log (one warning per outage).
+struct Health {
+    resource: &'static str,
+    gauge: Gauge,
+    down_since: Option<Instant>,
+}
+
+impl Health {
+    fn new(resource: &'static str, up: &Family<WatchLabels, Gauge>) -> Health {
+        let gauge = up.get_or_create(&WatchLabels { resource }).clone();
+        gauge.set(0);
+        Health { resource, gauge, down_since: None }
+    }
+
+    fn up(&mut self) {
+        self.gauge.set(1);
+        if let Some(since) = self.down_since.take() {
+            tracing::info!(resource = self.resource, down_for = ?since.elapsed(), "Kubernetes watch back");
+        }
+    }
+
+    fn down(&mut self, error: &watcher::Error) {
+        self.gauge.set(0);
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+            tracing::warn!(resource = self.resource, error = %error, retry_within = ?RETRY_MAX, "Kubernetes watch failed; retrying");
+        } else {
+            tracing::debug!(resource = self.resource, error = %error, "Kubernetes watch still failing");
+        }
+    }
+}
+
 /// Watches this node's pods into `store` until shutdown; every 10 s drops deleted pods that
-/// `keep` no longer holds.
-pub async fn pods(client: Client, node: String, store: Arc<PodStore>, keep: KeepDeleted, mut shutdown: Shutdown) {
+/// `keep` no longer holds. `up` gets the `pods` series, 0 until the first list.
+pub async fn pods(
+    client: Client,
+    node: String,
+    store: Arc<PodStore>,
+    keep: KeepDeleted,
+    up: Family<WatchLabels, Gauge>,
+    mut shutdown: Shutdown,
+) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher::watcher(api, config).default_backoff();
-    futures_util::pin_mut!(stream);
-    let mut listed = Vec::new();
+    let mut health = Health::new("pods", &up);
+    let mut retry = Retry::default();
     let mut prune = tokio::time::interval(Duration::from_secs(10));
     let reduce = |pod: &Pod| meta::from_pod(pod, |a| store.wants_annotation(a));
     loop {
-        tokio::select! {
-            event = stream.next() => match event {
-                Some(Ok(Event::Init)) => listed.clear(),
-                Some(Ok(Event::InitApply(pod))) => listed.extend(reduce(&pod)),
-                Some(Ok(Event::InitDone)) => {
-                    tracing::info!(pods = listed.len(), node = %node, "pod list received");
-                    store.relist(std::mem::take(&mut listed));
-                }
-                Some(Ok(Event::Apply(pod))) => {
-                    if let Some(p) = reduce(&pod) {
-                        store.apply(p);
+        let stream = watcher::watcher(api.clone(), config.clone());
+        futures_util::pin_mut!(stream);
+        let mut listed = Vec::new();
+        let error = loop {
+            tokio::select! {
+                event = stream.next() => match event {
+                    Some(Ok(Event::Init)) => listed.clear(),
+                    Some(Ok(Event::InitApply(pod))) => listed.extend(reduce(&pod)),
+                    Some(Ok(Event::InitDone)) => {
+                        tracing::info!(pods = listed.len(), node = %node, "pod list received");
+                        store.relist(std::mem::take(&mut listed));
+                        store.set_watch_up(true);
+                        health.up();
+                        retry.reset();
                     }
-                }
-                Some(Ok(Event::Delete(pod))) => {
-                    if let Some(uid) = pod.metadata.uid.as_deref() {
-                        store.delete(uid);
+                    Some(Ok(Event::Apply(pod))) => {
+                        if let Some(p) = reduce(&pod) {
+                            store.apply(p);
+                        }
                     }
+                    Some(Ok(Event::Delete(pod))) => {
+                        if let Some(uid) = pod.metadata.uid.as_deref() {
+                            store.delete(uid);
+                        }
+                    }
+                    Some(Err(e)) => break e,
+                    None => return,
+                },
+                _ = prune.tick() => {
+                    let (store, keep) = (store.clone(), keep.clone());
+                    // `keep` looks at the disk.
+                    let _ = tokio::task::spawn_blocking(move || store.prune(Instant::now(), &*keep)).await;
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying with backoff"),
-                None => return,
-            },
-            _ = prune.tick() => {
-                let (store, keep) = (store.clone(), keep.clone());
-                // `keep` looks at the disk.
-                let _ = tokio::task::spawn_blocking(move || store.prune(Instant::now(), &*keep)).await;
+                _ = shutdown.recv() => return,
             }
+        };
+        store.set_watch_up(false);
+        health.down(&error);
+        tokio::select! {
+            _ = tokio::time::sleep(retry.next_delay()) => {}
             _ = shutdown.recv() => return,
         }
     }
 }
 
-/// Watches namespaces (labels and the exclude annotation) into `store` until shutdown.
-pub async fn namespaces(client: Client, store: Arc<PodStore>, mut shutdown: Shutdown) {
+/// Watches namespaces (labels and the exclude annotation) into `store` until shutdown. `up`
+/// gets the `namespaces` series, 0 until the first list.
+pub async fn namespaces(client: Client, store: Arc<PodStore>, up: Family<WatchLabels, Gauge>, mut shutdown: Shutdown) {
     let api: Api<Namespace> = Api::all(client);
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-    futures_util::pin_mut!(stream);
+    let mut health = Health::new("namespaces", &up);
+    let mut retry = Retry::default();
     loop {
-        let event = tokio::select! {
-            event = stream.next() => event,
-            _ = shutdown.recv() => return,
-        };
-        match event {
-            Some(Ok(Event::Apply(ns) | Event::InitApply(ns))) => {
-                let Some(name) = ns.metadata.name.clone() else { continue };
-                let annotations = ns.metadata.annotations.clone().unwrap_or_default();
-                store.apply_namespace(&name, store::namespace_meta(ns.metadata.labels.clone().unwrap_or_default(), &annotations));
+        let stream = watcher::watcher(api.clone(), watcher::Config::default());
+        futures_util::pin_mut!(stream);
+        let error = loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = shutdown.recv() => return,
+            };
+            match event {
+                Some(Ok(Event::Apply(ns) | Event::InitApply(ns))) => {
+                    let Some(name) = ns.metadata.name.clone() else { continue };
+                    let annotations = ns.metadata.annotations.clone().unwrap_or_default();
+                    store.apply_namespace(&name, store::namespace_meta(ns.metadata.labels.clone().unwrap_or_default(), &annotations));
+                }
+                Some(Ok(Event::InitDone)) => {
+                    store.namespaces_listed();
+                    health.up();
+                    retry.reset();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e,
+                None => return,
             }
-            Some(Ok(Event::InitDone)) => store.namespaces_listed(),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "namespace watch failed; retrying with backoff"),
-            None => return,
+        };
+        health.down(&error);
+        tokio::select! {
+            _ = tokio::time::sleep(retry.next_delay()) => {}
+            _ = shutdown.recv() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_up_to_five_seconds_with_jitter_and_start_over_after_a_list() {
+        let mut retry = Retry::default();
+        let delays: Vec<Duration> = (0..12).map(|_| retry.next_delay()).collect();
+        let steps = [250, 500, 1000, 2000, 4000, 5000, 5000, 5000, 5000, 5000, 5000, 5000];
+        for (delay, step) in delays.iter().zip(steps) {
+            let step = Duration::from_millis(step);
+            assert!(*delay >= step / 2 && *delay <= step, "{delay:?} against a step of {step:?}");
+        }
+        assert!(delays.iter().all(|d| *d <= RETRY_MAX));
+        let late: std::collections::HashSet<Duration> = delays[6..].iter().copied().collect();
+        assert!(late.len() > 1, "jittered, not all equal: {late:?}");
+        retry.reset();
+        assert!(retry.next_delay() <= RETRY_MIN);
     }
 }

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
 use super::checkpoint::Checkpoints;
@@ -46,17 +48,32 @@ struct Waiting {
     missing: u32,
 }
 
+/// Whether checkpoints reach the disk: a full or failing state file system shows here, not
+/// only in the log (records acknowledged since the last good write are sent again after a
+/// restart).
+#[derive(Clone, Default)]
+pub struct CheckpointMetrics {
+    /// `nodelens_checkpoint_write_errors_total`: attempts to write the checkpoint file that failed.
+    pub write_errors: Counter,
+    /// `nodelens_checkpoint_last_success_timestamp_seconds`: when the file on disk last held
+    /// every acknowledged offset (written, or nothing new to write), Unix seconds.
+    pub last_success: Gauge<f64, AtomicU64>,
+}
+
 /// Applies acknowledgements in read order and persists checkpoints periodically.
 pub struct Committer {
     checkpoints: Arc<Checkpoints>,
     inflight: Arc<AtomicU64>,
     waiting: BTreeMap<u64, Waiting>,
+    metrics: CheckpointMetrics,
+    /// Whether the last write failed, so the error is logged once per outage, not every second.
+    failing: bool,
 }
 
 impl Committer {
     /// A committer over `checkpoints`; `inflight` is the tailer's read-ahead counter.
-    pub fn new(checkpoints: Arc<Checkpoints>, inflight: Arc<AtomicU64>) -> Committer {
-        Committer { checkpoints, inflight, waiting: BTreeMap::new() }
+    pub fn new(checkpoints: Arc<Checkpoints>, inflight: Arc<AtomicU64>, metrics: CheckpointMetrics) -> Committer {
+        Committer { checkpoints, inflight, waiting: BTreeMap::new(), metrics, failing: false }
     }
 
     /// Handles one message, committing every chunk that is now complete and first in line.
@@ -85,7 +102,8 @@ impl Committer {
         self.waiting.len()
     }
 
-    /// Runs until every sender is gone, persisting every `interval` and once at the end.
+    /// Runs until every sender is gone, persisting every `interval` (a failed write is retried
+    /// at the next one) and once at the end.
     pub async fn run(mut self, mut rx: mpsc::Receiver<AckMsg>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,12 +122,28 @@ impl Committer {
         self.persist().await;
     }
 
-    async fn persist(&self) {
+    async fn persist(&mut self) {
         let checkpoints = self.checkpoints.clone();
-        match tokio::task::spawn_blocking(move || checkpoints.persist()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot write checkpoints; will retry"),
-            Err(e) => tracing::error!(error = %e, "checkpoint writer panicked"),
+        let result = tokio::task::spawn_blocking(move || checkpoints.persist()).await;
+        self.record(result.unwrap_or_else(|e| Err(std::io::Error::other(format!("checkpoint writer panicked: {e}")))));
+    }
+
+    /// Counts a write attempt's outcome; logs the first failure and the recovery.
+    fn record(&mut self, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                self.metrics.last_success.set(now.as_secs_f64());
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!("checkpoints written again");
+                }
+            }
+            Err(e) => {
+                self.metrics.write_errors.inc();
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::error!(error = %e, "cannot write checkpoints; shipping goes on, retrying every second (records acknowledged meanwhile are sent again if the agent restarts before a write succeeds)");
+                }
+            }
         }
     }
 }
@@ -127,7 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cp = Arc::new(Checkpoints::open(dir.path()).unwrap());
         let inflight = Arc::new(AtomicU64::new(30));
-        let mut c = Committer::new(cp.clone(), inflight.clone());
+        let mut c = Committer::new(cp.clone(), inflight.clone(), CheckpointMetrics::default());
         let id = FileId { container: 1, fingerprint: 1 };
         for seq in 0..3 {
             c.handle(register(seq, (seq + 1) * 100, 2));
@@ -141,5 +175,41 @@ mod tests {
         assert_eq!(cp.offset(id), Some(200), "0 and 1 commit together");
         assert_eq!(inflight.load(Ordering::Acquire), 10);
         assert_eq!(c.outstanding(), 1);
+    }
+
+    /// The state directory vanishing (as good as a full or failing file system: every write
+    /// fails) is counted on every attempt while acknowledgements go on in memory, and the
+    /// first attempt after it is back writes the checkpoints and the success time.
+    #[tokio::test]
+    async fn failed_checkpoint_writes_are_counted_until_one_succeeds() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        let cp = Arc::new(Checkpoints::open(&dir).unwrap());
+        let metrics = CheckpointMetrics::default();
+        let mut c = Committer::new(cp.clone(), Arc::new(AtomicU64::new(0)), metrics.clone());
+        c.persist().await;
+        assert!(metrics.last_success.get() > 1.0e9, "nothing to write is a success: {}", metrics.last_success.get());
+        metrics.last_success.set(0.0);
+        std::fs::rename(&dir, root.path().join("away")).unwrap();
+        c.handle(register(0, 100, 1));
+        c.handle(AckMsg::Ack { seq: 0 });
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            c.persist().await;
+            errors.push(metrics.write_errors.get());
+        }
+        assert_eq!(errors, [1, 2, 3], "every failed attempt counts");
+        assert_eq!(metrics.last_success.get(), 0.0, "no success while failing");
+        assert_eq!(cp.offset(FileId { container: 1, fingerprint: 1 }), Some(100), "acknowledged in memory meanwhile");
+        std::fs::rename(root.path().join("away"), &dir).unwrap();
+        c.persist().await;
+        assert_eq!(metrics.write_errors.get(), 3, "no failure once the directory is back");
+        assert!(metrics.last_success.get() > 1.0e9);
+        let on_disk = std::fs::read_to_string(dir.join("checkpoints.json")).unwrap();
+        assert!(on_disk.contains("\"offset\":100"), "{on_disk}");
+        assert!(
+            std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")),
+            "no temp file left behind"
+        );
     }
 }

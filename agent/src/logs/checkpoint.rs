@@ -120,7 +120,8 @@ impl Checkpoints {
         self.table.lock().unwrap().entries.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
-    /// Writes the table if it changed since the last write.
+    /// Writes the table if it changed since the last write; `Ok` means the file on disk holds
+    /// every acknowledged offset.
     pub fn persist(&self) -> io::Result<()> {
         let on_disk = {
             let mut table = self.table.lock().unwrap();
@@ -156,13 +157,18 @@ fn lock(dir: &Path) -> io::Result<File> {
 }
 
 /// Temp file, fsync, rename over the old file, fsync the directory so the rename is durable.
+/// A failed attempt removes its temp file: on a full file system, a half-written one would
+/// hold the space the next attempt needs.
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, dir.join(name))?;
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, dir.join(name))) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     File::open(dir)?.sync_all()
 }
 

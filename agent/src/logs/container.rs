@@ -17,6 +17,7 @@ use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::decode;
 use super::fingerprint::Format;
+use super::path::Generation;
 use super::reader::{Line, LineReader};
 use super::scan::ScannedFile;
 use super::source::{ContainerInfo, FileId, Source};
@@ -68,7 +69,17 @@ struct OpenFile {
     idle_since: Option<Instant>,
     /// Its path is a symlink (docker's `<n>.log` into the runtime's own directory).
     symlinked: bool,
+    /// The last step read to its end.
+    at_end: bool,
+    /// When it was opened: with containers waiting for a descriptor, a plain file holds its
+    /// own for [`OPEN_TURN`] at most.
+    opened_at: Instant,
 }
+
+/// How long a plain file being read stays open while other containers wait for a descriptor
+/// (`logs.max_open_files`); a compressed one stays until its end (reopening it would
+/// decompress it again from its start).
+const OPEN_TURN: Duration = Duration::from_secs(5);
 
 /// How long a file may be absent from scans before it counts as deleted. A scan can race with
 /// the kubelet (a file listed, then renamed or compressed before it is opened) and miss a
@@ -111,6 +122,66 @@ pub struct ContainerTail {
     pub wants_rescan: bool,
     /// Fingerprints whose file cannot be opened, since when (logged once).
     open_errors: HashMap<u64, Instant>,
+    /// Live files renamed away against instances seen: what was never seen is lost.
+    rotations: Rotations,
+}
+
+/// Counts the instances of a container's live file, to find those created and deleted
+/// unseen (the agent stopped or stalled across several rotations). Every rotation renames
+/// the live file (a non-empty one: the kubelet rotates by size) and the runtime creates the
+/// next: after `renames` rotations since the first scan, `renames` new instances have
+/// existed, and every one the scans did not see (by fingerprint, or as the live file still
+/// without a line) is lost. Scans racing the kubelet may miss a file for a moment, so a
+/// shortfall counts only once it has lasted [`GONE_AFTER`] over two scans.
+#[derive(Default)]
+struct Rotations {
+    /// Renames of the live file seen by inotify since the first scan.
+    renames: u64,
+    /// Fingerprints first seen after the first scan.
+    fresh: u64,
+    /// Fingerprints seen lately (a bounded memory: a file comes back only while it is being
+    /// compressed, among the newest).
+    recent: std::collections::VecDeque<u64>,
+    scanned: bool,
+    /// Instances already counted lost.
+    counted: u64,
+    /// Since when the scans have found fewer instances than rotations.
+    short_since: Option<Instant>,
+    /// Lost instances found by the last scan, not yet taken.
+    unseen: u64,
+}
+
+/// Fingerprints [`Rotations`] remembers.
+const RECENT_FINGERPRINTS: usize = 64;
+
+impl Rotations {
+    fn scanned(&mut self, chain: &[ScannedFile], live_pending: bool, now: Instant) {
+        for file in chain {
+            let fp = file.fingerprint.hash;
+            if !self.recent.contains(&fp) {
+                if self.recent.len() == RECENT_FINGERPRINTS {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(fp);
+                if self.scanned {
+                    self.fresh += 1;
+                }
+            }
+        }
+        self.scanned = true;
+        let seen = self.fresh + u64::from(live_pending);
+        let short = self.renames.saturating_sub(seen);
+        if short <= self.counted {
+            self.short_since = None;
+            return;
+        }
+        let since = *self.short_since.get_or_insert(now);
+        if now.duration_since(since) >= GONE_AFTER {
+            self.unseen += short - self.counted;
+            self.counted = short;
+            self.short_since = None;
+        }
+    }
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -131,6 +202,7 @@ impl ContainerTail {
             backoff: MIN_BACKOFF,
             wants_rescan: false,
             open_errors: HashMap::new(),
+            rotations: Rotations::default(),
         }
     }
 
@@ -142,6 +214,33 @@ impl ContainerTail {
     /// Whether a file is open.
     pub fn is_open(&self) -> bool {
         self.open.is_some()
+    }
+
+    /// Closes the open file if the last step read it to its end, or it is plain and has been
+    /// open for its turn ([`OPEN_TURN`]), and nothing is held across a reopen (a record being
+    /// joined, a line being skipped, docker's symlinked files): its descriptor goes to a
+    /// container waiting for one. True if closed.
+    pub fn release_for_turn(&mut self, now: Instant) -> bool {
+        let Some(open) = &self.open else { return false };
+        let turn_over = open.at_end || (!open.gzip && now.duration_since(open.opened_at) >= OPEN_TURN);
+        let closable = turn_over && open.reader.skipping_from().is_none() && self.assembler.pending_from().is_none() && !open.symlinked;
+        if closable {
+            self.open = None;
+        }
+        closable
+    }
+
+    /// inotify saw the live file renamed away (a rotation).
+    pub fn note_rename(&mut self) {
+        if self.rotations.scanned {
+            self.rotations.renames += 1;
+        }
+    }
+
+    /// Files of this container found created and deleted before any scan saw them, since
+    /// the last call.
+    pub fn take_unseen_lost(&mut self) -> u64 {
+        std::mem::take(&mut self.rotations.unseen)
     }
 
     /// Takes the latest scan of this container's files; returns what was deleted unread.
@@ -191,6 +290,9 @@ impl ContainerTail {
             || missing_before.iter().any(|fp| !self.missing.contains_key(fp))
             || self.chain.len() != chain.len()
             || self.chain.iter().zip(&chain).any(|(a, b)| a.fingerprint != b.fingerprint || a.size != b.size || a.path != b.path);
+        // The live file without a whole line yet is an instance seen, not yet fingerprinted.
+        let live_pending = !self.final_ && chain.last().is_none_or(|f| f.generation != Generation::Live);
+        self.rotations.scanned(&chain, live_pending, now);
         self.chain = chain;
         // A rescan that finds what was known (one asked for after an open failed) leaves the
         // backoff alone.
@@ -307,6 +409,7 @@ impl ContainerTail {
             self.assembler.flush_expired(&mut chunk, now, limits.partial_timeout);
         }
         let consumed = open.reader.consumed();
+        open.at_end = at_end;
         chunk.read_bytes = consumed - start;
         chunk.commit_offset = [Some(consumed), self.assembler.pending_from(), open.reader.skipping_from()]
             .into_iter()
@@ -434,7 +537,16 @@ impl ContainerTail {
         self.open_errors.remove(&fp);
         tracing::debug!(path = %file.path.display(), offset = position, "reading log file");
         let symlinked = std::fs::symlink_metadata(&file.path).is_ok_and(|m| m.file_type().is_symlink());
-        Ok(Some(OpenFile { source: self.source(index), fingerprint: fp, gzip, reader, idle_since: None, symlinked }))
+        Ok(Some(OpenFile {
+            source: self.source(index),
+            fingerprint: fp,
+            gzip,
+            reader,
+            idle_since: None,
+            symlinked,
+            at_end: false,
+            opened_at: Instant::now(),
+        }))
     }
 
     /// The identity of the chain's file at `index`, as records and checkpoints name it.
@@ -466,3 +578,46 @@ fn decode_into(format: Format, assembler: &mut Assembler, chunk: &mut Chunk, lin
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use crate::logs::fingerprint::Fingerprint;
+
+    fn file(name: &str, fp: u64, generation: Generation) -> ScannedFile {
+        let fingerprint = Fingerprint { hash: fp, format: Format::Cri };
+        ScannedFile { path: name.into(), generation, fingerprint, size: 10, inode: (1, fp) }
+    }
+
+    fn rotated(fp: u64) -> ScannedFile {
+        file("0.log.20261122-000001", fp, Generation::Rotated { at: fp, gzip: false })
+    }
+
+    #[test]
+    fn instances_never_seen_count_once_they_stay_missing_and_a_scan_that_misses_one_counts_nothing() {
+        let t0 = Instant::now();
+        let later = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = Rotations::default();
+        r.scanned(&[file("0.log", 1, Generation::Live)], false, t0);
+        // An ordinary rotation: the new live file is empty (pending), then written.
+        r.renames += 1;
+        r.scanned(&[rotated(1)], true, later(1));
+        r.scanned(&[rotated(1), file("0.log", 2, Generation::Live)], false, later(2));
+        assert_eq!((r.unseen, r.counted), (0, 0));
+        // A scan racing the kubelet misses the next instance once: nothing is counted.
+        r.renames += 1;
+        r.scanned(&[rotated(1)], false, later(3));
+        r.scanned(&[rotated(2), file("0.log", 3, Generation::Live)], false, later(6));
+        assert_eq!((r.unseen, r.counted), (0, 0), "found again before it counted");
+        // Three rotations while stopped; one instance (4) was never seen.
+        r.renames += 3;
+        r.scanned(&[rotated(5), file("0.log", 6, Generation::Live)], false, later(10));
+        assert_eq!(r.unseen, 0, "not at the first scan that is short");
+        r.scanned(&[rotated(5), file("0.log", 6, Generation::Live)], false, later(11));
+        assert_eq!(r.unseen, 0, "nor before it has lasted GONE_AFTER");
+        r.scanned(&[rotated(5), file("0.log", 6, Generation::Live)], false, later(13));
+        assert_eq!(r.unseen, 1);
+        r.scanned(&[rotated(5), file("0.log", 6, Generation::Live)], false, later(20));
+        assert_eq!(r.unseen, 1, "counted once");
+    }
+}

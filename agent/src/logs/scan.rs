@@ -43,6 +43,10 @@ pub struct Scan {
     /// Pod directories where something could not be looked at (other than vanishing): what
     /// the scan does not list there may still exist, so nothing is concluded from its absence.
     pub unreadable: BTreeSet<PathBuf>,
+    /// Entries that cannot be a pod's, a container's or a log file (a pod directory name
+    /// without a uid, a name that is not UTF-8, a log symlink that loops), with why: skipped
+    /// for good, not retried like an unreadable one.
+    pub skipped: Vec<(PathBuf, &'static str)>,
 }
 
 /// Which pods a scan skips.
@@ -154,8 +158,14 @@ pub fn scan_pod_dir(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache
 }
 
 fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut FingerprintCache, scan: &mut Scan) {
-    let Some(name) = pod_dir.file_name().and_then(|n| n.to_str()) else { return };
-    let Some((namespace, _, uid)) = path::parse_pod_dir(name) else { return };
+    let Some(name) = pod_dir.file_name().and_then(|n| n.to_str()) else {
+        scan.skipped.push((pod_dir.to_path_buf(), "pod directory name is not UTF-8"));
+        return;
+    };
+    let Some((namespace, _, uid)) = path::parse_pod_dir(name) else {
+        scan.skipped.push((pod_dir.to_path_buf(), "not a pod directory (<namespace>_<pod>_<uid>)"));
+        return;
+    };
     if exclude.skips(namespace, uid) {
         return;
     }
@@ -173,6 +183,10 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
     };
     let mut found: BTreeMap<ContainerRef, Vec<ScannedFile>> = BTreeMap::new();
     for container in containers.flatten() {
+        if container.file_name().to_str().is_none() {
+            scan.skipped.push((container.path(), "container directory name is not UTF-8"));
+            continue;
+        }
         let files = match fs::read_dir(container.path()) {
             Ok(f) => f,
             Err(e) => {
@@ -188,6 +202,11 @@ fn scan_into(pod_dir: &Path, pods_dir: &Path, exclude: &Exclusions, cache: &mut 
                 Ok(meta) if meta.is_file() => meta,
                 Ok(_) => continue,
                 Err(e) => {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        // Reported, and otherwise treated as unreadable: the link may yet be
+                        // pointed somewhere, and nothing is concluded from what it hides.
+                        scan.skipped.push((file_path.clone(), "log file is a symlink loop"));
+                    }
                     if e.kind() != io::ErrorKind::NotFound {
                         found.entry(reference).or_default();
                     }
@@ -241,6 +260,35 @@ mod tests {
             let mut f = f;
             f.write_all(text.as_bytes()).unwrap();
         }
+    }
+
+    #[test]
+    fn entries_that_cannot_be_a_pods_are_listed_as_skipped_and_the_rest_is_read() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = tempfile::tempdir().unwrap();
+        write(&root.path().join("ml_good_uid1/main/0.log"), "2026-11-22T03:00:00Z stdout F ok\n", false);
+        write(&root.path().join("ml_no-uid/main/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
+        let odd = root.path().join(std::ffi::OsStr::from_bytes(b"ml_bad\xff_uid2"));
+        write(&odd.join("main/0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
+        let looping = root.path().join("ml_loop_uid3/main");
+        fs::create_dir_all(&looping).unwrap();
+        std::os::unix::fs::symlink(looping.join("0.log"), looping.join("0.log")).unwrap();
+        let odd_container = root.path().join("ml_good_uid1").join(std::ffi::OsStr::from_bytes(b"c\xfe"));
+        write(&odd_container.join("0.log"), "2026-11-22T03:00:00Z stdout F x\n", false);
+        let none = globset::GlobSet::empty();
+        let scan = scan_all(root.path(), &Exclusions { namespaces: &none, own_pod_uid: None }, &mut FingerprintCache::default()).unwrap();
+        let mut skipped: Vec<_> = scan.skipped.iter().map(|(p, _)| p.strip_prefix(root.path()).unwrap().to_path_buf()).collect();
+        skipped.sort();
+        let mut expected = vec![
+            PathBuf::from(std::ffi::OsStr::from_bytes(b"ml_bad\xff_uid2")),
+            PathBuf::from("ml_good_uid1").join(std::ffi::OsStr::from_bytes(b"c\xfe")),
+            PathBuf::from("ml_loop_uid3/main/0.log"),
+            PathBuf::from("ml_no-uid"),
+        ];
+        expected.sort();
+        assert_eq!(skipped, expected);
+        assert_eq!(scan.chains.keys().map(|r| r.pod.as_str()).collect::<Vec<_>>(), ["good", "loop"]);
+        assert_eq!(scan.chains.values().next().unwrap().len(), 1, "the good file is read");
     }
 
     #[test]

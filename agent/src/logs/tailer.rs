@@ -44,6 +44,23 @@ pub struct TailerSettings {
     /// How long reading waits at start for the first pod list before it goes on with
     /// metadata from paths alone.
     pub metadata_wait: Duration,
+    /// The most log files held open at once (see [`max_open_files`]).
+    pub max_open_files: usize,
+}
+
+/// Descriptors kept for what is not a log file: sockets to the sinks and the API server,
+/// checkpoint writes, directory scans, inotify, the metrics endpoint's connections.
+pub const FD_RESERVE: u64 = 64;
+
+/// The bound on open log files: `configured`, or half of what the descriptor limit leaves
+/// after [`FD_RESERVE`] (at most 4096), never above what it leaves.
+pub fn max_open_files(configured: Option<usize>, fd_limit: Option<u64>) -> usize {
+    let room = fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_RESERVE).max(1));
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    match configured {
+        Some(n) => n.min(room),
+        None => (room / 2).clamp(1, 4096),
+    }
 }
 
 /// The tailer's own metrics.
@@ -57,13 +74,21 @@ pub struct TailerMetrics {
     pub backlog_bytes: Gauge,
     /// `nodelens_log_lost_bytes_total`.
     pub lost_bytes: Counter,
+    /// `nodelens_log_files_lost_total`: files gone before they were read to their end.
+    pub files_lost: Counter,
     /// `nodelens_log_files_truncated_total`: files truncated in place and read again.
     pub truncated: Counter,
+    /// `nodelens_log_paths_skipped_total`: entries under `pods_dir` that cannot be a pod's,
+    /// counted once per path.
+    pub paths_skipped: Counter,
 }
 
 /// How long a container waits for its pod's metadata once the pod list has arrived: the
 /// watch event of a new pod can come after its first line.
 const POD_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a container waiting for a descriptor (`logs.max_open_files`) is looked at again.
+const OPEN_FILES_WAIT: Duration = Duration::from_millis(20);
 
 /// How often a container held for its pod's metadata is looked at again.
 const HOLD_POLL: Duration = Duration::from_millis(20);
@@ -129,6 +154,8 @@ pub struct Tailer {
     watcher: Option<notify::RecommendedWatcher>,
     started: Instant,
     warned_unsynced: bool,
+    /// Paths skipped (counted and logged) that the last full scan still found.
+    skipped: HashSet<PathBuf>,
 }
 
 impl Tailer {
@@ -145,6 +172,7 @@ impl Tailer {
         if let Some(uid) = &settings.own_pod_uid {
             tracing::info!(pod_uid = %uid, "not reading this agent's own pod's logs");
         }
+        tracing::info!(max_open_files = settings.max_open_files, "log files held open at most");
         Tailer {
             settings,
             checkpoints,
@@ -161,6 +189,7 @@ impl Tailer {
             watcher: None,
             started: Instant::now(),
             warned_unsynced: false,
+            skipped: HashSet::new(),
         }
     }
 
@@ -173,6 +202,7 @@ impl Tailer {
         let mut next_release = Instant::now();
         let mut changes = Changes::default();
         loop {
+            self.note_renames(&changes.renamed);
             let now = Instant::now();
             if now >= next_full_scan || changes.rescan_all {
                 self.full_scan();
@@ -231,6 +261,8 @@ impl Tailer {
         // Start where a pass cut short by back-pressure stopped, so every container gets its
         // turn rather than those first in order (after an outage, all are behind).
         let start = self.cursor.take();
+        let mut open_files = self.tails.values().filter(|t| t.is_open()).count();
+        let mut waiting = false;
         let mut visit = |reference: &ContainerRef, tail: &mut ContainerTail| -> Visit {
             if self.inflight.load(Ordering::Acquire) >= self.settings.max_inflight_bytes {
                 return Visit::Full;
@@ -238,7 +270,20 @@ impl Tailer {
             if tail.next_poll > now || self.held.contains_key(reference) {
                 return Visit::Next;
             }
-            let Some(step) = tail.step(&self.checkpoints, &self.settings.limits, now) else { return Visit::Next };
+            let was_open = tail.is_open();
+            if !was_open && open_files >= self.settings.max_open_files {
+                // Its turn comes when a file open now is at its end and closed for it.
+                waiting = true;
+                tail.next_poll = now + OPEN_FILES_WAIT;
+                return Visit::Next;
+            }
+            let step = tail.step(&self.checkpoints, &self.settings.limits, now);
+            match (was_open, tail.is_open()) {
+                (false, true) => open_files += 1,
+                (true, false) => open_files -= 1,
+                _ => {}
+            }
+            let Some(step) = step else { return Visit::Next };
             count_lost(&self.metrics, reference, step.lost);
             if step.truncated {
                 self.metrics.truncated.inc();
@@ -273,6 +318,12 @@ impl Tailer {
         if let (None, Some(head)) = (&stopped, start) {
             stopped = walk(self.tails.range_mut(..head)).ok()?;
         }
+        if waiting {
+            // Read in turns: files read to their end, or open for their turn, give their
+            // descriptor to those waiting.
+            let released = self.tails.values_mut().map(|t| t.release_for_turn(now)).filter(|closed| *closed).count();
+            progressed |= released > 0;
+        }
         if stopped.is_some() {
             // Downstream is behind: the files on disk are the buffer. Look again shortly.
             self.cursor = stopped;
@@ -292,17 +343,27 @@ impl Tailer {
             return;
         };
         let synced = store.is_synced();
+        let current = synced && store.is_current();
         let waited_out = now.duration_since(self.started) >= self.settings.metadata_wait;
         if !synced && waited_out && !self.warned_unsynced {
             self.warned_unsynced = true;
             tracing::warn!(waited = ?self.settings.metadata_wait, "no pod list from the Kubernetes API yet; reading logs with metadata from their paths (exclusion annotations cannot be honoured until it arrives)");
         }
+        let metadata_wait = self.settings.metadata_wait;
         let mut released = Vec::new();
         self.held.retain(|reference, since| {
             let known = store.get(&reference.pod_uid).is_some();
-            let give_up = if synced { now.duration_since(*since) >= POD_WAIT } else { waited_out };
-            if give_up && !known && synced {
+            // While the pod watch is down, a new pod is unheard of rather than absent: its
+            // container waits for the watch's next list as before the first one.
+            let give_up = match (synced, current) {
+                (true, true) => now.duration_since(*since) >= POD_WAIT,
+                (true, false) => now.duration_since(*since) >= metadata_wait,
+                (false, _) => waited_out,
+            };
+            if give_up && !known && current {
                 tracing::debug!(namespace = %reference.namespace, pod = %reference.pod, "pod not reported by the watch; reading with metadata from its path");
+            } else if give_up && !known && synced {
+                tracing::warn!(namespace = %reference.namespace, pod = %reference.pod, waited = ?metadata_wait, "pod watch still down; reading with metadata from its path");
             }
             let release = known || give_up;
             if release {
@@ -340,6 +401,9 @@ impl Tailer {
                 return;
             }
         };
+        let still: HashSet<PathBuf> = scan.skipped.iter().map(|(p, _)| p.clone()).collect();
+        self.count_skipped(scan.skipped);
+        self.skipped.retain(|p| still.contains(p));
         let now = Instant::now();
         let mut pending = std::mem::take(&mut self.pending);
         for (dir, files) in scan.pending {
@@ -371,6 +435,7 @@ impl Tailer {
         let mut scan = Scan::default();
         let exclusions = exclusions(&self.settings);
         scan::scan_pod_dir(pod_dir, &self.settings.pods_dir, &exclusions, &mut self.cache, &mut scan);
+        self.count_skipped(std::mem::take(&mut scan.skipped));
         let now = Instant::now();
         match scan.pending.remove(pod_dir) {
             Some(files) => {
@@ -423,6 +488,7 @@ impl Tailer {
             });
             let lost = tail.update(chain, &self.checkpoints);
             count_lost(&self.metrics, &tail.info().reference, lost);
+            count_unseen(&self.metrics, &pod_dir(&self.settings.pods_dir, &reference), &reference, tail.take_unseen_lost());
             if restarted {
                 tail.set_final();
             }
@@ -444,6 +510,29 @@ impl Tailer {
             if drop {
                 self.tails.remove(&reference);
                 self.held.remove(&reference);
+            }
+        }
+    }
+
+    /// Tells each tail how often inotify saw its live file renamed away.
+    fn note_renames(&mut self, renamed: &HashMap<PathBuf, u64>) {
+        for (live, times) in renamed {
+            let Some((reference, _)) = path::parse(&self.settings.pods_dir, live) else { continue };
+            if let Some(tail) = self.tails.get_mut(&reference) {
+                for _ in 0..*times {
+                    tail.note_rename();
+                }
+            }
+        }
+    }
+
+    /// Counts and logs each skipped path the first time it is found (the set holds only paths
+    /// still there, so it stays as small as the oddities on the node).
+    fn count_skipped(&mut self, skipped: Vec<(PathBuf, &'static str)>) {
+        for (path, why) in skipped {
+            if self.skipped.insert(path.clone()) {
+                self.metrics.paths_skipped.inc();
+                tracing::warn!(path = %path.display(), reason = why, "skipping an entry under pods_dir");
             }
         }
     }
@@ -509,7 +598,18 @@ fn count_lost(metrics: &TailerMetrics, reference: &ContainerRef, lost: Vec<Lost>
     for l in lost {
         tracing::warn!(path = %l.path.display(), bytes = l.bytes, namespace = %reference.namespace, pod = %reference.pod, "log file removed before it was read; bytes lost");
         metrics.lost_bytes.inc_by(l.bytes);
+        metrics.files_lost.inc();
     }
+}
+
+/// Files of a container created and deleted unseen: counted, their size unknown.
+fn count_unseen(metrics: &TailerMetrics, pod_dir: &Path, reference: &ContainerRef, files: u64) {
+    if files == 0 {
+        return;
+    }
+    let dir = pod_dir.join(&reference.container);
+    tracing::warn!(dir = %dir.display(), files, namespace = %reference.namespace, pod = %reference.pod, container = %reference.container, "log files rotated away and deleted before they were read (the agent was stopped or far behind); lost, size unknown");
+    metrics.files_lost.inc_by(files);
 }
 
 /// The kubelet's `containers_dir` symlinks: link target → container id.
@@ -532,4 +632,20 @@ fn container_info(pods_dir: &Path, reference: ContainerRef, links: &HashMap<Path
     let runtime = target.as_ref().filter(|t| t.to_string_lossy().contains("/docker/")).map(|_| "docker");
     let container_id = from_target.or_else(|| links.get(&live).cloned());
     ContainerInfo { reference, container_id, runtime }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_files_fit_under_the_descriptor_limit_with_a_reserve() {
+        assert_eq!(max_open_files(None, Some(256)), 96, "half of what 256 leaves after 64");
+        assert_eq!(max_open_files(None, Some(1024)), 480);
+        assert_eq!(max_open_files(None, Some(1 << 20)), 4096);
+        assert_eq!(max_open_files(None, None), 4096);
+        assert_eq!(max_open_files(Some(1000), Some(256)), 192, "never above what the limit leaves");
+        assert_eq!(max_open_files(Some(50), Some(256)), 50);
+        assert_eq!(max_open_files(None, Some(10)), 1, "a tiny limit still reads");
+    }
 }

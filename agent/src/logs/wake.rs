@@ -1,12 +1,14 @@
 //! Wakes the tailer thread: inotify reports which pod directories changed (bounded; an
 //! overflow turns into a full rescan), and shutdown is one more reason to wake.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+
+use super::path::Generation;
 use notify::{EventKind, RecursiveMode, Watcher};
 
 /// More distinct directories than this between two tailer passes become a full rescan.
@@ -19,6 +21,9 @@ pub struct Changes {
     pub rescan: HashSet<PathBuf>,
     /// Pod directories whose files were written to.
     pub written: HashSet<PathBuf>,
+    /// Live log files (`<restart>.log`) renamed away, with how often: rotations, counted so
+    /// files created and deleted between two looks are noticed (see the tailer).
+    pub renamed: HashMap<PathBuf, u64>,
     /// Too many changes to list, or the watcher lost events: rescan everything.
     pub rescan_all: bool,
     /// Stop.
@@ -51,6 +56,14 @@ impl Wake {
         taken
     }
 
+    fn note_rename(&self, live: &Path) {
+        let mut changes = self.changes.lock().unwrap();
+        // Beyond the bound renames go uncounted: files lost then are missed, never invented.
+        if changes.renamed.len() < MAX_DIRTY || changes.renamed.contains_key(live) {
+            *changes.renamed.entry(live.to_path_buf()).or_default() += 1;
+        }
+    }
+
     fn note(&self, pod_dir: Option<PathBuf>, structural: bool) {
         let mut changes = self.changes.lock().unwrap();
         match pod_dir {
@@ -79,6 +92,17 @@ pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::Reco
             let structural = !matches!(event.kind, EventKind::Modify(notify::event::ModifyKind::Data(_)) | EventKind::Access(_));
             if event.need_rescan() {
                 wake.note(None, true);
+            }
+            if matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::From))) {
+                let live = |p: &&PathBuf| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(super::path::parse_file_name)
+                        .is_some_and(|(_, g)| g == Generation::Live)
+                };
+                for path in event.paths.iter().filter(live) {
+                    wake.note_rename(path);
+                }
             }
             for path in &event.paths {
                 let pod_dir = path.strip_prefix(&root).ok().and_then(|rel| rel.iter().next()).map(|first| root.join(first));
@@ -136,5 +160,23 @@ mod tests {
             changes.written.contains(&pod) || changes.rescan.contains(&pod) || changes.rescan_all,
             "a write still wakes it: {changes:?}"
         );
+    }
+
+    #[test]
+    fn renames_of_live_files_are_counted_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let container = dir.path().join("ml_train-0_uid/main");
+        std::fs::create_dir_all(&container).unwrap();
+        let wake = std::sync::Arc::new(Wake::default());
+        let _watcher = watch(dir.path(), wake.clone()).expect("inotify works here");
+        for i in 0..3 {
+            std::fs::write(container.join("0.log"), "x\n").unwrap();
+            std::fs::rename(container.join("0.log"), container.join(format!("0.log.20261122-00000{i}"))).unwrap();
+        }
+        std::fs::rename(container.join("0.log.20261122-000000"), container.join("0.log.20261122-000000.gz")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let changes = wake.wait(Duration::from_secs(5));
+        assert_eq!(changes.renamed.get(&container.join("0.log")), Some(&3), "{changes:?}");
+        assert_eq!(changes.renamed.len(), 1, "a rotated file renamed is no rotation: {changes:?}");
     }
 }

@@ -4,7 +4,9 @@
 //! version older than the compaction point gets a 410 Gone `ERROR` event, as etcd compaction
 //! causes; open watches can be dropped. `fieldSelector=spec.nodeName=<node>` is honoured, and
 //! every request is recorded so tests can check what the agent asked for. Lists can be made
-//! slow, as an API server under load or a control plane still starting makes them.
+//! slow, as an API server under load or a control plane still starting makes them, and the
+//! server can be made to refuse connections (nothing listening on its port) or to answer every
+//! request with an error status, as during a control plane outage or upgrade.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -41,6 +43,10 @@ struct State {
     compacted: u64,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// When each of `requests` arrived.
+    request_times: Vec<std::time::Instant>,
+    /// Every request is answered with this status (a `Status` object) while set.
+    fail_with: Option<u16>,
     /// Lists are answered this long after they arrive.
     list_delay: std::time::Duration,
     lists_answered: usize,
@@ -50,8 +56,8 @@ struct State {
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    /// Dropped after the watches are closed (see `Drop`).
-    _server: Server,
+    /// Dropped after the watches are closed (see `Drop`); `None` while connections are refused.
+    server: Mutex<Option<Server>>,
 }
 
 fn kind_of(object: &Value) -> &'static str {
@@ -74,9 +80,38 @@ impl FakeApiServer {
     /// Starts on a free loopback port.
     pub fn start() -> FakeApiServer {
         let state = Arc::new(Mutex::new(State { rv: 1000, ..State::default() }));
-        let shared = state.clone();
-        let server = Server::start(0, None, move |req| handle(req, shared.clone()));
-        FakeApiServer { addr: server.addr, state, _server: server }
+        let server = serve(0, state.clone());
+        FakeApiServer { addr: server.addr, state, server: Mutex::new(Some(server)) }
+    }
+
+    /// Stops listening: open connections (watches included) are cut and new ones refused,
+    /// as when the API server or the network to it is down.
+    pub fn refuse_connections(&self) {
+        self.state.lock().unwrap().watchers.clear();
+        drop(self.server.lock().unwrap().take());
+    }
+
+    /// Listens again on the same port after [`FakeApiServer::refuse_connections`].
+    pub fn accept_connections(&self) {
+        let mut server = self.server.lock().unwrap();
+        if server.is_none() {
+            *server = Some(serve(self.addr.port(), self.state.clone()));
+        }
+    }
+
+    /// Answers every request with `status` (a `Status` object, as the API server's own
+    /// errors) while `Some`, closing the open watches; `None` serves again.
+    pub fn fail_requests(&self, status: Option<u16>) {
+        let mut st = self.state.lock().unwrap();
+        st.fail_with = status;
+        if status.is_some() {
+            st.watchers.clear();
+        }
+    }
+
+    /// When each request (see [`FakeApiServer::requests`]) arrived.
+    pub fn request_times(&self) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap().request_times.clone()
     }
 
     /// A kubeconfig pointing at this server.
@@ -167,6 +202,10 @@ impl Drop for FakeApiServer {
     }
 }
 
+fn serve(port: u16, state: Arc<Mutex<State>>) -> Server {
+    Server::start(port, None, move |req| handle(req, state.clone()))
+}
+
 fn publish(st: &mut State, rv: u64, kind: &'static str, event: &'static str, object: Value) {
     st.history.push((rv, kind, event, object.clone()));
     let line = Bytes::from(format!("{}\n", json!({"type": event, "object": object})));
@@ -198,7 +237,15 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Response<Body>, Infallible> {
-    state.lock().unwrap().requests.push(format!("{} {}", req.method(), req.uri()));
+    let fail_with = {
+        let mut st = state.lock().unwrap();
+        st.requests.push(format!("{} {}", req.method(), req.uri()));
+        st.request_times.push(std::time::Instant::now());
+        st.fail_with
+    };
+    if let Some(code) = fail_with {
+        return Ok(reply(code, status(code, "InternalError", "an error on the server has prevented the request from succeeding")));
+    }
     if req.headers().get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
         return Ok(reply(401, status(401, "Unauthorized", "Unauthorized")));
     }

@@ -303,3 +303,23 @@ fn an_idle_file_stays_open_while_a_partial_record_waits_for_its_timeout() {
     let step = f.tail.step(&f.checkpoints, &limits, t0 + limits.partial_timeout).unwrap();
     assert_eq!(step.chunk.records.len(), 1, "the partial record ships at its timeout");
 }
+
+#[test]
+fn a_file_whose_turn_is_over_is_closed_and_read_on_from_where_it_stopped() {
+    let mut f = Fixture::new();
+    let messages: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    f.write("0.log", &messages.iter().map(String::as_str).collect::<Vec<_>>());
+    let chain = f.scan();
+    f.tail.update(chain, &f.checkpoints);
+    let small = StepLimits { max_records: 4, ..LIMITS };
+    let now = Instant::now();
+    let first = f.tail.step(&f.checkpoints, &small, now).unwrap().chunk;
+    assert_eq!(first.records.len(), 4);
+    assert!(!f.tail.release_for_turn(now), "mid-file and within its turn: kept");
+    assert!(f.tail.release_for_turn(now + OPEN_TURN + Duration::from_secs(1)), "its turn is over");
+    assert!(!f.tail.is_open());
+    f.tail.next_poll = Instant::now();
+    let rest = f.read_all();
+    assert_eq!(rest, messages[4..], "nothing read twice, nothing skipped");
+    assert!(f.tail.release_for_turn(Instant::now()), "at its end: released at once");
+}
