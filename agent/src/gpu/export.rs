@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::reading::{GpuGauge, GpuReading};
+use super::reading::{GpuGauge, GpuReading, NVLINK_ERROR_TYPES, RETIREMENT_CAUSES, VIOLATION_REASONS};
 
 /// Label pairs of one series.
 pub type Labels = Vec<(&'static str, String)>;
@@ -91,6 +91,17 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_fp64_active_ratio",
     "nodelens_gpu_fp32_active_ratio",
     "nodelens_gpu_fp16_active_ratio",
+    "nodelens_gpu_memory_temperature_celsius",
+    "nodelens_gpu_memory_clock_hertz",
+    "nodelens_gpu_encoder_utilization_ratio",
+    "nodelens_gpu_decoder_utilization_ratio",
+    "nodelens_gpu_nvlink_links_active",
+    "nodelens_gpu_retired_pages_pending",
+    "nodelens_gpu_fabric_healthy",
+    "nodelens_gpu_pcie_replays_total",
+    "nodelens_gpu_nvlink_errors_total",
+    "nodelens_gpu_violation_seconds_total",
+    "nodelens_gpu_retired_pages_total",
     "nodelens_gpu_pcie_bytes_total",
     "nodelens_gpu_nvlink_bytes_total",
     "nodelens_gpu_remapped_rows_total",
@@ -252,6 +263,52 @@ impl Collector for GpuExport {
             "1 when a row remap failed (no spare row left): the GPU needs service",
             MetricType::Gauge,
             rows().map(|(g, r)| (g.labels.as_slice(), ConstGauge::new(i64::from(r.failed)))),
+        )?;
+        let replays =
+            gpus.iter().filter(up).filter_map(|g| g.reading.health.pcie_replays.map(|n| (g.labels.as_slice(), ConstCounter::new(n))));
+        family(
+            &mut encoder,
+            "gpu_pcie_replays",
+            "PCIe replays (link-level retransmissions) since the driver loaded",
+            MetricType::Counter,
+            replays,
+        )?;
+        let by = |pick: fn(&GpuReading) -> &[Option<u64>], label: &'static str, values: &'static [&'static str]| {
+            gpus.iter().filter(up).flat_map(move |g| {
+                pick(&g.reading)
+                    .iter()
+                    .zip(values)
+                    .filter_map(move |(n, v)| n.map(|n| ((g.labels.as_slice(), [(label, *v)]), ConstCounter::new(n))))
+            })
+        };
+        family(
+            &mut encoder,
+            "gpu_nvlink_errors",
+            "NVLink errors since the driver loaded, summed over the GPU's links, by type",
+            MetricType::Counter,
+            by(|r| &r.health.nvlink_errors, "type", &NVLINK_ERROR_TYPES),
+        )?;
+        let violations = gpus.iter().filter(up).flat_map(|g| {
+            g.reading
+                .health
+                .violation_seconds
+                .iter()
+                .zip(VIOLATION_REASONS)
+                .filter_map(move |(s, reason)| s.map(|s| ((g.labels.as_slice(), [("reason", reason)]), ConstCounter::new(s))))
+        });
+        family(
+            &mut encoder,
+            "gpu_violation_seconds",
+            "Time the clocks were held below what was asked, since the driver loaded, by reason",
+            MetricType::Counter,
+            violations,
+        )?;
+        family(
+            &mut encoder,
+            "gpu_retired_pages",
+            "Device memory pages retired after ECC errors, by cause (GPUs before row remapping)",
+            MetricType::Counter,
+            by(|r| &r.health.retired_pages, "cause", &RETIREMENT_CAUSES),
         )?;
 
         let containers = &view.containers;

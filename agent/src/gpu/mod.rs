@@ -9,6 +9,7 @@
 pub mod allocation;
 pub mod attribution;
 pub mod export;
+pub mod health;
 pub mod nvml;
 pub mod processes;
 pub mod reading;
