@@ -638,6 +638,7 @@ fn second_tier_scenario() -> Scenario {
     let link = |active, crc_flit| NvLink { active, crc_flit: Some(crc_flit), crc_data: None, replay: Some(2), recovery: Some(1) };
     let h = &mut s.gpus[0];
     h.memory_temperature_celsius = Some(71);
+    h.memory_temperature_limit_celsius = Some(95);
     h.memory_clock_mhz = Some(2619);
     h.encoder_percent = Some(12);
     h.decoder_percent = Some(34);
@@ -657,6 +658,7 @@ fn second_tier_health_is_exported_exactly_and_absent_without_a_per_poll_line_whe
     let l4 = format!("gpu=\"2\",uuid=\"{L4}\",model=\"NVIDIA L4\"");
     let m = scrape_until(&agent, "the second tier read", |m| value(m, "nodelens_gpu_fabric_healthy", &h).is_some());
     assert_eq!(value(&m, "nodelens_gpu_memory_temperature_celsius", &h), Some(71.0));
+    assert_eq!(value(&m, "nodelens_gpu_memory_temperature_limit_celsius", &h), Some(95.0));
     assert_eq!(value(&m, "nodelens_gpu_memory_clock_hertz", &h), Some(2.619e9));
     assert_eq!(value(&m, "nodelens_gpu_encoder_utilization_ratio", &h), Some(0.12));
     assert_eq!(value(&m, "nodelens_gpu_decoder_utilization_ratio", &h), Some(0.34));
@@ -677,6 +679,7 @@ fn second_tier_health_is_exported_exactly_and_absent_without_a_per_poll_line_whe
     assert_eq!(value(&m, "nodelens_gpu_retired_pages_pending", &h), None, "the H100 remaps rows instead: {m}");
     for name in [
         "memory_temperature_celsius",
+        "memory_temperature_limit_celsius",
         "memory_clock_hertz",
         "encoder_utilization_ratio",
         "pcie_replays_total",

@@ -92,6 +92,7 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_fp32_active_ratio",
     "nodelens_gpu_fp16_active_ratio",
     "nodelens_gpu_memory_temperature_celsius",
+    "nodelens_gpu_memory_temperature_limit_celsius",
     "nodelens_gpu_memory_clock_hertz",
     "nodelens_gpu_encoder_utilization_ratio",
     "nodelens_gpu_decoder_utilization_ratio",

@@ -7,7 +7,7 @@
 //! raw functions. An answer of `NOT_SUPPORTED` turns that one reading off for that GPU (one
 //! info line, see [`Calls`]), so a GPU without it costs nothing per poll.
 
-use nvml_wrapper::enum_wrappers::device::{Clock, PerformancePolicy};
+use nvml_wrapper::enum_wrappers::device::{Clock, PerformancePolicy, TemperatureThreshold};
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
@@ -76,6 +76,10 @@ pub struct Links {
 /// Reads the second tier of a physical GPU into `r`.
 pub fn read(calls: &mut Calls, d: &Device, index: u32, links: &mut Links, r: &mut GpuReading) -> Result<(), Lost> {
     read_fields(calls, d, index, r)?;
+    if r.get(GpuGauge::MemoryTemperature).is_some() {
+        let limit = calls.call("memory_temperature_limit", index, || d.temperature_threshold(TemperatureThreshold::MemoryMax))?;
+        r.set(GpuGauge::MemoryTemperatureLimit, limit.map(f64::from));
+    }
     r.set(GpuGauge::MemoryClock, calls.call("memory_clock", index, || d.clock_info(Clock::Memory))?.map(|mhz| f64::from(mhz) * 1e6));
     let encoder = calls.call("encoder_utilization", index, || d.encoder_utilization())?;
     r.set(GpuGauge::EncoderUtilization, encoder.map(|u| f64::from(u.utilization) / 100.0));

@@ -66,6 +66,8 @@ pub enum GpuGauge {
     Fp16Active,
     /// `nodelens_gpu_memory_temperature_celsius` (HBM, field `NVML_FI_DEV_MEMORY_TEMP`).
     MemoryTemperature,
+    /// `nodelens_gpu_memory_temperature_limit_celsius` (`NVML_TEMPERATURE_THRESHOLD_MEM_MAX`).
+    MemoryTemperatureLimit,
     /// `nodelens_gpu_memory_clock_hertz`.
     MemoryClock,
     /// `nodelens_gpu_encoder_utilization_ratio`.
@@ -85,7 +87,7 @@ pub const GAUGES: usize = GpuGauge::ALL.len();
 
 impl GpuGauge {
     /// Every gauge.
-    pub const ALL: [GpuGauge; 22] = [
+    pub const ALL: [GpuGauge; 23] = [
         GpuGauge::Utilization,
         GpuGauge::MemoryUtilization,
         GpuGauge::MemoryUsed,
@@ -102,6 +104,7 @@ impl GpuGauge {
         GpuGauge::Fp32Active,
         GpuGauge::Fp16Active,
         GpuGauge::MemoryTemperature,
+        GpuGauge::MemoryTemperatureLimit,
         GpuGauge::MemoryClock,
         GpuGauge::EncoderUtilization,
         GpuGauge::DecoderUtilization,
@@ -137,6 +140,9 @@ impl GpuGauge {
             GpuGauge::Fp32Active => ("gpu_fp32_active_ratio", "Fraction of time the SMs ran non-tensor FP32 instructions"),
             GpuGauge::Fp16Active => ("gpu_fp16_active_ratio", "Fraction of time the SMs ran non-tensor FP16 instructions"),
             GpuGauge::MemoryTemperature => ("gpu_memory_temperature_celsius", "Device memory (HBM) temperature"),
+            GpuGauge::MemoryTemperatureLimit => {
+                ("gpu_memory_temperature_limit_celsius", "Highest device memory temperature the GPU is specified to run at")
+            }
             GpuGauge::MemoryClock => ("gpu_memory_clock_hertz", "Current memory clock"),
             GpuGauge::EncoderUtilization => {
                 ("gpu_encoder_utilization_ratio", "Fraction of the driver's last sample period in which the video encoder ran")

@@ -112,6 +112,18 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(device: nvmlDevice_t, count: c
     })
 }
 
+/// `NVML_TEMPERATURE_THRESHOLD_MEM_MAX`.
+const TEMPERATURE_THRESHOLD_MEM_MAX: c_uint = 2;
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(device: nvmlDevice_t, threshold: c_uint, temp: *mut c_uint) -> nvmlReturn_t {
+    with_gpu(device, |gpu| match threshold {
+        TEMPERATURE_THRESHOLD_MEM_MAX => gpu.memory_temperature_limit_celsius.map_or(ERROR_NOT_SUPPORTED, |t| put(temp, t)),
+        0..=7 => ERROR_NOT_SUPPORTED,
+        _ => ERROR_INVALID_ARGUMENT,
+    })
+}
+
 unsafe fn video(
     device: nvmlDevice_t,
     utilization: *mut c_uint,

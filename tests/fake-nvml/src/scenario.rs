@@ -82,6 +82,9 @@ pub struct Gpu {
     pub gpu_instances_denied: bool,
     /// Field `NVML_FI_DEV_MEMORY_TEMP` (HBM); `None` = the field answers `NOT_SUPPORTED`.
     pub memory_temperature_celsius: Option<u32>,
+    /// `nvmlDeviceGetTemperatureThreshold(NVML_TEMPERATURE_THRESHOLD_MEM_MAX)`; `None` =
+    /// `NOT_SUPPORTED`.
+    pub memory_temperature_limit_celsius: Option<u32>,
     /// `nvmlDeviceGetClockInfo(NVML_CLOCK_MEM)`; `None` = `NOT_SUPPORTED`.
     pub memory_clock_mhz: Option<u32>,
     /// `nvmlDeviceGetEncoderUtilization`, percent; `None` = no encoder (`NOT_SUPPORTED`).
