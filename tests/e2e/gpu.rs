@@ -748,3 +748,52 @@ fn a_driver_with_only_the_version_2_fabric_struct_still_reports_fabric_health() 
     fabric(ok, 1.0, "healthy again");
     fabric(Fabric { state: 2, ..ok }, 0.0, "a probe still in progress");
 }
+
+#[test]
+fn use_no_container_holding_the_gpu_accounts_for_is_exported_by_reason() {
+    // A host process on the H100; a pod the kubelet gave no GPU running on the L4
+    // (NVIDIA_VISIBLE_DEVICES=all); the MIG A100 attributed as usual.
+    let mut s = scenario();
+    s.gpus[0].processes.push(process(5001, 2 * GIB, 10));
+    s.gpus[2].processes.push(process(5002, 3 * GIB, 20));
+    let node = Node::with(s);
+    let rogue = "eeeeeeee-0000-4000-8000-000000000005";
+    let rogue_id = "e".repeat(64);
+    node.api.apply(pod_with_ids("ml", "rogue-0", rogue, NODE, json!({"app": "rogue", "user": "eve"}), &[("main", rogue_id.as_str())]));
+    node.proc.add(5002, 777_000 + 5002, &Cgroup::V2SystemdContainerd.render(rogue, &rogue_id));
+    let agent = node.start(&nvml_library(), "");
+    let un = |gpu: u32, uuid: &str, reason: &str| format!("gpu=\"{gpu}\",uuid=\"{uuid}\",reason=\"{reason}\"");
+    let bytes = |m: &str, gpu, uuid, reason| value(m, "nodelens_gpu_unattributed_memory_bytes", &un(gpu, uuid, reason));
+    let sm = |m: &str, gpu, uuid, reason| value(m, "nodelens_gpu_unattributed_sm_ratio", &un(gpu, uuid, reason));
+    let m = scrape_until(&agent, "unattributed use", |m| {
+        bytes(m, 2, L4, "unallocated") == Some(3.0 * GIB as f64) && sm(m, 0, H100, "host").is_some_and(|v| v > 0.0)
+    });
+    assert_eq!(bytes(&m, 0, H100, "host"), Some(2.0 * GIB as f64));
+    assert_eq!(sm(&m, 0, H100, "host"), Some(0.1));
+    assert_eq!(sm(&m, 2, L4, "unallocated"), Some(0.2));
+    for (gpu, uuid, reason) in [(0, H100, "unallocated"), (0, H100, "pod_gone"), (2, L4, "host"), (2, L4, "pod_gone")] {
+        assert_eq!(bytes(&m, gpu, uuid, reason), Some(0.0), "{gpu} {reason}: {m}");
+    }
+    // Time-sliced (resnet and bert on the H100) and MIG (mig-job) use is attributed: no share.
+    for reason in ["host", "unallocated", "pod_gone"] {
+        assert_eq!(bytes(&m, 1, A100, reason), Some(0.0), "{m}");
+        assert_eq!(sm(&m, 1, A100, reason), Some(0.0), "{m}");
+    }
+    assert!(!m.contains(&format!("uuid=\"{MIG_1G}\",reason=")), "one series set per physical GPU: {m}");
+
+    // bert's pod is deleted while its process still holds 20 GiB.
+    node.kubelet.set(vec![
+        Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),
+        Allocated::new("ml", "mig-job-0", "main", "nvidia.com/mig-1g.5gb", &[MIG_1G]),
+        Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
+    ]);
+    node.api.delete("Pod", "ml", "bert-0");
+    let deleted = Instant::now();
+    let m = scrape_until(&agent, "bert's leftover", |m| bytes(m, 0, H100, "pod_gone") == Some(20.0 * GIB as f64));
+    let after = deleted.elapsed();
+    assert!(after < Duration::from_secs(8), "pod_gone after {after:?}");
+    assert_eq!(sm(&m, 0, H100, "pod_gone"), Some(0.5));
+    assert_eq!(bytes(&m, 0, H100, "unallocated"), Some(0.0), "{m}");
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+}

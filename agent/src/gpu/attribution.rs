@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::allocation::{Allocation, DeviceRef};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
 use super::reading::{GpuGauge, GpuId, Reading};
+use super::unattributed;
 use crate::host::names::{ContainerLabels, Names};
 
 /// Use of one GPU by one container, summed over its processes.
@@ -80,6 +81,11 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         }
     }
 
+    let held: HashSet<(&str, &ContainerLabels)> =
+        uses.iter().filter(|(_, u)| u.allocated).map(|((uuid, who), _)| (uuid.as_str(), who)).collect();
+    let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| held.contains(&(uuid, who)));
+    drop(held);
+
     let containers = uses
         .into_iter()
         .filter_map(|((uuid, who), u)| {
@@ -101,6 +107,7 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         driver_version: reading.driver_version.clone(),
         gpus: reading.gpus.iter().map(|g| GpuRow { labels: gpu_labels(&g.id), reading: g.clone() }).collect(),
         containers,
+        unattributed,
         nvml_errors: reading.errors.clone(),
         pod_resources_errors: 0,
     }

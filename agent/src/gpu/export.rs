@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::reading::{GpuGauge, GpuReading, NVLINK_ERROR_TYPES, RETIREMENT_CAUSES, VIOLATION_REASONS};
+use super::unattributed::{Unattributed, REASONS};
 
 /// Label pairs of one series.
 pub type Labels = Vec<(&'static str, String)>;
@@ -53,6 +54,8 @@ pub struct GpuView {
     pub gpus: Vec<GpuRow>,
     /// Per-container attribution.
     pub containers: Vec<ContainerRow>,
+    /// Use no container holding the GPU accounts for, per physical GPU.
+    pub unattributed: Vec<Unattributed>,
     /// Failed NVML calls by function.
     pub nvml_errors: Vec<(&'static str, u64)>,
     /// Failed pod-resources List calls.
@@ -116,6 +119,8 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_allocated",
     "nodelens_container_gpu_utilization_ratio",
     "nodelens_container_gpu_memory_used_bytes",
+    "nodelens_gpu_unattributed_memory_bytes",
+    "nodelens_gpu_unattributed_sm_ratio",
     "nodelens_gpu_nvml_errors_total",
     "nodelens_gpu_pod_resources_errors_total",
 ];
@@ -336,6 +341,32 @@ impl Collector for GpuExport {
             "Device memory the container's processes hold on the GPU",
             MetricType::Gauge,
             memory,
+        )?;
+
+        let unattributed = |pick: fn(&Unattributed) -> &[f64; 3]| {
+            view.unattributed.iter().flat_map(move |u| {
+                let labels: Labels = vec![("gpu", u.gpu.index.to_string()), ("uuid", u.gpu.uuid.clone())];
+                let known = u.allocations_known;
+                pick(u)
+                    .iter()
+                    .zip(REASONS)
+                    .filter(move |(_, reason)| known || *reason != "unallocated")
+                    .map(move |(v, reason)| ((labels.clone(), [("reason", reason)]), ConstGauge::new(*v)))
+            })
+        };
+        family(
+            &mut encoder,
+            "gpu_unattributed_memory_bytes",
+            "Device memory held by processes no container holding the GPU accounts for, by reason (host, unallocated, pod_gone)",
+            MetricType::Gauge,
+            unattributed(|u| &u.memory_bytes),
+        )?;
+        family(
+            &mut encoder,
+            "gpu_unattributed_sm_ratio",
+            "SM share of processes no container holding the GPU accounts for since the last poll, by reason",
+            MetricType::Gauge,
+            unattributed(|u| &u.sm_ratio),
         )?;
 
         let nvml_errors = view.nvml_errors.iter().map(|(function, n)| ([("function", *function)], ConstCounter::new(*n)));
