@@ -94,6 +94,8 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(device: nvmlDevice_t, count: c
             v.latencyUsec = 0;
             let answer = match v.fieldId {
                 FI_DEV_MEMORY_TEMP => gpu.memory_temperature_celsius.map(|t| (VALUE_TYPE_UNSIGNED_INT, nvmlValue_t { uiVal: t })),
+                // A GPU without NVLink answers NOT_SUPPORTED here (as an H200 on driver 580 does).
+                FI_DEV_NVLINK_LINK_COUNT if gpu.nvlinks.is_empty() => None,
                 FI_DEV_NVLINK_LINK_COUNT => Some((VALUE_TYPE_UNSIGNED_INT, nvmlValue_t { uiVal: gpu.nvlinks.len() as c_uint })),
                 FI_DEV_PCIE_REPLAY_COUNTER => gpu.pcie_replays.map(|n| (VALUE_TYPE_UNSIGNED_LONG_LONG, nvmlValue_t { ullVal: n })),
                 // Fields this fake does not model.

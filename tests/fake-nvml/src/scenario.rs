@@ -94,7 +94,7 @@ pub struct Gpu {
     /// Field `NVML_FI_DEV_PCIE_REPLAY_COUNTER`; `None` = `NOT_SUPPORTED`.
     pub pcie_replays: Option<u64>,
     /// NVLink links (field `NVML_FI_DEV_NVLINK_LINK_COUNT` is their number); none = no NVLink:
-    /// the link calls answer `NOT_SUPPORTED`.
+    /// that field and the link calls answer `NOT_SUPPORTED`.
     pub nvlinks: Vec<NvLink>,
     /// `nvmlDeviceGetViolationStatus`, nanoseconds per policy; `None` = `NOT_SUPPORTED`.
     pub violations: Violations,
