@@ -81,10 +81,15 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         }
     }
 
+    // A process whose container the pod store does not name yet (just started) counts as its
+    // pod's when the pod holds the GPU.
     let held: HashSet<(&str, &ContainerLabels)> =
         uses.iter().filter(|(_, u)| u.allocated).map(|((uuid, who), _)| (uuid.as_str(), who)).collect();
-    let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| held.contains(&(uuid, who)));
-    drop(held);
+    let held_pods: HashSet<(&str, &str, &str)> = held.iter().map(|(uuid, who)| (*uuid, who.namespace.as_str(), who.pod.as_str())).collect();
+    let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| {
+        held.contains(&(uuid, who)) || (who.container.is_empty() && held_pods.contains(&(uuid, who.namespace.as_str(), who.pod.as_str())))
+    });
+    drop((held, held_pods));
 
     let containers = uses
         .into_iter()
