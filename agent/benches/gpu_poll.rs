@@ -9,7 +9,12 @@
 //! Every GPU has GPM (one GPM sample and one metrics call per poll, as on Hopper) and row
 //! remapping; `--no-gpm` runs the same node as pre-Hopper GPUs, for the cost of GPM.
 //!
-//! `cargo bench --bench gpu_poll -- [seconds] [--no-gpm]` (default 10).
+//! Every GPU also answers the whole second tier of health (HBM temperature and its limit,
+//! memory clock, video engines, PCIe replays, 18 NVLink links with four error counters each,
+//! six violation reasons, retired pages, fabric info); `--no-second-tier` runs GPUs that answer
+//! none of it (each reading off after its first `NOT_SUPPORTED`), for its cost.
+//!
+//! `cargo bench --bench gpu_poll -- [seconds] [--no-gpm] [--no-second-tier]` (default 10).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 use nodelens::gpu::allocation::{Allocation, Source};
 use nodelens::gpu::attribution;
 use nodelens::gpu::reading::RemappedRows;
-use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, Reading};
+use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, HealthCounters, Reading};
 use nodelens::host::names::Names;
 use nodelens::metrics::Metrics;
 use nodelens_testkit::agent::Agent;
@@ -34,6 +39,7 @@ const NODE: &str = "bench-node";
 fn main() {
     let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10);
     let gpm = !std::env::args().any(|a| a == "--no-gpm");
+    let second_tier = !std::env::args().any(|a| a == "--no-second-tier");
     let dir = tempfile::tempdir().unwrap();
     let api = FakeApiServer::start();
     let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
@@ -85,7 +91,7 @@ fn main() {
             }),
             pcie_tx_kb_per_s: 100_000,
             remapped_rows: Some(scenario::RemappedRows::default()),
-            ..Gpu::default()
+            ..if second_tier { with_second_tier() } else { Gpu::default() }
         });
     }
     kubelet.set(allocated);
@@ -143,7 +149,8 @@ fn main() {
     assert!(status.success(), "{log}");
 
     let gpm = if gpm { "with GPM" } else { "without GPM" };
-    println!("gpu_poll: {GPUS} GPUs x {PER_GPU} processes, {gpm}, {series} series on /metrics, poll every {POLL:?}");
+    let tier = if second_tier { "with the second tier" } else { "without the second tier" };
+    println!("gpu_poll: {GPUS} GPUs x {PER_GPU} processes, {gpm}, {tier}, {series} series on /metrics, poll every {POLL:?}");
     println!("  poll cycle:  {:.2} ms CPU per poll ({polls} polls in {seconds} s, whole agent)", cpu_per_poll * 1e3);
     println!(
         "  scrape:      median {:.3} ms, p99 {:.3} ms (loopback HTTP, {} scrapes)",
@@ -154,6 +161,31 @@ fn main() {
     println!("  agent RSS:   {rss:.1} MiB");
     let (encode, bytes) = encode_time();
     println!("  encode only: {:.3} ms per /metrics body of {} KiB (in process, same series)", ms(encode), bytes / 1024);
+}
+
+/// A GPU that answers every second-tier call.
+fn with_second_tier() -> Gpu {
+    let link = scenario::NvLink { active: true, crc_flit: Some(1), crc_data: Some(0), replay: Some(2), recovery: Some(0) };
+    Gpu {
+        memory_temperature_celsius: Some(70),
+        memory_temperature_limit_celsius: Some(95),
+        memory_clock_mhz: Some(2619),
+        encoder_percent: Some(0),
+        decoder_percent: Some(10),
+        pcie_replays: Some(3),
+        nvlinks: vec![link; 18],
+        violations: scenario::Violations {
+            power: Some(1),
+            thermal: Some(2),
+            sync_boost: Some(0),
+            board_limit: Some(0),
+            low_utilization: Some(5),
+            reliability: Some(0),
+        },
+        retired_pages: Some(scenario::RetiredPages::default()),
+        fabric: Some(scenario::Fabric { state: 3, status: 0, health_mask: 0x22, health_summary: 1, v2_only: false }),
+        ..Gpu::default()
+    }
 }
 
 /// The registry's text encoding alone, for a view shaped like the run above: 8 GPUs with
@@ -177,6 +209,12 @@ fn encode_time() -> (Duration, usize) {
         (gpu.energy_joules, gpu.throttle_reasons, gpu.ecc) = (Some(1000.0), Some(0), (Some(0), Some(0)));
         (gpu.pcie_bytes, gpu.nvlink_bytes) = (Some((1e12, 1e12)), Some((1e12, 1e12)));
         gpu.remapped_rows = Some(RemappedRows { correctable: 0, uncorrectable: 0, pending: false, failed: false });
+        gpu.health = HealthCounters {
+            pcie_replays: Some(3),
+            nvlink_errors: [Some(1); 4],
+            violation_seconds: [Some(1.0); 6],
+            retired_pages: [Some(0); 2],
+        };
         reading.gpus.push(gpu);
         reading.sampled.push(id.uuid.clone());
         for p in 0..PER_GPU {

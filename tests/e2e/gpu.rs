@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nodelens_testkit::agent::{metric_sum, Agent};
-use nodelens_testkit::gpu::scenario::{Gpm, Gpu, MigInstance, Process, RemappedRows, Scenario, XidEvent, SCENARIO_ENV};
+use nodelens_testkit::gpu::scenario::{
+    Fabric, Gpm, Gpu, MigInstance, NvLink, Process, RemappedRows, RetiredPages, Scenario, Violations, XidEvent, SCENARIO_ENV,
+};
 use nodelens_testkit::gpu::{nvml_library, without_symbol, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
 use serde_json::json;
@@ -734,4 +736,172 @@ fn hami_slices_are_attributed_where_hami_placed_them_with_their_grants() {
     });
     let warnings = agent.log().matches("HAMi's allocation annotation cannot be read").count();
     assert_eq!(warnings, 1, "{}", agent.log());
+}
+
+/// GPU 0 (H100) with every second-tier reading: 18 NVLink links, the last one down after 7
+/// CRC flit errors, an NVSwitch fabric; GPU 2 (an older board, as far as the fake knows)
+/// retires pages; GPU 1 (the MIG A100) answers none of them.
+fn second_tier_scenario() -> Scenario {
+    let mut s = scenario();
+    let link = |active, crc_flit| NvLink { active, crc_flit: Some(crc_flit), crc_data: None, replay: Some(2), recovery: Some(1) };
+    let h = &mut s.gpus[0];
+    h.memory_temperature_celsius = Some(71);
+    h.memory_temperature_limit_celsius = Some(95);
+    h.memory_clock_mhz = Some(2619);
+    h.encoder_percent = Some(12);
+    h.decoder_percent = Some(34);
+    h.pcie_replays = Some(5);
+    h.nvlinks = (0..18).map(|k| link(k != 17, if k == 17 { 7 } else { 3 })).collect();
+    h.violations = Violations { power: Some(1_500_000_000), thermal: Some(250_000_000), ..Violations::default() };
+    h.fabric = Some(Fabric { state: 3, status: 0, health_mask: 0x22, health_summary: 1, v2_only: false });
+    s.gpus[2].retired_pages = Some(RetiredPages { single_bit: 2, double_bit: 1, pending: true });
+    s
+}
+
+#[test]
+fn second_tier_health_is_exported_exactly_and_absent_without_a_per_poll_line_where_a_gpu_has_none() {
+    let node = Node::with(second_tier_scenario());
+    let agent = node.start(&nvml_library(), "");
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let l4 = format!("gpu=\"2\",uuid=\"{L4}\",model=\"NVIDIA L4\"");
+    let m = scrape_until(&agent, "the second tier read", |m| value(m, "nodelens_gpu_fabric_healthy", &h).is_some());
+    assert_eq!(value(&m, "nodelens_gpu_memory_temperature_celsius", &h), Some(71.0));
+    assert_eq!(value(&m, "nodelens_gpu_memory_temperature_limit_celsius", &h), Some(95.0));
+    assert_eq!(value(&m, "nodelens_gpu_memory_clock_hertz", &h), Some(2.619e9));
+    assert_eq!(value(&m, "nodelens_gpu_encoder_utilization_ratio", &h), Some(0.12));
+    assert_eq!(value(&m, "nodelens_gpu_decoder_utilization_ratio", &h), Some(0.34));
+    assert_eq!(value(&m, "nodelens_gpu_pcie_replays_total", &h), Some(5.0));
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_links_active", &h), Some(17.0));
+    // The link that is down was never read up: its errors are not in the sum.
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_errors_total", &format!("{h},type=\"crc_flit\"")), Some(51.0));
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_errors_total", &format!("{h},type=\"replay\"")), Some(34.0));
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_errors_total", &format!("{h},type=\"recovery\"")), Some(17.0));
+    assert!(!m.contains("type=\"crc_data\""), "a counter the GPU does not keep has no series: {m}");
+    assert_eq!(value(&m, "nodelens_gpu_violation_seconds_total", &format!("{h},reason=\"power\"")), Some(1.5));
+    assert_eq!(value(&m, "nodelens_gpu_violation_seconds_total", &format!("{h},reason=\"thermal\"")), Some(0.25));
+    assert_eq!(value(&m, "nodelens_gpu_violation_seconds_total", &format!("{h},reason=\"sync_boost\"")), None, "{m}");
+    assert_eq!(value(&m, "nodelens_gpu_fabric_healthy", &h), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_retired_pages_total", &format!("{l4},cause=\"single_bit\"")), Some(2.0));
+    assert_eq!(value(&m, "nodelens_gpu_retired_pages_total", &format!("{l4},cause=\"double_bit\"")), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_retired_pages_pending", &l4), Some(1.0));
+    assert_eq!(value(&m, "nodelens_gpu_retired_pages_pending", &h), None, "the H100 remaps rows instead: {m}");
+    for name in [
+        "memory_temperature_celsius",
+        "memory_temperature_limit_celsius",
+        "memory_clock_hertz",
+        "encoder_utilization_ratio",
+        "pcie_replays_total",
+        "nvlink_links_active",
+        "nvlink_errors_total",
+        "violation_seconds_total",
+        "retired_pages_total",
+        "fabric_healthy",
+    ] {
+        assert!(!m.contains(&format!("nodelens_gpu_{name}{{node=\"{NODE}\",gpu=\"1\"")), "GPU 1 has no {name}: {m}");
+    }
+    assert!(!m.contains("nodelens_gpu_nvml_errors_total{"), "NOT_SUPPORTED is no error: {m}");
+
+    // Errors rise on an active link; the down link comes up with its 7; the fabric loses a route.
+    let mut s = second_tier_scenario();
+    s.gpus[0].nvlinks[0].crc_flit = Some(10);
+    s.gpus[0].nvlinks[17].active = true;
+    s.gpus[0].fabric = Some(Fabric { state: 3, status: 0, health_mask: 0x12, health_summary: 2, v2_only: false });
+    s.gpus[0].violations.power = Some(4_000_000_000);
+    s.write(&node.scenario).unwrap();
+    let power = format!("{h},reason=\"power\"");
+    let m = scrape_until(&agent, "the new counts", |m| {
+        value(m, "nodelens_gpu_fabric_healthy", &h) == Some(0.0)
+            && value(m, "nodelens_gpu_violation_seconds_total", &power) == Some(4.0)
+            && value(m, "nodelens_gpu_nvlink_links_active", &h) == Some(18.0)
+    });
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_errors_total", &format!("{h},type=\"crc_flit\"")), Some(51.0 + 7.0 + 7.0));
+
+    // The link goes down again: its errors stay in the sum, so the counter never drops.
+    s.gpus[0].nvlinks[17].active = false;
+    s.gpus[0].nvlinks[17].crc_flit = Some(0);
+    s.write(&node.scenario).unwrap();
+    let m = scrape_until(&agent, "a link down", |m| value(m, "nodelens_gpu_nvlink_links_active", &h) == Some(17.0));
+    assert_eq!(value(&m, "nodelens_gpu_nvlink_errors_total", &format!("{h},type=\"crc_flit\"")), Some(65.0));
+
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    let said = |function: &str, gpu: u32| {
+        log.lines().filter(|l| l.contains("not supported by this GPU") && l.contains(function) && l.contains(&format!("gpu={gpu}"))).count()
+    };
+    assert_eq!(said("field_memory_temp", 1), 1, "one line, not one per poll: {log}");
+    assert_eq!(said("violation_status_sync_boost", 0), 1, "{log}");
+    assert_eq!(said("nvlink_error_crc_data", 0), 1, "{log}");
+    assert_eq!(log.matches("no NVLink on this GPU").count(), 2, "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+#[test]
+fn a_driver_with_only_the_version_2_fabric_struct_still_reports_fabric_health() {
+    let mut s = second_tier_scenario();
+    s.gpus[0].fabric = Some(Fabric { state: 3, status: 0, health_mask: 0x22, health_summary: 0, v2_only: true });
+    let node = Node::with(s.clone());
+    let agent = node.start(&nvml_library(), "");
+    let h = format!("gpu=\"0\",uuid=\"{H100}\",model=\"NVIDIA H100 80GB HBM3\"");
+    let mut fabric = |f: Fabric, healthy: f64, what: &str| {
+        s.gpus[0].fabric = Some(f);
+        s.write(&node.scenario).unwrap();
+        scrape_until(&agent, what, |m| value(m, "nodelens_gpu_fabric_healthy", &h) == Some(healthy));
+    };
+    let ok = Fabric { state: 3, status: 0, health_mask: 0x22, health_summary: 0, v2_only: true };
+    scrape_until(&agent, "fabric healthy", |m| value(m, "nodelens_gpu_fabric_healthy", &h) == Some(1.0));
+    fabric(Fabric { status: 999, ..ok }, 0.0, "a probe that completed with an error");
+    fabric(ok, 1.0, "healthy again");
+    fabric(Fabric { health_mask: 0x21, ..ok }, 0.0, "degraded bandwidth");
+    fabric(ok, 1.0, "healthy again");
+    fabric(Fabric { state: 2, ..ok }, 0.0, "a probe still in progress");
+}
+
+#[test]
+fn use_no_container_holding_the_gpu_accounts_for_is_exported_by_reason() {
+    // A host process on the H100; a pod the kubelet gave no GPU running on the L4
+    // (NVIDIA_VISIBLE_DEVICES=all); the MIG A100 attributed as usual.
+    let mut s = scenario();
+    s.gpus[0].processes.push(process(5001, 2 * GIB, 10));
+    s.gpus[2].processes.push(process(5002, 3 * GIB, 20));
+    let node = Node::with(s);
+    let rogue = "eeeeeeee-0000-4000-8000-000000000005";
+    let rogue_id = "e".repeat(64);
+    node.api.apply(pod_with_ids("ml", "rogue-0", rogue, NODE, json!({"app": "rogue", "user": "eve"}), &[("main", rogue_id.as_str())]));
+    node.proc.add(5002, 777_000 + 5002, &Cgroup::V2SystemdContainerd.render(rogue, &rogue_id));
+    let agent = node.start(&nvml_library(), "");
+    let un = |gpu: u32, uuid: &str, reason: &str| format!("gpu=\"{gpu}\",uuid=\"{uuid}\",reason=\"{reason}\"");
+    let bytes = |m: &str, gpu, uuid, reason| value(m, "nodelens_gpu_unattributed_memory_bytes", &un(gpu, uuid, reason));
+    let sm = |m: &str, gpu, uuid, reason| value(m, "nodelens_gpu_unattributed_sm_ratio", &un(gpu, uuid, reason));
+    let m = scrape_until(&agent, "unattributed use", |m| {
+        bytes(m, 2, L4, "unallocated") == Some(3.0 * GIB as f64) && sm(m, 0, H100, "host").is_some_and(|v| v > 0.0)
+    });
+    assert_eq!(bytes(&m, 0, H100, "host"), Some(2.0 * GIB as f64));
+    assert_eq!(sm(&m, 0, H100, "host"), Some(0.1));
+    assert_eq!(sm(&m, 2, L4, "unallocated"), Some(0.2));
+    for (gpu, uuid, reason) in [(0, H100, "unallocated"), (0, H100, "pod_gone"), (2, L4, "host"), (2, L4, "pod_gone")] {
+        assert_eq!(bytes(&m, gpu, uuid, reason), Some(0.0), "{gpu} {reason}: {m}");
+    }
+    // Time-sliced (resnet and bert on the H100) and MIG (mig-job) use is attributed: no share.
+    for reason in ["host", "unallocated", "pod_gone"] {
+        assert_eq!(bytes(&m, 1, A100, reason), Some(0.0), "{m}");
+        assert_eq!(sm(&m, 1, A100, reason), Some(0.0), "{m}");
+    }
+    assert!(!m.contains(&format!("uuid=\"{MIG_1G}\",reason=")), "one series set per physical GPU: {m}");
+
+    // bert's pod is deleted while its process still holds 20 GiB.
+    node.kubelet.set(vec![
+        Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),
+        Allocated::new("ml", "mig-job-0", "main", "nvidia.com/mig-1g.5gb", &[MIG_1G]),
+        Allocated::new("ml", "notebook-0", "main", "nvidia.com/gpu", &[L4]),
+    ]);
+    node.api.delete("Pod", "ml", "bert-0");
+    let deleted = Instant::now();
+    let m = scrape_until(&agent, "bert's leftover", |m| bytes(m, 0, H100, "pod_gone") == Some(20.0 * GIB as f64));
+    let after = deleted.elapsed();
+    assert!(after < Duration::from_secs(8), "pod_gone after {after:?}");
+    assert_eq!(sm(&m, 0, H100, "pod_gone"), Some(0.5));
+    assert_eq!(bytes(&m, 0, H100, "unallocated"), Some(0.0), "{m}");
+    let (status, _, log) = agent.terminate();
+    assert!(status.success(), "{log}");
 }

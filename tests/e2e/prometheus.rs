@@ -32,7 +32,9 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use nodelens_testkit::agent::{http_get, Agent};
 use nodelens_testkit::elasticsearch::{FakeElasticsearch, Fault};
-use nodelens_testkit::gpu::scenario::{Gpm, Gpu, Process, RemappedRows, Scenario, XidEvent, SCENARIO_ENV};
+use nodelens_testkit::gpu::scenario::{
+    Fabric, Gpm, Gpu, NvLink, Process, RemappedRows, RetiredPages, Scenario, Violations, XidEvent, SCENARIO_ENV,
+};
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
@@ -70,7 +72,9 @@ fn workloads() -> Vec<Workload> {
 
 /// An H100 shared through HAMi by resnet and bert (half its SMs each), with corrected and uncorrected ECC errors and
 /// its power capped; an idle L4 held by dave's notebook, whose power sensor has failed; an
-/// A100 that nobody holds, and which is lost once the test is under way.
+/// A100 that nobody holds, and which is lost once the test is under way. The H100 has the second
+/// tier (its NVSwitch fabric degraded, NVLink errors and PCIe replays rising once the test is
+/// under way); the L4 encodes and decodes and has a page retirement pending.
 fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
     let gpu = |uuid: &str, name: &str, memory_gib: u64| Gpu {
         uuid: uuid.into(),
@@ -85,6 +89,7 @@ fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
         ecc_uncorrected: Some(0),
         ..Gpu::default()
     };
+    let nvlink = |active, crc_flit| NvLink { active, crc_flit: Some(crc_flit), crc_data: None, replay: Some(0), recovery: Some(0) };
     let process = |pid, memory_gib, sm_percent| Process { pid, used_memory_bytes: memory_gib * GIB, sm_percent, ..Process::default() };
     Scenario {
         driver_version: "550.54.15".into(),
@@ -114,9 +119,27 @@ fn scenario(a100_lost: bool, xids: Vec<XidEvent>) -> Scenario {
                     ..Gpm::default()
                 }),
                 remapped_rows: Some(RemappedRows { correctable: 1, ..RemappedRows::default() }),
+                memory_temperature_celsius: Some(64),
+                memory_temperature_limit_celsius: Some(95),
+                memory_clock_mhz: Some(2619),
+                decoder_percent: Some(20),
+                // Errors and replays rise once the test is under way.
+                pcie_replays: Some(if a100_lost { 40 } else { 3 }),
+                nvlinks: (0..18).map(|k| nvlink(k != 5, if a100_lost && k == 0 { 9 } else { 1 })).collect(),
+                violations: Violations { power: Some(2_000_000_000), thermal: Some(0), ..Violations::default() },
+                // Degraded bandwidth: the fabric is up but not healthy.
+                fabric: Some(Fabric { state: 3, status: 0, health_mask: 0x21, health_summary: 3, v2_only: false }),
                 ..gpu(H100, "NVIDIA H100 80GB HBM3", 80)
             },
-            Gpu { power_read_fails: true, ecc_corrected: None, ecc_uncorrected: None, ..gpu(L4, "NVIDIA L4", 24) },
+            Gpu {
+                power_read_fails: true,
+                ecc_corrected: None,
+                ecc_uncorrected: None,
+                encoder_percent: Some(15),
+                decoder_percent: Some(40),
+                retired_pages: Some(RetiredPages { single_bit: 1, double_bit: 0, pending: true }),
+                ..gpu(L4, "NVIDIA L4", 24)
+            },
             Gpu { lost: a100_lost, ..gpu(A100, "NVIDIA A100-SXM4-40GB", 40) },
         ],
     }

@@ -11,6 +11,7 @@ use super::allocation::{Allocation, DeviceRef, Source};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
 use super::hami;
 use super::reading::{GpuGauge, GpuId, Reading};
+use super::unattributed;
 use crate::host::names::{ContainerLabels, Names};
 
 /// Use of one GPU by one container, summed over its processes.
@@ -115,6 +116,16 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         }
     }
 
+    // A process whose container the pod store does not name yet (just started) counts as its
+    // pod's when the pod holds the GPU.
+    let held: HashSet<(&str, &ContainerLabels)> =
+        uses.iter().filter(|(_, u)| u.allocated).map(|((uuid, who), _)| (uuid.as_str(), who)).collect();
+    let held_pods: HashSet<(&str, &str, &str)> = held.iter().map(|(uuid, who)| (*uuid, who.namespace.as_str(), who.pod.as_str())).collect();
+    let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| {
+        held.contains(&(uuid, who)) || (who.container.is_empty() && held_pods.contains(&(uuid, who.namespace.as_str(), who.pod.as_str())))
+    });
+    drop((held, held_pods));
+
     let containers = uses
         .into_iter()
         .filter_map(|((uuid, who), u)| {
@@ -138,6 +149,7 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         driver_version: reading.driver_version.clone(),
         gpus: reading.gpus.iter().map(|g| GpuRow { labels: gpu_labels(&g.id), reading: g.clone() }).collect(),
         containers,
+        unattributed,
         nvml_errors: reading.errors.clone(),
         pod_resources_errors: 0,
     }

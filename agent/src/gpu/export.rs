@@ -11,7 +11,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::reading::{GpuGauge, GpuReading};
+use super::reading::{GpuGauge, GpuReading, NVLINK_ERROR_TYPES, RETIREMENT_CAUSES, VIOLATION_REASONS};
+use super::unattributed::{Unattributed, REASONS};
 
 /// Label pairs of one series.
 pub type Labels = Vec<(&'static str, String)>;
@@ -57,6 +58,8 @@ pub struct GpuView {
     pub gpus: Vec<GpuRow>,
     /// Per-container attribution.
     pub containers: Vec<ContainerRow>,
+    /// Use no container holding the GPU accounts for, per physical GPU.
+    pub unattributed: Vec<Unattributed>,
     /// Failed NVML calls by function.
     pub nvml_errors: Vec<(&'static str, u64)>,
     /// Failed pod-resources List calls.
@@ -95,6 +98,18 @@ pub const NAMES: &[&str] = &[
     "nodelens_gpu_fp64_active_ratio",
     "nodelens_gpu_fp32_active_ratio",
     "nodelens_gpu_fp16_active_ratio",
+    "nodelens_gpu_memory_temperature_celsius",
+    "nodelens_gpu_memory_temperature_limit_celsius",
+    "nodelens_gpu_memory_clock_hertz",
+    "nodelens_gpu_encoder_utilization_ratio",
+    "nodelens_gpu_decoder_utilization_ratio",
+    "nodelens_gpu_nvlink_links_active",
+    "nodelens_gpu_retired_pages_pending",
+    "nodelens_gpu_fabric_healthy",
+    "nodelens_gpu_pcie_replays_total",
+    "nodelens_gpu_nvlink_errors_total",
+    "nodelens_gpu_violation_seconds_total",
+    "nodelens_gpu_retired_pages_total",
     "nodelens_gpu_pcie_bytes_total",
     "nodelens_gpu_nvlink_bytes_total",
     "nodelens_gpu_remapped_rows_total",
@@ -110,6 +125,8 @@ pub const NAMES: &[&str] = &[
     "nodelens_container_gpu_memory_used_bytes",
     "nodelens_container_gpu_memory_granted_bytes",
     "nodelens_container_gpu_cores_granted_ratio",
+    "nodelens_gpu_unattributed_memory_bytes",
+    "nodelens_gpu_unattributed_sm_ratio",
     "nodelens_gpu_nvml_errors_total",
     "nodelens_gpu_pod_resources_errors_total",
 ];
@@ -259,6 +276,52 @@ impl Collector for GpuExport {
             MetricType::Gauge,
             rows().map(|(g, r)| (g.labels.as_slice(), ConstGauge::new(i64::from(r.failed)))),
         )?;
+        let replays =
+            gpus.iter().filter(up).filter_map(|g| g.reading.health.pcie_replays.map(|n| (g.labels.as_slice(), ConstCounter::new(n))));
+        family(
+            &mut encoder,
+            "gpu_pcie_replays",
+            "PCIe replays (link-level retransmissions) since the driver loaded",
+            MetricType::Counter,
+            replays,
+        )?;
+        let by = |pick: fn(&GpuReading) -> &[Option<u64>], label: &'static str, values: &'static [&'static str]| {
+            gpus.iter().filter(up).flat_map(move |g| {
+                pick(&g.reading)
+                    .iter()
+                    .zip(values)
+                    .filter_map(move |(n, v)| n.map(|n| ((g.labels.as_slice(), [(label, *v)]), ConstCounter::new(n))))
+            })
+        };
+        family(
+            &mut encoder,
+            "gpu_nvlink_errors",
+            "NVLink errors since the driver loaded, summed over the GPU's links, by type",
+            MetricType::Counter,
+            by(|r| &r.health.nvlink_errors, "type", &NVLINK_ERROR_TYPES),
+        )?;
+        let violations = gpus.iter().filter(up).flat_map(|g| {
+            g.reading
+                .health
+                .violation_seconds
+                .iter()
+                .zip(VIOLATION_REASONS)
+                .filter_map(move |(s, reason)| s.map(|s| ((g.labels.as_slice(), [("reason", reason)]), ConstCounter::new(s))))
+        });
+        family(
+            &mut encoder,
+            "gpu_violation_seconds",
+            "Time the clocks were held below what was asked, since the driver loaded, by reason",
+            MetricType::Counter,
+            violations,
+        )?;
+        family(
+            &mut encoder,
+            "gpu_retired_pages",
+            "Device memory pages retired after ECC errors, by cause (GPUs before row remapping)",
+            MetricType::Counter,
+            by(|r| &r.health.retired_pages, "cause", &RETIREMENT_CAUSES),
+        )?;
 
         let containers = &view.containers;
         let allocated = containers.iter().filter(|c| c.allocated).map(|c| (c.labels.as_slice(), ConstGauge::new(1i64)));
@@ -300,6 +363,32 @@ impl Collector for GpuExport {
             "Share of the GPU's SMs HAMi granted the container (0: none reserved, not capped)",
             MetricType::Gauge,
             cores,
+        )?;
+
+        let unattributed = |pick: fn(&Unattributed) -> &[f64; 3]| {
+            view.unattributed.iter().flat_map(move |u| {
+                let labels: Labels = vec![("gpu", u.gpu.index.to_string()), ("uuid", u.gpu.uuid.clone())];
+                let known = u.allocations_known;
+                pick(u)
+                    .iter()
+                    .zip(REASONS)
+                    .filter(move |(_, reason)| known || *reason != "unallocated")
+                    .map(move |(v, reason)| ((labels.clone(), [("reason", reason)]), ConstGauge::new(*v)))
+            })
+        };
+        family(
+            &mut encoder,
+            "gpu_unattributed_memory_bytes",
+            "Device memory held by processes no container holding the GPU accounts for, by reason (host, unallocated, pod_gone)",
+            MetricType::Gauge,
+            unattributed(|u| &u.memory_bytes),
+        )?;
+        family(
+            &mut encoder,
+            "gpu_unattributed_sm_ratio",
+            "SM share of processes no container holding the GPU accounts for since the last poll, by reason",
+            MetricType::Gauge,
+            unattributed(|u| &u.sm_ratio),
         )?;
 
         let nvml_errors = view.nvml_errors.iter().map(|(function, n)| ([("function", *function)], ConstCounter::new(*n)));

@@ -10,10 +10,12 @@ pub mod allocation;
 pub mod attribution;
 pub mod export;
 pub mod hami;
+pub mod health;
 pub mod nvml;
 pub mod processes;
 pub mod reading;
 pub mod shares;
+pub mod unattributed;
 
 use std::sync::Arc;
 
@@ -66,7 +68,7 @@ async fn attribute(
     mut shutdown: Shutdown,
 ) {
     let mut allocations = Arc::new(Vec::new());
-    let (mut errors, mut failing) = (0, false);
+    let (mut errors, mut failing, mut listed) = (0, false, false);
     loop {
         tokio::select! {
             changed = readings.changed() => if changed.is_err() { return },
@@ -79,6 +81,7 @@ async fn attribute(
                     tracing::info!("kubelet pod-resources API answering again");
                 }
                 failing = false;
+                listed = true;
                 allocations = Arc::new(list);
             }
             Err(e) => {
@@ -93,6 +96,7 @@ async fn attribute(
         match tokio::task::spawn_blocking(move || attribution::compose(&reading, &allocations, &names)).await {
             Ok(mut view) => {
                 view.pod_resources_errors = errors;
+                view.unattributed.iter_mut().for_each(|u| u.allocations_known = listed);
                 export.publish(view);
             }
             Err(e) => tracing::error!(error = %e, "GPU attribution panicked"),

@@ -27,6 +27,7 @@ use nvml_wrapper::gpm::{gpm_metrics_get, GpmSample};
 use nvml_wrapper::{Device, EventSet, Nvml};
 use tokio::sync::{oneshot, watch};
 
+use super::health::{self, Links};
 use super::processes::PidResolver;
 use super::reading::{GpuGauge, GpuId, GpuReading, MigId, ProcessUse, Reading, RemappedRows};
 use super::shares::{Sample, ShareWindow};
@@ -158,6 +159,8 @@ struct Gpu<'n> {
     pcie_read_at: [Option<Instant>; 2],
     /// Polls so far, to take turns.
     polls: u64,
+    /// NVLink links and their last error counts.
+    links: Links,
 }
 
 /// A MIG device (a compute instance in a GPU instance).
@@ -174,15 +177,16 @@ impl Gpu<'_> {
         self.shares.reset();
         self.gpm_samples.clear();
         self.pcie_read_at = [None, None];
+        self.links = Links::default();
     }
 }
 
 /// A GPU that answered "lost" in this poll.
-struct Lost;
+pub struct Lost;
 
 /// Bookkeeping of failed calls.
 #[derive(Default)]
-struct Calls {
+pub struct Calls {
     /// Functions the library lacks.
     missing: HashSet<&'static str>,
     /// (function, GPU index) pairs the device does not support.
@@ -194,11 +198,21 @@ struct Calls {
 impl Calls {
     /// Makes one call unless it is known to be missing or unsupported. `Err(Lost)` when the
     /// GPU is gone; `Ok(None)` when there is no value.
-    fn call<T>(&mut self, name: &'static str, gpu: u32, f: impl FnOnce() -> Result<T, NvmlError>) -> Result<Option<T>, Lost> {
-        if self.missing.contains(name) || self.unsupported.contains(&(name, gpu)) {
+    pub fn call<T>(&mut self, name: &'static str, gpu: u32, f: impl FnOnce() -> Result<T, NvmlError>) -> Result<Option<T>, Lost> {
+        if !self.is_on(name, gpu) {
             return Ok(None);
         }
-        match f() {
+        self.answer(name, gpu, f())
+    }
+
+    /// Whether a call is still made for this GPU (not missing from the library, not refused).
+    pub fn is_on(&self, name: &'static str, gpu: u32) -> bool {
+        !self.missing.contains(name) && !self.unsupported.contains(&(name, gpu))
+    }
+
+    /// Books one answer (of a call, or of one field of a field-values call).
+    pub fn answer<T>(&mut self, name: &'static str, gpu: u32, result: Result<T, NvmlError>) -> Result<Option<T>, Lost> {
+        match result {
             Ok(v) => Ok(Some(v)),
             Err(NvmlError::GpuLost) => Err(Lost),
             Err(NvmlError::FailedToLoadSymbol(_) | NvmlError::FunctionNotFound) => {
@@ -207,7 +221,8 @@ impl Calls {
                 Ok(None)
             }
             Err(NvmlError::NotSupported) => {
-                tracing::debug!(function = name, gpu, "not supported by this GPU");
+                // An answer, not an error: the GPU has no such reading. Said once per GPU.
+                tracing::info!(function = name, gpu, "not supported by this GPU; the metric read with it is off for it");
                 self.unsupported.insert((name, gpu));
                 Ok(None)
             }
@@ -488,6 +503,7 @@ fn placeholder(index: u32) -> Gpu<'static> {
         nvlink_bytes: None,
         pcie_read_at: [None, None],
         polls: 0,
+        links: Links::default(),
     }
 }
 
@@ -632,6 +648,7 @@ fn read_gpu(calls: &mut Calls, gpu: &mut Gpu, poll_interval: Duration) -> Result
         calls.call("total_ecc_errors", i, || d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile))?,
     );
     r.remapped_rows = calls.call("remapped_rows", i, || remapped_rows(d))?;
+    health::read(calls, d, i, &mut gpu.links, &mut r)?;
     let mut readings = vec![r];
     for mig in &gpu.migs {
         let mut m = GpuReading::new(mig.id.clone(), true);

@@ -64,6 +64,22 @@ pub enum GpuGauge {
     Fp32Active,
     /// `nodelens_gpu_fp16_active_ratio` (GPM).
     Fp16Active,
+    /// `nodelens_gpu_memory_temperature_celsius` (HBM, field `NVML_FI_DEV_MEMORY_TEMP`).
+    MemoryTemperature,
+    /// `nodelens_gpu_memory_temperature_limit_celsius` (`NVML_TEMPERATURE_THRESHOLD_MEM_MAX`).
+    MemoryTemperatureLimit,
+    /// `nodelens_gpu_memory_clock_hertz`.
+    MemoryClock,
+    /// `nodelens_gpu_encoder_utilization_ratio`.
+    EncoderUtilization,
+    /// `nodelens_gpu_decoder_utilization_ratio`.
+    DecoderUtilization,
+    /// `nodelens_gpu_nvlink_links_active`.
+    NvlinkLinksActive,
+    /// `nodelens_gpu_retired_pages_pending` (GPUs before row remapping).
+    RetiredPagesPending,
+    /// `nodelens_gpu_fabric_healthy` (NVSwitch systems).
+    FabricHealthy,
 }
 
 /// Number of [`GpuGauge`]s.
@@ -71,7 +87,7 @@ pub const GAUGES: usize = GpuGauge::ALL.len();
 
 impl GpuGauge {
     /// Every gauge.
-    pub const ALL: [GpuGauge; 15] = [
+    pub const ALL: [GpuGauge; 23] = [
         GpuGauge::Utilization,
         GpuGauge::MemoryUtilization,
         GpuGauge::MemoryUsed,
@@ -87,6 +103,14 @@ impl GpuGauge {
         GpuGauge::Fp64Active,
         GpuGauge::Fp32Active,
         GpuGauge::Fp16Active,
+        GpuGauge::MemoryTemperature,
+        GpuGauge::MemoryTemperatureLimit,
+        GpuGauge::MemoryClock,
+        GpuGauge::EncoderUtilization,
+        GpuGauge::DecoderUtilization,
+        GpuGauge::NvlinkLinksActive,
+        GpuGauge::RetiredPagesPending,
+        GpuGauge::FabricHealthy,
     ];
 
     /// Metric name without the `nodelens_` prefix, and help text.
@@ -115,6 +139,26 @@ impl GpuGauge {
             GpuGauge::Fp64Active => ("gpu_fp64_active_ratio", "Fraction of time the SMs ran non-tensor FP64 instructions"),
             GpuGauge::Fp32Active => ("gpu_fp32_active_ratio", "Fraction of time the SMs ran non-tensor FP32 instructions"),
             GpuGauge::Fp16Active => ("gpu_fp16_active_ratio", "Fraction of time the SMs ran non-tensor FP16 instructions"),
+            GpuGauge::MemoryTemperature => ("gpu_memory_temperature_celsius", "Device memory (HBM) temperature"),
+            GpuGauge::MemoryTemperatureLimit => {
+                ("gpu_memory_temperature_limit_celsius", "Highest device memory temperature the GPU is specified to run at")
+            }
+            GpuGauge::MemoryClock => ("gpu_memory_clock_hertz", "Current memory clock"),
+            GpuGauge::EncoderUtilization => {
+                ("gpu_encoder_utilization_ratio", "Fraction of the driver's last sample period in which the video encoder ran")
+            }
+            GpuGauge::DecoderUtilization => {
+                ("gpu_decoder_utilization_ratio", "Fraction of the driver's last sample period in which the video decoder ran")
+            }
+            GpuGauge::NvlinkLinksActive => ("gpu_nvlink_links_active", "NVLink links of the GPU that are up"),
+            GpuGauge::RetiredPagesPending => (
+                "gpu_retired_pages_pending",
+                "1 while a retired device memory page waits for a GPU reset to leave use (GPUs before row remapping)",
+            ),
+            GpuGauge::FabricHealthy => (
+                "gpu_fabric_healthy",
+                "1 while the GPU's NVSwitch fabric probe completed with success and reports no degraded bandwidth or unhealthy route",
+            ),
         }
     }
 }
@@ -143,6 +187,31 @@ pub struct GpuReading {
     pub nvlink_bytes: Option<(f64, f64)>,
     /// Row remapping state (Ampere and newer).
     pub remapped_rows: Option<RemappedRows>,
+    /// The error and violation counters of the second tier.
+    pub health: HealthCounters,
+}
+
+/// NVLink error counters, in the order of [`HealthCounters::nvlink_errors`] (the `type` label).
+pub const NVLINK_ERROR_TYPES: [&str; 4] = ["crc_flit", "crc_data", "replay", "recovery"];
+
+/// Why the clocks were held down, in the order of [`HealthCounters::violation_seconds`] (the
+/// `reason` label).
+pub const VIOLATION_REASONS: [&str; 6] = ["power", "thermal", "sync_boost", "board_limit", "low_utilization", "reliability"];
+
+/// Why pages were retired, in the order of [`HealthCounters::retired_pages`] (the `cause` label).
+pub const RETIREMENT_CAUSES: [&str; 2] = ["single_bit", "double_bit"];
+
+/// Counters the driver keeps since it loaded. `None` = not available on this GPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HealthCounters {
+    /// PCIe replays (link-level retransmissions).
+    pub pcie_replays: Option<u64>,
+    /// NVLink errors summed over the GPU's links, by [`NVLINK_ERROR_TYPES`].
+    pub nvlink_errors: [Option<u64>; 4],
+    /// Seconds the clocks were held down, by [`VIOLATION_REASONS`].
+    pub violation_seconds: [Option<f64>; 6],
+    /// Retired device memory pages, by [`RETIREMENT_CAUSES`].
+    pub retired_pages: [Option<u64>; 2],
 }
 
 /// `nvmlDeviceGetRemappedRows`: rows of device memory replaced by spares after ECC errors.
@@ -172,6 +241,7 @@ impl GpuReading {
             pcie_bytes: None,
             nvlink_bytes: None,
             remapped_rows: None,
+            health: HealthCounters::default(),
         }
     }
 

@@ -108,6 +108,18 @@ impl Lookup<'_> {
         by_name.get(&(namespace.to_string(), pod.to_string())).cloned()
     }
 
+    /// Whether the pod a process's cgroup names is no longer on the node: deleted (its
+    /// metadata is kept a while for its last log lines) or known neither to the API nor to
+    /// the kubelet's log directories.
+    pub fn pod_gone(&mut self, container: &ContainerCgroup) -> bool {
+        if let Some(store) = &self.names.pods {
+            if store.is_deleted(&container.pod_uid) {
+                return true;
+            }
+        }
+        self.by_cgroup(container).is_none()
+    }
+
     /// Names a container the kubelet reported by namespace, pod and container name.
     pub fn by_name(&mut self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
         match self.pod(namespace, pod) {

@@ -93,6 +93,11 @@ impl PodStore {
         self.inner.lock().unwrap().pods.get(uid).map(|e| e.meta.clone())
     }
 
+    /// Whether the pod with `uid` was deleted (its metadata is still kept).
+    pub fn is_deleted(&self, uid: &str) -> bool {
+        self.inner.lock().unwrap().pods.get(uid).is_some_and(|e| e.deleted_at.is_some())
+    }
+
     /// Every pod by (namespace, name); where a deleted pod and a live one share a name (a
     /// StatefulSet pod recreated), the live one.
     pub fn by_name(&self) -> HashMap<(String, String), Arc<PodMeta>> {

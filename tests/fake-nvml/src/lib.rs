@@ -8,6 +8,7 @@
 #![allow(non_camel_case_types, non_snake_case, clippy::missing_safety_doc)]
 
 pub mod gpm;
+pub mod health;
 pub mod scenario;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -35,8 +36,9 @@ const ERROR_UNKNOWN: nvmlReturn_t = 999;
 const EVENT_XID_CRITICAL: c_ulonglong = 0x8;
 /// `NVML_DEVICE_MIG_ENABLE`.
 const MIG_ENABLE: c_uint = 1;
-/// `NVML_CLOCK_SM`.
+/// `NVML_CLOCK_SM`, `NVML_CLOCK_MEM`.
 const CLOCK_SM: c_uint = 1;
+const CLOCK_MEM: c_uint = 2;
 /// `NVML_TEMPERATURE_GPU`.
 const TEMPERATURE_GPU: c_uint = 0;
 /// `NVML_VOLATILE_ECC`.
@@ -347,10 +349,11 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(device: nvmlDevice_
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetClockInfo(device: nvmlDevice_t, clock_type: c_uint, clock: *mut c_uint) -> nvmlReturn_t {
-    if clock_type != CLOCK_SM {
-        return ERROR_NOT_SUPPORTED;
-    }
-    with_gpu(device, |gpu| put(clock, gpu.sm_clock_mhz))
+    with_gpu(device, |gpu| match clock_type {
+        CLOCK_SM => put(clock, gpu.sm_clock_mhz),
+        CLOCK_MEM => gpu.memory_clock_mhz.map_or(ERROR_NOT_SUPPORTED, |mhz| put(clock, mhz)),
+        _ => ERROR_NOT_SUPPORTED,
+    })
 }
 
 #[no_mangle]

@@ -80,6 +80,90 @@ pub struct Gpu {
     pub samples_kept: u64,
     /// `nvmlDeviceGetGpuInstanceById` answers `NO_PERMISSION`, as for an unprivileged caller.
     pub gpu_instances_denied: bool,
+    /// Field `NVML_FI_DEV_MEMORY_TEMP` (HBM); `None` = the field answers `NOT_SUPPORTED`.
+    pub memory_temperature_celsius: Option<u32>,
+    /// `nvmlDeviceGetTemperatureThreshold(NVML_TEMPERATURE_THRESHOLD_MEM_MAX)`; `None` =
+    /// `NOT_SUPPORTED`.
+    pub memory_temperature_limit_celsius: Option<u32>,
+    /// `nvmlDeviceGetClockInfo(NVML_CLOCK_MEM)`; `None` = `NOT_SUPPORTED`.
+    pub memory_clock_mhz: Option<u32>,
+    /// `nvmlDeviceGetEncoderUtilization`, percent; `None` = no encoder (`NOT_SUPPORTED`).
+    pub encoder_percent: Option<u32>,
+    /// `nvmlDeviceGetDecoderUtilization`, percent; `None` = no decoder (`NOT_SUPPORTED`).
+    pub decoder_percent: Option<u32>,
+    /// Field `NVML_FI_DEV_PCIE_REPLAY_COUNTER`; `None` = `NOT_SUPPORTED`.
+    pub pcie_replays: Option<u64>,
+    /// NVLink links (field `NVML_FI_DEV_NVLINK_LINK_COUNT` is their number); none = no NVLink:
+    /// that field and the link calls answer `NOT_SUPPORTED`.
+    pub nvlinks: Vec<NvLink>,
+    /// `nvmlDeviceGetViolationStatus`, nanoseconds per policy; `None` = `NOT_SUPPORTED`.
+    pub violations: Violations,
+    /// Page retirement (before Ampere); `None` = `NOT_SUPPORTED`, as on GPUs that remap rows.
+    pub retired_pages: Option<RetiredPages>,
+    /// `nvmlDeviceGetGpuFabricInfoV`; `None` = no NVSwitch fabric (`NOT_SUPPORTED`).
+    pub fabric: Option<Fabric>,
+}
+
+/// One NVLink link.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvLink {
+    /// `nvmlDeviceGetNvLinkState`.
+    pub active: bool,
+    /// `nvmlDeviceGetNvLinkErrorCounter(NVML_NVLINK_ERROR_DL_CRC_FLIT)`; `None` = `NOT_SUPPORTED`.
+    pub crc_flit: Option<u64>,
+    /// `NVML_NVLINK_ERROR_DL_CRC_DATA`.
+    pub crc_data: Option<u64>,
+    /// `NVML_NVLINK_ERROR_DL_REPLAY`.
+    pub replay: Option<u64>,
+    /// `NVML_NVLINK_ERROR_DL_RECOVERY`.
+    pub recovery: Option<u64>,
+}
+
+/// `nvmlViolationTime_t.violationTime` per `nvmlPerfPolicyType_t`, nanoseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Violations {
+    /// `NVML_PERF_POLICY_POWER`.
+    pub power: Option<u64>,
+    /// `NVML_PERF_POLICY_THERMAL`.
+    pub thermal: Option<u64>,
+    /// `NVML_PERF_POLICY_SYNC_BOOST`.
+    pub sync_boost: Option<u64>,
+    /// `NVML_PERF_POLICY_BOARD_LIMIT`.
+    pub board_limit: Option<u64>,
+    /// `NVML_PERF_POLICY_LOW_UTILIZATION`.
+    pub low_utilization: Option<u64>,
+    /// `NVML_PERF_POLICY_RELIABILITY`.
+    pub reliability: Option<u64>,
+}
+
+/// `nvmlDeviceGetRetiredPages` and `nvmlDeviceGetRetiredPagesPendingStatus`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetiredPages {
+    /// Pages retired for multiple single-bit ECC errors.
+    pub single_bit: u32,
+    /// Pages retired for a double-bit ECC error.
+    pub double_bit: u32,
+    /// A retirement waits for the next GPU reset.
+    pub pending: bool,
+}
+
+/// `nvmlGpuFabricInfo_v3_t`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fabric {
+    /// `nvmlGpuFabricState_t`: 1 not started, 2 in progress, 3 completed.
+    pub state: u8,
+    /// The probe's `nvmlReturn_t` (0 = success).
+    pub status: u32,
+    /// `healthMask` (`NVML_GPU_FABRIC_HEALTH_MASK_*`).
+    pub health_mask: u32,
+    /// `healthSummary` (1 healthy, 2 unhealthy, 3 limited capacity).
+    pub health_summary: u8,
+    /// An older driver that knows only version 2 of the struct (no health summary).
+    pub v2_only: bool,
 }
 
 /// The rates a GPU's (or MIG instance's) GPM counters advance at. Samples integrate them over
