@@ -463,18 +463,20 @@ fn the_network_policy_admits_every_listed_namespace_or_a_selector_and_nothing_el
     assert!(!admits(&listed, &namespace_labels("default", &[]), "metrics"), "another namespace is not");
     assert!(!admits(&listed, &namespace_labels("monitoring", &[]), "other"), "only the metrics port");
 
-    let selected =
-        policy(&["--set", "networkPolicy.prometheusNamespaces=null", "--set", "networkPolicy.namespaceSelector.matchLabels.team=obs"]);
+    let selected = policy(&["--set", "networkPolicy.namespaceSelector.matchLabels.team=obs"]);
     assert!(admits(&selected, &namespace_labels("prom-a", &[("team", "obs")]), "metrics"), "a namespace the selector matches");
     assert!(!admits(&selected, &namespace_labels("monitoring", &[]), "metrics"), "the default list is gone");
     assert!(!admits(&selected, &namespace_labels("apps", &[("team", "web")]), "metrics"));
 
+    let defaults = policy(&[]);
+    assert!(admits(&defaults, &namespace_labels("monitoring", &[]), "metrics"), "monitoring by default");
+    assert!(!admits(&defaults, &namespace_labels("default", &[]), "metrics"));
+
+    // A values file of an older chart (`prometheusNamespace: prometheus`) upgrades to the same
+    // policy: its namespace replaces the monitoring default, never widening it.
     let legacy = policy(&["--set", "networkPolicy.prometheusNamespace=prometheus"]);
     assert!(admits(&legacy, &namespace_labels("prometheus", &[]), "metrics"), "the older single-namespace key still works");
-    assert!(admits(&legacy, &namespace_labels("monitoring", &[]), "metrics"));
-
-    let err = try_render(&["--set", "networkPolicy.prometheusNamespaces=null"]).unwrap_err();
-    assert!(err.contains("prometheusNamespaces or a namespaceSelector"), "{err}");
+    assert!(!admits(&legacy, &namespace_labels("monitoring", &[]), "metrics"), "and does not also admit the default");
 }
 
 #[test]

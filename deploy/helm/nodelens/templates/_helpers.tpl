@@ -290,3 +290,17 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
 {{- end -}}
+
+{{/*
+The namespaces whose pods may scrape /metrics, as a JSON list: networkPolicy.prometheusNamespaces
+and the older single networkPolicy.prometheusNamespace; with neither and no namespaceSelector,
+monitoring. An older values file's prometheusNamespace replaces that default, never adds to it.
+*/}}
+{{- define "nodelens.prometheusNamespaces" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- $names := concat ($np.prometheusNamespaces | default list) (compact (list ($np.prometheusNamespace | default ""))) | uniq -}}
+{{- if not (or $names $np.namespaceSelector) -}}
+{{- $names = list "monitoring" -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
