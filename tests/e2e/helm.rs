@@ -379,7 +379,7 @@ fn every_real_node_gets_one_agent_and_virtual_nodes_none() {
         if name == "gpu-nodes-values.yaml" {
             let on = placement_on(&daemonsets, &[]);
             assert_eq!(on[&Node::Gpu], ["nodelens-gpu"], "{name}: {on:?}");
-            for node in [Node::Cpu, Node::ControlPlane, Node::Virtual, Node::Windows] {
+            for node in [Node::Cpu, Node::ControlPlane, Node::Virtual, Node::Windows, Node::Fargate] {
                 assert!(on[&node].is_empty(), "{name}: nodes: gpu leaves {node:?} alone: {on:?}");
             }
         } else {
@@ -420,7 +420,7 @@ fn an_operators_affinity_narrows_the_charts_placement_and_never_replaces_it() {
     assert!(daemonsets.iter().all(|ds| !runs_on_node(ds, &labels, &taints)), "a node without the pool label gets none");
 }
 
-const NODES_ALL: [Node; 5] = manifests::NODES;
+const NODES_ALL: [Node; 6] = manifests::NODES;
 
 #[test]
 fn security_context_and_image_digest_values_reach_the_pods() {
