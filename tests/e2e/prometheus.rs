@@ -567,7 +567,15 @@ fn every_dashboard_query_returns_data_and_gpu_alerts_reach_alertmanager() {
     assert!(missing.is_empty(), "the views read metrics the live agent does not export: {missing:?}");
 
     // Every panel and variable query returns data once Prometheus has a few scrapes.
-    let vars = [("cluster", CLUSTER), ("node", NODE), ("namespace", "ml"), ("app", "resnet"), ("user", "alice")];
+    // node_pods as Grafana renders the machine view's hidden variable: the pods on NODE.
+    let vars = [
+        ("cluster", CLUSTER),
+        ("node", NODE),
+        ("node_pods", "(kps-prometheus-node-exporter-7xk2p|resnet-0)"),
+        ("namespace", "ml"),
+        ("app", "resnet"),
+        ("user", "alice"),
+    ];
     let all: Vec<views::Query> = dashboards().iter().flat_map(|(file, d)| queries(file, d)).collect();
     assert!(all.len() > 100, "{} queries", all.len());
     let failing = || -> Vec<String> {
