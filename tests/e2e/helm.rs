@@ -366,6 +366,9 @@ fn nodelens_agent_down_pages_for_the_nodes_each_install_mode_runs_an_agent_on() 
     // nodes: gpu: GPU nodes only; CPU and control-plane nodes run no agent and page for none.
     let gpu_only = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml")]);
     assert_rule_tests_pass("gpu-nodes-values.yaml", &gpu_only, "agent-down-gpu-nodes.test.yaml");
+    // Nodes a narrowed placement keeps the agent off page for nothing once named.
+    let excluded = render(&["--set-string", r#"prometheusRule.agentDownExcludedNodes[0]=kube_node_info{provider_id=~"aws:.*"}"#]);
+    assert_rule_tests_pass("agentDownExcludedNodes", &excluded, "agent-down-excluded-nodes.test.yaml");
     // Another GPU label: the rule reads it as kube-state-metrics names it.
     let relabelled = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml"), "--set", "gpu.nodeLabel.key=example.com/gpu-node"]);
     let rule = relabelled.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().to_string();
