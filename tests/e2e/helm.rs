@@ -454,6 +454,14 @@ fn security_context_and_image_digest_values_reach_the_pods() {
     }
     let defaults: Vec<DaemonSet> = of_kind(&render(&[]), "DaemonSet");
     assert_eq!(pod(&defaults[0]).containers[0].image.as_deref(), Some("ghcr.io/nodelens/nodelens:0.1.0"), "no digest by default");
+    // A values file's empty keys (`podSecurityContext:` with nothing under it) are null: the
+    // chart's own settings stay.
+    let emptied: Vec<DaemonSet> =
+        of_kind(&render(&["--set", "podSecurityContext=null", "--set", "securityContext=null", "--set", "affinity=null"]), "DaemonSet");
+    for ds in &emptied {
+        assert_least_privilege("null security values", ds);
+        assert_eq!(pod(ds).security_context.clone().unwrap().seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
 }
 
 #[test]

@@ -152,7 +152,7 @@ spec:
       {{- end }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
       securityContext:
-        {{- toYaml (mergeOverwrite (dict "seccompProfile" (dict "type" "RuntimeDefault")) (deepCopy $v.podSecurityContext)) | nindent 8 }}
+        {{- toYaml (mergeOverwrite (dict "seccompProfile" (dict "type" "RuntimeDefault")) (deepCopy ($v.podSecurityContext | default dict))) | nindent 8 }}
       containers:
         - name: nodelens
           image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}{{ with $v.image.digest }}@{{ . }}{{ end }}"
@@ -209,7 +209,7 @@ spec:
           # bits; no capability is needed, so none is kept. securityContext values override.
           {{- $container := dict "readOnlyRootFilesystem" true "allowPrivilegeEscalation" false "runAsUser" 0 "capabilities" (dict "drop" (list "ALL")) }}
           securityContext:
-            {{- toYaml (mergeOverwrite $container (deepCopy $v.securityContext)) | nindent 12 }}
+            {{- toYaml (mergeOverwrite $container (deepCopy ($v.securityContext | default dict))) | nindent 12 }}
           volumeMounts:
             - {name: config, mountPath: /etc/nodelens, readOnly: true}
             - {name: state, mountPath: /var/lib/nodelens}
