@@ -32,8 +32,11 @@ helm version --short
 # unstable suite, through an apt configuration of our own (its own sources list, lists and
 # cache; the system's sources are left alone), unpacked with dpkg -x and kept in a cache.
 promtool3_dir=${NODELENS_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nodelens}/promtool-3
-if ! "$promtool3_dir/usr/bin/promtool" --version 2>/dev/null | grep -q 'version 3\.'; then
+# The version read whole, not through `grep -q`: under pipefail, grep leaving early can end
+# promtool with SIGPIPE and refetch a good copy.
+if [[ "$("$promtool3_dir/usr/bin/promtool" --version 2>/dev/null || true)" != *"version 3."* ]]; then
   apt_dir=$(mktemp -d)
+  trap 'rm -rf "$apt_dir"' EXIT
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/parts" "$apt_dir/deb"
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
     >"$apt_dir/sources.list"

@@ -366,6 +366,9 @@ fn nodelens_agent_down_pages_for_the_nodes_each_install_mode_runs_an_agent_on() 
     // nodes: gpu: GPU nodes only; CPU and control-plane nodes run no agent and page for none.
     let gpu_only = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml")]);
     assert_rule_tests_pass("gpu-nodes-values.yaml", &gpu_only, "agent-down-gpu-nodes.test.yaml");
+    // Nodes a narrowed placement keeps the agent off page for nothing once named.
+    let excluded = render(&["--set-string", r#"prometheusRule.agentDownExcludedNodes[0]=kube_node_info{provider_id=~"aws:.*"}"#]);
+    assert_rule_tests_pass("agentDownExcludedNodes", &excluded, "agent-down-excluded-nodes.test.yaml");
     // Another GPU label: the rule reads it as kube-state-metrics names it.
     let relabelled = render(&["--values", &format!("{CHART}/ci/gpu-nodes-values.yaml"), "--set", "gpu.nodeLabel.key=example.com/gpu-node"]);
     let rule = relabelled.iter().find(|o| o["kind"] == "PrometheusRule").unwrap().to_string();
@@ -379,7 +382,7 @@ fn every_real_node_gets_one_agent_and_virtual_nodes_none() {
         if name == "gpu-nodes-values.yaml" {
             let on = placement_on(&daemonsets, &[]);
             assert_eq!(on[&Node::Gpu], ["nodelens-gpu"], "{name}: {on:?}");
-            for node in [Node::Cpu, Node::ControlPlane, Node::Virtual, Node::Windows] {
+            for node in [Node::Cpu, Node::ControlPlane, Node::Virtual, Node::Windows, Node::Fargate] {
                 assert!(on[&node].is_empty(), "{name}: nodes: gpu leaves {node:?} alone: {on:?}");
             }
         } else {
@@ -420,7 +423,7 @@ fn an_operators_affinity_narrows_the_charts_placement_and_never_replaces_it() {
     assert!(daemonsets.iter().all(|ds| !runs_on_node(ds, &labels, &taints)), "a node without the pool label gets none");
 }
 
-const NODES_ALL: [Node; 5] = manifests::NODES;
+const NODES_ALL: [Node; 6] = manifests::NODES;
 
 #[test]
 fn security_context_and_image_digest_values_reach_the_pods() {
@@ -451,6 +454,14 @@ fn security_context_and_image_digest_values_reach_the_pods() {
     }
     let defaults: Vec<DaemonSet> = of_kind(&render(&[]), "DaemonSet");
     assert_eq!(pod(&defaults[0]).containers[0].image.as_deref(), Some("ghcr.io/nodelens/nodelens:0.1.0"), "no digest by default");
+    // A values file's empty keys (`podSecurityContext:` with nothing under it) are null: the
+    // chart's own settings stay.
+    let emptied: Vec<DaemonSet> =
+        of_kind(&render(&["--set", "podSecurityContext=null", "--set", "securityContext=null", "--set", "affinity=null"]), "DaemonSet");
+    for ds in &emptied {
+        assert_least_privilege("null security values", ds);
+        assert_eq!(pod(ds).security_context.clone().unwrap().seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
 }
 
 #[test]
@@ -463,18 +474,20 @@ fn the_network_policy_admits_every_listed_namespace_or_a_selector_and_nothing_el
     assert!(!admits(&listed, &namespace_labels("default", &[]), "metrics"), "another namespace is not");
     assert!(!admits(&listed, &namespace_labels("monitoring", &[]), "other"), "only the metrics port");
 
-    let selected =
-        policy(&["--set", "networkPolicy.prometheusNamespaces=null", "--set", "networkPolicy.namespaceSelector.matchLabels.team=obs"]);
+    let selected = policy(&["--set", "networkPolicy.namespaceSelector.matchLabels.team=obs"]);
     assert!(admits(&selected, &namespace_labels("prom-a", &[("team", "obs")]), "metrics"), "a namespace the selector matches");
     assert!(!admits(&selected, &namespace_labels("monitoring", &[]), "metrics"), "the default list is gone");
     assert!(!admits(&selected, &namespace_labels("apps", &[("team", "web")]), "metrics"));
 
+    let defaults = policy(&[]);
+    assert!(admits(&defaults, &namespace_labels("monitoring", &[]), "metrics"), "monitoring by default");
+    assert!(!admits(&defaults, &namespace_labels("default", &[]), "metrics"));
+
+    // A values file of an older chart (`prometheusNamespace: prometheus`) upgrades to the same
+    // policy: its namespace replaces the monitoring default, never widening it.
     let legacy = policy(&["--set", "networkPolicy.prometheusNamespace=prometheus"]);
     assert!(admits(&legacy, &namespace_labels("prometheus", &[]), "metrics"), "the older single-namespace key still works");
-    assert!(admits(&legacy, &namespace_labels("monitoring", &[]), "metrics"));
-
-    let err = try_render(&["--set", "networkPolicy.prometheusNamespaces=null"]).unwrap_err();
-    assert!(err.contains("prometheusNamespaces or a namespaceSelector"), "{err}");
+    assert!(!admits(&legacy, &namespace_labels("monitoring", &[]), "metrics"), "and does not also admit the default");
 }
 
 #[test]

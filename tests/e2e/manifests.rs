@@ -291,9 +291,11 @@ pub enum Node {
     Virtual,
     /// A Windows node.
     Windows,
+    /// An EKS Fargate node: its compute-type label and taint.
+    Fargate,
 }
 
-pub const NODES: [Node; 5] = [Node::Cpu, Node::Gpu, Node::ControlPlane, Node::Virtual, Node::Windows];
+pub const NODES: [Node; 6] = [Node::Cpu, Node::Gpu, Node::ControlPlane, Node::Virtual, Node::Windows, Node::Fargate];
 
 impl Node {
     /// The node's labels (plus `extra`) and taints.
@@ -317,6 +319,15 @@ impl Node {
                 labels.insert("type".into(), "virtual-kubelet".into());
                 labels.insert("kubernetes.io/role".into(), "agent".into());
                 taints.push(taint("virtual-kubelet.io/provider", "azure"));
+            }
+            Node::Fargate => {
+                labels.insert("eks.amazonaws.com/compute-type".into(), "fargate".into());
+                taints.push(Taint {
+                    key: "eks.amazonaws.com/compute-type".into(),
+                    value: Some("fargate".into()),
+                    effect: "NoSchedule".into(),
+                    ..Taint::default()
+                });
             }
         }
         labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -363,14 +374,14 @@ pub fn placement_on(daemonsets: &[DaemonSet], extra: &[(&str, &str)]) -> BTreeMa
         .collect()
 }
 
-/// Exactly one agent on a CPU, a GPU and a tainted control-plane node; none on a virtual or
-/// Windows node.
+/// Exactly one agent on a CPU, a GPU and a tainted control-plane node; none on a virtual,
+/// Windows or EKS Fargate node.
 pub fn assert_one_agent_per_real_node(what: &str, daemonsets: &[DaemonSet]) {
     let on = placement_on(daemonsets, &[]);
     for node in [Node::Cpu, Node::Gpu, Node::ControlPlane] {
         assert_eq!(on[&node].len(), 1, "{what}: {node:?} runs exactly one agent: {on:?}");
     }
-    for node in [Node::Virtual, Node::Windows] {
+    for node in [Node::Virtual, Node::Windows, Node::Fargate] {
         assert!(on[&node].is_empty(), "{what}: {node:?} runs no agent: {on:?}");
     }
 }

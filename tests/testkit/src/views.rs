@@ -149,7 +149,7 @@ pub fn substitute_over(expr: &str, range: &str, rate_interval: &str, vars: &[(&s
         .replace("$__interval", "1m")
         .replace("$__range_s", &duration_seconds(range).to_string())
         .replace("$__range", range);
-    let mut names: Vec<&str> = ["node", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid", "model"].into();
+    let mut names: Vec<&str> = ["node", "node_pods", "namespace", "app", "user", "name", "pod", "cluster", "gpu", "uuid", "model"].into();
     names.extend(vars.iter().map(|(n, _)| *n));
     // Longest first, so `$app` does not eat the start of `$application`.
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));

@@ -152,7 +152,7 @@ spec:
       {{- end }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
       securityContext:
-        {{- toYaml (mergeOverwrite (dict "seccompProfile" (dict "type" "RuntimeDefault")) (deepCopy $v.podSecurityContext)) | nindent 8 }}
+        {{- toYaml (mergeOverwrite (dict "seccompProfile" (dict "type" "RuntimeDefault")) (deepCopy ($v.podSecurityContext | default dict))) | nindent 8 }}
       containers:
         - name: nodelens
           image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}{{ with $v.image.digest }}@{{ . }}{{ end }}"
@@ -209,7 +209,7 @@ spec:
           # bits; no capability is needed, so none is kept. securityContext values override.
           {{- $container := dict "readOnlyRootFilesystem" true "allowPrivilegeEscalation" false "runAsUser" 0 "capabilities" (dict "drop" (list "ALL")) }}
           securityContext:
-            {{- toYaml (mergeOverwrite $container (deepCopy $v.securityContext)) | nindent 12 }}
+            {{- toYaml (mergeOverwrite $container (deepCopy ($v.securityContext | default dict))) | nindent 12 }}
           volumeMounts:
             - {name: config, mountPath: /etc/nodelens, readOnly: true}
             - {name: state, mountPath: /var/lib/nodelens}
@@ -289,4 +289,18 @@ spec:
         {{- with $v.extraVolumes }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+{{- end -}}
+
+{{/*
+The namespaces whose pods may scrape /metrics, as a JSON list: networkPolicy.prometheusNamespaces
+and the older single networkPolicy.prometheusNamespace; with neither and no namespaceSelector,
+monitoring. An older values file's prometheusNamespace replaces that default, never adds to it.
+*/}}
+{{- define "nodelens.prometheusNamespaces" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- $names := concat ($np.prometheusNamespaces | default list) (compact (list ($np.prometheusNamespace | default ""))) | uniq -}}
+{{- if not (or $names $np.namespaceSelector) -}}
+{{- $names = list "monitoring" -}}
+{{- end -}}
+{{- toJson $names -}}
 {{- end -}}
