@@ -87,6 +87,16 @@ impl Metrics {
             "Log files truncated in place (copytruncate) and read again from the start",
             logs.tailer.truncated.clone(),
         );
+        r.add(
+            "log_lost_records",
+            "Records of the node's logs lost before they were read (kernel: overwritten in the ring)",
+            logs.node.lost.clone(),
+        );
+        r.add(
+            "container_gpu_xid_errors",
+            "GPU XIDs read from the kernel log since the agent started, by the container whose process raised them",
+            logs.node.xid_errors.clone(),
+        );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
         r.names.push("nodelens_log_metric_total".into());
