@@ -25,7 +25,7 @@ use crate::logs::source::FileId;
 const BATCH: usize = 500;
 /// The wait between passes: new entries are shipped within it plus the sink's flush.
 const PASS_INTERVAL: Duration = Duration::from_secs(1);
-/// The `journalctl` to run (`NODELENS_JOURNALCTL` overrides it).
+/// The `journalctl` to run, found on `PATH`.
 const JOURNALCTL: &str = "journalctl";
 /// The volatile journal, read when the configured directory holds none.
 const RUNTIME_JOURNAL: &str = "/run/log/journal";
@@ -46,8 +46,7 @@ pub fn open(config: &JournaldConfig) -> anyhow::Result<JournalSource> {
             Ok(_) => anyhow::anyhow!("no journal files under {} or {RUNTIME_JOURNAL}", config.path.display()),
         }
     })?;
-    let journalctl = std::env::var("NODELENS_JOURNALCTL").unwrap_or_else(|_| JOURNALCTL.into());
-    Ok(JournalSource { dir: dir.to_path_buf(), units: config.units.clone(), journalctl })
+    Ok(JournalSource { dir: dir.to_path_buf(), units: config.units.clone(), journalctl: JOURNALCTL.into() })
 }
 
 fn holds_journal(dir: &Path) -> bool {
