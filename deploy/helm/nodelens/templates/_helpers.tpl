@@ -44,6 +44,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   "kubernetes" (dict "enabled" true "pod_resources_socket" "/var/lib/kubelet/pod-resources/kubelet.sock")
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)))
   "certificates" (dict "paths" $paths)
+  "node_logs" (dict
+    "journald" (dict "enabled" (ternary "auto" false $v.nodeLogs.journald) "path" "/var/log/journal" "units" $v.nodeLogs.units)
+    "kernel" (dict "enabled" (ternary "auto" false $v.nodeLogs.kernel) "path" "/dev/kmsg"))
 -}}
 {{- $es := dict -}}
 {{- if $v.elasticsearch.passwordSecret.name -}}
@@ -193,6 +196,13 @@ spec:
             runAsUser: 0
             capabilities:
               drop: ["ALL"]
+              {{- if $v.nodeLogs.kernel }}
+              # /dev/kmsg under kernel.dmesg_restrict (values.yaml nodeLogs.kernel).
+              add: ["SYSLOG"]
+              {{- end }}
+            {{- if and $v.nodeLogs.kernel $v.nodeLogs.kernelPrivileged }}
+            privileged: true
+            {{- end }}
           volumeMounts:
             - {name: config, mountPath: /etc/nodelens, readOnly: true}
             - {name: state, mountPath: /var/lib/nodelens}
@@ -212,6 +222,13 @@ spec:
             {{- end }}
             {{- if $v.elasticsearch.caSecret.name }}
             - {name: elasticsearch-ca, mountPath: /etc/nodelens/elasticsearch-ca, readOnly: true}
+            {{- end }}
+            {{- if $v.nodeLogs.journald }}
+            - {name: journal, mountPath: /var/log/journal, readOnly: true}
+            - {name: run-journal, mountPath: /run/log/journal, readOnly: true}
+            {{- end }}
+            {{- if $v.nodeLogs.kernel }}
+            - {name: kmsg, mountPath: /dev/kmsg, readOnly: true}
             {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
@@ -233,6 +250,25 @@ spec:
         - name: pod-resources
           hostPath:
             path: /var/lib/kubelet/pod-resources
+        {{- if $v.nodeLogs.journald }}
+        # Created when missing, like the runtime would: on a host whose journald has
+        # Storage=auto and no persistent journal, that makes it persist after its next
+        # restart. Set nodeLogs.journald=false there if that is unwanted.
+        - name: journal
+          hostPath:
+            path: /var/log/journal
+            type: DirectoryOrCreate
+        - name: run-journal
+          hostPath:
+            path: /run/log/journal
+            type: DirectoryOrCreate
+        {{- end }}
+        {{- if $v.nodeLogs.kernel }}
+        - name: kmsg
+          hostPath:
+            path: /dev/kmsg
+            type: CharDevice
+        {{- end }}
         {{- if $v.certificates.controlPlane }}
         - name: kubernetes-pki
           hostPath:
