@@ -191,7 +191,12 @@ impl LogPipeline {
             metrics: metrics.node.clone(),
             stop: Default::default(),
         };
-        let node_logs = if ecs_sinks.iter().any(|e| *e) { Some(NodeLogs::start(context, feed)?) } else { None };
+        let node_logs = if ecs_sinks.iter().any(|e| *e) {
+            Some(NodeLogs::start(context, feed)?)
+        } else {
+            tracing::info!("node logs not shipped: they go to Elasticsearch or stdout, and neither is configured");
+            None
+        };
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer, node_logs })
     }

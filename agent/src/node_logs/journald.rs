@@ -108,8 +108,7 @@ impl JournalSource {
         let mut line = Vec::new();
         let max = context.config.logs.max_line_bytes;
         loop {
-            line.clear();
-            let n = lines.read_until(b'\n', &mut line)?;
+            let n = read_line(&mut lines, &mut line, max.saturating_mul(4) + 64 * 1024)?;
             if n > 0 {
                 match entry(&line, max) {
                     Some((record, entry_cursor)) => {
@@ -145,6 +144,30 @@ impl JournalSource {
             anyhow::bail!("journalctl {status}: {}", stderr.trim());
         }
         Ok(true)
+    }
+}
+
+/// Reads one line into `line`, keeping at most `limit` bytes of it (the rest is skipped up to
+/// its newline, and the cut line then fails to parse as an entry). Returns the bytes consumed.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, limit: usize) -> std::io::Result<usize> {
+    line.clear();
+    let mut consumed = 0;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(consumed);
+        }
+        let (take, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = limit.saturating_sub(line.len());
+        line.extend_from_slice(&buf[..take.min(room)]);
+        reader.consume(take);
+        consumed += take;
+        if done {
+            return Ok(consumed);
+        }
     }
 }
 
@@ -222,6 +245,18 @@ mod tests {
         let (record, cursor) = entry(br#"{"__CURSOR":"c","__REALTIME_TIMESTAMP":"1"}"#, 10).unwrap();
         assert_eq!((record, cursor.as_str()), (None, "c"));
         assert!(entry(b"not json", 10).is_none());
+    }
+
+    #[test]
+    fn an_overlong_line_is_bounded_and_the_next_line_is_whole() {
+        let text = format!("{}\n{{\"a\":1}}\n", "x".repeat(10_000));
+        let mut reader = std::io::BufReader::with_capacity(64, text.as_bytes());
+        let mut line = Vec::new();
+        assert_eq!(read_line(&mut reader, &mut line, 100).unwrap(), 10_001);
+        assert_eq!(line.len(), 100);
+        read_line(&mut reader, &mut line, 100).unwrap();
+        assert_eq!(line, b"{\"a\":1}\n");
+        assert_eq!(read_line(&mut reader, &mut line, 100).unwrap(), 0);
     }
 
     #[test]

@@ -119,7 +119,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_attributed_xid_carries_the_container_and_gpu_fields() {
+    fn an_attributed_xid_carries_the_container_and_gpu_fields_and_every_field_is_mapped() {
         let labels = ContainerLabels {
             namespace: "ml".into(),
             pod: "trainer-0".into(),
@@ -161,5 +161,38 @@ mod tests {
         assert_eq!(doc["user"]["name"], "alice");
         assert_eq!(doc["orchestrator"]["cluster"]["name"], "prod");
         assert_eq!(doc["event"]["dataset"], "node.kernel");
+
+        let journal = NodeRecord {
+            dataset: "node.journald",
+            unit: Some("kubelet.service".into()),
+            pid: Some(1),
+            process_name: Some("kubelet".into()),
+            truncated: true,
+            gpu: None,
+            ..record
+        };
+        let mut out = Vec::new();
+        journal.encode("gpu-7", "prod", &mut out);
+        let template: Value = serde_json::from_str(include_str!("../../../deploy/elasticsearch/node-index-template.json")).unwrap();
+        let mappings = &template["template"]["mappings"]["properties"];
+        let mut fields = Vec::new();
+        leaves(&doc, "", &mut fields);
+        leaves(&serde_json::from_slice(&out).unwrap(), "", &mut fields);
+        assert!(fields.len() > 20, "{fields:?}");
+        for field in fields {
+            let mapped = field.split('.').try_fold(mappings, |m, part| m.get(part).map(|p| p.get("properties").unwrap_or(p)));
+            assert!(mapped.is_some(), "{field} is not mapped by node-index-template.json");
+        }
+    }
+
+    fn leaves(value: &Value, prefix: &str, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    leaves(v, &if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
     }
 }
