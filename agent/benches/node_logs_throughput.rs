@@ -47,8 +47,7 @@ fn main() {
     kmsg.flush().unwrap();
     drop(kmsg);
 
-    let mut config = Config::default();
-    config.state_dir = dir.path().join("state");
+    let mut config = Config { state_dir: dir.path().join("state"), ..Config::default() };
     config.logs.pods_dir = dir.path().join("pods");
     config.host.proc_root = proc_root;
     config.node_logs.kernel.path = dir.path().join("kmsg");
