@@ -3,8 +3,10 @@
 //! zstd) is read by systemd's own code and no C library is linked into the agent.
 //!
 //! Never `--follow`: journalctl 252 following stays on the newest boot, and with
-//! `--after-cursor` skips that boot's first entry, losing entries across a reboot. Instead
-//! each pass runs `journalctl --after-cursor=<last read> -o json` to the journal's end, then
+//! `--after-cursor` skips that boot's first entry, losing entries across a reboot. Nor
+//! `--after-cursor` at all: it steps over one entry blindly, so when the cursor's entry was
+//! vacuumed it skips the first entry after it. Each pass runs `journalctl --cursor=<last read>
+//! -o json` to the journal's end, dropping the cursor's own entry when it is still there, and
 //! the next pass starts a second later; entries of every boot come in order.
 
 use std::io::{BufRead, BufReader, Read as _};
@@ -21,8 +23,9 @@ use crate::config::JournaldConfig;
 use crate::logs::checkpoint::NodePosition;
 use crate::logs::source::FileId;
 
-/// Entries per batch.
+/// Entries per batch, and message bytes (a batch is held until every sink has taken it).
 const BATCH: usize = 500;
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// The wait between passes: new entries are shipped within it plus the sink's flush.
 const PASS_INTERVAL: Duration = Duration::from_secs(1);
 /// The `journalctl` to run, found on `PATH`.
@@ -93,7 +96,7 @@ impl JournalSource {
         let mut command = Command::new(&self.journalctl);
         command.arg(format!("--directory={}", self.dir.display())).args(["--output=json", "--all", "--no-pager", "--quiet"]);
         if let Some(cursor) = cursor {
-            command.arg(format!("--after-cursor={cursor}"));
+            command.arg(format!("--cursor={cursor}"));
         }
         command.args(self.units.iter().map(|u| format!("_SYSTEMD_UNIT={u}")));
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -103,16 +106,20 @@ impl JournalSource {
     /// One journalctl run to the journal's end. False when stopping.
     fn pass(&self, cursor: &mut Option<String>, context: &Context, feed: &Feed, source: FileId) -> anyhow::Result<bool> {
         let mut child = KillOnDrop(self.command(cursor.as_deref()).spawn().map_err(|e| anyhow::anyhow!("{}: {e}", self.journalctl))?);
+        // The pass starts at the saved cursor's entry, shipped already, when it still exists.
+        let shipped = cursor.clone();
         let mut lines = BufReader::new(child.0.stdout.take().expect("piped"));
         let mut batch = Vec::with_capacity(BATCH);
-        let mut line = Vec::new();
+        let (mut line, mut bytes) = (Vec::new(), 0);
         let max = context.config.logs.max_line_bytes;
         loop {
             let n = read_line(&mut lines, &mut line, max.saturating_mul(4) + 64 * 1024)?;
             if n > 0 {
                 match entry(&line, max) {
+                    Some((_, entry_cursor)) if shipped.as_ref() == Some(&entry_cursor) => {}
                     Some((record, entry_cursor)) => {
                         if let Some(record) = record {
+                            bytes += record.message.len();
                             batch.push(record);
                         }
                         *cursor = Some(entry_cursor);
@@ -121,12 +128,13 @@ impl JournalSource {
                 }
             }
             let stopping = context.stop.load(Ordering::Acquire);
-            if (n == 0 || batch.len() >= BATCH || stopping) && cursor.is_some() {
+            if (n == 0 || batch.len() >= BATCH || bytes >= BATCH_BYTES || stopping) && cursor.is_some() {
                 let position = NodePosition::Journal(cursor.clone().expect("checked"));
                 if (!batch.is_empty() || n == 0) && !feed.send(source, &batch, position) {
                     return Ok(false);
                 }
                 batch.clear();
+                bytes = 0;
             }
             if stopping {
                 return Ok(false);

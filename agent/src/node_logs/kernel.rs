@@ -15,8 +15,9 @@ use super::{pause, xid, Context, Feed, LostLabels, XidLabels};
 use crate::logs::checkpoint::{KernelPosition, NodePosition};
 use crate::logs::source::FileId;
 
-/// Records per batch.
+/// Records per batch, and message bytes (a batch is held until every sink has taken it).
 const BATCH: usize = 512;
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// How often series of gone pods are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -64,7 +65,7 @@ impl KernelSource {
         let mut last_error: Option<String> = None;
         while !context.stop.load(Ordering::Acquire) {
             read.clear();
-            match self.reader.read(&mut read, BATCH) {
+            match self.reader.read(&mut read, BATCH, BATCH_BYTES) {
                 Ok(Read::End) => {
                     attribution.sweep(context);
                     self.reader.wait(Duration::from_millis(250));

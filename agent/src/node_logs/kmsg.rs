@@ -73,10 +73,11 @@ impl KmsgReader {
         Ok(KmsgReader { file, is_device, buf: vec![0; READ_BUF], partial: Vec::new(), overlong: false, max_message })
     }
 
-    /// Reads up to `max` records into `out`.
-    pub fn read(&mut self, out: &mut Vec<KernelRecord>, max: usize) -> io::Result<Read> {
+    /// Reads up to `max` records, and about `max_bytes` of messages, into `out`.
+    pub fn read(&mut self, out: &mut Vec<KernelRecord>, max: usize, max_bytes: usize) -> io::Result<Read> {
         let before = out.len();
-        while out.len() - before < max {
+        let mut bytes = 0;
+        while out.len() - before < max && bytes < max_bytes {
             let n = match self.file.read(&mut self.buf) {
                 Ok(0) => return Ok(if out.len() > before { Read::Records } else { Read::End }),
                 Ok(n) => n,
@@ -102,6 +103,7 @@ impl KmsgReader {
                 };
                 if !line.starts_with(b" ") {
                     if let Some(record) = parse(line, self.max_message) {
+                        bytes += record.message.len();
                         out.push(record);
                     }
                 }
@@ -167,13 +169,13 @@ mod tests {
         let mut reader = KmsgReader::open(&path, 1024).unwrap();
         assert!(!reader.is_device);
         let mut out = Vec::new();
-        assert_eq!(reader.read(&mut out, 100).unwrap(), Read::Records);
+        assert_eq!(reader.read(&mut out, 100, usize::MAX).unwrap(), Read::Records);
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out[0], KernelRecord { level: 6, seq: 0, usec: 5000, message: "Linux version 6.1.0".into(), truncated: false });
         assert_eq!((out[1].level, out[1].seq, out[1].usec), (3, 1, 7_000_123));
         assert_eq!(out[1].message, "nvidia: probe of 0000:3b:00.0 failed; retry", "only the first ; splits");
         out.clear();
-        assert_eq!(reader.read(&mut out, 100).unwrap(), Read::End, "end of a file is not an error");
+        assert_eq!(reader.read(&mut out, 100, usize::MAX).unwrap(), Read::End, "end of a file is not an error");
     }
 
     #[test]
@@ -183,12 +185,12 @@ mod tests {
         std::fs::write(&path, "4,7,10,-;half of ").unwrap();
         let mut reader = KmsgReader::open(&path, 4096).unwrap();
         let mut out = Vec::new();
-        assert_eq!(reader.read(&mut out, 100).unwrap(), Read::End);
+        assert_eq!(reader.read(&mut out, 100, usize::MAX).unwrap(), Read::End);
         let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         writeln!(file, "a line").unwrap();
         writeln!(file, "4,8,11,-;{}", "x".repeat(1 << 20)).unwrap();
         writeln!(file, "4,9,12,-;after").unwrap();
-        reader.read(&mut out, 100).unwrap();
+        reader.read(&mut out, 100, usize::MAX).unwrap();
         let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [7, 8, 9]);
         assert_eq!(out[0].message, "half of a line");
