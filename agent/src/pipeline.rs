@@ -103,7 +103,7 @@ pub struct LogPipeline {
     encoder: JoinHandle<()>,
     sinks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     committer: tokio::task::JoinHandle<()>,
-    node_logs: Option<NodeLogs>,
+    node_logs: NodeLogs,
 }
 
 impl LogPipeline {
@@ -152,7 +152,6 @@ impl LogPipeline {
 
         let formats =
             sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
-        let ecs_sinks: Vec<bool> = sinks.iter().map(|s| s.formats.ecs).collect();
         let (sink_txs, sinks): (Vec<_>, Vec<_>) = sinks
             .into_iter()
             .map(|sink| {
@@ -167,14 +166,14 @@ impl LogPipeline {
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
         let mut encoder =
             Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
-        // The node's logs go to the sinks that take ECS documents, numbered with the containers'.
+        // The node's logs go to every sink, numbered with the containers' batches.
         let feed = {
-            let (seq, acks) = (encoder.sequence(), ack_tx.clone());
-            let txs: Vec<_> = sink_txs.iter().zip(&ecs_sinks).filter(|(_, ecs)| **ecs).map(|(tx, _)| tx.clone()).collect();
+            let (seq, acks, txs) = (encoder.sequence(), ack_tx.clone(), sink_txs.clone());
             let es = &config.sinks.elasticsearch;
             let (index, node, cluster): (Arc<str>, _, _) =
                 (es.node_data_stream.as_str().into(), config.node_name.clone(), config.cluster_name.clone());
             move || Feed {
+                formats,
                 seq: seq.clone(),
                 sinks: txs.clone(),
                 acks: acks.clone(),
@@ -191,12 +190,7 @@ impl LogPipeline {
             metrics: metrics.node.clone(),
             stop: Default::default(),
         };
-        let node_logs = if ecs_sinks.iter().any(|e| *e) {
-            Some(NodeLogs::start(context, feed)?)
-        } else {
-            tracing::info!("node logs not shipped: they go to Elasticsearch or stdout, and neither is configured");
-            None
-        };
+        let node_logs = NodeLogs::start(context, feed)?;
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
         Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer, node_logs })
     }
@@ -220,17 +214,13 @@ impl LogPipeline {
     pub async fn stop(self, grace: Duration) {
         let checkpoints = self.checkpoints.clone();
         self.wake.shutdown();
-        if let Some(node_logs) = &self.node_logs {
-            node_logs.stop();
-        }
+        self.node_logs.stop();
         let drain = async {
             let node_logs = self.node_logs;
             let threads = tokio::task::spawn_blocking(move || {
                 let _ = self.tailer.join();
                 let _ = self.encoder.join();
-                if let Some(node_logs) = node_logs {
-                    node_logs.join();
-                }
+                node_logs.join();
             });
             let _ = threads.await;
             for sink in self.sinks {

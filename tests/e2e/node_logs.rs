@@ -337,3 +337,25 @@ fn an_unreadable_journal_is_a_clear_error_and_the_kernel_ring_is_still_shipped()
     assert!(log.contains("journal cannot be read") && log.contains(&node.path("journal").display().to_string()), "{log}");
     stop(agent);
 }
+
+#[test]
+fn kernel_records_reach_an_otlp_receiver_with_the_node_as_resource() {
+    let node = Node::new();
+    node.kmsg("3,0,1000000,-;NVRM: Xid (PCI:0000:3b:00): 48, An uncorrectable double bit error\n6,1,2000000,-;two\n");
+    let otlp = nodelens_testkit::otlp::FakeOtlp::start();
+    let sink = format!("sinks:\n  otlp:\n    endpoint: {}\n    flush_interval: 200ms\n", otlp.http_url());
+    let agent = node.start(&node.config(&sink), true, false);
+    let deadline = Instant::now() + WAIT;
+    while otlp.log_count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop(agent);
+    let logs = otlp.logs();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(logs[0].resource.get("k8s.node.name").map(String::as_str), Some("gpu-node"));
+    assert_eq!(logs[0].attributes.get("nodelens.gpu.xid").map(String::as_str), Some("48"));
+    assert_eq!(logs[0].attributes.get("event.dataset").map(String::as_str), Some("node.kernel"));
+    assert_eq!((logs[0].severity_text.as_str(), logs[0].time_unix_nano), ("ERROR", (BTIME + 1) * 1_000_000_000));
+    assert_eq!(logs[1].body, "two");
+    assert_ne!(logs[0].uid(), logs[1].uid());
+}

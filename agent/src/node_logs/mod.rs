@@ -3,13 +3,14 @@
 //! checkpoint store, a deterministic document id per entry. A GPU XID in the kernel ring is
 //! attributed to the container whose process raised it.
 //!
-//! Each source is a thread that reads, encodes ECS documents and hands batches to the sinks
-//! that take ECS (Elasticsearch, stdout); the committer advances its position once every one
+//! Each source is a thread that reads, encodes ECS documents and OTLP records as the sinks
+//! ask, and hands batches to every sink; the committer advances its position once every one
 //! has acknowledged.
 
 pub mod journald;
 pub mod kernel;
 pub mod kmsg;
+pub mod otlp;
 pub mod record;
 pub mod xid;
 
@@ -29,7 +30,7 @@ use crate::logs::ack::AckMsg;
 use crate::logs::checkpoint::{Checkpoints, NodePosition};
 use crate::logs::source::FileId;
 use crate::sinks::ecs::Documents;
-use crate::sinks::Batch;
+use crate::sinks::{Batch, Formats};
 
 /// Labels of `nodelens_container_gpu_xid_errors_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,8 +69,10 @@ pub struct NodeLogMetrics {
     pub lost: Family<LostLabels, Counter>,
 }
 
-/// Where a source's batches go: every sink that takes ECS documents, and the committer.
+/// Where a source's batches go: every sink, and the committer.
 pub struct Feed {
+    /// The encodings the sinks read.
+    pub formats: Formats,
     /// Batch numbers, shared with the container-log encoder: the committer's order.
     pub seq: Arc<AtomicU64>,
     /// The sinks' inputs.
@@ -90,14 +93,21 @@ impl Feed {
     /// the pipeline is gone.
     pub fn send(&self, source: FileId, records: &[NodeRecord], position: NodePosition) -> bool {
         let mut docs = Documents::default();
-        for record in records {
-            record.encode(&self.node, &self.cluster, &mut docs.bytes);
-            docs.ends.push(docs.bytes.len() as u32);
-            docs.offsets.push(record.id);
+        if self.formats.ecs {
+            for record in records {
+                record.encode(&self.node, &self.cluster, &mut docs.bytes);
+                docs.ends.push(docs.bytes.len() as u32);
+                docs.offsets.push(record.id);
+            }
+        }
+        let mut otlp = Vec::new();
+        if self.formats.otlp && !records.is_empty() {
+            let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
+            self::otlp::encode(records, source, &self.node, &self.cluster, observed, &mut otlp);
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let sinks = if records.is_empty() { 0 } else { self.sinks.len() as u32 };
-        let batch = Arc::new(Batch { seq, file: source, records: records.len(), docs, otlp: Vec::new(), index: Some(self.index.clone()) });
+        let batch = Arc::new(Batch { seq, file: source, records: records.len(), docs, otlp, index: Some(self.index.clone()) });
         if self.acks.blocking_send(AckMsg::RegisterNode { seq, position, sinks }).is_err() {
             return false;
         }
