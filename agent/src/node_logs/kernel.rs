@@ -60,7 +60,7 @@ impl KernelSource {
             None => (None, None),
         };
         tracing::info!(boot_id = %self.boot_id, after = ?skip, "reading the kernel ring");
-        let mut attribution = Attribution::new(context);
+        let mut attribution = Attribution::new();
         let (mut read, mut records) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
         let mut last_error: Option<String> = None;
         while !context.stop.load(Ordering::Acquire) {
@@ -149,7 +149,7 @@ struct Attribution {
 }
 
 impl Attribution {
-    fn new(_context: &Context) -> Attribution {
+    fn new() -> Attribution {
         Attribution { waited: HashSet::new(), series: HashMap::new(), last_sweep: Instant::now() }
     }
 

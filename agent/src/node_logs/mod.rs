@@ -179,8 +179,13 @@ impl NodeLogs {
 }
 
 fn report(switch: Switch, what: &str, error: &anyhow::Error) {
+    let denied = error.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
     if switch == Switch::On {
         tracing::error!(error = %format!("{error:#}"), "{what} cannot be read; it is not shipped (everything else runs)");
+    } else if denied {
+        // Mounted but refused (no CAP_SYSLOG, or a device cgroup that denies /dev/kmsg): the
+        // install meant it to be read.
+        tracing::warn!(error = %format!("{error:#}"), "{what} cannot be read; it is not shipped (everything else runs)");
     } else {
         tracing::info!(reason = %format!("{error:#}"), "{what} not found; not shipped");
     }
