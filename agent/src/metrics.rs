@@ -88,6 +88,11 @@ impl Metrics {
             logs.tailer.truncated.clone(),
         );
         r.add(
+            "node_log_records",
+            "Records of the node's own logs read, by source (kernel, journald) and syslog level",
+            logs.node.records.clone(),
+        );
+        r.add(
             "log_lost_records",
             "Records of the node's logs lost before they were read (kernel: overwritten in the ring)",
             logs.node.lost.clone(),

@@ -177,6 +177,10 @@ fn kernel_records_are_shipped_once_across_restarts_and_a_reboot_and_xids_name_th
     assert_eq!(metric_sum(&metrics, xids, &[]), 7.0, "{metrics}");
     assert_eq!(metric_sum(&metrics, xids, &["pod=\"\""]), 3.0, "gone, host and pid-less XIDs count without a container");
     assert_eq!(metric_sum(&metrics, "nodelens_log_lost_records_total", &["source=\"kernel\""]), 3.0, "sequence gap 5..7");
+    let records = "nodelens_node_log_records_total";
+    assert_eq!(metric_sum(&metrics, records, &["source=\"kernel\""]), 9.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, records, &["source=\"kernel\"", "level=\"warning\""]), 7.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, records, &["source=\"kernel\"", "level=\"err\""]), 1.0, "{metrics}");
     stop(agent);
 
     node.kmsg("6,12,4000000,-;after the restart\n6,13,4100000,-;second after the restart\n");

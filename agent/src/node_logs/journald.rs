@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::record::NodeRecord;
-use super::{pause, Context, Feed};
+use super::{pause, Context, Feed, NodeRecordLabels};
 use crate::config::JournaldConfig;
 use crate::logs::checkpoint::NodePosition;
 use crate::logs::source::FileId;
@@ -119,6 +119,7 @@ impl JournalSource {
                     Some((_, entry_cursor)) if shipped.as_ref() == Some(&entry_cursor) => {}
                     Some((record, entry_cursor)) => {
                         if let Some(record) = record {
+                            context.metrics.records.get_or_create(&NodeRecordLabels::new("journald", record.priority)).inc();
                             bytes += record.message.len();
                             batch.push(record);
                         }

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use super::kmsg::{self, KernelRecord, KmsgReader, Read};
 use super::record::{Attributed, GpuError, NodeRecord};
-use super::{pause, xid, Context, Feed, LostLabels, XidLabels};
+use super::{pause, xid, Context, Feed, LostLabels, NodeRecordLabels, XidLabels};
 use crate::logs::checkpoint::{KernelPosition, NodePosition};
 use crate::logs::source::FileId;
 
@@ -105,6 +105,7 @@ impl KernelSource {
     }
 
     fn record(&self, record: KernelRecord, attribution: &mut Attribution, context: &Context) -> NodeRecord {
+        context.metrics.records.get_or_create(&NodeRecordLabels::new("kernel", Some(record.level))).inc();
         let gpu = xid::parse(&record.message).map(|xid| {
             let container =
                 xid.pid.and_then(|pid| attribution.container(&self.proc_root, pid, record.usec, self.ticks_per_second, context));

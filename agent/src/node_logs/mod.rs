@@ -60,9 +60,29 @@ pub struct LostLabels {
     pub source: &'static str,
 }
 
+/// Labels of `nodelens_node_log_records_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeRecordLabels {
+    /// `kernel` or `journald`.
+    pub source: &'static str,
+    /// The syslog level's name: `emerg`, `alert`, `crit`, `err`, `warning`, `notice`, `info`,
+    /// `debug`, or `none` for an entry without a priority.
+    pub level: &'static str,
+}
+
+impl NodeRecordLabels {
+    /// The labels of a record of `source` at syslog `priority`.
+    pub fn new(source: &'static str, priority: Option<u8>) -> NodeRecordLabels {
+        const NAMES: [&str; 8] = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"];
+        NodeRecordLabels { source, level: priority.map_or("none", |p| NAMES[usize::from(p.min(7))]) }
+    }
+}
+
 /// The node-log sources' metric handles.
 #[derive(Clone, Default)]
 pub struct NodeLogMetrics {
+    /// `nodelens_node_log_records_total`: records read, by source and syslog level.
+    pub records: Family<NodeRecordLabels, Counter>,
     /// `nodelens_container_gpu_xid_errors_total`.
     pub xid_errors: Family<XidLabels, Counter>,
     /// `nodelens_log_lost_records_total`.
