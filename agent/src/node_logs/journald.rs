@@ -109,6 +109,16 @@ impl JournalSource {
         // The pass starts at the saved cursor's entry, shipped already, when it still exists.
         let shipped = cursor.clone();
         let mut lines = BufReader::new(child.0.stdout.take().expect("piped"));
+        // Drained on the side, so warnings about many damaged files cannot fill the pipe and
+        // stall journalctl; the first 2 KiB are kept for the error message. It ends when the
+        // child does (killed when this pass returns early).
+        let mut stderr = child.0.stderr.take().expect("piped");
+        let stderr = std::thread::Builder::new().name("journalctl-stderr".into()).spawn(move || {
+            let mut kept = Vec::new();
+            let _ = (&mut stderr).take(2048).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            String::from_utf8_lossy(&kept).into_owned()
+        })?;
         let mut batch = Vec::with_capacity(BATCH);
         let (mut line, mut bytes) = (Vec::new(), 0);
         let max = context.config.logs.max_line_bytes;
@@ -145,12 +155,9 @@ impl JournalSource {
             }
         }
         let status = child.0.wait()?;
+        let message = stderr.join().unwrap_or_default();
         if !status.success() {
-            let mut stderr = String::new();
-            if let Some(err) = child.0.stderr.take() {
-                let _ = err.take(2048).read_to_string(&mut stderr);
-            }
-            anyhow::bail!("journalctl {status}: {}", stderr.trim());
+            anyhow::bail!("journalctl {status}: {}", message.trim());
         }
         Ok(true)
     }
