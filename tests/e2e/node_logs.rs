@@ -4,7 +4,6 @@
 //! systemd's own `systemd-journal-remote` and read back through `journalctl`. Agents are
 //! stopped with SIGTERM and restarted in between: every selected record is shipped once.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -125,7 +124,6 @@ fn kernel_records_are_shipped_once_across_restarts_and_a_reboot_and_xids_name_th
     let config = node.config("");
     let agent = node.start(&config, true, false);
     let docs = wait_docs(&agent, "node.kernel", 9);
-    let by_message: BTreeMap<u64, &Value> = docs
         .iter()
         .map(|d| {
             (
@@ -142,7 +140,7 @@ fn kernel_records_are_shipped_once_across_restarts_and_a_reboot_and_xids_name_th
     assert_eq!(docs[0]["kubernetes"]["node"]["name"], "gpu-node");
     assert_eq!(docs[0]["host"]["name"], "gpu-node");
     assert!(docs[0].get("kubernetes").unwrap().get("pod").is_none());
-    let xid = |n: u64| docs.iter().find(|d| d["nodelens"]["gpu"]["xid"] == n).unwrap_or_else(|| panic!("no xid {n}: {by_message:?}"));
+    let xid = |n: u64| docs.iter().find(|d| d["nodelens"]["gpu"]["xid"] == n).unwrap_or_else(|| panic!("no xid {n}: {docs:#?}"));
     for (n, pod, bus) in [(13, "trainer-b", "0000:3c:00"), (31, "trainer-c", "0000:3d:00"), (43, "trainer-d", "0000:3e:00")] {
         let d = xid(n);
         assert_eq!(d["kubernetes"]["pod"]["name"], pod, "{d}");
