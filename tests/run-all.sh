@@ -10,6 +10,9 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 command -v helm >/dev/null || command -v unzip >/dev/null || need_apt+=(unzip)
+# Node-log tests: journal files written by systemd's own tools, read back with journalctl.
+command -v journalctl >/dev/null || need_apt+=(systemd)
+[[ -x /lib/systemd/systemd-journal-remote || -x /usr/lib/systemd/systemd-journal-remote ]] || need_apt+=(systemd-journal-remote)
 if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -45,6 +45,9 @@ fn main() {
     let pods = dir.path().join("pods");
     let records = common::generate_backlog(&pods, mib << 20);
     let mut config = Config::default();
+    // The machine's own journal and kernel ring stay out of the measurement.
+    config.node_logs.journald.enabled = nodelens::config::Switch::Off;
+    config.node_logs.kernel.enabled = nodelens::config::Switch::Off;
     config.logs.pods_dir = pods.clone();
     config.state_dir = dir.path().join("state");
     config.sinks.otlp.endpoint = format!("http://127.0.0.1:{}", if grpc { &grpc_port } else { &http_port });

@@ -28,6 +28,9 @@ fn main() {
     let rss_before = common::current_rss_mib();
 
     let mut config = Config::default();
+    // The machine's own journal and kernel ring stay out of the measurement.
+    config.node_logs.journald.enabled = nodelens::config::Switch::Off;
+    config.node_logs.kernel.enabled = nodelens::config::Switch::Off;
     config.logs.pods_dir = pods;
     config.state_dir = dir.path().join("state");
     // NODELENS_BENCH_RULES=10: ten log-derived metric rules over every record.

@@ -83,6 +83,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Certificate expiry checks.
     pub certificates: CertificatesConfig,
+    /// The node's own logs: the systemd journal and the kernel ring.
+    pub node_logs: NodeLogsConfig,
 }
 
 impl Default for Config {
@@ -99,7 +101,59 @@ impl Default for Config {
             sinks: SinksConfig::default(),
             metrics: MetricsConfig::default(),
             certificates: CertificatesConfig::default(),
+            node_logs: NodeLogsConfig::default(),
         }
+    }
+}
+
+/// The node's own logs, shipped like container logs (same sinks, checkpoints, exactly once).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeLogsConfig {
+    /// The host's systemd journal (kubelet, container runtime).
+    pub journald: JournaldConfig,
+    /// The kernel ring (`/dev/kmsg`): driver errors such as GPU XIDs, OOM kills.
+    pub kernel: KernelConfig,
+}
+
+/// The host's systemd journal, read through `journalctl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournaldConfig {
+    /// `auto`: on when a journal is found under `path` (or `/run/log/journal`).
+    pub enabled: Switch,
+    /// The host's journal directory (`<path>/<machine-id>/*.journal`); when it holds no
+    /// journal, `/run/log/journal` (a volatile journal) is read instead.
+    pub path: PathBuf,
+    /// Units shipped (`_SYSTEMD_UNIT`); empty = every entry of the journal.
+    pub units: Vec<String>,
+}
+
+impl Default for JournaldConfig {
+    fn default() -> Self {
+        JournaldConfig {
+            enabled: Switch::Auto,
+            path: PathBuf::from("/var/log/journal"),
+            units: ["kubelet.service", "containerd.service", "crio.service", "docker.service"].map(String::from).to_vec(),
+        }
+    }
+}
+
+/// The kernel ring buffer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// `auto`: on when `path` can be opened for reading (it needs `CAP_SYSLOG` where
+    /// `kernel.dmesg_restrict` is set).
+    pub enabled: Switch,
+    /// The kernel's record device: one record per read,
+    /// `<prio>,<seq>,<usec since boot>,<flags>;<text>` with indented continuation lines.
+    pub path: PathBuf,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig { enabled: Switch::Auto, path: PathBuf::from("/dev/kmsg") }
     }
 }
 
@@ -358,6 +412,9 @@ pub struct ElasticsearchConfig {
     pub endpoints: Vec<String>,
     /// Data stream written with `create` operations.
     pub data_stream: String,
+    /// Data stream of the node's own logs (journal and kernel); one `_bulk` request may carry
+    /// records of both streams.
+    pub node_data_stream: String,
     /// Basic-auth user; the password comes from `password` or `password_file`.
     pub username: String,
     /// Basic-auth password (prefer `password_file` or the environment).
@@ -393,6 +450,7 @@ impl Default for ElasticsearchConfig {
         ElasticsearchConfig {
             endpoints: Vec::new(),
             data_stream: "logs-kubernetes.container_logs-default".into(),
+            node_data_stream: "logs-kubernetes.node-default".into(),
             username: String::new(),
             password: String::new(),
             password_file: String::new(),

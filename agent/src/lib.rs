@@ -13,6 +13,7 @@ pub mod host;
 pub mod kube;
 pub mod logs;
 pub mod metrics;
+pub mod node_logs;
 pub mod otlp;
 pub mod periodic;
 pub mod pipeline;

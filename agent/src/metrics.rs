@@ -110,6 +110,21 @@ impl Metrics {
             "Entries under pods_dir skipped because they cannot be a pod's (counted once per path)",
             logs.tailer.paths_skipped.clone(),
         );
+        r.add(
+            "node_log_records",
+            "Records of the node's own logs read, by source (kernel, journald) and syslog level",
+            logs.node.records.clone(),
+        );
+        r.add(
+            "log_lost_records",
+            "Records of the node's logs lost before they were read (kernel: overwritten in the ring)",
+            logs.node.lost.clone(),
+        );
+        r.add(
+            "container_gpu_xid_errors",
+            "GPU XIDs read from the kernel log since the agent started, by the container whose process raised them",
+            logs.node.xid_errors.clone(),
+        );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
         r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
         r.names.push("nodelens_log_metric_total".into());

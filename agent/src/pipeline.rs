@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use self::counts::CountFamilies;
 use self::encoder::Encoder;
 use crate::config::Config;
+use crate::host::names::Names;
 use crate::kube::store::PodStore;
 use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
 use crate::logs::assemble::MultilineRule;
@@ -28,6 +29,7 @@ use crate::logs::derived::DerivedFamilies;
 use crate::logs::enrich::Enricher;
 use crate::logs::tailer::{Tailer, TailerMetrics, TailerSettings};
 use crate::logs::wake::Wake;
+use crate::node_logs::{self, Feed, NodeLogs};
 use crate::sinks::{self, Batch, Formats, SinkMetrics};
 
 /// Chunks between the tailer and the encoder.
@@ -46,6 +48,8 @@ pub struct LogMetrics {
     pub derived: DerivedFamilies,
     /// Checkpoint write failures and the last success.
     pub checkpoints: CheckpointMetrics,
+    /// The node's own logs: XIDs per container, kernel records lost.
+    pub node: crate::node_logs::NodeLogMetrics,
 }
 
 type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
@@ -101,6 +105,7 @@ pub struct LogPipeline {
     encoder: JoinHandle<()>,
     sinks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     committer: tokio::task::JoinHandle<()>,
+    node_logs: NodeLogs,
 }
 
 impl LogPipeline {
@@ -164,9 +169,35 @@ impl LogPipeline {
         let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
         let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
-        let mut encoder = Encoder::new(enricher, pods, logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
+        let mut encoder =
+            Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
+        // The node's logs go to every sink, numbered with the containers' batches.
+        let feed = {
+            let (seq, acks, txs) = (encoder.sequence(), ack_tx.clone(), sink_txs.clone());
+            let es = &config.sinks.elasticsearch;
+            let (index, node, cluster): (Arc<str>, _, _) =
+                (es.node_data_stream.as_str().into(), config.node_name.clone(), config.cluster_name.clone());
+            move || Feed {
+                formats,
+                seq: seq.clone(),
+                sinks: txs.clone(),
+                acks: acks.clone(),
+                index: index.clone(),
+                node: node.clone(),
+                cluster: cluster.clone(),
+            }
+        };
+        let names = Names { pods_dir: logs.pods_dir.clone(), containers_dir: logs.containers_dir.clone(), pods };
+        let context = node_logs::Context {
+            config: config.clone(),
+            checkpoints: checkpoints.clone(),
+            names,
+            metrics: metrics.node.clone(),
+            stop: Default::default(),
+        };
+        let node_logs = NodeLogs::start(context, feed)?;
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
-        Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer })
+        Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer, node_logs })
     }
 
     /// Resolves when a sink fails (returns its error); pending forever while all run.
@@ -188,10 +219,13 @@ impl LogPipeline {
     pub async fn stop(self, grace: Duration) {
         let checkpoints = self.checkpoints.clone();
         self.wake.shutdown();
+        self.node_logs.stop();
         let drain = async {
+            let node_logs = self.node_logs;
             let threads = tokio::task::spawn_blocking(move || {
                 let _ = self.tailer.join();
                 let _ = self.encoder.join();
+                node_logs.join();
             });
             let _ = threads.await;
             for sink in self.sinks {

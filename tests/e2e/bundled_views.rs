@@ -331,10 +331,13 @@ fn mapped_field_types() -> BTreeMap<String, String> {
             }
         }
     }
-    let text = std::fs::read_to_string(root().join("deploy/elasticsearch/index-template.json")).unwrap();
-    let template: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // The container logs' template and the node logs' (the node data view and its links).
     let mut out = BTreeMap::new();
-    walk("", &template["template"]["mappings"]["properties"], &mut out);
+    for file in ["index-template.json", "node-index-template.json"] {
+        let text = std::fs::read_to_string(root().join("deploy/elasticsearch").join(file)).unwrap();
+        let template: serde_json::Value = serde_json::from_str(&text).unwrap();
+        walk("", &template["template"]["mappings"]["properties"], &mut out);
+    }
     out
 }
 
@@ -503,7 +506,8 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
     let ids: HashSet<(String, String)> =
         objects.iter().map(|o| (o["type"].as_str().unwrap().to_string(), o["id"].as_str().unwrap().to_string())).collect();
     assert_eq!(ids.len(), objects.len(), "ids are unique");
-    let data_stream = nodelens::config::Config::default().sinks.elasticsearch.data_stream;
+    let es = nodelens::config::Config::default().sinks.elasticsearch;
+    let (data_stream, node_data_stream) = (es.data_stream, es.node_data_stream);
     let (mut titles, mut on_dashboards) = (BTreeSet::new(), BTreeSet::new());
     for o in &objects {
         let (kind, id) = (o["type"].as_str().unwrap(), o["id"].as_str().unwrap());
@@ -522,7 +526,10 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
             "index-pattern" => {
                 let pattern = attributes["title"].as_str().unwrap();
                 let prefix = pattern.strip_suffix('*').unwrap();
-                assert!(data_stream.starts_with(prefix), "{id}: {pattern} covers the default data stream {data_stream}");
+                assert!(
+                    data_stream.starts_with(prefix) || node_data_stream.starts_with(prefix),
+                    "{id}: {pattern} covers the default data stream {data_stream} or {node_data_stream}"
+                );
                 assert_eq!(attributes["timeFieldName"], "@timestamp");
                 assert_grafana_link(id, &o["attributes"], &fields);
             }

@@ -549,3 +549,28 @@ fn control_plane_certificates_come_from_a_daemonset_on_control_plane_nodes_only(
         assert!(!mounts.iter().any(|m| m.starts_with("/etc/kubernetes")), "{:?}: {mounts:?}", ds.metadata.name);
     }
 }
+
+#[test]
+fn node_logs_mount_the_hosts_var_log_and_kmsg_read_only_and_switch_off_with_their_mounts_and_capability() {
+    let mounts = |ds: &DaemonSet| -> Vec<(String, bool)> {
+        pod(ds).containers[0].volume_mounts.clone().unwrap().into_iter().map(|m| (m.mount_path, m.read_only == Some(true))).collect()
+    };
+    let added = |ds: &DaemonSet| pod(ds).containers[0].security_context.clone().unwrap().capabilities.unwrap().add.unwrap_or_default();
+    let on = render(&[]);
+    let effective = |objects: &[Value], ds: &DaemonSet| check_config(&agent_config(objects), ds).unwrap();
+    for ds in of_kind::<DaemonSet>(&on, "DaemonSet") {
+        for path in ["/host/var/log", "/dev/kmsg"] {
+            assert!(mounts(&ds).contains(&(path.to_string(), true)), "{path} mounted read-only: {:?}", mounts(&ds));
+        }
+        assert_eq!(added(&ds), ["SYSLOG"]);
+        assert_eq!(effective(&on, &ds)["node_logs"]["kernel"]["enabled"].as_str(), Some("auto"));
+    }
+    let off = render(&["--set", "nodeLogs.journald=false", "--set", "nodeLogs.kernel=false"]);
+    for ds in of_kind::<DaemonSet>(&off, "DaemonSet") {
+        assert!(mounts(&ds).iter().all(|(p, _)| p != "/host/var/log" && p != "/dev/kmsg"), "{:?}", mounts(&ds));
+        assert!(added(&ds).is_empty(), "no capability without the kernel log");
+        let config = effective(&off, &ds);
+        assert_eq!(config["node_logs"]["kernel"]["enabled"].as_bool(), Some(false));
+        assert_eq!(config["node_logs"]["journald"]["enabled"].as_bool(), Some(false));
+    }
+}

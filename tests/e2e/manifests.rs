@@ -233,7 +233,11 @@ pub fn assert_least_privilege(what: &str, ds: &DaemonSet) {
         assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
         let caps = sc.capabilities.as_ref().unwrap();
         assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{what}");
-        assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()), "{what}: no capability added");
+        // One capability may be added: CAP_SYSLOG, for /dev/kmsg under kernel.dmesg_restrict,
+        // and only beside the kmsg mount it is for.
+        let kmsg = c.volume_mounts.iter().flatten().any(|m| m.mount_path == "/dev/kmsg" && m.read_only == Some(true));
+        let added = caps.add.clone().unwrap_or_default();
+        assert!(added.is_empty() || (kmsg && added == ["SYSLOG"]), "{what}: no capability added but SYSLOG for /dev/kmsg: {added:?}");
         for (var, field) in [("NODE_NAME", "spec.nodeName"), ("POD_UID", "metadata.uid")] {
             let env = c.env.iter().flatten().find(|e| e.name == var).unwrap_or_else(|| panic!("{what}: {var} is set"));
             let from = env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
@@ -264,7 +268,11 @@ pub fn assert_least_privilege(what: &str, ds: &DaemonSet) {
     // Nothing is created on the host but the state directory: every other hostPath must exist.
     for volume in &volumes {
         let Some(host) = &volume.host_path else { continue };
-        let expected = if host.path == "/var/lib/nodelens" { "DirectoryOrCreate" } else { "Directory" };
+        let expected = match host.path.as_str() {
+            "/var/lib/nodelens" => "DirectoryOrCreate",
+            "/dev/kmsg" => "CharDevice",
+            _ => "Directory",
+        };
         assert_eq!(host.type_.as_deref(), Some(expected), "{what}: hostPath {}", host.path);
     }
     // A DaemonSet that runs on workers mounts nothing at or under /etc/kubernetes (it exists on

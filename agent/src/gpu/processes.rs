@@ -54,7 +54,7 @@ impl PidResolver {
 
 /// Field 22 of `/proc/<pid>/stat` (start time in clock ticks). The command name (field 2) may
 /// hold spaces and parentheses, so fields are counted after its last `)`.
-fn start_time(stat: &str) -> Option<u64> {
+pub(crate) fn start_time(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
 }

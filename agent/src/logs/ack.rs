@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
-use super::checkpoint::Checkpoints;
+use super::checkpoint::{Checkpoints, NodePosition};
 use super::source::FileId;
 
 /// A message to the [`Committer`].
@@ -33,6 +33,16 @@ pub enum AckMsg {
         /// How many acknowledgements to wait for.
         sinks: u32,
     },
+    /// Node-log batch `seq` was handed to `sinks` sinks; once all acknowledge, its source is
+    /// done up to `position`.
+    RegisterNode {
+        /// Order in which batches were made.
+        seq: u64,
+        /// The position of the batch's last record.
+        position: NodePosition,
+        /// How many acknowledgements to wait for.
+        sinks: u32,
+    },
     /// One sink is done with chunk `seq` (delivered, or rejected for good).
     Ack {
         /// The chunk.
@@ -41,10 +51,7 @@ pub enum AckMsg {
 }
 
 struct Waiting {
-    file: FileId,
-    path: PathBuf,
-    offset: u64,
-    read_bytes: u64,
+    done: Done,
     missing: u32,
 }
 
@@ -58,6 +65,12 @@ pub struct CheckpointMetrics {
     /// `nodelens_checkpoint_last_success_timestamp_seconds`: when the file on disk last held
     /// every acknowledged offset (written, or nothing new to write), Unix seconds.
     pub last_success: Gauge<f64, AtomicU64>,
+}
+
+/// What a chunk's acknowledgement commits.
+enum Done {
+    File { file: FileId, path: PathBuf, offset: u64, read_bytes: u64 },
+    Node(NodePosition),
 }
 
 /// Applies acknowledgements in read order and persists checkpoints periodically.
@@ -80,7 +93,10 @@ impl Committer {
     pub fn handle(&mut self, msg: AckMsg) {
         match msg {
             AckMsg::Register { seq, file, path, offset, read_bytes, sinks } => {
-                self.waiting.insert(seq, Waiting { file, path, offset, read_bytes, missing: sinks });
+                self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes }, missing: sinks });
+            }
+            AckMsg::RegisterNode { seq, position, sinks } => {
+                self.waiting.insert(seq, Waiting { done: Done::Node(position), missing: sinks });
             }
             AckMsg::Ack { seq } => match self.waiting.get_mut(&seq) {
                 Some(w) => w.missing = w.missing.saturating_sub(1),
@@ -91,9 +107,13 @@ impl Committer {
             if entry.get().missing > 0 {
                 break;
             }
-            let done = entry.remove();
-            self.checkpoints.acknowledge(done.file, done.offset, &done.path);
-            self.inflight.fetch_sub(done.read_bytes, Ordering::AcqRel);
+            match entry.remove().done {
+                Done::File { file, path, offset, read_bytes } => {
+                    self.checkpoints.acknowledge(file, offset, &path);
+                    self.inflight.fetch_sub(read_bytes, Ordering::AcqRel);
+                }
+                Done::Node(position) => self.checkpoints.acknowledge_node(position),
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Checkpoints: for every file, the offset before which every record has been acknowledged
-//! by every sink. Written atomically (temp file, fsync, rename, fsync of the directory) so a
+//! by every sink; for the node's own logs, the journal cursor and the kernel ring's boot and
+//! sequence number. Written atomically (temp file, fsync, rename, fsync of the directory) so a
 //! crash leaves either the old or the new file, never a torn one.
 
 use std::collections::HashMap;
@@ -34,10 +35,46 @@ pub struct Entry {
     pub path: PathBuf,
 }
 
+/// Where the node's own logs are acknowledged up to. Files written before node logs existed
+/// have none: they read as empty positions (the journal and the ring read from their start).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodePositions {
+    /// The journal cursor of the last acknowledged entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_cursor: Option<String>,
+    /// The last acknowledged kernel record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelPosition>,
+}
+
+/// A kernel record's place: sequence numbers restart at every boot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelPosition {
+    /// `/proc/sys/kernel/random/boot_id` of the boot the record belongs to.
+    pub boot_id: String,
+    /// The record's sequence number.
+    pub seq: u64,
+}
+
+/// One acknowledged position of a node log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePosition {
+    /// A journal entry's cursor.
+    Journal(String),
+    /// A kernel record.
+    Kernel(KernelPosition),
+}
+
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
     version: u32,
     files: HashMap<String, Entry>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    node: NodePositions,
+}
+
+fn is_default(node: &NodePositions) -> bool {
+    *node == NodePositions::default()
 }
 
 /// The checkpoint table, shared by the tailer (which reads it) and the acknowledgement
@@ -54,6 +91,7 @@ pub struct Checkpoints {
 #[derive(Default)]
 struct Table {
     entries: HashMap<FileId, Entry>,
+    node: NodePositions,
     dirty: bool,
 }
 
@@ -70,11 +108,12 @@ impl Checkpoints {
         let probe = state_dir.join(".write-test");
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(err(state_dir))?;
         let lock = lock(state_dir).map_err(err(state_dir))?;
-        let mut entries = HashMap::new();
+        let (mut entries, mut node) = (HashMap::new(), NodePositions::default());
         match fs::read(&file) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
                 Ok(on_disk) if on_disk.version == VERSION => {
                     entries = on_disk.files.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
+                    node = on_disk.node;
                 }
                 Ok(on_disk) => {
                     tracing::warn!(file = %file.display(), version = on_disk.version, "unknown checkpoint version; reading all files from the start")
@@ -88,7 +127,7 @@ impl Checkpoints {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(&file)(e)),
         }
-        Ok(Checkpoints { dir: state_dir.to_path_buf(), table: Mutex::new(Table { entries, dirty: false }), _lock: lock })
+        Ok(Checkpoints { dir: state_dir.to_path_buf(), table: Mutex::new(Table { entries, node, dirty: false }), _lock: lock })
     }
 
     /// The acknowledged offset of `id`, if it was ever acknowledged.
@@ -105,6 +144,28 @@ impl Checkpoints {
             entry.path = path.to_path_buf();
             table.dirty = true;
         }
+    }
+
+    /// Where the node's logs are acknowledged up to.
+    pub fn node_positions(&self) -> NodePositions {
+        self.table.lock().unwrap().node.clone()
+    }
+
+    /// Records that a node log is acknowledged up to `position`. Callers acknowledge in read
+    /// order; a kernel record of another boot replaces the old boot's position.
+    pub fn acknowledge_node(&self, position: NodePosition) {
+        let mut table = self.table.lock().unwrap();
+        let changed = match position {
+            NodePosition::Journal(cursor) => table.node.journal_cursor.replace(cursor.clone()) != Some(cursor),
+            NodePosition::Kernel(kernel) => {
+                let forward = table.node.kernel.as_ref().is_none_or(|old| old.boot_id != kernel.boot_id || kernel.seq > old.seq);
+                if forward {
+                    table.node.kernel = Some(kernel);
+                }
+                forward
+            }
+        };
+        table.dirty |= changed;
     }
 
     /// Drops the checkpoint of a file that no longer exists.
@@ -129,7 +190,11 @@ impl Checkpoints {
                 return Ok(());
             }
             table.dirty = false;
-            OnDisk { version: VERSION, files: table.entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
+            OnDisk {
+                version: VERSION,
+                files: table.entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                node: table.node.clone(),
+            }
         };
         let bytes = serde_json::to_vec(&on_disk).expect("checkpoints serialize");
         let result = write_atomically(&self.dir, FILE_NAME, &bytes);
@@ -216,6 +281,28 @@ mod tests {
         cp.acknowledge(id(1), 40, Path::new("/p/0.log.20261122-000000"));
         assert_eq!(cp.offset(id(1)), Some(100));
         assert_eq!(cp.snapshot()[0].1.path, Path::new("/p/0.log.20261122-000000"), "path follows the rename");
+    }
+
+    #[test]
+    fn a_file_written_before_node_logs_is_read_and_node_positions_are_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = format!(r#"{{"version":1,"files":{{"{}":{{"offset":42,"path":"/p/0.log"}}}}}}"#, id(1));
+        fs::write(dir.path().join(FILE_NAME), old).unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        assert_eq!(cp.offset(id(1)), Some(42), "container offsets kept");
+        assert_eq!(cp.node_positions(), NodePositions::default(), "no node positions yet: read from the start");
+        cp.acknowledge_node(NodePosition::Journal("s=a;i=7".into()));
+        cp.acknowledge_node(NodePosition::Kernel(KernelPosition { boot_id: "b1".into(), seq: 9 }));
+        cp.acknowledge_node(NodePosition::Kernel(KernelPosition { boot_id: "b1".into(), seq: 3 }));
+        cp.persist().unwrap();
+        drop(cp);
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        assert_eq!(cp.offset(id(1)), Some(42));
+        let node = cp.node_positions();
+        assert_eq!(node.journal_cursor.as_deref(), Some("s=a;i=7"));
+        assert_eq!(node.kernel, Some(KernelPosition { boot_id: "b1".into(), seq: 9 }), "a sequence never moves back within a boot");
+        cp.acknowledge_node(NodePosition::Kernel(KernelPosition { boot_id: "b2".into(), seq: 0 }));
+        assert_eq!(cp.node_positions().kernel, Some(KernelPosition { boot_id: "b2".into(), seq: 0 }), "a new boot replaces the old");
     }
 
     #[test]

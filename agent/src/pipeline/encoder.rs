@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,8 @@ pub struct Encoder {
     counts: Counts,
     derived: Derived,
     templates: HashMap<ContainerRef, CachedTemplate>,
-    seq: u64,
+    /// Batch numbers, shared with the node-log sources.
+    seq: Arc<AtomicU64>,
     last_prune: Instant,
     last_sweep: Instant,
 }
@@ -80,10 +82,15 @@ impl Encoder {
             counts: Counts::new(counts),
             derived: Derived::new(&logs.log_metrics, derived),
             templates: HashMap::new(),
-            seq: 0,
+            seq: Arc::new(AtomicU64::new(0)),
             last_prune: now,
             last_sweep: now,
         }
+    }
+
+    /// The batch numbering, for other producers of batches (the node-log sources).
+    pub fn sequence(&self) -> Arc<AtomicU64> {
+        self.seq.clone()
     }
 
     /// Encodes chunks until the tailer is done, registering each with the committer before
@@ -145,9 +152,8 @@ impl Encoder {
                 }
             }
         }
-        let batch = Batch { seq: self.seq, file: chunk.source.id, records, docs, otlp };
-        self.seq += 1;
-        batch
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Batch { seq, file: chunk.source.id, records, docs, otlp, index: None }
     }
 
     fn render(&self, chunk: &Chunk, pod: Option<Arc<PodMeta>>, now: Instant) -> CachedTemplate {

@@ -36,6 +36,9 @@ pub struct Batch {
     pub docs: ecs::Documents,
     /// The records as one encoded OTLP `ResourceLogs` (empty when no sink takes it).
     pub otlp: Vec<u8>,
+    /// The Elasticsearch data stream of these records when it is not the sink's own
+    /// (`data_stream`): the node's logs go to `node_data_stream`, in the same requests.
+    pub index: Option<Arc<str>>,
 }
 
 /// The encodings the encoder writes for the sinks.

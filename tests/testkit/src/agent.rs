@@ -62,6 +62,9 @@ impl Agent {
     pub fn start_with(binary: &Path, config: &Path, options: Options) -> Agent {
         let mut cmd = Command::new(binary);
         cmd.arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The test machine's own journal and kernel ring stay out of tests that do not ask for
+        // them (`auto` would ship them); a test turns them on through `options.env`.
+        cmd.env("NODELENS_NODE_LOGS__KERNEL__ENABLED", "false").env("NODELENS_NODE_LOGS__JOURNALD__ENABLED", "false");
         for k in &options.env_remove {
             cmd.env_remove(k);
         }

@@ -60,7 +60,10 @@ struct State {
     conflicts: usize,
     /// Every request is answered with this status, unapplied.
     outage: Option<u16>,
-    ids: HashMap<String, usize>,
+    /// Stored `_id`s, per data stream (ids are unique within an index, as in Elasticsearch).
+    ids: HashMap<(String, String), usize>,
+    /// The data stream each stored `_id` went to: the request path's, or the action's `_index`.
+    streams: HashMap<String, String>,
     /// Field paths mapped so far (objects and leaves), as Elasticsearch counts them against
     /// `index.mapping.total_fields.limit`.
     fields: std::collections::HashSet<String>,
@@ -156,6 +159,11 @@ impl FakeElasticsearch {
         let arrived = std::mem::take(&mut st.arrived);
         st.taken += docs.len();
         docs.into_iter().zip(arrived).map(|((id, doc), at)| (id, doc, at)).collect()
+    }
+
+    /// The data stream a stored document (by `_id`) was written to.
+    pub fn data_stream_of(&self, id: &str) -> Option<String> {
+        self.state.lock().unwrap().streams.get(id).cloned()
     }
 
     /// Stored documents with the moment each arrived.
@@ -384,6 +392,8 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     };
     let (op, meta) = action.as_object().unwrap().iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
     let id = meta.get("_id").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| format!("auto-{}", st.seq));
+    let index = meta.get("_index").and_then(|v| v.as_str()).unwrap_or(index).to_string();
+    let index = index.as_str();
     if op != "create" {
         return item(
             &op,
@@ -423,7 +433,7 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     if let Err(reason) = map_fields(st, &doc) {
         return item(&op, &id, 400, Some(("illegal_argument_exception", reason)));
     }
-    if st.ids.contains_key(&id) {
+    if st.ids.contains_key(&(index.to_string(), id.clone())) {
         st.conflicts += 1;
         return item(
             &op,
@@ -434,8 +444,9 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     }
     let created = item(&op, &id, 201, None);
     st.seq += 1;
-    let index = st.taken + st.docs.len();
-    st.ids.insert(id.clone(), index);
+    let at = st.taken + st.docs.len();
+    st.ids.insert((index.to_string(), id.clone()), at);
+    st.streams.insert(id.clone(), index.to_string());
     st.docs.push((id, doc));
     st.arrived.push(std::time::Instant::now());
     created

@@ -30,18 +30,24 @@ impl Item {
 
     /// Bytes the item takes in a body.
     pub fn body_len(&self) -> usize {
-        ACTION_LEN + self.doc().len()
+        ACTION_LEN + self.batch.index.as_ref().map_or(0, |i| INDEX_LEN + i.len()) + self.doc().len()
     }
 }
 
 /// `{"create":{"_id":"<32 hex digits>"}}\n`
 const ACTION_LEN: usize = 18 + 32 + 4;
+/// `"_index":"",` added before the `_id` when a batch names its data stream.
+const INDEX_LEN: usize = 12;
 
 /// Writes the NDJSON body for `items` (straight into a compressor, when there is one): an
 /// action line and a document line each, the last line ending in a newline as the API requires.
 pub fn body<W: Write>(items: &[Item], out: &mut W) -> std::io::Result<()> {
     for item in items {
-        writeln!(out, "{{\"create\":{{\"_id\":\"{:032x}\"}}}}", item.id())?;
+        match &item.batch.index {
+            // Data stream names are lower-case letters, digits, `-`, `_` and `.`: nothing to escape.
+            Some(index) => writeln!(out, "{{\"create\":{{\"_index\":\"{index}\",\"_id\":\"{:032x}\"}}}}", item.id())?,
+            None => writeln!(out, "{{\"create\":{{\"_id\":\"{:032x}\"}}}}", item.id())?,
+        }
         out.write_all(item.doc())?;
     }
     Ok(())
@@ -148,7 +154,7 @@ mod tests {
             d.ends.push(d.bytes.len() as u32);
             d.offsets.push(i as u64 * 100);
         }
-        Arc::new(Batch { seq: 0, file: FileId { container: 1, fingerprint: 2 }, records: d.len(), docs: d, otlp: Vec::new() })
+        Arc::new(Batch { seq: 0, file: FileId { container: 1, fingerprint: 2 }, records: d.len(), docs: d, otlp: Vec::new(), index: None })
     }
 
     fn items(b: &Arc<Batch>) -> Vec<Item> {
@@ -173,6 +179,23 @@ mod tests {
         body(&items(&b), &mut again).unwrap();
         assert_eq!(text.as_bytes(), &again[..], "ids are deterministic");
         assert_ne!(lines[0], lines[2], "each record its own id");
+    }
+
+    #[test]
+    fn a_batch_naming_its_data_stream_carries_it_in_each_action() {
+        let plain = batch(&[r#"{"message":"a"}"#]);
+        let mut node = Arc::try_unwrap(batch(&[r#"{"message":"k"}"#])).unwrap();
+        node.index = Some("logs-kubernetes.node-default".into());
+        let node = Arc::new(node);
+        let all: Vec<Item> = items(&plain).into_iter().chain(items(&node)).collect();
+        let mut out = Vec::new();
+        body(&all, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let action: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(action["create"]["_index"], "logs-kubernetes.node-default");
+        assert!(serde_json::from_str::<serde_json::Value>(lines[0]).unwrap()["create"].get("_index").is_none());
+        assert_eq!(lines[2].len() + 1 + lines[3].len() + 1, all[1].body_len(), "body_len measures the action with its index");
     }
 
     #[test]

@@ -44,6 +44,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   "kubernetes" (dict "enabled" true "pod_resources_socket" "/var/lib/kubelet/pod-resources/kubelet.sock")
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)))
   "certificates" (dict "paths" $paths)
+  "node_logs" (dict
+    "journald" (dict "enabled" (ternary "auto" false $v.nodeLogs.journald) "path" "/host/var/log/journal" "units" $v.nodeLogs.units)
+    "kernel" (dict "enabled" (ternary "auto" false $v.nodeLogs.kernel) "path" "/dev/kmsg"))
 -}}
 {{- $es := dict -}}
 {{- if $v.elasticsearch.passwordSecret.name -}}
@@ -206,8 +209,12 @@ spec:
           resources:
             {{- toYaml (or (and .gpu $v.gpu.resources) $v.resources) | nindent 12 }}
           # uid 0 reads the root-owned log files and kubelet certificates through their owner
-          # bits; no capability is needed, so none is kept. securityContext values override.
-          {{- $container := dict "readOnlyRootFilesystem" true "allowPrivilegeEscalation" false "runAsUser" 0 "capabilities" (dict "drop" (list "ALL")) }}
+          # bits; no capability is needed but CAP_SYSLOG for /dev/kmsg under
+          # kernel.dmesg_restrict (values.yaml nodeLogs.kernel). securityContext values override.
+          {{- $caps := dict "drop" (list "ALL") }}
+          {{- if $v.nodeLogs.kernel }}{{- $_ := set $caps "add" (list "SYSLOG") }}{{- end }}
+          {{- $container := dict "readOnlyRootFilesystem" true "allowPrivilegeEscalation" false "runAsUser" 0 "capabilities" $caps }}
+          {{- if and $v.nodeLogs.kernel $v.nodeLogs.kernelPrivileged }}{{- $_ := set $container "privileged" true }}{{- end }}
           securityContext:
             {{- toYaml (mergeOverwrite $container (deepCopy ($v.securityContext | default dict))) | nindent 12 }}
           volumeMounts:
@@ -229,6 +236,12 @@ spec:
             {{- end }}
             {{- if $v.elasticsearch.caSecret.name }}
             - {name: elasticsearch-ca, mountPath: /etc/nodelens/elasticsearch-ca, readOnly: true}
+            {{- end }}
+            {{- if $v.nodeLogs.journald }}
+            - {name: host-var-log, mountPath: /host/var/log, readOnly: true}
+            {{- end }}
+            {{- if $v.nodeLogs.kernel }}
+            - {name: kmsg, mountPath: /dev/kmsg, readOnly: true}
             {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
@@ -255,6 +268,22 @@ spec:
           hostPath:
             path: /var/lib/kubelet/pod-resources
             type: Directory
+        {{- if $v.nodeLogs.journald }}
+        # The host's /var/log, read-only, for the journal in /var/log/journal: mounting the
+        # journal's own directory would create it where journald keeps none (type Directory
+        # would keep the pod from starting there), and a created directory makes journald
+        # persist its journal after its next restart.
+        - name: host-var-log
+          hostPath:
+            path: /var/log
+            type: Directory
+        {{- end }}
+        {{- if $v.nodeLogs.kernel }}
+        - name: kmsg
+          hostPath:
+            path: /dev/kmsg
+            type: CharDevice
+        {{- end }}
         {{- if .controlPlane }}
         # kubeadm's; this DaemonSet runs on control-plane nodes only.
         - name: kubernetes-pki
