@@ -41,7 +41,14 @@ if [[ "$("$promtool3_dir/usr/bin/promtool" --version 2>/dev/null || true)" != *"
   apt_dir=$(mktemp -d)
   trap 'rm -rf "$apt_dir"' EXIT
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/parts" "$apt_dir/deb"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
+  # The same Debian archive the system's own sources name, its unstable suite.
+  debian_uri=$(apt-get indextargets --format '$(REPO_URI)' 'Origin: Debian' 2>/dev/null | grep -v security | head -1 || true)
+  [[ -n "$debian_uri" ]] || debian_uri=$( { sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources
+    sed -n 's/^deb \(\[[^]]*\] \)\?\([^ ]*\) .*/\2/p' /etc/apt/sources.list /etc/apt/sources.list.d/*.list
+  } 2>/dev/null | tr ' ' '\n' | grep '/debian/\?$' | head -1 || true)
+  debian_uri=${debian_uri%/}
+  [[ -n "$debian_uri" ]] || { echo "no Debian archive among the system's apt sources" >&2; exit 1; }
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $debian_uri sid main" \
     >"$apt_dir/sources.list"
   apt_private=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/parts"
     -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Dir::State::Status=/dev/null
@@ -52,17 +59,18 @@ if [[ "$("$promtool3_dir/usr/bin/promtool" --version 2>/dev/null || true)" != *"
   dpkg -x "$apt_dir"/deb/promtool_*.deb "$promtool3_dir"
   rm -rf "$apt_dir"
 fi
-# tests/e2e/helm.rs and deploy.rs run the rendered rules' tests under both promtools.
-export NODELENS_PROMTOOL3="$promtool3_dir/usr/bin/promtool"
+# tests/e2e/helm.rs and deploy.rs run the rendered rules' tests under both promtools. (Not a
+# NODELENS_ name: the agents the tests start read those as config overrides.)
+export PROMTOOL3_FOR_TESTS="$promtool3_dir/usr/bin/promtool"
 promtool --version | head -1
-"$NODELENS_PROMTOOL3" --version | head -1
+"$PROMTOOL3_FOR_TESTS" --version | head -1
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 
 # The rules under Prometheus 2.x (Debian stable's) and 3.x (the unstable suite's, above).
-for tool in promtool "$NODELENS_PROMTOOL3"; do
+for tool in promtool "$PROMTOOL3_FOR_TESTS"; do
   "$tool" check rules rules/*.yaml
   (cd rules/tests && "$tool" test rules ./*.test.yaml)
 done

@@ -640,10 +640,10 @@ pub fn kustomize(dir: &str) -> Vec<Value> {
 }
 
 /// Every promtool CI runs the rule tests with: Debian's 2.x on PATH, and Prometheus 3's from
-/// `NODELENS_PROMTOOL3` (tests/run-all.sh fetches it; range selectors differ at their left edge).
+/// `PROMTOOL3_FOR_TESTS` (tests/run-all.sh fetches it; range selectors differ at their left edge).
 pub fn promtools() -> Vec<String> {
     let mut tools = vec!["promtool".to_string()];
-    tools.extend(std::env::var("NODELENS_PROMTOOL3").ok().filter(|p| !p.is_empty()));
+    tools.extend(std::env::var("PROMTOOL3_FOR_TESTS").ok().filter(|p| !p.is_empty()));
     tools
 }
 
