@@ -292,6 +292,19 @@ impl Node {
         let api = FakeApiServer::start();
         let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
         let proc = FakeProc::new(&dir.path().join("proc"));
+        // The kernel ring: an error, a sequence gap (two records the ring overwrote) and an XID
+        // raised by resnet's process (after it started: 777,000 + pid clock ticks after boot), so
+        // the node-log panels have data.
+        std::fs::create_dir_all(dir.path().join("proc/sys/kernel/random")).unwrap();
+        std::fs::write(dir.path().join("proc/sys/kernel/random/boot_id"), "6f4c1c1e-2d8f-4d44-9d3b-0c6d2d7e1a01\n").unwrap();
+        std::fs::write(dir.path().join("proc/stat"), "cpu  1 2 3 4\nbtime 1764800000\nprocesses 77\n").unwrap();
+        std::fs::write(
+            dir.path().join("kmsg"),
+            "6,0,1000000,-;Linux version 6.1.0-test\n\
+             3,1,2000000,-;nvidia-uvm: Unloaded the UVM driver\n\
+             4,4,9000000000,-;NVRM: Xid (PCI:0000:3b:00): 79, pid=4101, name=python, GPU has fallen off the bus.\n",
+        )
+        .unwrap();
         let mut logs = Vec::new();
         for w in workloads() {
             let pod = pod_with_ids("ml", w.pod, w.uid, NODE, json!({"app": w.app, "user": w.user}), &[("main", w.id.as_str())]);
@@ -362,6 +375,9 @@ metrics:
 certificates:
   paths: ["{pki}/*.crt"]
   interval: 200ms
+node_logs:
+  kernel:
+    path: {kmsg}
 "#,
             state = path("state"),
             proc = path("proc"),
@@ -371,11 +387,16 @@ certificates:
             library = nvml_library().display(),
             es = self.es.url(),
             pki = path("pki"),
+            kmsg = path("kmsg"),
         );
         let file = self.dir.path().join("nodelens.yaml");
         std::fs::write(&file, config).unwrap();
         let scenario = self.scenario.display().to_string();
-        Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &file, &[(SCENARIO_ENV, scenario.as_str())])
+        Agent::start(
+            Path::new(env!("CARGO_BIN_EXE_nodelens")),
+            &file,
+            &[(SCENARIO_ENV, scenario.as_str()), ("NODELENS_NODE_LOGS__KERNEL__ENABLED", "true")],
+        )
     }
 }
 
