@@ -110,7 +110,8 @@ fn run(config: &Config, records: u64) -> (f64, f64, f64) {
         let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
         let start_cpu = cpu_with_children();
         let start = Instant::now();
-        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, None, vec![discard(seen.clone())]).unwrap();
+        let pipeline =
+            LogPipeline::start(config, checkpoints, &metrics.logs, None, vec![discard(seen.clone())], Default::default()).unwrap();
         while seen.load(Ordering::Acquire) < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::sync::broadcast;
 
 use crate::certs;
-use crate::config::Config;
+use crate::config::{Config, Switch};
 use crate::host::names::Names;
 use crate::host::shm_metrics;
 use crate::kube::meta::PodMeta;
@@ -65,7 +65,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         tokio::spawn(shm_metrics::run(sources, config.host.scan_interval, metrics.shm.clone(), Shutdown::new(shutdown_tx.subscribe())));
     }
 
-    crate::gpu::start(&config, names, metrics.gpu.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
+    let gpu_bus_ids = crate::host::pci::GpuBusIds::default();
+    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
 
     let push = &config.metrics.otlp;
     let metrics_push = if push.endpoint.is_empty() {
@@ -78,12 +79,30 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         Some(tokio::spawn(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)))
     };
 
+    // The pipeline (checkpoints, sinks) runs for container logs, node logs, or both: the node
+    // logs' XID metric is wanted on a metrics-only agent too.
+    let node_logs = config.node_logs.journald.enabled != Switch::Off || config.node_logs.kernel.enabled != Switch::Off;
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config).await?);
         let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks)?;
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
         Some(pipeline)
+    } else if node_logs {
+        // Without container logs a state_dir that cannot be opened (a metrics-only install
+        // without one) turns node logs off, not the agent.
+        let started = async {
+            let checkpoints = Arc::new(open_checkpoints(&config).await?);
+            let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
+            LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)
+        };
+        match started.await {
+            Ok(pipeline) => Some(pipeline),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "node logs off: their checkpoints or sinks cannot be set up");
+                None
+            }
+        }
     } else {
         None
     };

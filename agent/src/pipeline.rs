@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use self::counts::CountFamilies;
 use self::encoder::Encoder;
-use crate::config::Config;
+use crate::config::{Config, Switch};
 use crate::host::names::Names;
 use crate::kube::store::PodStore;
 use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
@@ -88,7 +88,8 @@ pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Resul
         let (otlp, m) = (otlp.clone(), metrics.clone());
         sinks.push(SinkStarter::new(OTLP, move |rx, acks| tokio::spawn(sinks::otlp::run(otlp, exporter, rx, acks, m))));
     }
-    if config.stdout_enabled() {
+    // Under `auto`, stdout takes container logs, not a metrics-only agent's node logs.
+    if config.stdout_enabled() && (config.logs.enabled || config.sinks.stdout.enabled == Switch::On) {
         let m = metrics.clone();
         sinks.push(SinkStarter::new(ECS, move |rx, acks| {
             tokio::spawn(async move { sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink") })
@@ -101,7 +102,10 @@ pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Resul
 pub struct LogPipeline {
     checkpoints: Arc<Checkpoints>,
     wake: Arc<Wake>,
-    tailer: JoinHandle<()>,
+    /// None with `logs.enabled: false` (node logs only).
+    tailer: Option<JoinHandle<()>>,
+    /// Without a tailer, the encoder's input, closed at stop.
+    idle_chunks: Option<mpsc::Sender<crate::logs::chunk::Chunk>>,
     encoder: JoinHandle<()>,
     sinks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     committer: tokio::task::JoinHandle<()>,
@@ -109,15 +113,18 @@ pub struct LogPipeline {
 }
 
 impl LogPipeline {
-    /// Starts every stage, delivering to `sinks`. Must be called within a tokio runtime.
+    /// Starts every stage, delivering to `sinks`: container logs when `logs.enabled`, and the
+    /// node's logs `node_logs` turns on (their XIDs naming GPUs through `gpus`). Must be
+    /// called within a tokio runtime.
     pub fn start(
         config: &Config,
         checkpoints: Arc<Checkpoints>,
         metrics: &LogMetrics,
         pods: Option<Arc<PodStore>>,
         sinks: Vec<SinkStarter>,
+        gpus: crate::host::pci::GpuBusIds,
     ) -> anyhow::Result<LogPipeline> {
-        anyhow::ensure!(!sinks.is_empty(), "no sink configured");
+        anyhow::ensure!(!sinks.is_empty() || !config.logs.enabled, "no sink configured");
         let logs = &config.logs;
         let mut exclude = globset::GlobSetBuilder::new();
         for glob in &logs.exclude_namespaces {
@@ -166,8 +173,12 @@ impl LogPipeline {
         let committer = tokio::spawn(
             Committer::new(checkpoints.clone(), inflight.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
         );
-        let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
-        let tailer = std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?;
+        let (tailer, idle_chunks) = if logs.enabled {
+            let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
+            (Some(std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?), None)
+        } else {
+            (None, Some(chunk_tx))
+        };
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
         let mut encoder =
             Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
@@ -193,11 +204,12 @@ impl LogPipeline {
             checkpoints: checkpoints.clone(),
             names,
             metrics: metrics.node.clone(),
+            gpus,
             stop: Default::default(),
         };
         let node_logs = NodeLogs::start(context, feed)?;
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
-        Ok(LogPipeline { checkpoints, wake, tailer, encoder, sinks, committer, node_logs })
+        Ok(LogPipeline { checkpoints, wake, tailer, idle_chunks, encoder, sinks, committer, node_logs })
     }
 
     /// Resolves when a sink fails (returns its error); pending forever while all run.
@@ -220,10 +232,13 @@ impl LogPipeline {
         let checkpoints = self.checkpoints.clone();
         self.wake.shutdown();
         self.node_logs.stop();
+        drop(self.idle_chunks);
         let drain = async {
             let node_logs = self.node_logs;
             let threads = tokio::task::spawn_blocking(move || {
-                let _ = self.tailer.join();
+                if let Some(tailer) = self.tailer {
+                    let _ = tailer.join();
+                }
                 let _ = self.encoder.join();
                 node_logs.join();
             });

@@ -352,3 +352,53 @@ fn kernel_records_reach_an_otlp_receiver_with_the_node_as_resource() {
     assert_eq!(logs[1].body, "two");
     assert_ne!(logs[0].uid(), logs[1].uid());
 }
+
+#[test]
+fn a_metrics_only_agent_reads_the_kernel_ring_and_names_the_gpu_of_an_xid_by_its_bus_id() {
+    use nodelens_testkit::gpu::nvml_library;
+    use nodelens_testkit::gpu::scenario::{Gpu, Scenario, SCENARIO_ENV};
+    let node = Node::new();
+    let proc = FakeProc::new(&node.path("proc"));
+    pod(&node, &proc, 101, "trainer-a", "6f1c2d3e-0000-4a5b-9c8d-000000000001", Cgroup::V2SystemdContainerd);
+    let gpu =
+        |uuid: &str, bus: &str| Gpu { uuid: uuid.into(), name: "NVIDIA H100 80GB HBM3".into(), pci_bus_id: bus.into(), ..Gpu::default() };
+    // The second GPU's bus id is the fake's default for index 1: 00000000:19:00.0.
+    let scenario = Scenario { driver_version: "560.35.03".into(), gpus: vec![gpu("GPU-aaaa", "00000000:3B:00.0"), gpu("GPU-bbbb", "")] };
+    scenario.write(&node.path("scenario.json")).unwrap();
+    node.kmsg(
+        "4,0,2000000,-;NVRM: Xid (PCI:0000:3b:00): 79, pid=101, name=python3, GPU has fallen off the bus.\n\
+         4,1,2100000,-;NVRM: Xid (PCI:0000:19:00.0): 48, An uncorrectable double bit error (DBE) has been detected on GPU\n\
+         4,2,2200000,-;NVRM: Xid (PCI:0000:5e:00): 13, pid='<unknown>', name=<unknown>, Graphics SM Warp Exception\n",
+    );
+    let extra = format!("gpu:\n  enabled: true\n  nvml_library: {}\nsinks:\n  stdout:\n    enabled: true\n", nvml_library().display());
+    let config = node.config(&extra);
+    let text = std::fs::read_to_string(&config).unwrap().replace("logs:\n  pods_dir", "logs:\n  enabled: false\n  pods_dir");
+    std::fs::write(&config, text).unwrap();
+    let scenario_path = node.path("scenario.json").display().to_string();
+    let env = [
+        ("NODELENS_NODE_LOGS__KERNEL__ENABLED", "auto"),
+        ("NODELENS_NODE_LOGS__JOURNALD__ENABLED", "false"),
+        (SCENARIO_ENV, scenario_path.as_str()),
+    ];
+    let agent = Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &env);
+    let docs = wait_docs(&agent, "node.kernel", 3);
+    assert_eq!(docs.len(), 3, "{docs:#?}");
+    let xid = |n: u64| docs.iter().find(|d| d["nodelens"]["gpu"]["xid"] == n).unwrap_or_else(|| panic!("no xid {n}: {docs:#?}"));
+    assert_eq!(xid(79)["nodelens"]["gpu"]["uuid"], "GPU-aaaa", "{}", xid(79));
+    assert_eq!(xid(79)["kubernetes"]["pod"]["name"], "trainer-a");
+    assert_eq!(xid(48)["nodelens"]["gpu"]["uuid"], "GPU-bbbb", "the kernel's bus id with a function: {}", xid(48));
+    assert!(xid(13)["nodelens"]["gpu"].get("uuid").is_none(), "no GPU at that bus: {}", xid(13));
+
+    let (_, metrics) = agent.get("/metrics");
+    let xids = "nodelens_container_gpu_xid_errors_total";
+    assert!(
+        metrics.contains(&format!(
+            r#"{xids}{{node="gpu-node",gpu="0",uuid="GPU-aaaa",namespace="ml",pod="trainer-a",container="main",app="trainer-a",user="",xid="79"}} 1"#
+        )),
+        "{metrics}"
+    );
+    assert_eq!(metric_sum(&metrics, xids, &["gpu=\"1\"", "uuid=\"GPU-bbbb\"", "xid=\"48\""]), 1.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, xids, &["gpu=\"\"", "uuid=\"\"", "xid=\"13\""]), 1.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "nodelens_node_log_records_total", &["source=\"kernel\""]), 3.0, "{metrics}");
+    stop(agent);
+}

@@ -82,7 +82,7 @@ pub fn ship(config: &Config, sink: &'static str, records: u64) -> (f64, f64) {
         let start_cpu = cpu_seconds();
         let start = Instant::now();
         let sinks = pipeline::configured_sinks(config, &metrics.sinks).unwrap();
-        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, None, sinks).unwrap();
+        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, None, sinks, Default::default()).unwrap();
         while delivered.get() < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

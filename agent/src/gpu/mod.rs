@@ -30,7 +30,15 @@ use reading::Reading;
 
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or
 /// without GPUs logs one line and runs without GPU metrics; with `true` that is an error.
-pub async fn start(config: &Config, names: Names, export: GpuExport, shutdown: Shutdown) -> anyhow::Result<()> {
+///
+/// `bus_ids` is filled with the GPUs' PCI addresses.
+pub async fn start(
+    config: &Config,
+    names: Names,
+    export: GpuExport,
+    bus_ids: crate::host::pci::GpuBusIds,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     if config.gpu.enabled == Switch::Off {
         return Ok(());
     }
@@ -38,6 +46,7 @@ pub async fn start(config: &Config, names: Names, export: GpuExport, shutdown: S
         library: config.gpu.nvml_library.clone(),
         poll_interval: config.gpu.poll_interval,
         proc_root: config.host.proc_root.clone(),
+        bus_ids,
     };
     let (readings_tx, readings) = watch::channel(None);
     let (started_tx, started) = oneshot::channel();

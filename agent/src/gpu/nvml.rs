@@ -85,6 +85,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// `host.proc_root`.
     pub proc_root: PathBuf,
+    /// Filled with each GPU's PCI address, for the kernel log's XIDs.
+    pub bus_ids: crate::host::pci::GpuBusIds,
 }
 
 /// What start-up found, for the log line.
@@ -113,6 +115,13 @@ pub fn run(settings: Settings, out: watch::Sender<Option<Arc<Reading>>>, started
     if collector.devices.is_empty() {
         let _ = started.send(Err(format!("NVML loaded from {library} but reports no GPU")));
         return;
+    }
+    for gpu in &collector.devices {
+        // Before start-up is reported, so XIDs already in the kernel ring are named too.
+        match nvml.device_by_index(gpu.index).and_then(|d| d.pci_info()) {
+            Ok(pci) => settings.bus_ids.insert(&pci.bus_id, crate::host::pci::GpuRef { index: gpu.index, uuid: gpu.id.uuid.clone() }),
+            Err(e) => tracing::debug!(gpu = gpu.index, error = %e, "no PCI bus id; its XIDs in the kernel log name no GPU"),
+        }
     }
     let found = Found {
         gpus: collector.devices.len(),

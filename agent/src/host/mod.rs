@@ -3,5 +3,6 @@
 
 pub mod cgroup;
 pub mod names;
+pub mod pci;
 pub mod shm;
 pub mod shm_metrics;

@@ -305,6 +305,34 @@ mod tests {
         assert_eq!(cp.node_positions().kernel, Some(KernelPosition { boot_id: "b2".into(), seq: 0 }), "a new boot replaces the old");
     }
 
+    /// `checkpoints.json` as the release before node logs wrote it.
+    const BEFORE_NODE_LOGS: &str = include_str!("testdata/checkpoints-before-node-logs.json");
+
+    #[test]
+    fn the_previous_release_file_upgrades_and_the_upgraded_file_still_reads_in_the_previous_release() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE_NAME), BEFORE_NODE_LOGS).unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        let rotated = FileId { container: 0x9a3c_5e0d_1f2b_4c6e, fingerprint: 0x1122_3344 };
+        let live = FileId { container: 0x9a3c_5e0d_1f2b_4c6e, fingerprint: 0xa1b2_c3d4 };
+        assert_eq!((cp.offset(live), cp.offset(rotated)), (Some(18446), Some(1_048_576)));
+        assert_eq!(cp.node_positions(), NodePositions::default());
+        cp.acknowledge_node(NodePosition::Kernel(KernelPosition { boot_id: "b1".into(), seq: 9 }));
+        cp.persist().unwrap();
+        drop(cp);
+        // A rollback to the previous release reads the file with its own shape (no
+        // unknown-field check), so it keeps its container offsets.
+        #[derive(serde::Deserialize)]
+        struct Previous {
+            version: u32,
+            files: HashMap<String, Entry>,
+        }
+        let previous: Previous = serde_json::from_slice(&fs::read(dir.path().join(FILE_NAME)).unwrap()).unwrap();
+        assert_eq!(previous.version, 1, "same version: the previous release does not discard the file");
+        assert_eq!(previous.files[&live.to_string()].offset, 18446);
+        assert_eq!(previous.files[&rotated.to_string()].offset, 1_048_576);
+    }
+
     #[test]
     fn a_corrupt_file_is_moved_aside_not_fatal() {
         let dir = tempfile::tempdir().unwrap();

@@ -109,9 +109,10 @@ impl KernelSource {
         let gpu = xid::parse(&record.message).map(|xid| {
             let container =
                 xid.pid.and_then(|pid| attribution.container(&self.proc_root, pid, record.usec, self.ticks_per_second, context));
+            let named = context.gpus.get(&xid.pci_bus_id);
             let labels = XidLabels {
-                gpu: String::new(),
-                uuid: String::new(),
+                gpu: named.as_ref().map(|g| g.index.to_string()).unwrap_or_default(),
+                uuid: named.as_ref().map(|g| g.uuid.clone()).unwrap_or_default(),
                 namespace: container.as_ref().map(|c| c.labels.namespace.clone()).unwrap_or_default(),
                 pod: container.as_ref().map(|c| c.labels.pod.clone()).unwrap_or_default(),
                 container: container.as_ref().map(|c| c.labels.container.clone()).unwrap_or_default(),
@@ -123,7 +124,7 @@ impl KernelSource {
                 attribution.series.insert(labels.clone(), c.pod_uid.clone());
             }
             context.metrics.xid_errors.get_or_create(&labels).inc();
-            GpuError { xid: xid.xid, pci_bus_id: xid.pci_bus_id, uuid: None, container }
+            GpuError { xid: xid.xid, pci_bus_id: xid.pci_bus_id, uuid: named.map(|g| g.uuid), container }
         });
         NodeRecord {
             dataset: "node.kernel",

@@ -82,7 +82,7 @@ impl KmsgReader {
                 Ok(0) => return Ok(if out.len() > before { Read::Records } else { Read::End }),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(if out.len() > before { Read::Records } else { Read::End }),
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Ok(Read::Overwritten),
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Ok(after_overwrite(out.len() > before)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
@@ -154,11 +154,29 @@ pub fn boot_id(proc_root: &Path) -> io::Result<String> {
     Ok(std::fs::read_to_string(proc_root.join("sys/kernel/random/boot_id"))?.trim().to_string())
 }
 
+/// What a read that met `EPIPE` returns. The kernel reports the overwrite once and moves the
+/// reader to the oldest record left, so records this read took before it are handed on
+/// (dropping them would lose records that were read, and count them as overwritten); the
+/// next read goes on from the oldest record, the sequence gap telling what was lost.
+fn after_overwrite(took_records: bool) -> Read {
+    if took_records {
+        Read::Records
+    } else {
+        Read::Overwritten
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn records_read_before_an_overwrite_are_handed_on() {
+        assert_eq!(after_overwrite(true), Read::Records, "taken records are shipped, not dropped");
+        assert_eq!(after_overwrite(false), Read::Overwritten);
+    }
 
     #[test]
     fn a_record_is_its_header_and_text_and_continuation_lines_are_never_records() {

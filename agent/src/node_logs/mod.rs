@@ -35,7 +35,7 @@ use crate::sinks::{Batch, Formats};
 /// Labels of `nodelens_container_gpu_xid_errors_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XidLabels {
-    /// GPU index (empty: not known from the bus id).
+    /// GPU index (empty: NVML names no GPU at the bus id).
     pub gpu: String,
     /// GPU UUID (empty: not known from the bus id).
     pub uuid: String,
@@ -151,6 +151,8 @@ pub struct Context {
     pub names: Names,
     /// Metric handles.
     pub metrics: NodeLogMetrics,
+    /// The GPUs by PCI address, as NVML names them (empty without NVML).
+    pub gpus: crate::host::pci::GpuBusIds,
     /// Set to stop.
     pub stop: Arc<AtomicBool>,
 }

@@ -56,6 +56,9 @@ fn record(r: &NodeRecord, source: FileId, observed: u64) -> LogRecord {
         attributes.push(kv("error.code", text(&gpu.xid.to_string())));
         attributes.push(kv("nodelens.gpu.xid", Value::IntValue(gpu.xid.into())));
         attributes.push(kv("nodelens.gpu.pci_bus_id", text(&gpu.pci_bus_id)));
+        if let Some(uuid) = &gpu.uuid {
+            attributes.push(kv("nodelens.gpu.uuid", text(uuid)));
+        }
         if let Some(c) = &gpu.container {
             let l = &c.labels;
             for (key, value) in [

@@ -288,6 +288,47 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(device: nvmlDevice_t, uuid: *mut c_ch
     with_device(device, |gpu, mig| put_str(uuid, length, mig.map_or(&gpu.uuid, |m| &m.uuid)))
 }
 
+/// `nvmlPciInfo_t` of `nvml.h` (the v3 layout).
+#[repr(C)]
+pub struct nvmlPciInfo_t {
+    pub busIdLegacy: [c_char; 16],
+    pub domain: c_uint,
+    pub bus: c_uint,
+    pub device: c_uint,
+    pub pciDeviceId: c_uint,
+    pub pciSubSystemId: c_uint,
+    pub busId: [c_char; 32],
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+    if pci.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let Some(Handle { gpu: index, .. }) = Handle::from_ptr(device) else { return ERROR_INVALID_ARGUMENT };
+    with_device(device, |gpu, _| {
+        let bus_id = if gpu.pci_bus_id.is_empty() { format!("00000000:{:02X}:00.0", 0x18 + index) } else { gpu.pci_bus_id.clone() };
+        let mut parts = bus_id.split(['.', ':']).map(|p| u32::from_str_radix(p, 16).unwrap_or(0));
+        let (domain, bus, dev) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        let out = &mut *pci;
+        out.domain = domain;
+        out.bus = bus;
+        out.device = dev;
+        out.pciDeviceId = 0x2330_10DE;
+        out.pciSubSystemId = 0x16C1_10DE;
+        let legacy = format!("{:04X}:{:02X}:{:02X}.0", domain, bus, dev);
+        out.busIdLegacy = [0; 16];
+        out.busId = [0; 32];
+        for (i, b) in legacy.bytes().take(15).enumerate() {
+            out.busIdLegacy[i] = b as c_char;
+        }
+        for (i, b) in bus_id.bytes().take(31).enumerate() {
+            out.busId[i] = b as c_char;
+        }
+        SUCCESS
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
     with_device(device, |gpu, mig| match mig {

@@ -28,6 +28,8 @@ pub struct Gpu {
     pub uuid: String,
     /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
     pub name: String,
+    /// `nvmlPciInfo_t.busId`, e.g. `00000000:3B:00.0`; empty = `00000000:<0x18 + index>:00.0`.
+    pub pci_bus_id: String,
     /// Fallen off the bus: every call on it returns `NVML_ERROR_GPU_IS_LOST`.
     pub lost: bool,
     /// `nvmlDeviceGetMinorNumber` (the N of `/dev/nvidiaN`); `None` = its NVML index. The two
