@@ -332,7 +332,7 @@ mod tests {
     fn on_a_newest_only_driver_a_process_that_stops_reads_zero_and_one_that_resumes_is_not_counted_for_its_idle_time() {
         let mut w = ShareWindow::default();
         let t0 = 1_700_000_000_000_000;
-        let mut poll = |w: &mut ShareWindow, from_s: u64, running: &[(u32, u32)]| {
+        let poll = |w: &mut ShareWindow, from_s: u64, running: &[(u32, u32)]| {
             for second in from_s..from_s + 5 {
                 read_newest(w, t0 + second * 1_000_000 + 500_000, running);
             }
