@@ -69,8 +69,8 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     // warned), its processes still attribute it.
     // HAMi gave these containers a slice: their processes are their allocation wherever they
     // run (a placement unread, a dynamic MIG instance), never use without one.
-    let hami_containers: HashSet<ContainerLabels> =
-        hami_holders.iter().map(|(namespace, pod, container)| lookup.by_name(namespace, pod, container)).collect();
+    let hami_pods: HashSet<(String, String, String)> =
+        hami_holders.iter().map(|(namespace, pod, container)| (namespace.to_string(), pod.to_string(), container.to_string())).collect();
     for (namespace, pod, container) in hami_holders {
         let grants = lookup.pod(namespace, pod).and_then(|meta| match &meta.hami {
             Some(Ok(grants)) => grants.get(container).cloned(),
@@ -128,10 +128,10 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| {
         held.contains(&(uuid, who))
             || (who.container.is_empty() && held_pods.contains(&(uuid, who.namespace.as_str(), who.pod.as_str())))
-            || hami_containers.contains(who)
-            || hami_containers
-                .iter()
-                .any(|h| who.container.is_empty() && (h.namespace.as_str(), h.pod.as_str()) == (who.namespace.as_str(), who.pod.as_str()))
+            || hami_pods.iter().any(|(namespace, pod, container)| {
+                (namespace.as_str(), pod.as_str()) == (who.namespace.as_str(), who.pod.as_str())
+                    && (who.container.is_empty() || *container == who.container)
+            })
     });
     drop((held, held_pods));
 
