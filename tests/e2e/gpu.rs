@@ -905,3 +905,48 @@ fn use_no_container_holding_the_gpu_accounts_for_is_exported_by_reason() {
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// The values of series `name{labels}` at each scrape, every 200 ms for `polls` poll
+/// intervals, from the end of the agent's second poll.
+fn values_over(agent: &Agent, poll: Duration, polls: u32, series: &[(&str, String)]) -> Vec<Vec<f64>> {
+    scrape_until(agent, "the first shares", |m| series.iter().all(|(name, labels)| value(m, name, labels).is_some()));
+    // The first window is the newest sample's period alone: from the second on.
+    std::thread::sleep(poll + Duration::from_millis(500));
+    let until = Instant::now() + poll * polls;
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        let (_, m) = agent.get("/metrics");
+        seen.push(series.iter().map(|(name, labels)| value(&m, name, labels).unwrap_or(f64::NAN)).collect());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    seen
+}
+
+#[test]
+fn a_steady_process_reads_its_utilization_on_a_driver_that_returns_only_each_processs_newest_sample() {
+    // An H200 on driver 580.159 samples each process every 200 ms and returns only the newest
+    // sample; the agent's share of a steady process must not decay poll after poll.
+    let mut s = scenario();
+    s.gpus[0].processes = vec![process(4101, 10 * GIB, 17), process(5001, 2 * GIB, 23)];
+    s.gpus[0].sample_period_us = 200_000;
+    s.gpus[0].newest_sample_only = true;
+    let resnet = container(0, H100, "resnet-0", "resnet", "alice");
+    let host = format!("gpu=\"0\",uuid=\"{H100}\",reason=\"host\"");
+    let series = [("nodelens_container_gpu_utilization_ratio", resnet), ("nodelens_gpu_unattributed_sm_ratio", host)];
+    std::thread::scope(|scope| {
+        for (poll, seconds) in [("2s", 2), ("5s", 5)] {
+            let s = s.clone();
+            let series = &series;
+            scope.spawn(move || {
+                let node = Node::with(s);
+                let agent = node.start_polling(&nvml_library(), poll, "");
+                let seen = values_over(&agent, Duration::from_secs(seconds), 4, series);
+                for v in &seen {
+                    assert!((v[0] - 0.17).abs() <= 0.01 && (v[1] - 0.23).abs() <= 0.01, "poll {poll}: {v:?} of {seen:?}");
+                }
+                let (status, _, log) = agent.terminate();
+                assert!(status.success(), "{log}");
+            });
+        }
+    });
+}

@@ -67,6 +67,10 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
     // The kubelet may have picked a HAMi id of another GPU than the one HAMi placed the
     // container on: only the pod's annotation places it. Without a readable one (the store
     // warned), its processes still attribute it.
+    // HAMi gave these containers a slice: their processes are their allocation wherever they
+    // run (a placement unread, a dynamic MIG instance), never use without one.
+    let hami_pods: HashSet<(String, String, String)> =
+        hami_holders.iter().map(|(namespace, pod, container)| (namespace.to_string(), pod.to_string(), container.to_string())).collect();
     for (namespace, pod, container) in hami_holders {
         let grants = lookup.pod(namespace, pod).and_then(|meta| match &meta.hami {
             Some(Ok(grants)) => grants.get(container).cloned(),
@@ -122,7 +126,12 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         uses.iter().filter(|(_, u)| u.allocated).map(|((uuid, who), _)| (uuid.as_str(), who)).collect();
     let held_pods: HashSet<(&str, &str, &str)> = held.iter().map(|(uuid, who)| (*uuid, who.namespace.as_str(), who.pod.as_str())).collect();
     let unattributed = unattributed::measure(reading, &mut lookup, |uuid, who| {
-        held.contains(&(uuid, who)) || (who.container.is_empty() && held_pods.contains(&(uuid, who.namespace.as_str(), who.pod.as_str())))
+        held.contains(&(uuid, who))
+            || (who.container.is_empty() && held_pods.contains(&(uuid, who.namespace.as_str(), who.pod.as_str())))
+            || hami_pods.iter().any(|(namespace, pod, container)| {
+                (namespace.as_str(), pod.as_str()) == (who.namespace.as_str(), who.pod.as_str())
+                    && (who.container.is_empty() || *container == who.container)
+            })
     });
     drop((held, held_pods));
 
@@ -447,6 +456,9 @@ mod hami_tests {
         let broken = row(&view, "broken", OTHER).expect("attributed by its process");
         assert_eq!((broken.allocated, broken.utilization, broken.granted_memory_bytes), (false, Some(0.1), None));
         assert_eq!(view.containers.len(), 4, "{view:#?}");
+        for u in &view.unattributed {
+            assert_eq!(u.memory_bytes, [0.0; 3], "a HAMi holder's use, its placement read or not, is not unallocated: {u:?}");
+        }
     }
 
     /// HAMi's dynamic MIG (v2.10) names the parent GPU in the annotation; the container runs
@@ -474,6 +486,7 @@ mod hami_tests {
         let view = compose(&reading, &[allocation("mig-slice", &format!("{SHARED}-0"))], &names);
         assert!(row(&view, "mig-slice", SHARED).is_none(), "not an idle holder of the whole GPU: {view:#?}");
         assert_eq!(row(&view, "mig-slice", instance).expect("on its instance").utilization, Some(0.6));
+        assert_eq!(view.unattributed[0].memory_bytes, [0.0; 3], "its own instance's use is not unallocated: {:?}", view.unattributed);
     }
 
     #[test]

@@ -737,7 +737,7 @@ fn fetch_process_samples(calls: &mut Calls, gpu: &mut Gpu) -> Result<bool, Lost>
         other => other,
     })?;
     let Some(samples) = samples else { return Ok(false) };
-    gpu.shares.add(samples.into_iter().map(|s| Sample { pid: s.pid, at_us: s.timestamp, sm_percent: s.sm_util }));
+    gpu.shares.add(samples.into_iter().map(|s| Sample { pid: s.pid, at_us: s.timestamp, sm_percent: s.sm_util }), now_us());
     Ok(true)
 }
 

@@ -2,16 +2,28 @@
 //! utilization samples.
 //!
 //! The driver takes a sample every period and gives a process one only for the periods in
-//! which it ran; each sample stands for one period. A process's share of a window is its
-//! samples' SM % summed over the periods the window holds: a process that ran 6 of 30 periods
-//! at 90 % has 0.18, not the 0.9 its samples average.
+//! which it ran. Drivers differ in what one read returns:
 //!
-//! The driver keeps only its last few samples, fewer than a poll interval may hold, so the
-//! NVML thread fetches them about every second ([`ShareWindow::add`]) and a poll closes the
-//! window over everything fetched since the last one ([`ShareWindow::close`]). Windows are
-//! laid on the driver's sample grid (they end on the last sample instant before now), so a
-//! steady process reads exactly its utilization whatever the poll's phase; a sample fetched
-//! late counts in the next window, so none is lost or counted twice.
+//! - a ring: every sample it still holds newer than the read's `lastSeenTimeStamp`. Each
+//!   sample stands for one period, and a process's share of a window is its samples' SM %
+//!   summed over the periods the window holds: a process that ran 6 of 30 periods at 90 % has
+//!   0.18, not the 0.9 its samples average.
+//! - only each process's newest sample (seen on an H200 with driver 580: one sample per
+//!   process every 200 ms, and whatever `lastSeenTimeStamp` asks, one read returns one sample
+//!   per process). The periods between two reads are not seen, so each sample stands for the
+//!   time since the previous sample seen of its process (a process new or back from idle: since
+//!   the previous read):
+//!   a process's share is its sampled SM % weighted by the time each sample stands for, over
+//!   the window's length.
+//!
+//! A driver is taken for a ring once one read returns two samples of one process.
+//!
+//! The NVML thread fetches samples about every second ([`ShareWindow::add`]), so a ring never
+//! turns over before a poll, and a poll closes the window over everything fetched since the
+//! last one ([`ShareWindow::close`]). Windows are laid on the driver's sample grid (they end on
+//! the last sample instant before now), so a steady process reads exactly its utilization
+//! whatever the poll's phase; a sample fetched late counts in the next window, so none is lost
+//! or counted twice.
 
 use std::collections::HashMap;
 
@@ -23,6 +35,8 @@ const MIN_PERIOD_US: u64 = 1_000;
 const MAX_CARRIED: usize = 200_000;
 /// A clock stepped back by more than this restarts the windows.
 const CLOCK_STEP_US: u64 = 10_000_000;
+/// A process's newest sample instant is forgotten this long after it.
+const FORGET_US: u64 = 60_000_000;
 
 /// One per-process utilization sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,17 +49,32 @@ pub struct Sample {
     pub sm_percent: u32,
 }
 
+/// A fetched sample and the time it stands for on a driver that returns only the newest.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    sample: Sample,
+    /// Since the previous sample seen of the process, or for a process not running at the
+    /// previous read, since that read; `None` before a second read (one period).
+    span_us: Option<u64>,
+}
+
 /// The samples of one GPU between polls and where the last window ended.
 #[derive(Debug, Default)]
 pub struct ShareWindow {
     /// Fetched, not yet counted in a window.
-    carry: Vec<Sample>,
+    carry: Vec<Held>,
     /// The newest timestamp fetched: what to ask the driver for samples after.
     last_seen_us: u64,
     /// Where the last window ended (a sample instant), 0 before the first.
     window_end_us: u64,
     /// The driver's sample period, once measured.
     period_us: Option<u64>,
+    /// The driver returned two samples of one process in one read: it keeps a ring.
+    ring: bool,
+    /// Each process's newest sample instant.
+    newest_of: HashMap<u32, u64>,
+    /// When the samples were last fetched (wall clock), 0 before the first fetch.
+    fetched_us: u64,
 }
 
 impl ShareWindow {
@@ -55,13 +84,29 @@ impl ShareWindow {
         self.last_seen_us
     }
 
-    /// Adds fetched samples; those not newer than the last fetch are already held.
-    pub fn add(&mut self, samples: impl IntoIterator<Item = Sample>) {
+    /// Adds the samples fetched at `now_us` (wall clock); those not newer than the last fetch
+    /// are already held.
+    pub fn add(&mut self, samples: impl IntoIterator<Item = Sample>, now_us: u64) {
         let since = self.last_seen_us;
-        for s in samples.into_iter().filter(|s| s.at_us > since) {
+        let mut fresh: Vec<Sample> = samples.into_iter().filter(|s| s.at_us > since).collect();
+        fresh.sort_unstable_by_key(|s| (s.pid, s.at_us));
+        self.ring |= fresh.windows(2).any(|w| w[0].pid == w[1].pid && w[1].at_us - w[0].at_us >= MIN_PERIOD_US);
+        let period = self.period_us();
+        let read_before = self.fetched_us;
+        for s in fresh {
             self.last_seen_us = self.last_seen_us.max(s.at_us);
-            self.carry.push(s);
+            let previous = self.newest_of.insert(s.pid, s.at_us);
+            let span_us = match previous {
+                _ if read_before == 0 => None,
+                // Running at the previous read (a sample published late included): this
+                // sample stands for the periods since that one.
+                Some(p) if p < s.at_us && p + 2 * period >= read_before => Some(s.at_us - p),
+                // New, or back from idle: running since the previous read at most.
+                _ => Some(s.at_us.saturating_sub(read_before).max(period)),
+            };
+            self.carry.push(Held { sample: s, span_us });
         }
+        self.fetched_us = now_us;
         if self.carry.len() > MAX_CARRIED {
             let excess = self.carry.len() - MAX_CARRIED;
             self.carry.drain(..excess);
@@ -70,7 +115,7 @@ impl ShareWindow {
 
     /// Forgets everything: the GPU was lost, or the clock stepped back.
     pub fn reset(&mut self) {
-        *self = ShareWindow { period_us: self.period_us, ..ShareWindow::default() };
+        *self = ShareWindow { period_us: self.period_us, ring: self.ring, ..ShareWindow::default() };
     }
 
     /// The driver's sample period as measured so far.
@@ -86,8 +131,8 @@ impl ShareWindow {
         }
         self.measure_period();
         let period = self.period_us();
-        let newest = self.carry.iter().map(|s| s.at_us).max();
-        let start = match (self.window_end_us, self.carry.iter().map(|s| s.at_us).min()) {
+        let newest = self.carry.iter().map(|h| h.sample.at_us).max();
+        let start = match (self.window_end_us, self.carry.iter().map(|h| h.sample.at_us).min()) {
             (0, None) => {
                 self.window_end_us = now_us;
                 return HashMap::new();
@@ -102,30 +147,36 @@ impl ShareWindow {
         if end <= start {
             return HashMap::new();
         }
-        let periods = ((end - start) as f64 / period as f64).round().max(1.0);
+        // In periods: a ring's sample stands for one; a newest-only driver's for its span.
+        let length = if self.ring { ((end - start) as f64 / period as f64).round().max(1.0) } else { (end - start) as f64 / period as f64 };
         // A sample up to two periods before the window was published late: it counts here.
         // Older ones were counted already or belong to no window.
         let stale = start.saturating_sub(2 * period);
-        let mut percent: HashMap<u32, u64> = HashMap::new();
-        self.carry.retain(|s| {
+        let ring = self.ring;
+        let mut weighted: HashMap<u32, f64> = HashMap::new();
+        self.carry.retain(|h| {
+            let s = h.sample;
             if s.at_us > end {
                 return true;
             }
             if s.at_us > stale {
-                *percent.entry(s.pid).or_default() += u64::from(s.sm_percent.min(100));
+                let periods = if ring { 1.0 } else { h.span_us.map_or(1.0, |span| span as f64 / period as f64) };
+                *weighted.entry(s.pid).or_default() += f64::from(s.sm_percent.min(100)) * periods;
             }
             false
         });
         self.window_end_us = end;
-        percent.into_iter().map(|(pid, sum)| (pid, (sum as f64 / 100.0 / periods).min(1.0))).collect()
+        self.newest_of.retain(|_, at| at.saturating_add(FORGET_US) > end);
+        weighted.into_iter().map(|(pid, sum)| (pid, (sum / 100.0 / length).min(1.0))).collect()
     }
 
-    /// The smallest gap between two samples of one process ever seen (gaps between different
+    /// The smallest gap between two samples of one process fetched in one read, or on a
+    /// driver that returns only the newest sample, in any reads (gaps between different
     /// processes' samples are phase offsets, not periods).
     fn measure_period(&mut self) {
         let mut by_pid: HashMap<u32, Vec<u64>> = HashMap::new();
-        for s in &self.carry {
-            by_pid.entry(s.pid).or_default().push(s.at_us);
+        for h in &self.carry {
+            by_pid.entry(h.sample.pid).or_default().push(h.sample.at_us);
         }
         let gaps = by_pid.into_values().filter_map(|mut at| {
             at.sort_unstable();
@@ -147,6 +198,12 @@ mod tests {
         periods.into_iter().map(|k| Sample { pid, at_us: k * P, sm_percent }).collect()
     }
 
+    /// Adds samples as fetched at the newest one's instant.
+    fn fetch(w: &mut ShareWindow, samples: Vec<Sample>) {
+        let at = samples.iter().map(|s| s.at_us).max().unwrap_or(0);
+        w.add(samples, at);
+    }
+
     fn close_to(shares: &HashMap<u32, f64>, pid: u32, expected: f64) {
         let got = shares.get(&pid).copied().unwrap_or(0.0);
         assert!((got - expected).abs() < 1e-9, "pid {pid}: {got}, expected {expected}: {shares:?}");
@@ -155,10 +212,10 @@ mod tests {
     #[test]
     fn a_bursty_process_gets_its_time_weighted_share_not_its_samples_mean() {
         let mut w = ShareWindow::default();
-        w.add(samples(1, 990..=1000, 40));
+        fetch(&mut w, samples(1, 990..=1000, 40));
         w.close(1000 * P + 5);
         // 5 s = 30 periods: a steady process at 40 %, one that ran 6 periods at 90 %.
-        w.add([samples(1, 1001..=1030, 40), samples(2, 1001..=1006, 90)].concat());
+        fetch(&mut w, [samples(1, 1001..=1030, 40), samples(2, 1001..=1006, 90)].concat());
         let shares = w.close(1030 * P + 100);
         assert_eq!(w.period_us(), P, "measured from one process's consecutive samples");
         close_to(&shares, 1, 0.4);
@@ -169,11 +226,11 @@ mod tests {
     fn samples_fetched_every_second_cover_a_poll_window_longer_than_the_drivers_buffer() {
         // The driver keeps 6 samples (1 s); the poll window is 5 s; fetched each second.
         let mut w = ShareWindow::default();
-        w.add(samples(7, 95..=100, 100));
+        fetch(&mut w, samples(7, 95..=100, 100));
         w.close(100 * P);
         for second in 0..5 {
             let last = 100 + 6 * (second + 1);
-            w.add(samples(7, last - 5..=last, 100));
+            fetch(&mut w, samples(7, last - 5..=last, 100));
         }
         close_to(&w.close(130 * P + 10), 7, 1.0);
     }
@@ -181,14 +238,14 @@ mod tests {
     #[test]
     fn idle_polls_move_the_window_so_the_first_busy_one_is_not_diluted() {
         let mut w = ShareWindow::default();
-        w.add(samples(3, 1..=10, 50));
+        fetch(&mut w, samples(3, 1..=10, 50));
         close_to(&w.close(10 * P), 3, 0.5);
         // An hour without samples, polled every 5 s.
         for k in 1..=720 {
             assert!(w.close(10 * P + k * 30 * P).is_empty());
         }
         let busy_from = 10 + 720 * 30;
-        w.add(samples(3, busy_from + 1..=busy_from + 30, 80));
+        fetch(&mut w, samples(3, busy_from + 1..=busy_from + 30, 80));
         close_to(&w.close((busy_from + 30) * P + 7), 3, 0.8);
     }
 
@@ -200,15 +257,15 @@ mod tests {
             [samples(1, from..=to, sm), offset.collect()].concat()
         };
         let mut w = ShareWindow::default();
-        w.add(both(1, 12, 50));
+        fetch(&mut w, both(1, 12, 50));
         close_to(&w.close(12 * P + 3_500), 1, 0.5);
         assert_eq!(w.period_us(), P);
         // The driver publishes the sample at 24 P only after the poll at 24 P + 3.5 ms: this
         // window reads 11 of its 12 periods, the next one 13, and none is lost.
-        w.add(both(13, 23, 50));
+        fetch(&mut w, both(13, 23, 50));
         let shares = w.close(24 * P + 3_500);
         assert!((shares[&1] - 5.5 / 12.0).abs() < 1e-9, "{shares:?}");
-        w.add(both(24, 36, 50));
+        fetch(&mut w, both(24, 36, 50));
         let shares = w.close(36 * P + 3_500);
         assert!((shares[&1] - 6.5 / 12.0).abs() < 1e-9, "the late sample is counted now: {shares:?}");
         close_to(&shares, 2, 6.5 / 12.0);
@@ -217,11 +274,88 @@ mod tests {
     #[test]
     fn a_clock_stepped_back_restarts_the_windows() {
         let mut w = ShareWindow::default();
-        w.add(samples(1, 1_000_000..=1_000_010, 60));
+        fetch(&mut w, samples(1, 1_000_000..=1_000_010, 60));
         w.close(1_000_010 * P);
-        w.add(samples(1, 1..=10, 60));
+        fetch(&mut w, samples(1, 1..=10, 60));
         assert!(w.close(10 * P).is_empty(), "older than the last fetch: dropped once, and the windows restart");
-        w.add(samples(1, 11..=20, 60));
+        fetch(&mut w, samples(1, 11..=20, 60));
         close_to(&w.close(20 * P), 1, 0.6);
+    }
+
+    /// A driver that samples every 200 ms and returns only each process's newest sample: a
+    /// read at `at_us` of processes (pid, SM %) running steadily.
+    fn read_newest(w: &mut ShareWindow, at_us: u64, running: &[(u32, u32)]) {
+        const GRID: u64 = 200_000;
+        let newest = at_us / GRID * GRID;
+        let fresh = running.iter().map(|&(pid, sm_percent)| Sample { pid, at_us: newest, sm_percent });
+        let since = w.since();
+        w.add(fresh.filter(|s| s.at_us > since).collect::<Vec<_>>(), at_us);
+    }
+
+    /// Reads every second at `phase_us` past it and at each poll, and closes a window each
+    /// `poll_s` seconds at `poll_phase_us` past the second; the shares of each window.
+    fn newest_only_windows(poll_s: u64, phase_us: u64, poll_phase_us: u64, running: &[(u32, u32)], polls: u64) -> Vec<HashMap<u32, f64>> {
+        let mut w = ShareWindow::default();
+        let t0 = 1_700_000_000_000_000;
+        let mut shares = Vec::new();
+        for second in 0..polls * poll_s {
+            let base = t0 + second * 1_000_000;
+            read_newest(&mut w, base + phase_us, running);
+            if second % poll_s == poll_s - 1 {
+                let poll = base + poll_phase_us;
+                read_newest(&mut w, poll, running);
+                shares.push(w.close(poll));
+            }
+        }
+        shares
+    }
+
+    #[test]
+    fn a_steady_process_reads_its_utilization_on_a_driver_that_returns_only_the_newest_sample() {
+        for poll_s in [2, 5] {
+            for (phase, poll_phase) in [(10_000, 930_000), (450_000, 470_000), (990_000, 20_000), (300_000, 100_000)] {
+                let windows = newest_only_windows(poll_s, phase, poll_phase, &[(9, 17), (10, 60)], 12);
+                // The first window is the newest sample's period alone; every later one reads
+                // exactly, not decaying as the smallest gap seen between reads shrinks.
+                for (i, shares) in windows.iter().enumerate() {
+                    let (a, b) = (shares.get(&9).copied().unwrap_or(0.0), shares.get(&10).copied().unwrap_or(0.0));
+                    assert!(
+                        (a - 0.17).abs() < 1e-9 && (b - 0.6).abs() < 1e-9,
+                        "poll {poll_s} s, phases {phase}/{poll_phase}, window {i}: {shares:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn on_a_newest_only_driver_a_process_that_stops_reads_zero_and_one_that_resumes_is_not_counted_for_its_idle_time() {
+        let mut w = ShareWindow::default();
+        let t0 = 1_700_000_000_000_000;
+        let poll = |w: &mut ShareWindow, from_s: u64, running: &[(u32, u32)]| {
+            for second in from_s..from_s + 5 {
+                read_newest(w, t0 + second * 1_000_000 + 500_000, running);
+            }
+            let at = t0 + (from_s + 4) * 1_000_000 + 600_000;
+            read_newest(w, at, running);
+            w.close(at)
+        };
+        poll(&mut w, 0, &[(4, 50)]);
+        close_to(&poll(&mut w, 5, &[(4, 50)]), 4, 0.5);
+        assert!(poll(&mut w, 10, &[]).is_empty());
+        assert!(poll(&mut w, 15, &[]).is_empty());
+        // Back after 10 s idle, running from about the read before its first sample.
+        let back = poll(&mut w, 20, &[(4, 50)]);
+        assert!((back[&4] - 0.5).abs() < 0.5 * 0.2 / 5.0 + 1e-9, "its first sample stands for about a second, not its 10 s idle: {back:?}");
+        assert!(!w.ring, "one sample per process per read: not a ring");
+    }
+
+    #[test]
+    fn a_ring_is_known_by_two_samples_of_one_process_in_one_read() {
+        let mut w = ShareWindow::default();
+        fetch(&mut w, samples(1, 1..=1, 50));
+        assert!(!w.ring);
+        fetch(&mut w, samples(1, 2..=3, 50));
+        assert!(w.ring);
     }
 }

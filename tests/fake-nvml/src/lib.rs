@@ -481,23 +481,30 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 }
 
 /// The samples the driver holds that are newer than `last_seen`: one per busy process per
-/// sample period over the kept window, stamped with wall-clock microseconds.
+/// sample period over the kept window, stamped with wall-clock microseconds; where the
+/// scenario says so, only each process's newest one.
 fn samples_since(gpu: &Gpu, last_seen: c_ulonglong) -> Vec<nvmlProcessUtilizationSample_t> {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-    let newest = now / SAMPLE_PERIOD_US;
+    let period = if gpu.sample_period_us == 0 { SAMPLE_PERIOD_US } else { gpu.sample_period_us };
+    let newest = now / period;
     let kept = if gpu.samples_kept == 0 { SAMPLES_KEPT } else { gpu.samples_kept };
-    let oldest = (newest + 1).saturating_sub(kept).max(last_seen / SAMPLE_PERIOD_US + 1);
+    let oldest = (newest + 1).saturating_sub(kept).max(last_seen / period + 1);
     let busy = gpu.processes.iter().filter(|p| p.sm_percent > 0 && p.gpu_instance.is_none());
     busy.flat_map(|p| {
         let ran = move |k: &u64| p.burst_cycle == 0 || k % p.burst_cycle < p.burst_busy;
-        (oldest..=newest).filter(ran).map(move |k| nvmlProcessUtilizationSample_t {
-            pid: p.pid,
-            timeStamp: k * SAMPLE_PERIOD_US,
-            smUtil: p.sm_percent,
-            memUtil: 0,
-            encUtil: 0,
-            decUtil: 0,
-        })
+        let held: Vec<u64> = (oldest..=newest).filter(ran).collect();
+        let returned = if gpu.newest_sample_only { &held[held.len().saturating_sub(1)..] } else { &held[..] };
+        returned
+            .iter()
+            .map(|k| nvmlProcessUtilizationSample_t {
+                pid: p.pid,
+                timeStamp: k * period,
+                smUtil: p.sm_percent,
+                memUtil: 0,
+                encUtil: 0,
+                decUtil: 0,
+            })
+            .collect::<Vec<_>>()
     })
     .collect()
 }

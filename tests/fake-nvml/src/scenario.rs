@@ -80,6 +80,11 @@ pub struct Gpu {
     pub remapped_rows: Option<RemappedRows>,
     /// Per-process utilization samples the driver keeps (a ring of the newest); 0 = 20.
     pub samples_kept: u64,
+    /// The driver's per-process sample period, microseconds; 0 = 1/6 s.
+    pub sample_period_us: u64,
+    /// A read returns only each process's newest sample, whatever `lastSeenTimeStamp` asks
+    /// (as an H200 on driver 580.159 does, with a 200 ms period).
+    pub newest_sample_only: bool,
     /// `nvmlDeviceGetGpuInstanceById` answers `NO_PERMISSION`, as for an unprivileged caller.
     pub gpu_instances_denied: bool,
     /// Field `NVML_FI_DEV_MEMORY_TEMP` (HBM); `None` = the field answers `NOT_SUPPORTED`.
