@@ -36,6 +36,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     let limits = server::Limits::default();
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe())));
+    tokio::spawn(crate::memory::run(Shutdown::new(shutdown_tx.subscribe())));
 
     let pods = match kube::connect(&config.kubernetes).await? {
         Some(client) => {

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod host;
 pub mod kube;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod node_logs;
 pub mod otlp;

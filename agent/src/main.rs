@@ -59,6 +59,7 @@ fn run(config: Config) -> ExitCode {
         .with_target(false)
         .init();
     raise_open_files_limit();
+    nodelens::memory::limit_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -194,6 +194,15 @@ impl Agent {
         kib * 1024
     }
 
+    /// The agent's anonymous resident memory (`RssAnon`: its heap and stacks, without the
+    /// pages of its binary, which a debug build makes large).
+    pub fn rss_anon_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("agent is running");
+        let kib: u64 =
+            status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+        kib * 1024
+    }
+
     /// User plus system CPU seconds the agent has used, all threads.
     pub fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("agent is running");
