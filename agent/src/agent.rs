@@ -43,12 +43,11 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
             let keys = |list: &[String]| list.iter().map(|k| Key::parse(k).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>();
             let store =
                 Arc::new(PodStore::new(keys(&config.kubernetes.app_keys)?, keys(&config.kubernetes.user_keys)?, metrics.pod_info.clone()));
-            let watch_namespaces = config.kubernetes.watch_namespaces;
             let pods_dir = config.logs.pods_dir.clone();
             let keep_deleted = Arc::new(move |pod: &PodMeta| path::pod_dir(&pods_dir, &pod.namespace, &pod.name, &pod.uid).exists());
             let shutdown = || Shutdown::new(shutdown_tx.subscribe());
             let up = metrics.kube_watch_up.clone();
-            kube::start(client, config.node_name.clone(), store.clone(), watch_namespaces, keep_deleted, up, shutdown);
+            kube::start(client, config.node_name.clone(), store.clone(), &config.kubernetes, keep_deleted, up, shutdown);
             tracing::info!(node = %config.node_name, "watching this node's pods");
             Some(store)
         }

@@ -348,6 +348,12 @@ pub struct KubernetesConfig {
     /// the buffer meanwhile.
     #[serde(with = "duration")]
     pub metadata_wait: Duration,
+    /// How long a request to the API server may go without a byte of its answer: a list the
+    /// server accepted but never answers, or a watch gone silent, is then retried (and shows
+    /// in `nodelens_kubernetes_watch_up`) instead of hanging. Watches ask the server to end
+    /// them sooner (five sixths of it), so a healthy watch is never idle this long.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
 }
 
 impl Default for KubernetesConfig {
@@ -360,6 +366,7 @@ impl Default for KubernetesConfig {
             watch_namespaces: false,
             pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
             metadata_wait: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -648,6 +655,7 @@ impl Config {
             ("metrics.otlp.interval", self.metrics.otlp.interval, Duration::from_secs(1)),
             ("metrics.otlp.request_timeout", self.metrics.otlp.request_timeout, Duration::from_millis(100)),
             ("certificates.interval", self.certificates.interval, Duration::from_millis(100)),
+            ("kubernetes.request_timeout", self.kubernetes.request_timeout, Duration::from_secs(2)),
         ];
         // Beyond a day a period or timeout means nothing, and an absurd one overflows a clock.
         let max = Duration::from_secs(24 * 3600);

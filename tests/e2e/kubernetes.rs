@@ -474,3 +474,35 @@ fn a_pod_born_during_an_api_outage_gets_its_metadata_and_the_outage_shows() {
     println!("watch back {recovered:?} after the API; largest retry gap while failing {:?}", gaps.iter().max().unwrap());
     agent.terminate();
 }
+
+/// A list the API server accepted but never answers (an overloaded or wedged server) is given
+/// up after `kubernetes.request_timeout` and retried, the watch showing 0 meanwhile, instead
+/// of hanging for ever; once lists are answered again the watch is up. A healthy watch is ended
+/// by the server before the timeout (timeoutSeconds), so it never reads as stalled.
+#[test]
+fn a_list_that_is_never_answered_is_retried_after_the_request_timeout() {
+    let c = Cluster::new();
+    c.api.apply(pod("ml", "steady", "uid-steady", NODE, json!({"app": "steady"}), &["main"]));
+    c.api.delay_lists(Duration::from_secs(3600));
+    let agent = c.start("  request_timeout: 2s\n");
+    let up = |m: &str| metric_sum(m, "nodelens_kubernetes_watch_up", &[r#"resource="pods""#]);
+    wait_metric(&agent, "the watch series", |m| m.contains(r#"nodelens_kubernetes_watch_up{node="gpu-node-1",resource="pods"}"#));
+    let lists = |api: &FakeApiServer| api.requests().iter().filter(|r| r.contains("/api/v1/pods") && !r.contains("watch=true")).count();
+    let start = Instant::now();
+    while lists(&c.api) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "a hung list is retried: {:?}", c.api.requests());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(up(&agent.get("/metrics").1), 0.0, "down while no list is answered");
+
+    c.api.delay_lists(Duration::ZERO);
+    wait_metric(&agent, "the pods watch up once lists are answered", |m| up(m) == 1.0);
+    // Up and quiet for three request timeouts: the server's watch timeout comes first.
+    let lists_when_up = lists(&c.api);
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(up(&agent.get("/metrics").1), 1.0, "a quiet, healthy watch never reads as stalled");
+    }
+    assert_eq!(lists(&c.api), lists_when_up, "and is resumed from its resourceVersion, not relisted");
+    agent.terminate();
+}

@@ -37,7 +37,12 @@ pub async fn connect(config: &KubernetesConfig) -> anyhow::Result<Option<kube::C
         }
     };
     match (found, config.enabled) {
-        (Ok(c), _) => Ok(Some(kube::Client::try_from(c)?)),
+        (Ok(mut c), _) => {
+            // A list the server accepted but never answers would otherwise hang forever.
+            c.read_timeout = Some(config.request_timeout);
+            c.reset_reader_on_write = true;
+            Ok(Some(kube::Client::try_from(c)?))
+        }
         (Err(e), Switch::On) => Err(e.context("kubernetes.enabled is true")),
         (Err(e), _) => {
             tracing::info!(reason = %e, "no Kubernetes API; log metadata comes from file paths only");
@@ -53,15 +58,17 @@ pub fn start(
     client: kube::Client,
     node: String,
     store: Arc<PodStore>,
-    watch_namespaces: bool,
+    config: &KubernetesConfig,
     keep_deleted: watch::KeepDeleted,
     up: Family<watch::WatchLabels, Gauge>,
     shutdown: impl Fn() -> Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(watch::pods(client.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown()))];
-    if watch_namespaces || store.needs_namespaces() {
+    let watcher = watch::watcher_config(config.request_timeout);
+    let mut tasks =
+        vec![tokio::spawn(watch::pods(client.clone(), watcher.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown()))];
+    if config.watch_namespaces || store.needs_namespaces() {
         store.expect_namespaces();
-        tasks.push(tokio::spawn(watch::namespaces(client, store, up, shutdown())));
+        tasks.push(tokio::spawn(watch::namespaces(client, watcher, store, up, shutdown())));
     }
     tasks
 }

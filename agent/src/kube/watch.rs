@@ -99,10 +99,19 @@ impl Health {
     }
 }
 
+/// The watches' settings: the server ends each watch after five sixths of the client's read
+/// timeout (`kubernetes.request_timeout`), so a healthy watch always has a byte to read within
+/// it and only a stalled one times out (and is retried with a fresh list).
+pub fn watcher_config(request_timeout: Duration) -> watcher::Config {
+    let secs = (request_timeout.as_secs() * 5 / 6).clamp(1, 290);
+    watcher::Config::default().timeout(u32::try_from(secs).unwrap_or(290))
+}
+
 /// Watches this node's pods into `store` until shutdown; every 10 s drops deleted pods that
 /// `keep` no longer holds. `up` gets the `pods` series, 0 until the first list.
 pub async fn pods(
     client: Client,
+    watcher: watcher::Config,
     node: String,
     store: Arc<PodStore>,
     keep: KeepDeleted,
@@ -110,7 +119,7 @@ pub async fn pods(
     mut shutdown: Shutdown,
 ) {
     let api: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let config = watcher.fields(&format!("spec.nodeName={node}"));
     let mut health = Health::new("pods", &up);
     let mut retry = Retry::default();
     let mut prune = tokio::time::interval(Duration::from_secs(10));
@@ -163,12 +172,18 @@ pub async fn pods(
 
 /// Watches namespaces (labels and the exclude annotation) into `store` until shutdown. `up`
 /// gets the `namespaces` series, 0 until the first list.
-pub async fn namespaces(client: Client, store: Arc<PodStore>, up: Family<WatchLabels, Gauge>, mut shutdown: Shutdown) {
+pub async fn namespaces(
+    client: Client,
+    watcher: watcher::Config,
+    store: Arc<PodStore>,
+    up: Family<WatchLabels, Gauge>,
+    mut shutdown: Shutdown,
+) {
     let api: Api<Namespace> = Api::all(client);
     let mut health = Health::new("namespaces", &up);
     let mut retry = Retry::default();
     loop {
-        let stream = watcher::watcher(api.clone(), watcher::Config::default());
+        let stream = watcher::watcher(api.clone(), watcher.clone());
         futures_util::pin_mut!(stream);
         let error = loop {
             let event = tokio::select! {

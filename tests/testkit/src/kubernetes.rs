@@ -285,8 +285,17 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
             let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
             st.watchers.push(Watcher { kind, node, bookmarks, tx });
         }
-        let stream =
-            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
+        // The server ends a watch after its timeoutSeconds, as the API server does (which
+        // spreads it by up to 2x; exactly is enough here).
+        let timeout = q.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(std::time::Duration::from_secs);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let stream = futures_util::stream::unfold(rx, move |mut rx| async move {
+            let next = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
+                None => rx.recv().await,
+            };
+            next.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
         let body = StreamBody::new(stream).boxed();
         return Ok(Response::builder().status(200).header("content-type", "application/json").body(body).unwrap());
     }
