@@ -235,7 +235,7 @@ mod tests {
         }
     }
 
-    fn allocation(pod: &str, device: &str) -> Allocation {
+    pub(super) fn allocation(pod: &str, device: &str) -> Allocation {
         Allocation {
             namespace: "ml".into(),
             pod: pod.into(),
@@ -346,11 +346,12 @@ mod hami_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::gpu::allocation::Source;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
     use crate::host::cgroup::ContainerCgroup;
     use crate::kube::meta::{ContainerMeta, PodMeta};
     use crate::kube::store::PodStore;
+
+    use super::tests::allocation;
 
     const WHOLE: &str = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
     /// Ends in an all-digit group, as NVML's UUIDs may.
@@ -396,16 +397,6 @@ mod hami_tests {
             app: String::new(),
             user: String::new(),
             hami: annotation.map(|a| hami::grants(&a, &[], &["main"])),
-        }
-    }
-
-    fn allocation(pod: &str, device: &str) -> Allocation {
-        Allocation {
-            namespace: "ml".into(),
-            pod: pod.into(),
-            container: "main".into(),
-            device_id: device.into(),
-            source: Source::DevicePlugin,
         }
     }
 
