@@ -17,10 +17,10 @@ use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::decode;
 use super::fingerprint::Format;
-use super::path::Generation;
 use super::reader::{Line, LineReader};
 use super::scan::ScannedFile;
 use super::source::{ContainerInfo, FileId, Source};
+use crate::identity::path::Generation;
 
 /// Fixed inputs of a read step.
 pub struct StepLimits {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use super::*;
-use crate::logs::path::{ContainerRef, Generation};
+use crate::identity::path::{ContainerRef, Generation};
 use crate::logs::scan::{self, FingerprintCache, Scan};
 
 const LIMITS: StepLimits =
