@@ -10,6 +10,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
+use crate::gpu::runs::RunSeconds;
 use crate::host::names::ContainerLabels;
 use crate::kube::store::PodInfoLabels;
 use crate::kube::watch::WatchLabels;
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub shm: Family<ContainerLabels, Gauge>,
     /// GPU and GPU attribution series.
     pub gpu: GpuExport,
+    /// `nodelens_gpu_run_seconds_total`.
+    pub gpu_run_seconds: RunSeconds,
 }
 
 /// Registers metrics and remembers their names.
@@ -153,9 +156,15 @@ impl Metrics {
         let gpu = GpuExport::default();
         r.registry.register_collector(Box::new(gpu.clone()));
         r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
+        let gpu_run_seconds = RunSeconds::default();
+        r.add(
+            "gpu_run_seconds",
+            "GPU-seconds (each GPU's share times the time held) of container runs that ended, by outcome",
+            gpu_run_seconds.clone(),
+        );
         r.registry.register_collector(Box::new(ProcessCollector));
         r.names.extend(process::NAMES.iter().map(|n| n.to_string()));
-        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
+        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),
