@@ -106,6 +106,9 @@ impl Runs {
         if !state.running.is_empty() || !state.pending.is_empty() {
             tracing::info!(running = state.running.len(), pending = state.pending.len(), "GPU runs continued from state_dir");
         }
+        for run in state.running.values() {
+            baseline(&seconds, &run.who);
+        }
         Runs {
             state,
             file,
@@ -183,7 +186,12 @@ impl Runs {
         for (id, (pod, container, uses)) in held {
             let Some(c) = pod.container(&container) else { continue };
             let started = c.started.map(|s| s as f64);
-            let run = self.state.running.entry(id.clone()).or_insert_with(|| new_run(&pod, c, &id, started, now));
+            let seconds = &self.seconds;
+            let run = self.state.running.entry(id.clone()).or_insert_with(|| {
+                let run = new_run(&pod, c, &id, started, now);
+                baseline(seconds, &run.who);
+                run
+            });
             add_poll(run, &uses, now, self.poll_interval.as_secs_f64() * 2.0);
             let values = self.gauges.values(&pod.uid);
             if !values.is_empty() {
@@ -303,6 +311,14 @@ impl Runs {
                 self.failing = true;
             }
         }
+    }
+}
+
+/// Creates the counter's series of `who`'s namespace, application and user at 0 for every
+/// outcome, so that `increase()` sees the first run that ends.
+fn baseline(seconds: &RunSeconds, who: &Who) {
+    for outcome in report::OUTCOMES {
+        seconds.get_or_create(&RunLabels { namespace: who.namespace.clone(), app: who.app.clone(), user: who.user.clone(), outcome });
     }
 }
 

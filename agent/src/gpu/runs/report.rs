@@ -109,6 +109,8 @@ impl Report {
             fields.push(("duration_seconds", json!(d)));
         }
         fields.push(("gpu_seconds", json!(self.gpu_seconds)));
+        // For Kibana's sums, which cannot divide.
+        fields.push(("gpu_hours", json!(self.gpu_seconds / 3600.0)));
         fields.push(("gpus", json!(self.gpus)));
         let optional = [
             ("sm_utilization_mean", self.sm_utilization_mean),

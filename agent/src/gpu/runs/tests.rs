@@ -100,6 +100,11 @@ fn a_container_oomkilled_on_a_time_sliced_gpu_gets_one_report_with_its_share() {
     let (mut runs, rx) = node.runs();
     poll(&mut runs, 0, 100);
     assert!(rx.try_recv().is_err(), "nothing ended");
+    let mut exposition = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("gpu_run_seconds", "", node.seconds.clone());
+    prometheus_client::encoding::text::encode(&mut exposition, &registry).unwrap();
+    assert_eq!(exposition.matches("gpu_run_seconds_total{").count(), 10, "0 for every outcome of both: {exposition}");
     let exit = Exit { code: 137, reason: "OOMKilled".into(), started: Some(T0 as i64), finished: Some((T0 + 102.0) as i64) };
     node.store.apply(pod("a-0", "aaa", Some(exit)));
     poll(&mut runs, 105, 110);
