@@ -318,7 +318,8 @@ impl Runs {
 /// outcome, so that `increase()` sees the first run that ends.
 fn baseline(seconds: &RunSeconds, who: &Who) {
     for outcome in report::OUTCOMES {
-        seconds.get_or_create(&RunLabels { namespace: who.namespace.clone(), app: who.app.clone(), user: who.user.clone(), outcome });
+        let _ =
+            seconds.get_or_create(&RunLabels { namespace: who.namespace.clone(), app: who.app.clone(), user: who.user.clone(), outcome });
     }
 }
 
