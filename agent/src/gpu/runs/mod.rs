@@ -159,6 +159,10 @@ impl Runs {
                 *holders.entry(uuid.1.as_str()).or_default() += 1;
             }
         }
+        if holders.is_empty() {
+            return;
+        }
+        // One copy of the pod index per poll, and only on a node where GPUs are held.
         let pods = self.pods.by_name();
         let mut held: BTreeMap<String, (Arc<PodMeta>, String, Vec<Held>)> = BTreeMap::new();
         for row in view.containers.iter().filter(|r| r.allocated) {
