@@ -71,7 +71,6 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     }
 
     let gpu_bus_ids = crate::host::pci::GpuBusIds::default();
-    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
 
     let push = &config.metrics.otlp;
     let metrics_push = if push.endpoint.is_empty() {
@@ -97,7 +96,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     let mut pipeline = if config.logs.enabled {
         let checkpoints = Arc::new(open_checkpoints(&config).await?);
         let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
-        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)?;
+        let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids.clone())?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
         Some(pipeline)
     } else if node_logs {
@@ -106,7 +105,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         let started = async {
             let checkpoints = Arc::new(open_checkpoints(&config).await?);
             let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
-            LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)
+            LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids.clone())
         };
         match started.await {
             Ok(pipeline) => Some(pipeline),
@@ -118,6 +117,16 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     } else {
         None
     };
+    // After the pipeline, which holds state_dir's lock: an agent handing the node over has
+    // written its GPU run state by then.
+    let (run_reports, run_reports_rx) = crate::gpu::runs::channel();
+    if let Some(pipeline) = pipeline.as_mut() {
+        pipeline.deliver_runs(run_reports_rx)?;
+    }
+    let runs =
+        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: run_reports };
+    let gpu =
+        crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), runs, Shutdown::new(shutdown_tx.subscribe())).await?;
     health.ready.store(true, Ordering::Release);
 
     let failure = async {
@@ -138,6 +147,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         pipeline.stop(DRAIN_GRACE).await;
     }
     let _ = shutdown_tx.send(());
+    if let Some(gpu) = gpu {
+        // Writes the GPU run state, with the reports the pipeline delivered while draining.
+        let _ = tokio::time::timeout(Duration::from_secs(5), gpu).await;
+    }
     if let Some(push) = metrics_push {
         // The last push carries the final counts; a receiver that is away does not hold up the exit.
         let _ = tokio::time::timeout(Duration::from_secs(5), push).await;

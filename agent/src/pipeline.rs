@@ -7,8 +7,9 @@
 
 pub mod counts;
 mod encoder;
+pub mod runs;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,6 +111,11 @@ pub struct LogPipeline {
     sinks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     committer: tokio::task::JoinHandle<()>,
     node_logs: NodeLogs,
+    /// The sinks' inputs for GPU run reports, until [`LogPipeline::deliver_runs`] takes them.
+    runs_feed: Option<Feed>,
+    /// The thread delivering GPU run reports.
+    runs: Option<JoinHandle<()>>,
+    runs_stop: Arc<AtomicBool>,
 }
 
 impl LogPipeline {
@@ -198,6 +204,7 @@ impl LogPipeline {
                 cluster: cluster.clone(),
             }
         };
+        let runs_feed = Feed { index: config.sinks.elasticsearch.gpu_runs_data_stream.as_str().into(), ..feed() };
         let names = Names { pods_dir: logs.pods_dir.clone(), containers_dir: logs.containers_dir.clone(), pods };
         let context = node_logs::Context {
             config: config.clone(),
@@ -209,7 +216,27 @@ impl LogPipeline {
         };
         let node_logs = NodeLogs::start(context, feed)?;
         let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
-        Ok(LogPipeline { checkpoints, wake, tailer, idle_chunks, encoder, sinks, committer, node_logs })
+        Ok(LogPipeline {
+            checkpoints,
+            wake,
+            tailer,
+            idle_chunks,
+            encoder,
+            sinks,
+            committer,
+            node_logs,
+            runs_feed: Some(runs_feed),
+            runs: None,
+            runs_stop: Arc::default(),
+        })
+    }
+
+    /// Delivers the GPU run reports that arrive on `reports` to every sink.
+    pub fn deliver_runs(&mut self, reports: std::sync::mpsc::Receiver<crate::gpu::runs::Delivery>) -> anyhow::Result<()> {
+        let Some(feed) = self.runs_feed.take() else { return Ok(()) };
+        let stop = self.runs_stop.clone();
+        self.runs = Some(std::thread::Builder::new().name("gpu-runs".into()).spawn(move || runs::run(feed, reports, stop))?);
+        Ok(())
     }
 
     /// Resolves when a sink fails (returns its error); pending forever while all run.
@@ -232,10 +259,15 @@ impl LogPipeline {
         let checkpoints = self.checkpoints.clone();
         self.wake.shutdown();
         self.node_logs.stop();
+        self.runs_stop.store(true, Ordering::Release);
+        drop(self.runs_feed);
         drop(self.idle_chunks);
         let drain = async {
-            let node_logs = self.node_logs;
+            let (node_logs, runs) = (self.node_logs, self.runs);
             let threads = tokio::task::spawn_blocking(move || {
+                if let Some(runs) = runs {
+                    let _ = runs.join();
+                }
                 if let Some(tailer) = self.tailer {
                     let _ = tailer.join();
                 }

@@ -333,7 +333,7 @@ fn mapped_field_types() -> BTreeMap<String, String> {
     }
     // The container logs' template and the node logs' (the node data view and its links).
     let mut out = BTreeMap::new();
-    for file in ["index-template.json", "node-index-template.json"] {
+    for file in ["index-template.json", "node-index-template.json", "gpu-runs-index-template.json"] {
         let text = std::fs::read_to_string(root().join("deploy/elasticsearch").join(file)).unwrap();
         let template: serde_json::Value = serde_json::from_str(&text).unwrap();
         walk("", &template["template"]["mappings"]["properties"], &mut out);
@@ -352,7 +352,7 @@ const KIBANA_8_8_TYPE_VERSIONS: &[(&str, &str)] =
 const VISUALIZATION_SCHEMAS: &[(&str, &[&str])] = &[("histogram", &["metric", "segment", "group"]), ("table", &["metric", "bucket"])];
 
 /// Mapping types Kibana can aggregate on in our visualizations.
-const AGGREGATABLE_TYPES: &[&str] = &["keyword", "date", "date_nanos"];
+const AGGREGATABLE_TYPES: &[&str] = &["keyword", "date", "date_nanos", "double", "long"];
 
 /// The Grafana address the data view's links use in the file; replaced at install time.
 const GRAFANA_PLACEHOLDER: &str = "http://grafana:3000";
@@ -507,7 +507,7 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
         objects.iter().map(|o| (o["type"].as_str().unwrap().to_string(), o["id"].as_str().unwrap().to_string())).collect();
     assert_eq!(ids.len(), objects.len(), "ids are unique");
     let es = nodelens::config::Config::default().sinks.elasticsearch;
-    let (data_stream, node_data_stream) = (es.data_stream, es.node_data_stream);
+    let (data_stream, node_data_stream, gpu_runs_data_stream) = (es.data_stream, es.node_data_stream, es.gpu_runs_data_stream);
     let (mut titles, mut on_dashboards) = (BTreeSet::new(), BTreeSet::new());
     for o in &objects {
         let (kind, id) = (o["type"].as_str().unwrap(), o["id"].as_str().unwrap());
@@ -527,8 +527,8 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
                 let pattern = attributes["title"].as_str().unwrap();
                 let prefix = pattern.strip_suffix('*').unwrap();
                 assert!(
-                    data_stream.starts_with(prefix) || node_data_stream.starts_with(prefix),
-                    "{id}: {pattern} covers the default data stream {data_stream} or {node_data_stream}"
+                    [&data_stream, &node_data_stream, &gpu_runs_data_stream].iter().any(|stream| stream.starts_with(prefix)),
+                    "{id}: {pattern} covers the default data stream {data_stream}, {node_data_stream} or {gpu_runs_data_stream}"
                 );
                 assert_eq!(attributes["timeFieldName"], "@timestamp");
                 assert_grafana_link(id, &o["attributes"], &fields);
@@ -549,7 +549,9 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
     for o in objects.iter().filter(|o| o["type"] == "visualization") {
         assert!(on_dashboards.contains(o["id"].as_str().unwrap()), "{}: on no dashboard", o["id"]);
     }
-    for title in ["Logs of one app", "Errors by app", "nodelens: log volume by app and level"] {
+    for title in
+        ["Logs of one app", "Errors by app", "nodelens: log volume by app and level", "GPU runs", "GPU-hours of failed runs by user"]
+    {
         assert!(titles.contains(title), "{title} is bundled: {titles:?}");
     }
 }

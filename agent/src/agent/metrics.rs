@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
+use crate::gpu::runs::RunSeconds;
 use crate::identity::ContainerLabels;
 use crate::kube::store::PodInfoLabels;
 use crate::kube::watch::WatchLabels;
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub shm: Family<ContainerLabels, Gauge>,
     /// GPU and GPU attribution series.
     pub gpu: GpuExport,
+    /// `nodelens_gpu_run_seconds_total`.
+    pub gpu_run_seconds: RunSeconds,
 }
 
 impl Metrics {
@@ -116,10 +119,16 @@ impl Metrics {
         let shm = Family::default();
         r.add("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
         let gpu = GpuExport::default();
+        let gpu_run_seconds = RunSeconds::default();
+        r.add(
+            "gpu_run_seconds",
+            "GPU-seconds (each GPU's share times the time held) of container runs that ended, by outcome",
+            gpu_run_seconds.clone(),
+        );
         r.add_collector(Box::new(gpu.clone()), export::NAMES);
         r.add_collector(Box::new(ProcessCollector), process::NAMES);
         let exposition = Arc::new(r.finish());
-        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
+        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),

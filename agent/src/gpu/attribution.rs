@@ -382,6 +382,9 @@ mod hami_tests {
             last_id: None,
             runtime: Some("containerd".into()),
             restart_count: 0,
+            started: None,
+            exit: None,
+            last_exit: None,
         }];
         if let Some(a) = &annotation {
             annotations.insert(hami::ALLOCATED.to_string(), a.clone());
@@ -398,6 +401,7 @@ mod hami_tests {
             app: String::new(),
             user: String::new(),
             hami: annotation.map(|a| hami::grants(&a, &[], &["main"])),
+            evicted: false,
         }
     }
 

@@ -13,12 +13,14 @@ pub mod health;
 pub mod nvml;
 pub mod processes;
 pub mod reading;
+pub mod runs;
 pub mod shares;
 pub mod unattributed;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, Switch};
 use crate::kube::Names;
@@ -26,20 +28,34 @@ use crate::shutdown::Shutdown;
 use allocation::PodResources;
 use export::GpuExport;
 use reading::Reading;
+use runs::Runs;
+
+/// What GPU run reports need: the log-derived gauges, the counter, and where reports go.
+pub struct RunsContext {
+    /// The pods' log-derived gauges.
+    pub gauges: crate::logs::derived::PodGauges,
+    /// `nodelens_gpu_run_seconds_total`.
+    pub seconds: runs::RunSeconds,
+    /// The log pipeline's input for reports (see [`runs::channel`]).
+    pub out: std::sync::mpsc::SyncSender<runs::Delivery>,
+}
 
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or
 /// without GPUs logs one line and runs without GPU metrics; with `true` that is an error.
 ///
-/// `bus_ids` is filled with the GPUs' PCI addresses.
+/// `bus_ids` is filled with the GPUs' PCI addresses. With pod metadata from the API, every
+/// container holding a GPU gets a run report when it ends. The task returned ends after
+/// `shutdown`, once the run state is written.
 pub async fn start(
     config: &Config,
     names: Names,
     export: GpuExport,
     bus_ids: crate::host::pci::GpuBusIds,
+    runs: RunsContext,
     shutdown: Shutdown,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<JoinHandle<()>>> {
     if config.gpu.enabled == Switch::Off {
-        return Ok(());
+        return Ok(None);
     }
     let settings = nvml::Settings {
         library: config.gpu.nvml_library.clone(),
@@ -57,13 +73,16 @@ pub async fn start(
         Ok(Err(why)) if config.gpu.enabled == Switch::On => anyhow::bail!("gpu.enabled is true, but {why}"),
         Ok(Err(why)) => {
             tracing::info!("GPU metrics off: {why}");
-            return Ok(());
+            return Ok(None);
         }
         Err(_) => anyhow::bail!("the NVML thread ended during start-up"),
     }
     let pod_resources = PodResources::new(config.kubernetes.pod_resources_socket.clone(), config.gpu.resource_prefixes.clone());
-    tokio::spawn(attribute(readings, pod_resources, names, export, shutdown));
-    Ok(())
+    let runs = names.pods.clone().map(|pods| {
+        let file = runs::state::StateFile::new(&config.state_dir);
+        Arc::new(Mutex::new(Runs::new(file, pods, runs.gauges, runs.seconds, runs.out, config.gpu.poll_interval)))
+    });
+    Ok(Some(tokio::spawn(attribute(readings, pod_resources, names, export, runs, shutdown))))
 }
 
 /// Joins each reading with the kubelet's allocations and publishes the result. Dropping
@@ -73,14 +92,15 @@ async fn attribute(
     mut pod_resources: PodResources,
     names: Names,
     export: GpuExport,
+    runs: Option<Arc<Mutex<Runs>>>,
     mut shutdown: Shutdown,
 ) {
     let mut allocations = Arc::new(Vec::new());
     let (mut errors, mut failing, mut listed) = (0, false, false);
     loop {
         tokio::select! {
-            changed = readings.changed() => if changed.is_err() { return },
-            _ = shutdown.recv() => return,
+            changed = readings.changed() => if changed.is_err() { break },
+            _ = shutdown.recv() => break,
         }
         let Some(reading) = readings.borrow_and_update().clone() else { continue };
         match pod_resources.list().await {
@@ -100,8 +120,15 @@ async fn attribute(
                 failing = true;
             }
         }
-        let (names, allocations) = (names.clone(), allocations.clone());
-        match tokio::task::spawn_blocking(move || attribution::compose(&reading, &allocations, &names)).await {
+        let (names, allocations, runs) = (names.clone(), allocations.clone(), runs.clone());
+        let composed = tokio::task::spawn_blocking(move || {
+            let view = attribution::compose(&reading, &allocations, &names);
+            if let Some(runs) = runs {
+                runs.lock().unwrap_or_else(|e| e.into_inner()).observe(&reading, &view, runs::unix_now());
+            }
+            view
+        });
+        match composed.await {
             Ok(mut view) => {
                 view.pod_resources_errors = errors;
                 view.unattributed.iter_mut().for_each(|u| u.allocations_known = listed);
@@ -109,5 +136,9 @@ async fn attribute(
             }
             Err(e) => tracing::error!(error = %e, "GPU attribution panicked"),
         }
+    }
+    // Reports the pipeline delivered while it drained are remembered; running totals kept.
+    if let Some(runs) = runs {
+        let _ = tokio::task::spawn_blocking(move || runs.lock().unwrap_or_else(|e| e.into_inner()).finish()).await;
     }
 }

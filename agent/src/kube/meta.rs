@@ -65,6 +65,38 @@ pub struct ContainerMeta {
     pub runtime: Option<String>,
     /// The kubelet's restart count of the current instance.
     pub restart_count: u32,
+    /// When the current instance started (`state.running.startedAt`, or
+    /// `state.terminated.startedAt` once it ended), Unix seconds.
+    pub started: Option<i64>,
+    /// How the current instance ended (`state.terminated`); `None` while it runs.
+    pub exit: Option<Box<Exit>>,
+    /// How the previous instance ended (`lastState.terminated`).
+    pub last_exit: Option<Box<Exit>>,
+}
+
+/// A container instance's end, as the kubelet reports it (`state.terminated`). Boxed in
+/// [`ContainerMeta`]: most containers run, and a running one pays one word for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The process's exit code.
+    pub code: i32,
+    /// `Completed`, `Error`, `OOMKilled`, `ContainerCannotRun`, ...; empty when not given.
+    pub reason: String,
+    /// When the instance started, Unix seconds.
+    pub started: Option<i64>,
+    /// When it ended, Unix seconds.
+    pub finished: Option<i64>,
+}
+
+impl Exit {
+    fn from_status(t: &k8s_openapi::api::core::v1::ContainerStateTerminated) -> Box<Exit> {
+        Box::new(Exit {
+            code: t.exit_code,
+            reason: t.reason.clone().unwrap_or_default(),
+            started: t.started_at.as_ref().map(|t| t.0.as_second()),
+            finished: t.finished_at.as_ref().map(|t| t.0.as_second()),
+        })
+    }
 }
 
 /// A pod, reduced.
@@ -93,6 +125,9 @@ pub struct PodMeta {
     /// HAMi's placement and grants of the pod's GPU slices (`hami.io/vgpu-devices-allocated`),
     /// or why that annotation could not be read; `None` without it.
     pub hami: Option<hami::PodGrants>,
+    /// The kubelet evicted the pod (`status.reason: Evicted`): its containers' ends are
+    /// evictions, whatever their exit code.
+    pub evicted: bool,
 }
 
 impl PodMeta {
@@ -146,7 +181,11 @@ pub fn from_pod(pod: &Pod, keep_annotation: impl Fn(&str) -> bool) -> Option<Pod
             let st = statuses.iter().find(|s| s.name == c.name);
             let split = |id: &str| id.split_once("://").map(|(rt, id)| (rt.to_string(), id.to_string()));
             let current = st.and_then(|s| s.container_id.as_deref()).and_then(split);
-            let last = st.and_then(|s| s.last_state.as_ref()?.terminated.as_ref()?.container_id.as_deref()).and_then(split);
+            let last_terminated = st.and_then(|s| s.last_state.as_ref()?.terminated.as_ref());
+            let last = last_terminated.and_then(|t| t.container_id.as_deref()).and_then(split);
+            let state = st.and_then(|s| s.state.as_ref());
+            let terminated = state.and_then(|s| s.terminated.as_ref());
+            let running_since = state.and_then(|s| s.running.as_ref()?.started_at.as_ref());
             ContainerMeta {
                 name: c.name.clone(),
                 image: c.image.clone().unwrap_or_default(),
@@ -154,6 +193,9 @@ pub fn from_pod(pod: &Pod, keep_annotation: impl Fn(&str) -> bool) -> Option<Pod
                 id: current.map(|(_, id)| id),
                 last_id: last.map(|(_, id)| id),
                 restart_count: st.map_or(0, |s| s.restart_count.max(0) as u32),
+                started: running_since.or(terminated.and_then(|t| t.started_at.as_ref())).map(|t| t.0.as_second()),
+                exit: terminated.map(Exit::from_status),
+                last_exit: last_terminated.map(Exit::from_status),
             }
         })
         .collect();
@@ -175,6 +217,7 @@ pub fn from_pod(pod: &Pod, keep_annotation: impl Fn(&str) -> bool) -> Option<Pod
         app: String::new(),
         user: String::new(),
         hami,
+        evicted: status.and_then(|s| s.reason.as_deref()) == Some("Evicted"),
     })
 }
 

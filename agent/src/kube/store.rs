@@ -302,6 +302,7 @@ mod tests {
             app: String::new(),
             user: String::new(),
             hami: None,
+            evicted: false,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,16 @@ pub enum AckMsg {
         /// How many acknowledgements to wait for.
         sinks: u32,
     },
+    /// Batch `seq` of a source that keeps its own state (GPU run reports) was handed to
+    /// `sinks` sinks; `done` is set, in order with every other batch, once all acknowledge.
+    RegisterNotify {
+        /// Order in which batches were made.
+        seq: u64,
+        /// Set when the batch is done.
+        done: Arc<AtomicBool>,
+        /// How many acknowledgements to wait for.
+        sinks: u32,
+    },
     /// One sink is done with chunk `seq` (delivered, or rejected for good).
     Ack {
         /// The chunk.
@@ -71,6 +81,7 @@ pub struct CheckpointMetrics {
 enum Done {
     File { file: FileId, path: PathBuf, offset: u64, read_bytes: u64 },
     Node(NodePosition),
+    Notify(Arc<AtomicBool>),
 }
 
 /// Applies acknowledgements in read order and persists checkpoints periodically.
@@ -98,6 +109,9 @@ impl Committer {
             AckMsg::RegisterNode { seq, position, sinks } => {
                 self.waiting.insert(seq, Waiting { done: Done::Node(position), missing: sinks });
             }
+            AckMsg::RegisterNotify { seq, done, sinks } => {
+                self.waiting.insert(seq, Waiting { done: Done::Notify(done), missing: sinks });
+            }
             AckMsg::Ack { seq } => match self.waiting.get_mut(&seq) {
                 Some(w) => w.missing = w.missing.saturating_sub(1),
                 None => tracing::error!(seq, "acknowledgement for an unknown chunk"),
@@ -113,6 +127,7 @@ impl Committer {
                     self.inflight.fetch_sub(read_bytes, Ordering::AcqRel);
                 }
                 Done::Node(position) => self.checkpoints.acknowledge_node(position),
+                Done::Notify(done) => done.store(true, Ordering::Release),
             }
         }
     }

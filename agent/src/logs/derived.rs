@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -53,6 +54,40 @@ pub struct DerivedFamilies {
     pub totals: Family<SeriesLabels, Gauge<f64, AtomicU64>>,
     /// `nodelens_log_metric_series_refused_total`.
     pub refused: Family<RuleLabels, Counter>,
+    /// The gauges by pod, for the GPU run reports' last values.
+    pub by_pod: PodGauges,
+}
+
+/// Each pod's log-derived gauges by rule name: handles on the exported values, added when a
+/// series is created and removed with it, so a reading costs no lookup in the families.
+#[derive(Clone, Default)]
+pub struct PodGauges(Arc<Mutex<HashMap<String, Vec<NamedGauge>>>>);
+
+/// A gauge rule's name and a handle on one of its series.
+type NamedGauge = (String, Gauge<f64, AtomicU64>);
+
+impl PodGauges {
+    /// The last value of each gauge rule of the pod with `uid` (one per rule name: the newest
+    /// series of a rule with extra labels).
+    pub fn values(&self, uid: &str) -> Vec<(String, f64)> {
+        let pods = self.0.lock().unwrap();
+        let mut values: Vec<(String, f64)> = Vec::new();
+        for (name, gauge) in pods.get(uid).into_iter().flatten() {
+            match values.iter_mut().find(|(n, _)| n == name) {
+                Some(seen) => seen.1 = gauge.get(),
+                None => values.push((name.clone(), gauge.get())),
+            }
+        }
+        values
+    }
+
+    fn add(&self, uid: &str, name: &str, gauge: Gauge<f64, AtomicU64>) {
+        self.0.lock().unwrap().entry(uid.to_string()).or_default().push((name.to_string(), gauge));
+    }
+
+    fn remove(&self, uid: &str) {
+        self.0.lock().unwrap().remove(uid);
+    }
 }
 
 /// Exposes the counters' running sums under the sample name `nodelens_log_metric_total`
@@ -189,6 +224,9 @@ impl Derived {
                         LogMetricKind::Counter => &self.families.totals,
                     };
                     let value = family.get_or_create(&labels).clone();
+                    if rule.kind == LogMetricKind::Gauge {
+                        self.families.by_pod.add(&pod.uid, &rule.name, value.clone());
+                    }
                     self.counts[i] += 1;
                     let by_key = self.series[i].entry(pod.uid.clone()).or_default();
                     by_key.entry(self.key.clone()).or_insert(Series { labels, value })
@@ -210,6 +248,7 @@ impl Derived {
                 if alive(label("namespace"), label("pod"), uid) {
                     return true;
                 }
+                self.families.by_pod.remove(uid);
                 for gone in by_key.values() {
                     match rule.kind {
                         LogMetricKind::Gauge => self.families.gauges.remove(&gone.labels),

@@ -317,6 +317,7 @@ mod tests {
             app: String::new(),
             user: String::new(),
             hami: None,
+            evicted: false,
         });
         assert_eq!(service_name(&encoder.encode(&line, Instant::now())), "resnet", "re-rendered from the store");
     }

@@ -1,0 +1,171 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::gpu::export::ContainerRow;
+use crate::gpu::reading::GpuId;
+use crate::kube::meta::{ContainerMeta, PodMeta};
+
+const GPU: &str = "GPU-11111111-2222-3333-4444-555555555555";
+const T0: f64 = 1_764_800_000.0;
+
+fn pod(name: &str, id: &str, exit: Option<Exit>) -> PodMeta {
+    PodMeta {
+        namespace: "ml".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        ip: None,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        workload: None,
+        containers: vec![ContainerMeta {
+            name: "main".into(),
+            image: "trainer:1".into(),
+            id: Some(id.into()),
+            last_id: None,
+            runtime: Some("containerd".into()),
+            restart_count: 0,
+            started: Some(T0 as i64),
+            exit: exit.map(Box::new),
+            last_exit: None,
+        }],
+        app: name.trim_end_matches("-0").into(),
+        user: "alice".into(),
+        hami: None,
+        evicted: false,
+    }
+}
+
+fn reading(energy: f64, throttle: u64) -> Reading {
+    let mut gpu = GpuReading::new(GpuId { index: 0, uuid: GPU.into(), model: "NVIDIA H100".into(), mig: None, minor: Some(0) }, true);
+    gpu.energy_joules = Some(energy);
+    gpu.throttle_reasons = Some(throttle);
+    Reading { gpus: vec![gpu], ..Reading::default() }
+}
+
+fn row(pod: &str, utilization: f64, memory: f64) -> ContainerRow {
+    ContainerRow {
+        labels: vec![
+            ("gpu", "0".into()),
+            ("uuid", GPU.into()),
+            ("namespace", "ml".into()),
+            ("pod", pod.into()),
+            ("container", "main".into()),
+            ("app", pod.into()),
+            ("user", "alice".into()),
+        ],
+        allocated: true,
+        utilization: Some(utilization),
+        memory_bytes: Some(memory),
+        granted_memory_bytes: None,
+        granted_cores_ratio: None,
+    }
+}
+
+fn view(rows: Vec<ContainerRow>) -> GpuView {
+    GpuView { containers: rows, ..GpuView::default() }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    store: Arc<PodStore>,
+    seconds: RunSeconds,
+}
+
+impl Node {
+    fn new() -> Node {
+        let store = Arc::new(PodStore::new(Vec::new(), Vec::new(), Default::default()));
+        store.relist(vec![pod("a-0", "aaa", None), pod("b-0", "bbb", None)]);
+        Node { dir: tempfile::tempdir().unwrap(), store, seconds: RunSeconds::default() }
+    }
+
+    fn runs(&self) -> (Runs, Receiver<Delivery>) {
+        let (tx, rx) = channel();
+        let file = StateFile::new(self.dir.path());
+        (Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), tx, Duration::from_secs(5)), rx)
+    }
+}
+
+/// Polls every 5 s from T0 + `from` to T0 + `to`, both time-sliced containers holding the GPU
+/// (a 10 W GPU, throttled throughout).
+fn poll(runs: &mut Runs, from: u32, to: u32) {
+    for t in (from..=to).step_by(5) {
+        let now = T0 + f64::from(t);
+        runs.observe(&reading(10.0 * f64::from(t), 0x4), &view(vec![row("a-0", 0.3, 4e9), row("b-0", 0.5, 2e9)]), now);
+    }
+}
+
+#[test]
+fn a_container_oomkilled_on_a_time_sliced_gpu_gets_one_report_with_its_share() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 0, 100);
+    assert!(rx.try_recv().is_err(), "nothing ended");
+    let mut exposition = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("gpu_run_seconds", "", node.seconds.clone());
+    prometheus_client::encoding::text::encode(&mut exposition, &registry).unwrap();
+    assert_eq!(exposition.matches("gpu_run_seconds_total{").count(), 10, "0 for every outcome of both: {exposition}");
+    let exit = Exit { code: 137, reason: "OOMKilled".into(), started: Some(T0 as i64), finished: Some((T0 + 102.0) as i64) };
+    node.store.apply(pod("a-0", "aaa", Some(exit)));
+    poll(&mut runs, 105, 110);
+    let delivery = rx.try_recv().expect("a report");
+    assert!(rx.try_recv().is_err(), "one report");
+    let r = &delivery.report;
+    assert_eq!(
+        (r.who.container_id.as_str(), r.exit_code, r.exit_reason.as_str(), r.outcome.as_str()),
+        ("aaa", Some(137), "OOMKilled", "oomkilled")
+    );
+    assert!((r.gpu_seconds - 51.0).abs() < 1e-6, "half the GPU for 102 s: {r:?}");
+    assert_eq!((r.gpus, r.sm_utilization_mean, r.memory_used_peak_bytes), (0.5, Some(0.3), Some(4e9)));
+    assert!((r.energy_joules.unwrap() - 500.0).abs() < 1e-6, "half of 1,000 J: {r:?}");
+    assert!((r.throttled_seconds - 100.0).abs() < 1e-6, "{r:?}");
+    assert_eq!((r.started, r.ended, r.duration_seconds()), (Some(T0), T0 + 102.0, Some(102.0)));
+    let labels = RunLabels { namespace: "ml".into(), app: r.who.app.clone(), user: r.who.user.clone(), outcome: "oomkilled" };
+    assert_eq!(r.who.app, "a", "resolved by the store");
+    assert!((node.seconds.get_or_create(&labels).get() - 51.0).abs() < 1e-6);
+
+    // Not again while unacknowledged, nor once delivered, though the kubelet still lists it.
+    poll(&mut runs, 115, 120);
+    assert!(rx.try_recv().is_err());
+    delivery.delivered.store(true, Ordering::Release);
+    poll(&mut runs, 125, 130);
+    assert!(rx.try_recv().is_err());
+    assert!(runs.state().pending.is_empty() && runs.state().reported.contains(&"aaa".to_string()));
+    assert_eq!(runs.state().running.keys().collect::<Vec<_>>(), ["bbb"], "b still runs");
+}
+
+#[test]
+fn an_agent_restart_continues_the_totals_and_sends_an_unacknowledged_report_again() {
+    let node = Node::new();
+    let (mut runs, _rx) = node.runs();
+    poll(&mut runs, 0, 50);
+    runs.finish();
+    drop(runs);
+    // Down for 30 s; then b's pod is deleted without an end in its status.
+    let (mut runs, rx) = node.runs();
+    assert_eq!(runs.state().running["aaa"].last_seen, T0 + 50.0, "continued");
+    poll(&mut runs, 80, 100);
+    node.store.delete("uid-b-0");
+    poll(&mut runs, 105, 105);
+    let r = rx.try_recv().expect("b's report").report;
+    assert_eq!((r.who.pod.as_str(), r.exit_reason.as_str(), r.outcome.as_str(), r.exit_code), ("b-0", "unknown", "unknown", None));
+    assert!((r.gpu_seconds - 52.5).abs() < 1e-6, "105 s at half, the 30 s away included: {r:?}");
+    assert!((r.energy_joules.unwrap() - 525.0).abs() < 1e-6, "the energy counter across the restart: {r:?}");
+    runs.finish();
+    drop(runs);
+    // Not acknowledged before the restart: sent again (same document id), once.
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 110, 115);
+    let again = rx.try_recv().expect("sent again").report;
+    assert_eq!(again, r);
+    assert!(rx.try_recv().is_err());
+    assert!(!runs.state().running.contains_key("bbb"), "not a new run");
+}
+
+#[test]
+fn mig_slices_count_their_compute_share() {
+    assert!((mig_fraction("1g.10gb", "NVIDIA A100") - 1.0 / 7.0).abs() < 1e-9);
+    assert!((mig_fraction("1c.3g.40gb", "NVIDIA H100") - 3.0 / 7.0).abs() < 1e-9);
+    assert!((mig_fraction("2g.12gb", "NVIDIA A30") - 0.5).abs() < 1e-9);
+    assert_eq!(mig_fraction("7g.80gb", "NVIDIA H100"), 1.0);
+}
