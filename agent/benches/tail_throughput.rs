@@ -54,6 +54,7 @@ fn main() {
             .log_metrics
             .push(serde_yaml_ng::from_str(&format!("{{name: {name}, pattern: '{pattern}', type: {kind}{value}}}")).unwrap());
     }
+    let config = config.validate().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let seen = Arc::new(AtomicU64::new(0));
     let (cpu, wall) = runtime.block_on(async {

@@ -10,10 +10,9 @@ use anyhow::Context;
 use tokio::sync::broadcast;
 
 use crate::certs;
-use crate::config::{Config, Switch};
+use crate::config::{Config, Settings, Switch};
 use crate::host::shm_metrics;
 use crate::identity::path;
-use crate::identity::resolve::Key;
 use crate::kube::meta::PodMeta;
 use crate::kube::Names;
 use crate::kube::{self, store::PodStore};
@@ -31,7 +30,7 @@ pub use self::metrics::Metrics;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `stop` resolves (a signal) or a part fails.
-pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(&config.node_name));
     let health = Arc::new(Health::default());
     let (shutdown_tx, _) = broadcast::channel(1);
@@ -45,9 +44,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     let pods = match kube::connect(&config.kubernetes).await? {
         Some(client) => {
-            let keys = |list: &[String]| list.iter().map(|k| Key::parse(k).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>();
-            let store =
-                Arc::new(PodStore::new(keys(&config.kubernetes.app_keys)?, keys(&config.kubernetes.user_keys)?, metrics.pod_info.clone()));
+            let store = Arc::new(PodStore::new(config.app_keys.clone(), config.user_keys.clone(), metrics.pod_info.clone()));
             let pods_dir = config.logs.pods_dir.clone();
             let keep_deleted = Arc::new(move |pod: &PodMeta| path::pod_dir(&pods_dir, &pod.namespace, &pod.name, &pod.uid).exists());
             let shutdown = || Shutdown::new(shutdown_tx.subscribe());

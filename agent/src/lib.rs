@@ -1,9 +1,20 @@
 //! nodelens: a Kubernetes node agent for AI workloads.
 //!
-//! Three jobs, three parts of the tree: `logs` (tail, decode, checkpoint), enriched from
-//! `kube` (pod metadata), feeding `sinks`
-//! (ECS documents to stdout or Elasticsearch) through `pipeline`; metrics in `metrics`, served
-//! by `server`; `config` and `agent` tie them together.
+//! The modules, bottom up (each imports only those above it in this list; the
+//! `module_graph` test enforces that there is no cycle):
+//!
+//! - `shutdown`, `periodic`: the stop signal and periodic checks off the runtime.
+//! - `identity`: who a container is (log paths, cgroups, app and user, metric labels).
+//! - `config`: the YAML schema by section, validated once into typed `Settings`.
+//! - `metrics`: the registry; a leaf that registers the handles each part hands it.
+//! - Sources: `kube` (pod metadata, HAMi grants), `logs` (container log files to chunks,
+//!   acknowledgements, checkpoints), `host` (PCI bus ids, `/dev/shm`), `gpu` (NVML,
+//!   allocations, attribution, export), `certs`, `process`, `memory`.
+//! - Wire formats and sinks: `otlp` (transport, log and metric encoding, metrics push),
+//!   `sinks` (ECS, Elasticsearch, OTLP, stdout), `node_logs` (journal and kernel ring).
+//! - `pipeline`: tailer → encoder → sinks → committer.
+//! - `server` (`/metrics`, `/healthz`, `/readyz`) and `agent` (start-up, shutdown, every
+//!   part's metric handles in `agent::Metrics`).
 
 pub mod agent;
 pub mod certs;

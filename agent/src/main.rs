@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nodelens::config::{self, Config};
+use nodelens::config::{self, Config, Settings};
 
 /// Kubernetes node agent for AI workloads: container logs to Elasticsearch, GPU metrics
 /// attributed to pods, applications and users.
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Settings) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
         eprintln!("nodelens: log_level `{}` is not a valid filter ({e}); using info", config.log_level);
         tracing_subscriber::EnvFilter::new("info")

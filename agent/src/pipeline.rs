@@ -19,14 +19,14 @@ use tokio::sync::mpsc;
 
 use self::counts::CountFamilies;
 use self::encoder::Encoder;
-use crate::config::{Config, Switch};
+use crate::config::{Config, Settings, Switch};
 use crate::kube::store::PodStore;
 use crate::kube::Names;
 use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
 use crate::logs::assemble::MultilineRule;
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::container::StepLimits;
-use crate::logs::derived::DerivedFamilies;
+use crate::logs::derived::{Derived, DerivedFamilies};
 use crate::logs::enrich::Enricher;
 use crate::logs::tailer::{Tailer, TailerMetrics, TailerSettings};
 use crate::logs::wake::Wake;
@@ -123,7 +123,7 @@ impl LogPipeline {
     /// node's logs `node_logs` turns on (their XIDs naming GPUs through `gpus`). Must be
     /// called within a tokio runtime.
     pub fn start(
-        config: &Config,
+        config: &Settings,
         checkpoints: Arc<Checkpoints>,
         metrics: &LogMetrics,
         pods: Option<Arc<PodStore>>,
@@ -132,14 +132,10 @@ impl LogPipeline {
     ) -> anyhow::Result<LogPipeline> {
         anyhow::ensure!(!sinks.is_empty() || !config.logs.enabled, "no sink configured");
         let logs = &config.logs;
-        let mut exclude = globset::GlobSetBuilder::new();
-        for glob in &logs.exclude_namespaces {
-            exclude.add(globset::Glob::new(glob)?);
-        }
         let settings = TailerSettings {
             pods_dir: logs.pods_dir.clone(),
             containers_dir: logs.containers_dir.clone(),
-            exclude_namespaces: exclude.build()?,
+            exclude_namespaces: config.exclude_namespaces.clone(),
             own_pod_uid: crate::identity::cgroup::own_pod_uid(&config.host.proc_root),
             limits: StepLimits {
                 max_line_bytes: logs.max_line_bytes,
@@ -151,15 +147,11 @@ impl LogPipeline {
             metadata_wait: config.kubernetes.metadata_wait,
             max_open_files: crate::logs::tailer::max_open_files(logs.max_open_files, crate::process::max_fds()),
             max_inflight_bytes: logs.max_inflight_bytes,
-            multiline: logs
+            multiline: config
                 .multiline
                 .iter()
-                .map(|rule| {
-                    let glob = globset::Glob::new(&rule.app)?.compile_matcher();
-                    let start = regex::bytes::Regex::new(&rule.start_pattern)?;
-                    Ok((glob, Arc::new(MultilineRule { start, timeout: rule.timeout })))
-                })
-                .collect::<anyhow::Result<_>>()?,
+                .map(|rule| (rule.app.clone(), Arc::new(MultilineRule { start: rule.start.clone(), timeout: rule.timeout })))
+                .collect(),
         };
         let inflight = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Wake::default());
@@ -186,8 +178,8 @@ impl LogPipeline {
             (None, Some(chunk_tx))
         };
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
-        let mut encoder =
-            Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), metrics.derived.clone(), Instant::now());
+        let derived = Derived::new(&config.log_metrics, metrics.derived.clone());
+        let mut encoder = Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), derived, Instant::now());
         // The node's logs go to every sink, numbered with the containers' batches.
         let feed = {
             let (seq, acks, txs) = (encoder.sequence(), ack_tx.clone(), sink_txs.clone());
@@ -207,7 +199,7 @@ impl LogPipeline {
         let runs_feed = Feed { index: config.sinks.elasticsearch.gpu_runs_data_stream.as_str().into(), ..feed() };
         let names = Names { pods_dir: logs.pods_dir.clone(), containers_dir: logs.containers_dir.clone(), pods };
         let context = node_logs::Context {
-            config: config.clone(),
+            config: config.config().clone(),
             checkpoints: checkpoints.clone(),
             names,
             metrics: metrics.node.clone(),

@@ -74,6 +74,7 @@ fn status_kib(field: &str) -> f64 {
 /// Runs the real pipeline with the sinks `config` asks for until `sink` has delivered
 /// `records`, and returns the CPU-seconds and wall seconds it took.
 pub fn ship(config: &Config, sink: &'static str, records: u64) -> (f64, f64) {
+    let config = &config.clone().validate().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let metrics = Metrics::new("bench");

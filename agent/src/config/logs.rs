@@ -71,6 +71,17 @@ pub struct MultilineRule {
     pub timeout: Duration,
 }
 
+/// A multi-line rule, compiled.
+#[derive(Debug, Clone)]
+pub struct Multiline {
+    /// Applications the rule applies to.
+    pub app: globset::GlobMatcher,
+    /// A line matching it starts a new record.
+    pub start: regex::bytes::Regex,
+    /// How long to wait for more lines.
+    pub timeout: Duration,
+}
+
 fn default_multiline_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -109,16 +120,36 @@ fn default_max_series() -> usize {
 const LOG_METRIC_RESERVED_LABELS: &[&str] =
     &["name", "namespace", "pod", "app", "user", "node", "cluster", "job", "instance", "container", "le", "quantile"];
 
+/// A log-derived metric rule, compiled.
+#[derive(Debug, Clone)]
+pub struct LogMetric {
+    /// The metric's `name` label.
+    pub name: String,
+    /// Applications the rule applies to.
+    pub app: globset::GlobMatcher,
+    /// Matched against the message.
+    pub pattern: regex::bytes::Regex,
+    /// Counter or gauge.
+    pub kind: LogMetricKind,
+    /// The index of the value group; `None`: a counter of matches.
+    pub value: Option<usize>,
+    /// Extra labels and the index of the group holding each.
+    pub labels: Vec<(String, usize)>,
+    /// Most series the rule may create.
+    pub max_series: usize,
+}
+
 impl LogMetricRule {
-    /// Checks what serde cannot: the glob and regex compile, and the groups the rule names
-    /// exist. The error says what is wrong.
-    pub fn check(&self) -> Result<(), String> {
+    /// Compiles the rule, checking what serde cannot: the glob and regex compile, and the
+    /// groups the rule names exist. The error says what is wrong.
+    pub fn compile(&self) -> Result<LogMetric, String> {
         if self.name.is_empty() {
             return Err("name is empty".into());
         }
-        globset::Glob::new(&self.app).map_err(|e| format!("app: {e}"))?;
+        let app = globset::Glob::new(&self.app).map_err(|e| format!("app: {e}"))?.compile_matcher();
         let pattern = regex::bytes::Regex::new(&self.pattern).map_err(|e| format!("pattern: {e}"))?;
-        let has_group = |name: &str| pattern.capture_names().any(|n| n == Some(name));
+        let group = |name: &str| pattern.capture_names().position(|n| n == Some(name));
+        let has_group = |name: &str| group(name).is_some();
         match self.value.as_str() {
             "" if self.kind == LogMetricKind::Gauge => return Err("a gauge needs a value group".into()),
             "" => {}
@@ -140,7 +171,9 @@ impl LogMetricRule {
                 return Err(format!("labels: the pattern has no group named `{name}`"));
             }
         }
-        Ok(())
+        let value = if self.value.is_empty() { None } else { group(&self.value) };
+        let labels = self.labels.iter().filter_map(|name| Some((name.clone(), group(name)?))).collect();
+        Ok(LogMetric { name: self.name.clone(), app, pattern, kind: self.kind, value, labels, max_series: self.max_series })
     }
 }
 

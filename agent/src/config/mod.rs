@@ -14,6 +14,7 @@ mod kubernetes;
 mod logs;
 mod metrics;
 mod node_logs;
+mod settings;
 mod sinks;
 mod switch;
 
@@ -22,13 +23,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::resolve::Key;
+
 pub use certificates::CertificatesConfig;
 pub use gpu::GpuConfig;
 pub use host::HostConfig;
 pub use kubernetes::KubernetesConfig;
-pub use logs::{LogMetricKind, LogMetricRule, LogsConfig, MultilineRule};
+pub use logs::{LogMetric, LogMetricKind, LogMetricRule, LogsConfig, Multiline, MultilineRule};
 pub use metrics::{MetricsConfig, OtlpMetricsConfig};
 pub use node_logs::{JournaldConfig, KernelConfig, NodeLogsConfig};
+pub use settings::Settings;
 pub use sinks::{Compression, ElasticsearchConfig, OtlpProtocol, OtlpSinkConfig, SinksConfig, StdoutConfig};
 pub use switch::Switch;
 
@@ -122,8 +126,9 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Stage two: checks serde cannot make, and values derived from the environment.
-    pub fn validate(mut self) -> Result<Config, ConfigError> {
+    /// Stage two: checks serde cannot make, values derived from the environment, and the
+    /// parsed keys and compiled globs, regexes and rules the agent runs on.
+    pub fn validate(mut self) -> Result<Settings, ConfigError> {
         let key_error = |key: &str, message: String| ConfigError::Key { origin: "config".into(), key: key.into(), message };
         if self.node_name.is_empty() {
             self.node_name = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(hostname);
@@ -169,9 +174,12 @@ impl Config {
                 return Err(key_error(&format!("logs.multiline[{i}].timeout"), "must be more than 0s".into()));
             }
         }
+        let mut exclude_namespaces = globset::GlobSetBuilder::new();
         for (i, glob) in self.logs.exclude_namespaces.iter().enumerate() {
-            globset::Glob::new(glob).map_err(|e| key_error(&format!("logs.exclude_namespaces[{i}]"), e.to_string()))?;
+            exclude_namespaces
+                .add(globset::Glob::new(glob).map_err(|e| key_error(&format!("logs.exclude_namespaces[{i}]"), e.to_string()))?);
         }
+        let exclude_namespaces = exclude_namespaces.build().map_err(|e| key_error("logs.exclude_namespaces", e.to_string()))?;
         let es_endpoints =
             self.sinks.elasticsearch.endpoints.iter().enumerate().map(|(i, e)| (format!("sinks.elasticsearch.endpoints[{i}]"), e));
         let otlp_endpoints = [("sinks.otlp.endpoint", &self.sinks.otlp.endpoint), ("metrics.otlp.endpoint", &self.metrics.otlp.endpoint)]
@@ -183,22 +191,27 @@ impl Config {
                 return Err(key_error(&key, format!("`{}` is not an http:// or https:// URL", redact_url(endpoint))));
             }
         }
-        for (list, keys) in [("app_keys", &self.kubernetes.app_keys), ("user_keys", &self.kubernetes.user_keys)] {
-            for (i, key) in keys.iter().enumerate() {
-                crate::identity::resolve::Key::parse(key).map_err(|e| key_error(&format!("kubernetes.{list}[{i}]"), e))?;
-            }
-        }
+        let keys = |list: &str, keys: &[String]| {
+            keys.iter()
+                .enumerate()
+                .map(|(i, key)| Key::parse(key).map_err(|e| key_error(&format!("kubernetes.{list}[{i}]"), e)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let (app_keys, user_keys) = (keys("app_keys", &self.kubernetes.app_keys)?, keys("user_keys", &self.kubernetes.user_keys)?);
+        let mut multiline = Vec::new();
         for (i, rule) in self.logs.multiline.iter().enumerate() {
-            globset::Glob::new(&rule.app).map_err(|e| key_error(&format!("logs.multiline[{i}].app"), e.to_string()))?;
-            regex::bytes::Regex::new(&rule.start_pattern)
+            let app = globset::Glob::new(&rule.app).map_err(|e| key_error(&format!("logs.multiline[{i}].app"), e.to_string()))?;
+            let start = regex::bytes::Regex::new(&rule.start_pattern)
                 .map_err(|e| key_error(&format!("logs.multiline[{i}].start_pattern"), e.to_string()))?;
+            multiline.push(Multiline { app: app.compile_matcher(), start, timeout: rule.timeout });
         }
         for (i, pattern) in self.certificates.paths.iter().enumerate() {
             glob::Pattern::new(pattern).map_err(|e| key_error(&format!("certificates.paths[{i}]"), e.to_string()))?;
         }
         let mut rule_names = std::collections::HashSet::new();
+        let mut log_metrics = Vec::new();
         for (i, rule) in self.logs.log_metrics.iter().enumerate() {
-            rule.check().map_err(|e| key_error(&format!("logs.log_metrics[{i}] ({})", rule.name), e))?;
+            log_metrics.push(rule.compile().map_err(|e| key_error(&format!("logs.log_metrics[{i}] ({})", rule.name), e))?);
             if !rule_names.insert((&rule.name, rule.kind)) {
                 return Err(key_error(&format!("logs.log_metrics[{i}].name"), format!("`{}` is used twice", rule.name)));
             }
@@ -261,7 +274,7 @@ impl Config {
                 "no sink is enabled: set sinks.elasticsearch.endpoints, sinks.otlp.endpoint or sinks.stdout.enabled".into(),
             ));
         }
-        Ok(self)
+        Ok(Settings { config: self, app_keys, user_keys, exclude_namespaces, multiline, log_metrics })
     }
 
     /// Whether the stdout sink runs: explicitly on, or `auto` with no other sink.

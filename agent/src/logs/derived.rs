@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 
-use crate::config::{LogMetricKind, LogMetricRule};
+use crate::config::{LogMetric as Rule, LogMetricKind};
 
 /// Labels of a derived series: `name, namespace, pod, app, user`, then the rule's own.
 pub type SeriesLabels = Vec<(String, String)>;
@@ -109,32 +109,6 @@ impl Collector for Totals {
     }
 }
 
-/// A compiled rule.
-#[derive(Debug)]
-pub struct Rule {
-    name: String,
-    app: globset::GlobMatcher,
-    pattern: regex::bytes::Regex,
-    kind: LogMetricKind,
-    value: Option<usize>,
-    labels: Vec<(String, usize)>,
-    max_series: usize,
-}
-
-impl Rule {
-    /// Compiles a configured rule; the error says what is wrong with it
-    /// ([`LogMetricRule::check`]).
-    pub fn compile(rule: &LogMetricRule) -> Result<Rule, String> {
-        rule.check()?;
-        let app = globset::Glob::new(&rule.app).map_err(|e| e.to_string())?.compile_matcher();
-        let pattern = regex::bytes::Regex::new(&rule.pattern).map_err(|e| e.to_string())?;
-        let group = |name: &str| pattern.capture_names().position(|n| n == Some(name)).ok_or(format!("no group `{name}`"));
-        let value = if rule.value.is_empty() { None } else { Some(group(&rule.value)?) };
-        let labels = rule.labels.iter().map(|name| Ok((name.clone(), group(name)?))).collect::<Result<_, String>>()?;
-        Ok(Rule { name: rule.name.clone(), app, pattern, kind: rule.kind, value, labels, max_series: rule.max_series })
-    }
-}
-
 /// One series, and a handle on its value so a match costs no label building or family lookup.
 struct Series {
     labels: SeriesLabels,
@@ -156,9 +130,9 @@ pub struct Derived {
 }
 
 impl Derived {
-    /// Rules compiled from the config (already validated).
-    pub fn new(rules: &[LogMetricRule], families: DerivedFamilies) -> Derived {
-        let rules: Vec<Rule> = rules.iter().map(|r| Rule::compile(r).expect("validated config")).collect();
+    /// Evaluates `rules` (compiled by the config's validation).
+    pub fn new(rules: &[Rule], families: DerivedFamilies) -> Derived {
+        let rules = rules.to_vec();
         let series = rules.iter().map(|_| HashMap::new()).collect();
         let counts = vec![0; rules.len()];
         Derived { rules, families, series, counts, key: String::new() }
@@ -268,6 +242,8 @@ mod tests {
 
     use super::*;
 
+    use crate::config::LogMetricRule;
+
     fn rule(yaml: &str) -> LogMetricRule {
         serde_yaml_ng::from_str(yaml).unwrap()
     }
@@ -294,7 +270,7 @@ mod tests {
             rule("{name: steps, app: '*', pattern: 'step=\\d+', type: counter}"),
             rule("{name: samples, app: '*', pattern: 'samples=(?P<n>\\d+) phase=(?P<phase>\\w+)', type: counter, value: n, labels: [phase], max_series: 2}"),
         ];
-        (Derived::new(&rules, families.clone()), families)
+        (Derived::new(&rules.map(|r| r.compile().unwrap()), families.clone()), families)
     }
 
     #[test]
@@ -373,7 +349,7 @@ mod tests {
             ("{name: x, pattern: 'a', type: counter, value: v}", "no group named `v`"),
             ("{name: x, pattern: '(?P<app>a)', type: counter, labels: [app]}", "reserved"),
         ] {
-            let err = Rule::compile(&rule(yaml)).unwrap_err();
+            let err = rule(yaml).compile().unwrap_err();
             assert!(err.contains(reason), "{yaml}: {err}");
         }
     }

@@ -19,7 +19,7 @@ use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
 use crate::logs::ack::AckMsg;
 use crate::logs::chunk::Chunk;
-use crate::logs::derived::{Derived, DerivedFamilies, PodLabels};
+use crate::logs::derived::{Derived, PodLabels};
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
@@ -70,7 +70,7 @@ impl Encoder {
         logs: &LogsConfig,
         formats: Formats,
         counts: CountFamilies,
-        derived: DerivedFamilies,
+        derived: Derived,
         now: Instant,
     ) -> Encoder {
         Encoder {
@@ -80,7 +80,7 @@ impl Encoder {
             sweep_every: logs.rescan_interval,
             formats,
             counts: Counts::new(counts),
-            derived: Derived::new(&logs.log_metrics, derived),
+            derived,
             templates: HashMap::new(),
             seq: Arc::new(AtomicU64::new(0)),
             last_prune: now,
@@ -222,6 +222,7 @@ mod tests {
 
     use super::*;
     use crate::logs::chunk::{Flags, Record, StreamKind};
+    use crate::logs::derived::DerivedFamilies;
     use crate::logs::source::{ContainerInfo, FileId, Source};
     use crate::pipeline::counts::APP_SERIES_IDLE;
 
@@ -252,7 +253,7 @@ mod tests {
         let families = CountFamilies::default();
         let enricher = Enricher::new("node-1".into(), String::new());
         let formats = Formats { ecs: true, otlp: true };
-        (Encoder::new(enricher, pods, &logs, formats, families.clone(), DerivedFamilies::default(), now), families)
+        (Encoder::new(enricher, pods, &logs, formats, families.clone(), Derived::new(&[], DerivedFamilies::default()), now), families)
     }
 
     fn exposition(families: &CountFamilies) -> String {
