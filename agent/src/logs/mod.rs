@@ -20,4 +20,5 @@ pub mod reader;
 pub mod scan;
 pub mod source;
 pub mod tailer;
+pub mod timestamp;
 pub mod wake;
