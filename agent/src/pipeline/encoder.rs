@@ -23,6 +23,7 @@ use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
 use crate::logs::path::{self, ContainerRef};
+use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::ResourceTemplate;
 use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::{Batch, Formats};
@@ -42,6 +43,9 @@ pub struct Encoder {
     formats: Formats,
     counts: Counts,
     derived: Derived,
+    /// Fields found in records' text (JSON, trace context), and the chunk's, reused.
+    extractor: Extractor,
+    structured: Structured,
     templates: HashMap<ContainerRef, CachedTemplate>,
     /// Batch numbers, shared with the node-log sources.
     seq: Arc<AtomicU64>,
@@ -81,6 +85,8 @@ impl Encoder {
             formats,
             counts: Counts::new(counts),
             derived: Derived::new(&logs.log_metrics, derived),
+            extractor: Extractor::new(logs.json),
+            structured: Structured::default(),
             templates: HashMap::new(),
             seq: Arc::new(AtomicU64::new(0)),
             last_prune: now,
@@ -138,12 +144,20 @@ impl Encoder {
         let (mut docs, mut otlp) = (Documents::default(), Vec::new());
         let records = if cached.excluded { 0 } else { chunk.records.len() };
         if !cached.excluded {
-            let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
+            self.extractor.extract(chunk, &mut self.structured);
+            let structured = &self.structured;
+            let levels: Vec<Option<Level>> = chunk
+                .records
+                .iter()
+                .zip(&structured.records)
+                .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
+                .collect();
             if self.formats.ecs {
-                ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+                ecs::encode_chunk(chunk, &cached.template, &levels, structured, &mut docs);
             }
             if self.formats.otlp && records > 0 {
-                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, std::time::SystemTime::now(), &mut otlp);
+                let now = std::time::SystemTime::now();
+                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, structured, now, &mut otlp);
             }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
             if !cached.rules.is_empty() {
