@@ -11,17 +11,21 @@ use tokio::sync::broadcast;
 
 use crate::certs;
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
 use crate::host::shm_metrics;
+use crate::identity::path;
+use crate::identity::resolve::Key;
 use crate::kube::meta::PodMeta;
-use crate::kube::{self, resolve::Key, store::PodStore};
+use crate::kube::Names;
+use crate::kube::{self, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
-use crate::logs::path;
-use crate::metrics::Metrics;
 use crate::otlp;
 use crate::pipeline::{self, LogPipeline};
 use crate::server::{self, Health};
 use crate::shutdown::Shutdown;
+
+pub mod metrics;
+
+pub use self::metrics::Metrics;
 
 /// How long the pipeline may take to drain at shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -35,7 +39,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     let listener = server::bind(config.metrics.listen).await.with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     let limits = server::Limits::default();
-    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe())));
+    let server =
+        tokio::spawn(server::serve(listener, metrics.exposition.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe())));
     tokio::spawn(crate::memory::run(Shutdown::new(shutdown_tx.subscribe())));
 
     let pods = match kube::connect(&config.kubernetes).await? {
@@ -76,7 +81,14 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         let origin = otlp::metrics::Origin { node: config.node_name.clone(), cluster: config.cluster_name.clone() };
         let shutdown = Shutdown::new(shutdown_tx.subscribe());
         tracing::info!(endpoint = %crate::config::redact_url(&push.endpoint), interval = ?push.interval, "pushing metrics over OTLP");
-        Some(tokio::spawn(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)))
+        Some(tokio::spawn(otlp::metrics::run(
+            push.interval,
+            exporter,
+            metrics.exposition.clone(),
+            metrics.sinks.pushed_points.clone(),
+            origin,
+            shutdown,
+        )))
     };
 
     // The pipeline (checkpoints, sinks) runs for container logs, node logs, or both: the node

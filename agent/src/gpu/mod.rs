@@ -9,7 +9,6 @@
 pub mod allocation;
 pub mod attribution;
 pub mod export;
-pub mod hami;
 pub mod health;
 pub mod nvml;
 pub mod processes;
@@ -22,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
+use crate::kube::Names;
 use crate::shutdown::Shutdown;
 use allocation::PodResources;
 use export::GpuExport;

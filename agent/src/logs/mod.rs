@@ -16,7 +16,6 @@ pub mod enrich;
 pub mod fingerprint;
 pub mod json;
 pub mod level;
-pub mod path;
 pub mod reader;
 pub mod scan;
 pub mod source;
