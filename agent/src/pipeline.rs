@@ -180,6 +180,9 @@ impl LogPipeline {
         let enricher = Enricher::new(config.node_name.clone(), config.cluster_name.clone());
         let derived = Derived::new(&config.log_metrics, metrics.derived.clone());
         let mut encoder = Encoder::new(enricher, pods.clone(), logs, formats, metrics.counts.clone(), derived, Instant::now());
+        if !config.sinks.elasticsearch.endpoints.is_empty() {
+            encoder.set_data_streams(crate::sinks::elasticsearch::stream::DataStreams::new(&config.sinks.elasticsearch.data_stream));
+        }
         // The node's logs go to every sink, numbered with the containers' batches.
         let feed = {
             let (seq, acks, txs) = (encoder.sequence(), ack_tx.clone(), sink_txs.clone());

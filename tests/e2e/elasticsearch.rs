@@ -335,3 +335,61 @@ fn an_outage_answered_item_by_item_with_5xx_gives_up_nothing() {
     assert_same_records("ingest", &got, &want);
     agent.terminate();
 }
+
+#[test]
+fn json_traceparent_and_bad_timestamps_give_exact_fields_and_each_namespace_its_own_stream() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.install_index_template(serde_json::from_str(include_str!("../../deploy/elasticsearch/index-template.json")).unwrap());
+    let config = node.config(&es.url(), "    data_stream: logs-kubernetes.container_logs-{namespace}\n");
+    let mut team = ContainerLog::create(&node.pods(), "team-a", "web-0", "uid-web-0", "main", 0).unwrap();
+    let mut ml = ContainerLog::create(&node.pods(), "ml", "trainer-0", "uid-trainer-0", "main", 0).unwrap();
+    let agent = node.start(&config, &[]);
+    let many: Vec<String> = (0..200).map(|i| format!("\"k{i}\":{i}")).collect();
+    let lines = [
+        r#"{"level":"ERROR","msg":"boom","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7","user":{"id":7,"tags":["a"]},"a.b":1}"#.to_string(),
+        "GET /x traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 200".to_string(),
+        r#"{"msg":"not quite",}"#.to_string(),
+        format!("{{{}}}", many.join(",")),
+        format!(r#"{{"msg":"big","huge":"{}","small":1}}"#, "x".repeat(10_000)),
+    ];
+    for line in &lines {
+        team.write_cri("stdout", line).unwrap();
+    }
+    team.write_raw(b"2024-13-45T99:99:99Z stdout F impossible time\n").unwrap();
+    for i in 0..20 {
+        ml.write_cri("stdout", &format!("ml line {i}")).unwrap();
+    }
+    wait_until("every record", &agent, || es.count() > lines.len() + 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let docs = es.docs();
+    assert_eq!(docs.len(), lines.len() + 21, "every record once");
+    for (id, doc) in &docs {
+        let namespace = doc["kubernetes"]["namespace"].as_str().unwrap();
+        let want = if namespace == "team-a" { "logs-kubernetes.container_logs-team_a" } else { "logs-kubernetes.container_logs-ml" };
+        assert_eq!(es.data_stream_of(id).as_deref(), Some(want));
+    }
+    let team_docs: Vec<&serde_json::Value> = docs.iter().map(|(_, d)| d).filter(|d| d["kubernetes"]["namespace"] == "team-a").collect();
+    let json = team_docs[0];
+    assert_eq!(json["message"], "boom");
+    assert_eq!(json["log"]["level"], "error");
+    assert_eq!(json["trace"]["id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(json["span"]["id"], "00f067aa0ba902b7");
+    assert_eq!(json["json"], serde_json::json!({"user": {"id": 7, "tags": ["a"]}, "a.b": 1}));
+    let text = team_docs[1];
+    assert_eq!(text["message"], lines[1].as_str());
+    assert_eq!(text["trace"]["id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(text.get("json").is_none());
+    let not_quite = team_docs[2];
+    assert_eq!(not_quite["message"], lines[2].as_str());
+    assert!(not_quite["log"].get("flags").is_none() && not_quite.get("json").is_none());
+    let wide = team_docs[3];
+    assert_eq!(wide["json"].as_object().unwrap().len(), 64);
+    assert_eq!(wide["log"]["flags"], serde_json::json!(["json_truncated"]));
+    let huge = team_docs[4];
+    assert_eq!((&huge["message"], &huge["json"]), (&serde_json::json!("big"), &serde_json::json!({"small": 1})));
+    let late = team_docs[5];
+    assert_eq!(late["message"], "impossible time");
+    assert_eq!(late["log"]["flags"], serde_json::json!(["bad_timestamp"]));
+    assert!(late["@timestamp"].as_str().unwrap().starts_with("20"), "the read time: {late}");
+}

@@ -38,6 +38,9 @@ pub struct LogsConfig {
     pub multiline: Vec<MultilineRule>,
     /// Log-to-metric rules (see SPEC.md "Log-derived metrics").
     pub log_metrics: Vec<LogMetricRule>,
+    /// `auto`: a message that is a JSON object gives `message` (from `msg`/`message`),
+    /// `log.level`, `trace.id`, `span.id`, and its other keys under `json`; `off`: text only.
+    pub json: JsonMode,
 }
 
 impl Default for LogsConfig {
@@ -54,8 +57,20 @@ impl Default for LogsConfig {
             max_open_files: None,
             multiline: Vec::new(),
             log_metrics: Vec::new(),
+            json: JsonMode::Auto,
         }
     }
+}
+
+/// `logs.json`: whether a message that is a JSON object gives fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JsonMode {
+    /// A message that is a JSON object gives fields.
+    #[default]
+    Auto,
+    /// Messages are text, whatever they hold.
+    Off,
 }
 
 /// Joins the lines of one stack trace into one record for matching applications.

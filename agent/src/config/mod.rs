@@ -29,7 +29,7 @@ pub use certificates::CertificatesConfig;
 pub use gpu::GpuConfig;
 pub use host::HostConfig;
 pub use kubernetes::KubernetesConfig;
-pub use logs::{LogMetric, LogMetricKind, LogMetricRule, LogsConfig, Multiline, MultilineRule};
+pub use logs::{JsonMode, LogMetric, LogMetricKind, LogMetricRule, LogsConfig, Multiline, MultilineRule};
 pub use metrics::{MetricsConfig, OtlpMetricsConfig};
 pub use node_logs::{JournaldConfig, KernelConfig, NodeLogsConfig};
 pub use settings::Settings;

@@ -3,6 +3,7 @@
 //! container's application has a multi-line rule, bounds every record at `max_line_bytes`,
 //! and ships an unfinished record after a timeout rather than holding it forever.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,40 +58,42 @@ impl Assembler {
     }
 
     /// Takes one decoded line that starts at `offset`; `truncated` when the reader cut it.
-    pub fn push(&mut self, chunk: &mut Chunk, offset: u64, line: Decoded<'_>, truncated: bool, now: Instant) {
+    pub fn push(&mut self, chunk: &mut Chunk, offset: u64, mut line: Decoded<'_>, truncated: bool, now: Instant) {
         let max = self.max_bytes;
-        let slot = &mut self.pending[slot_index(line.stream)];
+        let i = slot_index(line.stream);
         let mut flags = Flags::default();
         if truncated {
             flags.insert(Flags::TRUNCATED);
         }
-        match slot {
-            Some(pending) => {
-                append_bounded(&mut pending.message, &line.message, max, &mut pending.flags);
-                pending.flags.insert(flags);
-                if !line.partial {
-                    let pending = slot.take().expect("checked above");
-                    self.finish(chunk, *pending, line.stream, now);
-                }
+        if let Some(pending) = &mut self.pending[i] {
+            // The record's time is its first part's; a later part's does not matter.
+            append_bounded(&mut pending.message, &line.message, max, &mut pending.flags);
+            pending.flags.insert(flags);
+            if !line.partial {
+                let pending = self.pending[i].take().expect("checked above");
+                self.finish(chunk, *pending, line.stream, now);
             }
-            None if line.partial => {
-                let mut message = Vec::with_capacity(line.message.len().min(max));
-                append_bounded(&mut message, &line.message, max, &mut flags);
-                *slot = Some(Box::new(Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now }));
+            return;
+        }
+        if line.bad_timestamp {
+            line.timestamp = Cow::Owned(read_time());
+            flags.insert(Flags::BAD_TIMESTAMP);
+        }
+        if line.partial {
+            let mut message = Vec::with_capacity(line.message.len().min(max));
+            append_bounded(&mut message, &line.message, max, &mut flags);
+            self.pending[i] = Some(Box::new(Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now }));
+        } else if self.multiline.is_none() && self.joining[i].is_none() {
+            let keep = cut_point(&line.message, max);
+            if keep < line.message.len() {
+                flags.insert(Flags::TRUNCATED);
             }
-            None if self.multiline.is_none() && self.joining[slot_index(line.stream)].is_none() => {
-                let keep = line.message.len().min(max);
-                if keep < line.message.len() {
-                    flags.insert(Flags::TRUNCATED);
-                }
-                emit(chunk, offset, &line.timestamp, &line.message[..keep], line.stream, flags);
-            }
-            None => {
-                let mut message = Vec::with_capacity(line.message.len().min(max));
-                append_bounded(&mut message, &line.message, max, &mut flags);
-                let record = Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now };
-                self.finish(chunk, record, line.stream, now);
-            }
+            emit(chunk, offset, &line.timestamp, &line.message[..keep], line.stream, flags);
+        } else {
+            let mut message = Vec::with_capacity(line.message.len().min(max));
+            append_bounded(&mut message, &line.message, max, &mut flags);
+            let record = Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now };
+            self.finish(chunk, record, line.stream, now);
         }
     }
 
@@ -132,8 +135,7 @@ impl Assembler {
         if truncated {
             flags.insert(Flags::TRUNCATED);
         }
-        let now = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
-        emit(chunk, offset, now.as_bytes(), &raw[..raw.len().min(self.max_bytes)], StreamKind::Stdout, flags);
+        emit(chunk, offset, &read_time(), &raw[..cut_point(raw, self.max_bytes)], StreamKind::Stdout, flags);
     }
 
     /// Offset of the oldest unfinished record: the file position a checkpoint may not pass.
@@ -191,10 +193,50 @@ fn stream_of(slot: usize) -> StreamKind {
 
 fn append_bounded(message: &mut Vec<u8>, part: &[u8], max: usize, flags: &mut Flags) {
     let room = max.saturating_sub(message.len());
-    if part.len() > room {
-        flags.insert(Flags::TRUNCATED);
+    if part.len() <= room {
+        message.extend_from_slice(part);
+        return;
     }
-    message.extend_from_slice(&part[..part.len().min(room)]);
+    flags.insert(Flags::TRUNCATED);
+    if message.len() > max {
+        return;
+    }
+    message.extend_from_slice(&part[..room]);
+    // A character may straddle the parts (runtimes split lines by bytes): cut before it.
+    let keep = char_start(message, part[room]);
+    message.truncate(keep);
+}
+
+/// How much of `bytes` to keep under `max`: all of it, or `max` moved back to the start of
+/// the character it falls in, so a cut never leaves half a UTF-8 character (which would
+/// become U+FFFD).
+fn cut_point(bytes: &[u8], max: usize) -> usize {
+    match bytes.get(max) {
+        None => bytes.len(),
+        Some(&next) => char_start(&bytes[..max], next),
+    }
+}
+
+/// The length to keep of `kept` when the byte after it, `next`, is cut off: shorter when
+/// `next` continues a multi-byte character that starts in `kept`.
+fn char_start(kept: &[u8], next: u8) -> usize {
+    let continuation = |b: u8| b & 0xC0 == 0x80;
+    if !continuation(next) {
+        return kept.len();
+    }
+    // A character is at most 4 bytes: its lead byte is at most 3 back.
+    let tail = kept.iter().rev().take(3).take_while(|&&b| continuation(b)).count();
+    let lead_at = kept.len() - tail;
+    match lead_at.checked_sub(1).map(|i| kept[i]) {
+        Some(lead) if lead >= 0xC0 => lead_at - 1,
+        // Not valid UTF-8 there anyway: nothing to protect.
+        _ => kept.len(),
+    }
+}
+
+/// The time a record is read, for records whose runtime time is missing or unusable.
+fn read_time() -> Vec<u8> {
+    humantime::format_rfc3339_nanos(SystemTime::now()).to_string().into_bytes()
 }
 
 fn emit(chunk: &mut Chunk, offset: u64, timestamp: &[u8], message: &[u8], stream: StreamKind, flags: Flags) {
@@ -213,7 +255,13 @@ mod tests {
     use crate::logs::source::Source;
 
     fn line(stream: StreamKind, partial: bool, msg: &'static str) -> Decoded<'static> {
-        Decoded { timestamp: Cow::Borrowed(b"2026-11-22T03:16:40Z"), stream, partial, message: Cow::Borrowed(msg.as_bytes()) }
+        Decoded {
+            timestamp: Cow::Borrowed(b"2026-11-22T03:16:40Z"),
+            bad_timestamp: false,
+            stream,
+            partial,
+            message: Cow::Borrowed(msg.as_bytes()),
+        }
     }
 
     fn messages(chunk: &Chunk) -> Vec<(u64, String, Flags)> {
@@ -318,6 +366,45 @@ mod tests {
         }
         a.flush_all(&mut c);
         assert_eq!(messages(&c), [(0, "Exception in x\n ".into(), Flags::TRUNCATED)]);
+    }
+
+    #[test]
+    fn records_cut_at_the_bound_end_on_a_character_boundary() {
+        // "é" is 2 bytes, "€" 3, "😀" 4: a bound falling inside any of them keeps none of it.
+        for (text, max, want) in [("abé", 3, "ab"), ("a€", 2, "a"), ("a€", 3, "a"), ("a€b", 4, "a€"), ("😀😀", 7, "😀"), ("abc", 2, "ab")]
+        {
+            let (mut a, mut c, now) = (Assembler::new(max), chunk(), Instant::now());
+            a.push(&mut c, 0, line(StreamKind::Stdout, false, text), false, now);
+            let (_, got, flags) = &messages(&c)[0];
+            assert_eq!((got.as_str(), *flags), (want, Flags::TRUNCATED), "{text} at {max}");
+        }
+        // A character split between two partial parts, then the bound inside it.
+        let (mut a, mut c, now) = (Assembler::new(5), chunk(), Instant::now());
+        let euro = "€".as_bytes();
+        let first = Decoded { message: Cow::Owned([b"abcd", &euro[..1]].concat()), ..line(StreamKind::Stdout, true, "") };
+        let second = Decoded { message: Cow::Owned(euro[1..].to_vec()), ..line(StreamKind::Stdout, false, "") };
+        a.push(&mut c, 0, first, false, now);
+        a.push(&mut c, 10, second, false, now);
+        assert_eq!(c.message(&c.records[0]), b"abcd");
+        // Malformed lines too.
+        let (mut a, mut c) = (Assembler::new(2), chunk());
+        a.push_malformed(&mut c, 0, "a€".as_bytes(), false);
+        assert_eq!(c.message(&c.records[0]), b"a");
+    }
+
+    #[test]
+    fn unusable_timestamps_become_the_read_time_flagged() {
+        let (mut a, mut c, now) = (Assembler::new(1024), chunk(), Instant::now());
+        let before = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
+        let bad = Decoded { timestamp: Cow::Borrowed(b""), bad_timestamp: true, ..line(StreamKind::Stdout, false, "x") };
+        a.push(&mut c, 0, bad, false, now);
+        let stamp = String::from_utf8(c.timestamp(&c.records[0]).to_vec()).unwrap();
+        assert!(stamp >= before && stamp.ends_with('Z'), "{stamp} vs {before}");
+        assert_eq!(c.records[0].flags, Flags::BAD_TIMESTAMP);
+        assert_eq!(
+            crate::logs::timestamp::classify(stamp.as_bytes()),
+            crate::logs::timestamp::Stamp::Valid(Cow::Borrowed(stamp.as_bytes()))
+        );
     }
 
     #[test]

@@ -36,6 +36,10 @@ impl Flags {
     pub const PARTIAL: Flags = Flags(2);
     /// The line did not parse as CRI or docker JSON; the whole line is the message.
     pub const MALFORMED: Flags = Flags(4);
+    /// The runtime's timestamp was impossible or had no zone; `@timestamp` is the read time.
+    pub const BAD_TIMESTAMP: Flags = Flags(8);
+    /// A JSON message had more keys or bytes than `json` keeps; the rest was dropped.
+    pub const JSON_TRUNCATED: Flags = Flags(16);
 
     /// Whether every flag in `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -54,10 +58,16 @@ impl Flags {
 
     /// The names of the set flags, as written to `log.flags`.
     pub fn names(self) -> impl Iterator<Item = &'static str> {
-        [(Flags::TRUNCATED, "truncated"), (Flags::PARTIAL, "partial"), (Flags::MALFORMED, "malformed")]
-            .into_iter()
-            .filter(move |(f, _)| self.contains(*f))
-            .map(|(_, name)| name)
+        [
+            (Flags::TRUNCATED, "truncated"),
+            (Flags::PARTIAL, "partial"),
+            (Flags::MALFORMED, "malformed"),
+            (Flags::BAD_TIMESTAMP, "bad_timestamp"),
+            (Flags::JSON_TRUNCATED, "json_truncated"),
+        ]
+        .into_iter()
+        .filter(move |(f, _)| self.contains(*f))
+        .map(|(_, name)| name)
     }
 }
 

@@ -5,12 +5,17 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::chunk::StreamKind;
+use super::timestamp::{self, Stamp};
 
 /// One decoded line: a whole record (`partial == false`) or a part of one.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded<'a> {
-    /// The runtime's RFC 3339 timestamp, checked to be safe to embed in JSON as is.
+    /// The runtime's RFC 3339 timestamp, checked to be valid and safe to embed in JSON as is;
+    /// empty when `bad_timestamp`.
     pub timestamp: Cow<'a, [u8]>,
+    /// The runtime's timestamp is impossible or has no zone: the record takes the time it
+    /// was read and is flagged `bad_timestamp`.
+    pub bad_timestamp: bool,
     /// stdout or stderr.
     pub stream: StreamKind,
     /// More parts of this record follow (CRI `P`, or a docker line without its newline).
@@ -33,7 +38,7 @@ pub enum Malformed {
 /// Decodes a CRI line: `<RFC3339Nano> <stdout|stderr> <P|F>[:<more tags>] <text>`.
 pub fn cri(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
     let mut fields = line.splitn(4, |&b| b == b' ');
-    let timestamp = fields.next().filter(|t| is_timestamp(t)).ok_or(Malformed::NotCri)?;
+    let (timestamp, bad_timestamp) = checked(fields.next().unwrap_or_default()).ok_or(Malformed::NotCri)?;
     let stream = fields.next().and_then(stream_kind).ok_or(Malformed::NotCri)?;
     let tag = fields.next().ok_or(Malformed::NotCri)?;
     let partial = match tag.split(|&b| b == b':').next() {
@@ -42,7 +47,7 @@ pub fn cri(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
         _ => return Err(Malformed::NotCri),
     };
     let message = fields.next().unwrap_or_default();
-    Ok(Decoded { timestamp: Cow::Borrowed(timestamp), stream, partial, message: Cow::Borrowed(message) })
+    Ok(Decoded { timestamp, bad_timestamp, stream, partial, message: Cow::Borrowed(message) })
 }
 
 #[derive(Deserialize)]
@@ -73,9 +78,11 @@ pub fn docker(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
         Err(_) => return Err(Malformed::NotDocker),
     };
     let stream = stream_kind(parsed.stream.as_bytes()).ok_or(Malformed::NotDocker)?;
-    if !is_timestamp(parsed.time.as_bytes()) {
-        return Err(Malformed::NotDocker);
+    let (timestamp, bad_timestamp) = match parsed.time {
+        Cow::Borrowed(time) => checked(time.as_bytes()),
+        Cow::Owned(time) => checked(time.as_bytes()).map(|(t, bad)| (Cow::Owned(t.into_owned()), bad)),
     }
+    .ok_or(Malformed::NotDocker)?;
     let partial = !parsed.log.ends_with('\n');
     let message = match parsed.log {
         Cow::Borrowed(s) => Cow::Borrowed(s.strip_suffix('\n').unwrap_or(s).as_bytes()),
@@ -86,11 +93,7 @@ pub fn docker(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
             Cow::Owned(s.into_bytes())
         }
     };
-    let timestamp = match parsed.time {
-        Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
-        Cow::Owned(t) => Cow::Owned(t.into_bytes()),
-    };
-    Ok(Decoded { timestamp, stream, partial, message })
+    Ok(Decoded { timestamp, bad_timestamp, stream, partial, message })
 }
 
 fn stream_kind(field: &[u8]) -> Option<StreamKind> {
@@ -101,14 +104,14 @@ fn stream_kind(field: &[u8]) -> Option<StreamKind> {
     }
 }
 
-/// An RFC 3339 timestamp as runtimes write it: starts `YYYY-MM-DDTHH:MM:SS`, then only
-/// fraction and zone characters. This also makes it safe to copy into JSON unescaped.
-fn is_timestamp(t: &[u8]) -> bool {
-    t.len() >= 20
-        && t.len() <= 40
-        && t[4] == b'-'
-        && t[10] == b'T'
-        && t.iter().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
+/// The timestamp field as it is to be written and whether it is unusable; `None` when the
+/// field is no timestamp at all (the line is not the runtime's).
+fn checked(t: &[u8]) -> Option<(Cow<'_, [u8]>, bool)> {
+    match timestamp::classify(t) {
+        Stamp::Valid(t) => Some((t, false)),
+        Stamp::Unusable => Some((Cow::Borrowed(&[]), true)),
+        Stamp::NotTimestamp => None,
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +132,25 @@ mod tests {
         assert_eq!(&*cri(b"2026-11-22T03:16:40Z stdout F ").unwrap().message, b"");
         assert_eq!(&*cri(b"2026-11-22T03:16:40Z stdout F").unwrap().message, b"");
         assert!(!cri(b"2026-11-22T03:16:40Z stdout F:x msg").unwrap().partial);
+    }
+
+    #[test]
+    fn impossible_and_zoneless_timestamps_are_flagged_not_malformed() {
+        for line in [&b"2024-13-45T99:99:99Z stdout F x"[..], b"2026-11-22T03:16:40 stdout F x", b"2026-11-22T03:16:40.5 stdout F x"] {
+            let d = cri(line).unwrap();
+            assert!(d.bad_timestamp && d.timestamp.is_empty(), "{}", String::from_utf8_lossy(line));
+            assert_eq!(&*d.message, b"x");
+        }
+        let d = docker(br#"{"log":"x\n","stream":"stdout","time":"2024-02-30T00:00:00Z"}"#).unwrap();
+        assert!(d.bad_timestamp);
+    }
+
+    #[test]
+    fn lower_case_t_and_z_are_accepted_and_written_upper_case() {
+        let d = cri(b"2026-11-22t03:16:40.5z stdout F x").unwrap();
+        assert_eq!((&*d.timestamp, d.bad_timestamp), (&b"2026-11-22T03:16:40.5Z"[..], false));
+        let d = docker(br#"{"log":"x\n","stream":"stdout","time":"2026-11-22t03:16:40.5z"}"#).unwrap();
+        assert_eq!(&*d.timestamp, b"2026-11-22T03:16:40.5Z");
     }
 
     #[test]

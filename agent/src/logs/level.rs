@@ -36,7 +36,8 @@ impl Level {
         }
     }
 
-    fn from_word(word: &[u8]) -> Option<Level> {
+    /// The level a word names (`ERROR`, `warning`, `crit`, ...), in any case.
+    pub fn from_word(word: &[u8]) -> Option<Level> {
         if word.is_empty() || word.len() > 9 {
             return None;
         }

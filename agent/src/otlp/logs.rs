@@ -11,7 +11,7 @@
 use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ScopeLogs, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
@@ -21,6 +21,7 @@ use crate::logs::chunk::{Chunk, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
 use crate::logs::source::FileId;
+use crate::logs::structured::{Fields, Structured};
 use crate::otlp::{kv, text, unix_nanos};
 
 /// A container's `Resource`, encoded.
@@ -74,14 +75,27 @@ fn severity(level: Level) -> (SeverityNumber, &'static str) {
 
 /// Appends the `ResourceLogs` of `chunk` to `out`: every record, `levels[i]` being record i's
 /// level, observed at `observed`.
-pub fn encode_chunk(chunk: &Chunk, resource: &ResourceTemplate, levels: &[Option<Level>], observed: SystemTime, out: &mut Vec<u8>) {
+pub fn encode_chunk(
+    chunk: &Chunk,
+    resource: &ResourceTemplate,
+    levels: &[Option<Level>],
+    structured: &Structured,
+    observed: SystemTime,
+    out: &mut Vec<u8>,
+) {
     let observed = unix_nanos(observed);
     let path = chunk.source.path.to_string_lossy();
     let records = chunk
         .records
         .iter()
         .enumerate()
-        .map(|(i, record)| log_record(chunk, record, levels.get(i).copied().flatten(), &path, observed, chunk.source.id))
+        .map(|(i, record)| {
+            let mut log = log_record(chunk, record, levels.get(i).copied().flatten(), &path, observed, chunk.source.id);
+            if let Some(fields) = structured.records.get(i) {
+                add_structured(&mut log, chunk.message(record), fields);
+            }
+            log
+        })
         .collect();
     let scope = ScopeLogs {
         scope: Some(InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() }),
@@ -129,6 +143,52 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     }
 }
 
+/// What the record's text gave: trace and span ids on the record, a JSON object as a kvlist
+/// body, `json_truncated` beside the other flags.
+fn add_structured(log: &mut LogRecord, message: &[u8], fields: &Fields) {
+    if let Some(id) = fields.trace_id {
+        log.trace_id = id.to_vec();
+    }
+    if let Some(id) = fields.span_id {
+        log.span_id = id.to_vec();
+    }
+    if fields.object {
+        let object = match std::str::from_utf8(message) {
+            Ok(text) => serde_json::from_str::<serde_json::Value>(text),
+            Err(_) => serde_json::from_str(&String::from_utf8_lossy(message)),
+        };
+        if let Ok(object) = object {
+            log.body = Some(any_value(object));
+        }
+    }
+    if !fields.flags.is_empty() {
+        let names = fields.flags.names().map(|name| AnyValue { value: Some(text(name)) });
+        match log.attributes.iter_mut().find(|kv| kv.key == "nodelens.log.flags") {
+            Some(KeyValue { value: Some(AnyValue { value: Some(Value::ArrayValue(list)) }), .. }) => list.values.extend(names),
+            _ => log.attributes.push(kv("nodelens.log.flags", Value::ArrayValue(ArrayValue { values: names.collect() }))),
+        }
+    }
+}
+
+/// A JSON value as an OTLP `AnyValue`: objects as kvlists, arrays as arrays.
+fn any_value(value: serde_json::Value) -> AnyValue {
+    use serde_json::Value as Json;
+    let value = match value {
+        Json::Null => None,
+        Json::Bool(b) => Some(Value::BoolValue(b)),
+        Json::Number(n) => Some(match n.as_i64() {
+            Some(i) => Value::IntValue(i),
+            None => Value::DoubleValue(n.as_f64().unwrap_or_default()),
+        }),
+        Json::String(s) => Some(Value::StringValue(s)),
+        Json::Array(items) => Some(Value::ArrayValue(ArrayValue { values: items.into_iter().map(any_value).collect() })),
+        Json::Object(map) => Some(Value::KvlistValue(KeyValueList {
+            values: map.into_iter().map(|(key, v)| KeyValue { key, value: Some(any_value(v)), ..Default::default() }).collect(),
+        })),
+    };
+    AnyValue { value }
+}
+
 /// Nanoseconds since the epoch of a runtime's RFC 3339 timestamp (`Z` or a `±hh:mm` offset);
 /// `None` when it is not one, which leaves `time_unix_nano` unset (the receiver then uses
 /// the observed time, as the spec says).
@@ -172,7 +232,6 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-    use opentelemetry_proto::tonic::common::v1::KeyValue;
 
     use super::*;
     use crate::logs::chunk::{Flags, StreamKind};
@@ -224,6 +283,34 @@ mod tests {
     }
 
     #[test]
+    fn json_records_carry_their_ids_and_the_object_as_a_kvlist_body() {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40Z");
+        let message = chunk
+            .push_bytes(br#"{"msg":"hi","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7","n":{"a":[1,true]}}"#);
+        chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 0, flags: Flags::default() });
+        let mut structured = Structured::default();
+        crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
+        let mut one = Vec::new();
+        encode_chunk(&chunk, &ResourceTemplate::new(&meta()), &[None], &structured, UNIX_EPOCH, &mut one);
+        let decoded = ExportLogsServiceRequest::decode(request([one.as_slice()]).as_slice()).unwrap();
+        let record = &decoded.resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(hex(&record.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex(&record.span_id), "00f067aa0ba902b7");
+        let Some(Value::KvlistValue(body)) = record.body.as_ref().and_then(|b| b.value.clone()) else { panic!("{record:?}") };
+        let keys: Vec<&str> = body.values.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(keys, ["msg", "n", "span_id", "trace_id"]);
+        let Some(Value::KvlistValue(n)) = body.values[1].value.as_ref().and_then(|v| v.value.clone()) else { panic!() };
+        let Some(Value::ArrayValue(a)) = n.values[0].value.as_ref().and_then(|v| v.value.clone()) else { panic!() };
+        assert_eq!(a.values[0].value, Some(Value::IntValue(1)));
+        assert_eq!(a.values[1].value, Some(Value::BoolValue(true)));
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
     fn a_chunk_becomes_one_resource_logs_with_the_semantic_conventions() {
         let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
         for (i, (message, stream, flags)) in
@@ -238,7 +325,7 @@ mod tests {
         let template = ResourceTemplate::new(&meta());
         let mut one = Vec::new();
         let observed = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        encode_chunk(&chunk, &template, &[None, Some(Level::Error)], observed, &mut one);
+        encode_chunk(&chunk, &template, &[None, Some(Level::Error)], &Structured::default(), observed, &mut one);
         let body = request([one.as_slice(), one.as_slice()]);
         let decoded = ExportLogsServiceRequest::decode(body.as_slice()).unwrap();
         assert_eq!(decoded.resource_logs.len(), 2, "parts concatenate into the repeated field");

@@ -41,6 +41,14 @@ pub struct AppLabels {
     pub app: String,
 }
 
+/// The flags of `nodelens_log_records_flagged_total`, set before the encoder.
+const COUNTED_FLAGS: [(Flags, &str); 4] = [
+    (Flags::TRUNCATED, "truncated"),
+    (Flags::PARTIAL, "partial"),
+    (Flags::MALFORMED, "malformed"),
+    (Flags::BAD_TIMESTAMP, "bad_timestamp"),
+];
+
 /// Labels of `nodelens_log_records_flagged_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlagLabels {
@@ -55,7 +63,7 @@ pub struct CountFamilies {
     pub records: Family<RecordLabels, Counter>,
     /// `nodelens_log_bytes_total`: message bytes.
     pub bytes: Family<AppLabels, Counter>,
-    /// `nodelens_log_records_flagged_total`: records shipped truncated, partial or malformed.
+    /// `nodelens_log_records_flagged_total`: records shipped truncated, partial, malformed or with a bad timestamp.
     pub flagged: Family<FlagLabels, Counter>,
 }
 
@@ -95,13 +103,13 @@ impl Counts {
         self.track(app, container, now);
         let mut records = [[0u64; LEVELS]; 2];
         let mut bytes = 0u64;
-        let mut flagged = [0u64; 3];
+        let mut flagged = [0u64; COUNTED_FLAGS.len()];
         for (record, level) in chunk.records.iter().zip(levels) {
             let stream = usize::from(record.stream == StreamKind::Stderr);
             let level = level.map_or(Level::ALL.len(), |l| Level::ALL.iter().position(|x| *x == l).expect("listed"));
             records[stream][level] += 1;
             bytes += u64::from(record.message.end - record.message.start);
-            for (i, flag) in [Flags::TRUNCATED, Flags::PARTIAL, Flags::MALFORMED].into_iter().enumerate() {
+            for (i, (flag, _)) in COUNTED_FLAGS.into_iter().enumerate() {
                 flagged[i] += u64::from(record.flags.contains(flag));
             }
         }
@@ -114,7 +122,7 @@ impl Counts {
             }
         }
         self.families.bytes.get_or_create(app).inc_by(bytes);
-        for (flag, n) in ["truncated", "partial", "malformed"].into_iter().zip(flagged) {
+        for ((_, flag), n) in COUNTED_FLAGS.into_iter().zip(flagged) {
             if n > 0 {
                 self.families.flagged.get_or_create(&FlagLabels { flag }).inc_by(n);
             }

@@ -23,8 +23,10 @@ use crate::logs::derived::{Derived, PodLabels};
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
+use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::ResourceTemplate;
 use crate::sinks::ecs::{self, Documents, Template};
+use crate::sinks::elasticsearch::stream::DataStreams;
 use crate::sinks::{Batch, Formats};
 
 /// How long a container's template is kept without records.
@@ -42,6 +44,11 @@ pub struct Encoder {
     formats: Formats,
     counts: Counts,
     derived: Derived,
+    /// Fields found in records' text (JSON, trace context), and the chunk's, reused.
+    extractor: Extractor,
+    structured: Structured,
+    /// The Elasticsearch data stream of each namespace, when there is one per namespace.
+    streams: DataStreams,
     templates: HashMap<ContainerRef, CachedTemplate>,
     /// Batch numbers, shared with the node-log sources.
     seq: Arc<AtomicU64>,
@@ -54,6 +61,8 @@ struct CachedTemplate {
     pod: Option<Arc<PodMeta>>,
     template: Template,
     resource: ResourceTemplate,
+    /// The container's data stream, when not the sink's one stream.
+    index: Option<Arc<str>>,
     app: AppLabels,
     excluded: bool,
     /// The log-metric rules of the container's application, and the labels they add.
@@ -81,11 +90,21 @@ impl Encoder {
             formats,
             counts: Counts::new(counts),
             derived,
+            extractor: Extractor::new(logs.json),
+            structured: Structured::default(),
+            streams: DataStreams::default(),
             templates: HashMap::new(),
             seq: Arc::new(AtomicU64::new(0)),
             last_prune: now,
             last_sweep: now,
         }
+    }
+
+    /// Sends each namespace's records to its own data stream (`{namespace}` in
+    /// `sinks.elasticsearch.data_stream`).
+    pub fn set_data_streams(&mut self, streams: DataStreams) {
+        self.streams = streams;
+        self.templates.clear();
     }
 
     /// The batch numbering, for other producers of batches (the node-log sources).
@@ -138,12 +157,20 @@ impl Encoder {
         let (mut docs, mut otlp) = (Documents::default(), Vec::new());
         let records = if cached.excluded { 0 } else { chunk.records.len() };
         if !cached.excluded {
-            let levels: Vec<Option<Level>> = chunk.records.iter().map(|r| level::detect(chunk.message(r))).collect();
+            self.extractor.extract(chunk, &mut self.structured);
+            let structured = &self.structured;
+            let levels: Vec<Option<Level>> = chunk
+                .records
+                .iter()
+                .zip(&structured.records)
+                .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
+                .collect();
             if self.formats.ecs {
-                ecs::encode_chunk(chunk, &cached.template, &levels, &mut docs);
+                ecs::encode_chunk(chunk, &cached.template, &levels, structured, &mut docs);
             }
             if self.formats.otlp && records > 0 {
-                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, std::time::SystemTime::now(), &mut otlp);
+                let now = std::time::SystemTime::now();
+                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, structured, now, &mut otlp);
             }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
             if !cached.rules.is_empty() {
@@ -153,7 +180,7 @@ impl Encoder {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        Batch { seq, file: chunk.source.id, records, docs, otlp, index: None }
+        Batch { seq, file: chunk.source.id, records, docs, otlp, index: cached.index.clone() }
     }
 
     fn render(&self, chunk: &Chunk, pod: Option<Arc<PodMeta>>, now: Instant) -> CachedTemplate {
@@ -175,6 +202,8 @@ impl Encoder {
             pod,
             template: Template::new(&meta),
             resource: ResourceTemplate::new(&meta),
+            // From the log path, so the same with or without the API.
+            index: self.streams.of(&info.reference.namespace),
             rules: self.derived.rules_for(&meta.app),
             app: AppLabels { namespace: meta.namespace, app: meta.app },
             pod_labels,
@@ -272,6 +301,18 @@ mod tests {
     fn service_name(batch: &Batch) -> String {
         let doc: serde_json::Value = serde_json::from_slice(batch.docs.doc(0)).unwrap();
         doc["service"]["name"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn each_namespace_gets_its_own_data_stream_named_from_the_path() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let a = chunk(pods_dir.path(), "team-a", "web-0", "x");
+        let b = chunk(pods_dir.path(), "ml", "trainer-0", "y");
+        assert_eq!(encoder.encode(&a, Instant::now()).index, None, "one stream unless asked");
+        encoder.set_data_streams(DataStreams::new("logs-kubernetes.container_logs-{namespace}"));
+        assert_eq!(encoder.encode(&a, Instant::now()).index.as_deref(), Some("logs-kubernetes.container_logs-team_a"));
+        assert_eq!(encoder.encode(&b, Instant::now()).index.as_deref(), Some("logs-kubernetes.container_logs-ml"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::identity::resolve::dedot;
 use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
+use crate::logs::structured::{Fields, Structured};
 
 /// The fixed part of a container's documents, pre-rendered as JSON.
 #[derive(Debug, Clone)]
@@ -100,30 +101,48 @@ impl Documents {
 }
 
 /// Encodes every record of `chunk` with `template` into `out`; `levels[i]` is record i's
-/// `log.level`, when known.
-pub fn encode_chunk(chunk: &Chunk, template: &Template, levels: &[Option<Level>], out: &mut Documents) {
+/// `log.level`, when known, and `structured.records[i]` what its text gives (when given).
+pub fn encode_chunk(chunk: &Chunk, template: &Template, levels: &[Option<Level>], structured: &Structured, out: &mut Documents) {
     let mut file = Vec::with_capacity(64);
     file.extend_from_slice(b",\"file\":{\"path\":");
     serde_json::to_writer(&mut file, &chunk.source.path.to_string_lossy()).expect("vec write");
     file.extend_from_slice(b"}},");
     out.bytes.reserve(chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96));
     for (i, record) in chunk.records.iter().enumerate() {
-        encode_record(chunk, record, levels.get(i).copied().flatten(), &file, template, &mut out.bytes);
+        let fields = structured.records.get(i).map(|f| (structured, f));
+        encode_record(chunk, record, levels.get(i).copied().flatten(), fields, &file, template, &mut out.bytes);
         out.ends.push(out.bytes.len() as u32);
         out.offsets.push(record.offset);
     }
 }
 
-fn encode_record(chunk: &Chunk, record: &Record, level: Option<Level>, file: &[u8], template: &Template, out: &mut Vec<u8>) {
+fn encode_record(
+    chunk: &Chunk,
+    record: &Record,
+    level: Option<Level>,
+    fields: Option<(&Structured, &Fields)>,
+    file: &[u8],
+    template: &Template,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(b"{\"@timestamp\":\"");
     // Decoders only accept timestamps made of digits, `-:.TZ+`: safe unescaped.
     out.extend_from_slice(chunk.timestamp(record));
     out.extend_from_slice(b"\",\"message\":");
-    let message = match std::str::from_utf8(chunk.message(record)) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(chunk.message(record)),
-    };
-    serde_json::to_writer(&mut *out, message.as_ref()).expect("vec write");
+    // A JSON object's own message: already a JSON string token.
+    if let Some((structured, Fields { message: Some(token), .. })) = fields {
+        out.extend_from_slice(structured.bytes(token));
+    } else {
+        let message = match std::str::from_utf8(chunk.message(record)) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(chunk.message(record)),
+        };
+        serde_json::to_writer(&mut *out, message.as_ref()).expect("vec write");
+    }
+    let mut flags = record.flags;
+    if let Some((_, extracted)) = fields {
+        flags.insert(extracted.flags);
+    }
     out.extend_from_slice(b",\"stream\":\"");
     out.extend_from_slice(record.stream.as_str().as_bytes());
     out.extend_from_slice(b"\",\"log\":{\"offset\":");
@@ -133,10 +152,14 @@ fn encode_record(chunk: &Chunk, record: &Record, level: Option<Level>, file: &[u
         out.extend_from_slice(level.as_str().as_bytes());
         out.push(b'"');
     }
-    if !record.flags.is_empty() {
-        write_flags(record.flags, out);
+    if !flags.is_empty() {
+        write_flags(flags, out);
     }
     out.extend_from_slice(file);
+    // `"trace":..,"span":..,"json":..,` found in the text.
+    if let Some((structured, extracted)) = fields {
+        out.extend_from_slice(structured.bytes(&extracted.ecs));
+    }
     out.extend_from_slice(&template.tail);
     out.push(b'\n');
 }
@@ -191,7 +214,7 @@ mod tests {
 
     fn encode_one(chunk: &Chunk) -> Value {
         let mut docs = Documents::default();
-        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &mut docs);
+        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &Structured::default(), &mut docs);
         assert_eq!(docs.len(), 1);
         assert_eq!(*docs.doc(0).last().unwrap(), b'\n');
         serde_json::from_slice(docs.doc(0)).expect("valid JSON")
@@ -247,6 +270,9 @@ mod template_tests {
             // One flattened field, whatever the keys: they cannot grow the mapping.
             return mapping["properties"]["kubernetes"]["properties"]["labels"]["type"] == "flattened";
         }
+        if path.len() >= 2 && path[0] == "json" {
+            return mapping["properties"]["json"]["type"] == "flattened";
+        }
         let Some((first, rest)) = path.split_first() else { return true };
         match mapping.get("properties").and_then(|p| p.get(*first)) {
             Some(field) if rest.is_empty() => field.get("type").is_some() || field.get("properties").is_some(),
@@ -292,14 +318,18 @@ mod template_tests {
         };
         let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
         let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40Z");
-        let message = chunk.push_bytes(b"m");
+        let message =
+            chunk.push_bytes(br#"{"msg":"m","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7","k":{"a":[1]}}"#);
         chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 1, flags: Flags::PARTIAL });
         let mut docs = Documents::default();
-        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &mut docs);
+        let mut structured = Structured::default();
+        crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
+        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &structured, &mut docs);
         let doc: Value = serde_json::from_slice(docs.doc(0)).unwrap();
         let mut fields = Vec::new();
         leaves(&doc, &mut Vec::new(), &mut fields);
-        assert!(fields.len() >= 15, "{fields:?}");
+        assert!(fields.len() >= 18, "{fields:?}");
+        assert!(fields.iter().any(|f| f == &["json", "k", "a"]) && fields.iter().any(|f| f == &["trace", "id"]), "{fields:?}");
         for field in fields {
             let path: Vec<&str> = field.iter().map(String::as_str).collect();
             assert!(mapped(mappings, &path), "field {} is not in the index template", path.join("."));

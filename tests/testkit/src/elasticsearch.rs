@@ -394,6 +394,12 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     let id = meta.get("_id").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| format!("auto-{}", st.seq));
     let index = meta.get("_index").and_then(|v| v.as_str()).unwrap_or(index).to_string();
     let index = index.as_str();
+    if index.is_empty() {
+        return item(&op, &id, 400, Some(("action_request_validation_exception", "Validation Failed: 1: index is missing;".into())));
+    }
+    if let Err(reason) = valid_index_name(index) {
+        return item(&op, &id, 400, Some(("invalid_index_name_exception", format!("Invalid index name [{index}], {reason}"))));
+    }
     if op != "create" {
         return item(
             &op,
@@ -412,8 +418,16 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
         Ok(doc @ Value::Object(_)) => doc,
         _ => return item(&op, &id, 400, Some(("document_parsing_exception", "[1:1] failed to parse: not a JSON object".into()))),
     };
-    if doc.get("@timestamp").is_none() {
+    let Some(timestamp) = doc.get("@timestamp") else {
         return item(&op, &id, 400, Some(("document_parsing_exception", "data stream timestamp field [@timestamp] is missing".into())));
+    };
+    if !timestamp.as_str().is_some_and(valid_date_nanos) {
+        return item(
+            &op,
+            &id,
+            400,
+            Some(("document_parsing_exception", format!("failed to parse field [@timestamp] of type [date_nanos]: {timestamp}"))),
+        );
     }
     if let (Some(bad), Some(msg)) = (&st.reject_containing, doc.get("message").and_then(|m| m.as_str())) {
         if msg.contains(bad.as_str()) {
@@ -450,6 +464,59 @@ fn apply(st: &mut State, index: &str, action: &[u8], source: &[u8], refuse: bool
     st.docs.push((id, doc));
     st.arrived.push(std::time::Instant::now());
     created
+}
+
+/// Elasticsearch's rules for index and data stream names (`MetadataCreateIndexService`).
+fn valid_index_name(name: &str) -> Result<(), &'static str> {
+    if name != name.to_lowercase() {
+        return Err("must be lowercase");
+    }
+    if name.starts_with(['-', '_', '+']) {
+        return Err("must not start with '_', '-', or '+'");
+    }
+    if name == "." || name == ".." {
+        return Err("must not be '.' or '..'");
+    }
+    if name.contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':']) {
+        return Err("must not contain the following characters [ , \\, /, *, ?, \", <, >, |, #, :]");
+    }
+    if name.len() > 255 {
+        return Err("index name is too long, (> 255)");
+    }
+    Ok(())
+}
+
+/// What a `date_nanos` field with the default format (`strict_date_optional_time_nanos`)
+/// takes from a string written with a zone: a real date and time from 1970 to 2262.
+fn valid_date_nanos(t: &str) -> bool {
+    let b = t.as_bytes();
+    let num = |r: std::ops::Range<usize>| t.get(r).filter(|d| d.bytes().all(|c| c.is_ascii_digit())).and_then(|d| d.parse::<u32>().ok());
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) =
+        (num(0..4), num(5..7), num(8..10), num(11..13), num(14..16), num(17..19))
+    else {
+        return false;
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let shape = b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':';
+    let mut rest = &t[19.min(t.len())..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return false;
+        }
+        rest = &fraction[digits..];
+    }
+    let zone = rest == "Z" || (rest.len() == 6 && rest.starts_with(['+', '-']) && rest.as_bytes()[3] == b':');
+    shape
+        && zone
+        && (1970..=2262).contains(&year)
+        && (1..=12).contains(&month)
+        && day >= 1
+        && day <= days[(month.max(1) - 1) as usize]
+        && hour < 24
+        && minute < 60
+        && second < 60
 }
 
 /// Adds the document's fields to the mapping, refusing it (and mapping nothing) when that

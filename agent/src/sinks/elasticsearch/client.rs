@@ -63,7 +63,11 @@ impl Client {
             http: builder.build()?,
             endpoints: Arc::new(config.endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect()),
             current: Arc::new(AtomicUsize::new(0)),
-            path: format!("/{}/_bulk?filter_path=errors,items.*.error,items.*.status", config.data_stream),
+            // With a stream per namespace every item names its stream (`_index`).
+            path: match super::stream::DataStreams::per_namespace(&config.data_stream) {
+                true => "/_bulk?filter_path=errors,items.*.error,items.*.status".to_string(),
+                false => format!("/{}/_bulk?filter_path=errors,items.*.error,items.*.status", config.data_stream),
+            },
             gzip: config.compression == Compression::Gzip,
             auth: Arc::new(Auth::from_config(config)?),
         })

@@ -10,6 +10,7 @@
 
 pub mod bulk;
 pub mod client;
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,159 @@
+//! The runtime's timestamp of a line, checked before it becomes `@timestamp`: Elasticsearch
+//! refuses a whole document whose `@timestamp` it cannot store (`date_nanos`: RFC 3339 with a
+//! zone, 1970 to 2262), and the record would be lost. RFC 3339 allows a lower-case `t` and
+//! `z`; those are written upper case, as every consumer accepts.
+
+use std::borrow::Cow;
+
+/// What a line's timestamp field is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stamp<'a> {
+    /// A valid timestamp, as it is to be written (upper case `T` and `Z`).
+    Valid(Cow<'a, [u8]>),
+    /// Shaped like a timestamp but impossible (`2024-13-45T99:99:99Z`), without a zone, or out
+    /// of the range Elasticsearch stores: the line is a runtime's line, its time is not usable.
+    Unusable,
+    /// Not a timestamp at all: the line is not the runtime's format.
+    NotTimestamp,
+}
+
+/// Latest instant a `date_nanos` field holds: 2262-04-11T23:47:16.854775807Z.
+const MAX_NANOS: i128 = i64::MAX as i128;
+
+/// Classifies the timestamp field of a runtime line.
+pub fn classify(t: &[u8]) -> Stamp<'_> {
+    if !looks_like_timestamp(t) {
+        return Stamp::NotTimestamp;
+    }
+    if unix_nanos(t).is_none_or(|n| !(0..=MAX_NANOS).contains(&n)) {
+        return Stamp::Unusable;
+    }
+    if t.iter().any(|b| matches!(b, b't' | b'z')) {
+        return Stamp::Valid(Cow::Owned(t.to_ascii_uppercase()));
+    }
+    Stamp::Valid(Cow::Borrowed(t))
+}
+
+/// `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+`: a runtime's timestamp field, and
+/// safe to copy into JSON unescaped.
+fn looks_like_timestamp(t: &[u8]) -> bool {
+    (19..=40).contains(&t.len())
+        && t[4] == b'-'
+        && matches!(t[10], b'T' | b't')
+        && t.iter().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'.' | b'T' | b't' | b'Z' | b'z' | b'+'))
+}
+
+/// Nanoseconds since the epoch of a strict RFC 3339 timestamp
+/// (`YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`), `None` when it is not one.
+pub fn unix_nanos(t: &[u8]) -> Option<i128> {
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = t.get(range)?;
+        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let sep = |i: usize, c: u8| t.get(i).is_some_and(|b| b.eq_ignore_ascii_case(&c));
+    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut at = 19;
+    let mut fraction = 0i64;
+    if sep(at, b'.') {
+        let digits = t[at + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        fraction = num(at + 1..at + 1 + digits)? * 10i64.pow(9 - digits as u32);
+        at += 1 + digits;
+    }
+    let offset_s = match &t[at..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (hours, minutes) = (num(at + 1..at + 3)?, num(at + 4..at + 6)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let s = hours * 3600 + minutes * 60;
+            if *sign == b'-' {
+                -s
+            } else {
+                s
+            }
+        }
+        _ => return None,
+    };
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
+    Some(i128::from(seconds) * 1_000_000_000 + i128::from(fraction))
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_timestamps_pass_as_written_and_lower_case_is_raised() {
+        for t in ["2026-11-22T03:16:40.123456789Z", "2026-11-22T03:16:40Z", "2024-02-29T23:59:59.5+05:30", "1970-01-01T00:00:00Z"] {
+            assert_eq!(classify(t.as_bytes()), Stamp::Valid(Cow::Borrowed(t.as_bytes())), "{t}");
+        }
+        assert_eq!(classify(b"2026-11-22t03:16:40.5z"), Stamp::Valid(Cow::Owned(b"2026-11-22T03:16:40.5Z".to_vec())));
+    }
+
+    #[test]
+    fn impossible_zoneless_and_out_of_range_timestamps_are_unusable() {
+        for t in [
+            "2024-13-45T99:99:99Z",
+            "2023-02-29T00:00:00Z",
+            "2026-11-22T24:00:00Z",
+            "2026-11-22T23:59:60Z",
+            "2026-11-22T03:16:40",
+            "2026-11-22T03:16:40.123",
+            "2026-11-22T03:16:40.Z",
+            "2026-11-22T03:16:40.1234567890Z",
+            "2026-11-22T03:16:40+25:00",
+            "2026-11-22T03:16:40+0100",
+            "1969-12-31T23:59:59Z",
+            "2262-04-12T00:00:00Z",
+            "2026-11-22T03:16:40ZZ",
+        ] {
+            assert_eq!(classify(t.as_bytes()), Stamp::Unusable, "{t}");
+        }
+    }
+
+    #[test]
+    fn other_text_is_not_a_timestamp() {
+        for t in ["yesterday", "2026-11-22 03:16:40Z", "2026-11-22T03:16:40\"Z", "", "2026-11-22T03:16:40Z; drop"] {
+            assert_eq!(classify(t.as_bytes()), Stamp::NotTimestamp, "{t}");
+        }
+    }
+
+    #[test]
+    fn nanoseconds_count_from_the_epoch_with_offsets() {
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01.000000042Z"), Some(1_000_000_042));
+        assert_eq!(unix_nanos(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
+        assert_eq!(unix_nanos(b"2026-11-22T05:16:40.123456789+02:00"), Some(1_795_317_400_123_456_789));
+        assert_eq!(unix_nanos(b"2026-11-21T22:46:40.5-04:30"), Some(1_795_317_400_500_000_000));
+    }
+}
