@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::broadcast;
 
 use crate::certs;
@@ -83,7 +84,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     // logs' XID metric is wanted on a metrics-only agent too.
     let node_logs = config.node_logs.journald.enabled != Switch::Off || config.node_logs.kernel.enabled != Switch::Off;
     let mut pipeline = if config.logs.enabled {
-        let checkpoints = Arc::new(open_checkpoints(&config).await?);
+        let checkpoints = Arc::new(open_checkpoints(&config, &health, &metrics.logs.checkpoints.lock_waiting).await?);
         let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
         let pipeline = LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)?;
         tracing::info!(pods_dir = %config.logs.pods_dir.display(), node = %config.node_name, "tailing container logs");
@@ -92,7 +93,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         // Without container logs a state_dir that cannot be opened (a metrics-only install
         // without one) turns node logs off, not the agent.
         let started = async {
-            let checkpoints = Arc::new(open_checkpoints(&config).await?);
+            let checkpoints = Arc::new(open_checkpoints(&config, &health, &metrics.logs.checkpoints.lock_waiting).await?);
             let sinks = pipeline::configured_sinks(&config, &metrics.sinks)?;
             LogPipeline::start(&config, checkpoints, &metrics.logs, pods.clone(), sinks, gpu_bus_ids)
         };
@@ -117,7 +118,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     let result = tokio::select! {
         _ = stop => Ok(()),
         err = failure => {
-            health.failed.store(true, Ordering::Release);
+            health.fail(format!("{err:#}"));
             Err(err)
         }
     };
@@ -135,23 +136,34 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 }
 
 /// Opens `state_dir`. Only the built-in default falls back to a per-user directory, so a
-/// plain `nodelens` runs on a laptop without root.
-async fn open_checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
+/// plain `nodelens` runs on a laptop without root. While another agent holds its lock, the
+/// wait shows in `/readyz` and in `waiting` (1).
+async fn open_checkpoints(config: &Config, health: &Health, waiting: &Gauge) -> anyhow::Result<Checkpoints> {
     let default = Config::default().state_dir;
-    let mut waited = false;
+    let started = tokio::time::Instant::now();
+    let mut warned = false;
     let opened = loop {
         match Checkpoints::open(&config.state_dir) {
             Err(e) if e.source.kind() == std::io::ErrorKind::WouldBlock => {
                 // The pod this one replaces on the node is still shutting down: wait, not ready.
-                if !waited {
-                    tracing::warn!(error = %e, "waiting for the other agent to release state_dir");
-                    waited = true;
+                waiting.set(1);
+                health.wait_for(Some(format!("another agent to release the lock on state_dir {}", config.state_dir.display())));
+                // Once, and again every minute, so a wait that never ends is not a single line.
+                let waited = started.elapsed();
+                if !warned || waited.as_secs() % 60 == 0 {
+                    tracing::warn!(error = %e, waited = ?Duration::from_secs(waited.as_secs()), "waiting for the other agent to release state_dir");
+                    warned = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             other => break other,
         }
     };
+    if warned {
+        tracing::info!(waited = ?started.elapsed(), "state_dir released by the other agent");
+    }
+    waiting.set(0);
+    health.wait_for(None);
     match opened {
         Ok(c) => Ok(c),
         Err(e) if config.state_dir == default && e.source.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -161,5 +173,35 @@ async fn open_checkpoints(config: &Config) -> anyhow::Result<Checkpoints> {
             Ok(Checkpoints::open(&fallback)?)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_state_dir_lock_shows_in_readyz_and_a_gauge_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { state_dir: dir.path().join("state"), ..Config::default() };
+        let other_agent = Checkpoints::open(&config.state_dir).unwrap();
+        let (health, waiting) = (Arc::new(Health::default()), Gauge::default());
+        let opening = {
+            let (config, health, waiting) = (config.clone(), health.clone(), waiting.clone());
+            tokio::spawn(async move { open_checkpoints(&config, &health, &waiting).await })
+        };
+
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        assert!(!opening.is_finished(), "still waiting for the lock");
+        assert_eq!(waiting.get(), 1);
+        let (status, body) = health.readyz();
+        assert_eq!(status, hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("release the lock on state_dir") && body.contains("state"), "{body}");
+
+        drop(other_agent);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(opening.await.unwrap().is_ok());
+        assert_eq!(waiting.get(), 0, "no longer waiting");
+        assert_eq!(health.readyz().1, "starting\n", "the reason is gone once the lock is taken");
     }
 }
