@@ -23,9 +23,12 @@ use crate::otlp;
 use crate::pipeline::{self, LogPipeline};
 use crate::server::{self, Health};
 use crate::shutdown::Shutdown;
+use crate::tasks::Tasks;
 
 /// How long the pipeline may take to drain at shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long the other tasks may take to stop after it (the last metrics push).
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `stop` resolves (a signal) or a part fails.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -36,8 +39,13 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     let listener = server::bind(config.metrics.listen).await.with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
     let limits = server::Limits::default();
-    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe())));
-    tokio::spawn(crate::memory::run(Shutdown::new(shutdown_tx.subscribe())));
+    // Every task is owned here: one that ends before shutdown fails /healthz with its cause.
+    let mut tasks = Tasks::default();
+    tasks.spawn(
+        "metrics endpoint",
+        until_shutdown(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe()))),
+    );
+    tasks.spawn("memory trim", until_shutdown(crate::memory::run(Shutdown::new(shutdown_tx.subscribe()))));
 
     let pods = match kube::connect(&config.kubernetes).await? {
         Some(client) => {
@@ -48,7 +56,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
             let keep_deleted = Arc::new(move |pod: &PodMeta| path::pod_dir(&pods_dir, &pod.namespace, &pod.name, &pod.uid).exists());
             let shutdown = || Shutdown::new(shutdown_tx.subscribe());
             let up = metrics.kube_watch_up.clone();
-            kube::start(client, config.node_name.clone(), store.clone(), &config.kubernetes, keep_deleted, up, shutdown);
+            kube::start(&mut tasks, client, config.node_name.clone(), store.clone(), &config.kubernetes, keep_deleted, up, shutdown);
             tracing::info!(node = %config.node_name, "watching this node's pods");
             Some(store)
         }
@@ -57,28 +65,37 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
 
     if !config.certificates.paths.is_empty() {
         let (paths, interval) = (config.certificates.paths.clone(), config.certificates.interval);
-        tokio::spawn(certs::run(paths, interval, metrics.certs.clone(), Shutdown::new(shutdown_tx.subscribe())));
+        tasks.spawn(
+            "certificate check",
+            until_shutdown(certs::run(paths, interval, metrics.certs.clone(), Shutdown::new(shutdown_tx.subscribe()))),
+        );
     }
 
     let names = Names { pods_dir: config.logs.pods_dir.clone(), containers_dir: config.logs.containers_dir.clone(), pods: pods.clone() };
     if config.host.proc_root.is_dir() {
         let sources = shm_metrics::Sources { proc_root: config.host.proc_root.clone(), names: names.clone() };
-        tokio::spawn(shm_metrics::run(sources, config.host.scan_interval, metrics.shm.clone(), Shutdown::new(shutdown_tx.subscribe())));
+        tasks.spawn(
+            "shm sizes",
+            until_shutdown(shm_metrics::run(
+                sources,
+                config.host.scan_interval,
+                metrics.shm.clone(),
+                Shutdown::new(shutdown_tx.subscribe()),
+            )),
+        );
     }
 
     let gpu_bus_ids = crate::host::pci::GpuBusIds::default();
-    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), Shutdown::new(shutdown_tx.subscribe())).await?;
+    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), &mut tasks, Shutdown::new(shutdown_tx.subscribe())).await?;
 
     let push = &config.metrics.otlp;
-    let metrics_push = if push.endpoint.is_empty() {
-        None
-    } else {
+    if !push.endpoint.is_empty() {
         let exporter = otlp::Exporter::new(&otlp::metrics::settings(push), otlp::Signal::Metrics)?;
         let origin = otlp::metrics::Origin { node: config.node_name.clone(), cluster: config.cluster_name.clone() };
         let shutdown = Shutdown::new(shutdown_tx.subscribe());
         tracing::info!(endpoint = %crate::config::redact_url(&push.endpoint), interval = ?push.interval, "pushing metrics over OTLP");
-        Some(tokio::spawn(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)))
-    };
+        tasks.spawn("OTLP metrics push", until_shutdown(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)));
+    }
 
     // The pipeline (checkpoints, sinks) runs for container logs, node logs, or both: the node
     // logs' XID metric is wanted on a metrics-only agent too.
@@ -121,18 +138,33 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
             health.fail(format!("{err:#}"));
             Err(err)
         }
+        never = record_deaths(&mut tasks, &health) => match never {},
     };
     tracing::info!("shutting down");
     if let Some(pipeline) = pipeline {
         pipeline.stop(DRAIN_GRACE).await;
     }
     let _ = shutdown_tx.send(());
-    if let Some(push) = metrics_push {
-        // The last push carries the final counts; a receiver that is away does not hold up the exit.
-        let _ = tokio::time::timeout(Duration::from_secs(5), push).await;
-    }
-    let _ = server.await;
+    // The metrics push's last push carries the final counts; a receiver that is away does
+    // not hold up the exit.
+    tasks.stop(STOP_GRACE).await;
     result
+}
+
+/// A task meant to run until shutdown, as a task of [`Tasks`].
+async fn until_shutdown(task: impl Future<Output = ()>) -> anyhow::Result<()> {
+    task.await;
+    Ok(())
+}
+
+/// Logs each task that dies, with its cause, and fails `/healthz` naming it. The agent goes
+/// on (its logs keep flowing) until the kubelet's liveness probe restarts it.
+async fn record_deaths(tasks: &mut Tasks, health: &Health) -> std::convert::Infallible {
+    loop {
+        let death = tasks.death().await;
+        tracing::error!(task = death.task, cause = %death.cause, "a part of the agent died; /healthz fails until the agent is restarted");
+        health.fail(death.to_string());
+    }
 }
 
 /// Opens `state_dir`. Only the built-in default falls back to a per-user directory, so a
@@ -203,5 +235,28 @@ mod tests {
         assert!(opening.await.unwrap().is_ok());
         assert_eq!(waiting.get(), 0, "no longer waiting");
         assert_eq!(health.readyz().1, "starting\n", "the reason is gone once the lock is taken");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_dies_fails_healthz_naming_it_and_its_cause() {
+        let health = Health::default();
+        let mut tasks = Tasks::default();
+        tasks.spawn("metrics endpoint", until_shutdown(std::future::pending()));
+        tasks.spawn("shm sizes", async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            panic!("a mount line the parser did not expect")
+        });
+        tasks.spawn("pod watch", until_shutdown(tokio::time::sleep(Duration::from_secs(60))));
+        let recording = tokio::time::timeout(Duration::from_secs(10), record_deaths(&mut tasks, &health)).await;
+        assert!(recording.is_err());
+        assert_eq!(health.healthz().0, hyper::StatusCode::OK, "healthy while every task runs");
+
+        let _ = tokio::time::timeout(Duration::from_secs(120), record_deaths(&mut tasks, &health)).await;
+        let (status, body) = health.healthz();
+        assert_eq!(status, hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "failed: task shm sizes ended: panicked: a mount line the parser did not expect\nfailed: task pod watch ended: it returned\n"
+        );
     }
 }

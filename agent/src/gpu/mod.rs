@@ -31,12 +31,13 @@ use reading::Reading;
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or
 /// without GPUs logs one line and runs without GPU metrics; with `true` that is an error.
 ///
-/// `bus_ids` is filled with the GPUs' PCI addresses.
+/// `bus_ids` is filled with the GPUs' PCI addresses. Attribution runs in `tasks`.
 pub async fn start(
     config: &Config,
     names: Names,
     export: GpuExport,
     bus_ids: crate::host::pci::GpuBusIds,
+    tasks: &mut crate::tasks::Tasks,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     if config.gpu.enabled == Switch::Off {
@@ -63,7 +64,10 @@ pub async fn start(
         Err(_) => anyhow::bail!("the NVML thread ended during start-up"),
     }
     let pod_resources = PodResources::new(config.kubernetes.pod_resources_socket.clone(), config.gpu.resource_prefixes.clone());
-    tokio::spawn(attribute(readings, pod_resources, names, export, shutdown));
+    tasks.spawn("gpu attribution", async move {
+        attribute(readings, pod_resources, names, export, shutdown).await;
+        Ok(())
+    });
     Ok(())
 }
 
