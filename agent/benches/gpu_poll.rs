@@ -19,12 +19,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nodelens::agent::Metrics;
 use nodelens::gpu::allocation::{Allocation, Source};
 use nodelens::gpu::attribution;
 use nodelens::gpu::reading::RemappedRows;
 use nodelens::gpu::reading::{GpuGauge, GpuId, GpuReading, HealthCounters, Reading};
-use nodelens::host::names::Names;
-use nodelens::metrics::Metrics;
+use nodelens::kube::Names;
 use nodelens_testkit::agent::Agent;
 use nodelens_testkit::gpu::scenario::{self, Gpm, Gpu, Process, Scenario, SCENARIO_ENV};
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};

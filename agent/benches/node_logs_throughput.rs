@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use nodelens::agent::Metrics;
 use nodelens::config::{Config, Switch};
 use nodelens::logs::ack::AckMsg;
 use nodelens::logs::checkpoint::Checkpoints;
-use nodelens::metrics::Metrics;
 use nodelens::pipeline::{LogPipeline, SinkStarter};
 use nodelens::sinks::Formats;
 

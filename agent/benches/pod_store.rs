@@ -12,8 +12,8 @@ use std::time::Instant;
 mod common;
 
 use k8s_openapi::api::core::v1::Pod;
+use nodelens::identity::resolve::Key;
 use nodelens::kube::meta;
-use nodelens::kube::resolve::Key;
 use nodelens::kube::store::PodStore;
 use prometheus_client::metrics::family::Family;
 use serde_json::{json, Value};

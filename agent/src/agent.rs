@@ -12,18 +12,22 @@ use tokio::sync::broadcast;
 
 use crate::certs;
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
 use crate::host::shm_metrics;
+use crate::identity::path;
+use crate::identity::resolve::Key;
 use crate::kube::meta::PodMeta;
-use crate::kube::{self, resolve::Key, store::PodStore};
+use crate::kube::Names;
+use crate::kube::{self, store::PodStore};
 use crate::logs::checkpoint::Checkpoints;
-use crate::logs::path;
-use crate::metrics::Metrics;
 use crate::otlp;
 use crate::pipeline::{self, LogPipeline};
 use crate::server::{self, Health};
 use crate::shutdown::Shutdown;
 use crate::tasks::Tasks;
+
+pub mod metrics;
+
+pub use self::metrics::Metrics;
 
 /// How long the pipeline may take to drain at shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -43,7 +47,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
     let mut tasks = Tasks::default();
     tasks.spawn(
         "metrics endpoint",
-        until_shutdown(server::serve(listener, metrics.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe()))),
+        until_shutdown(server::serve(listener, metrics.exposition.clone(), health.clone(), limits, Shutdown::new(shutdown_tx.subscribe()))),
     );
     tasks.spawn("memory trim", until_shutdown(crate::memory::run(Shutdown::new(shutdown_tx.subscribe()))));
 
@@ -94,7 +98,9 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Resu
         let origin = otlp::metrics::Origin { node: config.node_name.clone(), cluster: config.cluster_name.clone() };
         let shutdown = Shutdown::new(shutdown_tx.subscribe());
         tracing::info!(endpoint = %crate::config::redact_url(&push.endpoint), interval = ?push.interval, "pushing metrics over OTLP");
-        tasks.spawn("OTLP metrics push", until_shutdown(otlp::metrics::run(push.interval, exporter, metrics.clone(), origin, shutdown)));
+        let push =
+            otlp::metrics::run(push.interval, exporter, metrics.exposition.clone(), metrics.sinks.pushed_points.clone(), origin, shutdown);
+        tasks.spawn("OTLP metrics push", until_shutdown(push));
     }
 
     // The pipeline (checkpoints, sinks) runs for container logs, node logs, or both: the node

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod config;
 pub mod gpu;
 pub mod host;
+pub mod identity;
 pub mod kube;
 pub mod logs;
 pub mod memory;

@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 use self::counts::CountFamilies;
 use self::encoder::Encoder;
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
 use crate::kube::store::PodStore;
+use crate::kube::Names;
 use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
 use crate::logs::assemble::MultilineRule;
 use crate::logs::checkpoint::Checkpoints;
@@ -140,7 +140,7 @@ impl LogPipeline {
             pods_dir: logs.pods_dir.clone(),
             containers_dir: logs.containers_dir.clone(),
             exclude_namespaces: exclude.build()?,
-            own_pod_uid: crate::host::cgroup::own_pod_uid(&config.host.proc_root),
+            own_pod_uid: crate::identity::cgroup::own_pod_uid(&config.host.proc_root),
             limits: StepLimits {
                 max_line_bytes: logs.max_line_bytes,
                 partial_timeout: logs.partial_timeout,

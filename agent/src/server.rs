@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
+use crate::metrics::Exposition;
 use crate::shutdown::Shutdown;
 
 /// What `/healthz` and `/readyz` report.
@@ -101,7 +101,7 @@ impl Default for Limits {
 }
 
 /// Serves until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, limits: Limits, mut shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Exposition>, health: Arc<Health>, limits: Limits, mut shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_client = Arc::new(Mutex::new(HashMap::new()));
     let mut refused: u64 = 0;
@@ -179,7 +179,7 @@ impl Drop for ClientSlot {
     }
 }
 
-async fn respond(req: Request<Incoming>, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, metrics: Arc<Exposition>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         Response::builder()
             .status(status)
@@ -229,7 +229,13 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, _) = tokio::sync::broadcast::channel(1);
-        tokio::spawn(serve(listener, Arc::new(Metrics::new("n")), Arc::new(Health::default()), limits, Shutdown::new(tx.subscribe())));
+        tokio::spawn(serve(
+            listener,
+            Arc::new(crate::metrics::Registrar::new("n").finish()),
+            Arc::new(Health::default()),
+            limits,
+            Shutdown::new(tx.subscribe()),
+        ));
         (addr, tx)
     }
 

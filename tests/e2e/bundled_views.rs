@@ -81,7 +81,7 @@ struct Known {
 
 impl Known {
     fn load() -> Known {
-        let exported: HashSet<String> = nodelens::metrics::Metrics::new("lint").names().iter().cloned().collect();
+        let exported: HashSet<String> = nodelens::agent::Metrics::new("lint").names().iter().cloned().collect();
         assert!(exported.contains("nodelens_log_records_total") && exported.contains("nodelens_gpu_allocated"));
         let external = external_metrics();
         assert!(external.contains("container_cpu_usage_seconds_total") && external.contains("up"), "{external:?}");

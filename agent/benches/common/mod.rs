@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nodelens::agent::Metrics;
 use nodelens::config::Config;
 use nodelens::logs::checkpoint::Checkpoints;
-use nodelens::metrics::Metrics;
 use nodelens::pipeline::{self, LogPipeline};
 use nodelens::sinks::SinkOutcomeLabels;
 

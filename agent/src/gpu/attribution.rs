@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::allocation::{Allocation, DeviceRef, Source};
 use super::export::{ContainerRow, GpuRow, GpuView, Labels};
-use super::hami;
 use super::reading::{GpuGauge, GpuId, Reading};
 use super::unattributed;
-use crate::host::names::{ContainerLabels, Names};
+use crate::identity::ContainerLabels;
+use crate::kube::hami;
+use crate::kube::Names;
 
 /// Use of one GPU by one container, summed over its processes.
 #[derive(Default)]
@@ -190,7 +191,7 @@ fn container_labels(gpu: &GpuId, who: ContainerLabels) -> Labels {
 mod tests {
     use super::*;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
-    use crate::host::cgroup::ContainerCgroup;
+    use crate::identity::cgroup::ContainerCgroup;
 
     const GPU: &str = "GPU-11111111-2222-3333-4444-555555555555";
     const MIG: &str = "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
@@ -347,7 +348,7 @@ mod hami_tests {
 
     use super::*;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
-    use crate::host::cgroup::ContainerCgroup;
+    use crate::identity::cgroup::ContainerCgroup;
     use crate::kube::meta::{ContainerMeta, PodMeta};
     use crate::kube::store::PodStore;
 

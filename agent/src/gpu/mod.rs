@@ -9,7 +9,6 @@
 pub mod allocation;
 pub mod attribution;
 pub mod export;
-pub mod hami;
 pub mod health;
 pub mod nvml;
 pub mod processes;
@@ -22,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
+use crate::kube::Names;
 use crate::shutdown::Shutdown;
 use allocation::PodResources;
 use export::{GpuExport, GpuView};
@@ -176,8 +175,9 @@ mod tests {
         config.host.proc_root = dir.path().join("proc");
         config.kubernetes.pod_resources_socket = dir.path().join("kubelet.sock");
         let names = Names { pods_dir: dir.path().join("pods"), containers_dir: dir.path().join("containers"), pods: None };
-        let metrics = crate::metrics::Metrics::new("n");
-        let export = metrics.gpu.clone();
+        let export = GpuExport::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(export.clone()));
         let seen = export.clone();
         let (_stop, stopping) = tokio::sync::broadcast::channel(1);
         let mut tasks = Tasks::default();
@@ -203,6 +203,8 @@ mod tests {
             "the NVML thread panicked: index out of bounds: the len is 1 but the index is 1; GPU metrics are gone until the agent restarts"
         );
         assert!(export.view().gpus.is_empty(), "no GPU left at its last values");
-        assert!(!metrics.encode().contains("nodelens_gpu_up{"), "no nodelens_gpu_up series");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("gpu_up") && !text.contains("gpu_up{"), "no gpu_up series:\n{text}");
     }
 }

@@ -851,10 +851,14 @@ mod tests {
         let thread = std::thread::spawn(move || run(settings, out, started_tx));
         assert_eq!(started.blocking_recv().unwrap().unwrap().mig_instances, 1);
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let mut wait_for = |what: &str, want: &[(&str, &str)]| {
+        let mut wait_for = |what: &str, now: Option<Scenario>, want: &[(&str, &str)]| {
             let want: Vec<(String, String)> = want.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect();
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
+                // Written again until seen: the fake notices a change by the file's mtime.
+                if let Some(now) = &now {
+                    now.write(&scenario).unwrap();
+                }
                 runtime.block_on(readings.changed()).expect("the NVML thread runs");
                 let seen = migs(readings.borrow_and_update().as_ref().unwrap());
                 if seen == want {
@@ -863,16 +867,17 @@ mod tests {
                 assert!(Instant::now() < deadline, "{what}: {seen:?}");
             }
         };
-        wait_for("the instances at start", &[("GPU-bbbb", "MIG-b1")]);
+        wait_for("the instances at start", None, &[("GPU-bbbb", "MIG-b1")]);
 
         // A DRA driver prepares claims on the GPU that had no instance, and the other GPU's
         // only instance is destroyed.
-        node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], Vec::new()).write(&scenario).unwrap();
-        wait_for("instances made on a GPU that had none", &[("GPU-aaaa", "MIG-a1"), ("GPU-aaaa", "MIG-a2")]);
+        let now = node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], Vec::new());
+        wait_for("instances made on a GPU that had none", Some(now), &[("GPU-aaaa", "MIG-a1"), ("GPU-aaaa", "MIG-a2")]);
 
-        node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], vec![instance("MIG-b2", 3)]).write(&scenario).unwrap();
+        let now = node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], vec![instance("MIG-b2", 3)]);
         wait_for(
             "an instance made on a GPU whose instances had all gone",
+            Some(now),
             &[("GPU-aaaa", "MIG-a1"), ("GPU-aaaa", "MIG-a2"), ("GPU-bbbb", "MIG-b2")],
         );
         drop(readings);

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::host::cgroup::{self, ContainerCgroup};
+use crate::identity::cgroup::{self, ContainerCgroup};
 
 /// Resolves PIDs through `host.proc_root`.
 pub struct PidResolver {

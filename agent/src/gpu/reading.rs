@@ -1,7 +1,7 @@
 //! One NVML poll as plain data: what the NVML thread hands to the attribution step. Nothing
 //! here refers to the driver, so the rest of the GPU path is testable without one.
 
-use crate::host::cgroup::ContainerCgroup;
+use crate::identity::cgroup::ContainerCgroup;
 
 /// A GPU or a MIG instance of one, as the `gpu`, `uuid`, `model` (and MIG) labels name it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

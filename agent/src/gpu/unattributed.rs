@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use super::reading::{GpuId, Reading};
-use crate::host::names::{ContainerLabels, Lookup};
+use crate::identity::ContainerLabels;
+use crate::kube::Lookup;
 
 /// Why a process's use is unattributed, in the order of [`REASONS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +76,8 @@ pub fn measure(reading: &Reading, lookup: &mut Lookup, allocated: impl Fn(&str, 
 mod tests {
     use super::*;
     use crate::gpu::reading::{GpuReading, MigId, ProcessUse};
-    use crate::host::cgroup::ContainerCgroup;
-    use crate::host::names::Names;
+    use crate::identity::cgroup::ContainerCgroup;
+    use crate::kube::Names;
 
     const GPU: &str = "GPU-0";
     const A100: &str = "GPU-1";

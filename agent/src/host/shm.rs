@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::cgroup::{self, ContainerCgroup};
+use crate::identity::cgroup::{self, ContainerCgroup};
 
 /// `/dev/shm` sizes by container, from one pass over `proc_root`.
 pub fn scan(proc_root: &Path) -> HashMap<ContainerCgroup, u64> {

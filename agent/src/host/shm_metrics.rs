@@ -1,5 +1,5 @@
 //! `nodelens_container_shm_bytes{namespace,pod,container,app,user}`, refreshed every
-//! `host.scan_interval`, containers named by [`super::names`].
+//! `host.scan_interval`, containers named by [`crate::identity::names`].
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -8,8 +8,9 @@ use std::time::Duration;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::names::{ContainerLabels, Names};
 use super::shm;
+use crate::identity::ContainerLabels;
+use crate::kube::Names;
 use crate::shutdown::Shutdown;
 
 /// Where to look things up.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::gpu::hami;
+use super::hami;
 
 /// The kind of workload that owns a pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,8 @@
 //! user, workload, labels), for log enrichment and metric attribution. Without a cluster the
 //! agent runs on what log paths say.
 
+pub mod hami;
 pub mod meta;
-pub mod resolve;
 pub mod store;
 pub mod watch;
 
@@ -15,7 +15,49 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::config::{KubernetesConfig, Switch};
 use crate::shutdown::Shutdown;
 
+use self::meta::PodMeta;
 use self::store::PodStore;
+use crate::identity::names::{self, NamedPod, PodDirectory};
+use crate::identity::ContainerLabels;
+
+/// Container names looked up in the pod store, else in the kubelet's directories.
+pub type Names = names::Names<PodStore>;
+
+/// One round of [`Names`] lookups.
+pub type Lookup<'a> = names::Lookup<'a, PodStore>;
+
+impl PodDirectory for PodStore {
+    type Pod = PodMeta;
+
+    fn get(&self, uid: &str) -> Option<Arc<PodMeta>> {
+        PodStore::get(self, uid)
+    }
+
+    fn by_name(&self) -> std::collections::HashMap<(String, String), Arc<PodMeta>> {
+        PodStore::by_name(self)
+    }
+
+    fn is_deleted(&self, uid: &str) -> bool {
+        PodStore::is_deleted(self, uid)
+    }
+}
+
+impl NamedPod for PodMeta {
+    fn labels(&self, container: String) -> ContainerLabels {
+        ContainerLabels {
+            namespace: self.namespace.clone(),
+            pod: self.name.clone(),
+            container,
+            app: self.app.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    fn container_name(&self, id: &str) -> Option<String> {
+        let id = Some(id);
+        self.containers.iter().find(|c| c.id.as_deref() == id || c.last_id.as_deref() == id).map(|c| c.name.clone())
+    }
+}
 
 /// Connects to the API server: `kubernetes.kubeconfig` when set, else in-cluster, else
 /// `$KUBECONFIG`. `None` when `enabled: auto` finds no cluster; an error when `enabled: true`

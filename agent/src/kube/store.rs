@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::meta::{PodMeta, EXCLUDE};
-use super::resolve::{self, Key, Sources};
+use crate::identity::resolve::{self, Key, Sources};
 
 /// The least time a deleted pod's metadata is kept, whether or not its files are still there.
 pub const KEEP_DELETED: Duration = Duration::from_secs(60);
@@ -399,9 +399,9 @@ mod tests {
     fn a_deleted_pod_is_kept_while_its_log_directory_exists() {
         let (s, _) = store();
         let pods_dir = tempfile::tempdir().unwrap();
-        let dir = crate::logs::path::pod_dir(pods_dir.path(), "ml", "pod-u1", "u1");
+        let dir = crate::identity::path::pod_dir(pods_dir.path(), "ml", "pod-u1", "u1");
         std::fs::create_dir(&dir).unwrap();
-        let keep = |p: &PodMeta| crate::logs::path::pod_dir(pods_dir.path(), &p.namespace, &p.name, &p.uid).exists();
+        let keep = |p: &PodMeta| crate::identity::path::pod_dir(pods_dir.path(), &p.namespace, &p.name, &p.uid).exists();
         s.apply(pod("u1", "ml", &[("app", "a")]));
         let deleted = Instant::now();
         s.delete_at("u1", deleted);

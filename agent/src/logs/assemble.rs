@@ -31,11 +31,11 @@ pub struct MultilineRule {
 pub struct Assembler {
     max_bytes: usize,
     /// Partial (`P`) parts awaiting their closing part, per stream.
-    pending: [Option<Pending>; 2],
+    pending: [Option<Box<Pending>>; 2],
     /// The container's multi-line rule, if its application has one.
     multiline: Option<Arc<MultilineRule>>,
     /// Multi-line records awaiting more lines, per stream.
-    joining: [Option<Pending>; 2],
+    joining: [Option<Box<Pending>>; 2],
 }
 
 fn slot_index(stream: StreamKind) -> usize {
@@ -70,13 +70,13 @@ impl Assembler {
                 pending.flags.insert(flags);
                 if !line.partial {
                     let pending = slot.take().expect("checked above");
-                    self.finish(chunk, pending, line.stream, now);
+                    self.finish(chunk, *pending, line.stream, now);
                 }
             }
             None if line.partial => {
                 let mut message = Vec::with_capacity(line.message.len().min(max));
                 append_bounded(&mut message, &line.message, max, &mut flags);
-                *slot = Some(Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now });
+                *slot = Some(Box::new(Pending { offset, timestamp: line.timestamp.into_owned(), message, flags, since: now }));
             }
             None if self.multiline.is_none() && self.joining[slot_index(line.stream)].is_none() => {
                 let keep = line.message.len().min(max);
@@ -118,7 +118,7 @@ impl Assembler {
                     emit(chunk, done.offset, &done.timestamp, &done.message, stream, done.flags);
                 }
                 if starts {
-                    *joining = Some(Pending { since: now, ..record });
+                    *joining = Some(Box::new(Pending { since: now, ..record }));
                 } else {
                     emit(chunk, record.offset, &record.timestamp, &record.message, stream, record.flags);
                 }
@@ -148,7 +148,7 @@ impl Assembler {
         for i in 0..2 {
             if self.pending[i].as_ref().is_some_and(|p| due(p.since, partial_timeout)) {
                 let part = self.pending[i].take().expect("checked");
-                self.flush_partial(chunk, part, i);
+                self.flush_partial(chunk, *part, i);
             }
             let timeout = self.multiline.as_ref().map_or(Duration::ZERO, |r| r.timeout);
             if self.joining[i].as_ref().is_some_and(|p| due(p.since, timeout)) {
@@ -162,7 +162,7 @@ impl Assembler {
     pub fn flush_all(&mut self, chunk: &mut Chunk) {
         for i in 0..2 {
             if let Some(part) = self.pending[i].take() {
-                self.flush_partial(chunk, part, i);
+                self.flush_partial(chunk, *part, i);
             }
             if let Some(done) = self.joining[i].take() {
                 emit(chunk, done.offset, &done.timestamp, &done.message, stream_of(i), done.flags);

@@ -17,10 +17,10 @@ use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::decode;
 use super::fingerprint::Format;
-use super::path::Generation;
 use super::reader::{Line, LineReader};
 use super::scan::ScannedFile;
 use super::source::{ContainerInfo, FileId, Source};
+use crate::identity::path::Generation;
 
 /// Fixed inputs of a read step.
 pub struct StepLimits {
@@ -110,7 +110,8 @@ pub struct ContainerTail {
     /// Files absent from the latest scans, since when: deleted once absent for [`GONE_AFTER`].
     missing: HashMap<u64, (ScannedFile, Instant)>,
     states: HashMap<u64, FileState>,
-    open: Option<OpenFile>,
+    /// Boxed: most tails of a node are idle, with no file open.
+    open: Option<Box<OpenFile>>,
     assembler: Assembler,
     /// No newer file can appear: the container was restarted or its pod removed.
     final_: bool,
@@ -294,6 +295,8 @@ impl ContainerTail {
         let live_pending = !self.final_ && chain.last().is_none_or(|f| f.generation != Generation::Live);
         self.rotations.scanned(&chain, live_pending, now);
         self.chain = chain;
+        // Scans build chains with room to spare; thousands of idle tails keep theirs.
+        self.chain.shrink_to_fit();
         // A rescan that finds what was known (one asked for after an open failed) leaves the
         // backoff alone.
         if changed {
@@ -348,7 +351,7 @@ impl ContainerTail {
                 return None;
             };
             match self.open_file(index, checkpoints, limits) {
-                Ok(Some(open)) => self.open = Some(open),
+                Ok(Some(open)) => self.open = Some(Box::new(open)),
                 Ok(None) => {
                     self.back_off(now);
                     return None;

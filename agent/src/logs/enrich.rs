@@ -3,8 +3,8 @@
 //! the pod name without its generated suffixes.
 
 use super::source::ContainerInfo;
+use crate::identity::resolve::app_from_pod_name;
 use crate::kube::meta::{PodMeta, WorkloadKind};
-use crate::kube::resolve::app_from_pod_name;
 
 /// Everything a document says about where a record came from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

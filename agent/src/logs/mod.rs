@@ -15,7 +15,6 @@ pub mod derived;
 pub mod enrich;
 pub mod fingerprint;
 pub mod level;
-pub mod path;
 pub mod reader;
 pub mod scan;
 pub mod source;

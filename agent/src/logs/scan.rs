@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use globset::GlobSet;
 
 use super::fingerprint::{self, Fingerprint};
-use super::path::{self, ContainerRef, Generation};
+use crate::identity::path::{self, ContainerRef, Generation};
 
 /// A log file as the latest scan saw it.
 #[derive(Debug, Clone)]

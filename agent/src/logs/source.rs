@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::fingerprint::Format;
-use super::path::ContainerRef;
+use crate::identity::path::ContainerRef;
 
 /// A container instance whose logs are tailed, as known without the Kubernetes API.
 #[derive(Debug)]

@@ -17,10 +17,10 @@ use super::assemble::MultilineRule;
 use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::container::{ContainerTail, Lost, StepLimits};
-use super::path::{self, ContainerRef};
 use super::scan::{self, Exclusions, FingerprintCache, Scan, ScannedFile};
 use super::source::{ContainerInfo, FileId};
 use super::wake::{self, Changes, Wake};
+use crate::identity::path::{self, ContainerRef};
 use crate::kube::store::PodStore;
 
 /// What the tailer needs to know.
@@ -574,8 +574,9 @@ fn multiline_rule(
     if rules.is_empty() {
         return None;
     }
-    let app =
-        pods.and_then(|p| p.get(&r.pod_uid)).map_or_else(|| crate::kube::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
+    let app = pods
+        .and_then(|p| p.get(&r.pod_uid))
+        .map_or_else(|| crate::identity::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
     rules.iter().find(|(glob, _)| glob.is_match(&app)).map(|(_, rule)| rule.clone())
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 
-use super::path::Generation;
+use crate::identity::path::Generation;
 use notify::{EventKind, RecursiveMode, Watcher};
 
 /// More distinct directories than this between two tailer passes become a full rescan.
@@ -97,7 +97,7 @@ pub fn watch(pods_dir: &Path, wake: std::sync::Arc<Wake>) -> Option<notify::Reco
                 let live = |p: &&PathBuf| {
                     p.file_name()
                         .and_then(|n| n.to_str())
-                        .and_then(super::path::parse_file_name)
+                        .and_then(crate::identity::path::parse_file_name)
                         .is_some_and(|(_, g)| g == Generation::Live)
                 };
                 for path in event.paths.iter().filter(live) {

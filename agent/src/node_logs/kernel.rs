@@ -177,7 +177,7 @@ impl Attribution {
         let names = &context.names;
         self.series.retain(|labels, uid| {
             let alive = names.pods.as_ref().is_some_and(|s| s.get(uid).is_some())
-                || crate::logs::path::pod_dir(&names.pods_dir, &labels.namespace, &labels.pod, uid).exists();
+                || crate::identity::path::pod_dir(&names.pods_dir, &labels.namespace, &labels.pod, uid).exists();
             if !alive {
                 context.metrics.xid_errors.remove(labels);
             }

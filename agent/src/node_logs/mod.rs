@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use self::record::NodeRecord;
 use crate::config::{Config, Switch};
-use crate::host::names::Names;
+use crate::kube::Names;
 use crate::logs::ack::AckMsg;
 use crate::logs::checkpoint::{Checkpoints, NodePosition};
 use crate::logs::source::FileId;

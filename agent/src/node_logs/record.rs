@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::host::names::ContainerLabels;
+use crate::identity::ContainerLabels;
 
 /// The container a kernel record is attributed to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::host::cgroup::{self, ContainerCgroup};
+use crate::identity::cgroup::{self, ContainerCgroup};
 
 /// The fields of one XID line.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,13 +22,15 @@ use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prost::Message;
 
 use super::{kv as attribute, text, unix_nanos, Exporter, Settings};
 use crate::config::OtlpMetricsConfig;
-use crate::metrics::Metrics;
+use crate::metrics::Exposition;
 use crate::shutdown::Shutdown;
-use crate::sinks::OutcomeLabels;
 
 /// The exporter settings of `metrics.otlp`.
 pub fn settings(config: &OtlpMetricsConfig) -> Settings {
@@ -43,6 +45,13 @@ pub fn settings(config: &OtlpMetricsConfig) -> Settings {
     }
 }
 
+/// Labels of `nodelens_otlp_metric_points_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `delivered`, `rejected` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Who is pushing: the resource of every request.
 #[derive(Debug, Clone)]
 pub struct Origin {
@@ -52,10 +61,17 @@ pub struct Origin {
     pub cluster: String,
 }
 
-/// Pushes `metrics` every `interval` until `shutdown`, then once more with the final values.
-pub async fn run(interval: Duration, exporter: Exporter, metrics: Arc<Metrics>, origin: Origin, mut shutdown: Shutdown) {
+/// Pushes `metrics` every `interval` until `shutdown`, then once more with the final values,
+/// counting the data points in `counts` (`nodelens_otlp_metric_points_total`).
+pub async fn run(
+    interval: Duration,
+    exporter: Exporter,
+    metrics: Arc<Exposition>,
+    counts: Family<OutcomeLabels, Counter>,
+    origin: Origin,
+    mut shutdown: Shutdown,
+) {
     let started = unix_nanos(SystemTime::now());
-    let counts = metrics.sinks.pushed_points.clone();
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;

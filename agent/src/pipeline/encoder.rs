@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::counts::{AppLabels, CountFamilies, Counts};
 use crate::config::LogsConfig;
+use crate::identity::path::{self, ContainerRef};
 use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
 use crate::logs::ack::AckMsg;
@@ -22,7 +23,6 @@ use crate::logs::derived::{Derived, DerivedFamilies, PodLabels};
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
-use crate::logs::path::{self, ContainerRef};
 use crate::otlp::logs::ResourceTemplate;
 use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::{Batch, Formats};
@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn an_unknown_pod_does_not_hold_up_the_encoder_and_is_enriched_once_known() {
         let pods_dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(PodStore::new(vec![crate::kube::resolve::Key::Label("app".into())], Vec::new(), Default::default()));
+        let store = Arc::new(PodStore::new(vec![crate::identity::resolve::Key::Label("app".into())], Vec::new(), Default::default()));
         let (mut encoder, _) = encoder(pods_dir.path(), Some(store.clone()), Instant::now());
         let line = chunk(pods_dir.path(), "ml", "trainer-0", "epoch 1");
         let started = Instant::now();

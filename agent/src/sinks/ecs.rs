@@ -9,7 +9,7 @@ use std::io::Write;
 
 use serde_json::{json, Map, Value};
 
-use crate::kube::resolve::dedot;
+use crate::identity::resolve::dedot;
 use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;

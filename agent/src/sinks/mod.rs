@@ -59,13 +59,6 @@ pub struct SinkOutcomeLabels {
     pub outcome: &'static str,
 }
 
-/// Labels of `nodelens_otlp_metric_points_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    /// `delivered`, `rejected` or `failed`.
-    pub outcome: &'static str,
-}
-
 /// Labels of per-sink series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
@@ -92,7 +85,7 @@ pub struct SinkMetrics {
     /// `nodelens_log_records_dropped_total`: records a sink will never deliver.
     pub dropped: Family<ReasonLabels, Counter>,
     /// `nodelens_otlp_metric_points_total`: data points of the OTLP metrics push.
-    pub pushed_points: Family<OutcomeLabels, Counter>,
+    pub pushed_points: Family<crate::otlp::metrics::OutcomeLabels, Counter>,
 }
 
 impl Default for SinkMetrics {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use super::*;
-use crate::logs::path::{ContainerRef, Generation};
+use crate::identity::path::{ContainerRef, Generation};
 use crate::logs::scan::{self, FingerprintCache, Scan};
 
 const LIMITS: StepLimits =
@@ -322,4 +322,13 @@ fn a_file_whose_turn_is_over_is_closed_and_read_on_from_where_it_stopped() {
     let rest = f.read_all();
     assert_eq!(rest, messages[4..], "nothing read twice, nothing skipped");
     assert!(f.tail.release_for_turn(Instant::now()), "at its end: released at once");
+}
+
+/// A node keeps a tail per container instance, most of them idle: what every tail holds
+/// inline (in the tailer's map) stays small; an open file and unfinished records are boxed.
+#[test]
+fn an_idle_tail_is_small() {
+    let size = std::mem::size_of::<ContainerTail>();
+    println!("ContainerTail: {size} bytes inline");
+    assert!(size <= 400, "{size} bytes inline per tail");
 }

@@ -1,36 +1,26 @@
-//! The registry of every metric the agent exports. Each part owns its metric handles and
-//! label types; this module only registers them under their names, all with `node` (a
-//! registry-wide label). Served by [`crate::server`].
+//! Every part's metric handles, made and handed to the registry ([`crate::metrics`]) under
+//! the names SPEC.md fixes; the agent gives each part its handles.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::{MetricType, TypedMetric};
-use prometheus_client::registry::{Metric, Registry};
 
 use crate::certs::CertMetrics;
 use crate::gpu::export::{self, GpuExport};
-use crate::host::names::ContainerLabels;
+use crate::identity::ContainerLabels;
 use crate::kube::store::PodInfoLabels;
 use crate::kube::watch::WatchLabels;
 use crate::logs::derived::Totals;
+use crate::metrics::{Exposition, Registrar};
 use crate::pipeline::LogMetrics;
 use crate::process::{self, ProcessCollector};
 use crate::sinks::SinkMetrics;
 
-/// Labels of `nodelens_build_info`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BuildLabels {
-    /// The agent's version.
-    pub version: &'static str,
-}
-
 /// All metrics and the registry that serves them.
 pub struct Metrics {
-    /// The registry `/metrics` encodes.
-    pub registry: Registry,
-    /// Names of the registered metrics, as series carry them.
-    names: Vec<String>,
+    /// The registry `/metrics` encodes and the OTLP push sends.
+    pub exposition: Arc<Exposition>,
     /// Log pipeline metrics.
     pub logs: LogMetrics,
     /// Sink metrics.
@@ -47,36 +37,12 @@ pub struct Metrics {
     pub gpu: GpuExport,
 }
 
-/// Registers metrics and remembers their names.
-struct Registrar {
-    registry: Registry,
-    names: Vec<String>,
-}
-
-impl Registrar {
-    fn add<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
-        let suffixes: &[&str] = match M::TYPE {
-            MetricType::Counter => &["_total"],
-            MetricType::Histogram => &["_bucket", "_sum", "_count"],
-            _ => &[""],
-        };
-        self.names.extend(suffixes.iter().map(|suffix| format!("nodelens_{name}{suffix}")));
-        self.registry.register(name, help, metric);
-    }
-}
-
 impl Metrics {
     /// Registers every metric, labelled with `node`.
     pub fn new(node: &str) -> Metrics {
-        let mut r = Registrar {
-            registry: Registry::with_prefix_and_labels("nodelens", [("node".into(), node.to_string().into())].into_iter()),
-            names: Vec::new(),
-        };
+        let mut r = Registrar::new(node);
         let logs = LogMetrics::default();
         let sinks = SinkMetrics::default();
-        let build: Family<BuildLabels, Gauge> = Family::default();
-        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
-        r.add("build_info", "nodelens build; the value is 1", build);
         r.add("log_records", "Log records read, by namespace, app, stream and level", logs.counts.records.clone());
         r.add("log_bytes", "Message bytes of log records read", logs.counts.bytes.clone());
         r.add("log_records_flagged", "Records shipped truncated, partial or malformed", logs.counts.flagged.clone());
@@ -131,8 +97,7 @@ impl Metrics {
             logs.node.xid_errors.clone(),
         );
         r.add("log_metric", "Log-derived gauges: the last value matched", logs.derived.gauges.clone());
-        r.registry.register_collector(Box::new(Totals(logs.derived.totals.clone())));
-        r.names.push("nodelens_log_metric_total".into());
+        r.add_collector(Box::new(Totals(logs.derived.totals.clone())), &["nodelens_log_metric_total"]);
         r.add(
             "log_metric_series_refused",
             "Log-derived series not created because the rule's max_series was reached",
@@ -156,24 +121,21 @@ impl Metrics {
         let shm = Family::default();
         r.add("container_shm_bytes", "Size of each running container's /dev/shm", shm.clone());
         let gpu = GpuExport::default();
-        r.registry.register_collector(Box::new(gpu.clone()));
-        r.names.extend(export::NAMES.iter().map(|n| n.to_string()));
-        r.registry.register_collector(Box::new(ProcessCollector));
-        r.names.extend(process::NAMES.iter().map(|n| n.to_string()));
-        Metrics { registry: r.registry, names: r.names, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
+        r.add_collector(Box::new(gpu.clone()), export::NAMES);
+        r.add_collector(Box::new(ProcessCollector), process::NAMES);
+        let exposition = Arc::new(r.finish());
+        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),
     /// whether or not it has series yet.
     pub fn names(&self) -> &[String] {
-        &self.names
+        self.exposition.names()
     }
 
     /// The registry in the text exposition format.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("string write");
-        out
+        self.exposition.encode()
     }
 }
 

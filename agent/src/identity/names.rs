@@ -11,10 +11,8 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 
 use super::cgroup::ContainerCgroup;
-use crate::kube::meta::PodMeta;
-use crate::kube::resolve::app_from_pod_name;
-use crate::kube::store::PodStore;
-use crate::logs::path;
+use super::path;
+use super::resolve::app_from_pod_name;
 
 /// A container's identity as metric labels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
@@ -31,15 +29,43 @@ pub struct ContainerLabels {
     pub user: String,
 }
 
+/// Pods by namespace and name.
+pub type ByName<P> = HashMap<(String, String), Arc<P>>;
+
+/// Pod metadata as naming reads it; the pod store (`kube::store::PodStore`) is the one.
+pub trait PodDirectory {
+    /// One pod's metadata.
+    type Pod: NamedPod;
+    /// The pod with this UID, if known.
+    fn get(&self, uid: &str) -> Option<Arc<Self::Pod>>;
+    /// Every known pod by namespace and name.
+    fn by_name(&self) -> ByName<Self::Pod>;
+    /// Whether the pod with this UID was deleted (its metadata kept a while).
+    fn is_deleted(&self, uid: &str) -> bool;
+}
+
+/// What naming reads of one pod's metadata.
+pub trait NamedPod {
+    /// The labels of the pod's container `container`.
+    fn labels(&self, container: String) -> ContainerLabels;
+    /// The name of the container whose current or previous instance has this runtime id.
+    fn container_name(&self, id: &str) -> Option<String>;
+}
+
 /// Where names are looked up.
-#[derive(Clone)]
-pub struct Names {
+pub struct Names<D> {
     /// The kubelet's pod log directory, for names without the API.
     pub pods_dir: PathBuf,
     /// The kubelet's container symlinks, for container names without the API.
     pub containers_dir: PathBuf,
     /// Pod metadata, when the API is there.
-    pub pods: Option<Arc<PodStore>>,
+    pub pods: Option<Arc<D>>,
+}
+
+impl<D> Clone for Names<D> {
+    fn clone(&self) -> Self {
+        Names { pods_dir: self.pods_dir.clone(), containers_dir: self.containers_dir.clone(), pods: self.pods.clone() }
+    }
 }
 
 /// What the kubelet's directories say without the API: pods by UID, container names by id.
@@ -50,7 +76,7 @@ struct PathIndex {
 }
 
 impl PathIndex {
-    fn read(names: &Names) -> PathIndex {
+    fn read<D>(names: &Names<D>) -> PathIndex {
         let entries = |dir: &Path| -> Vec<String> {
             std::fs::read_dir(dir).map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect()).unwrap_or_default()
         };
@@ -66,28 +92,26 @@ impl PathIndex {
     }
 }
 
-impl Names {
+impl<D: PodDirectory> Names<D> {
     /// Lookups for one round (one scan, one GPU poll): what is read or indexed is read once,
     /// on first need, and reused for the rest of the round.
-    pub fn lookup(&self) -> Lookup<'_> {
+    pub fn lookup(&self) -> Lookup<'_, D> {
         Lookup { names: self, paths: None, pods_by_name: None }
     }
 }
 
 /// One round of lookups.
-pub struct Lookup<'a> {
-    names: &'a Names,
+pub struct Lookup<'a, D: PodDirectory> {
+    names: &'a Names<D>,
     paths: Option<PathIndex>,
-    pods_by_name: Option<HashMap<(String, String), Arc<PodMeta>>>,
+    pods_by_name: Option<ByName<D::Pod>>,
 }
 
-impl Lookup<'_> {
+impl<D: PodDirectory> Lookup<'_, D> {
     /// Names the container a process runs in; `None` when it belongs to no known pod.
     pub fn by_cgroup(&mut self, container: &ContainerCgroup) -> Option<ContainerLabels> {
         if let Some(pod) = self.names.pods.as_ref().and_then(|s| s.get(&container.pod_uid)) {
-            let id = Some(container.container_id.as_str());
-            let name = pod.containers.iter().find(|c| c.id.as_deref() == id || c.last_id.as_deref() == id).map(|c| c.name.clone());
-            return Some(labels(&pod, name.unwrap_or_default()));
+            return Some(pod.labels(pod.container_name(&container.container_id).unwrap_or_default()));
         }
         let names = self.names;
         let index = self.paths.get_or_insert_with(|| PathIndex::read(names));
@@ -102,7 +126,7 @@ impl Lookup<'_> {
     }
 
     /// The pod's metadata, when the API is there and knows it.
-    pub fn pod(&mut self, namespace: &str, pod: &str) -> Option<Arc<PodMeta>> {
+    pub fn pod(&mut self, namespace: &str, pod: &str) -> Option<Arc<D::Pod>> {
         let store = self.names.pods.as_ref()?;
         let by_name = self.pods_by_name.get_or_insert_with(|| store.by_name());
         by_name.get(&(namespace.to_string(), pod.to_string())).cloned()
@@ -123,7 +147,7 @@ impl Lookup<'_> {
     /// Names a container the kubelet reported by namespace, pod and container name.
     pub fn by_name(&mut self, namespace: &str, pod: &str, container: &str) -> ContainerLabels {
         match self.pod(namespace, pod) {
-            Some(meta) => labels(&meta, container.to_string()),
+            Some(meta) => meta.labels(container.to_string()),
             None => ContainerLabels {
                 namespace: namespace.to_string(),
                 pod: pod.to_string(),
@@ -133,8 +157,4 @@ impl Lookup<'_> {
             },
         }
     }
-}
-
-fn labels(pod: &PodMeta, container: String) -> ContainerLabels {
-    ContainerLabels { namespace: pod.namespace.clone(), pod: pod.name.clone(), container, app: pod.app.clone(), user: pod.user.clone() }
 }
