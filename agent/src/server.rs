@@ -258,17 +258,17 @@ mod tests {
             }
             slow.push(s);
         }
-        let started = tokio::time::Instant::now();
-        let body = get_metrics(addr).await.unwrap();
+        // Answered while they are held (a wedged endpoint would answer only once they are
+        // closed, and then the slow clients below would not all be closed yet). The guard is
+        // for a hang, not a speed threshold: a busy machine does not fail it.
+        let body = tokio::time::timeout(Duration::from_secs(30), get_metrics(addr)).await.expect("answered").unwrap();
         assert!(body.contains("nodelens_build_info"), "{body}");
-        assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
 
-        // Past the header timeout every slow client has been hung up on.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Past the header timeout every slow client is hung up on.
         let mut closed = 0;
         for s in &mut slow {
             let mut buf = [0u8; 256];
-            match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
                 Ok(Ok(_)) | Ok(Err(_)) => closed += 1,
                 Err(_) => {}
             }
