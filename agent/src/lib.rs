@@ -34,3 +34,4 @@ pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod sinks;
+pub mod tasks;

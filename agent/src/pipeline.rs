@@ -9,6 +9,7 @@ pub mod counts;
 mod encoder;
 pub mod runs;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use self::counts::CountFamilies;
 use self::encoder::Encoder;
@@ -53,21 +55,24 @@ pub struct LogMetrics {
     pub node: crate::node_logs::NodeLogMetrics,
 }
 
-type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send>;
+type SinkTask = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> SinkTask + Send>;
 
-/// Starts one sink task: it takes batches in read order and acknowledges each.
+/// Makes one sink task: it takes batches in read order and acknowledges each. The pipeline
+/// runs (and owns) the task.
 pub struct SinkStarter {
     formats: Formats,
     start: StartFn,
 }
 
 impl SinkStarter {
-    /// A sink that reads `formats` of each batch, started by `start`.
-    pub fn new(
-        formats: Formats,
-        start: impl FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> tokio::task::JoinHandle<anyhow::Result<()>> + Send + 'static,
-    ) -> SinkStarter {
-        SinkStarter { formats, start: Box::new(start) }
+    /// A sink that reads `formats` of each batch, made by `start`.
+    pub fn new<F, T>(formats: Formats, start: F) -> SinkStarter
+    where
+        F: FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> T + Send + 'static,
+        T: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        SinkStarter { formats, start: Box::new(move |rx, acks| Box::pin(start(rx, acks))) }
     }
 }
 
@@ -81,19 +86,19 @@ pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Resul
     if !es.endpoints.is_empty() {
         let client = sinks::elasticsearch::client::Client::new(es)?;
         let (es, m) = (es.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(ECS, move |rx, acks| tokio::spawn(sinks::elasticsearch::run(es, client, rx, acks, m))));
+        sinks.push(SinkStarter::new(ECS, move |rx, acks| sinks::elasticsearch::run(es, client, rx, acks, m)));
     }
     let otlp = &config.sinks.otlp;
     if !otlp.endpoint.is_empty() {
         let exporter = crate::otlp::Exporter::new(&sinks::otlp::settings(otlp), crate::otlp::Signal::Logs)?;
         let (otlp, m) = (otlp.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(OTLP, move |rx, acks| tokio::spawn(sinks::otlp::run(otlp, exporter, rx, acks, m))));
+        sinks.push(SinkStarter::new(OTLP, move |rx, acks| sinks::otlp::run(otlp, exporter, rx, acks, m)));
     }
     // Under `auto`, stdout takes container logs, not a metrics-only agent's node logs.
     if config.stdout_enabled() && (config.logs.enabled || config.sinks.stdout.enabled == Switch::On) {
         let m = metrics.clone();
-        sinks.push(SinkStarter::new(ECS, move |rx, acks| {
-            tokio::spawn(async move { sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink") })
+        sinks.push(SinkStarter::new(ECS, move |rx, acks| async move {
+            sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink")
         }));
     }
     Ok(sinks)
@@ -108,7 +113,8 @@ pub struct LogPipeline {
     /// Without a tailer, the encoder's input, closed at stop.
     idle_chunks: Option<mpsc::Sender<crate::logs::chunk::Chunk>>,
     encoder: JoinHandle<()>,
-    sinks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The sink tasks; one ending before `stop` is a failure.
+    sinks: JoinSet<anyhow::Result<()>>,
     committer: tokio::task::JoinHandle<()>,
     node_logs: NodeLogs,
     /// The sinks' inputs for GPU run reports, until [`LogPipeline::deliver_runs`] takes them.
@@ -160,13 +166,15 @@ impl LogPipeline {
 
         let formats =
             sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
-        let (sink_txs, sinks): (Vec<_>, Vec<_>) = sinks
+        let mut sink_tasks = JoinSet::new();
+        let sink_txs: Vec<_> = sinks
             .into_iter()
             .map(|sink| {
                 let (tx, rx) = mpsc::channel(BATCH_QUEUE);
-                (tx, (sink.start)(rx, ack_tx.clone()))
+                sink_tasks.spawn((sink.start)(rx, ack_tx.clone()));
+                tx
             })
-            .unzip();
+            .collect();
 
         let committer = tokio::spawn(
             Committer::new(checkpoints.clone(), inflight.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
@@ -217,7 +225,7 @@ impl LogPipeline {
             tailer,
             idle_chunks,
             encoder,
-            sinks,
+            sinks: sink_tasks,
             committer,
             node_logs,
             runs_feed: Some(runs_feed),
@@ -234,18 +242,14 @@ impl LogPipeline {
         Ok(())
     }
 
-    /// Resolves when a sink fails (returns its error); pending forever while all run.
+    /// Resolves when a sink ends (with its error or panic); pending forever while all run.
+    /// Cancel-safe.
     pub async fn failure(&mut self) -> anyhow::Error {
-        loop {
-            let Some(i) = self.sinks.iter().position(|s| s.is_finished()) else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            return match self.sinks.remove(i).await {
-                Ok(Err(e)) => e,
-                Ok(Ok(())) => anyhow::anyhow!("a sink stopped"),
-                Err(e) => anyhow::anyhow!("a sink panicked: {e}"),
-            };
+        match self.sinks.join_next().await {
+            None => std::future::pending().await,
+            Some(Ok(Err(e))) => e.context("a sink failed"),
+            Some(Ok(Ok(()))) => anyhow::anyhow!("a sink stopped"),
+            Some(Err(e)) => anyhow::anyhow!("a sink {}", crate::tasks::join_error(e)),
         }
     }
 
@@ -270,10 +274,11 @@ impl LogPipeline {
                 node_logs.join();
             });
             let _ = threads.await;
-            for sink in self.sinks {
-                match sink.await {
-                    Ok(Err(e)) => tracing::error!(error = %e, "sink failed while draining"),
-                    Err(e) => tracing::error!(error = %e, "sink panicked while draining"),
+            let mut sinks = self.sinks;
+            while let Some(sink) = sinks.join_next().await {
+                match sink {
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "sink failed while draining"),
+                    Err(e) => tracing::error!(cause = %crate::tasks::join_error(e), "sink failed while draining"),
                     Ok(Ok(())) => {}
                 }
             }

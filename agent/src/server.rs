@@ -23,8 +23,48 @@ use crate::shutdown::Shutdown;
 pub struct Health {
     /// Start-up is complete.
     pub ready: AtomicBool,
-    /// A component died; the agent is unhealthy until restarted.
-    pub failed: AtomicBool,
+    /// Why the agent is unhealthy (a part died); empty while healthy. Unhealthy until restarted.
+    failures: Mutex<Vec<String>>,
+    /// What start-up is waiting for, while it waits.
+    waiting: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// A part died: `/healthz` fails from now on, naming `reason`.
+    pub fn fail(&self, reason: impl Into<String>) {
+        self.failures.lock().unwrap().push(reason.into());
+    }
+
+    /// Why the agent is unhealthy, if it is.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Start-up waits for `what` (`None`: no longer), said by `/readyz` while not ready.
+    pub fn wait_for(&self, what: Option<String>) {
+        *self.waiting.lock().unwrap() = what;
+    }
+
+    /// `/healthz`: status and body.
+    pub(crate) fn healthz(&self) -> (StatusCode, String) {
+        let failures = self.failures.lock().unwrap();
+        if failures.is_empty() {
+            (StatusCode::OK, "ok\n".into())
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, failures.iter().map(|f| format!("failed: {f}\n")).collect())
+        }
+    }
+
+    /// `/readyz`: status and body.
+    pub(crate) fn readyz(&self) -> (StatusCode, String) {
+        if self.ready.load(Ordering::Acquire) {
+            return (StatusCode::OK, "ready\n".into());
+        }
+        match &*self.waiting.lock().unwrap() {
+            Some(what) => (StatusCode::SERVICE_UNAVAILABLE, format!("starting: waiting for {what}\n")),
+            None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+        }
+    }
 }
 
 /// Binds `addr`; the returned listener's local address is the one to scrape.
@@ -157,10 +197,14 @@ async fn respond(req: Request<Incoming>, metrics: Arc<Exposition>, health: Arc<H
             let body = tokio::task::spawn_blocking(move || metrics.encode()).await.unwrap_or_default();
             reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
         }
-        "/healthz" if health.failed.load(Ordering::Acquire) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "failed\n".into()),
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if health.ready.load(Ordering::Acquire) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into()),
+        "/healthz" => {
+            let (status, body) = health.healthz();
+            reply(status, "text/plain", body)
+        }
+        "/readyz" => {
+            let (status, body) = health.readyz();
+            reply(status, "text/plain", body)
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics, /healthz or /readyz\n".into()),
     })
 }
@@ -214,17 +258,17 @@ mod tests {
             }
             slow.push(s);
         }
-        let started = tokio::time::Instant::now();
-        let body = get_metrics(addr).await.unwrap();
+        // Answered while they are held (a wedged endpoint would answer only once they are
+        // closed, and then the slow clients below would not all be closed yet). The guard is
+        // for a hang, not a speed threshold: a busy machine does not fail it.
+        let body = tokio::time::timeout(Duration::from_secs(30), get_metrics(addr)).await.expect("answered").unwrap();
         assert!(body.contains("nodelens_build_info"), "{body}");
-        assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
 
-        // Past the header timeout every slow client has been hung up on.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Past the header timeout every slow client is hung up on.
         let mut closed = 0;
         for s in &mut slow {
             let mut buf = [0u8; 256];
-            match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
                 Ok(Ok(_)) | Ok(Err(_)) => closed += 1,
                 Err(_) => {}
             }

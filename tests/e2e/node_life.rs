@@ -21,19 +21,19 @@ const WAIT: Duration = Duration::from_secs(20);
 const NODE: &str = "life-node";
 
 /// A node: a pod log directory, a state directory and the agent's config.
-struct Node {
-    dir: tempfile::TempDir,
+/// The shared node (directories, containers) with this file's config and start.
+struct Node(nodelens_testkit::node::Node);
+
+impl std::ops::Deref for Node {
+    type Target = nodelens_testkit::node::Node;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Node {
     fn new() -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
-        Node { dir }
-    }
-
-    fn pods(&self) -> PathBuf {
-        self.dir.path().join("pods")
+        Node(nodelens_testkit::node::Node::new())
     }
 
     /// Writes the config: `logs_extra` goes under `logs:`, `extra` at the top level.
@@ -64,10 +64,6 @@ impl Node {
         std::fs::copy(built, &copy).unwrap();
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
         Agent::start_with(&copy, config, options)
-    }
-
-    fn container(&self, pod: &str, container: &str) -> ContainerLog {
-        ContainerLog::create(&self.pods(), "ml", pod, &format!("uid-{pod}"), container, 0).unwrap()
     }
 }
 

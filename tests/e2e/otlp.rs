@@ -17,19 +17,19 @@ use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Node {
-    dir: tempfile::TempDir,
+/// The shared node (directories, containers) with this file's config and start.
+struct Node(nodelens_testkit::node::Node);
+
+impl std::ops::Deref for Node {
+    type Target = nodelens_testkit::node::Node;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Node {
     fn new() -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("pods")).unwrap();
-        Node { dir }
-    }
-
-    fn pods(&self) -> PathBuf {
-        self.dir.path().join("pods")
+        Node(nodelens_testkit::node::Node::new())
     }
 
     /// A config whose `sinks` section is `sinks` (indented by two).
@@ -49,7 +49,7 @@ impl Node {
     }
 
     fn container(&self, pod: &str) -> ContainerLog {
-        ContainerLog::create(&self.pods(), "ml", pod, &format!("uid-{pod}"), "main", 0).unwrap()
+        self.0.container(pod, "main")
     }
 }
 

@@ -75,6 +75,11 @@ impl Metrics {
             logs.checkpoints.last_success.clone(),
         );
         r.add(
+            "state_dir_lock_waiting",
+            "1 while start-up waits for another agent to release state_dir's lock (not ready meanwhile)",
+            logs.checkpoints.lock_waiting.clone(),
+        );
+        r.add(
             "log_paths_skipped",
             "Entries under pods_dir skipped because they cannot be a pod's (counted once per path)",
             logs.tailer.paths_skipped.clone(),
@@ -172,6 +177,7 @@ mod tests {
             "nodelens_log_paths_skipped_total",
             "nodelens_checkpoint_write_errors_total",
             "nodelens_checkpoint_last_success_timestamp_seconds",
+            "nodelens_state_dir_lock_waiting",
             "nodelens_process_open_fds",
             "nodelens_process_max_fds",
         ] {

@@ -20,13 +20,12 @@ pub mod unattributed;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 
 use crate::config::{Config, Switch};
 use crate::kube::Names;
 use crate::shutdown::Shutdown;
 use allocation::PodResources;
-use export::GpuExport;
+use export::{GpuExport, GpuView};
 use reading::Reading;
 use runs::Runs;
 
@@ -43,29 +42,46 @@ pub struct RunsContext {
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or
 /// without GPUs logs one line and runs without GPU metrics; with `true` that is an error.
 ///
-/// `bus_ids` is filled with the GPUs' PCI addresses. With pod metadata from the API, every
-/// container holding a GPU gets a run report when it ends. The task returned ends after
-/// `shutdown`, once the run state is written.
+/// `bus_ids` is filled with the GPUs' PCI addresses. Attribution runs in `tasks`. With pod
+/// metadata from the API, every container holding a GPU gets a run report when it ends; the
+/// task writes the run state before it ends at `shutdown`.
 pub async fn start(
     config: &Config,
     names: Names,
     export: GpuExport,
     bus_ids: crate::host::pci::GpuBusIds,
     runs: RunsContext,
+    tasks: &mut crate::tasks::Tasks,
     shutdown: Shutdown,
-) -> anyhow::Result<Option<JoinHandle<()>>> {
+) -> anyhow::Result<()> {
+    start_with(config, names, export, bus_ids, runs, tasks, shutdown, nvml::run).await
+}
+
+/// [`start`] with `thread` as the NVML thread's body.
+#[allow(clippy::too_many_arguments)]
+async fn start_with(
+    config: &Config,
+    names: Names,
+    export: GpuExport,
+    bus_ids: crate::host::pci::GpuBusIds,
+    runs: RunsContext,
+    tasks: &mut crate::tasks::Tasks,
+    shutdown: Shutdown,
+    thread: impl FnOnce(nvml::Settings, watch::Sender<Option<Arc<Reading>>>, oneshot::Sender<Result<nvml::Found, String>>) + Send + 'static,
+) -> anyhow::Result<()> {
     if config.gpu.enabled == Switch::Off {
-        return Ok(None);
+        return Ok(());
     }
     let settings = nvml::Settings {
         library: config.gpu.nvml_library.clone(),
         poll_interval: config.gpu.poll_interval,
+        mig_refresh: nvml::MIG_REFRESH,
         proc_root: config.host.proc_root.clone(),
         bus_ids,
     };
     let (readings_tx, readings) = watch::channel(None);
     let (started_tx, started) = oneshot::channel();
-    std::thread::Builder::new().name("nvml".into()).spawn(move || nvml::run(settings, readings_tx, started_tx))?;
+    let nvml = std::thread::Builder::new().name("nvml".into()).spawn(move || thread(settings, readings_tx, started_tx))?;
     match started.await {
         Ok(Ok(found)) => {
             tracing::info!(gpus = found.gpus, mig_instances = found.mig_instances, driver = %found.driver_version, "GPU metrics on");
@@ -73,7 +89,7 @@ pub async fn start(
         Ok(Err(why)) if config.gpu.enabled == Switch::On => anyhow::bail!("gpu.enabled is true, but {why}"),
         Ok(Err(why)) => {
             tracing::info!("GPU metrics off: {why}");
-            return Ok(None);
+            return Ok(());
         }
         Err(_) => anyhow::bail!("the NVML thread ended during start-up"),
     }
@@ -82,8 +98,32 @@ pub async fn start(
         let file = runs::state::StateFile::new(&config.state_dir);
         Arc::new(Mutex::new(Runs::new(file, pods, runs.gauges, runs.seconds, runs.out, config.gpu.poll_interval)))
     });
-    Ok(Some(tokio::spawn(attribute(readings, pod_resources, names, export, runs, shutdown))))
+    tasks.spawn("gpu", async move {
+        if attribute(readings, pod_resources, names, export.clone(), runs, shutdown).await == Ended::Shutdown {
+            return Ok(());
+        }
+        // The last view would stay published, every GPU up at its last values: take it down.
+        export.publish(GpuView::default());
+        let cause = match tokio::task::spawn_blocking(move || nvml.join()).await {
+            Ok(Err(panic)) => crate::tasks::panic_message(&*panic),
+            _ => "ended".into(),
+        };
+        anyhow::bail!("the NVML thread {cause}; GPU metrics are gone until the agent restarts")
+    });
+    Ok(())
 }
+
+/// Why [`attribute`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Shutdown,
+    /// The NVML thread is gone.
+    NvmlGone,
+}
+
+/// The fake NVML library keeps one scenario per process: its tests take turns.
+#[cfg(test)]
+pub(crate) static FAKE_NVML: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Joins each reading with the kubelet's allocations and publishes the result. Dropping
 /// `readings` at shutdown stops the NVML thread.
@@ -94,13 +134,13 @@ async fn attribute(
     export: GpuExport,
     runs: Option<Arc<Mutex<Runs>>>,
     mut shutdown: Shutdown,
-) {
+) -> Ended {
     let mut allocations = Arc::new(Vec::new());
     let (mut errors, mut failing, mut listed) = (0, false, false);
-    loop {
+    let ended = loop {
         tokio::select! {
-            changed = readings.changed() => if changed.is_err() { break },
-            _ = shutdown.recv() => break,
+            changed = readings.changed() => if changed.is_err() { break Ended::NvmlGone },
+            _ = shutdown.recv() => break Ended::Shutdown,
         }
         let Some(reading) = readings.borrow_and_update().clone() else { continue };
         match pod_resources.list().await {
@@ -136,9 +176,72 @@ async fn attribute(
             }
             Err(e) => tracing::error!(error = %e, "GPU attribution panicked"),
         }
-    }
+    };
     // Reports the pipeline delivered while it drained are remembered; running totals kept.
     if let Some(runs) = runs {
         let _ = tokio::task::spawn_blocking(move || runs.lock().unwrap_or_else(|e| e.into_inner()).finish()).await;
+    }
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use nodelens_testkit::gpu::nvml_library;
+    use nodelens_testkit::gpu::scenario::{Gpu, Scenario, SCENARIO_ENV};
+
+    use super::*;
+    use crate::tasks::Tasks;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_the_nvml_thread_dies_its_gpu_series_go_and_the_task_fails_with_the_panic() {
+        let _fake = FAKE_NVML.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = dir.path().join("scenario.json");
+        let gpu = Gpu { uuid: "GPU-aaaa".into(), name: "NVIDIA H100 80GB HBM3".into(), memory_total_bytes: 80 << 30, ..Gpu::default() };
+        Scenario { driver_version: "560.35.03".into(), gpus: vec![gpu] }.write(&scenario).unwrap();
+        std::env::set_var(SCENARIO_ENV, &scenario);
+        let mut config = Config::default();
+        config.gpu.enabled = Switch::On;
+        config.gpu.nvml_library = nvml_library().display().to_string();
+        config.gpu.poll_interval = Duration::from_millis(50);
+        config.host.proc_root = dir.path().join("proc");
+        config.kubernetes.pod_resources_socket = dir.path().join("kubelet.sock");
+        let names = Names { pods_dir: dir.path().join("pods"), containers_dir: dir.path().join("containers"), pods: None };
+        let export = GpuExport::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(export.clone()));
+        let seen = export.clone();
+        let (_stop, stopping) = tokio::sync::broadcast::channel(1);
+        let mut tasks = Tasks::default();
+        // The real collector on the fake driver until its GPU is published, then a bug.
+        let nvml_with_a_bug = move |settings, out: watch::Sender<_>, started| {
+            let (inner, mut readings) = watch::channel(None);
+            let collector = std::thread::spawn(move || nvml::run(settings, inner, started));
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            while seen.view().gpus.is_empty() && runtime.block_on(readings.changed()).is_ok() {
+                let reading = readings.borrow_and_update().clone();
+                let _ = out.send(reading);
+            }
+            drop(readings);
+            collector.join().unwrap();
+            panic!("index out of bounds: the len is 1 but the index is 1");
+        };
+        let runs = RunsContext { gauges: Default::default(), seconds: Default::default(), out: runs::channel().0 };
+        start_with(&config, names, export.clone(), Default::default(), runs, &mut tasks, Shutdown::new(stopping), nvml_with_a_bug)
+            .await
+            .unwrap();
+
+        let death = tokio::time::timeout(Duration::from_secs(30), tasks.death()).await.expect("the GPU task ends");
+        assert_eq!(death.task, "gpu");
+        assert_eq!(
+            death.cause,
+            "the NVML thread panicked: index out of bounds: the len is 1 but the index is 1; GPU metrics are gone until the agent restarts"
+        );
+        assert!(export.view().gpus.is_empty(), "no GPU left at its last values");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("gpu_up") && !text.contains("gpu_up{"), "no gpu_up series:\n{text}");
     }
 }

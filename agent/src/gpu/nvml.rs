@@ -43,9 +43,9 @@ const STOP_CHECK: Duration = Duration::from_millis(200);
 /// How often the per-process utilization samples are fetched: more often than the driver's
 /// buffer of them turns over, whatever the poll interval.
 const SAMPLE_FETCH: Duration = Duration::from_secs(1);
-/// How often MIG-enabled GPUs are enumerated again (instances made or destroyed, as DRA
-/// drivers do when they prepare a claim).
-const MIG_REFRESH: Duration = Duration::from_secs(60);
+/// How often every GPU's MIG instances are enumerated again (instances made or destroyed, as
+/// DRA drivers do when they prepare a claim; MIG mode turned on or off).
+pub const MIG_REFRESH: Duration = Duration::from_secs(60);
 
 /// What the thread needs.
 pub struct Settings {
@@ -53,6 +53,8 @@ pub struct Settings {
     pub library: String,
     /// `gpu.poll_interval`.
     pub poll_interval: Duration,
+    /// How often MIG instances are enumerated again: [`MIG_REFRESH`].
+    pub mig_refresh: Duration,
     /// `host.proc_root`.
     pub proc_root: PathBuf,
     /// Filled with each GPU's PCI address, for the kernel log's XIDs.
@@ -81,7 +83,7 @@ pub fn run(settings: Settings, out: watch::Sender<Option<Arc<Reading>>>, started
             return;
         }
     };
-    let mut collector = Collector::discover(&nvml, PidResolver::new(settings.proc_root), settings.poll_interval);
+    let mut collector = Collector::discover(&nvml, PidResolver::new(settings.proc_root), settings.poll_interval, settings.mig_refresh);
     if collector.devices.is_empty() {
         let _ = started.send(Err(format!("NVML loaded from {library} but reports no GPU")));
         return;
@@ -241,11 +243,13 @@ struct Collector<'n> {
     placement_warned: bool,
     /// `gpu.poll_interval`.
     poll_interval: Duration,
+    /// How often MIG instances are enumerated again.
+    mig_refresh: Duration,
     pids: PidResolver,
 }
 
 impl<'n> Collector<'n> {
-    fn discover(nvml: &'n Nvml, pids: PidResolver, poll_interval: Duration) -> Collector<'n> {
+    fn discover(nvml: &'n Nvml, pids: PidResolver, poll_interval: Duration, mig_refresh: Duration) -> Collector<'n> {
         let count = nvml.device_count().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "NVML could not count the GPUs");
             0
@@ -262,6 +266,7 @@ impl<'n> Collector<'n> {
             migs_at: Instant::now(),
             placement_warned: false,
             poll_interval,
+            mig_refresh,
             pids,
         };
         for index in 0..count {
@@ -334,19 +339,21 @@ impl<'n> Collector<'n> {
         migs
     }
 
-    /// Enumerates the MIG devices of MIG-enabled GPUs again.
+    /// Enumerates the MIG devices of every GPU again: a GPU in MIG mode may have had no
+    /// instance before (a DRA driver creates them when it prepares a claim), or have lost them
+    /// all, and MIG mode may have been turned on or off.
     fn refresh_migs(&mut self) {
         for position in 0..self.devices.len() {
             let Some(device) = self.devices[position].device.take() else { continue };
-            if !self.devices[position].migs.is_empty() {
-                let id = self.devices[position].id.clone();
-                let migs = self.migs_of(&device, &id);
-                let gpu = &mut self.devices[position];
-                let before: Vec<&str> = gpu.migs.iter().map(|m| m.id.uuid.as_str()).collect();
-                if before != migs.iter().map(|m| m.id.uuid.as_str()).collect::<Vec<_>>() {
-                    tracing::info!(gpu = gpu.index, before = before.len(), now = migs.len(), "MIG devices changed");
-                    gpu.migs = migs;
-                }
+            let id = self.devices[position].id.clone();
+            let migs = self.migs_of(&device, &id);
+            let gpu = &mut self.devices[position];
+            let before: Vec<&str> = gpu.migs.iter().map(|m| m.id.uuid.as_str()).collect();
+            if before != migs.iter().map(|m| m.id.uuid.as_str()).collect::<Vec<_>>() {
+                tracing::info!(gpu = gpu.index, before = before.len(), now = migs.len(), "MIG devices changed");
+                // Shares and GPM windows were taken over the old instances.
+                gpu.forget_windows();
+                gpu.migs = migs;
             }
             self.devices[position].device = Some(device);
         }
@@ -391,7 +398,7 @@ impl<'n> Collector<'n> {
     /// Reads every GPU once.
     fn poll(&mut self) -> Reading {
         let mut reading = Reading { driver_version: self.driver_version.clone(), ..Reading::default() };
-        if self.migs_at.elapsed() >= MIG_REFRESH {
+        if self.migs_at.elapsed() >= self.mig_refresh {
             self.migs_at = Instant::now();
             self.refresh_migs();
         }
@@ -615,4 +622,98 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
         uses.push(ProcessUse { uuid: gpu.id.uuid.clone(), pid, container: pids.resolve(pid), memory_bytes: None, sm_ratio: sm_ratio(pid) });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use nodelens_testkit::gpu::nvml_library;
+    use nodelens_testkit::gpu::scenario::{Gpu as FakeGpu, MigInstance, Scenario, SCENARIO_ENV};
+
+    use super::*;
+
+    fn instance(uuid: &str, gpu_instance: u32) -> MigInstance {
+        MigInstance {
+            uuid: uuid.into(),
+            profile: "1g.10gb".into(),
+            gpu_instance,
+            profile_id: 19,
+            placement_start: gpu_instance,
+            placement_size: 1,
+            memory_total_bytes: 10 << 30,
+            ..MigInstance::default()
+        }
+    }
+
+    /// Two H100s in MIG mode with these instances.
+    fn node(first: Vec<MigInstance>, second: Vec<MigInstance>) -> Scenario {
+        let gpu = |uuid: &str, mig| FakeGpu {
+            uuid: uuid.into(),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            mig_mode: true,
+            mig,
+            ..FakeGpu::default()
+        };
+        Scenario { driver_version: "560.35.03".into(), gpus: vec![gpu("GPU-aaaa", first), gpu("GPU-bbbb", second)] }
+    }
+
+    /// (parent, instance) of each MIG instance in a reading.
+    fn migs(reading: &Reading) -> Vec<(String, String)> {
+        let mut migs: Vec<_> =
+            reading.gpus.iter().filter_map(|g| Some((g.id.mig.as_ref()?.parent_uuid.clone(), g.id.uuid.clone()))).collect();
+        migs.sort();
+        migs
+    }
+
+    #[test]
+    fn mig_instances_made_after_start_or_after_all_were_destroyed_are_found() {
+        let _fake = crate::gpu::FAKE_NVML.blocking_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = dir.path().join("scenario.json");
+        node(Vec::new(), vec![instance("MIG-b1", 1)]).write(&scenario).unwrap();
+        std::env::set_var(SCENARIO_ENV, &scenario);
+        let settings = Settings {
+            library: nvml_library().display().to_string(),
+            poll_interval: Duration::from_millis(50),
+            mig_refresh: Duration::from_millis(100),
+            proc_root: dir.path().join("proc"),
+            bus_ids: Default::default(),
+        };
+        let (out, mut readings) = watch::channel(None);
+        let (started_tx, started) = oneshot::channel();
+        let thread = std::thread::spawn(move || run(settings, out, started_tx));
+        assert_eq!(started.blocking_recv().unwrap().unwrap().mig_instances, 1);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut wait_for = |what: &str, now: Option<Scenario>, want: &[(&str, &str)]| {
+            let want: Vec<(String, String)> = want.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                // Written again until seen: the fake notices a change by the file's mtime.
+                if let Some(now) = &now {
+                    now.write(&scenario).unwrap();
+                }
+                runtime.block_on(readings.changed()).expect("the NVML thread runs");
+                let seen = migs(readings.borrow_and_update().as_ref().unwrap());
+                if seen == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}: {seen:?}");
+            }
+        };
+        wait_for("the instances at start", None, &[("GPU-bbbb", "MIG-b1")]);
+
+        // A DRA driver prepares claims on the GPU that had no instance, and the other GPU's
+        // only instance is destroyed.
+        let now = node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], Vec::new());
+        wait_for("instances made on a GPU that had none", Some(now), &[("GPU-aaaa", "MIG-a1"), ("GPU-aaaa", "MIG-a2")]);
+
+        let now = node(vec![instance("MIG-a1", 1), instance("MIG-a2", 2)], vec![instance("MIG-b2", 3)]);
+        wait_for(
+            "an instance made on a GPU whose instances had all gone",
+            Some(now),
+            &[("GPU-aaaa", "MIG-a1"), ("GPU-aaaa", "MIG-a2"), ("GPU-bbbb", "MIG-b2")],
+        );
+        drop(readings);
+        thread.join().unwrap();
+    }
 }

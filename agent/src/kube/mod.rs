@@ -93,10 +93,13 @@ pub async fn connect(config: &KubernetesConfig) -> anyhow::Result<Option<kube::C
     }
 }
 
-/// Starts the watches feeding `store`: pods always, namespaces when a key needs their labels
-/// or `watch_namespaces` asks for their exclude annotation. A deleted pod is kept while
-/// `keep_deleted` says its log files are on disk. Each watch has its series in `up` from now.
+/// Starts the watches feeding `store` in `tasks`: pods always, namespaces when a key needs
+/// their labels or `watch_namespaces` asks for their exclude annotation. A deleted pod is kept
+/// while `keep_deleted` says its log files are on disk. Each watch has its series in `up` from
+/// now. A watch returns only at shutdown.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
+    tasks: &mut crate::tasks::Tasks,
     client: kube::Client,
     node: String,
     store: Arc<PodStore>,
@@ -104,13 +107,19 @@ pub fn start(
     keep_deleted: watch::KeepDeleted,
     up: Family<watch::WatchLabels, Gauge>,
     shutdown: impl Fn() -> Shutdown,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) {
     let watcher = watch::watcher_config(config.request_timeout);
-    let mut tasks =
-        vec![tokio::spawn(watch::pods(client.clone(), watcher.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown()))];
+    let pods = watch::pods(client.clone(), watcher.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown());
+    tasks.spawn("pod watch", async move {
+        pods.await;
+        Ok(())
+    });
     if config.watch_namespaces || store.needs_namespaces() {
         store.expect_namespaces();
-        tasks.push(tokio::spawn(watch::namespaces(client, watcher, store, up, shutdown())));
+        let namespaces = watch::namespaces(client, watcher, store, up, shutdown());
+        tasks.spawn("namespace watch", async move {
+            namespaces.await;
+            Ok(())
+        });
     }
-    tasks
 }

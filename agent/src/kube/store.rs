@@ -208,6 +208,35 @@ impl PodStore {
         }
     }
 
+    /// A namespace was deleted: it is forgotten and its remaining pods resolve without its
+    /// labels (they are being deleted too).
+    pub fn delete_namespace(&self, name: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.namespaces.remove(name).is_none() {
+            return;
+        }
+        let pods: Vec<PodMeta> =
+            inner.pods.values().filter(|e| e.meta.namespace == name && e.deleted_at.is_none()).map(|e| (*e.meta).clone()).collect();
+        for pod in pods {
+            self.apply_locked(&mut inner, pod, true);
+        }
+    }
+
+    /// A full namespace list: namespaces not in it were deleted while the watch was away.
+    pub fn relist_namespaces(&self, listed: &std::collections::HashSet<String>) {
+        let gone: Vec<String> = self.inner.lock().unwrap().namespaces.keys().filter(|n| !listed.contains(*n)).cloned().collect();
+        for name in gone {
+            self.delete_namespace(&name);
+        }
+    }
+
+    /// The namespaces known, sorted.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.lock().unwrap().namespaces.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Drops pods deleted at least [`KEEP_DELETED`] before `now` for which `keep` (asked
     /// without the lock held: it may look at the disk) is false — `keep` says whether the
     /// pod's log files are still there to be read.

@@ -185,23 +185,31 @@ pub async fn namespaces(
     loop {
         let stream = watcher::watcher(api.clone(), watcher.clone());
         futures_util::pin_mut!(stream);
+        let mut listed = std::collections::HashSet::new();
         let error = loop {
             let event = tokio::select! {
                 event = stream.next() => event,
                 _ = shutdown.recv() => return,
             };
             match event {
-                Some(Ok(Event::Apply(ns) | Event::InitApply(ns))) => {
-                    let Some(name) = ns.metadata.name.clone() else { continue };
-                    let annotations = ns.metadata.annotations.clone().unwrap_or_default();
-                    store.apply_namespace(&name, store::namespace_meta(ns.metadata.labels.clone().unwrap_or_default(), &annotations));
+                Some(Ok(Event::Init)) => listed.clear(),
+                Some(Ok(Event::Apply(ns))) => apply_namespace(&store, &ns),
+                Some(Ok(Event::InitApply(ns))) => {
+                    apply_namespace(&store, &ns);
+                    listed.extend(ns.metadata.name);
+                }
+                Some(Ok(Event::Delete(ns))) => {
+                    if let Some(name) = ns.metadata.name.as_deref() {
+                        store.delete_namespace(name);
+                    }
                 }
                 Some(Ok(Event::InitDone)) => {
+                    // A relist after an outage or a 410: what it no longer lists is gone.
+                    store.relist_namespaces(&std::mem::take(&mut listed));
                     store.namespaces_listed();
                     health.up();
                     retry.reset();
                 }
-                Some(Ok(_)) => {}
                 Some(Err(e)) => break e,
                 None => return,
             }
@@ -212,6 +220,12 @@ pub async fn namespaces(
             _ = shutdown.recv() => return,
         }
     }
+}
+
+fn apply_namespace(store: &PodStore, ns: &Namespace) {
+    let Some(name) = ns.metadata.name.as_deref() else { return };
+    let annotations = ns.metadata.annotations.clone().unwrap_or_default();
+    store.apply_namespace(name, store::namespace_meta(ns.metadata.labels.clone().unwrap_or_default(), &annotations));
 }
 
 #[cfg(test)]
@@ -232,5 +246,50 @@ mod tests {
         assert!(late.len() > 1, "jittered, not all equal: {late:?}");
         retry.reset();
         assert!(retry.next_delay() <= RETRY_MIN);
+    }
+
+    async fn wait_for(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn deleted_namespaces_leave_the_store_on_their_event_and_on_a_relist() {
+        use nodelens_testkit::kubernetes::{namespace, FakeApiServer};
+        use serde_json::json;
+
+        let api = FakeApiServer::start();
+        for name in ["team-a", "team-b", "team-c"] {
+            api.apply(namespace(name, json!({"owner": "carol"}), json!({})));
+        }
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+        let client = Client::try_from(config).unwrap();
+        let store = Arc::new(PodStore::new(Vec::new(), Vec::new(), Family::default()));
+        let (stop, _) = tokio::sync::broadcast::channel(1);
+        let watch = tokio::spawn(namespaces(
+            client,
+            watcher_config(Duration::from_secs(60)),
+            store.clone(),
+            Family::default(),
+            Shutdown::new(stop.subscribe()),
+        ));
+        wait_for("the first list", || store.namespace_names() == ["team-a", "team-b", "team-c"]).await;
+
+        api.delete("Namespace", "", "team-b");
+        wait_for("the DELETED event to remove team-b", || store.namespace_names() == ["team-a", "team-c"]).await;
+
+        // A deletion whose event never arrives: the relist after a 410 Gone reconciles it.
+        api.apply(namespace("team-d", json!({}), json!({})));
+        api.delete_unannounced("Namespace", "", "team-c");
+        api.compact();
+        api.drop_watches();
+        wait_for("the relist to drop team-c", || store.namespace_names() == ["team-a", "team-d"]).await;
+
+        stop.send(()).unwrap();
+        watch.await.unwrap();
     }
 }

@@ -75,6 +75,9 @@ pub struct CheckpointMetrics {
     /// `nodelens_checkpoint_last_success_timestamp_seconds`: when the file on disk last held
     /// every acknowledged offset (written, or nothing new to write), Unix seconds.
     pub last_success: Gauge<f64, AtomicU64>,
+    /// `nodelens_state_dir_lock_waiting`: 1 while start-up waits for another agent to release
+    /// `state_dir`'s lock (the agent is not ready meanwhile).
+    pub lock_waiting: Gauge,
 }
 
 /// What a chunk's acknowledgement commits.

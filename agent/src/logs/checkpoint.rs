@@ -14,7 +14,45 @@ use serde::{Deserialize, Serialize};
 use super::source::FileId;
 
 const FILE_NAME: &str = "checkpoints.json";
-const VERSION: u32 = 1;
+/// The version written: one more than the number of [`MIGRATIONS`].
+const VERSION: u32 = MIGRATIONS.len() as u32 + 1;
+
+/// One step of the upgrade path: a file of version `n` (the step's position + 1), as JSON,
+/// turned into version `n + 1`.
+type Migration = fn(serde_json::Value) -> Result<serde_json::Value, String>;
+
+/// The upgrade path. A change of the file's shape appends a step here (which bumps
+/// [`VERSION`]), so the file of any earlier release is read with every offset kept, never
+/// read again from the start (which would send everything twice to every sink that cannot
+/// drop duplicates). Fields added with a default (as the node positions were) need no step.
+const MIGRATIONS: &[Migration] = &[];
+
+/// Why a checkpoint file cannot be used.
+#[derive(Debug)]
+enum Unreadable {
+    /// Not JSON, or not the shape of its version.
+    Corrupt(String),
+    /// Written by a later release (a rollback): kept aside for it.
+    Newer(u64),
+}
+
+/// Reads a checkpoint file of any version up to the current one, through `migrations`.
+fn parse(bytes: &[u8], migrations: &[Migration]) -> Result<OnDisk, Unreadable> {
+    let current = migrations.len() as u64 + 1;
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Unreadable::Corrupt(e.to_string()))?;
+    let version = value.get("version").and_then(serde_json::Value::as_u64).ok_or_else(|| Unreadable::Corrupt("no version".into()))?;
+    if version == 0 {
+        return Err(Unreadable::Corrupt("version 0".into()));
+    }
+    if version > current {
+        return Err(Unreadable::Newer(version));
+    }
+    for (from, step) in (version..).zip(&migrations[(version - 1) as usize..]) {
+        value = step(value).map_err(|e| Unreadable::Corrupt(format!("upgrading from version {from}: {e}")))?;
+        value["version"] = (from + 1).into();
+    }
+    serde_json::from_value(value).map_err(|e| Unreadable::Corrupt(e.to_string()))
+}
 
 /// A checkpoint store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -110,15 +148,18 @@ impl Checkpoints {
         let lock = lock(state_dir).map_err(err(state_dir))?;
         let (mut entries, mut node) = (HashMap::new(), NodePositions::default());
         match fs::read(&file) {
-            Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
-                Ok(on_disk) if on_disk.version == VERSION => {
+            Ok(bytes) => match parse(&bytes, MIGRATIONS) {
+                Ok(on_disk) => {
                     entries = on_disk.files.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect();
                     node = on_disk.node;
                 }
-                Ok(on_disk) => {
-                    tracing::warn!(file = %file.display(), version = on_disk.version, "unknown checkpoint version; reading all files from the start")
+                Err(Unreadable::Newer(version)) => {
+                    // A rollback: the file stays for the release that wrote it.
+                    let aside = state_dir.join(format!("{FILE_NAME}.v{version}"));
+                    tracing::warn!(file = %file.display(), version, known = VERSION, moved_to = %aside.display(), "checkpoint file of a later release; reading all files from the start");
+                    fs::rename(&file, &aside).map_err(err(&file))?;
                 }
-                Err(e) => {
+                Err(Unreadable::Corrupt(e)) => {
                     let aside = state_dir.join(format!("{FILE_NAME}.corrupt"));
                     tracing::error!(file = %file.display(), error = %e, moved_to = %aside.display(), "checkpoint file does not parse; reading all files from the start");
                     fs::rename(&file, &aside).map_err(err(&file))?;
@@ -346,5 +387,86 @@ mod tests {
     fn an_unwritable_state_dir_is_an_error_naming_it() {
         let err = Checkpoints::open(Path::new("/proc/nodelens-cannot-exist")).err().expect("must fail");
         assert!(err.to_string().contains("/proc/nodelens-cannot-exist"), "{err}");
+    }
+
+    /// `checkpoints.json` as this release writes it (version 1): three containers' files, one
+    /// of them rotated and compressed, and the journal and kernel positions.
+    const VERSION_1: &str = include_str!("testdata/checkpoints-v1.json");
+
+    fn v1_offsets() -> Vec<(FileId, u64, &'static str)> {
+        let pods = "/var/log/pods/ml_train-7f9c4_0b7c2a9e-5d1f-4c3a-9e8b-2f6d4a1c7e90";
+        let id = |s: &str| s.parse::<FileId>().unwrap();
+        vec![
+            (id("53a89787361250ab-977c7f7ea778cea7"), 1_048_576, "trainer/1.log.20261204-100000.gz"),
+            (id("53a89787361250ab-aa2bfe2835206bbb"), 18_446, "trainer/2.log.20261204-110000"),
+            (id("53a89787361250ab-3cc78dc81696bbbe"), 7_340_032, "trainer/2.log"),
+            (id("420f1a466dca4b00-2acf93667cf75294"), 0, "metrics/0.log"),
+        ]
+        .into_iter()
+        .map(|(id, offset, file)| (id, offset, Box::leak(format!("{pods}/{file}").into_boxed_str()) as &str))
+        .collect()
+    }
+
+    fn assert_v1_kept(cp: &Checkpoints) {
+        for (id, offset, path) in v1_offsets() {
+            assert_eq!(cp.offset(id), Some(offset), "{path}");
+            assert_eq!(cp.snapshot().into_iter().find(|(i, _)| *i == id).unwrap().1.path, Path::new(path));
+        }
+        let notebook: FileId = "6e86a5c9d7d02bda-cd107cf665cb1f3b".parse().unwrap();
+        assert_eq!(cp.offset(notebook), Some(123_456_789_012));
+        assert_eq!(cp.snapshot().len(), 5);
+        let node = cp.node_positions();
+        assert!(node.journal_cursor.as_deref().is_some_and(|c| c.starts_with("s=8a1f0b6c") && c.ends_with(";x=9f8e7d6c5b4a3921")));
+        assert_eq!(node.kernel, Some(KernelPosition { boot_id: "3f1c2b4a-5d6e-4f70-8192-a3b4c5d6e7f8".into(), seq: 48_213 }));
+    }
+
+    #[test]
+    fn todays_checkpoint_file_loads_with_every_offset_and_node_position_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE_NAME), VERSION_1).unwrap();
+        assert_v1_kept(&Checkpoints::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn an_older_version_is_migrated_step_by_step_with_every_offset_kept() {
+        // A future release: version 2 moved `files` under `containers`, version 3 moved it back
+        // beside a new `events` position. Today's file goes through both steps.
+        fn to_v2(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
+            let files = v.as_object_mut().ok_or("not an object")?.remove("files").ok_or("no files")?;
+            v["containers"] = serde_json::json!({ "files": files });
+            Ok(v)
+        }
+        fn to_v3(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
+            let containers = v.as_object_mut().ok_or("not an object")?.remove("containers").ok_or("no containers")?;
+            v["files"] = containers["files"].clone();
+            v["events"] = serde_json::json!({});
+            Ok(v)
+        }
+        let migrations: [Migration; 2] = [to_v2, to_v3];
+        let on_disk = parse(VERSION_1.as_bytes(), &migrations).unwrap();
+        assert_eq!(on_disk.version, 3);
+        for (id, offset, path) in v1_offsets() {
+            assert_eq!(on_disk.files[&id.to_string()], Entry { offset, path: path.into() });
+        }
+        assert_eq!(on_disk.node.kernel.as_ref().map(|k| k.seq), Some(48_213));
+        // A file of version 2 takes only the second step.
+        let v2 = to_v2(serde_json::from_str(VERSION_1).unwrap()).unwrap();
+        let mut v2 = v2;
+        v2["version"] = 2.into();
+        let on_disk = parse(v2.to_string().as_bytes(), &migrations).unwrap();
+        assert_eq!(on_disk.files.len(), 5);
+        // A step that fails is a corrupt file, never a silent start over.
+        let broken: [Migration; 1] = [|_| Err("bad".into())];
+        assert!(matches!(parse(VERSION_1.as_bytes(), &broken), Err(Unreadable::Corrupt(e)) if e.contains("from version 1")));
+    }
+
+    #[test]
+    fn a_file_of_a_later_release_is_kept_aside_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = VERSION_1.replacen("\"version\":1", "\"version\":7", 1);
+        fs::write(dir.path().join(FILE_NAME), &later).unwrap();
+        let cp = Checkpoints::open(dir.path()).unwrap();
+        assert!(cp.snapshot().is_empty(), "its shape is unknown: read from the start");
+        assert_eq!(fs::read_to_string(dir.path().join("checkpoints.json.v7")).unwrap(), later, "kept for a roll forward");
     }
 }

@@ -187,3 +187,97 @@ pub async fn backoff(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32
     let jitter = step.mul_f64(fastrand::f64() / 2.0);
     tokio::time::sleep((step / 2 + jitter).max(at_least.unwrap_or_default())).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: u64, bytes: usize) -> Arc<Batch> {
+        let docs = ecs::Documents { bytes: vec![b'x'; bytes], ..ecs::Documents::default() };
+        Arc::new(Batch { seq, file: FileId { container: 1, fingerprint: 2 }, records: 1, docs, otlp: Vec::new(), index: None })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_sent_when_full_or_at_the_flush_interval_whichever_comes_first() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let size = |b: &Batch| b.docs.bytes.len();
+        // Alone, a batch waits the whole flush interval for company.
+        let started = Instant::now();
+        let (pending, open) = gather(&mut rx, batch(1, 100), Duration::from_secs(5), 1000, size).await;
+        assert_eq!((pending.len(), open), (1, true));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // Batches arriving meanwhile join it until it is full; then it goes at once.
+        let started = Instant::now();
+        let feeder = tokio::spawn(async move {
+            for seq in 2..10 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tx.send(batch(seq, 400)).await.unwrap();
+            }
+        });
+        let (pending, _) = gather(&mut rx, batch(1, 300), Duration::from_secs(5), 1000, size).await;
+        assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "full after the second arrival, not at the interval");
+        feeder.abort();
+        // A closed input ends the gathering at once, with what it has.
+        drop(rx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_with_jitter_up_to_thirty_seconds_and_waits_at_least_what_was_asked() {
+        let (metrics, sink) = (SinkMetrics::default(), SinkLabels { sink: "test" });
+        let mut attempt = 0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let started = Instant::now();
+            backoff(&metrics, &sink, &mut attempt, None).await;
+            waits.push(started.elapsed());
+        }
+        for (n, wait) in waits.iter().enumerate() {
+            let step = MIN_BACKOFF.saturating_mul(1 << n).min(MAX_BACKOFF);
+            assert!(*wait >= step / 2 && *wait <= step, "attempt {n}: {wait:?} against a step of {step:?}");
+        }
+        assert_eq!(metrics.retries.get_or_create(&sink).get(), 12, "every retry counted");
+        let started = Instant::now();
+        backoff(&metrics, &sink, &mut 0, Some(Duration::from_secs(7))).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(7), "a receiver's retry delay is honoured");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_run_at_most_concurrency_at_once_and_every_batch_is_acknowledged() {
+        let (tx, rx) = mpsc::channel(16);
+        let (ack_tx, mut acks) = mpsc::channel(64);
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = Requests { flush_interval: Duration::from_millis(100), max_bytes: 1, concurrency: 2 };
+        let (r, m) = (running.clone(), most.clone());
+        let sink = tokio::spawn(run_deliveries(
+            rx,
+            ack_tx,
+            requests,
+            |b| b.docs.bytes.len(),
+            move |_| {
+                let (running, most) = (r.clone(), m.clone());
+                async move {
+                    let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+        ));
+        let started = Instant::now();
+        for seq in 0..6 {
+            tx.send(batch(seq, 10)).await.unwrap();
+        }
+        drop(tx);
+        sink.await.unwrap().unwrap();
+        let mut acked = Vec::new();
+        while let Ok(AckMsg::Ack { seq }) = acks.try_recv() {
+            acked.push(seq);
+        }
+        acked.sort_unstable();
+        assert_eq!(acked, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "three rounds of two 10 s deliveries");
+    }
+}

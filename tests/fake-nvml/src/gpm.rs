@@ -176,7 +176,7 @@ unsafe fn fill(device: nvmlDevice_t, instance: Option<c_uint>, sample: nvmlGpmSa
     }
     if let Some(gi) = instance {
         match gpu.mig.iter().find(|m| m.gpu_instance == gi) {
-            None if gpu.mig.is_empty() => return ERROR_NOT_SUPPORTED,
+            None if !gpu.mig_enabled() => return ERROR_NOT_SUPPORTED,
             None => return ERROR_NOT_FOUND,
             Some(m) if m.gpm.is_none() => return ERROR_NOT_SUPPORTED,
             Some(_) => {}

@@ -542,7 +542,7 @@ pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: nvmlDevice_t, current: *mut c_uint, pending: *mut c_uint) -> nvmlReturn_t {
     with_gpu(device, |gpu| {
-        let mode = if gpu.mig.is_empty() { 0 } else { MIG_ENABLE };
+        let mode = if gpu.mig_enabled() { MIG_ENABLE } else { 0 };
         match put(current, mode) {
             SUCCESS => put(pending, mode),
             err => err,
@@ -559,7 +559,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: nvmlDevice_t, co
 pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(device: nvmlDevice_t, index: c_uint, mig: *mut nvmlDevice_t) -> nvmlReturn_t {
     let Some(handle) = Handle::from_ptr(device) else { return ERROR_INVALID_ARGUMENT };
     with_gpu(device, |gpu| {
-        if gpu.mig.is_empty() || index >= MAX_MIG_DEVICES {
+        if !gpu.mig_enabled() || index >= MAX_MIG_DEVICES {
             ERROR_INVALID_ARGUMENT
         } else if index as usize >= gpu.mig.len() {
             ERROR_NOT_FOUND
@@ -608,7 +608,7 @@ const GPU_INSTANCE_BIT: usize = 1 << 40;
 pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceById(device: nvmlDevice_t, id: c_uint, instance: *mut nvmlGpuInstance_t) -> nvmlReturn_t {
     let Some(handle) = Handle::from_ptr(device) else { return ERROR_INVALID_ARGUMENT };
     with_gpu(device, |gpu| {
-        if gpu.mig.is_empty() {
+        if !gpu.mig_enabled() {
             return ERROR_NOT_SUPPORTED;
         }
         if gpu.gpu_instances_denied {

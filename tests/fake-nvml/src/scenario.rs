@@ -66,6 +66,9 @@ pub struct Gpu {
     pub processes: Vec<Process>,
     /// MIG instances; MIG mode is on when there is at least one.
     pub mig: Vec<MigInstance>,
+    /// MIG mode on without an instance (as before a DRA driver creates them for a claim, or
+    /// after every instance was destroyed).
+    pub mig_mode: bool,
     /// Critical XID events raised so far; each is delivered once per event set.
     pub xid_events: Vec<XidEvent>,
     /// GPM (Hopper and newer): what the performance counters measure right now. `None` = an
@@ -109,6 +112,13 @@ pub struct Gpu {
     pub retired_pages: Option<RetiredPages>,
     /// `nvmlDeviceGetGpuFabricInfoV`; `None` = no NVSwitch fabric (`NOT_SUPPORTED`).
     pub fabric: Option<Fabric>,
+}
+
+impl Gpu {
+    /// Whether MIG mode is on: set, or implied by an instance.
+    pub fn mig_enabled(&self) -> bool {
+        self.mig_mode || !self.mig.is_empty()
+    }
 }
 
 /// One NVLink link.

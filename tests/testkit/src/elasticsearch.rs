@@ -7,6 +7,7 @@
 //! outage answering every request with one status until it ends. Each stored document keeps
 //! the moment it arrived, so tests can measure write-to-index latency.
 
+use crate::http::LostReply;
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::net::SocketAddr;
@@ -247,16 +248,6 @@ fn error_reply(status: u16, kind: &str, reason: &str) -> Reply {
         &json!({"error": {"root_cause": [{"type": kind, "reason": reason}], "type": kind, "reason": reason}, "status": status}),
     )
 }
-
-/// The reply was lost: the service fails, and hyper closes the connection unanswered.
-#[derive(Debug)]
-struct LostReply;
-impl std::fmt::Display for LostReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("reply lost on purpose")
-    }
-}
-impl std::error::Error for LostReply {}
 
 async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Reply, LostReply> {
     let (parts, body) = req.into_parts();

@@ -76,3 +76,16 @@ impl Drop for Server {
         self.stop();
     }
 }
+
+/// A service's error that loses the reply on purpose: hyper closes the connection unanswered,
+/// as when a proxy or the network drops it after the server acted on the request.
+#[derive(Debug)]
+pub struct LostReply;
+
+impl std::fmt::Display for LostReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reply lost on purpose")
+    }
+}
+
+impl std::error::Error for LostReply {}

@@ -152,6 +152,15 @@ impl FakeApiServer {
         publish(&mut st, rv, kind, "DELETED", object);
     }
 
+    /// Deletes an object without telling anyone: its DELETED event is lost, as when a
+    /// watch connection breaks mid-stream. Only a relist will show it.
+    pub fn delete_unannounced(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut st = self.state.lock().unwrap();
+        if st.objects.remove(&(kind, format!("{namespace}/{name}"))).is_some() {
+            st.rv += 1;
+        }
+    }
+
     /// Sends a BOOKMARK with the current resourceVersion to every watch that asked for them.
     pub fn bookmark(&self) {
         let mut st = self.state.lock().unwrap();

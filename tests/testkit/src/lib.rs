@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod http;
 pub mod kubelet;
 pub mod kubernetes;
+pub mod node;
 pub mod otlp;
 pub mod views;
 

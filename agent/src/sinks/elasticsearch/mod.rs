@@ -212,3 +212,36 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
 async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32) {
     super::backoff(metrics, sink, attempt, None).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_5xx_counts_against_a_record_only_while_others_get_in() {
+        let health = Health::new();
+        let step = Duration::from_secs(1);
+        tokio::time::sleep(step).await;
+        let sent_at = Instant::now();
+        tokio::time::sleep(step).await;
+        assert!(!health.blames(sent_at, false), "nothing got in since it was sent: an outage, not the record");
+        health.accepted();
+        assert!(health.blames(sent_at, false), "another record got in after it was sent");
+
+        // Sent after the last acceptance, during trouble: not its fault.
+        tokio::time::sleep(step).await;
+        health.trouble();
+        let late = Instant::now();
+        tokio::time::sleep(step).await;
+        assert!(!health.blames(late, true), "trouble since the last acceptance");
+        // Once records get in again, a record that failed before is blamed.
+        health.accepted();
+        assert!(health.blames(late, true));
+        tokio::time::sleep(step).await;
+        let after = Instant::now();
+        assert!(health.blames(after, true), "struck before, and nothing looked like an outage since the last acceptance");
+        assert!(!health.blames(after, false), "a first strike needs an acceptance after the send");
+    }
+}

@@ -1,6 +1,7 @@
 //! OTLP/HTTP: binary protobuf over HTTP/1.1 POSTs to `/v1/logs` and `/v1/metrics`, checked in
 //! the order the collector checks them, on the shared [`crate::http::Server`].
 
+use crate::http::LostReply;
 use std::borrow::Cow;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -18,16 +19,6 @@ use super::{accept, admit, grpc_code, logs_reply, metrics_reply, rpc, Export, Ou
 type Reply = Response<Full<Bytes>>;
 
 pub(super) const PROTOBUF: &str = "application/x-protobuf";
-
-/// The reply was lost: the service fails, and hyper closes the connection unanswered.
-#[derive(Debug)]
-struct LostReply;
-impl std::fmt::Display for LostReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("reply lost on purpose")
-    }
-}
-impl std::error::Error for LostReply {}
 
 /// Serves OTLP/HTTP on loopback `port` (0: any).
 pub(super) fn start(port: u16, state: Arc<Mutex<State>>) -> Server {
