@@ -121,7 +121,7 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
         pipeline.deliver_runs(run_reports_rx)?;
     }
     let runs =
-        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: run_reports };
+        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: Some(run_reports) };
     let gpu =
         crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), runs, Shutdown::new(shutdown_tx.subscribe())).await?;
     health.ready.store(true, Ordering::Release);

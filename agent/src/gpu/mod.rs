@@ -36,8 +36,9 @@ pub struct RunsContext {
     pub gauges: crate::logs::derived::PodGauges,
     /// `nodelens_gpu_run_seconds_total`.
     pub seconds: runs::RunSeconds,
-    /// The log pipeline's input for reports (see [`runs::channel`]).
-    pub out: std::sync::mpsc::SyncSender<runs::Delivery>,
+    /// The log pipeline's input for reports (see [`runs::channel`]); `None` without a log
+    /// pipeline.
+    pub out: Option<std::sync::mpsc::SyncSender<runs::Delivery>>,
 }
 
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or

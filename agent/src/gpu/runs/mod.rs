@@ -83,6 +83,8 @@ pub struct Runs {
     gauges: PodGauges,
     seconds: RunSeconds,
     out: Option<SyncSender<Delivery>>,
+    /// No sink takes reports at all (no log pipeline): a report is done once counted.
+    no_sink: bool,
     /// Reports handed to the pipeline, by container id.
     inflight: HashMap<String, Arc<AtomicBool>>,
     poll_interval: Duration,
@@ -93,13 +95,14 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// Loads the state from `file`; reports go to `out`.
+    /// Loads the state from `file`; reports go to `out`, `None` where no log pipeline runs (a
+    /// report is then done once counted).
     pub fn new(
         file: StateFile,
         pods: Arc<PodStore>,
         gauges: PodGauges,
         seconds: RunSeconds,
-        out: SyncSender<Delivery>,
+        out: Option<SyncSender<Delivery>>,
         poll_interval: Duration,
     ) -> Runs {
         let state = file.load();
@@ -115,7 +118,8 @@ impl Runs {
             pods,
             gauges,
             seconds,
-            out: Some(out),
+            no_sink: out.is_none(),
+            out,
             inflight: HashMap::new(),
             poll_interval,
             saved_at: 0.0,
@@ -269,6 +273,8 @@ impl Runs {
     }
 
     /// Hands pending reports to the pipeline; without one (no sink), a report is done at once.
+    /// A pipeline that went away (shutdown, a failed sink) keeps every report pending: written
+    /// to the state file and sent again after a restart.
     fn deliver(&mut self) {
         self.collect_delivered();
         for report in &self.state.pending {
@@ -284,13 +290,13 @@ impl Runs {
                 }
                 Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Disconnected(_)) => {
-                    tracing::info!("no log sink takes GPU run reports; they are counted in nodelens_gpu_run_seconds_total only");
+                    tracing::info!("the log pipeline stopped; GPU run reports stay pending until the next start");
                     self.out = None;
                     break;
                 }
             }
         }
-        if self.out.is_none() {
+        if self.no_sink {
             for report in std::mem::take(&mut self.state.pending) {
                 self.state.remember(report.who.container_id);
             }

@@ -81,7 +81,16 @@ impl Node {
     fn runs(&self) -> (Runs, Receiver<Delivery>) {
         let (tx, rx) = channel();
         let file = StateFile::new(self.dir.path());
-        (Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), tx, Duration::from_secs(5)), rx)
+        (Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), Some(tx), Duration::from_secs(5)), rx)
+    }
+
+    fn runs_without_sink(&self) -> Runs {
+        let file = StateFile::new(self.dir.path());
+        Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), None, Duration::from_secs(5))
+    }
+
+    fn saved(&self) -> State {
+        StateFile::new(self.dir.path()).load()
     }
 }
 
@@ -168,4 +177,28 @@ fn mig_slices_count_their_compute_share() {
     assert!((mig_fraction("1c.3g.40gb", "NVIDIA H100") - 3.0 / 7.0).abs() < 1e-9);
     assert!((mig_fraction("2g.12gb", "NVIDIA A30") - 0.5).abs() < 1e-9);
     assert_eq!(mig_fraction("7g.80gb", "NVIDIA H100"), 1.0);
+}
+
+fn oom(finished: f64) -> Exit {
+    Exit { code: 137, reason: "OOMKilled".into(), started: Some(T0 as i64), finished: Some(finished as i64) }
+}
+
+#[test]
+fn a_pipeline_that_stopped_keeps_reports_pending_for_the_next_start() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 0, 20);
+    node.store.apply(pod("a-0", "aaa", Some(oom(T0 + 22.0))));
+    poll(&mut runs, 25, 25);
+    let inflight = rx.try_recv().expect("handed over");
+    // The pipeline stops before acknowledging it, and b ends after that.
+    drop(rx);
+    node.store.apply(pod("b-0", "bbb", Some(oom(T0 + 27.0))));
+    poll(&mut runs, 30, 35);
+    runs.finish();
+    assert!(!inflight.delivered.load(Ordering::Acquire));
+    let saved = node.saved();
+    let pending: Vec<&str> = saved.pending.iter().map(|r| r.who.container_id.as_str()).collect();
+    assert_eq!(pending, ["aaa", "bbb"], "both still pending: {saved:?}");
+    assert!(saved.reported.is_empty(), "nothing marked as sent: {saved:?}");
 }
