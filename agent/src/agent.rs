@@ -116,12 +116,17 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
     };
     // After the pipeline, which holds state_dir's lock: an agent handing the node over has
     // written its GPU run state by then.
-    let (run_reports, run_reports_rx) = crate::gpu::runs::channel();
-    if let Some(pipeline) = pipeline.as_mut() {
-        pipeline.deliver_runs(run_reports_rx)?;
-    }
+    // Without a log pipeline no sink takes reports: they are only counted.
+    let run_reports = match pipeline.as_mut() {
+        Some(pipeline) => {
+            let (run_reports, run_reports_rx) = crate::gpu::runs::channel();
+            pipeline.deliver_runs(run_reports_rx)?;
+            Some(run_reports)
+        }
+        None => None,
+    };
     let runs =
-        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: Some(run_reports) };
+        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: run_reports };
     let gpu =
         crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), runs, Shutdown::new(shutdown_tx.subscribe())).await?;
     health.ready.store(true, Ordering::Release);

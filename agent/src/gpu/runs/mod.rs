@@ -296,7 +296,7 @@ impl Runs {
                 }
             }
         }
-        if self.no_sink {
+        if self.no_sink && !self.state.pending.is_empty() {
             for report in std::mem::take(&mut self.state.pending) {
                 self.state.remember(report.who.container_id);
             }

@@ -202,3 +202,20 @@ fn a_pipeline_that_stopped_keeps_reports_pending_for_the_next_start() {
     assert_eq!(pending, ["aaa", "bbb"], "both still pending: {saved:?}");
     assert!(saved.reported.is_empty(), "nothing marked as sent: {saved:?}");
 }
+
+#[test]
+fn without_a_log_pipeline_a_report_is_done_once_counted_and_the_state_left_alone() {
+    let node = Node::new();
+    let mut runs = node.runs_without_sink();
+    poll(&mut runs, 0, 20);
+    node.store.apply(pod("a-0", "aaa", Some(oom(T0 + 22.0))));
+    node.store.apply(pod("b-0", "bbb", Some(oom(T0 + 22.0))));
+    poll(&mut runs, 25, 25);
+    let saved = node.saved();
+    assert!(saved.pending.is_empty() && saved.running.is_empty(), "{saved:?}");
+    assert_eq!(saved.reported, ["aaa", "bbb"]);
+    // Nothing changes any more: the state file is not written again.
+    std::fs::remove_file(node.dir.path().join("gpu-runs.json")).unwrap();
+    poll(&mut runs, 30, 60);
+    assert!(!node.dir.path().join("gpu-runs.json").exists(), "written although nothing changed");
+}
