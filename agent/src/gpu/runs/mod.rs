@@ -178,7 +178,7 @@ impl Runs {
             let Some(meta) = pods.get(&(namespace, pod)) else { continue };
             // A container whose end is known is not holding anything any more, whatever the
             // kubelet's list still says.
-            let Some(id) = meta.container(&container).filter(|c| c.exit.is_none()).and_then(|c| c.id.clone()) else { continue };
+            let Some(id) = meta.container(&container).filter(|c| own_exit(c).is_none()).and_then(|c| c.id.clone()) else { continue };
             if self.state.is_done(&id) {
                 continue;
             }
@@ -228,7 +228,7 @@ impl Runs {
                 let c = pod.as_ref().and_then(|p| p.container(&run.who.container));
                 let exit = c.and_then(|c| {
                     if c.id.as_deref() == Some(id) {
-                        c.exit.as_deref().cloned()
+                        own_exit(c).cloned()
                     } else if c.last_id.as_deref() == Some(id) {
                         c.last_exit.as_deref().cloned()
                     } else {
@@ -331,6 +331,12 @@ fn baseline(seconds: &RunSeconds, who: &Who) {
         let _ =
             seconds.get_or_create(&RunLabels { namespace: who.namespace.clone(), app: who.app.clone(), user: who.user.clone(), outcome });
     }
+}
+
+/// The end of the container instance `c.id`: its `state.terminated`, or, while the kubelet
+/// waits to restart it (CrashLoopBackOff), its `lastState.terminated` naming the same id.
+fn own_exit(c: &ContainerMeta) -> Option<&Exit> {
+    c.exit.as_deref().or_else(|| c.last_exit.as_deref().filter(|_| c.id.is_some() && c.last_id == c.id))
 }
 
 fn new_run(pod: &PodMeta, c: &ContainerMeta, id: &str, started: Option<f64>, now: f64) -> Run {

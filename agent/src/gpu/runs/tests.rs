@@ -219,3 +219,23 @@ fn without_a_log_pipeline_a_report_is_done_once_counted_and_the_state_left_alone
     poll(&mut runs, 30, 60);
     assert!(!node.dir.path().join("gpu-runs.json").exists(), "written although nothing changed");
 }
+
+#[test]
+fn a_container_in_crash_loop_back_off_ends_at_its_last_termination() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 0, 50);
+    // Waiting to be restarted: no state.terminated, lastState.terminated names the same id.
+    let mut crashed = pod("a-0", "aaa", None);
+    crashed.containers[0].last_id = Some("aaa".into());
+    crashed.containers[0].last_exit =
+        Some(Box::new(Exit { code: 1, reason: "Error".into(), started: Some(T0 as i64), finished: Some((T0 + 52.0) as i64) }));
+    node.store.apply(crashed);
+    poll(&mut runs, 55, 55);
+    let r = rx.try_recv().expect("reported at the next poll").report;
+    assert_eq!((r.who.container_id.as_str(), r.exit_code, r.exit_reason.as_str(), r.outcome.as_str()), ("aaa", Some(1), "Error", "failed"));
+    assert_eq!(r.ended, T0 + 52.0);
+    assert!((r.gpu_seconds - 26.0).abs() < 1e-6, "half the GPU for 52 s, not the back-off: {r:?}");
+    poll(&mut runs, 60, 120);
+    assert!(rx.try_recv().is_err() && !runs.state().running.contains_key("aaa"), "not a new run");
+}
