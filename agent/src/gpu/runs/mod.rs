@@ -176,6 +176,10 @@ impl Runs {
                 continue;
             };
             let Some(meta) = pods.get(&(namespace, pod)) else { continue };
+            // A pod deleted from the API holds nothing, though the kubelet may still list it.
+            if self.pods.is_deleted(&meta.uid) {
+                continue;
+            }
             // A container whose end is known is not holding anything any more, whatever the
             // kubelet's list still says.
             let Some(id) = meta.container(&container).filter(|c| own_exit(c).is_none()).and_then(|c| c.id.clone()) else { continue };
@@ -244,7 +248,10 @@ impl Runs {
             .collect();
         for (id, exit, evicted) in ended {
             let Some(run) = self.state.running.remove(&id) else { continue };
-            let report = finish_run(run, exit.as_ref(), evicted, now);
+            // No end known (its pod went while the agent was down, or the kubelet replaced
+            // it): it held the GPU until a poll after it was last seen at most.
+            let ended = exit.as_ref().and_then(|e| e.finished).map_or_else(|| now.min(run.last_seen + self.poll_interval.as_secs_f64()), |f| f as f64);
+            let report = finish_run(run, exit.as_ref(), evicted, ended);
             self.seconds
                 .get_or_create(&RunLabels {
                     namespace: report.who.namespace.clone(),
@@ -422,9 +429,8 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
     }
 }
 
-/// The report of a run that ended with `exit` (`None`: not reported by the kubelet).
-fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, now: f64) -> Report {
-    let ended = exit.and_then(|e| e.finished).map(|f| f as f64).unwrap_or(now);
+/// The report of a run that ended at `ended` with `exit` (`None`: not reported by the kubelet).
+fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> Report {
     // Held at the last share until it ended; polls after its end (before its status
     // arrived) are taken back.
     run.gpu_seconds = (run.gpu_seconds + run.last_share * (ended - run.last_seen)).max(0.0);
