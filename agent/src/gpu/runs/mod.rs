@@ -189,7 +189,10 @@ impl Runs {
             let Some(device) = by_uuid.get(uuid.as_str()).copied() else { continue };
             let sharers = holders.get(uuid.as_str()).copied().unwrap_or(1).max(1);
             let (share, physical) = match &device.id.mig {
-                Some(mig) => (mig_fraction(&mig.profile, &device.id.model), by_uuid.get(mig.parent_uuid.as_str()).copied()),
+                // A time-sliced MIG instance is shared like a whole GPU.
+                Some(mig) => {
+                    (mig_fraction(&mig.profile, &device.id.model) / sharers as f64, by_uuid.get(mig.parent_uuid.as_str()).copied())
+                }
                 None => (row.granted_cores_ratio.filter(|r| *r > 0.0).unwrap_or(1.0 / sharers as f64), Some(device)),
             };
             let entry = held.entry(id).or_insert_with(|| (meta.clone(), container, Vec::new()));
@@ -455,10 +458,12 @@ fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> R
     }
 }
 
-/// A MIG instance's share of its GPU: its compute slices (`3g` of `3g.20gb`, or of
-/// `1c.3g.20gb`) over the GPU's seven (four on an A30).
+/// A MIG instance's share of its GPU: its compute slices over the GPU's seven (four on an
+/// A30) — `3g` of `3g.20gb`, and for a compute instance the `1c` of `1c.3g.20gb` (one of the
+/// GPU instance's three slices).
 pub fn mig_fraction(profile: &str, model: &str) -> f64 {
-    let slices = profile.split('.').find_map(|part| part.strip_suffix('g')?.parse::<u32>().ok()).unwrap_or(1);
+    let part = |suffix: char| profile.split('.').find_map(|part| part.strip_suffix(suffix)?.parse::<u32>().ok());
+    let slices = part('c').or_else(|| part('g')).unwrap_or(1);
     let total = if model.contains("A30") { 4.0 } else { 7.0 };
     (f64::from(slices) / total).min(1.0)
 }

@@ -174,7 +174,8 @@ fn an_agent_restart_continues_the_totals_and_sends_an_unacknowledged_report_agai
 #[test]
 fn mig_slices_count_their_compute_share() {
     assert!((mig_fraction("1g.10gb", "NVIDIA A100") - 1.0 / 7.0).abs() < 1e-9);
-    assert!((mig_fraction("1c.3g.40gb", "NVIDIA H100") - 3.0 / 7.0).abs() < 1e-9);
+    assert!((mig_fraction("1c.3g.40gb", "NVIDIA H100") - 1.0 / 7.0).abs() < 1e-9, "the compute instance's slice");
+    assert!((mig_fraction("2c.3g.40gb", "NVIDIA H100") - 2.0 / 7.0).abs() < 1e-9);
     assert!((mig_fraction("2g.12gb", "NVIDIA A30") - 0.5).abs() < 1e-9);
     assert_eq!(mig_fraction("7g.80gb", "NVIDIA H100"), 1.0);
 }
@@ -256,4 +257,26 @@ fn a_pod_gone_while_the_agent_was_down_is_not_charged_the_downtime() {
     assert_eq!(r.ended, T0 + 55.0, "a poll after it was last seen");
     assert!((r.gpu_seconds - 27.5).abs() < 1e-6, "{r:?}");
     assert!((runs.state().running["aaa"].gpu_seconds - 500.0).abs() < 1e-6, "a still held it throughout");
+}
+
+#[test]
+fn a_time_sliced_mig_instance_is_divided_among_its_sharers() {
+    const MIG: &str = "MIG-99999999-2222-3333-4444-555555555555";
+    let node = Node::new();
+    let (mut runs, _rx) = node.runs();
+    let parent = GpuReading::new(GpuId { index: 0, uuid: GPU.into(), model: "NVIDIA H100".into(), mig: None, minor: Some(0) }, true);
+    let mig = crate::gpu::reading::MigId { profile: "3g.40gb".into(), gpu_instance: 1, parent_uuid: GPU.into(), placement: None };
+    let instance = GpuReading::new(GpuId { index: 0, uuid: MIG.into(), model: "NVIDIA H100".into(), mig: Some(mig), minor: None }, true);
+    let reading = Reading { gpus: vec![parent, instance], ..Reading::default() };
+    let on_mig = |pod: &str| {
+        let mut r = row(pod, 0.3, 1e9);
+        r.labels.iter_mut().filter(|(k, _)| *k == "uuid").for_each(|(_, v)| *v = MIG.into());
+        r
+    };
+    for t in (0..=70).step_by(5) {
+        runs.observe(&reading, &view(vec![on_mig("a-0"), on_mig("b-0")]), T0 + f64::from(t));
+    }
+    let run = &runs.state().running["aaa"];
+    assert!((run.gpus - 1.5 / 7.0).abs() < 1e-9, "3/7 halved: {run:?}");
+    assert!((run.gpu_seconds - 70.0 * 1.5 / 7.0).abs() < 1e-6, "{run:?}");
 }
