@@ -142,6 +142,11 @@ impl Runs {
         }
         self.account(reading, view, now);
         self.end(now);
+        // Written before any report leaves: killed after printing one, the agent that comes
+        // next finds it pending (sent again, same document id), never running (reported twice).
+        if self.dirty {
+            self.save(now);
+        }
         self.deliver();
         if self.dirty || (!self.state.running.is_empty() && now - self.saved_at >= SAVE_EVERY.as_secs_f64()) {
             self.save(now);
