@@ -109,8 +109,11 @@ impl Runs {
         if !state.running.is_empty() || !state.pending.is_empty() {
             tracing::info!(running = state.running.len(), pending = state.pending.len(), "GPU runs continued from state_dir");
         }
-        for run in state.running.values() {
+        let mut state = state;
+        for run in state.running.values_mut() {
             baseline(&seconds, &run.who);
+            // XID counts are the previous agent's, counted since it started: a new baseline.
+            run.xids_at.clear();
         }
         Runs {
             state,
@@ -255,7 +258,12 @@ impl Runs {
             })
             .collect();
         for (id, exit, evicted) in ended {
-            let Some(run) = self.state.running.remove(&id) else { continue };
+            let Some(mut run) = self.state.running.remove(&id) else { continue };
+            // The last values its logs gave (the final loss), read once more.
+            let values = self.gauges.values(&run.who.pod_uid);
+            if !values.is_empty() {
+                run.log_metrics = values;
+            }
             // No end known (its pod went while the agent was down, or the kubelet replaced
             // it): it held the GPU until a poll after it was last seen at most.
             let ended = exit.as_ref().and_then(|e| e.finished).map_or_else(|| now.min(run.last_seen + self.poll_interval.as_secs_f64()), |f| f as f64);

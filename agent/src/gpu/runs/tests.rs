@@ -153,6 +153,7 @@ fn an_agent_restart_continues_the_totals_and_sends_an_unacknowledged_report_agai
     // Down for 30 s; then b's pod is deleted without an end in its status.
     let (mut runs, rx) = node.runs();
     assert_eq!(runs.state().running["aaa"].last_seen, T0 + 50.0, "continued");
+    assert!(runs.state().running["aaa"].xids_at.is_empty(), "the previous agent's XID counts are no baseline");
     poll(&mut runs, 80, 100);
     node.store.delete("uid-b-0");
     poll(&mut runs, 105, 105);
