@@ -74,6 +74,7 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
     let runs = crate::gpu::RunsContext {
         gauges: metrics.logs.derived.by_pod.clone(),
         seconds: metrics.gpu_run_seconds.clone(),
+        dropped: metrics.gpu_run_reports_dropped.clone(),
         out: run_reports.clone(),
     };
     let gpu =

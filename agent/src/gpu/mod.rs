@@ -36,6 +36,8 @@ pub struct RunsContext {
     pub gauges: crate::logs::derived::PodGauges,
     /// `nodelens_gpu_run_seconds_total`.
     pub seconds: runs::RunSeconds,
+    /// `nodelens_gpu_run_reports_dropped_total`.
+    pub dropped: prometheus_client::metrics::counter::Counter,
     /// The log pipeline's input for reports (see [`runs::channel`]), `None` inside without a
     /// log pipeline; set once the pipeline started. Runs are tracked from then on: their state
     /// file is read only after the pipeline took `state_dir`'s lock.
@@ -53,7 +55,7 @@ impl RunsSlot {
         if self.runs.is_none() {
             let out = self.waiting.as_ref()?.2.out.get()?.clone();
             let (file, pods, context, poll_interval) = self.waiting.take()?;
-            self.runs = Some(Runs::new(file, pods, context.gauges, context.seconds, out, poll_interval));
+            self.runs = Some(Runs::new(file, pods, context.gauges, (context.seconds, context.dropped), out, poll_interval));
         }
         self.runs.as_mut()
     }

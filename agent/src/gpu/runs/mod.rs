@@ -82,6 +82,8 @@ pub struct Runs {
     pods: Arc<PodStore>,
     gauges: PodGauges,
     seconds: RunSeconds,
+    /// `nodelens_gpu_run_reports_dropped_total`.
+    dropped: Counter,
     out: Option<SyncSender<Delivery>>,
     /// No sink takes reports at all (no log pipeline): a report is done once counted.
     no_sink: bool,
@@ -101,7 +103,7 @@ impl Runs {
         file: StateFile,
         pods: Arc<PodStore>,
         gauges: PodGauges,
-        seconds: RunSeconds,
+        (seconds, dropped): (RunSeconds, Counter),
         out: Option<SyncSender<Delivery>>,
         poll_interval: Duration,
     ) -> Runs {
@@ -121,6 +123,7 @@ impl Runs {
             pods,
             gauges,
             seconds,
+            dropped,
             no_sink: out.is_none(),
             out,
             inflight: HashMap::new(),
@@ -280,7 +283,14 @@ impl Runs {
                 namespace = %report.who.namespace, pod = %report.who.pod, container = %report.who.container,
                 reason = %report.exit_reason, gpu_seconds = report.gpu_seconds, "GPU run ended"
             );
+            if self.state.pending.len() >= state::MAX_PENDING {
+                let oldest = self.state.pending.remove(0);
+                self.inflight.remove(&oldest.who.container_id);
+                self.dropped.inc();
+                tracing::warn!(container_id = %oldest.who.container_id, "too many GPU run reports wait for the sinks; the oldest is dropped unsent");
+            }
             self.state.pending.push(report);
+            self.state.reindex();
             self.dirty = true;
         }
     }
@@ -291,6 +301,7 @@ impl Runs {
             self.inflight.remove(&id);
             self.state.pending.retain(|r| r.who.container_id != id);
             self.state.remember(id);
+            self.state.reindex();
             self.dirty = true;
         }
     }
@@ -323,6 +334,7 @@ impl Runs {
             for report in std::mem::take(&mut self.state.pending) {
                 self.state.remember(report.who.container_id);
             }
+            self.state.reindex();
             self.dirty = true;
         }
     }

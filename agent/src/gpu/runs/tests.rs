@@ -69,24 +69,25 @@ struct Node {
     dir: tempfile::TempDir,
     store: Arc<PodStore>,
     seconds: RunSeconds,
+    dropped: Counter,
 }
 
 impl Node {
     fn new() -> Node {
         let store = Arc::new(PodStore::new(Vec::new(), Vec::new(), Default::default()));
         store.relist(vec![pod("a-0", "aaa", None), pod("b-0", "bbb", None)]);
-        Node { dir: tempfile::tempdir().unwrap(), store, seconds: RunSeconds::default() }
+        Node { dir: tempfile::tempdir().unwrap(), store, seconds: RunSeconds::default(), dropped: Counter::default() }
     }
 
     fn runs(&self) -> (Runs, Receiver<Delivery>) {
         let (tx, rx) = channel();
         let file = StateFile::new(self.dir.path());
-        (Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), Some(tx), Duration::from_secs(5)), rx)
+        (Runs::new(file, self.store.clone(), PodGauges::default(), (self.seconds.clone(), self.dropped.clone()), Some(tx), Duration::from_secs(5)), rx)
     }
 
     fn runs_without_sink(&self) -> Runs {
         let file = StateFile::new(self.dir.path());
-        Runs::new(file, self.store.clone(), PodGauges::default(), self.seconds.clone(), None, Duration::from_secs(5))
+        Runs::new(file, self.store.clone(), PodGauges::default(), (self.seconds.clone(), self.dropped.clone()), None, Duration::from_secs(5))
     }
 
     fn saved(&self) -> State {
@@ -280,4 +281,26 @@ fn a_time_sliced_mig_instance_is_divided_among_its_sharers() {
     let run = &runs.state().running["aaa"];
     assert!((run.gpus - 1.5 / 7.0).abs() < 1e-9, "3/7 halved: {run:?}");
     assert!((run.gpu_seconds - 70.0 * 1.5 / 7.0).abs() < 1e-6, "{run:?}");
+}
+
+#[test]
+fn pending_reports_are_bounded_and_the_oldest_dropped_and_counted() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 0, 0);
+    // A sink that never acknowledges, and a backlog at the bound.
+    let template = rx.try_recv().err().map(|_| crate::gpu::runs::report::tests::report()).unwrap();
+    for i in 0..state::MAX_PENDING {
+        let mut r = template.clone();
+        r.who.container_id = format!("old-{i}");
+        runs.state.pending.push(r);
+    }
+    runs.state.reindex();
+    node.store.apply(pod("a-0", "aaa", Some(oom(T0 + 2.0))));
+    poll(&mut runs, 5, 5);
+    let pending = &runs.state().pending;
+    assert_eq!(pending.len(), state::MAX_PENDING, "bounded");
+    assert_eq!(pending.last().unwrap().who.container_id, "aaa", "the newest kept");
+    assert!(!runs.state().is_done("old-0") && runs.state().is_done("old-1") && runs.state().is_done("aaa"));
+    assert_eq!(node.dropped.get(), 1);
 }
