@@ -64,6 +64,9 @@ pub fn channel() -> (SyncSender<Delivery>, Receiver<Delivery>) {
 const THROTTLED: u64 = 0x4 | 0x8 | 0x20 | 0x40 | 0x80;
 /// Written at least this often while runs are tracked (ends and acknowledgements at once).
 const SAVE_EVERY: Duration = Duration::from_secs(30);
+/// A namespace, app and user whose counter series went this long without an increment and
+/// without a running run loses its series.
+const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// One container's use of one device in one poll.
 struct Held<'a> {
@@ -84,6 +87,8 @@ pub struct Runs {
     seconds: RunSeconds,
     /// `nodelens_gpu_run_reports_dropped_total`.
     dropped: Counter,
+    /// When each (namespace, app, user) of the counter last ran or was incremented.
+    touched: HashMap<(String, String, String), f64>,
     out: Option<SyncSender<Delivery>>,
     /// No sink takes reports at all (no log pipeline): a report is done once counted.
     no_sink: bool,
@@ -124,6 +129,7 @@ impl Runs {
             gauges,
             seconds,
             dropped,
+            touched: HashMap::new(),
             no_sink: out.is_none(),
             out,
             inflight: HashMap::new(),
@@ -154,6 +160,7 @@ impl Runs {
             self.save(now);
         }
         self.deliver();
+        self.forget(now);
         if self.dirty || (!self.state.running.is_empty() && now - self.saved_at >= SAVE_EVERY.as_secs_f64()) {
             self.save(now);
         }
@@ -279,6 +286,7 @@ impl Runs {
                     outcome: report::OUTCOMES.iter().find(|o| **o == report.outcome).copied().unwrap_or("unknown"),
                 })
                 .inc_by(report.gpu_seconds);
+            self.touched.insert((report.who.namespace.clone(), report.who.app.clone(), report.who.user.clone()), now);
             tracing::info!(
                 namespace = %report.who.namespace, pod = %report.who.pod, container = %report.who.container,
                 reason = %report.exit_reason, gpu_seconds = report.gpu_seconds, "GPU run ended"
@@ -292,6 +300,20 @@ impl Runs {
             self.state.pending.push(report);
             self.state.reindex();
             self.dirty = true;
+        }
+    }
+
+    /// Removes the counter's series of a namespace, app and user idle for [`FORGET_AFTER`].
+    fn forget(&mut self, now: f64) {
+        for run in self.state.running.values() {
+            self.touched.insert((run.who.namespace.clone(), run.who.app.clone(), run.who.user.clone()), now);
+        }
+        let stale: Vec<_> = self.touched.iter().filter(|(_, at)| now - **at >= FORGET_AFTER.as_secs_f64()).map(|(k, _)| k.clone()).collect();
+        for (namespace, app, user) in stale {
+            self.touched.remove(&(namespace.clone(), app.clone(), user.clone()));
+            for outcome in report::OUTCOMES {
+                self.seconds.remove(&RunLabels { namespace: namespace.clone(), app: app.clone(), user: user.clone(), outcome });
+            }
         }
     }
 

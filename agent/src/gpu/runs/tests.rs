@@ -304,3 +304,26 @@ fn pending_reports_are_bounded_and_the_oldest_dropped_and_counted() {
     assert!(!runs.state().is_done("old-0") && runs.state().is_done("old-1") && runs.state().is_done("aaa"));
     assert_eq!(node.dropped.get(), 1);
 }
+
+#[test]
+fn the_counter_forgets_a_user_idle_for_a_day() {
+    let node = Node::new();
+    let (mut runs, _rx) = node.runs();
+    let series = |seconds: &RunSeconds| {
+        let mut exposition = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("gpu_run_seconds", "", seconds.clone());
+        prometheus_client::encoding::text::encode(&mut exposition, &registry).unwrap();
+        (exposition.matches("app=\"a\"").count(), exposition.matches("app=\"b\"").count())
+    };
+    poll(&mut runs, 0, 20);
+    node.store.apply(pod("a-0", "aaa", Some(oom(T0 + 22.0))));
+    poll(&mut runs, 25, 25);
+    assert_eq!(series(&node.seconds), (5, 5));
+    // b keeps running; a day after a's last increment its series go, b's stay.
+    let b_only = view(vec![row("b-0", 0.5, 2e9)]);
+    runs.observe(&reading(0.0, 0), &b_only, T0 + 25.0 + 86_399.0);
+    assert_eq!(series(&node.seconds), (5, 5), "not yet");
+    runs.observe(&reading(0.0, 0), &b_only, T0 + 25.0 + 86_400.0);
+    assert_eq!(series(&node.seconds), (0, 5));
+}
