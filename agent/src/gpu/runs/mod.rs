@@ -276,7 +276,10 @@ impl Runs {
             }
             // No end known (its pod went while the agent was down, or the kubelet replaced
             // it): it held the GPU until a poll after it was last seen at most.
-            let ended = exit.as_ref().and_then(|e| e.finished).map_or_else(|| now.min(run.last_seen + self.poll_interval.as_secs_f64()), |f| f as f64);
+            let ended = exit
+                .as_ref()
+                .and_then(|e| e.finished)
+                .map_or_else(|| now.min(run.last_seen + self.poll_interval.as_secs_f64()), |f| f as f64);
             let report = finish_run(run, exit.as_ref(), evicted, ended);
             self.seconds
                 .get_or_create(&RunLabels {
@@ -308,7 +311,8 @@ impl Runs {
         for run in self.state.running.values() {
             self.touched.insert((run.who.namespace.clone(), run.who.app.clone(), run.who.user.clone()), now);
         }
-        let stale: Vec<_> = self.touched.iter().filter(|(_, at)| now - **at >= FORGET_AFTER.as_secs_f64()).map(|(k, _)| k.clone()).collect();
+        let stale: Vec<_> =
+            self.touched.iter().filter(|(_, at)| now - **at >= FORGET_AFTER.as_secs_f64()).map(|(k, _)| k.clone()).collect();
         for (namespace, app, user) in stale {
             self.touched.remove(&(namespace.clone(), app.clone(), user.clone()));
             for outcome in report::OUTCOMES {

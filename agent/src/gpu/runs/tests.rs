@@ -82,12 +82,29 @@ impl Node {
     fn runs(&self) -> (Runs, Receiver<Delivery>) {
         let (tx, rx) = channel();
         let file = StateFile::new(self.dir.path());
-        (Runs::new(file, self.store.clone(), PodGauges::default(), (self.seconds.clone(), self.dropped.clone()), Some(tx), Duration::from_secs(5)), rx)
+        (
+            Runs::new(
+                file,
+                self.store.clone(),
+                PodGauges::default(),
+                (self.seconds.clone(), self.dropped.clone()),
+                Some(tx),
+                Duration::from_secs(5),
+            ),
+            rx,
+        )
     }
 
     fn runs_without_sink(&self) -> Runs {
         let file = StateFile::new(self.dir.path());
-        Runs::new(file, self.store.clone(), PodGauges::default(), (self.seconds.clone(), self.dropped.clone()), None, Duration::from_secs(5))
+        Runs::new(
+            file,
+            self.store.clone(),
+            PodGauges::default(),
+            (self.seconds.clone(), self.dropped.clone()),
+            None,
+            Duration::from_secs(5),
+        )
     }
 
     fn saved(&self) -> State {
