@@ -87,6 +87,17 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
     }
 
     let gpu_bus_ids = crate::host::pci::GpuBusIds::default();
+    // GPUs before the log pipeline: the XIDs it replays from the kernel's ring buffer at start
+    // get their GPU labels. Run reports wait for the pipeline (see below).
+    let run_reports = Arc::new(std::sync::OnceLock::new());
+    let runs = crate::gpu::RunsContext {
+        gauges: metrics.logs.derived.by_pod.clone(),
+        seconds: metrics.gpu_run_seconds.clone(),
+        dropped: metrics.gpu_run_reports_dropped.clone(),
+        out: run_reports.clone(),
+    };
+    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), runs, &mut tasks, Shutdown::new(shutdown_tx.subscribe()))
+        .await?;
 
     let push = &config.metrics.otlp;
     if !push.endpoint.is_empty() {
@@ -127,15 +138,17 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
         None
     };
     // After the pipeline, which holds state_dir's lock: an agent handing the node over has
-    // written its GPU run state by then.
-    let (run_reports, run_reports_rx) = crate::gpu::runs::channel();
-    if let Some(pipeline) = pipeline.as_mut() {
-        pipeline.deliver_runs(run_reports_rx)?;
-    }
-    let runs =
-        crate::gpu::RunsContext { gauges: metrics.logs.derived.by_pod.clone(), seconds: metrics.gpu_run_seconds.clone(), out: run_reports };
-    crate::gpu::start(&config, names, metrics.gpu.clone(), gpu_bus_ids.clone(), runs, &mut tasks, Shutdown::new(shutdown_tx.subscribe()))
-        .await?;
+    // written its GPU run state by then, and runs are read from it only now. Without a log
+    // pipeline no sink takes reports: they are only counted.
+    let out = match pipeline.as_mut() {
+        Some(pipeline) => {
+            let (out, out_rx) = crate::gpu::runs::channel();
+            pipeline.deliver_runs(out_rx)?;
+            Some(out)
+        }
+        None => None,
+    };
+    let _ = run_reports.set(out);
     health.ready.store(true, Ordering::Release);
 
     let failure = async {

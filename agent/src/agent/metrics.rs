@@ -38,6 +38,8 @@ pub struct Metrics {
     pub gpu: GpuExport,
     /// `nodelens_gpu_run_seconds_total`.
     pub gpu_run_seconds: RunSeconds,
+    /// `nodelens_gpu_run_reports_dropped_total`.
+    pub gpu_run_reports_dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl Metrics {
@@ -130,10 +132,16 @@ impl Metrics {
             "GPU-seconds (each GPU's share times the time held) of container runs that ended, by outcome",
             gpu_run_seconds.clone(),
         );
+        let gpu_run_reports_dropped = prometheus_client::metrics::counter::Counter::default();
+        r.add(
+            "gpu_run_reports_dropped",
+            "GPU run reports dropped unsent because too many waited for the sinks",
+            gpu_run_reports_dropped.clone(),
+        );
         r.add_collector(Box::new(gpu.clone()), export::NAMES);
         r.add_collector(Box::new(ProcessCollector), process::NAMES);
         let exposition = Arc::new(r.finish());
-        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds }
+        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds, gpu_run_reports_dropped }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),

@@ -35,8 +35,29 @@ pub struct RunsContext {
     pub gauges: crate::logs::derived::PodGauges,
     /// `nodelens_gpu_run_seconds_total`.
     pub seconds: runs::RunSeconds,
-    /// The log pipeline's input for reports (see [`runs::channel`]).
-    pub out: std::sync::mpsc::SyncSender<runs::Delivery>,
+    /// `nodelens_gpu_run_reports_dropped_total`.
+    pub dropped: prometheus_client::metrics::counter::Counter,
+    /// The log pipeline's input for reports (see [`runs::channel`]), `None` inside without a
+    /// log pipeline; set once the pipeline started. Runs are tracked from then on: their state
+    /// file is read only after the pipeline took `state_dir`'s lock.
+    pub out: Arc<std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<runs::Delivery>>>>,
+}
+
+/// The tracker, once the log pipeline decided where reports go.
+struct RunsSlot {
+    runs: Option<Runs>,
+    waiting: Option<(runs::state::StateFile, Arc<crate::kube::store::PodStore>, RunsContext, std::time::Duration)>,
+}
+
+impl RunsSlot {
+    fn get(&mut self) -> Option<&mut Runs> {
+        if self.runs.is_none() {
+            let out = self.waiting.as_ref()?.2.out.get()?.clone();
+            let (file, pods, context, poll_interval) = self.waiting.take()?;
+            self.runs = Some(Runs::new(file, pods, context.gauges, (context.seconds, context.dropped), out, poll_interval));
+        }
+        self.runs.as_mut()
+    }
 }
 
 /// Starts GPU collection unless `gpu.enabled` is false. With `auto`, a node without NVML or
@@ -96,7 +117,7 @@ async fn start_with(
     let pod_resources = PodResources::new(config.kubernetes.pod_resources_socket.clone(), config.gpu.resource_prefixes.clone());
     let runs = names.pods.clone().map(|pods| {
         let file = runs::state::StateFile::new(&config.state_dir);
-        Arc::new(Mutex::new(Runs::new(file, pods, runs.gauges, runs.seconds, runs.out, config.gpu.poll_interval)))
+        Arc::new(Mutex::new(RunsSlot { runs: None, waiting: Some((file, pods, runs, config.gpu.poll_interval)) }))
     });
     tasks.spawn("gpu", async move {
         if attribute(readings, pod_resources, names, export.clone(), runs, shutdown).await == Ended::Shutdown {
@@ -132,7 +153,7 @@ async fn attribute(
     mut pod_resources: PodResources,
     names: Names,
     export: GpuExport,
-    runs: Option<Arc<Mutex<Runs>>>,
+    runs: Option<Arc<Mutex<RunsSlot>>>,
     mut shutdown: Shutdown,
 ) -> Ended {
     let mut allocations = Arc::new(Vec::new());
@@ -164,7 +185,9 @@ async fn attribute(
         let composed = tokio::task::spawn_blocking(move || {
             let view = attribution::compose(&reading, &allocations, &names);
             if let Some(runs) = runs {
-                runs.lock().unwrap_or_else(|e| e.into_inner()).observe(&reading, &view, runs::unix_now());
+                if let Some(runs) = runs.lock().unwrap_or_else(|e| e.into_inner()).get() {
+                    runs.observe(&reading, &view, runs::unix_now());
+                }
             }
             view
         });
@@ -179,7 +202,12 @@ async fn attribute(
     };
     // Reports the pipeline delivered while it drained are remembered; running totals kept.
     if let Some(runs) = runs {
-        let _ = tokio::task::spawn_blocking(move || runs.lock().unwrap_or_else(|e| e.into_inner()).finish()).await;
+        let finish = move || {
+            if let Some(runs) = runs.lock().unwrap_or_else(|e| e.into_inner()).runs.as_mut() {
+                runs.finish();
+            }
+        };
+        let _ = tokio::task::spawn_blocking(finish).await;
     }
     ended
 }
@@ -228,7 +256,8 @@ mod tests {
             collector.join().unwrap();
             panic!("index out of bounds: the len is 1 but the index is 1");
         };
-        let runs = RunsContext { gauges: Default::default(), seconds: Default::default(), out: runs::channel().0 };
+        let runs =
+            RunsContext { gauges: Default::default(), seconds: Default::default(), dropped: Default::default(), out: Default::default() };
         start_with(&config, names, export.clone(), Default::default(), runs, &mut tasks, Shutdown::new(stopping), nvml_with_a_bug)
             .await
             .unwrap();

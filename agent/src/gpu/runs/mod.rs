@@ -64,6 +64,9 @@ pub fn channel() -> (SyncSender<Delivery>, Receiver<Delivery>) {
 const THROTTLED: u64 = 0x4 | 0x8 | 0x20 | 0x40 | 0x80;
 /// Written at least this often while runs are tracked (ends and acknowledgements at once).
 const SAVE_EVERY: Duration = Duration::from_secs(30);
+/// A namespace, app and user whose counter series went this long without an increment and
+/// without a running run loses its series.
+const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// One container's use of one device in one poll.
 struct Held<'a> {
@@ -82,7 +85,13 @@ pub struct Runs {
     pods: Arc<PodStore>,
     gauges: PodGauges,
     seconds: RunSeconds,
+    /// `nodelens_gpu_run_reports_dropped_total`.
+    dropped: Counter,
+    /// When each (namespace, app, user) of the counter last ran or was incremented.
+    touched: HashMap<(String, String, String), f64>,
     out: Option<SyncSender<Delivery>>,
+    /// No sink takes reports at all (no log pipeline): a report is done once counted.
+    no_sink: bool,
     /// Reports handed to the pipeline, by container id.
     inflight: HashMap<String, Arc<AtomicBool>>,
     poll_interval: Duration,
@@ -93,21 +102,25 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// Loads the state from `file`; reports go to `out`.
+    /// Loads the state from `file`; reports go to `out`, `None` where no log pipeline runs (a
+    /// report is then done once counted).
     pub fn new(
         file: StateFile,
         pods: Arc<PodStore>,
         gauges: PodGauges,
-        seconds: RunSeconds,
-        out: SyncSender<Delivery>,
+        (seconds, dropped): (RunSeconds, Counter),
+        out: Option<SyncSender<Delivery>>,
         poll_interval: Duration,
     ) -> Runs {
         let state = file.load();
         if !state.running.is_empty() || !state.pending.is_empty() {
             tracing::info!(running = state.running.len(), pending = state.pending.len(), "GPU runs continued from state_dir");
         }
-        for run in state.running.values() {
+        let mut state = state;
+        for run in state.running.values_mut() {
             baseline(&seconds, &run.who);
+            // XID counts are the previous agent's, counted since it started: a new baseline.
+            run.xids_at.clear();
         }
         Runs {
             state,
@@ -115,7 +128,10 @@ impl Runs {
             pods,
             gauges,
             seconds,
-            out: Some(out),
+            dropped,
+            touched: HashMap::new(),
+            no_sink: out.is_none(),
+            out,
             inflight: HashMap::new(),
             poll_interval,
             saved_at: 0.0,
@@ -138,7 +154,13 @@ impl Runs {
         }
         self.account(reading, view, now);
         self.end(now);
+        // Written before any report leaves: killed after printing one, the agent that comes
+        // next finds it pending (sent again, same document id), never running (reported twice).
+        if self.dirty {
+            self.save(now);
+        }
         self.deliver();
+        self.forget(now);
         if self.dirty || (!self.state.running.is_empty() && now - self.saved_at >= SAVE_EVERY.as_secs_f64()) {
             self.save(now);
         }
@@ -172,16 +194,23 @@ impl Runs {
                 continue;
             };
             let Some(meta) = pods.get(&(namespace, pod)) else { continue };
+            // A pod deleted from the API holds nothing, though the kubelet may still list it.
+            if self.pods.is_deleted(&meta.uid) {
+                continue;
+            }
             // A container whose end is known is not holding anything any more, whatever the
             // kubelet's list still says.
-            let Some(id) = meta.container(&container).filter(|c| c.exit.is_none()).and_then(|c| c.id.clone()) else { continue };
+            let Some(id) = meta.container(&container).filter(|c| own_exit(c).is_none()).and_then(|c| c.id.clone()) else { continue };
             if self.state.is_done(&id) {
                 continue;
             }
             let Some(device) = by_uuid.get(uuid.as_str()).copied() else { continue };
             let sharers = holders.get(uuid.as_str()).copied().unwrap_or(1).max(1);
             let (share, physical) = match &device.id.mig {
-                Some(mig) => (mig_fraction(&mig.profile, &device.id.model), by_uuid.get(mig.parent_uuid.as_str()).copied()),
+                // A time-sliced MIG instance is shared like a whole GPU.
+                Some(mig) => {
+                    (mig_fraction(&mig.profile, &device.id.model) / sharers as f64, by_uuid.get(mig.parent_uuid.as_str()).copied())
+                }
                 None => (row.granted_cores_ratio.filter(|r| *r > 0.0).unwrap_or(1.0 / sharers as f64), Some(device)),
             };
             let entry = held.entry(id).or_insert_with(|| (meta.clone(), container, Vec::new()));
@@ -224,7 +253,7 @@ impl Runs {
                 let c = pod.as_ref().and_then(|p| p.container(&run.who.container));
                 let exit = c.and_then(|c| {
                     if c.id.as_deref() == Some(id) {
-                        c.exit.as_deref().cloned()
+                        own_exit(c).cloned()
                     } else if c.last_id.as_deref() == Some(id) {
                         c.last_exit.as_deref().cloned()
                     } else {
@@ -239,8 +268,19 @@ impl Runs {
             })
             .collect();
         for (id, exit, evicted) in ended {
-            let Some(run) = self.state.running.remove(&id) else { continue };
-            let report = finish_run(run, exit.as_ref(), evicted, now);
+            let Some(mut run) = self.state.running.remove(&id) else { continue };
+            // The last values its logs gave (the final loss), read once more.
+            let values = self.gauges.values(&run.who.pod_uid);
+            if !values.is_empty() {
+                run.log_metrics = values;
+            }
+            // No end known (its pod went while the agent was down, or the kubelet replaced
+            // it): it held the GPU until a poll after it was last seen at most.
+            let ended = exit
+                .as_ref()
+                .and_then(|e| e.finished)
+                .map_or_else(|| now.min(run.last_seen + self.poll_interval.as_secs_f64()), |f| f as f64);
+            let report = finish_run(run, exit.as_ref(), evicted, ended);
             self.seconds
                 .get_or_create(&RunLabels {
                     namespace: report.who.namespace.clone(),
@@ -249,12 +289,35 @@ impl Runs {
                     outcome: report::OUTCOMES.iter().find(|o| **o == report.outcome).copied().unwrap_or("unknown"),
                 })
                 .inc_by(report.gpu_seconds);
+            self.touched.insert((report.who.namespace.clone(), report.who.app.clone(), report.who.user.clone()), now);
             tracing::info!(
                 namespace = %report.who.namespace, pod = %report.who.pod, container = %report.who.container,
                 reason = %report.exit_reason, gpu_seconds = report.gpu_seconds, "GPU run ended"
             );
+            if self.state.pending.len() >= state::MAX_PENDING {
+                let oldest = self.state.pending.remove(0);
+                self.inflight.remove(&oldest.who.container_id);
+                self.dropped.inc();
+                tracing::warn!(container_id = %oldest.who.container_id, "too many GPU run reports wait for the sinks; the oldest is dropped unsent");
+            }
             self.state.pending.push(report);
+            self.state.reindex();
             self.dirty = true;
+        }
+    }
+
+    /// Removes the counter's series of a namespace, app and user idle for [`FORGET_AFTER`].
+    fn forget(&mut self, now: f64) {
+        for run in self.state.running.values() {
+            self.touched.insert((run.who.namespace.clone(), run.who.app.clone(), run.who.user.clone()), now);
+        }
+        let stale: Vec<_> =
+            self.touched.iter().filter(|(_, at)| now - **at >= FORGET_AFTER.as_secs_f64()).map(|(k, _)| k.clone()).collect();
+        for (namespace, app, user) in stale {
+            self.touched.remove(&(namespace.clone(), app.clone(), user.clone()));
+            for outcome in report::OUTCOMES {
+                self.seconds.remove(&RunLabels { namespace: namespace.clone(), app: app.clone(), user: user.clone(), outcome });
+            }
         }
     }
 
@@ -264,11 +327,14 @@ impl Runs {
             self.inflight.remove(&id);
             self.state.pending.retain(|r| r.who.container_id != id);
             self.state.remember(id);
+            self.state.reindex();
             self.dirty = true;
         }
     }
 
     /// Hands pending reports to the pipeline; without one (no sink), a report is done at once.
+    /// A pipeline that went away (shutdown, a failed sink) keeps every report pending: written
+    /// to the state file and sent again after a restart.
     fn deliver(&mut self) {
         self.collect_delivered();
         for report in &self.state.pending {
@@ -284,16 +350,17 @@ impl Runs {
                 }
                 Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Disconnected(_)) => {
-                    tracing::info!("no log sink takes GPU run reports; they are counted in nodelens_gpu_run_seconds_total only");
+                    tracing::info!("the log pipeline stopped; GPU run reports stay pending until the next start");
                     self.out = None;
                     break;
                 }
             }
         }
-        if self.out.is_none() {
+        if self.no_sink && !self.state.pending.is_empty() {
             for report in std::mem::take(&mut self.state.pending) {
                 self.state.remember(report.who.container_id);
             }
+            self.state.reindex();
             self.dirty = true;
         }
     }
@@ -325,6 +392,12 @@ fn baseline(seconds: &RunSeconds, who: &Who) {
         let _ =
             seconds.get_or_create(&RunLabels { namespace: who.namespace.clone(), app: who.app.clone(), user: who.user.clone(), outcome });
     }
+}
+
+/// The end of the container instance `c.id`: its `state.terminated`, or, while the kubelet
+/// waits to restart it (CrashLoopBackOff), its `lastState.terminated` naming the same id.
+fn own_exit(c: &ContainerMeta) -> Option<&Exit> {
+    c.exit.as_deref().or_else(|| c.last_exit.as_deref().filter(|_| c.id.is_some() && c.last_id == c.id))
 }
 
 fn new_run(pod: &PodMeta, c: &ContainerMeta, id: &str, started: Option<f64>, now: f64) -> Run {
@@ -410,9 +483,8 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
     }
 }
 
-/// The report of a run that ended with `exit` (`None`: not reported by the kubelet).
-fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, now: f64) -> Report {
-    let ended = exit.and_then(|e| e.finished).map(|f| f as f64).unwrap_or(now);
+/// The report of a run that ended at `ended` with `exit` (`None`: not reported by the kubelet).
+fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> Report {
     // Held at the last share until it ended; polls after its end (before its status
     // arrived) are taken back.
     run.gpu_seconds = (run.gpu_seconds + run.last_share * (ended - run.last_seen)).max(0.0);
@@ -437,10 +509,12 @@ fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, now: f64) -> Rep
     }
 }
 
-/// A MIG instance's share of its GPU: its compute slices (`3g` of `3g.20gb`, or of
-/// `1c.3g.20gb`) over the GPU's seven (four on an A30).
+/// A MIG instance's share of its GPU: its compute slices over the GPU's seven (four on an
+/// A30) — `3g` of `3g.20gb`, and for a compute instance the `1c` of `1c.3g.20gb` (one of the
+/// GPU instance's three slices).
 pub fn mig_fraction(profile: &str, model: &str) -> f64 {
-    let slices = profile.split('.').find_map(|part| part.strip_suffix('g')?.parse::<u32>().ok()).unwrap_or(1);
+    let part = |suffix: char| profile.split('.').find_map(|part| part.strip_suffix(suffix)?.parse::<u32>().ok());
+    let slices = part('c').or_else(|| part('g')).unwrap_or(1);
     let total = if model.contains("A30") { 4.0 } else { 7.0 };
     (f64::from(slices) / total).min(1.0)
 }

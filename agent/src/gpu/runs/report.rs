@@ -168,7 +168,8 @@ impl Report {
 pub fn outcome(evicted: bool, exit: Option<(i32, &str)>) -> &'static str {
     match exit {
         _ if evicted => "evicted",
-        None => "unknown",
+        // The kubelet lost the container (its node restarted): how it ended is not known.
+        None | Some((_, "ContainerStatusUnknown")) => "unknown",
         Some((_, "OOMKilled")) => "oomkilled",
         Some((_, "Evicted")) => "evicted",
         Some((0, "Completed" | "")) => "succeeded",
@@ -248,7 +249,7 @@ pub(crate) mod tests {
         assert_eq!(outcome(false, Some((137, "OOMKilled"))), "oomkilled");
         assert_eq!(outcome(true, Some((137, "Error"))), "evicted");
         assert_eq!(outcome(false, None), "unknown");
-        assert_eq!(outcome(false, Some((0, "ContainerStatusUnknown"))), "failed");
+        assert_eq!(outcome(false, Some((137, "ContainerStatusUnknown"))), "unknown");
     }
 
     fn leaves(value: &Value, prefix: &str, out: &mut Vec<String>) {

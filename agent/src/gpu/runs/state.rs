@@ -2,7 +2,7 @@
 //! reports written but not yet acknowledged by every sink, and the containers already
 //! reported. One JSON file in `state_dir`, written atomically.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,8 @@ pub const MAX_REPORTED: usize = 4096;
 /// Runs tracked at once: a node's GPU containers are far fewer; beyond it (a leak), the run
 /// seen longest ago is dropped.
 pub const MAX_RUNNING: usize = 2048;
+/// Reports waiting for the sinks (a sink down for long); beyond it the oldest is dropped.
+pub const MAX_PENDING: usize = 4096;
 
 /// A container's totals while it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,19 +88,32 @@ pub struct State {
     pub pending: Vec<Report>,
     /// Container ids reported, oldest first.
     pub reported: VecDeque<String>,
+    /// The ids of `pending` and `reported`, for [`State::is_done`].
+    #[serde(skip)]
+    done: HashSet<String>,
 }
 
 impl State {
     /// Whether the container's run was reported or is being reported.
     pub fn is_done(&self, container_id: &str) -> bool {
-        self.pending.iter().any(|r| r.who.container_id == container_id) || self.reported.iter().any(|id| id == container_id)
+        self.done.contains(container_id)
+    }
+
+    /// Rebuilds the index of [`State::is_done`] after `pending` or `reported` changed.
+    pub fn reindex(&mut self) {
+        self.done.clear();
+        self.done.extend(self.pending.iter().map(|r| r.who.container_id.clone()));
+        self.done.extend(self.reported.iter().cloned());
     }
 
     /// Remembers a reported container, forgetting the oldest beyond [`MAX_REPORTED`].
     pub fn remember(&mut self, container_id: String) {
         if self.reported.len() >= MAX_REPORTED {
-            self.reported.pop_front();
+            if let Some(old) = self.reported.pop_front() {
+                self.done.remove(&old);
+            }
         }
+        self.done.insert(container_id.clone());
         self.reported.push_back(container_id);
     }
 }
@@ -125,7 +140,11 @@ impl StateFile {
     pub fn load(&self) -> State {
         match std::fs::read(&self.path) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
-                Ok(on_disk) if on_disk.version == VERSION => on_disk.state,
+                Ok(on_disk) if on_disk.version == VERSION => {
+                    let mut state = on_disk.state;
+                    state.reindex();
+                    state
+                }
                 Ok(on_disk) => {
                     tracing::warn!(file = %self.path.display(), version = on_disk.version, "unknown GPU run state version; runs start over");
                     State::default()
@@ -170,6 +189,7 @@ mod tests {
         let file = StateFile::new(dir.path());
         assert_eq!(file.load(), State::default(), "no file yet");
         let mut state = State { pending: vec![super::super::report::tests::report()], ..State::default() };
+        state.reindex();
         for i in 0..MAX_REPORTED + 3 {
             state.remember(format!("c{i}"));
         }
