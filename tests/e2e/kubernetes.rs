@@ -103,7 +103,8 @@ fn records_carry_application_user_workload_and_labels_from_one_node_scoped_watch
     assert_eq!(err["container"]["id"], "ab".repeat(32));
     assert_eq!(err["container"]["runtime"], "containerd");
     assert_eq!(err["log"]["level"], "error");
-    assert_eq!(doc_with(&docs, r#"{"level":"info","msg":"step=10 loss=0.5"}"#).unwrap()["log"]["level"], "info");
+    // A JSON line's `msg` is its message (`logs.json: auto`).
+    assert_eq!(doc_with(&docs, "step=10 loss=0.5").unwrap()["log"]["level"], "info");
 
     let (_, body) = agent.get("/metrics");
     let info = [
