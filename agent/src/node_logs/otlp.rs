@@ -12,7 +12,7 @@ use prost::Message;
 
 use super::record::NodeRecord;
 use crate::logs::source::FileId;
-use crate::otlp::{kv, text};
+use crate::otlp::{kv, push_present, text};
 
 /// OTLP's severity of a syslog level (0 emergency … 7 debug).
 fn severity(priority: u8) -> (SeverityNumber, &'static str) {
@@ -61,19 +61,18 @@ fn record(r: &NodeRecord, source: FileId, observed: u64) -> LogRecord {
         }
         if let Some(c) = &gpu.container {
             let l = &c.labels;
-            for (key, value) in [
-                ("k8s.namespace.name", &l.namespace),
-                ("k8s.pod.name", &l.pod),
-                ("k8s.pod.uid", &c.pod_uid),
-                ("k8s.container.name", &l.container),
-                ("container.id", &c.container_id),
-                ("service.name", &l.app),
-                ("user.name", &l.user),
-            ] {
-                if !value.is_empty() {
-                    attributes.push(kv(key, text(value)));
-                }
-            }
+            push_present(
+                &mut attributes,
+                [
+                    ("k8s.namespace.name", &l.namespace),
+                    ("k8s.pod.name", &l.pod),
+                    ("k8s.pod.uid", &c.pod_uid),
+                    ("k8s.container.name", &l.container),
+                    ("container.id", &c.container_id),
+                    ("service.name", &l.app),
+                    ("user.name", &l.user),
+                ],
+            );
         }
     }
     let (severity_number, severity_text) = r.priority.map(severity).unwrap_or((SeverityNumber::Unspecified, ""));

@@ -301,6 +301,11 @@ pub(crate) fn text(value: &str) -> Value {
     Value::StringValue(value.to_string())
 }
 
+/// Appends a string attribute for each pair whose value is not empty.
+pub(crate) fn push_present<'a>(out: &mut Vec<KeyValue>, pairs: impl IntoIterator<Item = (&'static str, &'a String)>) {
+    out.extend(pairs.into_iter().filter(|(_, value)| !value.is_empty()).map(|(key, value)| kv(key, text(value))));
+}
+
 /// Nanoseconds since the epoch, as OTLP timestamps are.
 pub(crate) fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)

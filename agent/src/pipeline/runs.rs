@@ -18,7 +18,7 @@ use crate::gpu::runs::report::Report;
 use crate::gpu::runs::Delivery;
 use crate::logs::ack::AckMsg;
 use crate::node_logs::Feed;
-use crate::otlp::{kv, text};
+use crate::otlp::{kv, push_present, text};
 use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
@@ -69,20 +69,19 @@ pub fn encode_otlp(report: &Report, node: &str, cluster: &str, observed: u64, ou
     if !cluster.is_empty() {
         resource.push(kv("k8s.cluster.name", text(cluster)));
     }
-    for (key, value) in [
-        ("k8s.namespace.name", &w.namespace),
-        ("k8s.pod.name", &w.pod),
-        ("k8s.pod.uid", &w.pod_uid),
-        ("k8s.container.name", &w.container),
-        ("container.id", &w.container_id),
-        ("container.image.name", &w.image),
-        ("service.name", &w.app),
-        ("user.name", &w.user),
-    ] {
-        if !value.is_empty() {
-            resource.push(kv(key, text(value)));
-        }
-    }
+    push_present(
+        &mut resource,
+        [
+            ("k8s.namespace.name", &w.namespace),
+            ("k8s.pod.name", &w.pod),
+            ("k8s.pod.uid", &w.pod_uid),
+            ("k8s.container.name", &w.container),
+            ("container.id", &w.container_id),
+            ("container.image.name", &w.image),
+            ("service.name", &w.app),
+            ("user.name", &w.user),
+        ],
+    );
     let mut attributes = vec![
         kv("event.dataset", text("nodelens.gpu_run")),
         kv("log.record.uid", Value::StringValue(format!("{:032x}", report.source().record_id(0)))),
