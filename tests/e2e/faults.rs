@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nodelens_testkit::agent::{metric_sum, Agent};
+use nodelens_testkit::agent::{metric_sum, Agent, Options};
 use nodelens_testkit::kubelet::ContainerLog;
 use serde_json::Value;
 
@@ -46,13 +46,10 @@ impl Node {
             pods = self.pods().display(),
         );
         std::fs::write(&config, text).unwrap();
+        // Set in the child between fork and exec: a wrapper script written here could be held
+        // open by another test's fork at the moment it is executed (ETXTBSY).
         let binary = Path::new(env!("CARGO_BIN_EXE_nodelens"));
-        let Some(limit) = fd_limit else { return Agent::start(binary, &config, &[]) };
-        use std::os::unix::fs::PermissionsExt;
-        let wrapper = self.dir.path().join("nodelens-limited");
-        std::fs::write(&wrapper, format!("#!/bin/sh\nulimit -n {limit}\nexec '{}' \"$@\"\n", binary.display())).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Agent::start(&wrapper, &config, &[])
+        Agent::start_with(binary, &config, Options { fd_limit: fd_limit.map(u64::from), ..Options::default() })
     }
 }
 

@@ -38,6 +38,9 @@ pub struct Options {
     /// Do not read stdout until [`Agent::resume_stdout`]: the pipe fills, the stdout sink
     /// blocks, and the agent stops reading once `logs.max_inflight_bytes` are in flight.
     pub stdout_paused: bool,
+    /// The descriptor limit (`RLIMIT_NOFILE`, soft and hard) the agent starts under, as a
+    /// container runtime's default or a node's ulimit would set it.
+    pub fd_limit: Option<u64>,
 }
 
 /// A running agent.
@@ -74,6 +77,16 @@ impl Agent {
         if let Some((uid, gid)) = options.user {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
+        }
+        if let Some(limit) = options.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                });
+            }
         }
         // The runtime creates the container's log file before it starts the process.
         let own_log = options.own_log.map(|path| {
