@@ -2,8 +2,9 @@
 //! the kubelet's pod-resources service, a fake `/proc`, the fake API server) with its default
 //! stdout sink: a container OOMKilled after holding half a time-sliced H100 gets exactly one
 //! `nodelens.gpu_run` record, its totals continued across an agent restart in the middle of
-//! the run; a pod deleted without a terminated status gets one with reason `unknown`; a
-//! container still running gets none, across any number of restarts.
+//! the run (a clean stop, and a SIGKILL that leaves only what was saved); a pod deleted without
+//! a terminated status gets one with reason `unknown`; a container still running gets none,
+//! across any number of restarts.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -231,4 +232,47 @@ fn a_gpu_run_is_reported_once_when_it_ends_with_its_totals_continued_across_agen
     let (status, docs, log) = agent.terminate();
     assert!(status.success(), "{log}");
     assert_eq!(runs(&docs), Vec::<Value>::new(), "each container reported once across restarts: {log}");
+}
+
+#[test]
+fn a_run_whose_agent_was_killed_mid_run_is_reported_once_with_the_totals_it_had_saved() {
+    let started = SystemTime::now() - Duration::from_secs(10);
+    let node = Node::new(started);
+
+    // The first agent sees both runs, then is SIGKILLed: no shutdown, only what it had saved.
+    let agent = node.start();
+    attributed(&agent);
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, docs, first_log) = agent.kill();
+    assert_eq!(runs(&docs), Vec::<Value>::new(), "none while running: {first_log}");
+    let state = std::fs::read_to_string(node.dir.path().join("state").join("gpu-runs.json"))
+        .unwrap_or_else(|e| panic!("the running totals were saved before the kill: {e}\n{first_log}"));
+    assert!(state.contains(&id('a')), "{state}");
+
+    std::thread::sleep(Duration::from_secs(2));
+    let agent = node.start();
+    attributed(&agent);
+    node.proc.remove(4101);
+    node.set_gpu(1_000_000, vec![process(4202, 20 * GIB, 50)]);
+    let finished = SystemTime::now();
+    node.api.apply(pod("resnet-0", RESNET_UID, "resnet", "alice", 'a', started, Some((1, "Error", finished))));
+    agent.wait_for(Duration::from_secs(15), "resnet's report", |docs| !runs(docs).is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, docs, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    let reports = runs(&docs);
+    assert_eq!(reports.len(), 1, "one report: {reports:?}");
+    let run = &reports[0]["nodelens"]["run"];
+    assert_eq!((run["exit_code"].as_i64(), run["outcome"].as_str()), (Some(1), Some("failed")), "{run}");
+    let held = unix(finished) - unix(started);
+    // Half the GPU from start to end: the killed agent's last poll to the restart is counted
+    // at the share it last saw, as after a clean stop.
+    close(&run["gpu_seconds"], held / 2.0, 0.6, "gpu_seconds");
+
+    // Restarted once more: the run was remembered as reported.
+    let agent = node.start();
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, docs, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(runs(&docs), Vec::<Value>::new(), "{log}");
 }
