@@ -10,7 +10,7 @@ mod encoder;
 pub mod runs;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::kube::store::PodStore;
 use crate::kube::Names;
 use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
 use crate::logs::assemble::MultilineRule;
+use crate::logs::budget::ReadBudget;
 use crate::logs::checkpoint::Checkpoints;
 use crate::logs::container::StepLimits;
 use crate::logs::derived::{Derived, DerivedFamilies};
@@ -56,10 +57,11 @@ pub struct LogMetrics {
 }
 
 type SinkTask = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> SinkTask + Send>;
+type StartFn = Box<dyn FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>, Arc<ReadBudget>) -> SinkTask + Send>;
 
-/// Makes one sink task: it takes batches in read order and acknowledges each. The pipeline
-/// runs (and owns) the task.
+/// Makes one sink task: it takes batches in read order and acknowledges each, and may look at
+/// the read-ahead budget (while reading is held, a request waits for nothing more). The
+/// pipeline runs (and owns) the task.
 pub struct SinkStarter {
     formats: Formats,
     start: StartFn,
@@ -69,10 +71,10 @@ impl SinkStarter {
     /// A sink that reads `formats` of each batch, made by `start`.
     pub fn new<F, T>(formats: Formats, start: F) -> SinkStarter
     where
-        F: FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>) -> T + Send + 'static,
+        F: FnOnce(mpsc::Receiver<Arc<Batch>>, mpsc::Sender<AckMsg>, Arc<ReadBudget>) -> T + Send + 'static,
         T: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        SinkStarter { formats, start: Box::new(move |rx, acks| Box::pin(start(rx, acks))) }
+        SinkStarter { formats, start: Box::new(move |rx, acks, budget| Box::pin(start(rx, acks, budget))) }
     }
 }
 
@@ -86,18 +88,18 @@ pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Resul
     if !es.endpoints.is_empty() {
         let client = sinks::elasticsearch::client::Client::new(es)?;
         let (es, m) = (es.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(ECS, move |rx, acks| sinks::elasticsearch::run(es, client, rx, acks, m)));
+        sinks.push(SinkStarter::new(ECS, move |rx, acks, budget| sinks::elasticsearch::run(es, client, rx, acks, budget, m)));
     }
     let otlp = &config.sinks.otlp;
     if !otlp.endpoint.is_empty() {
         let exporter = crate::otlp::Exporter::new(&sinks::otlp::settings(otlp), crate::otlp::Signal::Logs)?;
         let (otlp, m) = (otlp.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(OTLP, move |rx, acks| sinks::otlp::run(otlp, exporter, rx, acks, m)));
+        sinks.push(SinkStarter::new(OTLP, move |rx, acks, budget| sinks::otlp::run(otlp, exporter, rx, acks, budget, m)));
     }
     // Under `auto`, stdout takes container logs, not a metrics-only agent's node logs.
     if config.stdout_enabled() && (config.logs.enabled || config.sinks.stdout.enabled == Switch::On) {
         let m = metrics.clone();
-        sinks.push(SinkStarter::new(ECS, move |rx, acks| async move {
+        sinks.push(SinkStarter::new(ECS, move |rx, acks, _| async move {
             sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink")
         }));
     }
@@ -150,16 +152,16 @@ impl LogPipeline {
                 max_bytes: 256 * 1024,
             },
             rescan_interval: logs.rescan_interval,
+            rate_limit: logs.rate_limit.records_per_second,
             metadata_wait: config.kubernetes.metadata_wait,
             max_open_files: crate::logs::tailer::max_open_files(logs.max_open_files, crate::process::max_fds()),
-            max_inflight_bytes: logs.max_inflight_bytes,
             multiline: config
                 .multiline
                 .iter()
                 .map(|rule| (rule.app.clone(), Arc::new(MultilineRule { start: rule.start.clone(), timeout: rule.timeout })))
                 .collect(),
         };
-        let inflight = Arc::new(AtomicU64::new(0));
+        let budget = Arc::new(ReadBudget::new(logs.max_inflight_bytes));
         let wake = Arc::new(Wake::default());
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
@@ -171,16 +173,16 @@ impl LogPipeline {
             .into_iter()
             .map(|sink| {
                 let (tx, rx) = mpsc::channel(BATCH_QUEUE);
-                sink_tasks.spawn((sink.start)(rx, ack_tx.clone()));
+                sink_tasks.spawn((sink.start)(rx, ack_tx.clone(), budget.clone()));
                 tx
             })
             .collect();
 
         let committer = tokio::spawn(
-            Committer::new(checkpoints.clone(), inflight.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
+            Committer::new(checkpoints.clone(), budget.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
         );
         let (tailer, idle_chunks) = if logs.enabled {
-            let tailer = Tailer::new(settings, checkpoints.clone(), inflight, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
+            let tailer = Tailer::new(settings, checkpoints.clone(), budget, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
             (Some(std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?), None)
         } else {
             (None, Some(chunk_tx))

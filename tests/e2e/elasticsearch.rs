@@ -395,3 +395,63 @@ fn json_traceparent_and_bad_timestamps_give_exact_fields_and_each_namespace_its_
     assert_eq!(late["log"]["flags"], serde_json::json!(["bad_timestamp"]));
     assert!(late["@timestamp"].as_str().unwrap().starts_with("20"), "the read time: {late}");
 }
+
+/// Against a saturated Elasticsearch (3,000 records/s, answering late rather than with 429)
+/// and default sink settings, a container writing as fast as it can delays a quiet one's new
+/// lines by at most 2 s from write to stored, and every one of its own lines still arrives.
+#[test]
+fn a_flooding_container_delays_a_quiet_ones_lines_by_at_most_two_seconds() {
+    let node = Node::new();
+    let es = FakeElasticsearch::start();
+    es.limit_rate(3000.0);
+    let config = node.path("nodelens.yaml");
+    let text = format!(
+        "node_name: es-node\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\nsinks:\n  elasticsearch:\n    endpoints: [{url}]\nmetrics:\n  listen: 127.0.0.1:0\n",
+        state = node.state().display(),
+        pods = node.pods().display(),
+        url = es.url(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut quiet = node.container("quiet");
+    quiet.write_cri("stdout", "quiet hello").unwrap();
+    let agent = node.start(&config, &[]);
+    wait_until("the quiet container's first line", &agent, || es.count() == 1);
+
+    // 30,000 lines of 200 bytes at once: ten seconds of the cluster's capacity.
+    const NOISY: usize = 30_000;
+    let mut noisy = node.container("noisy");
+    let padding = "n".repeat(180);
+    let flood = Instant::now();
+    for i in 0..NOISY {
+        noisy.write_cri("stdout", &format!("noisy {i:05} {padding}")).unwrap();
+    }
+    let mut written = Vec::new();
+    for i in 0..16 {
+        std::thread::sleep(Duration::from_millis(500));
+        let message = format!("quiet {i}");
+        quiet.write_cri("stdout", &message).unwrap();
+        written.push((message, Instant::now()));
+    }
+    wait_until("every quiet line", &agent, || messages_by_pod(&es).get("quiet").map_or(0, Vec::len) == 17);
+    let arrived: HashMap<String, Instant> =
+        es.docs_arrived().into_iter().map(|(_, doc, at)| (doc["message"].as_str().unwrap().to_string(), at)).collect();
+    let delays: Vec<Duration> = written.iter().map(|(m, at)| arrived[m].duration_since(*at)).collect();
+    let noisy_then = messages_by_pod(&es).get("noisy").map_or(0, Vec::len);
+    eprintln!("quiet line delays behind a flood: {delays:?}; noisy records stored by then: {noisy_then}");
+    assert!(noisy_then < NOISY, "the flood was still going while the quiet lines were written: {noisy_then}");
+    let worst = delays.iter().max().unwrap();
+    assert!(*worst <= Duration::from_secs(2), "quiet lines waited up to {worst:?}: {delays:?}\n{}", agent.log());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while es.count() < NOISY + 17 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("the flood stored in {:?} (the cluster's capacity: 10 s)", flood.elapsed());
+    let stored = messages_by_pod(&es);
+    assert_eq!(
+        stored["noisy"],
+        (0..NOISY).map(|i| format!("noisy {i:05} {padding}")).collect::<Vec<_>>(),
+        "every noisy line, once, in order"
+    );
+    agent.terminate();
+}

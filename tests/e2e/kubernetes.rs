@@ -508,3 +508,39 @@ fn a_list_that_is_never_answered_is_retried_after_the_request_timeout() {
     assert_eq!(lists(&c.api), lists_when_up, "and is resumed from its resourceVersion, not relisted");
     agent.terminate();
 }
+
+#[test]
+fn a_rate_limited_container_is_read_at_its_limit_and_a_pod_annotation_lifts_it() {
+    let c = Cluster::new();
+    c.api.apply(pod("ml", "chatty-0", "uid-chatty", NODE, json!({"app": "chatty"}), &["main"]));
+    let mut free = pod("ml", "free-0", "uid-free", NODE, json!({"app": "free"}), &["main"]);
+    free["metadata"]["annotations"] = json!({"nodelens.io/rate-limit": "0"});
+    c.api.apply(free);
+    let (mut chatty, mut unlimited) = (c.log("ml", "chatty-0", "uid-chatty", "main"), c.log("ml", "free-0", "uid-free", "main"));
+    for i in 0..600 {
+        chatty.write_cri("stdout", &format!("chatty {i}")).unwrap();
+        unlimited.write_cri("stdout", &format!("free {i}")).unwrap();
+    }
+    let agent = c.start_with("  rate_limit:\n    records_per_second: 100\n", "");
+    agent.wait_for(Duration::from_secs(30), "every record", |d| d.len() >= 1200);
+    let arrived = agent.docs_arrived();
+    let of = |app: &str| -> Vec<(Instant, String)> {
+        arrived
+            .iter()
+            .filter(|(_, d)| d["service"]["name"] == app)
+            .map(|(at, d)| (*at, d["message"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let (limited, lifted) = (of("chatty"), of("free"));
+    assert_eq!(limited.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(), (0..600).map(|i| format!("chatty {i}")).collect::<Vec<_>>());
+    assert_eq!(lifted.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(), (0..600).map(|i| format!("free {i}")).collect::<Vec<_>>());
+    // A burst of 100, then 100 a second: the other 500 take at least 5 s.
+    let span = limited.last().unwrap().0.duration_since(limited[0].0);
+    assert!(span >= Duration::from_millis(4800), "600 records at 100/s arrived within {span:?}");
+    eprintln!("600 records under a limit of 100/s arrived over {span:?}");
+    assert!(lifted.last().unwrap().0 < limited[300].0, "the annotated pod is not held back by the default, nor by its neighbour");
+    let (_, body) = agent.get("/metrics");
+    let throttled = metric_sum(&body, "nodelens_log_records_throttled_total", &[r#"namespace="ml""#, r#"app="chatty""#]);
+    assert!((400.0..=600.0).contains(&throttled), "{throttled}\n{body}");
+    assert_eq!(metric_sum(&body, "nodelens_log_records_throttled_total", &[r#"app="free""#]), 0.0);
+}

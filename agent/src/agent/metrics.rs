@@ -55,6 +55,7 @@ impl Metrics {
         r.add("log_files_tailed", "Container instances whose log is followed", logs.tailer.files_tailed.clone());
         r.add("log_files_open", "Log files held open (idle ones are closed)", logs.tailer.files_open.clone());
         r.add("log_backlog_bytes", "Bytes of log files on disk not yet acknowledged by the sinks", logs.tailer.backlog_bytes.clone());
+        r.add("log_records_throttled", "Records that waited on disk for their container's rate limit", logs.tailer.throttled.clone());
         r.add("log_lost_bytes", "Bytes removed by log rotation before they were read", logs.tailer.lost_bytes.clone());
         r.add(
             "log_files_lost",

@@ -41,6 +41,18 @@ pub struct LogsConfig {
     /// `auto`: a message that is a JSON object gives `message` (from `msg`/`message`),
     /// `log.level`, `trace.id`, `span.id`, and its other keys under `json`; `off`: text only.
     pub json: JsonMode,
+    /// Per-container rate limit: `records_per_second` (0 = off), a pod's
+    /// `nodelens.io/rate-limit` annotation over it.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `logs.rate_limit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Records a second each container is read at, at most (bursts of up to 1,000); the
+    /// excess waits in its files. 0: no limit.
+    pub records_per_second: u32,
 }
 
 impl Default for LogsConfig {
@@ -58,6 +70,7 @@ impl Default for LogsConfig {
             multiline: Vec::new(),
             log_metrics: Vec::new(),
             json: JsonMode::Auto,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }

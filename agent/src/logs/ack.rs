@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
+use super::budget::{Pacer, ReadBudget, WINDOW};
 use super::checkpoint::{Checkpoints, NodePosition};
 use super::source::FileId;
 
@@ -82,7 +83,15 @@ pub struct CheckpointMetrics {
 
 /// What a chunk's acknowledgement commits.
 enum Done {
-    File { file: FileId, path: PathBuf, offset: u64, read_bytes: u64 },
+    /// A container's chunk, read `ahead` bytes behind what was still uncommitted, registered at `at`.
+    File {
+        file: FileId,
+        path: PathBuf,
+        offset: u64,
+        read_bytes: u64,
+        ahead: u64,
+        at: Instant,
+    },
     Node(NodePosition),
     Notify(Arc<AtomicBool>),
 }
@@ -90,24 +99,29 @@ enum Done {
 /// Applies acknowledgements in read order and persists checkpoints periodically.
 pub struct Committer {
     checkpoints: Arc<Checkpoints>,
-    inflight: Arc<AtomicU64>,
+    budget: Arc<ReadBudget>,
+    pacer: Pacer,
     waiting: BTreeMap<u64, Waiting>,
+    /// Bytes of the chunks in `waiting`.
+    waiting_bytes: u64,
     metrics: CheckpointMetrics,
     /// Whether the last write failed, so the error is logged once per outage, not every second.
     failing: bool,
 }
 
 impl Committer {
-    /// A committer over `checkpoints`; `inflight` is the tailer's read-ahead counter.
-    pub fn new(checkpoints: Arc<Checkpoints>, inflight: Arc<AtomicU64>, metrics: CheckpointMetrics) -> Committer {
-        Committer { checkpoints, inflight, waiting: BTreeMap::new(), metrics, failing: false }
+    /// A committer over `checkpoints`; `budget` is the tailer's read-ahead, released and paced here.
+    pub fn new(checkpoints: Arc<Checkpoints>, budget: Arc<ReadBudget>, metrics: CheckpointMetrics) -> Committer {
+        Committer { checkpoints, budget, pacer: Pacer::default(), waiting: BTreeMap::new(), waiting_bytes: 0, metrics, failing: false }
     }
 
     /// Handles one message, committing every chunk that is now complete and first in line.
     pub fn handle(&mut self, msg: AckMsg) {
         match msg {
             AckMsg::Register { seq, file, path, offset, read_bytes, sinks } => {
-                self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes }, missing: sinks });
+                let (ahead, at) = (self.waiting_bytes, Instant::now());
+                self.waiting_bytes += read_bytes;
+                self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes, ahead, at }, missing: sinks });
             }
             AckMsg::RegisterNode { seq, position, sinks } => {
                 self.waiting.insert(seq, Waiting { done: Done::Node(position), missing: sinks });
@@ -125,9 +139,12 @@ impl Committer {
                 break;
             }
             match entry.remove().done {
-                Done::File { file, path, offset, read_bytes } => {
+                Done::File { file, path, offset, read_bytes, ahead, at } => {
                     self.checkpoints.acknowledge(file, offset, &path);
-                    self.inflight.fetch_sub(read_bytes, Ordering::AcqRel);
+                    self.waiting_bytes -= read_bytes;
+                    self.budget.release(read_bytes);
+                    let now = Instant::now();
+                    self.pacer.committed(read_bytes, now.duration_since(at), ahead, now);
                 }
                 Done::Node(position) => self.checkpoints.acknowledge_node(position),
                 Done::Notify(done) => done.store(true, Ordering::Release),
@@ -141,10 +158,12 @@ impl Committer {
     }
 
     /// Runs until every sender is gone, persisting every `interval` (a failed write is retried
-    /// at the next one) and once at the end.
+    /// at the next one) and once at the end, and pacing the read-ahead every [`WINDOW`].
     pub async fn run(mut self, mut rx: mpsc::Receiver<AckMsg>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pace = tokio::time::interval(WINDOW);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -152,6 +171,7 @@ impl Committer {
                     None => break,
                 },
                 _ = tick.tick() => self.persist().await,
+                _ = pace.tick() => self.pacer.adjust(&self.budget, Instant::now()),
             }
         }
         if self.outstanding() > 0 {
@@ -198,8 +218,9 @@ mod tests {
     fn checkpoints_advance_only_in_read_order_and_after_every_sink() {
         let dir = tempfile::tempdir().unwrap();
         let cp = Arc::new(Checkpoints::open(dir.path()).unwrap());
-        let inflight = Arc::new(AtomicU64::new(30));
-        let mut c = Committer::new(cp.clone(), inflight.clone(), CheckpointMetrics::default());
+        let budget = Arc::new(ReadBudget::new(1024));
+        budget.take(30);
+        let mut c = Committer::new(cp.clone(), budget.clone(), CheckpointMetrics::default());
         let id = FileId { container: 1, fingerprint: 1 };
         for seq in 0..3 {
             c.handle(register(seq, (seq + 1) * 100, 2));
@@ -211,7 +232,7 @@ mod tests {
         assert_eq!(cp.offset(id), None, "chunk 0 needs both sinks");
         c.handle(AckMsg::Ack { seq: 0 });
         assert_eq!(cp.offset(id), Some(200), "0 and 1 commit together");
-        assert_eq!(inflight.load(Ordering::Acquire), 10);
+        assert_eq!(budget.inflight(), 10);
         assert_eq!(c.outstanding(), 1);
     }
 
@@ -224,7 +245,7 @@ mod tests {
         let dir = root.path().join("state");
         let cp = Arc::new(Checkpoints::open(&dir).unwrap());
         let metrics = CheckpointMetrics::default();
-        let mut c = Committer::new(cp.clone(), Arc::new(AtomicU64::new(0)), metrics.clone());
+        let mut c = Committer::new(cp.clone(), Arc::new(ReadBudget::new(1024)), metrics.clone());
         c.persist().await;
         assert!(metrics.last_success.get() > 1.0e9, "nothing to write is a success: {}", metrics.last_success.get());
         metrics.last_success.set(0.0);

@@ -17,12 +17,14 @@ use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::decode;
 use super::fingerprint::Format;
+use super::limit::RateLimit;
 use super::reader::{Line, LineReader};
 use super::scan::ScannedFile;
 use super::source::{ContainerInfo, FileId, Source};
 use crate::identity::path::Generation;
 
 /// Fixed inputs of a read step.
+#[derive(Debug, Clone, Copy)]
 pub struct StepLimits {
     /// Longest record kept.
     pub max_line_bytes: usize,
@@ -125,6 +127,8 @@ pub struct ContainerTail {
     open_errors: HashMap<u64, Instant>,
     /// Live files renamed away against instances seen: what was never seen is lost.
     rotations: Rotations,
+    /// The container's rate limit, if it has one (boxed: most have none).
+    rate_limit: Option<Box<RateLimit>>,
 }
 
 /// Counts the instances of a container's live file, to find those created and deleted
@@ -204,6 +208,7 @@ impl ContainerTail {
             wants_rescan: false,
             open_errors: HashMap::new(),
             rotations: Rotations::default(),
+            rate_limit: None,
         }
     }
 
@@ -313,6 +318,21 @@ impl ContainerTail {
     /// Sets the multi-line rule of the container's application.
     pub fn set_multiline(&mut self, rule: Option<Arc<MultilineRule>>) {
         self.assembler.set_multiline(rule);
+    }
+
+    /// Limits reading to `per_second` records a second (`0`: no limit). An unchanged limit
+    /// keeps its bucket.
+    pub fn set_rate_limit(&mut self, per_second: u32, now: Instant) {
+        match (&self.rate_limit, per_second) {
+            (_, 0) => self.rate_limit = None,
+            (Some(limit), n) if limit.per_second() == n => {}
+            (_, n) => self.rate_limit = Some(Box::new(RateLimit::new(n, now))),
+        }
+    }
+
+    /// The container's rate limit, if it has one.
+    pub fn rate_limit_mut(&mut self) -> Option<&mut RateLimit> {
+        self.rate_limit.as_deref_mut()
     }
 
     /// Makes the next step look at the files now (something was written).

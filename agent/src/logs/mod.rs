@@ -7,6 +7,7 @@
 
 pub mod ack;
 pub mod assemble;
+pub mod budget;
 pub mod checkpoint;
 pub mod chunk;
 pub mod container;
@@ -16,6 +17,7 @@ pub mod enrich;
 pub mod fingerprint;
 pub mod json;
 pub mod level;
+pub mod limit;
 pub mod reader;
 pub mod scan;
 pub mod source;

@@ -4,19 +4,22 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use globset::GlobSet;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 
 use super::assemble::MultilineRule;
+use super::budget::ReadBudget;
 use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::container::{ContainerTail, Lost, StepLimits};
+use super::limit::{self, Allowance};
 use super::scan::{self, Exclusions, FingerprintCache, Scan, ScannedFile};
 use super::source::{ContainerInfo, FileId};
 use super::wake::{self, Changes, Wake};
@@ -37,8 +40,9 @@ pub struct TailerSettings {
     pub limits: StepLimits,
     /// Full rescan period.
     pub rescan_interval: Duration,
-    /// Read-ahead bound.
-    pub max_inflight_bytes: u64,
+    /// Records a second each container is read at, at most (0 = no limit); a pod's
+    /// `nodelens.io/rate-limit` annotation overrides it.
+    pub rate_limit: u32,
     /// Multi-line rules by application glob, first match wins.
     pub multiline: Vec<(globset::GlobMatcher, Arc<MultilineRule>)>,
     /// How long reading waits at start for the first pod list before it goes on with
@@ -81,6 +85,18 @@ pub struct TailerMetrics {
     /// `nodelens_log_paths_skipped_total`: entries under `pods_dir` that cannot be a pod's,
     /// counted once per path.
     pub paths_skipped: Counter,
+    /// `nodelens_log_records_throttled_total`: records that waited for their container's
+    /// rate limit.
+    pub throttled: Family<ThrottleLabels, Counter>,
+}
+
+/// Labels of `nodelens_log_records_throttled_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// Its application.
+    pub app: String,
 }
 
 /// How long a container waits for its pod's metadata once the pod list has arrived: the
@@ -137,7 +153,7 @@ impl Pending {
 pub struct Tailer {
     settings: TailerSettings,
     checkpoints: Arc<Checkpoints>,
-    inflight: Arc<AtomicU64>,
+    budget: Arc<ReadBudget>,
     out: mpsc::Sender<Chunk>,
     wake: Arc<Wake>,
     metrics: TailerMetrics,
@@ -154,16 +170,18 @@ pub struct Tailer {
     watcher: Option<notify::RecommendedWatcher>,
     started: Instant,
     warned_unsynced: bool,
+    /// Pods whose rate-limit annotation was found invalid (logged once each).
+    warned_rate: HashSet<String>,
     /// Paths skipped (counted and logged) that the last full scan still found.
     skipped: HashSet<PathBuf>,
 }
 
 impl Tailer {
-    /// A tailer sending chunks to `out`; `inflight` counts bytes sent and not yet committed.
+    /// A tailer sending chunks to `out`; `budget` counts bytes sent and not yet committed.
     pub fn new(
         settings: TailerSettings,
         checkpoints: Arc<Checkpoints>,
-        inflight: Arc<AtomicU64>,
+        budget: Arc<ReadBudget>,
         out: mpsc::Sender<Chunk>,
         wake: Arc<Wake>,
         metrics: TailerMetrics,
@@ -176,7 +194,7 @@ impl Tailer {
         Tailer {
             settings,
             checkpoints,
-            inflight,
+            budget,
             out,
             wake,
             metrics,
@@ -189,6 +207,7 @@ impl Tailer {
             watcher: None,
             started: Instant::now(),
             warned_unsynced: false,
+            warned_rate: HashSet::new(),
             skipped: HashSet::new(),
         }
     }
@@ -264,7 +283,7 @@ impl Tailer {
         let mut open_files = self.tails.values().filter(|t| t.is_open()).count();
         let mut waiting = false;
         let mut visit = |reference: &ContainerRef, tail: &mut ContainerTail| -> Visit {
-            if self.inflight.load(Ordering::Acquire) >= self.settings.max_inflight_bytes {
+            if self.budget.is_full() {
                 return Visit::Full;
             }
             if tail.next_poll > now || self.held.contains_key(reference) {
@@ -277,7 +296,25 @@ impl Tailer {
                 tail.next_poll = now + OPEN_FILES_WAIT;
                 return Visit::Next;
             }
-            let step = tail.step(&self.checkpoints, &self.settings.limits, now);
+            // A container over its rate limit is read later; its excess waits in its files.
+            let mut limits = self.settings.limits;
+            if let Some(rate) = tail.rate_limit_mut() {
+                match rate.allowance(now) {
+                    Allowance::Records(n) => limits.max_records = limits.max_records.min(n),
+                    Allowance::WaitUntil(at) => {
+                        tail.next_poll = at;
+                        return Visit::Next;
+                    }
+                }
+            }
+            let step = tail.step(&self.checkpoints, &limits, now);
+            if let (Some(rate), Some(step)) = (tail.rate_limit_mut(), &step) {
+                let cut_short = limits.max_records < self.settings.limits.max_records;
+                let waited = rate.took(limits.max_records, step.chunk.records.len(), cut_short);
+                if waited > 0 {
+                    count_throttled(&self.metrics, self.pods.as_deref(), reference, waited);
+                }
+            }
             match (was_open, tail.is_open()) {
                 (false, true) => open_files += 1,
                 (true, false) => open_files -= 1,
@@ -292,7 +329,7 @@ impl Tailer {
             let chunk = step.chunk;
             if !chunk.records.is_empty() || chunk.read_bytes > 0 {
                 progressed = true;
-                self.inflight.fetch_add(chunk.read_bytes, Ordering::AcqRel);
+                self.budget.take(chunk.read_bytes);
                 if self.out.blocking_send(chunk).is_err() {
                     return Visit::Closed;
                 }
@@ -330,6 +367,7 @@ impl Tailer {
             std::thread::sleep(Duration::from_millis(5));
             return Some(false);
         }
+        self.budget.reading();
         Some(progressed)
     }
 
@@ -371,12 +409,11 @@ impl Tailer {
             }
             !release
         });
-        // The application is known now: its multi-line rule applies from the first record.
-        if !self.settings.multiline.is_empty() {
-            for reference in released {
-                if let Some(tail) = self.tails.get_mut(&reference) {
-                    tail.set_multiline(multiline_rule(&self.settings.multiline, self.pods.as_deref(), &reference));
-                }
+        // The pod is known now: its application's multi-line rule and its rate limit apply
+        // from the first record.
+        for reference in released {
+            if let Some(tail) = self.tails.get_mut(&reference) {
+                configure(tail, &self.settings, self.pods.as_deref(), &mut self.warned_rate, now);
             }
         }
     }
@@ -421,11 +458,8 @@ impl Tailer {
         let readable = |r: &ContainerRef| !unreadable.contains(&pod_dir(&self.settings.pods_dir, r));
         let gone: Vec<ContainerRef> = self.tails.keys().filter(|r| !scan.chains.contains_key(*r) && readable(r)).cloned().collect();
         self.apply(scan.chains, gone);
-        if !self.settings.multiline.is_empty() {
-            for tail in self.tails.values_mut() {
-                let rule = multiline_rule(&self.settings.multiline, self.pods.as_deref(), &tail.info().reference);
-                tail.set_multiline(rule);
-            }
+        for tail in self.tails.values_mut() {
+            configure(tail, &self.settings, self.pods.as_deref(), &mut self.warned_rate, now);
         }
         self.collect_checkpoint_garbage(&unreadable);
         self.update_gauges();
@@ -483,7 +517,7 @@ impl Tailer {
                     self.held.insert(reference.clone(), now);
                 }
                 let mut tail = ContainerTail::new(Arc::new(info), self.settings.limits.max_line_bytes);
-                tail.set_multiline(multiline_rule(&self.settings.multiline, self.pods.as_deref(), &reference));
+                configure(&mut tail, &self.settings, self.pods.as_deref(), &mut self.warned_rate, now);
                 tail
             });
             let lost = tail.update(chain, &self.checkpoints);
@@ -563,6 +597,36 @@ impl Tailer {
             }
         }
     }
+}
+
+/// What a container takes from its pod: its application's multi-line rule and its rate limit.
+fn configure(tail: &mut ContainerTail, settings: &TailerSettings, pods: Option<&PodStore>, warned: &mut HashSet<String>, now: Instant) {
+    let info = tail.info().clone();
+    tail.set_multiline(multiline_rule(&settings.multiline, pods, &info.reference));
+    tail.set_rate_limit(rate_limit_of(settings.rate_limit, pods, &info.reference, warned), now);
+}
+
+/// The rate limit of a container: its pod's `nodelens.io/rate-limit` annotation, else the
+/// default. An invalid annotation is logged once per pod (`warned` remembers it).
+fn rate_limit_of(default: u32, pods: Option<&PodStore>, r: &ContainerRef, warned: &mut HashSet<String>) -> u32 {
+    let pod = pods.and_then(|p| p.get(&r.pod_uid));
+    let annotation = pod.as_ref().and_then(|p| p.annotations.get(limit::ANNOTATION)).map(String::as_str);
+    limit::for_pod(default, annotation, |value| {
+        if warned.len() >= 10_000 {
+            warned.clear();
+        }
+        if warned.insert(r.pod_uid.clone()) {
+            tracing::warn!(namespace = %r.namespace, pod = %r.pod, value, "{} is not a number of records per second; the default limit applies", limit::ANNOTATION);
+        }
+    })
+}
+
+/// Counts records that waited for their container's rate limit.
+fn count_throttled(metrics: &TailerMetrics, pods: Option<&PodStore>, r: &ContainerRef, records: usize) {
+    let app = pods
+        .and_then(|p| p.get(&r.pod_uid))
+        .map_or_else(|| crate::identity::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
+    metrics.throttled.get_or_create(&ThrottleLabels { namespace: r.namespace.clone(), app }).inc_by(records as u64);
 }
 
 /// The multi-line rule of the container's application (the pod name without the API).

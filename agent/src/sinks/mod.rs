@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::logs::ack::AckMsg;
+use crate::logs::budget::ReadBudget;
 use crate::logs::source::FileId;
 
 /// The records of one chunk, encoded once for every sink, in each format a sink asked for.
@@ -101,7 +102,7 @@ impl Default for SinkMetrics {
 }
 
 /// How a sink puts batches together into requests.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Requests {
     /// Longest a batch waits for its request to fill.
     pub flush_interval: Duration,
@@ -109,12 +110,20 @@ pub struct Requests {
     pub max_bytes: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// The container logs' read-ahead: while reading is held at its bound, nothing more can
+    /// come until requests settle, so a request goes with what it has.
+    pub reading: Option<Arc<ReadBudget>>,
 }
 
+/// How often a gathering request looks whether reading is held.
+const HELD_POLL: Duration = Duration::from_millis(10);
+
 /// Runs a sink until its input closes, then delivers what it holds and returns. Batches are
-/// gathered into requests as `requests` says (`size` measuring each), up to `concurrency`
-/// are delivered at once by `deliver`, and each batch is acknowledged when its delivery
-/// returns; the committer advances checkpoints in read order whatever order they settle in.
+/// gathered into requests as `requests` says (`size` measuring each) once a delivery slot is
+/// free (so batches that arrive while every slot is busy join the next request), up to
+/// `concurrency` are delivered at once by `deliver`, and each batch is acknowledged when its
+/// delivery returns; the committer advances checkpoints in read order whatever order they
+/// settle in.
 pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
     mut batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
@@ -127,10 +136,10 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
     let mut open = true;
     while open {
         let Some(first) = batches.recv().await else { break };
-        let pending: Arc<[Arc<Batch>]>;
-        (pending, open) = gather(&mut batches, first, requests.flush_interval, requests.max_bytes, &size).await;
         // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
         let slot = slots.clone().acquire_owned().await?;
+        let pending: Arc<[Arc<Batch>]>;
+        (pending, open) = gather(&mut batches, first, &requests, &size).await;
         let (delivery, acks) = (deliver(pending.clone()), acks.clone());
         deliveries.spawn(async move {
             delivery.await;
@@ -150,26 +159,40 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
     Ok(())
 }
 
-/// Takes batches after `first` until they reach `max_bytes` (as `size` measures them) or
-/// `flush_interval` has passed. The flag is false when the input has closed.
+/// Takes batches after `first` until they reach `max_bytes` (as `size` measures them),
+/// `flush_interval` has passed, or reading is held and nothing is queued. The flag is false
+/// when the input has closed.
 async fn gather(
     batches: &mut mpsc::Receiver<Arc<Batch>>,
     first: Arc<Batch>,
-    flush_interval: Duration,
-    max_bytes: usize,
+    requests: &Requests,
     size: impl Fn(&Batch) -> usize,
 ) -> (Arc<[Arc<Batch>]>, bool) {
-    let deadline = Instant::now() + flush_interval;
+    let deadline = Instant::now() + requests.flush_interval;
+    let held = || requests.reading.as_ref().is_some_and(|r| r.is_held());
     let mut bytes = size(&first);
     let mut pending = vec![first];
-    while bytes < max_bytes {
-        match tokio::time::timeout_at(deadline, batches.recv()).await {
-            Ok(Some(batch)) => {
-                bytes += size(&batch);
-                pending.push(batch);
+    while bytes < requests.max_bytes {
+        let batch = match batches.try_recv() {
+            Ok(batch) => Some(batch),
+            Err(mpsc::error::TryRecvError::Disconnected) => return (pending.into(), false),
+            Err(mpsc::error::TryRecvError::Empty) if held() => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let look = match &requests.reading {
+                    Some(_) => deadline.min(Instant::now() + HELD_POLL),
+                    None => deadline,
+                };
+                match tokio::time::timeout_at(look, batches.recv()).await {
+                    Ok(Some(batch)) => Some(batch),
+                    Ok(None) => return (pending.into(), false),
+                    Err(_) if Instant::now() >= deadline => break,
+                    Err(_) => None,
+                }
             }
-            Ok(None) => return (pending.into(), false),
-            Err(_) => break,
+        };
+        if let Some(batch) = batch {
+            bytes += size(&batch);
+            pending.push(batch);
         }
     }
     (pending.into(), true)
@@ -203,7 +226,8 @@ mod tests {
         let size = |b: &Batch| b.docs.bytes.len();
         // Alone, a batch waits the whole flush interval for company.
         let started = Instant::now();
-        let (pending, open) = gather(&mut rx, batch(1, 100), Duration::from_secs(5), 1000, size).await;
+        let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: None };
+        let (pending, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
         assert_eq!((pending.len(), open), (1, true));
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         // Batches arriving meanwhile join it until it is full; then it goes at once.
@@ -214,12 +238,51 @@ mod tests {
                 tx.send(batch(seq, 400)).await.unwrap();
             }
         });
-        let (pending, _) = gather(&mut rx, batch(1, 300), Duration::from_secs(5), 1000, size).await;
+        let (pending, _) = gather(&mut rx, batch(1, 300), &requests, size).await;
         assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(started.elapsed(), Duration::from_secs(2), "full after the second arrival, not at the interval");
         feeder.abort();
         // A closed input ends the gathering at once, with what it has.
         drop(rx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_reading_is_held_a_request_goes_with_what_is_queued_instead_of_waiting_the_interval() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let size = |b: &Batch| b.docs.bytes.len();
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget.clone()) };
+        // Reading goes on: the request waits for company as without a budget.
+        let started = Instant::now();
+        let (pending, _) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        assert_eq!((pending.len(), started.elapsed()), (1, Duration::from_secs(5)));
+        // Held at its bound: what is queued goes at once.
+        budget.take(1 << 20);
+        assert!(budget.is_full());
+        tx.send(batch(2, 100)).await.unwrap();
+        tx.send(batch(3, 100)).await.unwrap();
+        let started = Instant::now();
+        let (pending, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!((open, started.elapsed()), (true, Duration::ZERO));
+        // Held in the middle of a gathering: it goes within a poll.
+        budget.reading();
+        let held_later = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                assert!(budget.is_full());
+            })
+        };
+        let started = Instant::now();
+        let (pending, _) = gather(&mut rx, batch(4, 100), &requests, size).await;
+        assert_eq!(pending.len(), 1);
+        assert!(
+            started.elapsed() >= Duration::from_secs(2) && started.elapsed() <= Duration::from_secs(2) + HELD_POLL,
+            "{:?}",
+            started.elapsed()
+        );
+        held_later.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -248,7 +311,7 @@ mod tests {
         let (ack_tx, mut acks) = mpsc::channel(64);
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let requests = Requests { flush_interval: Duration::from_millis(100), max_bytes: 1, concurrency: 2 };
+        let requests = Requests { flush_interval: Duration::from_millis(100), max_bytes: 1, concurrency: 2, reading: None };
         let (r, m) = (running.clone(), most.clone());
         let sink = tokio::spawn(run_deliveries(
             rx,

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::OtlpSinkConfig;
 use crate::logs::ack::AckMsg;
+use crate::logs::budget::ReadBudget;
 use crate::otlp::{self, logs, Exporter, FailureKind};
 
 const SINK: &str = "otlp";
@@ -41,6 +42,7 @@ pub async fn run(
     exporter: Exporter,
     batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
+    budget: Arc<ReadBudget>,
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
     let last_rejection = Arc::new(Mutex::new(String::new()));
@@ -48,6 +50,7 @@ pub async fn run(
         flush_interval: config.flush_interval,
         max_bytes: config.batch_max_bytes,
         concurrency: config.max_concurrent_requests,
+        reading: Some(budget),
     };
     let size = |b: &Batch| b.otlp.len() + logs::framing_len(b.otlp.len());
     super::run_deliveries(batches, acks, requests, size, move |pending| {

@@ -77,6 +77,10 @@ struct State {
     seen: Vec<Seen>,
     required_auth: Option<String>,
     max_body_bytes: Option<usize>,
+    /// Records indexed per second, one request after the other (a saturated cluster).
+    capacity: Option<f64>,
+    /// Held by the request being indexed while `capacity` is set.
+    indexer: Arc<tokio::sync::Mutex<()>>,
     reject_containing: Option<String>,
     seq: u64,
 }
@@ -207,6 +211,12 @@ impl FakeElasticsearch {
     /// Answers 413 to bodies (uncompressed) larger than this.
     pub fn limit_body(&self, bytes: usize) {
         self.state.lock().unwrap().max_body_bytes = Some(bytes);
+    }
+
+    /// Indexes at most `records_per_second`, one request at a time, the others waiting their
+    /// turn: the way a saturated cluster answers late (queueing) rather than with 429.
+    pub fn limit_rate(&self, records_per_second: f64) {
+        self.state.lock().unwrap().capacity = Some(records_per_second);
     }
 
     /// Refuses documents whose message contains `text` with a 400 mapping error.
@@ -340,6 +350,18 @@ async fn respond(
     let item_429 = match fault {
         Some(Fault::ItemTooManyRequests { every }) => Some(every),
         _ => None,
+    };
+    let (capacity, indexer) = {
+        let st = state.lock().unwrap();
+        (st.capacity, st.indexer.clone())
+    };
+    let _turn = match capacity {
+        Some(rate) => {
+            let turn = indexer.lock_owned().await;
+            tokio::time::sleep(Duration::from_secs_f64(lines.len() as f64 / 2.0 / rate)).await;
+            Some(turn)
+        }
+        None => None,
     };
     let mut items = Vec::new();
     let mut errors = false;

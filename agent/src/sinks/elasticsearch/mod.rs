@@ -24,6 +24,7 @@ use self::client::{Client, Reply};
 use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::ElasticsearchConfig;
 use crate::logs::ack::AckMsg;
+use crate::logs::budget::ReadBudget;
 
 const SINK: &str = "elasticsearch";
 
@@ -35,6 +36,7 @@ pub async fn run(
     client: Client,
     batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
+    budget: Arc<ReadBudget>,
     metrics: SinkMetrics,
 ) -> anyhow::Result<()> {
     let health = Health::new();
@@ -42,6 +44,7 @@ pub async fn run(
         flush_interval: config.flush_interval,
         max_bytes: config.batch_max_bytes,
         concurrency: config.max_concurrent_requests,
+        reading: Some(budget),
     };
     super::run_deliveries(
         batches,
