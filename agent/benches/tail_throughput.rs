@@ -3,7 +3,9 @@
 //! Generates a backlog of CRI logs (8 containers × N MiB, default 64; `cargo bench --bench
 //! tail_throughput -- 16` for 16), runs the pipeline over it until every record is through,
 //! and reports records per CPU-second (all threads) and the process's peak RSS. Run it at two
-//! sizes to see that memory does not follow the backlog.
+//! sizes to see that memory does not follow the backlog. `NODELENS_BENCH_JSON=half` makes
+//! every other record a JSON line (`logs.json: auto` parses it); `NODELENS_BENCH_JSON=off`
+//! turns `logs.json` off on the plain corpus.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +25,10 @@ fn main() {
     let mib: u64 = std::env::args().skip(1).find(|a| !a.starts_with('-')).and_then(|a| a.parse().ok()).unwrap_or(64);
     let dir = tempfile::tempdir().unwrap();
     let pods = dir.path().join("pods");
-    let records = common::generate_backlog(&pods, mib * 1024 * 1024);
+    // NODELENS_BENCH_JSON=half: every other record a JSON line; NODELENS_BENCH_JSON=off also
+    // sets `logs.json: off` (the text path alone, as before JSON lines).
+    let json = std::env::var("NODELENS_BENCH_JSON").unwrap_or_default();
+    let records = common::generate_backlog_with(&pods, mib * 1024 * 1024, json == "half");
     let bytes = mib * 1024 * 1024 * CONTAINERS as u64;
     let rss_before = common::current_rss_mib();
 
@@ -33,6 +38,9 @@ fn main() {
     config.node_logs.kernel.enabled = nodelens::config::Switch::Off;
     config.logs.pods_dir = pods;
     config.state_dir = dir.path().join("state");
+    if json == "off" {
+        config.logs.json = nodelens::config::JsonMode::Off;
+    }
     // NODELENS_BENCH_RULES=10: ten log-derived metric rules over every record.
     let rules: usize = std::env::var("NODELENS_BENCH_RULES").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let patterns = [
@@ -72,7 +80,7 @@ fn main() {
         (cpu, wall)
     });
     println!(
-        "tail_throughput ({rules} log-metric rules): {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
+        "tail_throughput ({rules} log-metric rules, json {json:?}): {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
         bytes as f64 / 1048576.0,
         records as f64 / cpu,
         records as f64 / wall,

@@ -12,7 +12,7 @@ use nodelens_testkit::agent::{metric_sum, Agent};
 use nodelens_testkit::gpu::scenario::{
     Fabric, Gpm, Gpu, MigInstance, NvLink, Process, RemappedRows, RetiredPages, Scenario, Violations, XidEvent, SCENARIO_ENV,
 };
-use nodelens_testkit::gpu::{nvml_library, without_symbol, Allocated, Cgroup, FakePodResources, FakeProc};
+use nodelens_testkit::gpu::{nvml_library, without_symbol, Allocated, Cgroup, FakePodResources, FakeProc, Workload};
 use nodelens_testkit::kubernetes::{pod_with_ids, FakeApiServer};
 use serde_json::json;
 
@@ -27,24 +27,22 @@ const H100_MIG: &str = "GPU-4d4d4d4d-0000-4000-8000-000000000001";
 const MIB: f64 = 1_048_576.0;
 const GIB: u64 = 1 << 30;
 
-/// A workload pod: name, uid, app, user, container id, GPU process pid and cgroup style.
-struct Workload {
-    pod: &'static str,
-    uid: &'static str,
-    app: &'static str,
-    user: &'static str,
-    id: String,
-    pid: u32,
-    cgroup: Cgroup,
-}
-
+/// The node's workloads: resnet and bert time-sliced on the H100, mig-job in a MIG instance,
+/// and dave's notebook, which holds the L4 and runs nothing on it.
 fn workloads() -> Vec<Workload> {
-    let w = |pod, uid, app, user, digit: char, pid, cgroup| Workload { pod, uid, app, user, id: digit.to_string().repeat(64), pid, cgroup };
     vec![
-        w("resnet-0", "aaaaaaaa-0000-4000-8000-000000000001", "resnet", "alice", 'a', 4101, Cgroup::V2SystemdContainerd),
-        w("bert-0", "bbbbbbbb-0000-4000-8000-000000000002", "bert", "bob", 'b', 4202, Cgroup::V2SystemdCrio),
-        w("mig-job-0", "cccccccc-0000-4000-8000-000000000003", "mig-job", "carol", 'c', 4303, Cgroup::V1CgroupfsGuaranteed),
-        w("notebook-0", "dddddddd-0000-4000-8000-000000000004", "notebook", "dave", 'd', 4404, Cgroup::V2Namespaced),
+        Workload::new("resnet-0", "aaaaaaaa-0000-4000-8000-000000000001", "resnet", "alice", 'a', Some(4101), Cgroup::V2SystemdContainerd),
+        Workload::new("bert-0", "bbbbbbbb-0000-4000-8000-000000000002", "bert", "bob", 'b', Some(4202), Cgroup::V2SystemdCrio),
+        Workload::new(
+            "mig-job-0",
+            "cccccccc-0000-4000-8000-000000000003",
+            "mig-job",
+            "carol",
+            'c',
+            Some(4303),
+            Cgroup::V1CgroupfsGuaranteed,
+        ),
+        Workload::new("notebook-0", "dddddddd-0000-4000-8000-000000000004", "notebook", "dave", 'd', None, Cgroup::V2Namespaced),
     ]
 }
 
@@ -140,9 +138,7 @@ impl Node {
         for w in workloads() {
             let labels = json!({"app": w.app, "user": w.user});
             api.apply(pod_with_ids("ml", w.pod, w.uid, NODE, labels, &[("main", w.id.as_str())]));
-            if w.pod != "notebook-0" {
-                proc.add(w.pid, 777_000 + u64::from(w.pid), &w.cgroup.render(w.uid, &w.id));
-            }
+            w.add_process(&proc);
         }
         kubelet.set(vec![
             Allocated::new("ml", "resnet-0", "main", "nvidia.com/gpu", &[&format!("{H100}::0")]),

@@ -574,3 +574,48 @@ fn node_logs_mount_the_hosts_var_log_and_kmsg_read_only_and_switch_off_with_thei
         assert_eq!(config["node_logs"]["journald"]["enabled"].as_bool(), Some(false));
     }
 }
+
+/// Keys of the agent's config the chart sets itself (paths of its mounts, the node's name
+/// from the downward API, credentials from Secrets, node logs from `nodeLogs`), so
+/// `config.*` does not take them.
+const SET_BY_THE_CHART: [&str; 15] = [
+    "node_name",
+    "state_dir",
+    "host.proc_root",
+    "logs.pods_dir",
+    "logs.containers_dir",
+    "kubernetes.enabled",
+    "kubernetes.kubeconfig",
+    "kubernetes.pod_resources_socket",
+    "sinks.elasticsearch.password",
+    "sinks.elasticsearch.password_file",
+    "sinks.elasticsearch.api_key",
+    "sinks.elasticsearch.ca_file",
+    "metrics.listen",
+    "certificates.paths",
+    "node_logs",
+];
+
+#[test]
+fn every_key_of_the_agent_config_is_in_the_schema_or_set_by_the_chart() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("deploy/helm/nodelens/values.schema.json")).unwrap()).unwrap();
+    let config = serde_json::to_value(nodelens::config::Config::default()).unwrap();
+    fn walk(config: &Value, schema: &Value, path: &str, missing: &mut Vec<String>) {
+        let (Some(keys), Some(properties)) = (config.as_object(), schema.get("properties")) else { return };
+        for (key, value) in keys {
+            let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+            if SET_BY_THE_CHART.contains(&path.as_str()) {
+                continue;
+            }
+            match properties.get(key) {
+                Some(inner) => walk(value, inner, &path, missing),
+                None => missing.push(path),
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&config, &schema["properties"]["config"], "", &mut missing);
+    assert_eq!(missing, Vec::<String>::new(), "config keys an operator cannot set through the chart (its schema refuses them)");
+    assert!(try_render(&["--set", "config.logs.rate_limit.records_per_second=100", "--set", "config.logs.json=off"]).is_ok());
+}

@@ -35,7 +35,7 @@ use nodelens_testkit::elasticsearch::{FakeElasticsearch, Fault};
 use nodelens_testkit::gpu::scenario::{
     Fabric, Gpm, Gpu, NvLink, Process, RemappedRows, RetiredPages, Scenario, Violations, XidEvent, SCENARIO_ENV,
 };
-use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc};
+use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc, Workload};
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
 use nodelens_testkit::kubernetes::{hami_devices, pod_with_ids, with_hami, FakeApiServer};
@@ -50,19 +50,10 @@ const A100: &str = "GPU-a1a1a1a1-0000-4000-8000-000000000001";
 const GIB: u64 = 1 << 30;
 const WAIT: Duration = Duration::from_secs(90);
 
-/// A workload pod: name, uid, app, user, container id and GPU process pid (`None`: the
-/// container holds a GPU and runs nothing on it).
-struct Workload {
-    pod: &'static str,
-    uid: &'static str,
-    app: &'static str,
-    user: &'static str,
-    id: String,
-    pid: Option<u32>,
-}
-
+/// The node's workloads: resnet and bert share the H100 through HAMi; dave's notebook holds
+/// the L4 and runs nothing on it.
 fn workloads() -> Vec<Workload> {
-    let w = |pod, uid, app, user, digit: char, pid| Workload { pod, uid, app, user, id: digit.to_string().repeat(64), pid };
+    let w = |pod, uid, app, user, digit, pid| Workload::new(pod, uid, app, user, digit, pid, Cgroup::V2SystemdContainerd);
     vec![
         w("resnet-0", "aaaaaaaa-0000-4000-8000-000000000001", "resnet", "alice", 'a', Some(4101)),
         w("bert-0", "bbbbbbbb-0000-4000-8000-000000000002", "bert", "bob", 'b', Some(4202)),
@@ -315,8 +306,8 @@ impl Node {
                 _ => pod,
             };
             api.apply(pod);
+            w.add_process(&proc);
             if let Some(pid) = w.pid {
-                proc.add(pid, 777_000 + u64::from(pid), &Cgroup::V2SystemdContainerd.render(w.uid, &w.id));
                 // The runtime's default 64 MiB /dev/shm.
                 let mountinfo = "1210 1200 0:125 / /dev/shm rw,nosuid,nodev - tmpfs shm rw,size=65536k,inode64\n";
                 std::fs::write(proc.root.join(pid.to_string()).join("mountinfo"), mountinfo).unwrap();

@@ -19,6 +19,12 @@ pub const CONTAINERS: usize = 8;
 /// Writes `bytes` of CRI records per container (training-log lines of varied length) under
 /// `pods`, and returns how many records that is.
 pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
+    generate_backlog_with(pods, bytes, false)
+}
+
+/// As [`generate_backlog`]; with `half_json`, every other record is a structured JSON line
+/// (level, msg, a trace id and the training fields as keys).
+pub fn generate_backlog_with(pods: &Path, bytes: u64, half_json: bool) -> u64 {
     let mut total = 0;
     for c in 0..CONTAINERS {
         let dir = pods.join(format!("bench_train-{c}_0000000{c}-7d9f-4b6c-9d5e-0123456789ab")).join("worker");
@@ -26,7 +32,20 @@ pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
         let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join("0.log")).unwrap());
         let (mut written, mut i) = (0u64, 0u64);
         while written < bytes {
-            let line = format!(
+            let line = if half_json && i % 2 == 1 {
+                format!(
+                    "2026-11-22T03:{:02}:{:02}.{:09}Z stdout F {{\"level\":\"info\",\"msg\":\"step done\",\"rank\":{c},\"step\":{i},\"loss\":{:.4},\"lr\":0.0003,\"throughput\":{},\"trace_id\":\"{:032x}\",\"span_id\":\"{:016x}\",\"detail\":\"{}\"}}\n",
+                    (i / 60_000) % 60,
+                    (i / 1000) % 60,
+                    i % 1_000_000_000,
+                    1.0 / (1.0 + i as f64),
+                    1000 + i % 977,
+                    0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128 ^ u128::from(i),
+                    0x00f0_67aa_0ba9_02b7u64 ^ i,
+                    &"detail ".repeat((i % 13) as usize)
+                )
+            } else {
+                format!(
                 "2026-11-22T03:{:02}:{:02}.{:09}Z {} F rank={c} step={i} loss={:.4} lr=0.0003 throughput={} samples/s gpu_mem={}MiB {}\n",
                 (i / 60_000) % 60,
                 (i / 1000) % 60,
@@ -36,7 +55,8 @@ pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
                 1000 + i % 977,
                 30_000 + i % 4096,
                 &"detail ".repeat((i % 13) as usize)
-            );
+                )
+            };
             out.write_all(line.as_bytes()).unwrap();
             written += line.len() as u64;
             i += 1;

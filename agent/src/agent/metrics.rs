@@ -46,7 +46,8 @@ impl Metrics {
     /// Registers every metric, labelled with `node`.
     pub fn new(node: &str) -> Metrics {
         let mut r = Registrar::new(node);
-        let logs = LogMetrics::default();
+        let mut logs = LogMetrics::default();
+        logs.counts.throttled = logs.tailer.throttled.clone();
         let sinks = SinkMetrics::default();
         r.add("log_records", "Log records read, by namespace, app, stream and level", logs.counts.records.clone());
         r.add("log_bytes", "Message bytes of log records read", logs.counts.bytes.clone());

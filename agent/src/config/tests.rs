@@ -32,6 +32,10 @@ fn unknown_key_is_an_error_naming_its_path() {
     let err = load_text("logs:\n  pods_dri: /x\n", &[]).unwrap_err().to_string();
     assert!(err.contains("logs.pods_dri"), "{err}");
     assert!(err.contains("unknown field"), "{err}");
+    let err = load_text("logs:\n  rate_limit:\n    records_per_sec: 100\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("logs.rate_limit.records_per_sec"), "{err}");
+    let err = load_text("logs:\n  rate_limit:\n    records_per_second: -5\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("logs.rate_limit.records_per_second"), "{err}");
 }
 
 #[test]

@@ -83,13 +83,12 @@ pub struct CheckpointMetrics {
 
 /// What a chunk's acknowledgement commits.
 enum Done {
-    /// A container's chunk, read `ahead` bytes behind what was still uncommitted, registered at `at`.
+    /// A container's chunk, registered at `at`.
     File {
         file: FileId,
         path: PathBuf,
         offset: u64,
         read_bytes: u64,
-        ahead: u64,
         at: Instant,
     },
     Node(NodePosition),
@@ -102,8 +101,6 @@ pub struct Committer {
     budget: Arc<ReadBudget>,
     pacer: Pacer,
     waiting: BTreeMap<u64, Waiting>,
-    /// Bytes of the chunks in `waiting`.
-    waiting_bytes: u64,
     metrics: CheckpointMetrics,
     /// Whether the last write failed, so the error is logged once per outage, not every second.
     failing: bool,
@@ -112,16 +109,15 @@ pub struct Committer {
 impl Committer {
     /// A committer over `checkpoints`; `budget` is the tailer's read-ahead, released and paced here.
     pub fn new(checkpoints: Arc<Checkpoints>, budget: Arc<ReadBudget>, metrics: CheckpointMetrics) -> Committer {
-        Committer { checkpoints, budget, pacer: Pacer::default(), waiting: BTreeMap::new(), waiting_bytes: 0, metrics, failing: false }
+        Committer { checkpoints, budget, pacer: Pacer::default(), waiting: BTreeMap::new(), metrics, failing: false }
     }
 
     /// Handles one message, committing every chunk that is now complete and first in line.
     pub fn handle(&mut self, msg: AckMsg) {
         match msg {
             AckMsg::Register { seq, file, path, offset, read_bytes, sinks } => {
-                let (ahead, at) = (self.waiting_bytes, Instant::now());
-                self.waiting_bytes += read_bytes;
-                self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes, ahead, at }, missing: sinks });
+                let at = Instant::now();
+                self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes, at }, missing: sinks });
             }
             AckMsg::RegisterNode { seq, position, sinks } => {
                 self.waiting.insert(seq, Waiting { done: Done::Node(position), missing: sinks });
@@ -139,12 +135,10 @@ impl Committer {
                 break;
             }
             match entry.remove().done {
-                Done::File { file, path, offset, read_bytes, ahead, at } => {
+                Done::File { file, path, offset, read_bytes, at } => {
                     self.checkpoints.acknowledge(file, offset, &path);
-                    self.waiting_bytes -= read_bytes;
                     self.budget.release(read_bytes);
-                    let now = Instant::now();
-                    self.pacer.committed(read_bytes, now.duration_since(at), ahead, now);
+                    self.pacer.committed(read_bytes, at.elapsed());
                 }
                 Done::Node(position) => self.checkpoints.acknowledge_node(position),
                 Done::Notify(done) => done.store(true, Ordering::Release),
@@ -171,7 +165,7 @@ impl Committer {
                     None => break,
                 },
                 _ = tick.tick() => self.persist().await,
-                _ = pace.tick() => self.pacer.adjust(&self.budget, Instant::now()),
+                _ = pace.tick() => self.pacer.adjust(&self.budget),
             }
         }
         if self.outstanding() > 0 {

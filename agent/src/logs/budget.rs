@@ -3,20 +3,26 @@
 //! A fixed bound is wrong both ways: against an Elasticsearch that takes a few thousand
 //! records a second and answers late, 4 MiB in flight is nine seconds of queue ahead of a quiet
 //! container's next line; against a fast one, a small bound starves the sink. So the bound
-//! follows the sinks. Each quarter second the [`Pacer`] looks at how long the chunks committed
-//! took from read to commit: above [`LATENCY_TARGET`] (or, where the sink's own round trip is
-//! longer, above that round trip plus [`QUEUE_TARGET`]) the bound shrinks by a quarter; while
-//! reading is held at the bound below it, the bound grows by a quarter, up to
-//! `logs.max_inflight_bytes`. The round trip is what chunks read with next to nothing ahead of
-//! them took (a queue cannot tell itself from a slow sink otherwise); it is forgotten after a
-//! minute, and a bound shrunk to its floor measures it again. While reading is held, the sinks
-//! send what they have at once instead of waiting out `flush_interval` for a fuller request
+//! follows the sinks. Each quarter second in which reading waited at the bound, the [`Pacer`]
+//! looks at how long the chunks committed took from read to commit: above [`LATENCY_TARGET`]
+//! (or, where the sink's own round trip is longer, above that round trip plus
+//! [`QUEUE_TARGET`]) the bound shrinks by a quarter; below, it grows by a quarter, up to
+//! `logs.max_inflight_bytes`. A quarter second in which reading never waited changes nothing:
+//! the bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue).
+//! The round trip is the quickest request a sink sent while none of its others was in flight
+//! over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the sinks send
+//! what they have at once instead of waiting out `flush_interval` for a fuller request
 //! (nothing more can come).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-/// The smallest bound: a chunk and some, so reading never stalls on a small budget.
+use tokio::sync::Notify;
+
+/// The smallest bound (or `logs.max_inflight_bytes`, if smaller). A read step takes no more
+/// than what is left of the bound (but always one line), so the bound holds.
 pub const MIN_LIMIT: u64 = 128 * 1024;
 
 /// Read-to-commit time the bound aims under.
@@ -25,11 +31,11 @@ pub const LATENCY_TARGET: Duration = Duration::from_millis(500);
 /// Queueing allowed beyond the sink's round trip, where that round trip is long.
 pub const QUEUE_TARGET: Duration = Duration::from_millis(250);
 
-/// Bytes ahead of a chunk for its read-to-commit time to count as a round trip.
-pub const UNQUEUED: u64 = 64 * 1024;
+/// The longest round trip the bound allows for: a sink slower than that alone gets this.
+pub const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
 
-/// How long a measured round trip is trusted.
-const ROUND_TRIP_MEMORY: Duration = Duration::from_secs(60);
+/// How many windows a request's round trip is remembered (30 s).
+const ROUND_TRIP_WINDOWS: usize = 120;
 
 /// How often the bound is adjusted.
 pub const WINDOW: Duration = Duration::from_millis(250);
@@ -45,6 +51,10 @@ pub struct ReadBudget {
     held: AtomicBool,
     /// Reading stopped at the bound at some point since the pacer last looked.
     held_seen: AtomicBool,
+    /// Woken when reading stops at the bound.
+    held_notify: Notify,
+    /// The quickest lone request the sinks reported since the pacer last looked.
+    round_trip: Mutex<Option<Duration>>,
 }
 
 impl ReadBudget {
@@ -57,6 +67,8 @@ impl ReadBudget {
             max,
             held: AtomicBool::new(false),
             held_seen: AtomicBool::new(false),
+            held_notify: Notify::new(),
+            round_trip: Mutex::new(None),
         }
     }
 
@@ -64,10 +76,37 @@ impl ReadBudget {
     pub fn is_full(&self) -> bool {
         let full = self.inflight.load(Ordering::Acquire) >= self.limit.load(Ordering::Acquire);
         if full {
-            self.held.store(true, Ordering::Release);
             self.held_seen.store(true, Ordering::Release);
+            if !self.held.swap(true, Ordering::AcqRel) {
+                self.held_notify.notify_waiters();
+            }
         }
         full
+    }
+
+    /// Bytes left under the bound (0 when full).
+    pub fn room(&self) -> u64 {
+        self.limit.load(Ordering::Acquire).saturating_sub(self.inflight.load(Ordering::Acquire))
+    }
+
+    /// Waits until reading is held at the bound (returns at once if it is). For sinks
+    /// gathering a request.
+    pub async fn until_held(&self) {
+        loop {
+            let notified = self.held_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_held() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A sink's request, sent while none of its others was in flight, was answered in `took`.
+    pub fn request_took(&self, took: Duration) {
+        let mut quickest = self.round_trip.lock().unwrap_or_else(|e| e.into_inner());
+        *quickest = Some(quickest.map_or(took, |q| q.min(took)));
     }
 
     /// Reading went on below the bound.
@@ -107,46 +146,44 @@ pub struct Pacer {
     /// Bytes committed in this window, and the sum of their read-to-commit times × bytes.
     bytes: u64,
     weighted: f64,
-    /// The sink's round trip: the quickest unqueued chunk, and when it was seen.
-    round_trip: Option<(Duration, Instant)>,
+    /// The quickest lone request of each recent window that had one.
+    round_trips: VecDeque<Duration>,
 }
 
 impl Pacer {
-    /// A chunk of `bytes` took `latency` from read to commit, with `ahead` bytes read before
-    /// it and not yet committed when it was read.
-    pub fn committed(&mut self, bytes: u64, latency: Duration, ahead: u64, now: Instant) {
+    /// A chunk of `bytes` took `latency` from read to commit.
+    pub fn committed(&mut self, bytes: u64, latency: Duration) {
         self.bytes += bytes;
         self.weighted += latency.as_secs_f64() * bytes as f64;
-        if ahead <= UNQUEUED {
-            let stale = |(rtt, at): (Duration, Instant)| latency <= rtt || now.duration_since(at) > ROUND_TRIP_MEMORY;
-            if self.round_trip.is_none_or(stale) {
-                self.round_trip = Some((latency, now));
-            }
-        }
     }
 
-    /// Ends a window: shrinks the bound when chunks took too long, grows it when reading was
-    /// held while they did not. A window in which nothing was committed changes nothing (an
-    /// outage is not a measurement).
-    pub fn adjust(&mut self, budget: &ReadBudget, now: Instant) {
+    /// Ends a window: while reading waited at the bound, shrinks it when chunks took too long
+    /// and grows it when they did not. A window without commits (an outage is not a
+    /// measurement) or in which reading never waited changes nothing.
+    pub fn adjust(&mut self, budget: &ReadBudget) {
         let held = budget.held_seen.swap(false, Ordering::AcqRel);
+        let lone = budget.round_trip.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rtt) = lone {
+            if self.round_trips.len() == ROUND_TRIP_WINDOWS {
+                self.round_trips.pop_front();
+            }
+            self.round_trips.push_back(rtt.min(MAX_ROUND_TRIP));
+        }
         let bytes = std::mem::take(&mut self.bytes);
         let weighted = std::mem::take(&mut self.weighted);
-        if bytes == 0 {
+        if bytes == 0 || !held {
             return;
         }
         let mean = Duration::from_secs_f64(weighted / bytes as f64);
-        let round_trip = self.round_trip.filter(|(_, at)| now.duration_since(*at) <= ROUND_TRIP_MEMORY).map(|(rtt, _)| rtt);
-        let target = LATENCY_TARGET.max(round_trip.unwrap_or_default() + QUEUE_TARGET);
+        let target = LATENCY_TARGET.max(self.round_trip() + QUEUE_TARGET);
         let limit = budget.limit();
-        let next = if mean > target {
-            (limit - limit / 4).max(MIN_LIMIT)
-        } else if held {
-            limit + limit / 4
-        } else {
-            limit
-        };
+        let next = if mean > target { (limit - limit / 4).max(MIN_LIMIT) } else { limit + limit / 4 };
         budget.limit.store(next.min(budget.max), Ordering::Release);
+    }
+
+    /// The sinks' round trip: their quickest lone request lately (zero before any).
+    pub fn round_trip(&self) -> Duration {
+        self.round_trips.iter().min().copied().unwrap_or_default()
     }
 }
 
@@ -156,26 +193,28 @@ mod tests {
 
     const MIB: u64 = 1024 * 1024;
 
-    /// A sink that takes `rate` bytes a second and answers in `rtt` with nothing queued,
-    /// driven one window at a time with reading always held: what is in flight (the bound)
-    /// drains in read order, the first bytes after `rtt`, the last after `rtt + bound / rate`.
-    fn saturate(budget: &ReadBudget, pacer: &mut Pacer, now: &mut Instant, rate: f64, rtt: Duration, windows: usize) -> Vec<u64> {
+    /// A sink that takes `rate` bytes a second and answers a lone request in `rtt`, driven one
+    /// window at a time with reading always held: what is in flight (the bound) drains in read
+    /// order, the first bytes after `rtt`, the last after `rtt + bound / rate`.
+    fn saturate(budget: &ReadBudget, pacer: &mut Pacer, rate: f64, rtt: Duration, windows: usize) -> Vec<u64> {
         let mut limits = Vec::new();
-        for _ in 0..windows {
-            if budget.inflight() < budget.limit() {
-                budget.take(budget.limit() - budget.inflight());
+        for n in 0..windows {
+            if budget.room() > 0 {
+                budget.take(budget.room());
             }
             assert!(budget.is_full());
             let inflight = budget.inflight();
             let parts = 8;
             for k in 0..parts {
-                let ahead = inflight * k / parts;
-                let latency = rtt + Duration::from_secs_f64((ahead + inflight / parts) as f64 / rate);
-                pacer.committed(inflight / parts, latency, ahead, *now);
+                let latency = rtt + Duration::from_secs_f64((inflight * (k + 1) / parts) as f64 / rate);
+                pacer.committed(inflight / parts, latency);
+            }
+            // Now and then a request goes out alone.
+            if n % 10 == 0 {
+                budget.request_took(rtt + Duration::from_secs_f64((inflight / parts) as f64 / rate));
             }
             budget.release(inflight);
-            *now += WINDOW;
-            pacer.adjust(budget, *now);
+            pacer.adjust(budget);
             limits.push(budget.limit());
         }
         limits
@@ -183,9 +222,9 @@ mod tests {
 
     #[test]
     fn the_bound_grows_to_the_maximum_where_the_sink_keeps_up() {
-        let (budget, mut pacer, mut now) = (ReadBudget::new(4 * MIB), Pacer::default(), Instant::now());
+        let (budget, mut pacer) = (ReadBudget::new(4 * MIB), Pacer::default());
         // 100 MiB/s, 5 ms round trips: 4 MiB drain in 45 ms.
-        let limits = saturate(&budget, &mut pacer, &mut now, 100.0 * MIB as f64, Duration::from_millis(5), 20);
+        let limits = saturate(&budget, &mut pacer, 100.0 * MIB as f64, Duration::from_millis(5), 20);
         assert_eq!(limits[0], MIN_LIMIT + MIN_LIMIT / 4);
         assert!(limits.windows(2).all(|w| w[1] >= w[0]), "{limits:?}");
         assert_eq!(*limits.last().unwrap(), 4 * MIB, "{limits:?}");
@@ -193,10 +232,10 @@ mod tests {
 
     #[test]
     fn against_a_slow_sink_the_bound_settles_where_chunks_take_about_the_target() {
-        let (budget, mut pacer, mut now) = (ReadBudget::new(64 * MIB), Pacer::default(), Instant::now());
-        // 1 MiB/s answered in 20 ms when idle: a second of queue is 1 MiB in flight.
+        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+        // 1 MiB/s answered in 20 ms when idle: half a second of queue is 512 KiB in flight.
         let rate = MIB as f64;
-        let limits = saturate(&budget, &mut pacer, &mut now, rate, Duration::from_millis(20), 400);
+        let limits = saturate(&budget, &mut pacer, rate, Duration::from_millis(20), 400);
         let drain = |l: u64| Duration::from_secs_f64(l as f64 / rate);
         let settled = &limits[40..];
         // Chunks take the round trip and on average a little over half the drain.
@@ -206,36 +245,58 @@ mod tests {
 
     #[test]
     fn a_sink_whose_round_trip_alone_exceeds_the_target_is_not_starved() {
-        let (budget, mut pacer, mut now) = (ReadBudget::new(64 * MIB), Pacer::default(), Instant::now());
-        // A distant cluster: 1.5 s round trips, 8 MiB/s. Half a second of queue is 4 MiB.
+        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+        // A distant cluster: 1.5 s round trips, 8 MiB/s. A quarter second of queue is 2 MiB.
         let rate = 8.0 * MIB as f64;
-        let limits = saturate(&budget, &mut pacer, &mut now, rate, Duration::from_millis(1500), 1000);
+        let limits = saturate(&budget, &mut pacer, rate, Duration::from_millis(1500), 1000);
         let settled = &limits[100..];
-        assert!(settled.iter().all(|&l| l <= 12 * MIB), "about a second of queue at most: {limits:?}");
+        assert!(settled.iter().all(|&l| l <= 6 * MIB), "about half a second of queue at most: {limits:?}");
         let mean = settled.iter().sum::<u64>() / settled.len() as u64;
         assert!(mean >= MIB, "the bound keeps well above its floor on average: {mean} ({limits:?})");
     }
 
     #[test]
-    fn a_window_without_commits_changes_nothing_and_reading_not_held_does_not_grow_the_bound() {
-        let (budget, mut pacer, now) = (ReadBudget::new(4 * MIB), Pacer::default(), Instant::now());
+    fn outages_flush_waits_and_unheld_windows_do_not_move_the_bound() {
+        let (budget, mut pacer) = (ReadBudget::new(4 * MIB), Pacer::default());
         budget.take(MIB);
         assert!(budget.is_full());
-        pacer.adjust(&budget, now);
+        pacer.adjust(&budget);
         assert_eq!(budget.limit(), MIN_LIMIT, "an outage measures nothing");
         budget.release(MIB);
-        pacer.committed(1000, Duration::from_millis(10), 0, now);
-        pacer.adjust(&budget, now);
+        // Reading never waited: chunks that waited a second for the flush interval say nothing.
+        pacer.committed(1000, Duration::from_secs(1));
+        pacer.adjust(&budget);
         assert_eq!(budget.limit(), MIN_LIMIT, "the held mark went with the empty window; not held since");
         budget.take(2 * MIN_LIMIT);
         assert!(budget.is_full() && budget.is_held());
         budget.reading();
         assert!(!budget.is_held());
-        pacer.committed(1000, Duration::from_millis(10), 0, now);
-        pacer.adjust(&budget, now);
+        pacer.committed(1000, Duration::from_millis(10));
+        pacer.adjust(&budget);
         assert_eq!(budget.limit(), MIN_LIMIT + MIN_LIMIT / 4, "held during the window: grows");
-        pacer.committed(1000, Duration::from_secs(3), MIB, now);
-        pacer.adjust(&budget, now);
-        assert_eq!(budget.limit(), MIN_LIMIT, "too slow: shrinks, never below the floor");
+        // A request stuck through a five-minute outage counts as the longest round trip allowed.
+        budget.request_took(Duration::from_secs(300));
+        assert!(budget.is_full());
+        pacer.committed(1000, Duration::from_secs(3));
+        pacer.adjust(&budget);
+        assert_eq!(pacer.round_trip(), MAX_ROUND_TRIP);
+        assert_eq!(budget.limit(), MIN_LIMIT, "too slow even for a 2 s round trip: shrinks, never below the floor");
+    }
+
+    #[tokio::test]
+    async fn gathering_sinks_are_woken_when_reading_is_held() {
+        let budget = std::sync::Arc::new(ReadBudget::new(MIB));
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.until_held().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        budget.take(MIB);
+        assert!(budget.is_full());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        // Already held: at once.
+        tokio::time::timeout(Duration::from_millis(100), budget.until_held()).await.expect("at once");
+        assert_eq!(budget.room(), 0);
     }
 }

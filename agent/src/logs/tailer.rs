@@ -297,7 +297,9 @@ impl Tailer {
                 return Visit::Next;
             }
             // A container over its rate limit is read later; its excess waits in its files.
+            // A step takes no more than what is left of the bound (and always one line).
             let mut limits = self.settings.limits;
+            limits.max_bytes = limits.max_bytes.min(self.budget.room().max(1));
             if let Some(rate) = tail.rate_limit_mut() {
                 match rate.allowance(now) {
                     Allowance::Records(n) => limits.max_records = limits.max_records.min(n),

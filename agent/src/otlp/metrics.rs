@@ -1,16 +1,15 @@
 //! The agent's metrics over OTLP: every `interval`, the families `/metrics` serves, as one
 //! `ExportMetricsServiceRequest` (cumulative temporality, started when the agent started).
 //!
-//! The source is the exposition `/metrics` serves (prometheus-client's OpenMetrics text), read
-//! back here, so both endpoints show the same numbers from one registry, custom collectors
-//! included: a counter `nodelens_x_total` becomes the monotonic Sum `nodelens_x` (the one
-//! `unknown` family, `nodelens_log_metric_total`, keeps its name), a gauge a
-//! Gauge, a histogram an explicit-bucket Histogram; labels are data-point attributes (`node`
+//! The source is the registry `/metrics` serves, encoded by prometheus-client as typed families
+//! (its Prometheus protobuf data model, no text in between), so both endpoints show the same
+//! numbers, custom collectors included: a counter `nodelens_x_total` becomes the monotonic Sum
+//! `nodelens_x` (the one untyped family, `nodelens_log_metric_total`, keeps its name), a gauge
+//! a Gauge, a histogram an explicit-bucket Histogram; labels are data-point attributes (`node`
 //! included, so series of different nodes stay apart wherever they are forwarded), and the
 //! resource names the node. A push that fails is not retried: the next one carries the
 //! cumulative values again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,9 +21,11 @@ use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use prometheus_client::encoding::prometheus_protobuf::{self, prometheus_data_model as prom};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use prost::Message;
 
 use super::{kv as attribute, text, unix_nanos, Exporter, Settings};
@@ -82,14 +83,22 @@ pub async fn run(
             _ = shutdown.recv() => true,
         };
         let (metrics, origin) = (metrics.clone(), origin.clone());
-        let Ok((request, points)) = tokio::task::spawn_blocking(move || {
-            let families = parse(&metrics.encode(), started, unix_nanos(SystemTime::now()));
+        let Ok(encoded) = tokio::task::spawn_blocking(move || {
+            let families = from_registry(&metrics.registry, started, unix_nanos(SystemTime::now()))?;
             let points = families.iter().map(points_of).sum::<usize>();
-            (request(&origin, families).encode_to_vec(), points)
+            Ok::<_, std::fmt::Error>((request(&origin, families).encode_to_vec(), points))
         })
         .await
         else {
             return;
+        };
+        let Ok((request, points)) = encoded else {
+            // Only a collector can fail to encode, and `/metrics` shows the same failure.
+            tracing::warn!("the metrics registry could not be encoded; this push is skipped");
+            if last {
+                return;
+            }
+            continue;
         };
         let count = |outcome, n: usize| {
             if n > 0 {
@@ -178,211 +187,82 @@ fn unit_of(name: &str) -> &'static str {
     UNITS.iter().find(|(suffix, _)| name.ends_with(suffix)).map_or("", |(_, unit)| unit)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
+/// The registry's families as OTLP metrics, stamped `now`, cumulative ones since `start`. A
+/// family without series says nothing and is left out.
+pub fn from_registry(registry: &Registry, start: u64, now: u64) -> Result<Vec<Metric>, std::fmt::Error> {
+    let families = prometheus_protobuf::encode(registry)?;
+    Ok(families.into_iter().filter(|f| !f.metric.is_empty()).map(|f| metric(f, start, now)).collect())
 }
 
-/// One histogram series being put together from its `_bucket`, `_sum` and `_count` samples.
-#[derive(Default)]
-struct Buckets {
-    /// Upper bound → cumulative count (`+Inf` left out: it is `_count`).
-    bounds: Vec<(f64, u64)>,
-    sum: f64,
-    count: u64,
-}
-
-/// Reads the OpenMetrics text `/metrics` serves into OTLP metrics, stamped `now`, cumulative
-/// ones since `start`. Lines it cannot read are skipped (the text is our own).
-pub fn parse(text: &str, start: u64, now: u64) -> Vec<Metric> {
-    let mut out: Vec<Metric> = Vec::new();
-    let mut help: BTreeMap<&str, &str> = BTreeMap::new();
-    // The family being read: its name, kind, and histogram series in order of appearance.
-    let mut family: Option<(&str, Kind)> = None;
-    let mut histograms: Vec<(Vec<KeyValue>, Buckets)> = Vec::new();
-    let flush = |family: Option<(&str, Kind)>, histograms: &mut Vec<(Vec<KeyValue>, Buckets)>, out: &mut Vec<Metric>| {
-        if let Some((_, Kind::Histogram)) = family {
-            let points = histograms.drain(..).map(|(attributes, b)| histogram_point(attributes, b, start, now)).collect();
-            if let Some(metric) = out.last_mut() {
-                metric.data = Some(Data::Histogram(Histogram {
-                    data_points: points,
-                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                }));
-            }
-        }
+/// One family as an OTLP metric.
+fn metric(family: prom::MetricFamily, start: u64, now: u64) -> Metric {
+    let attributes = |m: &prom::Metric| m.label.iter().map(|l| kv(&l.name, &l.value)).collect::<Vec<_>>();
+    let number = |m: &prom::Metric, start| NumberDataPoint {
+        attributes: attributes(m),
+        start_time_unix_nano: start,
+        time_unix_nano: now,
+        value: Some(Number::AsDouble(value_of(m))),
+        ..Default::default()
     };
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            if let Some((name, text)) = rest.split_once(' ') {
-                help.insert(name, text);
-            }
-            continue;
+    let sum = |metrics: &[prom::Metric]| {
+        Data::Sum(Sum {
+            data_points: metrics.iter().map(|m| number(m, start)).collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })
+    };
+    let (name, data) = match prom::MetricType::try_from(family.r#type) {
+        Ok(prom::MetricType::Counter) => {
+            let name = family.name.strip_suffix("_total").unwrap_or(&family.name).to_string();
+            (name, sum(&family.metric))
         }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            flush(family.take(), &mut histograms, &mut out);
-            let Some((name, kind)) = rest.split_once(' ') else { continue };
-            let (otlp_name, kind) = match kind {
-                "counter" => (name, Kind::Counter),
-                "histogram" => (name, Kind::Histogram),
-                // `nodelens_log_metric_total` is declared `unknown` because the counter family
-                // name it would need is the gauges' (`nodelens_log_metric`): it stays a Sum of
-                // its own name, so the two do not collide over OTLP either.
-                "unknown" if name.ends_with("_total") => (name, Kind::Counter),
-                _ => (name, Kind::Gauge),
-            };
-            let data = match kind {
-                Kind::Counter => Data::Sum(Sum {
-                    data_points: Vec::new(),
-                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                    is_monotonic: true,
-                }),
-                Kind::Gauge => Data::Gauge(Gauge { data_points: Vec::new() }),
-                Kind::Histogram => Data::Histogram(Histogram::default()),
-            };
-            out.push(Metric {
-                name: otlp_name.to_string(),
-                description: help.get(name).map(|h| unescape_help(h)).unwrap_or_default(),
-                unit: unit_of(otlp_name).to_string(),
-                data: Some(data),
-                ..Default::default()
-            });
-            family = Some((name, kind));
-            continue;
+        // `nodelens_log_metric_total` is untyped because the counter family name it would need
+        // is the gauges' (`nodelens_log_metric`): it stays a Sum of its own name, so the two do
+        // not collide over OTLP either.
+        Ok(prom::MetricType::Untyped) if family.name.ends_with("_total") => (family.name.clone(), sum(&family.metric)),
+        Ok(prom::MetricType::Histogram) => {
+            let points = family.metric.iter().map(|m| histogram_point(attributes(m), m.histogram.as_ref(), start, now)).collect();
+            let data = Histogram { data_points: points, aggregation_temporality: AggregationTemporality::Cumulative as i32 };
+            (family.name.clone(), Data::Histogram(data))
         }
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let Some((name, labels, value)) = sample(line) else { continue };
-        let Some((family_name, kind)) = family else { continue };
-        match kind {
-            Kind::Histogram => {
-                let suffix = name.strip_prefix(family_name).unwrap_or("");
-                let mut le = None;
-                let attributes: Vec<KeyValue> = labels
-                    .into_iter()
-                    .filter_map(|(k, v)| {
-                        if k == "le" {
-                            le = Some(v);
-                            None
-                        } else {
-                            Some(kv(k, &v))
-                        }
-                    })
-                    .collect();
-                let position = histograms.iter().position(|(a, _)| *a == attributes);
-                let series = match position {
-                    Some(i) => &mut histograms[i].1,
-                    None => {
-                        histograms.push((attributes, Buckets::default()));
-                        &mut histograms.last_mut().expect("pushed").1
-                    }
-                };
-                match suffix {
-                    "_sum" => series.sum = value,
-                    "_count" => series.count = value as u64,
-                    "_bucket" => match le.as_deref().map(str::parse::<f64>) {
-                        Some(Ok(bound)) if bound.is_finite() => series.bounds.push((bound, value as u64)),
-                        _ => {}
-                    },
-                    _ => {}
-                }
-            }
-            Kind::Counter | Kind::Gauge => {
-                if name.ends_with("_created") {
-                    continue;
-                }
-                let point = NumberDataPoint {
-                    attributes: labels.into_iter().map(|(k, v)| kv(k, &v)).collect(),
-                    start_time_unix_nano: if kind == Kind::Counter { start } else { 0 },
-                    time_unix_nano: now,
-                    value: Some(Number::AsDouble(value)),
-                    ..Default::default()
-                };
-                match out.last_mut().and_then(|m| m.data.as_mut()) {
-                    Some(Data::Sum(sum)) => sum.data_points.push(point),
-                    Some(Data::Gauge(gauge)) => gauge.data_points.push(point),
-                    _ => {}
-                }
-            }
-        }
-    }
-    flush(family, &mut histograms, &mut out);
-    // A family without series says nothing.
-    out.retain(|m| points_of(m) > 0);
-    out
+        _ => (family.name.clone(), Data::Gauge(Gauge { data_points: family.metric.iter().map(|m| number(m, 0)).collect() })),
+    };
+    Metric { unit: unit_of(&name).to_string(), name, description: family.help, data: Some(data), ..Default::default() }
 }
 
-fn histogram_point(attributes: Vec<KeyValue>, mut b: Buckets, start: u64, now: u64) -> HistogramDataPoint {
-    b.bounds.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let mut counts = Vec::with_capacity(b.bounds.len() + 1);
-    let mut below = 0;
-    for &(_, cumulative) in &b.bounds {
-        counts.push(cumulative.saturating_sub(below));
-        below = cumulative;
+/// A series' value, whichever kind it was encoded as.
+fn value_of(m: &prom::Metric) -> f64 {
+    match (&m.counter, &m.gauge, &m.untyped) {
+        (Some(c), _, _) => c.value,
+        (_, Some(g), _) => g.value,
+        (_, _, Some(u)) => u.value,
+        _ => 0.0,
     }
-    counts.push(b.count.saturating_sub(below));
+}
+
+/// A Prometheus histogram (cumulative buckets, `+Inf` optional) as an OTLP one (a count per
+/// bucket, the last one above every explicit bound).
+fn histogram_point(attributes: Vec<KeyValue>, h: Option<&prom::Histogram>, start: u64, now: u64) -> HistogramDataPoint {
+    let empty = prom::Histogram::default();
+    let h = h.unwrap_or(&empty);
+    let finite: Vec<&prom::Bucket> = h.bucket.iter().filter(|b| b.upper_bound.is_finite()).collect();
+    let mut counts = Vec::with_capacity(finite.len() + 1);
+    let mut below = 0;
+    for b in &finite {
+        counts.push(b.cumulative_count.saturating_sub(below));
+        below = b.cumulative_count;
+    }
+    counts.push(h.sample_count.saturating_sub(below));
     HistogramDataPoint {
         attributes,
         start_time_unix_nano: start,
         time_unix_nano: now,
-        count: b.count,
-        sum: Some(b.sum),
+        count: h.sample_count,
+        sum: Some(h.sample_sum),
         bucket_counts: counts,
-        explicit_bounds: b.bounds.iter().map(|(bound, _)| *bound).collect(),
+        explicit_bounds: finite.iter().map(|b| b.upper_bound).collect(),
         ..Default::default()
     }
-}
-
-/// A sample's labels, values unescaped.
-type Labels<'a> = Vec<(&'a str, String)>;
-
-/// `name{k="v",...} value [timestamp]` → its parts.
-fn sample(line: &str) -> Option<(&str, Labels<'_>, f64)> {
-    let (name, mut rest) = line.split_at(line.find(['{', ' '])?);
-    let mut labels = Vec::new();
-    if let Some(mut inner) = rest.strip_prefix('{') {
-        loop {
-            inner = inner.trim_start_matches(',');
-            if let Some(after) = inner.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after) = inner.split_once("=\"")?;
-            let (value, after) = quoted(after)?;
-            labels.push((key, value));
-            inner = after;
-        }
-    }
-    let value = match rest.split_whitespace().next()? {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v.parse().ok()?,
-    };
-    Some((name, labels, value))
-}
-
-/// The text up to its closing quote, unescaped (`\\`, `\"`, `\n`), and what follows it.
-fn quoted(text: &str) -> Option<(String, &str)> {
-    let mut value = String::new();
-    let mut chars = text.char_indices();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => return Some((value, &text[i + 1..])),
-            '\\' => match chars.next()?.1 {
-                'n' => value.push('\n'),
-                other => value.push(other),
-            },
-            c => value.push(c),
-        }
-    }
-    None
-}
-
-fn unescape_help(text: &str) -> String {
-    text.replace("\\n", "\n").replace("\\\\", "\\")
 }
 
 #[cfg(test)]
@@ -429,11 +309,9 @@ mod tests {
         registry.register("sink_request_duration_seconds", "Export time.", duration);
         let empty: Family<Vec<(String, String)>, Counter> = Family::default();
         registry.register("never_seen", "No series.", empty);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
 
-        let metrics = parse(&text, 100, 200);
-        assert_eq!(metrics.len(), 3, "{text}");
+        let metrics = from_registry(&registry, 100, 200).unwrap();
+        assert_eq!(metrics.len(), 3, "{:?}", metrics.iter().map(|m| &m.name).collect::<Vec<_>>());
         let records = find(&metrics, "nodelens_log_records");
         assert_eq!(records.description, "Records read.");
         let Some(Data::Sum(sum)) = &records.data else { panic!("{records:?}") };
@@ -468,16 +346,28 @@ mod tests {
         assert_eq!(attrs(&point.attributes), vec![("node".to_string(), "gpu-1".to_string())]);
     }
 
+    fn oom_labels() -> Vec<(String, String)> {
+        vec![("name".into(), "oom".into()), ("namespace".into(), "ml".into())]
+    }
+
     #[test]
-    fn an_untyped_total_is_a_sum_of_its_own_name_and_bad_lines_are_skipped() {
-        let text = "# HELP nodelens_log_metric_total Sum of matches.\n# TYPE nodelens_log_metric_total unknown\n\
-                    nodelens_log_metric_total{name=\"oom\",node=\"n\"} 3\nnodelens_log_metric_total{name=\"broken 7\n# EOF\n";
-        let metrics = parse(text, 1, 2);
+    fn the_untyped_log_metric_totals_are_a_sum_of_their_own_name_beside_the_gauges() {
+        use crate::logs::derived::{SeriesLabels, Totals};
+        let mut registry = Registry::with_prefix_and_labels("nodelens", [("node".into(), "n".into())].into_iter());
+        let totals = Totals(Family::default());
+        totals.0.get_or_create(&oom_labels()).set(3.0);
+        registry.register_collector(Box::new(totals));
+        let gauges: Family<SeriesLabels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+        gauges.get_or_create(&oom_labels()).set(0.5);
+        registry.register("log_metric", "Log-derived gauges", gauges);
+        let metrics = from_registry(&registry, 1, 2).unwrap();
         let metric = find(&metrics, "nodelens_log_metric_total");
         let Some(Data::Sum(sum)) = &metric.data else { panic!("{metric:?}") };
-        assert_eq!(sum.data_points.len(), 1);
+        assert_eq!((sum.data_points.len(), sum.is_monotonic), (1, true));
         assert_eq!(sum.data_points[0].value, Some(Number::AsDouble(3.0)));
-        assert_eq!(attrs(&sum.data_points[0].attributes), vec![("name".into(), "oom".into()), ("node".into(), "n".into())]);
+        assert!(attrs(&sum.data_points[0].attributes).contains(&("name".into(), "oom".into())));
+        let Some(Data::Gauge(gauge)) = &find(&metrics, "nodelens_log_metric").data else { panic!("{metrics:?}") };
+        assert_eq!(gauge.data_points[0].value, Some(Number::AsDouble(0.5)));
     }
 
     #[test]

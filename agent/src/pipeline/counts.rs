@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use crate::identity::path::ContainerRef;
 use crate::logs::chunk::{Chunk, Flags, StreamKind};
 use crate::logs::level::Level;
+use crate::logs::tailer::ThrottleLabels;
 
 /// How long an application's series stay after the last of its pods is gone. Longer than a
 /// scrape interval and a rate window, so its last increments are seen.
@@ -65,6 +66,9 @@ pub struct CountFamilies {
     pub bytes: Family<AppLabels, Counter>,
     /// `nodelens_log_records_flagged_total`: records shipped truncated, partial, malformed or with a bad timestamp.
     pub flagged: Family<FlagLabels, Counter>,
+    /// The tailer's `nodelens_log_records_throttled_total` (the same family), whose
+    /// per-application series go with the others'.
+    pub throttled: Family<ThrottleLabels, Counter>,
 }
 
 /// An application's pods, to tell when it is gone.
@@ -160,6 +164,7 @@ impl Counts {
                 }
             }
             families.bytes.remove(labels);
+            families.throttled.remove(&ThrottleLabels { namespace: labels.namespace.clone(), app: labels.app.clone() });
             false
         });
     }
@@ -199,6 +204,7 @@ mod tests {
         let mut registry = Registry::with_prefix("nodelens");
         registry.register("log_records", "", families.records.clone());
         registry.register("log_bytes", "", families.bytes.clone());
+        registry.register("log_records_throttled", "", families.throttled.clone());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("app=\"{app}\""))).count()
@@ -224,11 +230,12 @@ mod tests {
         let lines = chunk(&[("done", StreamKind::Stdout), ("oops", StreamKind::Stderr)]);
         counts.count(&app("nightly"), &container("nightly-29100480-x2k4p"), &lines, &[None, Some(Level::Error)], t0);
         counts.count(&app("web"), &container("web-0"), &lines, &[None, None], t0);
-        assert_eq!((series(&families, "nightly"), series(&families, "web")), (3, 3));
+        families.throttled.get_or_create(&ThrottleLabels { namespace: "ml".into(), app: "nightly".into() }).inc();
+        assert_eq!((series(&families, "nightly"), series(&families, "web")), (4, 3));
 
         let web_only = |c: &ContainerRef| c.pod == "web-0";
         counts.sweep(t0 + Duration::from_secs(60), web_only);
-        assert_eq!(series(&families, "nightly"), 3, "kept a while after its pod is gone");
+        assert_eq!(series(&families, "nightly"), 4, "kept a while after its pod is gone");
         counts.sweep(t0 + Duration::from_secs(60) + APP_SERIES_IDLE, web_only);
         assert_eq!(series(&families, "nightly"), 0, "removed once gone for APP_SERIES_IDLE");
         assert_eq!(series(&families, "web"), 3, "a live application keeps its series");

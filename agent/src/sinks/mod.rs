@@ -115,9 +115,6 @@ pub struct Requests {
     pub reading: Option<Arc<ReadBudget>>,
 }
 
-/// How often a gathering request looks whether reading is held.
-const HELD_POLL: Duration = Duration::from_millis(10);
-
 /// Runs a sink until its input closes, then delivers what it holds and returns. Batches are
 /// gathered into requests as `requests` says (`size` measuring each) once a delivery slot is
 /// free (so batches that arrive while every slot is busy join the next request), up to
@@ -141,8 +138,14 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
         let pending: Arc<[Arc<Batch>]>;
         (pending, open) = gather(&mut batches, first, &requests, &size).await;
         let (delivery, acks) = (deliver(pending.clone()), acks.clone());
+        // A request sent while none of the others is in flight times the sink's round trip.
+        let lone = (slots.available_permits() + 1 == requests.concurrency).then(|| requests.reading.clone()).flatten();
         deliveries.spawn(async move {
+            let sent = Instant::now();
             delivery.await;
+            if let Some(reading) = lone {
+                reading.request_took(sent.elapsed());
+            }
             drop(slot);
             for batch in pending.iter() {
                 // The committer is gone only at shutdown, when nothing more can be committed.
@@ -169,30 +172,26 @@ async fn gather(
     size: impl Fn(&Batch) -> usize,
 ) -> (Arc<[Arc<Batch>]>, bool) {
     let deadline = Instant::now() + requests.flush_interval;
-    let held = || requests.reading.as_ref().is_some_and(|r| r.is_held());
     let mut bytes = size(&first);
     let mut pending = vec![first];
     while bytes < requests.max_bytes {
-        let batch = match batches.try_recv() {
-            Ok(batch) => Some(batch),
-            Err(mpsc::error::TryRecvError::Disconnected) => return (pending.into(), false),
-            Err(mpsc::error::TryRecvError::Empty) if held() => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                let look = match &requests.reading {
-                    Some(_) => deadline.min(Instant::now() + HELD_POLL),
-                    None => deadline,
-                };
-                match tokio::time::timeout_at(look, batches.recv()).await {
-                    Ok(Some(batch)) => Some(batch),
-                    Ok(None) => return (pending.into(), false),
-                    Err(_) if Instant::now() >= deadline => break,
-                    Err(_) => None,
-                }
+        let held = async {
+            match &requests.reading {
+                Some(reading) => reading.until_held().await,
+                None => std::future::pending().await,
             }
         };
-        if let Some(batch) = batch {
-            bytes += size(&batch);
-            pending.push(batch);
+        tokio::select! {
+            biased;
+            batch = batches.recv() => match batch {
+                Some(batch) => {
+                    bytes += size(&batch);
+                    pending.push(batch);
+                }
+                None => return (pending.into(), false),
+            },
+            () = held => break,
+            () = tokio::time::sleep_until(deadline) => break,
         }
     }
     (pending.into(), true)
@@ -277,11 +276,7 @@ mod tests {
         let started = Instant::now();
         let (pending, _) = gather(&mut rx, batch(4, 100), &requests, size).await;
         assert_eq!(pending.len(), 1);
-        assert!(
-            started.elapsed() >= Duration::from_secs(2) && started.elapsed() <= Duration::from_secs(2) + HELD_POLL,
-            "{:?}",
-            started.elapsed()
-        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "woken when reading is held, not at the interval");
         held_later.await.unwrap();
     }
 

@@ -213,8 +213,10 @@ impl FakeElasticsearch {
         self.state.lock().unwrap().max_body_bytes = Some(bytes);
     }
 
-    /// Indexes at most `records_per_second`, one request at a time, the others waiting their
-    /// turn: the way a saturated cluster answers late (queueing) rather than with 429.
+    /// Indexes at most `records_per_second`, one request at a time, each also costing 5 ms of
+    /// its own (parsing, routing, the reply), the others waiting their turn: the way a
+    /// saturated cluster answers late (queueing) rather than with 429, and why many small
+    /// requests cost it more than a few large ones.
     pub fn limit_rate(&self, records_per_second: f64) {
         self.state.lock().unwrap().capacity = Some(records_per_second);
     }
@@ -358,7 +360,7 @@ async fn respond(
     let _turn = match capacity {
         Some(rate) => {
             let turn = indexer.lock_owned().await;
-            tokio::time::sleep(Duration::from_secs_f64(lines.len() as f64 / 2.0 / rate)).await;
+            tokio::time::sleep(Duration::from_millis(5) + Duration::from_secs_f64(lines.len() as f64 / 2.0 / rate)).await;
             Some(turn)
         }
         None => None,

@@ -221,6 +221,49 @@ impl Drop for FakePodResources {
     }
 }
 
+/// A workload pod of a simulated GPU node: its name, uid, app and user labels, its one
+/// container's id, the pid of its GPU process (`None`: it holds a GPU and runs nothing on
+/// it) and how that process's cgroup names the container.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Pod name.
+    pub pod: &'static str,
+    /// Pod uid.
+    pub uid: &'static str,
+    /// Its `app` label.
+    pub app: &'static str,
+    /// Its `user` label.
+    pub user: &'static str,
+    /// Its container's id: 64 times one hex digit.
+    pub id: String,
+    /// Its GPU process.
+    pub pid: Option<u32>,
+    /// The cgroup layout of that process.
+    pub cgroup: Cgroup,
+}
+
+impl Workload {
+    /// A workload whose container id is `digit` repeated 64 times.
+    pub fn new(
+        pod: &'static str,
+        uid: &'static str,
+        app: &'static str,
+        user: &'static str,
+        digit: char,
+        pid: Option<u32>,
+        cgroup: Cgroup,
+    ) -> Workload {
+        Workload { pod, uid, app, user, id: digit.to_string().repeat(64), pid, cgroup }
+    }
+
+    /// Its GPU process in `proc`, if it has one (start time `777000 + pid`).
+    pub fn add_process(&self, proc: &FakeProc) {
+        if let Some(pid) = self.pid {
+            proc.add(pid, 777_000 + u64::from(pid), &self.cgroup.render(self.uid, &self.id));
+        }
+    }
+}
+
 /// How a process's `/proc/<pid>/cgroup` names its container.
 #[derive(Debug, Clone, Copy)]
 pub enum Cgroup {
