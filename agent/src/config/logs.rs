@@ -75,15 +75,38 @@ impl Default for LogsConfig {
     }
 }
 
-/// `logs.json`: whether a message that is a JSON object gives fields.
+/// `logs.json`: whether a message that is a JSON object gives fields. `false` is taken for
+/// `off`, since YAML 1.1 readers (Helm's among them) turn an unquoted `off` into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "JsonModeValue")]
 pub enum JsonMode {
     /// A message that is a JSON object gives fields.
     #[default]
     Auto,
     /// Messages are text, whatever they hold.
     Off,
+}
+
+/// What `logs.json` may be written as.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JsonModeValue {
+    Text(String),
+    Flag(bool),
+}
+
+impl TryFrom<JsonModeValue> for JsonMode {
+    type Error = String;
+
+    fn try_from(value: JsonModeValue) -> Result<JsonMode, String> {
+        match value {
+            JsonModeValue::Text(text) if text == "auto" => Ok(JsonMode::Auto),
+            JsonModeValue::Text(text) if text == "off" => Ok(JsonMode::Off),
+            JsonModeValue::Flag(false) => Ok(JsonMode::Off),
+            JsonModeValue::Text(text) => Err(format!("unknown variant `{text}`, expected `auto` or `off`")),
+            JsonModeValue::Flag(true) => Err("expected `auto` or `off`, not `true`".into()),
+        }
+    }
 }
 
 /// Joins the lines of one stack trace into one record for matching applications.

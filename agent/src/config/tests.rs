@@ -32,6 +32,8 @@ fn unknown_key_is_an_error_naming_its_path() {
     let err = load_text("logs:\n  pods_dri: /x\n", &[]).unwrap_err().to_string();
     assert!(err.contains("logs.pods_dri"), "{err}");
     assert!(err.contains("unknown field"), "{err}");
+    let err = load_text("logs:\n  json: of\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("logs.json") && err.contains("expected `auto` or `off`"), "{err}");
     let err = load_text("logs:\n  rate_limit:\n    records_per_sec: 100\n", &[]).unwrap_err().to_string();
     assert!(err.contains("logs.rate_limit.records_per_sec"), "{err}");
     let err = load_text("logs:\n  rate_limit:\n    records_per_second: -5\n", &[]).unwrap_err().to_string();
@@ -234,4 +236,13 @@ fn otlp_settings_are_checked() {
     }
     let only_otlp = "sinks:\n  stdout:\n    enabled: false\n  otlp:\n    endpoint: https://c:4318\n";
     assert!(load_text(only_otlp, &[]).unwrap().validate().is_ok(), "OTLP alone is a sink");
+}
+
+#[test]
+fn logs_json_takes_auto_off_and_the_false_an_unquoted_off_becomes_in_yaml_1_1() {
+    for (text, mode) in [("auto", JsonMode::Auto), ("off", JsonMode::Off), ("'off'", JsonMode::Off), ("false", JsonMode::Off)] {
+        let config = load_text(&format!("logs:\n  json: {text}\n"), &[]).unwrap();
+        assert_eq!(config.logs.json, mode, "{text}");
+    }
+    assert!(load_text("logs:\n  json: true\n", &[]).is_err(), "true is not a mode");
 }

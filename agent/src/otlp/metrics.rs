@@ -94,7 +94,10 @@ pub async fn run(
         };
         let Ok((request, points)) = encoded else {
             // Only a collector can fail to encode, and `/metrics` shows the same failure.
-            tracing::warn!("the metrics registry could not be encoded; this push is skipped");
+            if !failing {
+                tracing::warn!("the metrics registry could not be encoded; pushes are skipped until it can");
+                failing = true;
+            }
             if last {
                 return;
             }

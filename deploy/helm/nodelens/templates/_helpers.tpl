@@ -45,7 +45,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)))
   "certificates" (dict "paths" $paths)
   "node_logs" (dict
-    "journald" (dict "enabled" (ternary "auto" false $v.nodeLogs.journald) "path" "/host/var/log/journal" "units" $v.nodeLogs.units)
+    "journald" (dict "enabled" (ternary "auto" false $v.nodeLogs.journald) "path" $v.nodeLogs.journaldPath "units" $v.nodeLogs.units)
     "kernel" (dict "enabled" (ternary "auto" false $v.nodeLogs.kernel) "path" "/dev/kmsg"))
 -}}
 {{- $es := dict -}}
