@@ -121,6 +121,14 @@ type RuleSeries = HashMap<String, HashMap<String, Series>>;
 /// Evaluates the rules on records; owned by the encoder stage.
 pub struct Derived {
     rules: Vec<Rule>,
+    /// Every rule's pattern in one set: a line no rule matches costs one scan, not one per
+    /// rule. `None` where the set would be too large to build (the rules then run one by one).
+    prefilter: Option<regex::bytes::RegexSet>,
+    /// Whether the set pays: it is skipped while most lines match some rule anyway (a training
+    /// log where every line carries the step and loss), and looked at again every so often.
+    sampling: Sampling,
+    /// Capture positions per rule, reused for every line.
+    locations: Vec<regex::bytes::CaptureLocations>,
     families: DerivedFamilies,
     series: Vec<RuleSeries>,
     /// Series per rule, for the cap.
@@ -129,13 +137,60 @@ pub struct Derived {
     key: String,
 }
 
+/// Whether the one-pass prefilter is worth running: it costs a scan of its own, which only
+/// pays while most lines match no rule.
+#[derive(Debug, Default)]
+struct Sampling {
+    /// Lines looked at through the set in this round, and how many matched some rule.
+    lines: u32,
+    hits: u32,
+    /// Lines to let through without the set before looking again.
+    skip: u32,
+}
+
+impl Sampling {
+    /// Lines per round.
+    const ROUND: u32 = 256;
+    /// Lines run without the set after a round where most lines matched.
+    const SKIP: u32 = 4096;
+
+    /// Whether the next line goes through the set.
+    fn filter_next(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A line went through the set; `hit` if some rule matched it.
+    fn saw(&mut self, hit: bool) {
+        self.lines += 1;
+        self.hits += u32::from(hit);
+        if self.lines == Self::ROUND {
+            if self.hits * 2 > self.lines {
+                self.skip = Self::SKIP;
+            }
+            (self.lines, self.hits) = (0, 0);
+        }
+    }
+}
+
 impl Derived {
     /// Evaluates `rules` (compiled by the config's validation).
     pub fn new(rules: &[Rule], families: DerivedFamilies) -> Derived {
         let rules = rules.to_vec();
         let series = rules.iter().map(|_| HashMap::new()).collect();
         let counts = vec![0; rules.len()];
-        Derived { rules, families, series, counts, key: String::new() }
+        let prefilter = match regex::bytes::RegexSet::new(rules.iter().map(|r| r.pattern.as_str())) {
+            Ok(set) => Some(set),
+            Err(e) => {
+                tracing::info!(error = %e, "log-metric rules are matched one by one (too large to match together)");
+                None
+            }
+        };
+        let locations = rules.iter().map(|r| r.pattern.capture_locations()).collect();
+        Derived { rules, prefilter, sampling: Sampling::default(), locations, families, series, counts, key: String::new() }
     }
 
     /// Whether there are rules at all.
@@ -150,30 +205,49 @@ impl Derived {
 
     /// Applies `rules` (from [`Derived::rules_for`]) to one message of `pod`.
     pub fn observe(&mut self, rules: &[usize], pod: &PodLabels, message: &[u8]) {
+        // With more than one rule, one pass finds which can match at all.
+        let matched = match &self.prefilter {
+            Some(set) if rules.len() > 1 && self.sampling.filter_next() => {
+                let matched = set.matches(message);
+                self.sampling.saw(matched.matched_any());
+                if !matched.matched_any() {
+                    return;
+                }
+                Some(matched)
+            }
+            _ => None,
+        };
         for &i in rules {
+            if matched.as_ref().is_some_and(|m| !m.matched(i)) {
+                continue;
+            }
             let rule = &self.rules[i];
-            let (value, caps) = if rule.value.is_none() && rule.labels.is_empty() {
+            let locations = &mut self.locations[i];
+            let value = if rule.value.is_none() && rule.labels.is_empty() {
                 if !rule.pattern.is_match(message) {
                     continue;
                 }
-                (1.0, None)
+                1.0
             } else {
-                let Some(caps) = rule.pattern.captures(message) else { continue };
-                let value = match rule.value {
-                    Some(group) => match caps.get(group).and_then(|m| std::str::from_utf8(m.as_bytes()).ok()?.parse::<f64>().ok()) {
-                        Some(v) if v.is_finite() => v,
-                        _ => continue,
-                    },
+                if rule.pattern.captures_read(locations, message).is_none() {
+                    continue;
+                }
+                match rule.value {
+                    Some(group) => {
+                        let text = locations.get(group).and_then(|(start, end)| std::str::from_utf8(&message[start..end]).ok());
+                        match text.and_then(|t| t.parse::<f64>().ok()) {
+                            Some(v) if v.is_finite() => v,
+                            _ => continue,
+                        }
+                    }
                     None => 1.0,
-                };
-                (value, Some(caps))
+                }
             };
             self.key.clear();
-            if let Some(caps) = &caps {
-                for (_, group) in &rule.labels {
-                    self.key.push_str(&String::from_utf8_lossy(caps.get(*group).map_or(&b""[..], |m| m.as_bytes())));
-                    self.key.push('\0');
-                }
+            for (_, group) in &rule.labels {
+                let text = locations.get(*group).map_or(&b""[..], |(start, end)| &message[start..end]);
+                self.key.push_str(&String::from_utf8_lossy(text));
+                self.key.push('\0');
             }
             let existing = self.series[i].get(&pod.uid).and_then(|by_key| by_key.get(self.key.as_str()));
             let series = match existing {
@@ -339,6 +413,54 @@ mod tests {
         assert_eq!(d.rules_for("web").len(), 3, "loss applies to res* only");
         d.observe(&d.rules_for("resnet"), &pod("1"), b"step=1 loss=not-a-number");
         assert!(!exposition(&families).contains(r#"name="loss""#));
+    }
+
+    #[test]
+    fn the_one_pass_prefilter_gives_what_the_rules_one_by_one_give() {
+        let (mut with_set, set_families) = training();
+        let (mut one_by_one, plain_families) = training();
+        assert!(with_set.prefilter.is_some());
+        one_by_one.prefilter = None;
+        let lines = [
+            "step=10 loss=0.91 lr=0.001",
+            "samples=12 phase=train step=3",
+            "loss=0.5",
+            "nothing to see",
+            "lr=0.2 samples=7 phase=eval",
+            "",
+            "step=x loss=y",
+        ];
+        for app in ["resnet", "web"] {
+            for (n, line) in lines.iter().enumerate() {
+                let p = pod(&n.to_string());
+                with_set.observe(&with_set.rules_for(app), &p, line.as_bytes());
+                one_by_one.observe(&one_by_one.rules_for(app), &p, line.as_bytes());
+            }
+        }
+        let sorted = |text: String| {
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines.join("\n")
+        };
+        let (a, b) = (sorted(exposition(&set_families)), sorted(exposition(&plain_families)));
+        assert_eq!(a, b);
+        assert!(a.contains(r#"name="samples""#) && a.contains(r#"name="loss""#), "{a}");
+    }
+
+    #[test]
+    fn the_prefilter_is_skipped_while_most_lines_match_and_looked_at_again_later() {
+        let mut sampling = Sampling::default();
+        for _ in 0..Sampling::ROUND {
+            assert!(sampling.filter_next());
+            sampling.saw(false);
+        }
+        assert!(sampling.filter_next(), "lines matching nothing: the set pays");
+        for n in 0..Sampling::ROUND {
+            assert!(sampling.filter_next());
+            sampling.saw(n % 4 != 0);
+        }
+        let skipped = (0..Sampling::SKIP + 1).take_while(|_| !sampling.filter_next()).count();
+        assert_eq!(skipped as u32, Sampling::SKIP, "three lines in four matched: skipped for a while, then tried again");
     }
 
     #[test]
