@@ -3,7 +3,15 @@
 //! reads against. A container over its limit is read later, not dropped: its excess waits in
 //! its files, as it would behind a slow sink, and the records that waited are counted.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+
+use crate::identity::path::ContainerRef;
+use crate::kube::store::PodStore;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// The pod annotation that sets its containers' limit (records per second; `0` = none).
 pub const ANNOTATION: &str = "nodelens.io/rate-limit";
@@ -83,6 +91,38 @@ pub fn for_pod(default: u32, annotation: Option<&str>, invalid: impl FnOnce(&str
             default
         }),
     }
+}
+
+/// Labels of `nodelens_log_records_throttled_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// Its application.
+    pub app: String,
+}
+
+/// The rate limit of a container: its pod's `nodelens.io/rate-limit` annotation, else the
+/// default. An invalid annotation is logged once per pod (`warned` remembers it).
+pub fn rate_limit_of(default: u32, pods: Option<&PodStore>, r: &ContainerRef, warned: &mut HashSet<String>) -> u32 {
+    let pod = pods.and_then(|p| p.get(&r.pod_uid));
+    let annotation = pod.as_ref().and_then(|p| p.annotations.get(ANNOTATION)).map(String::as_str);
+    for_pod(default, annotation, |value| {
+        if warned.len() >= 10_000 {
+            warned.clear();
+        }
+        if warned.insert(r.pod_uid.clone()) {
+            tracing::warn!(namespace = %r.namespace, pod = %r.pod, value, "{} is not a number of records per second; the default limit applies", ANNOTATION);
+        }
+    })
+}
+
+/// Counts records that waited for their container's rate limit.
+pub fn count_throttled(throttled: &Family<ThrottleLabels, Counter>, pods: Option<&PodStore>, r: &ContainerRef, records: usize) {
+    let app = pods
+        .and_then(|p| p.get(&r.pod_uid))
+        .map_or_else(|| crate::identity::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
+    throttled.get_or_create(&ThrottleLabels { namespace: r.namespace.clone(), app }).inc_by(records as u64);
 }
 
 #[cfg(test)]

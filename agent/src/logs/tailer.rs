@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use globset::GlobSet;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,7 +18,7 @@ use super::budget::ReadBudget;
 use super::checkpoint::Checkpoints;
 use super::chunk::Chunk;
 use super::container::{ContainerTail, Lost, StepLimits};
-use super::limit::{self, Allowance};
+use super::limit::{count_throttled, rate_limit_of, Allowance, ThrottleLabels};
 use super::scan::{self, Exclusions, FingerprintCache, Scan, ScannedFile};
 use super::source::{ContainerInfo, FileId};
 use super::wake::{self, Changes, Wake};
@@ -88,15 +87,6 @@ pub struct TailerMetrics {
     /// `nodelens_log_records_throttled_total`: records that waited for their container's
     /// rate limit.
     pub throttled: Family<ThrottleLabels, Counter>,
-}
-
-/// Labels of `nodelens_log_records_throttled_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ThrottleLabels {
-    /// The pod's namespace.
-    pub namespace: String,
-    /// Its application.
-    pub app: String,
 }
 
 /// How long a container waits for its pod's metadata once the pod list has arrived: the
@@ -314,7 +304,7 @@ impl Tailer {
                 let cut_short = limits.max_records < self.settings.limits.max_records;
                 let waited = rate.took(limits.max_records, step.chunk.records.len(), cut_short);
                 if waited > 0 {
-                    count_throttled(&self.metrics, self.pods.as_deref(), reference, waited);
+                    count_throttled(&self.metrics.throttled, self.pods.as_deref(), reference, waited);
                 }
             }
             match (was_open, tail.is_open()) {
@@ -606,29 +596,6 @@ fn configure(tail: &mut ContainerTail, settings: &TailerSettings, pods: Option<&
     let info = tail.info().clone();
     tail.set_multiline(multiline_rule(&settings.multiline, pods, &info.reference));
     tail.set_rate_limit(rate_limit_of(settings.rate_limit, pods, &info.reference, warned), now);
-}
-
-/// The rate limit of a container: its pod's `nodelens.io/rate-limit` annotation, else the
-/// default. An invalid annotation is logged once per pod (`warned` remembers it).
-fn rate_limit_of(default: u32, pods: Option<&PodStore>, r: &ContainerRef, warned: &mut HashSet<String>) -> u32 {
-    let pod = pods.and_then(|p| p.get(&r.pod_uid));
-    let annotation = pod.as_ref().and_then(|p| p.annotations.get(limit::ANNOTATION)).map(String::as_str);
-    limit::for_pod(default, annotation, |value| {
-        if warned.len() >= 10_000 {
-            warned.clear();
-        }
-        if warned.insert(r.pod_uid.clone()) {
-            tracing::warn!(namespace = %r.namespace, pod = %r.pod, value, "{} is not a number of records per second; the default limit applies", limit::ANNOTATION);
-        }
-    })
-}
-
-/// Counts records that waited for their container's rate limit.
-fn count_throttled(metrics: &TailerMetrics, pods: Option<&PodStore>, r: &ContainerRef, records: usize) {
-    let app = pods
-        .and_then(|p| p.get(&r.pod_uid))
-        .map_or_else(|| crate::identity::resolve::app_from_pod_name(&r.pod).to_string(), |p| p.app.clone());
-    metrics.throttled.get_or_create(&ThrottleLabels { namespace: r.namespace.clone(), app }).inc_by(records as u64);
 }
 
 /// The multi-line rule of the container's application (the pod name without the API).

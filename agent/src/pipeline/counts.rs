@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use crate::identity::path::ContainerRef;
 use crate::logs::chunk::{Chunk, Flags, StreamKind};
 use crate::logs::level::Level;
-use crate::logs::tailer::ThrottleLabels;
+use crate::logs::limit::ThrottleLabels;
 
 /// How long an application's series stay after the last of its pods is gone. Longer than a
 /// scrape interval and a rate window, so its last increments are seen.
