@@ -336,25 +336,29 @@ fn metrics_arrive_as_the_right_otlp_types() {
         Some((sum.is_monotonic, total))
     };
     wait_until("a push counting all 120 records", &agent, || records_sum(&otlp) == Some((true, 120.0)));
-    // The families /metrics declares (named as OTLP names them: OpenMetrics declares a
-    // counter without `_total`), and those of them with series.
-    let (_, exposition) = agent.get("/metrics");
-    let declared: BTreeSet<String> =
-        exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next().map(str::to_string)).collect();
-    let with_series: BTreeSet<String> = declared
-        .iter()
-        .filter(|family| exposition.lines().any(|l| !l.starts_with('#') && l.starts_with(family.as_str())))
-        .cloned()
-        .collect();
+    // A push made between two reads of /metrics carries every family the first read showed
+    // with series, and none the second read does not declare (families are named as OTLP
+    // names them: OpenMetrics declares a counter without `_total`).
+    let families = |exposition: &str| -> (BTreeSet<String>, BTreeSet<String>) {
+        let declared: BTreeSet<String> =
+            exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next().map(str::to_string)).collect();
+        let with_series =
+            declared.iter().filter(|f| exposition.lines().any(|l| !l.starts_with('#') && l.starts_with(f.as_str()))).cloned().collect();
+        (declared, with_series)
+    };
+    let (_, with_series) = families(&agent.get("/metrics").1);
+    let pushes = otlp.metrics().len();
+    wait_until("a push after the first read", &agent, || otlp.metrics().len() >= pushes + 2);
+    let (declared, _) = families(&agent.get("/metrics").1);
+    let between: BTreeSet<String> =
+        otlp.metrics()[pushes + 1].resource_metrics[0].scope_metrics[0].metrics.iter().map(|m| m.name.clone()).collect();
+    let missing: Vec<&String> = with_series.difference(&between).collect();
+    assert!(missing.is_empty(), "families /metrics serves that the push left out: {missing:?}");
+    let unknown: Vec<&String> = between.difference(&declared).collect();
+    assert!(unknown.is_empty(), "pushed families /metrics does not declare: {unknown:?}");
+    assert!(between.iter().any(|n| n.starts_with("nodelens_process_")), "collector families are pushed too: {between:?}");
     let (status, _, log) = agent.terminate();
     assert!(status.success(), "{log}");
-    let final_push: BTreeSet<String> =
-        otlp.metrics().last().unwrap().resource_metrics[0].scope_metrics[0].metrics.iter().map(|m| m.name.clone()).collect();
-    let missing: Vec<&String> = with_series.difference(&final_push).collect();
-    assert!(missing.is_empty(), "families /metrics serves that the push left out: {missing:?}");
-    let unknown: Vec<&String> = final_push.difference(&declared).collect();
-    assert!(unknown.is_empty(), "pushed families /metrics does not declare: {unknown:?}");
-    assert!(final_push.iter().any(|n| n.starts_with("nodelens_process_")), "collector families are pushed too: {final_push:?}");
 
     let requests = otlp.metrics();
     let last = requests.last().unwrap();

@@ -260,6 +260,18 @@ impl Config {
                 return Err(key_error(key, bounds));
             }
         }
+        // Elasticsearch refuses every document of a stream whose name it cannot take: a typo
+        // here would lose every record, so it stops the start instead.
+        let streams = [
+            ("sinks.elasticsearch.data_stream", es.data_stream.replace("{namespace}", "default")),
+            ("sinks.elasticsearch.node_data_stream", es.node_data_stream.clone()),
+            ("sinks.elasticsearch.gpu_runs_data_stream", es.gpu_runs_data_stream.clone()),
+        ];
+        for (key, name) in streams {
+            if let Err(why) = data_stream_name(&name) {
+                return Err(key_error(key, why));
+            }
+        }
         // Collectors refuse gRPC messages over 4 MiB unless configured otherwise; a request may
         // pass the limit by one chunk (256 KiB).
         if otlp.protocol == OtlpProtocol::Grpc && otlp.batch_max_bytes > 3 * 1024 * 1024 {
@@ -378,6 +390,28 @@ mod duration {
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration like 500ms, 2s or 1m: {e}")))
     }
+}
+
+/// Checks a data stream name as Elasticsearch checks index names, and against the naming
+/// scheme (`<type>-<dataset>-<namespace>`) the bundled index templates match.
+fn data_stream_name(name: &str) -> Result<(), String> {
+    const FORBIDDEN: &[char] = &['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':', '{', '}'];
+    if name.is_empty() || name.len() > 255 {
+        return Err(format!("`{name}` must be 1 to 255 bytes"));
+    }
+    if name != name.to_lowercase() {
+        return Err(format!("`{name}` must be lower case (Elasticsearch refuses upper-case index names)"));
+    }
+    if let Some(c) = name.chars().find(|c| FORBIDDEN.contains(c)) {
+        return Err(format!("`{name}` holds `{c}`, which Elasticsearch refuses in index names"));
+    }
+    if name.starts_with(['-', '_', '+', '.']) {
+        return Err(format!("`{name}` must not start with `-`, `_`, `+` or `.`"));
+    }
+    if name.split('-').count() < 3 || name.split('-').any(str::is_empty) {
+        return Err(format!("`{name}` is not `<type>-<dataset>-<namespace>` (e.g. logs-kubernetes.container_logs-default)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! receiver's `partial_success` says), or a [`Failure`] of one of the [`FailureKind`]s, with
 //! the delay the receiver asked for in `Retry-After` or `RetryInfo`.
 
+mod grpc;
 pub mod logs;
 pub mod metrics;
 mod status;
@@ -250,17 +251,14 @@ impl Exporter {
                 Err(failure(format!("{status}: {}", message.trim()), kind, retry_after))
             }
             Transport::Grpc { channel, metadata } => {
-                let mut grpc = tonic::client::Grpc::new(channel.clone());
-                if self.gzip {
-                    grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
-                }
-                grpc.ready().await.map_err(|e| failure(format!("connecting: {e}"), retry, None))?;
-                let mut call = tonic::Request::new(request);
-                *call.metadata_mut() = metadata.clone();
+                // Compressed at level 1 and framed here (tonic would compress at level 6).
+                let gzip = self.gzip;
+                let body = tokio::task::spawn_blocking(move || grpc::frame(&if gzip { self::gzip(&request) } else { request }, gzip))
+                    .await
+                    .map_err(|e| failure(format!("compression task: {e}"), retry, None))?;
                 let started = Instant::now();
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
-                match grpc.unary(call, path, status::RawCodec).await {
-                    Ok(reply) => Ok((self.accepted(Some(&reply.into_inner())), started.elapsed())),
+                match grpc::unary(channel, metadata, self.signal.grpc_path(), body, gzip).await {
+                    Ok(reply) => Ok((self.accepted(Some(&reply)), started.elapsed())),
                     Err(status) => {
                         let retry_after = status::retry_delay(status.details());
                         let kind = match status.code() {

@@ -1,52 +1,9 @@
-//! The pieces of gRPC around an OTLP export: a codec that sends a request already encoded
-//! (the log sink concatenates pre-encoded `ResourceLogs`), and the `google.rpc.Status` a
-//! receiver answers errors with, whose `RetryInfo` says how long to wait.
+//! The `google.rpc.Status` an OTLP receiver answers errors with, whose `RetryInfo` says how
+//! long to wait.
 
 use std::time::Duration;
 
-use prost::bytes::{Buf, BufMut};
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::Status;
-
-/// Sends encoded bytes as the request message; returns the answer's bytes undecoded, for
-/// [`super::Signal`] to read.
-#[derive(Debug, Default)]
-pub struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
 
 /// `google.rpc.Status`.
 #[derive(Clone, PartialEq, Message)]
