@@ -83,9 +83,15 @@ impl Agent {
             let limit = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
             // SAFETY: setrlimit is async-signal-safe and touches only the child between fork and exec.
             unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-                });
+                cmd.pre_exec(
+                    move || {
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::last_os_error())
+                        }
+                    },
+                );
             }
         }
         // The runtime creates the container's log file before it starts the process.
