@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod certs;
 pub mod config;
+pub mod events;
 pub mod gpu;
 pub mod host;
 pub mod identity;
