@@ -248,3 +248,45 @@ async fn agents_starting_together_elect_exactly_one() {
         drop(a.stop().await);
     }
 }
+
+/// Against the Kubernetes API double over HTTP (real time): the requests [`KubeLeases`]
+/// makes are the ones the API server takes, and its answers map to the election's outcomes.
+#[tokio::test]
+async fn the_election_speaks_the_lease_api_of_the_api_server() {
+    use nodelens_testkit::kubernetes::FakeApiServer;
+
+    let api = FakeApiServer::start();
+    let client = |name: &str| {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig_for(name)).unwrap();
+        async move {
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+            kube::Client::try_from(config).unwrap()
+        }
+    };
+    let leases = |c: kube::Client| KubeLeases::new(c, "monitoring", "nodelens-events");
+    let (ca, cb) = (client("a").await, client("b").await);
+    assert!(leases(ca.clone()).get().await.unwrap().is_none(), "a missing Lease is a 404, read as none");
+
+    let mut a = Elector::new(leases(ca.clone()), "nodelens-a".into());
+    let mut b = Elector::new(leases(cb.clone()), "nodelens-b".into());
+    assert_eq!(a.attempt().await.0, Outcome::Leading);
+    assert_eq!(b.attempt().await.0, Outcome::Following);
+    let stored = api.object("Lease", "monitoring", "nodelens-events").unwrap();
+    assert_eq!(stored["spec"]["holderIdentity"], "nodelens-a");
+    assert_eq!(stored["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(a.attempt().await.0, Outcome::Leading, "a renewal with the version written last");
+
+    let current = leases(cb.clone()).get().await.unwrap().unwrap();
+    let mut again = current.clone();
+    again.metadata.resource_version = None;
+    assert!(matches!(leases(cb.clone()).create(&again).await, Err(LeaseError::Conflict)), "AlreadyExists");
+    let mut stale = current.clone();
+    stale.metadata.resource_version = Some("1".into());
+    assert!(matches!(leases(cb.clone()).replace(&stale).await, Err(LeaseError::Conflict)), "a stale resourceVersion");
+
+    a.release().await;
+    let released = api.object("Lease", "monitoring", "nodelens-events").unwrap();
+    assert!(released["spec"]["holderIdentity"].is_null(), "{released}");
+    assert_eq!(b.attempt().await.0, Outcome::Leading, "a released Lease is taken at once");
+    assert_eq!(api.object("Lease", "monitoring", "nodelens-events").unwrap()["spec"]["leaseTransitions"], 0);
+}
