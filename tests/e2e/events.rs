@@ -287,3 +287,109 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
     assert_eq!(c.assert_each_version_once(), 4);
     assert!(c.es.conflicts() >= 2, "the relist resent what was there: {}", c.es.conflicts());
 }
+
+/// The leader's load at scale (run by hand: `cargo test -p nodelens --test events_e2e bench --
+/// --ignored --nocapture`): `EVENTS_BENCH_PODS` pods (10,000) on nodes without an agent, as
+/// many Events already there, then `EVENTS_BENCH_RATE` new or changed Events a second (100)
+/// for `EVENTS_BENCH_SECONDS` (60), each about a pod drawn uniformly (the worst case for the
+/// pod cache: real Events crowd on the few pods in trouble). Prints the leader's and the
+/// follower's API requests per second and their RSS: the follower runs everything but the
+/// Events, so the difference is what leading costs.
+#[test]
+#[ignore]
+fn bench_leader_api_load_and_memory_at_10000_pods_and_100_events_a_second() {
+    let var = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (pods, rate, seconds) = (var("EVENTS_BENCH_PODS", 10_000), var("EVENTS_BENCH_RATE", 100), var("EVENTS_BENCH_SECONDS", 60));
+    let c = Cluster::new();
+    for ns in 0..100 {
+        c.api.apply(namespace(&format!("team-{ns}"), json!({"user": format!("user-{ns}")}), json!({})));
+    }
+    let pod_of = |i: usize| (format!("team-{}", i % 100), format!("job-{i}"), format!("uid-{i}"));
+    for i in 0..pods {
+        let (ns, name, uid) = pod_of(i);
+        let labels = json!({"app": format!("app-{}", i % 300), "pod-template-hash": "7d9f8b6c5d", "team": "ml"});
+        c.api.apply(pod(&ns, &name, &uid, &format!("gpu-{}", i % 200), labels, &["main", "sidecar"]));
+    }
+    let event_of = |i: usize, n: usize, count: i32| {
+        let (ns, name, uid) = pod_of(i % pods);
+        event(
+            &ns,
+            &format!("{name}.{n}"),
+            &format!("ev-{n}"),
+            ["Pod", &ns, &name, &uid],
+            "BackOff",
+            "Warning",
+            &format!("event {n} #{count}"),
+            count,
+        )
+    };
+    for n in 0..pods {
+        c.api.apply(event_of(n, n, 1));
+    }
+    let started = Instant::now();
+    let (a, b) = (c.start("a"), c.start("b"));
+    let leader = one_leader(&[&a, &b], Duration::from_secs(30));
+    let (leader_name, follower_name) = if leader == 0 { ("a", "b") } else { ("b", "a") };
+    let (leading, following) = if leader == 0 { (&a, &b) } else { (&b, &a) };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while c.events().len() < pods + 2 {
+        assert!(Instant::now() < deadline, "{} of {} listed Events shipped", c.events().len(), pods + 2);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{pods} pods, {} Events listed and shipped {:?} after start", pods + 2, started.elapsed());
+
+    let steady = Instant::now();
+    let mut n = pods;
+    let mut counts = vec![1i32; pods];
+    for tick in 0..seconds * 10 {
+        for _ in 0..rate / 10 {
+            // Half new Events, half a new count of an existing one.
+            if n % 2 == 0 {
+                c.api.apply(event_of(fastrand_index(n, pods), n, 1));
+            } else {
+                let old = fastrand_index(n, pods);
+                counts[old] += 1;
+                c.api.apply(event_of(old, old, counts[old]));
+            }
+            n += 1;
+        }
+        let next = steady + Duration::from_millis(100 * (tick as u64 + 1));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let sent = n - pods;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.events().len() < pods + 2 + sent {
+        assert!(Instant::now() < deadline, "{} of {} Events shipped", c.events().len(), pods + 2 + sent);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let window = steady.elapsed().as_secs_f64();
+    let per_second = |client: &str, what: &dyn Fn(&str) -> bool| {
+        c.api.requests_from(client).iter().filter(|(at, line)| *at >= steady && what(line)).count() as f64 / window
+    };
+    let all = |_: &str| true;
+    let gets = |line: &str| line.starts_with("GET /api/v1/namespaces/") && line.contains("/pods/");
+    let lease = |line: &str| line.contains("/leases");
+    println!(
+        "steady {rate} Events/s for {window:.0} s ({sent} versions): leader {:.1} requests/s ({:.1} pod GETs, {:.2} Lease), follower {:.2} requests/s ({:.2} Lease)",
+        per_second(leader_name, &all),
+        per_second(leader_name, &gets),
+        per_second(leader_name, &lease),
+        per_second(follower_name, &all),
+        per_second(follower_name, &lease),
+    );
+    println!(
+        "RSS: leader {:.1} MiB (anon {:.1}), follower {:.1} MiB (anon {:.1}); CPU: leader {:.1} s, follower {:.1} s",
+        leading.rss_bytes() as f64 / 1048576.0,
+        leading.rss_anon_bytes() as f64 / 1048576.0,
+        following.rss_bytes() as f64 / 1048576.0,
+        following.rss_anon_bytes() as f64 / 1048576.0,
+        leading.cpu_seconds(),
+        following.cpu_seconds(),
+    );
+    c.assert_each_version_once();
+}
+
+/// A pod index spread over `pods` (a multiplicative hash: uniform enough, reproducible).
+fn fastrand_index(n: usize, pods: usize) -> usize {
+    (n.wrapping_mul(2_654_435_761) >> 7) % pods
+}

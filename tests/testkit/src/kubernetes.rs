@@ -54,6 +54,8 @@ struct State {
     compacted: u64,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// The bearer token of each of `requests`.
+    request_tokens: Vec<String>,
     /// When each of `requests` arrived.
     request_times: Vec<std::time::Instant>,
     /// Every request is answered with this status (a `Status` object) while set.
@@ -243,6 +245,20 @@ impl FakeApiServer {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// The request lines `client` sent (see [`FakeApiServer::kubeconfig_for`]), with when each
+    /// arrived.
+    pub fn requests_from(&self, client: &str) -> Vec<(std::time::Instant, String)> {
+        let token = format!("test-token-{client}");
+        let st = self.state.lock().unwrap();
+        st.requests
+            .iter()
+            .zip(&st.request_tokens)
+            .zip(&st.request_times)
+            .filter(|((_, t), _)| **t == token)
+            .map(|((r, _), at)| (*at, r.clone()))
+            .collect()
+    }
 }
 
 impl Drop for FakeApiServer {
@@ -282,21 +298,44 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    let decode = |s: &str| s.replace("%3D", "=").replace("%3d", "=").replace("%2F", "/").replace("%2C", ",");
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (bytes[i], hex) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (b, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
     req.uri().query().unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect()
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Response<Body>, Infallible> {
+    let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let fail_with = {
         let mut st = state.lock().unwrap();
         st.requests.push(format!("{} {}", req.method(), req.uri()));
+        st.request_tokens.push(token.unwrap_or("").to_string());
         st.request_times.push(std::time::Instant::now());
         st.fail_with
     };
     if let Some(code) = fail_with {
         return Ok(reply(code, status(code, "InternalError", "an error on the server has prevented the request from succeeding")));
     }
-    let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let Some(client) = token.filter(|t| *t == "test-token" || t.starts_with("test-token-")).map(str::to_string) else {
         return Ok(reply(401, status(401, "Unauthorized", "Unauthorized")));
     };
