@@ -36,9 +36,10 @@ fn every_alert_is_documented_and_linked_to_its_runbook() {
             assert!(!alert["annotations"][key].as_str().unwrap_or("").is_empty(), "{name}: {key}");
         }
         let description = alert["annotations"]["description"].as_str().unwrap();
+        // A cluster-wide alert (the Events election) names the cluster.
         assert!(
-            ["$labels.node", "$labels.app"].iter().any(|l| description.contains(l)),
-            "{name}: the description names the node or the app it is about"
+            ["$labels.node", "$labels.app", "$labels.cluster"].iter().any(|l| description.contains(l)),
+            "{name}: the description names the node, the app or the cluster it is about"
         );
         let url = alert["annotations"]["runbook_url"].as_str().unwrap();
         let anchor = url

@@ -291,8 +291,9 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
 /// The leader's load at scale (run by hand: `cargo test -p nodelens --test events_e2e bench --
 /// --ignored --nocapture`): `EVENTS_BENCH_PODS` pods (10,000) on nodes without an agent, as
 /// many Events already there, then `EVENTS_BENCH_RATE` new or changed Events a second (100)
-/// for `EVENTS_BENCH_SECONDS` (60), each about a pod drawn uniformly (the worst case for the
-/// pod cache: real Events crowd on the few pods in trouble). Prints the leader's and the
+/// for `EVENTS_BENCH_SECONDS` (60), each about a pod drawn uniformly from all (the worst case
+/// for the pod cache) or from `EVENTS_BENCH_HOT` pods (real Events crowd on the few pods in
+/// trouble). Prints the leader's and the
 /// follower's API requests per second and their RSS: the follower runs everything but the
 /// Events, so the difference is what leading costs.
 #[test]
@@ -300,6 +301,11 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
 fn bench_leader_api_load_and_memory_at_10000_pods_and_100_events_a_second() {
     let var = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (pods, rate, seconds) = (var("EVENTS_BENCH_PODS", 10_000), var("EVENTS_BENCH_RATE", 100), var("EVENTS_BENCH_SECONDS", 60));
+    // `EVENTS_BENCH_HOT`: the steady Events are about that many pods only (0: any pod).
+    let hot = match var("EVENTS_BENCH_HOT", 0) {
+        0 => pods,
+        hot => hot.min(pods),
+    };
     let c = Cluster::new();
     for ns in 0..100 {
         c.api.apply(namespace(&format!("team-{ns}"), json!({"user": format!("user-{ns}")}), json!({})));
@@ -345,9 +351,9 @@ fn bench_leader_api_load_and_memory_at_10000_pods_and_100_events_a_second() {
         for _ in 0..rate / 10 {
             // Half new Events, half a new count of an existing one.
             if n % 2 == 0 {
-                c.api.apply(event_of(fastrand_index(n, pods), n, 1));
+                c.api.apply(event_of(fastrand_index(n, hot), n, 1));
             } else {
-                let old = fastrand_index(n, pods);
+                let old = fastrand_index(n, hot);
                 counts[old] += 1;
                 c.api.apply(event_of(old, old, counts[old]));
             }
@@ -370,7 +376,7 @@ fn bench_leader_api_load_and_memory_at_10000_pods_and_100_events_a_second() {
     let gets = |line: &str| line.starts_with("GET /api/v1/namespaces/") && line.contains("/pods/");
     let lease = |line: &str| line.contains("/leases");
     println!(
-        "steady {rate} Events/s for {window:.0} s ({sent} versions): leader {:.1} requests/s ({:.1} pod GETs, {:.2} Lease), follower {:.2} requests/s ({:.2} Lease)",
+        "steady {rate} Events/s about {hot} pods for {window:.0} s ({sent} versions): leader {:.1} requests/s ({:.1} pod GETs, {:.2} Lease), follower {:.2} requests/s ({:.2} Lease)",
         per_second(leader_name, &all),
         per_second(leader_name, &gets),
         per_second(leader_name, &lease),
