@@ -34,9 +34,7 @@ impl Cluster {
             "trainer-0.1",
             "ev-backoff",
             ["Pod", "ml", "trainer-0", "pod-trainer"],
-            "BackOff",
-            "Warning",
-            "back-off 1",
+            ["BackOff", "Warning", "back-off 1"],
             1,
         ));
         api.apply(event(
@@ -44,9 +42,7 @@ impl Cluster {
             "gpu-far.1",
             "ev-node",
             ["Node", "", "gpu-far", "gpu-far"],
-            "NodeNotReady",
-            "Normal",
-            "node not ready 1",
+            ["NodeNotReady", "Normal", "node not ready 1"],
             1,
         ));
         Cluster { dir: tempfile::tempdir().unwrap(), api, es: FakeElasticsearch::start() }
@@ -152,7 +148,14 @@ fn one_of_three_agents_ships_every_event_once_with_the_pods_app_and_user_and_a_k
     assert!(node["kubernetes"]["event"]["involved_object"].get("namespace").is_none());
 
     // A new version of an Event: its own document, within 15 s.
-    c.api.apply(event("ml", "trainer-0.1", "ev-backoff", ["Pod", "ml", "trainer-0", "pod-trainer"], "BackOff", "Warning", "back-off 2", 2));
+    c.api.apply(event(
+        "ml",
+        "trainer-0.1",
+        "ev-backoff",
+        ["Pod", "ml", "trainer-0", "pod-trainer"],
+        ["BackOff", "Warning", "back-off 2"],
+        2,
+    ));
     c.wait_event("back-off 2", Duration::from_secs(15));
     assert_eq!(c.assert_each_version_once(), 3);
     let metrics = refs[leader].get("/metrics").1;
@@ -170,7 +173,7 @@ fn one_of_three_agents_ships_every_event_once_with_the_pods_app_and_user_and_a_k
     let killed = agents[leader].take().unwrap();
     let _ = killed.kill();
     let at = Instant::now();
-    c.api.apply(event("ml", "trainer-0.2", "ev-oom", ["Pod", "ml", "trainer-0", "pod-trainer"], "OOMKilling", "Warning", "oom 1", 1));
+    c.api.apply(event("ml", "trainer-0.2", "ev-oom", ["Pod", "ml", "trainer-0", "pod-trainer"], ["OOMKilling", "Warning", "oom 1"], 1));
     c.wait_event("oom 1", Duration::from_secs(30));
     let handover = at.elapsed();
     println!("handover after SIGKILL: a new Event shipped {handover:?} after the leader died");
@@ -204,7 +207,7 @@ fn a_clean_stop_releases_the_lease_and_the_other_agent_ships_within_seconds() {
     assert_eq!(c.holder(), None, "released on the way out:\n{log}");
     one_leader(&[&other], Duration::from_secs(10));
     let took = at.elapsed();
-    c.api.apply(event("ml", "trainer-0.3", "ev-pull", ["Pod", "ml", "trainer-0", "pod-trainer"], "Pulling", "Normal", "pulling 1", 1));
+    c.api.apply(event("ml", "trainer-0.3", "ev-pull", ["Pod", "ml", "trainer-0", "pod-trainer"], ["Pulling", "Normal", "pulling 1"], 1));
     c.wait_event("pulling 1", Duration::from_secs(15));
     println!("handover after a clean stop: {took:?} to the next leader, {:?} to its first new Event", at.elapsed());
     assert!(took < Duration::from_secs(15), "taken over before the Lease would have expired: {took:?}");
@@ -244,7 +247,14 @@ fn a_leader_cut_off_from_the_api_stops_shipping_before_its_lease_expires() {
     println!("partition: the cut-off leader stopped {stopped:?} after its last renewal, the other took over after {took_over:?}");
     assert!(stopped < Duration::from_secs(15), "stopped before the Lease's 15 s ran out");
     assert!(stopped < took_over);
-    c.api.apply(event("ml", "trainer-0.4", "ev-mount", ["Pod", "ml", "trainer-0", "pod-trainer"], "FailedMount", "Warning", "mount 1", 1));
+    c.api.apply(event(
+        "ml",
+        "trainer-0.4",
+        "ev-mount",
+        ["Pod", "ml", "trainer-0", "pod-trainer"],
+        ["FailedMount", "Warning", "mount 1"],
+        1,
+    ));
     c.wait_event("mount 1", Duration::from_secs(15));
     // Back on the network, the old leader follows.
     c.api.restore_client(cut);
@@ -268,9 +278,7 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
         "trainer-0.5",
         "ev-lost",
         ["Pod", "ml", "trainer-0", "pod-trainer"],
-        "Evicted",
-        "Warning",
-        "evicted 1",
+        ["Evicted", "Warning", "evicted 1"],
         1,
     ));
     c.api.compact();
@@ -278,7 +286,7 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
     c.wait_event("evicted 1", Duration::from_secs(20));
     let metrics = a.get("/metrics").1;
     assert!(metric_sum(&metrics, "nodelens_kubernetes_event_relists_total", &[]) >= 1.0, "{metrics}");
-    c.api.apply(event("ml", "trainer-0.6", "ev-after", ["Pod", "ml", "trainer-0", "pod-trainer"], "Killing", "Normal", "killing 1", 1));
+    c.api.apply(event("ml", "trainer-0.6", "ev-after", ["Pod", "ml", "trainer-0", "pod-trainer"], ["Killing", "Normal", "killing 1"], 1));
     c.wait_event("killing 1", Duration::from_secs(15));
     assert_eq!(c.assert_each_version_once(), 4);
     // DELETED (an Event's TTL ran out) ships nothing.
@@ -323,9 +331,7 @@ fn bench_leader_api_load_and_memory_at_10000_pods_and_100_events_a_second() {
             &format!("{name}.{n}"),
             &format!("ev-{n}"),
             ["Pod", &ns, &name, &uid],
-            "BackOff",
-            "Warning",
-            &format!("event {n} #{count}"),
+            ["BackOff", "Warning", &format!("event {n} #{count}")],
             count,
         )
     };

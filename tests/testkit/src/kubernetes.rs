@@ -457,20 +457,19 @@ async fn leases(req: Request<Incoming>, rest: &str, state: &Mutex<State>) -> Res
         Ok(b) => b.to_bytes(),
         Err(_) => return reply(400, status(400, "BadRequest", "cannot read the body")),
     };
-    let parse = || -> Result<Value, Response<Body>> {
-        let lease: Value =
-            serde_json::from_slice(&body).map_err(|e| reply(400, status(400, "BadRequest", &format!("not a Lease: {e}"))))?;
+    let parse = || -> Result<Value, (u16, Value)> {
+        let lease: Value = serde_json::from_slice(&body).map_err(|e| (400, status(400, "BadRequest", &format!("not a Lease: {e}"))))?;
         if lease["kind"] != "Lease" || lease["apiVersion"] != "coordination.k8s.io/v1" {
-            return Err(reply(400, status(400, "BadRequest", "the body is not a coordination.k8s.io/v1 Lease")));
+            return Err((400, status(400, "BadRequest", "the body is not a coordination.k8s.io/v1 Lease")));
         }
         if lease["metadata"]["namespace"].as_str().is_some_and(|ns| ns != namespace) {
-            return Err(reply(400, status(400, "BadRequest", "the namespace of the object does not match the namespace on the request")));
+            return Err((400, status(400, "BadRequest", "the namespace of the object does not match the namespace on the request")));
         }
         for field in ["acquireTime", "renewTime"] {
             if let Some(time) = lease["spec"].get(field).filter(|t| !t.is_null()) {
                 let digits = time.as_str().and_then(|t| t.strip_suffix('Z')).and_then(|t| t.split_once('.')).map(|(_, f)| f);
                 if !digits.is_some_and(|f| f.len() == 6 && f.bytes().all(|b| b.is_ascii_digit())) {
-                    return Err(reply(
+                    return Err((
                         400,
                         status(400, "BadRequest", &format!("spec.{field}: {time} is not a MicroTime (six fractional digits)")),
                     ));
@@ -493,7 +492,7 @@ async fn leases(req: Request<Incoming>, rest: &str, state: &Mutex<State>) -> Res
         (hyper::Method::POST, None) => {
             let mut lease = match parse() {
                 Ok(l) => l,
-                Err(e) => return e,
+                Err((code, body)) => return reply(code, body),
             };
             let Some(name) = lease["metadata"]["name"].as_str().map(str::to_string) else {
                 return reply(422, status(422, "Invalid", "metadata.name: Required value: name or generateName is required"));
@@ -515,7 +514,7 @@ async fn leases(req: Request<Incoming>, rest: &str, state: &Mutex<State>) -> Res
         (hyper::Method::PUT, Some(name)) => {
             let mut lease = match parse() {
                 Ok(l) => l,
-                Err(e) => return e,
+                Err((code, body)) => return reply(code, body),
             };
             if lease["metadata"]["name"].as_str() != Some(name.as_str()) {
                 return reply(400, status(400, "BadRequest", "the name of the object does not match the name on the URL"));
@@ -545,10 +544,11 @@ async fn leases(req: Request<Incoming>, rest: &str, state: &Mutex<State>) -> Res
     }
 }
 
-/// A core/v1 Event about `object` (`[kind, namespace, name, uid]`), as the kubelet or a
-/// controller writes it: `lastTimestamp` its last occurrence, `count` how many so far.
-pub fn event(namespace: &str, name: &str, uid: &str, object: [&str; 4], reason: &str, type_: &str, message: &str, count: i32) -> Value {
+/// A core/v1 Event about `object` (`[kind, namespace, name, uid]`), saying `what`
+/// (`[reason, type, message]`), as the kubelet or a controller writes it: `lastTimestamp` its last occurrence, `count` how many so far.
+pub fn event(namespace: &str, name: &str, uid: &str, object: [&str; 4], what: [&str; 3], count: i32) -> Value {
     let [kind, object_namespace, object_name, object_uid] = object;
+    let [reason, type_, message] = what;
     let mut involved = json!({"kind": kind, "name": object_name, "uid": object_uid, "apiVersion": "v1"});
     if !object_namespace.is_empty() {
         involved["namespace"] = json!(object_namespace);
