@@ -212,13 +212,15 @@ mod tests {
             assert!(text.contains(&format!("{name}{{node=\"gpu-7\"}} ")), "{name} exported from the start:\n{text}");
         }
         assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
-        assert!(text.contains(r#"nodelens_events_leader{node="gpu-7"} 0"#), "{text}");
+        assert!(!text.contains("nodelens_events_leader{"), "no series without Events (a 0 would read as no leader):\n{text}");
+        m.events.leader.get_or_create(&crate::events::LeaderLabels {}).set(1);
         let mut warning = crate::events::record::tests::pod_event();
         m.events.count(&warning);
         warning.reason = "SomethingNew".into();
         m.events.count(&warning);
         let text = m.encode();
         assert!(text.contains(r#"nodelens_kubernetes_events_total{node="gpu-7",type="Warning",reason="BackOff"} 1"#), "{text}");
+        assert!(text.contains(r#"nodelens_events_leader{node="gpu-7"} 1"#), "{text}");
         assert!(text.contains(r#"nodelens_kubernetes_events_total{node="gpu-7",type="Warning",reason="other"} 1"#), "{text}");
         assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }

@@ -84,11 +84,17 @@ pub struct EventLabels {
     pub reason: &'static str,
 }
 
+/// `nodelens_events_leader`'s (no) labels: a family, so that an agent without Events exports
+/// no series (0 would read as "no leader" in `sum by (cluster)`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaderLabels {}
+
 /// The Events' metric handles.
 #[derive(Clone, Default)]
 pub struct EventMetrics {
-    /// `nodelens_events_leader`: 1 while this agent holds the Lease and ships.
-    pub leader: Gauge,
+    /// `nodelens_events_leader`: 1 while this agent holds the Lease and ships, 0 while it
+    /// follows; no series on an agent without Events.
+    pub leader: Family<LeaderLabels, Gauge>,
     /// `nodelens_kubernetes_events_total{type, reason}`: versions received from the watch
     /// (not from lists, so a relist or a handover counts nothing twice).
     pub events: Family<EventLabels, Counter>,
@@ -141,7 +147,8 @@ pub async fn run(context: Context, mut shutdown: Shutdown) {
     let leases = KubeLeases::new(client.clone(), &identity.namespace, &identity.lease);
     let mut elector = Elector::new(leases, identity.holder.clone());
     let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
-    metrics.leader.set(0);
+    let leader = metrics.leader.get_or_create(&LeaderLabels {}).clone();
+    leader.set(0);
     let config = crate::kube::watch::watcher_config(request_timeout);
     let mut pods = Pods::new(client.clone(), store, node);
     let shipping = async {
@@ -162,10 +169,10 @@ pub async fn run(context: Context, mut shutdown: Shutdown) {
         }
     };
     tokio::select! {
-        _ = lease::campaign(&mut elector, &leading_tx, &metrics.leader, shutdown.recv()) => {}
+        _ = lease::campaign(&mut elector, &leading_tx, &leader, shutdown.recv()) => {}
         _ = shipping => {}
     }
     // Shipping has stopped (its future is dropped): only now may another agent take over.
-    metrics.leader.set(0);
+    leader.set(0);
     elector.release().await;
 }
