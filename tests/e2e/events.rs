@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use nodelens_testkit::agent::{metric_sum, Agent};
 use nodelens_testkit::elasticsearch::FakeElasticsearch;
 use nodelens_testkit::kubernetes::{event, namespace, pod, FakeApiServer};
+use nodelens_testkit::otlp::FakeOtlp;
 use serde_json::{json, Value};
 
 const STREAM: &str = "logs-kubernetes.event-default";
@@ -48,19 +49,25 @@ impl Cluster {
         Cluster { dir: tempfile::tempdir().unwrap(), api, es: FakeElasticsearch::start() }
     }
 
-    /// Starts agent `name` (its pod name, its node `node-<name>`, its own API client).
+    /// Starts agent `name` (its pod name, its node `node-<name>`, its own API client),
+    /// shipping to the Elasticsearch double.
     fn start(&self, name: &str) -> Agent {
+        let sinks = format!("sinks:\n  elasticsearch:\n    endpoints: [{}]\n    flush_interval: 200ms\n", self.es.url());
+        self.start_with_sinks(name, &sinks)
+    }
+
+    /// Starts agent `name` with the `sinks` section given.
+    fn start_with_sinks(&self, name: &str, sinks: &str) -> Agent {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(dir.join("pods")).unwrap();
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, self.api.kubeconfig_for(name)).unwrap();
         let config = dir.join("nodelens.yaml");
         let text = format!(
-            "node_name: node-{name}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  app_keys: [label:app]\n  user_keys: [namespace_label:user]\n  events:\n    enabled: true\n    lease_name: nodelens-events\nsinks:\n  elasticsearch:\n    endpoints: [{es}]\n    flush_interval: 200ms\nmetrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: node-{name}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  app_keys: [label:app]\n  user_keys: [namespace_label:user]\n  events:\n    enabled: true\n    lease_name: nodelens-events\n{sinks}metrics:\n  listen: 127.0.0.1:0\n",
             state = dir.join("state").display(),
             pods = dir.join("pods").display(),
             kc = kubeconfig.display(),
-            es = self.es.url(),
         );
         std::fs::write(&config, text).unwrap();
         Agent::start(Path::new(env!("CARGO_BIN_EXE_nodelens")), &config, &[("POD_NAME", name), ("POD_NAMESPACE", AGENT_NAMESPACE)])
@@ -294,6 +301,31 @@ fn a_410_gone_on_the_event_watch_relists_without_losing_or_duplicating_a_version
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.assert_each_version_once(), 4);
     assert!(c.es.conflicts() >= 2, "the relist resent what was there: {}", c.es.conflicts());
+}
+
+#[test]
+fn over_otlp_an_event_is_a_log_record_with_the_pods_attributes() {
+    let c = Cluster::new();
+    let otlp = FakeOtlp::start();
+    let sinks = format!("sinks:\n  otlp:\n    endpoint: {}\n    flush_interval: 200ms\n", otlp.http_url());
+    let a = c.start_with_sinks("a", &sinks);
+    one_leader(&[&a], Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        if let Some(r) = otlp.logs().into_iter().find(|r| r.body == "back-off 1") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no OTLP record of the Event: {:#?}\n{}", otlp.logs(), a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let attr = |k: &str| record.attributes.get(k).map(String::as_str);
+    assert_eq!(attr("event.dataset"), Some("kubernetes.event"));
+    assert_eq!(attr("kubernetes.event.reason"), Some("BackOff"));
+    assert_eq!(attr("k8s.pod.name"), Some("trainer-0"));
+    assert_eq!(attr("k8s.node.name"), Some("gpu-far"));
+    assert_eq!((attr("service.name"), attr("user.name")), (Some("resnet"), Some("alice")));
+    assert_eq!(record.severity_text, "WARN");
+    assert!(record.uid().is_some_and(|u| u.len() == 32), "{record:?}");
 }
 
 /// The leader's load at scale (run by hand: `cargo test -p nodelens --test events_e2e bench --
