@@ -52,8 +52,10 @@ pub enum LeaseError {
 
 /// The three requests the election makes, on the one Lease it is about.
 pub trait LeaseApi: Send + Sync {
-    /// The Lease, `None` when it does not exist (404).
-    fn get(&self) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
+    /// The Lease, `None` when it does not exist (404). Not `consistent`: as the API server's
+    /// watch cache has it (`resourceVersion=0`, no etcd read), possibly a moment old, which the
+    /// write that follows finds out (409).
+    fn get(&self, consistent: bool) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
     /// Creates it; [`LeaseError::Conflict`] when it exists.
     fn create(&self, lease: &Lease) -> impl Future<Output = Result<Lease, LeaseError>> + Send;
     /// Replaces it; [`LeaseError::Conflict`] when its resourceVersion is not `lease`'s.
@@ -81,8 +83,15 @@ fn lease_error(e: kube::Error) -> LeaseError {
 }
 
 impl LeaseApi for KubeLeases {
-    async fn get(&self) -> Result<Option<Lease>, LeaseError> {
-        self.api.get_opt(&self.name).await.map_err(lease_error)
+    async fn get(&self, consistent: bool) -> Result<Option<Lease>, LeaseError> {
+        if consistent {
+            return self.api.get_opt(&self.name).await.map_err(lease_error);
+        }
+        match self.api.get_with(&self.name, &kube::api::GetParams::any()).await {
+            Ok(lease) => Ok(Some(lease)),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+            Err(e) => Err(lease_error(e)),
+        }
     }
 
     async fn create(&self, lease: &Lease) -> Result<Lease, LeaseError> {
@@ -161,10 +170,12 @@ impl<A: LeaseApi> Elector<A> {
             Outcome::Leading => now + RENEW_INTERVAL,
             Outcome::Failed if self.renewed.is_some() => Instant::now() + RENEW_RETRY,
             _ => {
-                // Spread the fleet's reads; look again when the holder's time runs out.
-                let poll = Instant::now() + RETRY_INTERVAL.mul_f64(0.8 + fastrand::f64() * 0.2);
+                // Spread the fleet's reads; look again when the holder's time runs out, but
+                // never sooner than a second from now.
+                let now = Instant::now();
+                let poll = now + RETRY_INTERVAL.mul_f64(0.8 + fastrand::f64() * 0.2);
                 match &self.observed {
-                    Some((_, seen)) if outcome == Outcome::Following => poll.min(*seen + LEASE_DURATION),
+                    Some((_, seen)) if outcome == Outcome::Following => poll.min(*seen + LEASE_DURATION).max(now + RENEW_RETRY),
                     _ => poll,
                 }
             }
@@ -208,7 +219,10 @@ impl<A: LeaseApi> Elector<A> {
                 Err(e) => return Err(e),
             }
         }
-        let current = match self.request(self.api.get()).await? {
+        // An agent that held the Lease until now reads it as it is; the others, every few
+        // seconds each, from the API server's cache.
+        let consistent = self.renewed.is_some();
+        let current = match self.request(self.api.get(consistent)).await? {
             None => {
                 let lease = Lease { metadata: ObjectMeta::default(), spec: Some(LeaseSpec::default()) };
                 return match self.request(self.api.create(&renewed(self.taken(lease), true))).await {
@@ -251,8 +265,12 @@ impl<A: LeaseApi> Elector<A> {
                 self.written = Some(lease);
                 Ok(true)
             }
-            // Another agent was faster: it leads, this one looks again later.
-            Err(LeaseError::Conflict) => Ok(false),
+            // Another agent was faster, or what this one read was stale: it looks again later,
+            // and a Lease seen from then on has its full duration to change.
+            Err(LeaseError::Conflict) => {
+                self.observed = None;
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

@@ -11,6 +11,8 @@ use super::*;
 #[derive(Default)]
 struct Server {
     lease: Mutex<Option<Lease>>,
+    /// While set, what reads from the cache (not consistent) return: a watch cache lagging.
+    cached: Mutex<Option<Lease>>,
     version: Mutex<u64>,
     writes: Mutex<Vec<(Instant, Lease)>>,
 }
@@ -48,9 +50,10 @@ impl Client {
 }
 
 impl LeaseApi for Client {
-    async fn get(&self) -> Result<Option<Lease>, LeaseError> {
+    async fn get(&self, consistent: bool) -> Result<Option<Lease>, LeaseError> {
         self.reachable().await;
-        Ok(self.server.lease.lock().unwrap().clone())
+        let cached = self.server.cached.lock().unwrap().clone();
+        Ok(cached.filter(|_| !consistent).or_else(|| self.server.lease.lock().unwrap().clone()))
     }
 
     async fn create(&self, lease: &Lease) -> Result<Lease, LeaseError> {
@@ -236,6 +239,22 @@ async fn a_conflicting_renewal_reads_the_lease_again_and_adopts_it_only_if_still
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_follower_reading_a_stale_cache_cannot_take_a_live_lease() {
+    let server = Arc::new(Server::default());
+    let mut a = agent(&server, "nodelens-a");
+    until(&mut a, true).await;
+    // The cache followers read stops at the Lease's first version: to them it never changes.
+    *server.cached.lock().unwrap() = server.lease.lock().unwrap().clone();
+    let b = agent(&server, "nodelens-b");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(*a.leading.borrow(), "the holder kept renewing and leading");
+    assert!(!*b.leading.borrow(), "the takeover with a stale version got a 409");
+    assert_eq!(server.holder().as_deref(), Some("nodelens-a"));
+    drop(b.stop().await);
+    drop(a.stop().await);
+}
+
+#[tokio::test(start_paused = true)]
 async fn agents_starting_together_elect_exactly_one() {
     let server = Arc::new(Server::default());
     let mut agents: Vec<Agent> = (0..3).map(|i| agent(&server, &format!("nodelens-{i}"))).collect();
@@ -265,7 +284,8 @@ async fn the_election_speaks_the_lease_api_of_the_api_server() {
     };
     let leases = |c: kube::Client| KubeLeases::new(c, "monitoring", "nodelens-events");
     let (ca, cb) = (client("a").await, client("b").await);
-    assert!(leases(ca.clone()).get().await.unwrap().is_none(), "a missing Lease is a 404, read as none");
+    assert!(leases(ca.clone()).get(true).await.unwrap().is_none(), "a missing Lease is a 404, read as none");
+    assert!(leases(ca.clone()).get(false).await.unwrap().is_none(), "from the cache too");
 
     let mut a = Elector::new(leases(ca.clone()), "nodelens-a".into());
     let mut b = Elector::new(leases(cb.clone()), "nodelens-b".into());
@@ -276,7 +296,7 @@ async fn the_election_speaks_the_lease_api_of_the_api_server() {
     assert_eq!(stored["spec"]["leaseDurationSeconds"], 15);
     assert_eq!(a.attempt().await.0, Outcome::Leading, "a renewal with the version written last");
 
-    let current = leases(cb.clone()).get().await.unwrap().unwrap();
+    let current = leases(cb.clone()).get(false).await.unwrap().unwrap();
     let mut again = current.clone();
     again.metadata.resource_version = None;
     assert!(matches!(leases(cb.clone()).create(&again).await, Err(LeaseError::Conflict)), "AlreadyExists");
