@@ -114,6 +114,7 @@ impl Pods {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::resolve::Key;
 
     fn pod(node: &str) -> EventPod {
         EventPod { meta: None, node: Some(node.into()) }
@@ -138,5 +139,59 @@ mod tests {
         // Past the TTL every entry is expired: one insert makes room by dropping them all.
         cache.insert("late".into(), pod("c"), start + TTL * 2);
         assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pod_is_read_once_resolved_like_the_nodes_own_and_a_gone_or_replaced_pod_gives_no_metadata() {
+        use nodelens_testkit::kubernetes::{namespace, pod as api_pod, FakeApiServer};
+        use serde_json::json;
+
+        let api = FakeApiServer::start();
+        api.apply(namespace("ml", json!({"user": "alice"}), json!({})));
+        api.apply(api_pod("ml", "trainer-0", "uid-trainer", "gpu-far", json!({"app": "resnet"}), &["main"]));
+        api.apply(api_pod("ml", "reborn-0", "uid-new", "gpu-far", json!({"app": "x"}), &["main"]));
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let keys = |k: &[&str]| k.iter().map(|k| Key::parse(k).unwrap()).collect::<Vec<_>>();
+        let store = Arc::new(PodStore::new(keys(&["label:app"]), keys(&["namespace_label:user"]), Default::default()));
+        store.apply_namespace(
+            "ml",
+            crate::kube::store::namespace_meta([("user".to_string(), "alice".to_string())].into(), &Default::default()),
+        );
+        let local = meta::from_pod(
+            &serde_json::from_value(api_pod("ml", "local-0", "uid-local", "this-node", json!({"app": "mine"}), &["main"])).unwrap(),
+            |_| false,
+        )
+        .unwrap();
+        store.apply(local);
+        let mut pods = Pods::new(client, store, "this-node".into());
+
+        let found = pods.find("ml", "trainer-0", "uid-trainer").await;
+        let meta = found.meta.clone().expect("read with a GET");
+        assert_eq!((meta.app.as_str(), meta.user.as_str(), found.node.as_deref()), ("resnet", "alice", Some("gpu-far")));
+        assert_eq!(pods.find("ml", "trainer-0", "uid-trainer").await, found);
+        assert_eq!(pods.gets, 1, "the second Event of the pod is answered from the cache");
+
+        let local = pods.find("ml", "local-0", "uid-local").await;
+        assert_eq!((local.meta.unwrap().app.as_str(), local.node.as_deref()), ("mine", Some("this-node")));
+        assert_eq!(pods.gets, 1, "this node's pods come from the store");
+
+        let gone = pods.find("ml", "deleted-0", "uid-deleted").await;
+        assert_eq!(gone, EventPod { meta: None, node: None });
+        pods.find("ml", "deleted-0", "uid-deleted").await;
+        assert_eq!(pods.gets, 2, "a gone pod is remembered as gone");
+
+        let replaced = pods.find("ml", "reborn-0", "uid-old").await;
+        assert_eq!(replaced.meta, None, "a new pod of the same name is not the Event's");
+        let gets: Vec<String> = api.requests().into_iter().filter(|r| r.contains("/pods/")).collect();
+        assert_eq!(
+            gets,
+            [
+                "GET /api/v1/namespaces/ml/pods/trainer-0",
+                "GET /api/v1/namespaces/ml/pods/deleted-0",
+                "GET /api/v1/namespaces/ml/pods/reborn-0"
+            ]
+        );
     }
 }
