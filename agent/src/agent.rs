@@ -50,7 +50,8 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
     );
     tasks.spawn("memory trim", until_shutdown(crate::memory::run(Shutdown::new(shutdown_tx.subscribe()))));
 
-    let pods = match kube::connect(&config.kubernetes).await? {
+    let client = kube::connect(&config.kubernetes).await?;
+    let pods = match client.clone() {
         Some(client) => {
             let store = Arc::new(PodStore::new(config.app_keys.clone(), config.user_keys.clone(), metrics.pod_info.clone()));
             let pods_dir = config.logs.pods_dir.clone();
@@ -149,6 +150,25 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
         None => None,
     };
     let _ = run_reports.set(out);
+    if let Some(identity) = config.events.clone() {
+        match (client, pods.clone(), pipeline.as_mut().and_then(|p| p.deliver_events())) {
+            (Some(client), Some(store), Some(out)) => {
+                tracing::info!(lease = %identity.lease, namespace = %identity.namespace, holder = %identity.holder, "taking part in the Events election");
+                let context = crate::events::Context {
+                    client,
+                    identity,
+                    store,
+                    node: config.node_name.clone(),
+                    request_timeout: config.kubernetes.request_timeout,
+                    out,
+                    metrics: metrics.events.clone(),
+                };
+                tasks.spawn("Kubernetes Events", until_shutdown(crate::events::run(context, Shutdown::new(shutdown_tx.subscribe()))));
+            }
+            (None, ..) => tracing::warn!("kubernetes.events.enabled, but no Kubernetes API: Events are not shipped"),
+            _ => tracing::warn!("kubernetes.events.enabled, but no log pipeline runs: Events are not shipped"),
+        }
+    }
     health.ready.store(true, Ordering::Release);
 
     let failure = async {

@@ -7,7 +7,8 @@
 //! - `identity`: who a container is (log paths, cgroups, app and user, metric labels).
 //! - `config`: the YAML schema by section, validated once into typed `Settings`.
 //! - `metrics`: the registry; a leaf that registers the handles each part hands it.
-//! - Sources: `kube` (pod metadata, HAMi grants), `logs` (container log files to chunks,
+//! - Sources: `kube` (pod metadata, HAMi grants), `events` (the cluster's Kubernetes Events,
+//!   from the agent elected through a Lease), `logs` (container log files to chunks,
 //!   acknowledgements, checkpoints), `host` (PCI bus ids, `/dev/shm`), `gpu` (NVML,
 //!   allocations, attribution, export), `certs`, `process`, `memory`.
 //! - Wire formats and sinks: `otlp` (transport, log and metric encoding, metrics push),
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod certs;
 pub mod config;
+pub mod events;
 pub mod gpu;
 pub mod host;
 pub mod identity;

@@ -7,6 +7,7 @@
 
 pub mod counts;
 mod encoder;
+pub mod events;
 pub mod runs;
 
 use std::future::Future;
@@ -124,6 +125,10 @@ pub struct LogPipeline {
     /// The thread delivering GPU run reports.
     runs: Option<JoinHandle<()>>,
     runs_stop: Arc<AtomicBool>,
+    /// The sinks' inputs for Kubernetes Events, until [`LogPipeline::deliver_events`] takes them.
+    events_feed: Option<Feed>,
+    /// The task delivering Kubernetes Events, and its stop signal.
+    events: Option<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl LogPipeline {
@@ -210,6 +215,7 @@ impl LogPipeline {
             }
         };
         let runs_feed = Feed { index: config.sinks.elasticsearch.gpu_runs_data_stream.as_str().into(), ..feed() };
+        let events_feed = Feed { index: config.sinks.elasticsearch.events_data_stream.as_str().into(), ..feed() };
         let names = Names { pods_dir: logs.pods_dir.clone(), containers_dir: logs.containers_dir.clone(), pods };
         let context = node_logs::Context {
             config: config.config().clone(),
@@ -233,6 +239,8 @@ impl LogPipeline {
             runs_feed: Some(runs_feed),
             runs: None,
             runs_stop: Arc::default(),
+            events_feed: Some(events_feed),
+            events: None,
         })
     }
 
@@ -242,6 +250,16 @@ impl LogPipeline {
         let stop = self.runs_stop.clone();
         self.runs = Some(std::thread::Builder::new().name("gpu-runs".into()).spawn(move || runs::run(feed, reports, stop))?);
         Ok(())
+    }
+
+    /// Delivers the Kubernetes Event records sent to the returned channel to every sink (once;
+    /// `None` after the first call).
+    pub fn deliver_events(&mut self) -> Option<mpsc::Sender<crate::events::EventRecord>> {
+        let feed = self.events_feed.take()?;
+        let (tx, rx) = mpsc::channel(crate::events::QUEUE);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.events = Some((tokio::spawn(events::run(feed, rx, stopped)), stop));
+        Some(tx)
     }
 
     /// Resolves when a sink ends (with its error or panic); pending forever while all run.
@@ -262,8 +280,16 @@ impl LogPipeline {
         self.node_logs.stop();
         self.runs_stop.store(true, Ordering::Release);
         drop(self.runs_feed);
+        drop(self.events_feed);
         drop(self.idle_chunks);
+        let events = self.events.map(|(task, stop)| {
+            let _ = stop.send(());
+            task
+        });
         let drain = async {
+            if let Some(events) = events {
+                let _ = events.await;
+            }
             let (node_logs, runs) = (self.node_logs, self.runs);
             let threads = tokio::task::spawn_blocking(move || {
                 if let Some(runs) = runs {

@@ -36,9 +36,10 @@ fn every_alert_is_documented_and_linked_to_its_runbook() {
             assert!(!alert["annotations"][key].as_str().unwrap_or("").is_empty(), "{name}: {key}");
         }
         let description = alert["annotations"]["description"].as_str().unwrap();
+        // A cluster-wide alert (the Events election) names the cluster.
         assert!(
-            ["$labels.node", "$labels.app"].iter().any(|l| description.contains(l)),
-            "{name}: the description names the node or the app it is about"
+            ["$labels.node", "$labels.app", "$labels.cluster"].iter().any(|l| description.contains(l)),
+            "{name}: the description names the node, the app or the cluster it is about"
         );
         let url = alert["annotations"]["runbook_url"].as_str().unwrap();
         let anchor = url
@@ -333,7 +334,7 @@ fn mapped_field_types() -> BTreeMap<String, String> {
     }
     // The container logs' template and the node logs' (the node data view and its links).
     let mut out = BTreeMap::new();
-    for file in ["index-template.json", "node-index-template.json", "gpu-runs-index-template.json"] {
+    for file in ["index-template.json", "node-index-template.json", "gpu-runs-index-template.json", "events-index-template.json"] {
         let text = std::fs::read_to_string(root().join("deploy/elasticsearch").join(file)).unwrap();
         let template: serde_json::Value = serde_json::from_str(&text).unwrap();
         walk("", &template["template"]["mappings"]["properties"], &mut out);
@@ -507,7 +508,8 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
         objects.iter().map(|o| (o["type"].as_str().unwrap().to_string(), o["id"].as_str().unwrap().to_string())).collect();
     assert_eq!(ids.len(), objects.len(), "ids are unique");
     let es = nodelens::config::Config::default().sinks.elasticsearch;
-    let (data_stream, node_data_stream, gpu_runs_data_stream) = (es.data_stream, es.node_data_stream, es.gpu_runs_data_stream);
+    let (data_stream, node_data_stream, gpu_runs_data_stream, events_data_stream) =
+        (es.data_stream, es.node_data_stream, es.gpu_runs_data_stream, es.events_data_stream);
     let (mut titles, mut on_dashboards) = (BTreeSet::new(), BTreeSet::new());
     for o in &objects {
         let (kind, id) = (o["type"].as_str().unwrap(), o["id"].as_str().unwrap());
@@ -527,8 +529,8 @@ fn kibana_saved_objects_import_cleanly_and_name_mapped_fields() {
                 let pattern = attributes["title"].as_str().unwrap();
                 let prefix = pattern.strip_suffix('*').unwrap();
                 assert!(
-                    [&data_stream, &node_data_stream, &gpu_runs_data_stream].iter().any(|stream| stream.starts_with(prefix)),
-                    "{id}: {pattern} covers the default data stream {data_stream}, {node_data_stream} or {gpu_runs_data_stream}"
+                    [&data_stream, &node_data_stream, &gpu_runs_data_stream, &events_data_stream].iter().any(|stream| stream.starts_with(prefix)),
+                    "{id}: {pattern} covers the default data stream {data_stream}, {node_data_stream}, {gpu_runs_data_stream} or {events_data_stream}"
                 );
                 assert_eq!(attributes["timeFieldName"], "@timestamp");
                 assert_grafana_link(id, &o["attributes"], &fields);

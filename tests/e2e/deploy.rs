@@ -12,9 +12,9 @@ mod manifests;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_read_only_rbac,
-    assert_rule_tests_pass, assert_selectors_disjoint, assert_valid, chart_files, check_config, dashboard_config_maps, kustomize, of_kind,
-    placement, pod, prometheus_rule, Crd, ServiceMonitorSpec,
+    agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_rbac, assert_rule_tests_pass,
+    assert_selectors_disjoint, assert_valid, chart_files, check_config, dashboard_config_maps, kustomize, of_kind, placement, pod,
+    prometheus_rule, Crd, ServiceMonitorSpec,
 };
 use nodelens_testkit::views::root;
 
@@ -100,9 +100,9 @@ fn the_base_runs_everywhere_and_the_gpu_overlay_gives_gpu_nodes_their_own_daemon
 }
 
 #[test]
-fn rbac_is_exactly_get_list_watch_on_pods_and_namespaces() {
+fn rbac_reads_pods_namespaces_and_events_and_writes_only_the_events_lease_in_its_namespace() {
     for dir in kustomizations() {
-        assert_read_only_rbac(dir, &kustomize(dir));
+        assert_rbac(dir, &kustomize(dir));
     }
 }
 

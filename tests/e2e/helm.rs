@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use manifests::{
-    admits, agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_read_only_rbac,
+    admits, agent_config, assert_certificates_in_use, assert_least_privilege, assert_one_agent_per_real_node, assert_rbac,
     assert_rule_tests_pass, assert_selectors_disjoint, assert_valid, check_config, namespace_labels, objects, of_kind, placement,
     placement_on, pod, rule_groups, rule_groups_without_links, runs_on_node, Crd, Node, RuleSpec, ServiceMonitorSpec,
 };
@@ -96,7 +96,7 @@ fn every_rendered_object_is_valid_for_its_kind_and_namespaced_to_the_release() {
 }
 
 #[test]
-fn the_daemonsets_run_with_least_privilege_and_read_only_rbac() {
+fn the_daemonsets_run_with_least_privilege_and_rbac_writes_only_the_events_lease() {
     each_setup(|name, args| {
         let objects = render(args);
         let daemonsets: Vec<DaemonSet> = of_kind(&objects, "DaemonSet");
@@ -104,7 +104,7 @@ fn the_daemonsets_run_with_least_privilege_and_read_only_rbac() {
         for ds in &daemonsets {
             assert_least_privilege(name, ds);
         }
-        assert_read_only_rbac(name, &objects);
+        assert_rbac(name, &objects);
     });
 }
 
@@ -627,4 +627,19 @@ fn every_key_of_the_agent_config_is_in_the_schema_or_set_by_the_chart() {
         render(&["--set", "config.logs.rate_limit.records_per_second=100", "--set", "nodeLogs.journaldPath=/host/run/log/journal"]);
     let config = objects.iter().find_map(|o| o["data"]["config.yaml"].as_str()).unwrap().to_string();
     assert!(config.contains("records_per_second: 100") && config.contains("/host/run/log/journal"), "{config}");
+}
+
+#[test]
+fn kubernetes_events_are_on_by_default_and_switched_off_take_their_rbac_with_them() {
+    let on = render(&[]);
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&agent_config(&on)).unwrap();
+    assert_eq!(config["kubernetes"]["events"]["enabled"].as_bool(), Some(true), "operators miss Events most");
+    assert_eq!(of_kind::<Value>(&on, "Role").len(), 1);
+    let renamed = render(&["--set", "config.kubernetes.events.lease_name=events-election"]);
+    assert_rbac("lease renamed", &renamed);
+    let off = render(&["--set", "config.kubernetes.events.enabled=false"]);
+    assert_rbac("events off", &off);
+    assert!(of_kind::<Value>(&off, "Role").is_empty() && of_kind::<Value>(&off, "RoleBinding").is_empty());
+    let daemonsets: Vec<DaemonSet> = of_kind(&off, "DaemonSet");
+    check_config(&agent_config(&off), &daemonsets[0]).unwrap();
 }

@@ -13,7 +13,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount, Taint};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use nodelens_testkit::views::{files, root};
 use serde::Deserialize;
 use serde_json::Value;
@@ -189,6 +189,8 @@ pub fn assert_valid(what: &str, objects: &[Value]) {
             "ServiceAccount" => round_trip::<ServiceAccount>(object),
             "ClusterRole" => round_trip::<ClusterRole>(object),
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(object),
+            "Role" => round_trip::<Role>(object),
+            "RoleBinding" => round_trip::<RoleBinding>(object),
             "ConfigMap" => round_trip::<ConfigMap>(object),
             "DaemonSet" => round_trip::<DaemonSet>(object),
             "Service" => round_trip::<Service>(object),
@@ -432,16 +434,56 @@ pub fn namespace_labels(name: &str, extra: &[(&str, &str)]) -> BTreeMap<String, 
     labels
 }
 
-/// RBAC is exactly get/list/watch on pods and namespaces.
-pub fn assert_read_only_rbac(what: &str, objects: &[Value]) {
+/// The agent's RBAC, nothing more: get, list and watch on pods and namespaces cluster-wide;
+/// where the agent config turns Kubernetes Events on, list and watch on events, and a Role
+/// (not a ClusterRole) bound to the agent in its own namespace that creates Leases and gets
+/// and updates only the one the config names.
+pub fn assert_rbac(what: &str, objects: &[Value]) {
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&agent_config(objects)).unwrap();
+    let events = &config["kubernetes"]["events"];
+    let enabled = events["enabled"].as_bool().unwrap_or(false);
     let roles: Vec<ClusterRole> = of_kind(objects, "ClusterRole");
     assert_eq!(roles.len(), 1, "{what}: one ClusterRole");
     let rules = roles[0].rules.clone().unwrap();
-    assert_eq!(rules.len(), 1, "{what}");
+    assert_eq!(rules.len(), if enabled { 2 } else { 1 }, "{what}");
     assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_string()][..]), "{what}");
     assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_string(), "namespaces".to_string()][..]), "{what}");
     assert_eq!(rules[0].verbs, ["get", "list", "watch"], "{what}");
-    assert!(of_kind::<Value>(objects, "Role").is_empty(), "{what}: no namespaced Role");
+    let roles: Vec<Role> = of_kind(objects, "Role");
+    if !enabled {
+        assert!(roles.is_empty(), "{what}: no namespaced Role without Events");
+        return;
+    }
+    assert_eq!(rules[1].api_groups.as_deref(), Some(&["".to_string()][..]), "{what}");
+    assert_eq!(rules[1].resources.as_deref(), Some(&["events".to_string()][..]), "{what}");
+    assert_eq!(rules[1].verbs, ["list", "watch"], "{what}: Events are read, never written");
+    assert_eq!(roles.len(), 1, "{what}: one Role, for the Events Lease");
+    let role = &roles[0];
+    let lease = events["lease_name"].as_str().unwrap_or("nodelens-events").to_string();
+    let rules = role.rules.clone().unwrap();
+    let leases = Some(vec!["leases".to_string()]);
+    assert!(rules.iter().all(|r| r.api_groups == Some(vec!["coordination.k8s.io".into()]) && r.resources == leases), "{what}: {rules:?}");
+    let create: Vec<_> = rules.iter().filter(|r| r.verbs.contains(&"create".to_string())).collect();
+    assert_eq!(create.len(), 1, "{what}");
+    assert_eq!(create[0].verbs, ["create"], "{what}: create cannot be limited to a name, so it stands alone");
+    let named: Vec<_> = rules.iter().filter(|r| r.resource_names.is_some()).collect();
+    assert_eq!(named.len(), 1, "{what}");
+    assert_eq!(named[0].resource_names, Some(vec![lease]), "{what}: only the config's Lease");
+    assert_eq!(named[0].verbs, ["get", "update"], "{what}");
+    assert_eq!(rules.len(), 2, "{what}");
+    let bindings: Vec<RoleBinding> = of_kind(objects, "RoleBinding");
+    assert_eq!(bindings.len(), 1, "{what}");
+    assert_eq!((bindings[0].role_ref.kind.as_str(), &bindings[0].role_ref.name), ("Role", role.metadata.name.as_ref().unwrap()), "{what}");
+    let accounts: Vec<ServiceAccount> = of_kind(objects, "ServiceAccount");
+    let subjects = bindings[0].subjects.clone().unwrap();
+    assert_eq!(subjects.len(), 1, "{what}");
+    assert_eq!(
+        (subjects[0].kind.as_str(), subjects[0].name.as_str()),
+        ("ServiceAccount", accounts[0].metadata.name.as_deref().unwrap()),
+        "{what}"
+    );
+    assert_eq!(role.metadata.namespace, accounts[0].metadata.namespace, "{what}: the Role is in the agent's namespace");
+    assert_eq!(subjects[0].namespace, accounts[0].metadata.namespace, "{what}");
 }
 
 /// Whether the scheduler may place `pod` on a node with `labels` (nodeSelector and the
@@ -529,6 +571,15 @@ pub fn check_config(config: &str, ds: &DaemonSet) -> Result<serde_yaml_ng::Value
     }
     for env in pod(ds).containers[0].env.iter().flatten().filter(|e| e.name.starts_with("NODELENS_")) {
         command.env(&env.name, env.value.clone().unwrap_or_else(|| "secret".into()));
+    }
+    // The downward API's values (the Events election's POD_NAME and POD_NAMESPACE).
+    for env in pod(ds).containers[0].env.iter().flatten() {
+        let field = env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+        match field {
+            Some("metadata.name") => command.env(&env.name, "nodelens-x7k2p"),
+            Some("metadata.namespace") => command.env(&env.name, "nodelens"),
+            _ => &mut command,
+        };
     }
     let out = command.output().unwrap();
     if !out.status.success() {

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::certs::CertMetrics;
+use crate::events::EventMetrics;
 use crate::gpu::export::{self, GpuExport};
 use crate::gpu::runs::RunSeconds;
 use crate::identity::ContainerLabels;
@@ -40,6 +41,8 @@ pub struct Metrics {
     pub gpu_run_seconds: RunSeconds,
     /// `nodelens_gpu_run_reports_dropped_total`.
     pub gpu_run_reports_dropped: prometheus_client::metrics::counter::Counter,
+    /// The Kubernetes Events' election and watch.
+    pub events: EventMetrics,
 }
 
 impl Metrics {
@@ -140,10 +143,27 @@ impl Metrics {
             "GPU run reports dropped unsent because too many waited for the sinks",
             gpu_run_reports_dropped.clone(),
         );
+        let events = EventMetrics { watch_up: kube_watch_up.clone(), ..EventMetrics::default() };
+        r.add(
+            "events_leader",
+            "1 while this agent holds the Events Lease and ships the cluster's Kubernetes Events, 0 on the others",
+            events.leader.clone(),
+        );
+        r.add(
+            "kubernetes_events",
+            "Versions of Kubernetes Events received from the leader's watch, by type and reason (known reasons, else other)",
+            events.events.clone(),
+        );
+        r.add("kubernetes_event_records", "Kubernetes Event records handed to the sinks, listed ones included", events.records.clone());
+        r.add(
+            "kubernetes_event_relists",
+            "Lists of the Events after the first of a leadership (410 Gone, a broken watch, an API outage)",
+            events.relists.clone(),
+        );
         r.add_collector(Box::new(gpu.clone()), export::NAMES);
         r.add_collector(Box::new(ProcessCollector), process::NAMES);
         let exposition = Arc::new(r.finish());
-        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds, gpu_run_reports_dropped }
+        Metrics { exposition, logs, sinks, pod_info, kube_watch_up, certs, shm, gpu, gpu_run_seconds, gpu_run_reports_dropped, events }
     }
 
     /// Every metric name the agent exports (as series are named: counters end in `_total`),
@@ -194,6 +214,16 @@ mod tests {
             assert!(text.contains(&format!("{name}{{node=\"gpu-7\"}} ")), "{name} exported from the start:\n{text}");
         }
         assert!(text.contains(r#"nodelens_process_cpu_seconds_total{node="gpu-7"} "#), "{text}");
+        assert!(!text.contains("nodelens_events_leader{"), "no series without Events (a 0 would read as no leader):\n{text}");
+        m.events.leader.get_or_create(&crate::events::LeaderLabels {}).set(1);
+        let mut warning = crate::events::record::tests::pod_event();
+        m.events.count(&warning);
+        warning.reason = "SomethingNew".into();
+        m.events.count(&warning);
+        let text = m.encode();
+        assert!(text.contains(r#"nodelens_kubernetes_events_total{node="gpu-7",type="Warning",reason="BackOff"} 1"#), "{text}");
+        assert!(text.contains(r#"nodelens_events_leader{node="gpu-7"} 1"#), "{text}");
+        assert!(text.contains(r#"nodelens_kubernetes_events_total{node="gpu-7",type="Warning",reason="other"} 1"#), "{text}");
         assert!(text.contains(r#"nodelens_process_resident_memory_bytes{node="gpu-7"} "#), "{text}");
     }
 }

@@ -36,6 +36,28 @@ pub struct KubernetesConfig {
     /// them sooner (five sixths of it), so a healthy watch is never idle this long.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// Kubernetes Events shipped to the log sinks by one agent of the cluster at a time.
+    pub events: EventsConfig,
+}
+
+/// The cluster's Events (`kubernetes.events`): one agent, elected through a Lease, lists and
+/// watches them and ships each version as a record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Take part in the election and, while elected, ship Events (needs `POD_NAME` and
+    /// `POD_NAMESPACE` from the downward API, events list/watch, pods get, and leases
+    /// get/create/update in the agent's namespace).
+    pub enabled: bool,
+    /// The `coordination.k8s.io/v1` Lease in the agent's namespace (`POD_NAMESPACE`) that
+    /// elects the agent shipping Events.
+    pub lease_name: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { enabled: false, lease_name: "nodelens-events".into() }
+    }
 }
 
 impl Default for KubernetesConfig {
@@ -49,6 +71,7 @@ impl Default for KubernetesConfig {
             pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
             metadata_wait: Duration::from_secs(60),
             request_timeout: Duration::from_secs(60),
+            events: EventsConfig::default(),
         }
     }
 }

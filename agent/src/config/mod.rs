@@ -28,11 +28,11 @@ use crate::identity::resolve::Key;
 pub use certificates::CertificatesConfig;
 pub use gpu::GpuConfig;
 pub use host::HostConfig;
-pub use kubernetes::KubernetesConfig;
+pub use kubernetes::{EventsConfig, KubernetesConfig};
 pub use logs::{JsonMode, LogMetric, LogMetricKind, LogMetricRule, LogsConfig, Multiline, MultilineRule};
 pub use metrics::{MetricsConfig, OtlpMetricsConfig};
 pub use node_logs::{JournaldConfig, KernelConfig, NodeLogsConfig};
-pub use settings::Settings;
+pub use settings::{EventsIdentity, Settings};
 pub use sinks::{Compression, ElasticsearchConfig, OtlpProtocol, OtlpSinkConfig, SinksConfig, StdoutConfig};
 pub use switch::Switch;
 
@@ -266,6 +266,7 @@ impl Config {
             ("sinks.elasticsearch.data_stream", es.data_stream.replace("{namespace}", "default")),
             ("sinks.elasticsearch.node_data_stream", es.node_data_stream.clone()),
             ("sinks.elasticsearch.gpu_runs_data_stream", es.gpu_runs_data_stream.clone()),
+            ("sinks.elasticsearch.events_data_stream", es.events_data_stream.clone()),
         ];
         for (key, name) in streams {
             if let Err(why) = data_stream_name(&name) {
@@ -286,7 +287,43 @@ impl Config {
                 "no sink is enabled: set sinks.elasticsearch.endpoints, sinks.otlp.endpoint or sinks.stdout.enabled".into(),
             ));
         }
-        Ok(Settings { config: self, app_keys, user_keys, exclude_namespaces, multiline, log_metrics })
+        let events = self.events_identity(|name| std::env::var(name).ok(), &key_error)?;
+        Ok(Settings { config: self, app_keys, user_keys, exclude_namespaces, multiline, log_metrics, events })
+    }
+
+    /// Who this agent is in the Events election, when `kubernetes.events.enabled` (and the
+    /// Kubernetes API not switched off): the Lease's name, `POD_NAMESPACE` and `POD_NAME`
+    /// (from `env`).
+    fn events_identity(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+        key_error: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<Option<EventsIdentity>, ConfigError> {
+        let events = &self.kubernetes.events;
+        if !events.enabled || self.kubernetes.enabled == Switch::Off {
+            return Ok(None);
+        }
+        // A DNS subdomain, as the API server requires of an object's name.
+        let name = &events.lease_name;
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid {
+            return Err(key_error(
+                "kubernetes.events.lease_name",
+                format!("`{name}` is not a valid object name (lower-case letters, digits, `-` and `.`)"),
+            ));
+        }
+        let var = |name: &str| env(name).filter(|v| !v.is_empty());
+        match (var("POD_NAMESPACE"), var("POD_NAME")) {
+            (Some(namespace), Some(holder)) => Ok(Some(EventsIdentity { lease: name.clone(), namespace, holder })),
+            _ => Err(key_error(
+                "kubernetes.events.enabled",
+                "needs the POD_NAME and POD_NAMESPACE environment variables (the downward API: metadata.name, metadata.namespace)".into(),
+            )),
+        }
     }
 
     /// Whether the stdout sink runs: explicitly on, or `auto` with no other sink.

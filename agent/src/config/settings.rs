@@ -23,6 +23,19 @@ pub struct Settings {
     pub multiline: Vec<Multiline>,
     /// `logs.log_metrics`, compiled.
     pub log_metrics: Vec<LogMetric>,
+    /// With `kubernetes.events.enabled`: the Lease and this agent's name in the election.
+    pub events: Option<EventsIdentity>,
+}
+
+/// The Events election as this agent takes part in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsIdentity {
+    /// The Lease's name (`kubernetes.events.lease_name`).
+    pub lease: String,
+    /// The Lease's namespace, the agent's own (`POD_NAMESPACE`).
+    pub namespace: String,
+    /// The agent's pod name (`POD_NAME`): the Lease's `holderIdentity` while it leads.
+    pub holder: String,
 }
 
 impl Settings {

@@ -34,6 +34,8 @@ pub struct ElasticsearchConfig {
     /// Data stream of the GPU run reports (one record per container that held a GPU, when it
     /// ends).
     pub gpu_runs_data_stream: String,
+    /// Data stream of the cluster's Kubernetes Events (written by the elected agent only).
+    pub events_data_stream: String,
     /// Basic-auth user; the password comes from `password` or `password_file`.
     pub username: String,
     /// Basic-auth password (prefer `password_file` or the environment).
@@ -71,6 +73,7 @@ impl Default for ElasticsearchConfig {
             data_stream: "logs-kubernetes.container_logs-default".into(),
             node_data_stream: "logs-kubernetes.node-default".into(),
             gpu_runs_data_stream: "logs-nodelens.gpu_runs-default".into(),
+            events_data_stream: "logs-kubernetes.event-default".into(),
             username: String::new(),
             password: String::new(),
             password_file: String::new(),

@@ -265,3 +265,37 @@ fn data_stream_names_elasticsearch_would_refuse_stop_the_start() {
         assert!(config.validate().is_ok(), "{name}");
     }
 }
+
+#[test]
+fn events_take_the_lease_namespace_and_holder_from_the_downward_api_and_check_the_lease_name() {
+    let key_error = |key: &str, message: String| ConfigError::Key { origin: "config".into(), key: key.into(), message };
+    let env = |name: &str| match name {
+        "POD_NAMESPACE" => Some("monitoring".to_string()),
+        "POD_NAME" => Some("nodelens-x7k2p".to_string()),
+        _ => None,
+    };
+    let config = load(None, vars(&[])).unwrap();
+    assert!(!config.kubernetes.events.enabled, "off unless asked for (the shipped manifests ask)");
+    assert_eq!(config.kubernetes.events.lease_name, "nodelens-events");
+    assert_eq!(config.sinks.elasticsearch.events_data_stream, "logs-kubernetes.event-default");
+    assert_eq!(config.events_identity(env, &key_error).unwrap(), None);
+
+    let on = load_text("kubernetes:\n  events:\n    enabled: true\n", &[]).unwrap();
+    let identity = on.events_identity(env, &key_error).unwrap().unwrap();
+    assert_eq!(
+        identity,
+        EventsIdentity { lease: "nodelens-events".into(), namespace: "monitoring".into(), holder: "nodelens-x7k2p".into() }
+    );
+    let err = on.events_identity(|_| None, &key_error).unwrap_err().to_string();
+    assert!(err.contains("kubernetes.events.enabled") && err.contains("POD_NAME") && err.contains("POD_NAMESPACE"), "{err}");
+
+    for bad in ["Nodelens", "-events", "events-", "a_b", ""] {
+        let config = load_text(&format!("kubernetes:\n  events:\n    enabled: true\n    lease_name: '{bad}'\n"), &[]).unwrap();
+        let err = config.events_identity(env, &key_error).unwrap_err().to_string();
+        assert!(err.contains("kubernetes.events.lease_name"), "{bad}: {err}");
+    }
+    let off_api = load_text("kubernetes:\n  enabled: false\n  events:\n    enabled: true\n", &[]).unwrap();
+    assert_eq!(off_api.events_identity(|_| None, &key_error).unwrap(), None, "no API, no election");
+    let unknown = load_text("kubernetes:\n  events:\n    lease: x\n", &[]).unwrap_err().to_string();
+    assert!(unknown.contains("kubernetes.events"), "{unknown}");
+}

@@ -262,7 +262,14 @@ impl PodStore {
         }
     }
 
-    fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta, force: bool) {
+    /// `pod` (of any node) with its application and user resolved as the store resolves its
+    /// own pods: with these keys and the namespace's labels. The store keeps nothing of it.
+    pub fn resolve(&self, mut pod: PodMeta) -> PodMeta {
+        self.resolve_locked(&self.inner.lock().unwrap(), &mut pod);
+        pod
+    }
+
+    fn resolve_locked(&self, inner: &Inner, pod: &mut PodMeta) {
         let empty = BTreeMap::new();
         let namespace_labels = inner.namespaces.get(&pod.namespace).map_or(&empty, |n| &n.labels);
         let sources = Sources {
@@ -273,6 +280,10 @@ impl PodStore {
         };
         pod.app = resolve::app(&self.app_keys, &sources, &pod.name);
         pod.user = resolve::user(&self.user_keys, &sources);
+    }
+
+    fn apply_locked(&self, inner: &mut Inner, mut pod: PodMeta, force: bool) {
+        self.resolve_locked(inner, &mut pod);
         let new_labels = info_labels(&pod);
         // Once per pod and value, not at every update of the pod.
         if let Some(Err(why)) = &pod.hami {

@@ -7,6 +7,15 @@
 //! slow, as an API server under load or a control plane still starting makes them, and the
 //! server can be made to refuse connections (nothing listening on its port) or to answer every
 //! request with an error status, as during a control plane outage or upgrade.
+//!
+//! Also core/v1 Events (list and watch at `/api/v1/events`, paginated with `limit` and
+//! `continue` as the API server does), a pod read by name, and `coordination.k8s.io/v1`
+//! Leases with the API server's optimistic concurrency: a GET of a missing Lease is a 404
+//! with a `Status` body, a create of an existing name is 409 AlreadyExists, an update without
+//! the current `resourceVersion` is 409 Conflict (without one at all, 422), and `renewTime`
+//! / `acquireTime` must be MicroTimes with exactly six fractional digits. Each client is told
+//! apart by its bearer token ([`FakeApiServer::kubeconfig_for`]), so one client's connection
+//! can be cut (its requests hang, its watches end) while the others' work.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -26,6 +35,8 @@ use crate::http::Server;
 /// What a watch receives.
 struct Watcher {
     kind: &'static str,
+    /// The client's token.
+    client: String,
     node: Option<String>,
     /// Asked for BOOKMARK events (`allowWatchBookmarks=true`).
     bookmarks: bool,
@@ -43,6 +54,8 @@ struct State {
     compacted: u64,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// The bearer token of each of `requests`.
+    request_tokens: Vec<String>,
     /// When each of `requests` arrived.
     request_times: Vec<std::time::Instant>,
     /// Every request is answered with this status (a `Status` object) while set.
@@ -50,6 +63,8 @@ struct State {
     /// Lists are answered this long after they arrive.
     list_delay: std::time::Duration,
     lists_answered: usize,
+    /// Tokens whose requests hang, as across a network partition.
+    cut: std::collections::BTreeSet<String>,
 }
 
 /// A running fake API server.
@@ -61,10 +76,11 @@ pub struct FakeApiServer {
 }
 
 fn kind_of(object: &Value) -> &'static str {
-    if object["kind"] == "Namespace" {
-        "Namespace"
-    } else {
-        "Pod"
+    match object["kind"].as_str() {
+        Some("Namespace") => "Namespace",
+        Some("Event") => "Event",
+        Some("Lease") => "Lease",
+        _ => "Pod",
     }
 }
 
@@ -116,8 +132,15 @@ impl FakeApiServer {
 
     /// A kubeconfig pointing at this server.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_for("")
+    }
+
+    /// A kubeconfig of its own for `client`: its requests can be cut alone
+    /// ([`FakeApiServer::cut_client`]).
+    pub fn kubeconfig_for(&self, client: &str) -> String {
+        let token = if client.is_empty() { "test-token".to_string() } else { format!("test-token-{client}") };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\ncurrent-context: fake\nusers:\n- name: test\n  user:\n    token: test-token\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\ncurrent-context: fake\nusers:\n- name: test\n  user:\n    token: {token}\n",
             self.addr
         )
     }
@@ -198,9 +221,43 @@ impl FakeApiServer {
         self.state.lock().unwrap().lists_answered
     }
 
+    /// Cuts `client` off (see [`FakeApiServer::kubeconfig_for`]): its requests hang until
+    /// [`FakeApiServer::restore_client`], its open watches end, as across a network partition;
+    /// the other clients are served.
+    pub fn cut_client(&self, client: &str) {
+        let token = format!("test-token-{client}");
+        let mut st = self.state.lock().unwrap();
+        st.watchers.retain(|w| w.client != token);
+        st.cut.insert(token);
+    }
+
+    /// Serves `client` again.
+    pub fn restore_client(&self, client: &str) {
+        self.state.lock().unwrap().cut.remove(&format!("test-token-{client}"));
+    }
+
+    /// The object `kind` `namespace/name` as stored (a Lease, to look at its holder).
+    pub fn object(&self, kind: &'static str, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(&(kind, format!("{namespace}/{name}"))).cloned()
+    }
+
     /// Every request line received (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The request lines `client` sent (see [`FakeApiServer::kubeconfig_for`]), with when each
+    /// arrived.
+    pub fn requests_from(&self, client: &str) -> Vec<(std::time::Instant, String)> {
+        let token = format!("test-token-{client}");
+        let st = self.state.lock().unwrap();
+        st.requests
+            .iter()
+            .zip(&st.request_tokens)
+            .zip(&st.request_times)
+            .filter(|((_, t), _)| **t == token)
+            .map(|((r, _), at)| (*at, r.clone()))
+            .collect()
     }
 }
 
@@ -241,29 +298,75 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    let decode = |s: &str| s.replace("%3D", "=").replace("%3d", "=").replace("%2F", "/").replace("%2C", ",");
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (bytes[i], hex) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (b, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
     req.uri().query().unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect()
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Response<Body>, Infallible> {
+    let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let fail_with = {
         let mut st = state.lock().unwrap();
         st.requests.push(format!("{} {}", req.method(), req.uri()));
+        st.request_tokens.push(token.unwrap_or("").to_string());
         st.request_times.push(std::time::Instant::now());
         st.fail_with
     };
     if let Some(code) = fail_with {
         return Ok(reply(code, status(code, "InternalError", "an error on the server has prevented the request from succeeding")));
     }
-    if req.headers().get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
+    let Some(client) = token.filter(|t| *t == "test-token" || t.starts_with("test-token-")).map(str::to_string) else {
         return Ok(reply(401, status(401, "Unauthorized", "Unauthorized")));
+    };
+    while state.lock().unwrap().cut.contains(&client) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let path = req.uri().path().to_string();
+    let not_found = || reply(404, status(404, "NotFound", &format!("the server could not find the requested resource ({path})")));
+    if let Some(rest) = path.strip_prefix("/apis/coordination.k8s.io/v1/namespaces/") {
+        return Ok(leases(req, rest, &state).await);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ["api", "v1", "namespaces", namespace, "pods", name] = segments.as_slice() {
+        if req.method() != hyper::Method::GET {
+            return Ok(reply(405, status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")));
+        }
+        let found = state.lock().unwrap().objects.get(&("Pod", format!("{namespace}/{name}"))).cloned();
+        return Ok(match found {
+            Some(pod) => reply(200, pod),
+            None => reply(404, status(404, "NotFound", &format!("pods \"{name}\" not found"))),
+        });
+    }
     let kind = match path.as_str() {
         "/api/v1/pods" => "Pod",
         "/api/v1/namespaces" => "Namespace",
-        _ => return Ok(reply(404, status(404, "NotFound", &format!("the server could not find the requested resource ({path})")))),
+        "/api/v1/events" => "Event",
+        _ => return Ok(not_found()),
     };
+    if req.method() != hyper::Method::GET {
+        return Ok(reply(405, status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")));
+    }
     let q = query(&req);
     let node = match q.get("fieldSelector").map(String::as_str) {
         None | Some("") => None,
@@ -292,7 +395,7 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
                 }
             }
             let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
-            st.watchers.push(Watcher { kind, node, bookmarks, tx });
+            st.watchers.push(Watcher { kind, client, node, bookmarks, tx });
         }
         // The server ends a watch after its timeoutSeconds, as the API server does (which
         // spreads it by up to 2x; exactly is enough here).
@@ -314,11 +417,150 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
         .filter(|((k, _), o)| *k == kind && node.as_deref().is_none_or(|n| node_of(o) == Some(n)))
         .map(|(_, o)| o.clone())
         .collect();
+    // Pages as the API server cuts them: `limit` items, a `continue` token for the rest; the
+    // pages of one list share the first page's resourceVersion.
+    let (start, list_rv) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => match token.split_once(':').and_then(|(rv, i)| Some((rv.parse::<u64>().ok()?, i.parse::<usize>().ok()?))) {
+            Some((rv, _)) if rv < st.compacted => {
+                return Ok(reply(
+                    410,
+                    status(410, "Expired", "The provided continue parameter is too old to display a consistent list result."),
+                ))
+            }
+            Some((rv, i)) => (i, rv),
+            None => return Ok(reply(400, status(400, "BadRequest", &format!("continue key is not valid: {token}")))),
+        },
+        None => (0, st.rv),
+    };
+    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let end = start.saturating_add(limit).min(items.len());
+    let page: Vec<Value> = items.get(start..end).unwrap_or_default().to_vec();
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if end < items.len() {
+        metadata["continue"] = json!(format!("{list_rv}:{end}"));
+        metadata["remainingItemCount"] = json!(items.len() - end);
+    }
     st.lists_answered += 1;
-    Ok(reply(
-        200,
-        json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
-    ))
+    Ok(reply(200, json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": metadata, "items": page})))
+}
+
+/// `coordination.k8s.io/v1` Leases: `rest` is `<namespace>/leases[/<name>]`.
+async fn leases(req: Request<Incoming>, rest: &str, state: &Mutex<State>) -> Response<Body> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (namespace, name) = match parts.as_slice() {
+        [ns, "leases"] => (ns.to_string(), None),
+        [ns, "leases", name] => (ns.to_string(), Some(name.to_string())),
+        _ => return reply(404, status(404, "NotFound", "the server could not find the requested resource")),
+    };
+    let method = req.method().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return reply(400, status(400, "BadRequest", "cannot read the body")),
+    };
+    let parse = || -> Result<Value, (u16, Value)> {
+        let lease: Value = serde_json::from_slice(&body).map_err(|e| (400, status(400, "BadRequest", &format!("not a Lease: {e}"))))?;
+        if lease["kind"] != "Lease" || lease["apiVersion"] != "coordination.k8s.io/v1" {
+            return Err((400, status(400, "BadRequest", "the body is not a coordination.k8s.io/v1 Lease")));
+        }
+        if lease["metadata"]["namespace"].as_str().is_some_and(|ns| ns != namespace) {
+            return Err((400, status(400, "BadRequest", "the namespace of the object does not match the namespace on the request")));
+        }
+        for field in ["acquireTime", "renewTime"] {
+            if let Some(time) = lease["spec"].get(field).filter(|t| !t.is_null()) {
+                let digits = time.as_str().and_then(|t| t.strip_suffix('Z')).and_then(|t| t.split_once('.')).map(|(_, f)| f);
+                if !digits.is_some_and(|f| f.len() == 6 && f.bytes().all(|b| b.is_ascii_digit())) {
+                    return Err((
+                        400,
+                        status(400, "BadRequest", &format!("spec.{field}: {time} is not a MicroTime (six fractional digits)")),
+                    ));
+                }
+            }
+        }
+        Ok(lease)
+    };
+    let conflict = |name: &str, reason: &str, message: String| {
+        let mut body = status(409, reason, &message);
+        body["details"] = json!({"name": name, "group": "coordination.k8s.io", "kind": "leases"});
+        reply(409, body)
+    };
+    let mut st = state.lock().unwrap();
+    match (method, name) {
+        (hyper::Method::GET, Some(name)) => match st.objects.get(&("Lease", format!("{namespace}/{name}"))) {
+            Some(lease) => reply(200, lease.clone()),
+            None => reply(404, status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found"))),
+        },
+        (hyper::Method::POST, None) => {
+            let mut lease = match parse() {
+                Ok(l) => l,
+                Err((code, body)) => return reply(code, body),
+            };
+            let Some(name) = lease["metadata"]["name"].as_str().map(str::to_string) else {
+                return reply(422, status(422, "Invalid", "metadata.name: Required value: name or generateName is required"));
+            };
+            if lease["metadata"].get("resourceVersion").is_some_and(|v| !v.is_null()) {
+                return reply(500, status(500, "InternalError", "resourceVersion should not be set on objects to be created"));
+            }
+            let key = ("Lease", format!("{namespace}/{name}"));
+            if st.objects.contains_key(&key) {
+                return conflict(&name, "AlreadyExists", format!("leases.coordination.k8s.io \"{name}\" already exists"));
+            }
+            st.rv += 1;
+            lease["metadata"]["namespace"] = json!(namespace);
+            lease["metadata"]["uid"] = json!(format!("lease-{name}"));
+            lease["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.objects.insert(key, lease.clone());
+            reply(201, lease)
+        }
+        (hyper::Method::PUT, Some(name)) => {
+            let mut lease = match parse() {
+                Ok(l) => l,
+                Err((code, body)) => return reply(code, body),
+            };
+            if lease["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return reply(400, status(400, "BadRequest", "the name of the object does not match the name on the URL"));
+            }
+            let key = ("Lease", format!("{namespace}/{name}"));
+            let Some(current) = st.objects.get(&key).cloned() else {
+                return reply(404, status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found")));
+            };
+            let Some(version) = lease["metadata"]["resourceVersion"].as_str().map(str::to_string) else {
+                return reply(422, status(422, "Invalid", "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"));
+            };
+            if current["metadata"]["resourceVersion"].as_str() != Some(version.as_str()) {
+                return conflict(
+                    &name,
+                    "Conflict",
+                    format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                );
+            }
+            st.rv += 1;
+            lease["metadata"]["namespace"] = json!(namespace);
+            lease["metadata"]["uid"] = current["metadata"]["uid"].clone();
+            lease["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.objects.insert(key, lease.clone());
+            reply(200, lease)
+        }
+        _ => reply(405, status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
+    }
+}
+
+/// A core/v1 Event about `object` (`[kind, namespace, name, uid]`), saying `what`
+/// (`[reason, type, message]`), as the kubelet or a controller writes it: `lastTimestamp` its last occurrence, `count` how many so far.
+pub fn event(namespace: &str, name: &str, uid: &str, object: [&str; 4], what: [&str; 3], count: i32) -> Value {
+    let [kind, object_namespace, object_name, object_uid] = object;
+    let [reason, type_, message] = what;
+    let mut involved = json!({"kind": kind, "name": object_name, "uid": object_uid, "apiVersion": "v1"});
+    if !object_namespace.is_empty() {
+        involved["namespace"] = json!(object_namespace);
+    }
+    json!({
+        "kind": "Event", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "involvedObject": involved,
+        "reason": reason, "message": message, "type": type_, "count": count,
+        "firstTimestamp": "2025-12-04T12:00:00Z", "lastTimestamp": format!("2025-12-04T12:{:02}:00Z", count.clamp(0, 59)),
+        "source": {"component": "kubelet", "host": "node-a"}
+    })
 }
 
 /// A pod on `node` as the API server returns it, with one running container per name.

@@ -171,6 +171,15 @@ spec:
               valueFrom:
                 fieldRef:
                   fieldPath: metadata.uid
+            # The Events election: holder identity and the Lease's namespace.
+            - name: POD_NAME
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.name
+            - name: POD_NAMESPACE
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.namespace
             {{- if .gpu }}
             - name: NVIDIA_VISIBLE_DEVICES
               value: all
