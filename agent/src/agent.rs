@@ -32,6 +32,8 @@ pub use self::metrics::Metrics;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How long the other tasks may take to stop after it (the last metrics push).
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the Events task to stop shipping and release the Lease.
+const EVENTS_RELEASE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `stop` resolves (a signal) or a part fails.
 pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -150,6 +152,8 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
         None => None,
     };
     let _ = run_reports.set(out);
+    // The Events task's own stop, and word that it released the Lease.
+    let mut events_stop: Option<(broadcast::Sender<()>, tokio::sync::oneshot::Receiver<()>)> = None;
     if let Some(identity) = config.events.clone() {
         match (client, pods.clone(), pipeline.as_mut().and_then(|p| p.deliver_events())) {
             (Some(client), Some(store), Some(out)) => {
@@ -163,7 +167,18 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
                     out,
                     metrics: metrics.events.clone(),
                 };
-                tasks.spawn("Kubernetes Events", until_shutdown(crate::events::run(context, Shutdown::new(shutdown_tx.subscribe()))));
+                // Stopped before the pipeline drains: the Lease is released at once, not after
+                // the drain, and the next agent's leadership starts as this one's shipping ends.
+                let (stop_tx, stop) = broadcast::channel(1);
+                let (done, released) = tokio::sync::oneshot::channel();
+                events_stop = Some((stop_tx, released));
+                tasks.spawn(
+                    "Kubernetes Events",
+                    until_shutdown(async move {
+                        crate::events::run(context, Shutdown::new(stop)).await;
+                        let _ = done.send(());
+                    }),
+                );
             }
             (None, ..) => tracing::warn!("kubernetes.events.enabled, but no Kubernetes API: Events are not shipped"),
             _ => tracing::warn!("kubernetes.events.enabled, but no log pipeline runs: Events are not shipped"),
@@ -186,6 +201,12 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
         never = record_deaths(&mut tasks, &health) => match never {},
     };
     tracing::info!("shutting down");
+    if let Some((stop, released)) = events_stop.take() {
+        let _ = stop.send(());
+        if tokio::time::timeout(EVENTS_RELEASE_GRACE, released).await.is_err() {
+            tracing::warn!("the Events Lease was not released in time; the next agent takes over once it expires");
+        }
+    }
     if let Some(pipeline) = pipeline {
         pipeline.stop(DRAIN_GRACE).await;
     }

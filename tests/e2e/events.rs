@@ -207,11 +207,12 @@ fn a_clean_stop_releases_the_lease_and_the_other_agent_ships_within_seconds() {
     let (a, b) = (c.start("a"), c.start("b"));
     let leader = one_leader(&[&a, &b], Duration::from_secs(30));
     c.wait_event("back-off 1", Duration::from_secs(20));
-    let (stopping, other) = if leader == 0 { (a, b) } else { (b, a) };
+    let ((stopping, name), other) = if leader == 0 { ((a, "a"), b) } else { ((b, "b"), a) };
     let at = Instant::now();
     let (status, _, log) = stopping.terminate();
     assert!(status.success(), "{log}");
-    assert_eq!(c.holder(), None, "released on the way out:\n{log}");
+    // Released on the way out (the other agent may hold it already).
+    assert_ne!(c.holder().as_deref(), Some(name), "released on the way out:\n{log}");
     one_leader(&[&other], Duration::from_secs(10));
     let took = at.elapsed();
     c.api.apply(event("ml", "trainer-0.3", "ev-pull", ["Pod", "ml", "trainer-0", "pod-trainer"], ["Pulling", "Normal", "pulling 1"], 1));

@@ -31,8 +31,9 @@ pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the holder keeps leading without a successful renewal. Less than
 /// [`LEASE_DURATION`] minus one renewal's request time, so it stops before anyone takes over.
 pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
-/// How often the other agents look at the Lease (and sooner when it is due to expire).
-pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the other agents look at the Lease (and when it is due to expire: a Lease seen
+/// unchanged for its duration is taken over however long this is).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(8);
 /// The longest one request to the API server may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
 /// How soon a holder tries again after a failed renewal.

@@ -1,5 +1,6 @@
 //! The pods Events are about, for their records' `kubernetes.*`, `service.name` and
-//! `user.name`: pods of this node from the pod store, others read with one GET each and kept
+//! `user.name`: pods of this node from the pod store, others read from the API server's cache
+//! (`resourceVersion=0`), up to 32 at once in the order their Events came, and kept
 //! for [`TTL`] in a cache of at most [`CAPACITY`] pods (a pod that is gone is remembered as
 //! gone for as long, so a burst of its Events costs one GET).
 //!
@@ -63,51 +64,99 @@ impl PodCache {
 
 /// Finds the pods Events are about.
 pub struct Pods {
-    client: kube::Client,
-    store: Arc<PodStore>,
+    fetch: Fetch,
     node: String,
     cache: PodCache,
     /// GETs made (for the tests and the benchmark's API load).
     pub gets: u64,
 }
 
+/// What a pod read needs, cheap to clone into each of the lookups running at once.
+#[derive(Clone)]
+pub struct Fetch {
+    client: kube::Client,
+    store: Arc<PodStore>,
+}
+
+/// A pod looked up: the key it is cached under (`None`: not to be cached) and what was found.
+pub struct Found {
+    /// The cache key, when the answer may be kept.
+    pub key: Option<String>,
+    /// The pod.
+    pub pod: EventPod,
+}
+
 impl Pods {
     /// Pods through `client`, this node's (`node`) from `store`, which also resolves
     /// applications and users.
     pub fn new(client: kube::Client, store: Arc<PodStore>, node: String) -> Pods {
-        Pods { client, store, node, cache: PodCache::default(), gets: 0 }
+        Pods { fetch: Fetch { client, store }, node, cache: PodCache::default(), gets: 0 }
+    }
+
+    /// The pod `namespace/name` with UID `uid` when this node's store or the cache knows it.
+    pub fn known(&self, namespace: &str, name: &str, uid: &str) -> Option<EventPod> {
+        if let Some(meta) = self.fetch.store.get(uid) {
+            return Some(EventPod { meta: Some(meta), node: Some(self.node.clone()) });
+        }
+        self.cache.get(&key(namespace, name, uid), Instant::now())
+    }
+
+    /// A lookup of the pod to run (counted as a GET).
+    pub fn fetcher(&mut self) -> Fetch {
+        self.gets += 1;
+        self.fetch.clone()
+    }
+
+    /// Keeps what a lookup found.
+    pub fn remember(&mut self, found: &Found) {
+        if let Some(key) = &found.key {
+            self.cache.insert(key.clone(), found.pod.clone(), Instant::now());
+        }
     }
 
     /// The pod `namespace/name` with UID `uid`; without metadata when it is gone, has another
     /// UID (a new pod of the same name), or cannot be read.
     pub async fn find(&mut self, namespace: &str, name: &str, uid: &str) -> EventPod {
-        if let Some(meta) = self.store.get(uid) {
-            return EventPod { meta: Some(meta), node: Some(self.node.clone()) };
-        }
-        let now = Instant::now();
-        let key = if uid.is_empty() { format!("{namespace}/{name}") } else { uid.to_string() };
-        if let Some(pod) = self.cache.get(&key, now) {
+        if let Some(pod) = self.known(namespace, name, uid) {
             return pod;
         }
-        self.gets += 1;
-        let api = kube::Api::<Pod>::namespaced(self.client.clone(), namespace);
-        let read = tokio::time::timeout(GET_TIMEOUT, api.get_opt(name)).await;
+        let found = self.fetcher().get(namespace.to_string(), name.to_string(), uid.to_string()).await;
+        self.remember(&found);
+        found.pod
+    }
+}
+
+/// The cache key of a pod: its UID, or its name where the Event names none.
+fn key(namespace: &str, name: &str, uid: &str) -> String {
+    if uid.is_empty() {
+        format!("{namespace}/{name}")
+    } else {
+        uid.to_string()
+    }
+}
+
+impl Fetch {
+    /// Reads the pod from the API server's cache (`resourceVersion=0`: no etcd read, and a
+    /// pod just created may be missed, as a list would miss it).
+    pub async fn get(self, namespace: String, name: String, uid: String) -> Found {
+        let api = kube::Api::<Pod>::namespaced(self.client.clone(), &namespace);
+        let read = tokio::time::timeout(GET_TIMEOUT, api.get_with(&name, &kube::api::GetParams::any())).await;
         let pod = match read {
-            Ok(Ok(Some(pod))) if uid.is_empty() || pod.metadata.uid.as_deref() == Some(uid) => {
+            Ok(Ok(pod)) if uid.is_empty() || pod.metadata.uid.as_deref() == Some(uid.as_str()) => {
                 let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
                 let meta = meta::from_pod(&pod, |a| self.store.wants_annotation(a)).map(|m| Arc::new(self.store.resolve(m)));
                 EventPod { meta, node }
             }
             Ok(Ok(_)) => EventPod { meta: None, node: None },
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => EventPod { meta: None, node: None },
             Ok(Err(e)) => {
                 tracing::debug!(namespace, pod = name, error = %e, "cannot read the pod of an Event");
                 // Not cached: the next Event of the pod tries again.
-                return EventPod { meta: None, node: None };
+                return Found { key: None, pod: EventPod { meta: None, node: None } };
             }
-            Err(_) => return EventPod { meta: None, node: None },
+            Err(_) => return Found { key: None, pod: EventPod { meta: None, node: None } },
         };
-        self.cache.insert(key, pod.clone(), now);
-        pod
+        Found { key: Some(key(&namespace, &name, &uid)), pod }
     }
 }
 
@@ -188,9 +237,9 @@ mod tests {
         assert_eq!(
             gets,
             [
-                "GET /api/v1/namespaces/ml/pods/trainer-0",
-                "GET /api/v1/namespaces/ml/pods/deleted-0",
-                "GET /api/v1/namespaces/ml/pods/reborn-0"
+                "GET /api/v1/namespaces/ml/pods/trainer-0?&resourceVersion=0",
+                "GET /api/v1/namespaces/ml/pods/deleted-0?&resourceVersion=0",
+                "GET /api/v1/namespaces/ml/pods/reborn-0?&resourceVersion=0"
             ]
         );
     }

@@ -53,7 +53,7 @@ pub struct EventRecord {
     pub reason: String,
     /// `type`: `Normal` or `Warning`.
     pub kind: String,
-    /// `count`, when given.
+    /// `count`, or `series.count` (a repeated event.k8s.io Event), when given.
     pub count: Option<i32>,
     /// What it is about.
     pub object: InvolvedObject,
@@ -92,7 +92,8 @@ impl EventRecord {
             message: or_empty(event.message.as_ref()),
             reason: or_empty(event.reason.as_ref()),
             kind: or_empty(event.type_.as_ref()),
-            count: event.count,
+            // Events recorded through events.k8s.io keep their repeats in `series.count`.
+            count: event.count.or_else(|| event.series.as_ref().and_then(|s| s.count)),
             object: InvolvedObject {
                 kind: or_empty(o.kind.as_ref()),
                 name: or_empty(o.name.as_ref()),

@@ -73,7 +73,7 @@ fn a_gone_pods_event_still_names_the_pod_from_the_involved_object() {
 }
 
 #[test]
-fn the_timestamp_falls_back_to_the_series_then_the_event_time_and_scheduler_events_need_no_count_or_source() {
+fn the_timestamp_falls_back_to_the_series_then_the_event_time_and_scheduler_events_need_no_source() {
     let scheduler = EventRecord::from_event(&event(json!({
         "metadata": {"name": "x", "namespace": "ml", "uid": "ev-2", "resourceVersion": "9"},
         "involvedObject": {"kind": "Pod", "name": "trainer-0", "namespace": "ml", "uid": "p"},
@@ -82,18 +82,17 @@ fn the_timestamp_falls_back_to_the_series_then_the_event_time_and_scheduler_even
         "series": {"count": 3, "lastObservedTime": "2025-12-04T12:05:00.500000Z"}
     })))
     .unwrap();
-    assert_eq!(scheduler.count, None);
+    assert_eq!(scheduler.count, Some(3), "a repeated scheduler Event counts in its series");
     let doc = document(&scheduler);
     assert_eq!(doc["@timestamp"], "2025-12-04T12:05:00.500000Z", "series.lastObservedTime before eventTime");
-    assert!(doc["kubernetes"]["event"].get("count").is_none());
+    assert_eq!(doc["kubernetes"]["event"]["count"], 3);
     assert_eq!(doc["kubernetes"]["event"]["source"]["component"], "default-scheduler", "reportingComponent without a source");
-    let mut once = scheduler.clone();
-    once.timestamp_us = EventRecord::from_event(&event(json!({
+    let once = EventRecord::from_event(&event(json!({
         "metadata": {"uid": "ev-3", "resourceVersion": "1"}, "involvedObject": {}, "eventTime": "2025-12-04T12:00:00.000001Z"
     })))
-    .unwrap()
-    .timestamp_us;
+    .unwrap();
     assert_eq!(document(&once)["@timestamp"], "2025-12-04T12:00:00.000001Z", "eventTime alone");
+    assert!(document(&once)["kubernetes"]["event"].get("count").is_none(), "no count, no series: none");
 }
 
 #[test]
