@@ -38,7 +38,7 @@ use nodelens_testkit::gpu::scenario::{
 use nodelens_testkit::gpu::{nvml_library, Allocated, Cgroup, FakePodResources, FakeProc, Workload};
 use nodelens_testkit::http::Server;
 use nodelens_testkit::kubelet::ContainerLog;
-use nodelens_testkit::kubernetes::{hami_devices, pod_with_ids, with_hami, FakeApiServer};
+use nodelens_testkit::kubernetes::{event, hami_devices, pod_with_ids, with_hami, FakeApiServer};
 use nodelens_testkit::views::{self, dashboards, exposition_names, metric_names, queries, rules, RUNBOOK_BASE_URL};
 use serde_json::{json, Value};
 
@@ -267,7 +267,8 @@ fn inhibit_rules() -> String {
 /// The simulated node, the agent on it, and everything the agent talks to.
 struct Node {
     dir: tempfile::TempDir,
-    api: FakeApiServer,
+    /// Shared with the writer, which also records a pod's Events as the kubelet would.
+    api: Arc<FakeApiServer>,
     _kubelet: FakePodResources,
     _proc: FakeProc,
     es: FakeElasticsearch,
@@ -280,7 +281,7 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let pods = dir.path().join("pods");
         std::fs::create_dir_all(&pods).unwrap();
-        let api = FakeApiServer::start();
+        let api = Arc::new(FakeApiServer::start());
         let kubelet = FakePodResources::start(&dir.path().join("kubelet.sock"));
         let proc = FakeProc::new(&dir.path().join("proc"));
         // The kernel ring: an error, a sequence gap (two records the ring overwrote) and an XID
@@ -354,6 +355,8 @@ kubernetes:
   enabled: true
   kubeconfig: {kubeconfig}
   pod_resources_socket: {socket}
+  events:
+    enabled: true
 gpu:
   nvml_library: {library}
   poll_interval: 200ms
@@ -386,7 +389,12 @@ node_logs:
         Agent::start(
             Path::new(env!("CARGO_BIN_EXE_nodelens")),
             &file,
-            &[(SCENARIO_ENV, scenario.as_str()), ("NODELENS_NODE_LOGS__KERNEL__ENABLED", "true")],
+            &[
+                (SCENARIO_ENV, scenario.as_str()),
+                ("NODELENS_NODE_LOGS__KERNEL__ENABLED", "true"),
+                ("POD_NAME", "nodelens-x7k2p"),
+                ("POD_NAMESPACE", "nodelens"),
+            ],
         )
     }
 }
@@ -405,17 +413,21 @@ fn write_round(logs: &mut [ContainerLog], round: usize) {
     }
 }
 
-/// Keeps the pods logging, a round every 300 ms, until dropped.
+/// Keeps the pods logging, a round every 300 ms, until dropped; bert's container backs off
+/// from a crash every round (a Warning Event whose count goes up, for the Events panel).
 struct Writer(Arc<std::sync::atomic::AtomicBool>, Option<std::thread::JoinHandle<()>>);
 
 impl Writer {
-    fn start(mut logs: Vec<ContainerLog>) -> Writer {
+    fn start(mut logs: Vec<ContainerLog>, api: Arc<FakeApiServer>) -> Writer {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut round = 0;
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 write_round(&mut logs, round);
+                let bert = ["Pod", "ml", "bert-0", "bbbbbbbb-0000-4000-8000-000000000002"];
+                let backoff = ["BackOff", "Warning", "Back-off restarting failed container main"];
+                api.apply(event("ml", "bert-0.backoff", "ev-bert-backoff", bert, backoff, round as i32 + 1));
                 round += 1;
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -568,7 +580,7 @@ fn every_dashboard_query_returns_data_and_gpu_alerts_reach_alertmanager() {
     let mut node = Node::new();
     // The first bulk request is refused with 429 and retried.
     node.es.inject(Fault::Status(429));
-    let _writer = Writer::start(std::mem::take(&mut node.logs));
+    let _writer = Writer::start(std::mem::take(&mut node.logs), node.api.clone());
     let agent = node.start_agent();
     let metrics_addr = agent.metrics_addr();
     let exporter = static_exporter();
