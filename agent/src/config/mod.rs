@@ -263,7 +263,8 @@ impl Config {
         // Elasticsearch refuses every document of a stream whose name it cannot take: a typo
         // here would lose every record, so it stops the start instead.
         let streams = [
-            ("sinks.elasticsearch.data_stream", es.data_stream.replace("{namespace}", "default")),
+            // The longest namespace Kubernetes allows stands in for the placeholder.
+            ("sinks.elasticsearch.data_stream", es.data_stream.replace("{namespace}", &"n".repeat(63))),
             ("sinks.elasticsearch.node_data_stream", es.node_data_stream.clone()),
             ("sinks.elasticsearch.gpu_runs_data_stream", es.gpu_runs_data_stream.clone()),
             ("sinks.elasticsearch.events_data_stream", es.events_data_stream.clone()),
@@ -429,15 +430,19 @@ mod duration {
     }
 }
 
-/// Checks a data stream name as Elasticsearch checks index names, and against the naming
-/// scheme (`<type>-<dataset>-<namespace>`) the bundled index templates match.
+/// Checks a data stream name as Elasticsearch checks index names. (The naming scheme,
+/// `<type>-<dataset>-<namespace>`, is what the bundled index templates match, not a rule of
+/// Elasticsearch's: a stream of another name needs a template of the operator's own.)
 fn data_stream_name(name: &str) -> Result<(), String> {
     const FORBIDDEN: &[char] = &['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':', '{', '}'];
     if name.is_empty() || name.len() > 255 {
-        return Err(format!("`{name}` must be 1 to 255 bytes"));
+        return Err(format!("`{name}` must be 1 to 255 bytes (with a namespace of 63 characters for `{{namespace}}`)"));
     }
     if name != name.to_lowercase() {
         return Err(format!("`{name}` must be lower case (Elasticsearch refuses upper-case index names)"));
+    }
+    if name.contains(['{', '}']) {
+        return Err(format!("`{name}` holds a placeholder; only sinks.elasticsearch.data_stream takes `{{namespace}}`"));
     }
     if let Some(c) = name.chars().find(|c| FORBIDDEN.contains(c)) {
         return Err(format!("`{name}` holds `{c}`, which Elasticsearch refuses in index names"));
@@ -445,8 +450,8 @@ fn data_stream_name(name: &str) -> Result<(), String> {
     if name.starts_with(['-', '_', '+', '.']) {
         return Err(format!("`{name}` must not start with `-`, `_`, `+` or `.`"));
     }
-    if name.split('-').count() < 3 || name.split('-').any(str::is_empty) {
-        return Err(format!("`{name}` is not `<type>-<dataset>-<namespace>` (e.g. logs-kubernetes.container_logs-default)"));
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not an index name"));
     }
     Ok(())
 }

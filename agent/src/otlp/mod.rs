@@ -128,6 +128,8 @@ pub struct Exporter {
     signal: Signal,
     shown: String,
     gzip: bool,
+    /// Longest an export may take, its answer read whole.
+    timeout: Duration,
     transport: Transport,
 }
 
@@ -205,7 +207,13 @@ impl Exporter {
                 Transport::Grpc { channel: channel.connect_lazy(), metadata }
             }
         };
-        Ok(Exporter { signal, shown: redact_url(endpoint), gzip: settings.compression == Compression::Gzip, transport })
+        Ok(Exporter {
+            signal,
+            shown: redact_url(endpoint),
+            gzip: settings.compression == Compression::Gzip,
+            timeout: settings.timeout,
+            transport,
+        })
     }
 
     /// Sends one encoded `Export*ServiceRequest`; returns how long the receiver took.
@@ -257,7 +265,7 @@ impl Exporter {
                     .await
                     .map_err(|e| failure(format!("compression task: {e}"), retry, None))?;
                 let started = Instant::now();
-                match grpc::unary(channel, metadata, self.signal.grpc_path(), body, gzip).await {
+                match grpc::unary(channel, metadata, self.signal.grpc_path(), body, gzip, self.timeout).await {
                     Ok(reply) => Ok((self.accepted(Some(&reply)), started.elapsed())),
                     Err(status) => {
                         let retry_after = status::retry_delay(status.details());
