@@ -164,6 +164,7 @@ pub async fn run(config: Settings, stop: impl Future<Output = ()>) -> anyhow::Re
                     store,
                     node: config.node_name.clone(),
                     request_timeout: config.kubernetes.request_timeout,
+                    exclude_namespaces: config.exclude_namespaces.clone(),
                     out,
                     metrics: metrics.events.clone(),
                 };

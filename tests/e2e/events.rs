@@ -46,6 +46,15 @@ impl Cluster {
             ["NodeNotReady", "Normal", "node not ready 1"],
             1,
         ));
+        // A namespace whose logs are excluded (`logs.exclude_namespaces`): its Events too.
+        api.apply(event(
+            "scratch-1",
+            "tmp-0.1",
+            "ev-scratch",
+            ["Pod", "scratch-1", "tmp-0", "pod-tmp"],
+            ["BackOff", "Warning", "scratch back-off"],
+            1,
+        ));
         Cluster { dir: tempfile::tempdir().unwrap(), api, es: FakeElasticsearch::start() }
     }
 
@@ -64,7 +73,7 @@ impl Cluster {
         std::fs::write(&kubeconfig, self.api.kubeconfig_for(name)).unwrap();
         let config = dir.join("nodelens.yaml");
         let text = format!(
-            "node_name: node-{name}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  app_keys: [label:app]\n  user_keys: [namespace_label:user]\n  events:\n    enabled: true\n    lease_name: nodelens-events\n{sinks}metrics:\n  listen: 127.0.0.1:0\n",
+            "node_name: node-{name}\nstate_dir: {state}\nlogs:\n  pods_dir: {pods}\n  exclude_namespaces: [scratch-*]\nkubernetes:\n  enabled: true\n  kubeconfig: {kc}\n  app_keys: [label:app]\n  user_keys: [namespace_label:user]\n  events:\n    enabled: true\n    lease_name: nodelens-events\n{sinks}metrics:\n  listen: 127.0.0.1:0\n",
             state = dir.join("state").display(),
             pods = dir.join("pods").display(),
             kc = kubeconfig.display(),
@@ -165,6 +174,7 @@ fn one_of_three_agents_ships_every_event_once_with_the_pods_app_and_user_and_a_k
     ));
     c.wait_event("back-off 2", Duration::from_secs(15));
     assert_eq!(c.assert_each_version_once(), 3);
+    assert!(c.events().iter().all(|d| d["message"] != "scratch back-off"), "an excluded namespace's Events stay out");
     let metrics = refs[leader].get("/metrics").1;
     assert_eq!(metric_sum(&metrics, "nodelens_kubernetes_events_total", &[r#"type="Warning""#, r#"reason="BackOff""#]), 1.0);
     assert_eq!(metric_sum(&metrics, "nodelens_kubernetes_watch_up", &[r#"resource="events""#]), 1.0);

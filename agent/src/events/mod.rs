@@ -122,6 +122,20 @@ impl EventMetrics {
     }
 }
 
+/// Namespaces whose Events are not shipped: those whose logs are not (`logs.exclude_namespaces`,
+/// and a namespace's `nodelens.io/exclude` annotation where namespaces are watched).
+pub struct Excluded {
+    globs: globset::GlobSet,
+    store: Arc<PodStore>,
+}
+
+impl Excluded {
+    /// Whether Events about objects of `namespace` stay out (a Node's, with none, never do).
+    pub fn excludes(&self, namespace: &str) -> bool {
+        !namespace.is_empty() && (self.globs.is_match(namespace) || self.store.namespace_excluded(namespace))
+    }
+}
+
 /// What the Events part needs.
 pub struct Context {
     /// The API server.
@@ -134,6 +148,8 @@ pub struct Context {
     pub node: String,
     /// `kubernetes.request_timeout`, for the watch's server-side timeout.
     pub request_timeout: std::time::Duration,
+    /// `logs.exclude_namespaces`: their Events are not shipped either.
+    pub exclude_namespaces: globset::GlobSet,
     /// Where records go (the pipeline).
     pub out: mpsc::Sender<EventRecord>,
     /// Metric handles.
@@ -143,7 +159,8 @@ pub struct Context {
 /// Takes part in the election until shutdown, shipping Events while leading; then stops
 /// shipping and releases the Lease.
 pub async fn run(context: Context, mut shutdown: Shutdown) {
-    let Context { client, identity, store, node, request_timeout, out, metrics } = context;
+    let Context { client, identity, store, node, request_timeout, exclude_namespaces, out, metrics } = context;
+    let excluded = Excluded { globs: exclude_namespaces, store: store.clone() };
     let leases = KubeLeases::new(client.clone(), &identity.namespace, &identity.lease);
     let mut elector = Elector::new(leases, identity.holder.clone());
     let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
@@ -158,7 +175,7 @@ pub async fn run(context: Context, mut shutdown: Shutdown) {
                 return;
             }
             let pipeline_gone = tokio::select! {
-                _ = watch::ship(client.clone(), config.clone(), &mut pods, &out, &metrics) => true,
+                _ = watch::ship(client.clone(), config.clone(), &mut pods, &excluded, &out, &metrics) => true,
                 _ = async { let _ = leading.wait_for(|l| !*l).await; } => false,
             };
             if pipeline_gone {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::pods::{Found, Pods};
 use super::record::EventRecord;
-use super::EventMetrics;
+use super::{EventMetrics, Excluded};
 use crate::kube::watch::{Retry, WatchLabels};
 
 /// Pod lookups run at once.
@@ -28,7 +28,14 @@ const RESUMED_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Ships Events into `out` until `out` closes (the pipeline stopped). Meant to be dropped when
 /// leadership ends.
-pub async fn ship(client: kube::Client, config: watcher::Config, pods: &mut Pods, out: &mpsc::Sender<EventRecord>, metrics: &EventMetrics) {
+pub async fn ship(
+    client: kube::Client,
+    config: watcher::Config,
+    pods: &mut Pods,
+    excluded: &Excluded,
+    out: &mpsc::Sender<EventRecord>,
+    metrics: &EventMetrics,
+) {
     let api: kube::Api<Event> = kube::Api::all(client);
     let up = metrics.watch_up.get_or_create(&WatchLabels { resource: "events" }).clone();
     let _series = Series(metrics.watch_up.clone());
@@ -114,6 +121,9 @@ pub async fn ship(client: kube::Client, config: watcher::Config, pods: &mut Pods
             retry.reset();
         }
         let Some(mut record) = EventRecord::from_event(&event) else { continue };
+        if excluded.excludes(&record.object.namespace) {
+            continue;
+        }
         listed += usize::from(!watched);
         if watched {
             metrics.count(&record);
