@@ -11,7 +11,8 @@
 //!   from the agent elected through a Lease), `logs` (container log files to chunks,
 //!   acknowledgements, checkpoints), `host` (PCI bus ids, `/dev/shm`), `gpu` (NVML,
 //!   allocations, attribution, export), `certs`, `process`, `memory`.
-//! - Wire formats and sinks: `otlp` (transport, log and metric encoding, metrics push),
+//! - Wire formats and sinks: `packed` (request bodies held compressed: gzip pieces made
+//!   once per batch and joined into one member per request), `otlp` (transport, log and metric encoding, metrics push),
 //!   `sinks` (ECS, Elasticsearch, OTLP, stdout), `node_logs` (journal and kernel ring).
 //! - `pipeline`: tailer → encoder → sinks → committer.
 //! - `server` (`/metrics`, `/healthz`, `/readyz`) and `agent` (start-up, shutdown, every
@@ -30,6 +31,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node_logs;
 pub mod otlp;
+pub mod packed;
 pub mod periodic;
 pub mod pipeline;
 pub mod process;

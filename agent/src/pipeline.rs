@@ -79,9 +79,6 @@ impl SinkStarter {
     }
 }
 
-const ECS: Formats = Formats { ecs: true, otlp: false };
-const OTLP: Formats = Formats { ecs: false, otlp: true };
-
 /// The sinks the config asks for; fails when one cannot be set up (an unreadable CA file).
 pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Result<Vec<SinkStarter>> {
     let mut sinks = Vec::new();
@@ -89,18 +86,21 @@ pub fn configured_sinks(config: &Config, metrics: &SinkMetrics) -> anyhow::Resul
     if !es.endpoints.is_empty() {
         let client = sinks::elasticsearch::client::Client::new(es)?;
         let (es, m) = (es.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(ECS, move |rx, acks, budget| sinks::elasticsearch::run(es, client, rx, acks, budget, m)));
+        let formats = Formats { bulk: Some(es.compression), ..Formats::default() };
+        sinks.push(SinkStarter::new(formats, move |rx, acks, budget| sinks::elasticsearch::run(es, client, rx, acks, budget, m)));
     }
     let otlp = &config.sinks.otlp;
     if !otlp.endpoint.is_empty() {
         let exporter = crate::otlp::Exporter::new(&sinks::otlp::settings(otlp), crate::otlp::Signal::Logs)?;
         let (otlp, m) = (otlp.clone(), metrics.clone());
-        sinks.push(SinkStarter::new(OTLP, move |rx, acks, budget| sinks::otlp::run(otlp, exporter, rx, acks, budget, m)));
+        let formats = Formats { otlp: Some(otlp.compression), ..Formats::default() };
+        sinks.push(SinkStarter::new(formats, move |rx, acks, budget| sinks::otlp::run(otlp, exporter, rx, acks, budget, m)));
     }
     // Under `auto`, stdout takes container logs, not a metrics-only agent's node logs.
     if config.stdout_enabled() && (config.logs.enabled || config.sinks.stdout.enabled == Switch::On) {
         let m = metrics.clone();
-        sinks.push(SinkStarter::new(ECS, move |rx, acks, _| async move {
+        let formats = Formats { ecs: true, ..Formats::default() };
+        sinks.push(SinkStarter::new(formats, move |rx, acks, _| async move {
             sinks::stdout::run(tokio::io::stdout(), rx, acks, m).await.context("stdout sink")
         }));
     }
@@ -171,8 +171,7 @@ impl LogPipeline {
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
 
-        let formats =
-            sinks.iter().fold(Formats::default(), |all, s| Formats { ecs: all.ecs || s.formats.ecs, otlp: all.otlp || s.formats.otlp });
+        let formats = sinks.iter().fold(Formats::default(), |all, s| all.and(s.formats));
         let mut sink_tasks = JoinSet::new();
         let sink_txs: Vec<_> = sinks
             .into_iter()

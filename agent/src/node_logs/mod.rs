@@ -29,6 +29,7 @@ use crate::kube::Names;
 use crate::logs::ack::AckMsg;
 use crate::logs::checkpoint::{Checkpoints, NodePosition};
 use crate::logs::source::FileId;
+use crate::packed::Packer;
 use crate::sinks::ecs::Documents;
 use crate::sinks::{Batch, Formats};
 
@@ -113,7 +114,7 @@ impl Feed {
     /// the pipeline is gone.
     pub fn send(&self, source: FileId, records: &[NodeRecord], position: NodePosition) -> bool {
         let mut docs = Documents::default();
-        if self.formats.ecs {
+        if self.formats.documents() {
             for record in records {
                 record.encode(&self.node, &self.cluster, &mut docs.bytes);
                 docs.ends.push(docs.bytes.len() as u32);
@@ -121,13 +122,15 @@ impl Feed {
             }
         }
         let mut otlp = Vec::new();
-        if self.formats.otlp && !records.is_empty() {
+        if self.formats.otlp_records() && !records.is_empty() {
             let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
             self::otlp::encode(records, source, &self.node, &self.cluster, observed, &mut otlp);
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let sinks = if records.is_empty() { 0 } else { self.sinks.len() as u32 };
-        let batch = Arc::new(Batch { seq, file: source, records: records.len(), docs, otlp, index: Some(self.index.clone()) });
+        let index = Some(self.index.clone());
+        let batch =
+            Arc::new(Packer::with(|packer| Batch::new(seq, source, records.len(), index).packed(&mut docs, &otlp, self.formats, packer)));
         if self.acks.blocking_send(AckMsg::RegisterNode { seq, position, sinks }).is_err() {
             return false;
         }

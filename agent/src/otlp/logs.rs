@@ -212,16 +212,17 @@ pub fn parse_timestamp(text: &[u8]) -> Option<u64> {
 pub fn request<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = Vec::new();
     for part in parts {
-        encode_key(1, WireType::LengthDelimited, &mut out);
-        encode_varint(part.len() as u64, &mut out);
-        out.extend_from_slice(part);
+        frame(part, &mut out);
     }
     out
 }
 
-/// The size [`request`] adds around one part of `len` bytes.
-pub fn framing_len(len: usize) -> usize {
-    prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(len as u64)
+/// Appends `part` (one encoded `ResourceLogs`) as a field of `ExportLogsServiceRequest`:
+/// such fields back to back are the request.
+pub fn frame(part: &[u8], out: &mut Vec<u8>) {
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(part.len() as u64, out);
+    out.extend_from_slice(part);
 }
 
 #[cfg(test)]
@@ -374,6 +375,7 @@ mod tests {
         assert_eq!(attrs["log.iostream"], "stderr");
         assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(100)));
         assert!(attrs["nodelens.log.flags"].contains("truncated"), "{attrs:?}");
-        assert_eq!(request([one.as_slice()]).len(), one.len() + framing_len(one.len()));
+        let framed = request([one.as_slice()]);
+        assert_eq!(framed.len(), one.len() + prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(one.len() as u64));
     }
 }

@@ -82,11 +82,12 @@ pub async fn run(
             _ = ticks.tick() => false,
             _ = shutdown.recv() => true,
         };
-        let (metrics, origin) = (metrics.clone(), origin.clone());
+        let (metrics, origin, encoder) = (metrics.clone(), origin.clone(), exporter.clone());
+        // Encoding and compressing: off the async threads.
         let Ok(encoded) = tokio::task::spawn_blocking(move || {
             let families = from_registry(&metrics.registry, started, unix_nanos(SystemTime::now()))?;
             let points = families.iter().map(points_of).sum::<usize>();
-            Ok::<_, std::fmt::Error>((request(&origin, families).encode_to_vec(), points))
+            Ok::<_, std::fmt::Error>((encoder.payload_of(&request(&origin, families).encode_to_vec()), points))
         })
         .await
         else {
@@ -108,7 +109,7 @@ pub async fn run(
                 counts.get_or_create(&OutcomeLabels { outcome }).inc_by(n as u64);
             }
         };
-        match exporter.export(request).await {
+        match exporter.export(&request).await {
             Ok((accepted, _)) => {
                 let rejected = (accepted.rejected as usize).min(points);
                 count("delivered", points - rejected);

@@ -3,7 +3,10 @@
 //!
 //! Requests are built by the callers as encoded `Export*ServiceRequest` bytes from the
 //! official protos (`opentelemetry-proto`), so batching and acknowledgement stay in our
-//! pipeline. An answer is accepted (any 2xx / OK, perhaps with some records rejected, as the
+//! pipeline: the log sink from its batches' packed pieces, compressed once when the records
+//! were encoded ([`crate::packed`]), the metrics push from one message. Both are compressed
+//! at gzip level 1; over gRPC the message goes in the one length-prefixed frame of a unary
+//! call, framed here. An answer is accepted (any 2xx / OK, perhaps with some records rejected, as the
 //! receiver's `partial_success` says), or a [`Failure`] of one of the [`FailureKind`]s, with
 //! the delay the receiver asked for in `Retry-After` or `RetryInfo`.
 
@@ -18,12 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::config::{redact_url, Compression, OtlpProtocol};
+use crate::packed::{Body, Packed, Packer};
 
 /// What is exported: decides the path and the answer's message type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +127,25 @@ pub enum FailureKind {
     TooLarge,
 }
 
+/// A request body as an [`Exporter`] sends it: compressed as configured, framed for gRPC.
+/// Clones share the bytes.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    body: Bytes,
+}
+
+impl Payload {
+    /// Bytes sent.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether it is empty (never, once made).
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+}
+
 /// Sends export requests; clones share connections.
 #[derive(Clone)]
 pub struct Exporter {
@@ -216,8 +240,37 @@ impl Exporter {
         })
     }
 
-    /// Sends one encoded `Export*ServiceRequest`; returns how long the receiver took.
-    pub async fn export(&self, request: Vec<u8>) -> Result<(Accepted, Duration), Failure> {
+    /// The `Export*ServiceRequest` made of `parts` (pieces packed as this exporter
+    /// compresses: fields of the request), ready to send as often as needed.
+    pub fn payload<'a>(&self, parts: impl IntoIterator<Item = &'a Packed> + Clone) -> Payload {
+        let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
+        let capacity = parts.clone().into_iter().map(Packed::packed_len).sum();
+        let mut body = Body::new(self.gzip, prefix, capacity);
+        for part in parts {
+            body.push(part);
+        }
+        self.finish(body)
+    }
+
+    /// The encoded `Export*ServiceRequest` `message`, compressed (at level 1, as the log
+    /// sink's pieces; tonic would compress at level 6) and framed as this exporter sends it.
+    pub fn payload_of(&self, message: &[u8]) -> Payload {
+        let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
+        let mut body = Body::new(self.gzip, prefix, if self.gzip { message.len() / 4 } else { message.len() });
+        Packer::with(|packer| body.push_plain(message, packer));
+        self.finish(body)
+    }
+
+    fn finish(&self, body: Body) -> Payload {
+        let mut body = body.finish();
+        if matches!(self.transport, Transport::Grpc { .. }) {
+            grpc::frame_header(&mut body, self.gzip);
+        }
+        Payload { body: Bytes::from(body) }
+    }
+
+    /// Sends one request; returns how long the receiver took.
+    pub async fn export(&self, payload: &Payload) -> Result<(Accepted, Duration), Failure> {
         let failure = |reason: String, kind: FailureKind, retry_after: Option<Duration>| Failure {
             endpoint: self.shown.clone(),
             reason,
@@ -228,17 +281,11 @@ impl Exporter {
         match &self.transport {
             Transport::Http { client, url } => {
                 let mut post = client.post(url);
-                let body = if self.gzip {
+                if self.gzip {
                     post = post.header(CONTENT_ENCODING, "gzip");
-                    // Compressing megabytes is CPU work: off the async threads.
-                    tokio::task::spawn_blocking(move || gzip(&request))
-                        .await
-                        .map_err(|e| failure(format!("compression task: {e}"), retry, None))?
-                } else {
-                    request
-                };
+                }
                 let started = Instant::now();
-                let reply = post.body(body).send().await.map_err(|e| failure(describe(&e), retry, None))?;
+                let reply = post.body(payload.body.clone()).send().await.map_err(|e| failure(describe(&e), retry, None))?;
                 let status = reply.status();
                 let retry_after = reply.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
                 let protobuf = reply.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
@@ -259,13 +306,9 @@ impl Exporter {
                 Err(failure(format!("{status}: {}", message.trim()), kind, retry_after))
             }
             Transport::Grpc { channel, metadata } => {
-                // Compressed at level 1 and framed here (tonic would compress at level 6).
                 let gzip = self.gzip;
-                let body = tokio::task::spawn_blocking(move || grpc::frame(&if gzip { self::gzip(&request) } else { request }, gzip))
-                    .await
-                    .map_err(|e| failure(format!("compression task: {e}"), retry, None))?;
                 let started = Instant::now();
-                match grpc::unary(channel, metadata, self.signal.grpc_path(), body, gzip, self.timeout).await {
+                match grpc::unary(channel, metadata, self.signal.grpc_path(), payload.body.clone(), gzip, self.timeout).await {
                     Ok(reply) => Ok((self.accepted(Some(&reply)), started.elapsed())),
                     Err(status) => {
                         let retry_after = status::retry_delay(status.details());
@@ -332,13 +375,6 @@ fn describe(error: &reqwest::Error) -> String {
 /// `Retry-After` in seconds; an HTTP date (rare from collectors) is taken as no advice.
 fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(3600)))
-}
-
-fn gzip(body: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
-    encoder.write_all(body).expect("writing to a Vec");
-    encoder.finish().expect("writing to a Vec")
 }
 
 #[cfg(test)]

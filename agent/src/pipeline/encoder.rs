@@ -25,6 +25,7 @@ use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
 use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::ResourceTemplate;
+use crate::packed::Packer;
 use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::elasticsearch::stream::DataStreams;
 use crate::sinks::{Batch, Formats};
@@ -49,6 +50,10 @@ pub struct Encoder {
     structured: Structured,
     /// The Elasticsearch data stream of each namespace, when there is one per namespace.
     streams: DataStreams,
+    /// A chunk's documents and OTLP records before they are packed, reused.
+    docs: Documents,
+    otlp: Vec<u8>,
+    packer: Packer,
     templates: HashMap<ContainerRef, CachedTemplate>,
     /// Batch numbers, shared with the node-log sources.
     seq: Arc<AtomicU64>,
@@ -93,6 +98,9 @@ impl Encoder {
             extractor: Extractor::new(logs.json),
             structured: Structured::default(),
             streams: DataStreams::default(),
+            docs: Documents::default(),
+            otlp: Vec::new(),
+            packer: Packer::new(),
             templates: HashMap::new(),
             seq: Arc::new(AtomicU64::new(0)),
             last_prune: now,
@@ -154,7 +162,9 @@ impl Encoder {
         }
         let cached = self.templates.get_mut(&info.reference).expect("inserted above");
         cached.used = now;
-        let (mut docs, mut otlp) = (Documents::default(), Vec::new());
+        let (docs, otlp) = (&mut self.docs, &mut self.otlp);
+        docs.clear();
+        otlp.clear();
         let records = if cached.excluded { 0 } else { chunk.records.len() };
         if !cached.excluded {
             self.extractor.extract(chunk, &mut self.structured);
@@ -165,12 +175,12 @@ impl Encoder {
                 .zip(&structured.records)
                 .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
                 .collect();
-            if self.formats.ecs {
-                ecs::encode_chunk(chunk, &cached.template, &levels, structured, &mut docs);
+            if self.formats.documents() {
+                ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs);
             }
-            if self.formats.otlp && records > 0 {
+            if self.formats.otlp_records() && records > 0 {
                 let now = std::time::SystemTime::now();
-                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, structured, now, &mut otlp);
+                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, structured, now, otlp);
             }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
             if !cached.rules.is_empty() {
@@ -180,7 +190,7 @@ impl Encoder {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        Batch { seq, file: chunk.source.id, records, docs, otlp, index: cached.index.clone() }
+        Batch::new(seq, chunk.source.id, records, cached.index.clone()).packed(docs, otlp, self.formats, &mut self.packer)
     }
 
     fn render(&self, chunk: &Chunk, pod: Option<Arc<PodMeta>>, now: Instant) -> CachedTemplate {
@@ -281,7 +291,7 @@ mod tests {
         let logs = LogsConfig { pods_dir: pods_dir.to_path_buf(), ..LogsConfig::default() };
         let families = CountFamilies::default();
         let enricher = Enricher::new("node-1".into(), String::new());
-        let formats = Formats { ecs: true, otlp: true };
+        let formats = Formats { ecs: true, bulk: None, otlp: Some(crate::config::Compression::Gzip) };
         (Encoder::new(enricher, pods, &logs, formats, families.clone(), Derived::new(&[], DerivedFamilies::default()), now), families)
     }
 

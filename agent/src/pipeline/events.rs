@@ -19,6 +19,7 @@ use crate::logs::ack::AckMsg;
 use crate::logs::source::FileId;
 use crate::node_logs::Feed;
 use crate::otlp::{kv, text};
+use crate::packed::Packer;
 use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
@@ -65,7 +66,7 @@ pub async fn run(feed: Feed, mut records: mpsc::Receiver<EventRecord>, mut stop:
 /// `records` as one batch to every sink; false when the pipeline is gone.
 async fn send(feed: &Feed, records: &[EventRecord]) -> bool {
     let mut docs = Documents::default();
-    if feed.formats.ecs {
+    if feed.formats.documents() {
         for record in records {
             record.encode(&feed.cluster, &mut docs.bytes);
             docs.ends.push(docs.bytes.len() as u32);
@@ -73,13 +74,15 @@ async fn send(feed: &Feed, records: &[EventRecord]) -> bool {
         }
     }
     let mut otlp = Vec::new();
-    if feed.formats.otlp {
+    if feed.formats.otlp_records() {
         let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
         encode_otlp(records, &feed.cluster, observed, &mut otlp);
     }
     let seq = feed.seq.fetch_add(1, Ordering::Relaxed);
     let sinks = feed.sinks.len() as u32;
-    let batch = Arc::new(Batch { seq, file: SOURCE, records: records.len(), docs, otlp, index: Some(feed.index.clone()) });
+    let index = Some(feed.index.clone());
+    let batch =
+        Arc::new(Packer::with(|packer| Batch::new(seq, SOURCE, records.len(), index).packed(&mut docs, &otlp, feed.formats, packer)));
     // Events keep no position: a record lost in a crash is listed again by the next leader.
     let done = Arc::new(AtomicBool::new(false));
     if feed.acks.send(AckMsg::RegisterNotify { seq, done, sinks }).await.is_err() {

@@ -19,6 +19,7 @@ use crate::gpu::runs::Delivery;
 use crate::logs::ack::AckMsg;
 use crate::node_logs::Feed;
 use crate::otlp::{kv, push_present, text};
+use crate::packed::Packer;
 use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
@@ -42,19 +43,20 @@ fn send(feed: &Feed, delivery: &Delivery) -> bool {
     let report = &delivery.report;
     let source = report.source();
     let mut docs = Documents::default();
-    if feed.formats.ecs {
+    if feed.formats.documents() {
         report.encode(&feed.node, &feed.cluster, &mut docs.bytes);
         docs.ends.push(docs.bytes.len() as u32);
         docs.offsets.push(0);
     }
     let mut otlp = Vec::new();
-    if feed.formats.otlp {
+    if feed.formats.otlp_records() {
         let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
         encode_otlp(report, &feed.node, &feed.cluster, observed, &mut otlp);
     }
     let seq = feed.seq.fetch_add(1, Ordering::Relaxed);
     let sinks = feed.sinks.len() as u32;
-    let batch = Arc::new(Batch { seq, file: source, records: 1, docs, otlp, index: Some(feed.index.clone()) });
+    let index = Some(feed.index.clone());
+    let batch = Arc::new(Packer::with(|packer| Batch::new(seq, source, 1, index).packed(&mut docs, &otlp, feed.formats, packer)));
     if feed.acks.blocking_send(AckMsg::RegisterNotify { seq, done: delivery.delivered.clone(), sinks }).is_err() {
         return false;
     }

@@ -83,6 +83,13 @@ pub struct Documents {
 }
 
 impl Documents {
+    /// Empties it, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+        self.offsets.clear();
+    }
+
     /// Number of documents.
     pub fn len(&self) -> usize {
         self.ends.len()

@@ -20,11 +20,15 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::config::Compression;
 use crate::logs::ack::AckMsg;
 use crate::logs::budget::ReadBudget;
 use crate::logs::source::FileId;
+use crate::packed::{Packed, Packer};
 
 /// The records of one chunk, encoded once for every sink, in each format a sink asked for.
+/// What Elasticsearch and OTLP send is held packed (compressed, when they compress) from
+/// the moment it is encoded until the batch is acknowledged.
 #[derive(Debug)]
 pub struct Batch {
     /// Read order; the unit of acknowledgement.
@@ -33,22 +37,72 @@ pub struct Batch {
     pub file: FileId,
     /// How many records.
     pub records: usize,
-    /// The ECS documents (empty when no sink takes them).
+    /// Plain ECS documents, for the stdout sink (empty when it is off).
     pub docs: ecs::Documents,
-    /// The records as one encoded OTLP `ResourceLogs` (empty when no sink takes it).
-    pub otlp: Vec<u8>,
+    /// The `_bulk` lines, an action and a document per record, with each record's end
+    /// (empty when there is no Elasticsearch sink).
+    pub bulk: Packed,
+    /// The records as one `ResourceLogs`, framed as a field of `ExportLogsServiceRequest`
+    /// (empty when there is no OTLP sink).
+    pub otlp: Packed,
     /// The Elasticsearch data stream of these records when it is not the sink's own
     /// (`data_stream`): the node's logs go to `node_data_stream`, in the same requests.
     pub index: Option<Arc<str>>,
 }
 
-/// The encodings the encoder writes for the sinks.
+impl Batch {
+    /// A batch of `records` from `file`, with nothing encoded yet.
+    pub fn new(seq: u64, file: FileId, records: usize, index: Option<Arc<str>>) -> Batch {
+        Batch { seq, file, records, docs: ecs::Documents::default(), bulk: Packed::default(), otlp: Packed::default(), index }
+    }
+
+    /// The batch with `docs` (the ECS documents, each with its offset for its `_id`) and
+    /// `otlp` (one encoded `ResourceLogs`, or nothing) packed as `formats` asks. `docs` is
+    /// taken only when a sink prints it; otherwise it is left for the caller to reuse.
+    pub fn packed(mut self, docs: &mut ecs::Documents, otlp: &[u8], formats: Formats, packer: &mut Packer) -> Batch {
+        if let Some(compression) = formats.bulk.filter(|_| !docs.is_empty()) {
+            let (file, index) = (self.file, self.index.as_deref());
+            self.bulk = packer.pack_with(compression == Compression::Gzip, |plain| elasticsearch::bulk::lines(file, index, docs, plain));
+        }
+        if let Some(compression) = formats.otlp.filter(|_| !otlp.is_empty()) {
+            self.otlp = packer.pack_with(compression == Compression::Gzip, |plain| {
+                crate::otlp::logs::frame(otlp, plain);
+                Vec::new()
+            });
+        }
+        if formats.ecs {
+            self.docs = std::mem::take(docs);
+        }
+        self
+    }
+}
+
+/// The encodings the producers of batches write for the sinks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Formats {
-    /// ECS JSON documents (Elasticsearch, stdout).
+    /// Plain ECS documents (stdout).
     pub ecs: bool,
-    /// OTLP `ResourceLogs`.
-    pub otlp: bool,
+    /// `_bulk` lines of ECS documents, packed so (Elasticsearch).
+    pub bulk: Option<Compression>,
+    /// OTLP `ResourceLogs`, packed so.
+    pub otlp: Option<Compression>,
+}
+
+impl Formats {
+    /// Whether ECS documents are rendered (for stdout or Elasticsearch).
+    pub fn documents(&self) -> bool {
+        self.ecs || self.bulk.is_some()
+    }
+
+    /// Whether OTLP records are encoded.
+    pub fn otlp_records(&self) -> bool {
+        self.otlp.is_some()
+    }
+
+    /// What `self` and `other` ask for together.
+    pub fn and(self, other: Formats) -> Formats {
+        Formats { ecs: self.ecs || other.ecs, bulk: self.bulk.or(other.bulk), otlp: self.otlp.or(other.otlp) }
+    }
 }
 
 /// Labels of `nodelens_sink_records_total`.
@@ -216,7 +270,15 @@ mod tests {
 
     fn batch(seq: u64, bytes: usize) -> Arc<Batch> {
         let docs = ecs::Documents { bytes: vec![b'x'; bytes], ..ecs::Documents::default() };
-        Arc::new(Batch { seq, file: FileId { container: 1, fingerprint: 2 }, records: 1, docs, otlp: Vec::new(), index: None })
+        Arc::new(Batch {
+            seq,
+            file: FileId { container: 1, fingerprint: 2 },
+            records: 1,
+            docs,
+            bulk: Packed::default(),
+            otlp: Packed::default(),
+            index: None,
+        })
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::OtlpSinkConfig;
 use crate::logs::ack::AckMsg;
 use crate::logs::budget::ReadBudget;
-use crate::otlp::{self, logs, Exporter, FailureKind};
+use crate::otlp::{self, Exporter, FailureKind};
 
 const SINK: &str = "otlp";
 
@@ -52,7 +52,7 @@ pub async fn run(
         concurrency: config.max_concurrent_requests,
         reading: Some(budget),
     };
-    let size = |b: &Batch| b.otlp.len() + logs::framing_len(b.otlp.len());
+    let size = |b: &Batch| b.otlp.plain_len();
     super::run_deliveries(batches, acks, requests, size, move |pending| {
         let (exporter, metrics, config, last_rejection) = (exporter.clone(), metrics.clone(), config.clone(), last_rejection.clone());
         async move { deliver(&exporter, &pending, &config, &Tally { metrics: &metrics, last_rejection: &last_rejection }).await }
@@ -92,10 +92,10 @@ async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkC
     let mut runs: VecDeque<&[Arc<Batch>]> = VecDeque::from([batches]);
     while let Some(run) = runs.pop_front() {
         let records: usize = run.iter().map(|b| b.records).sum();
-        let request = logs::request(run.iter().map(|b| b.otlp.as_slice()));
+        let request = exporter.payload(run.iter().map(|b| &b.otlp));
         let (mut attempt, mut refused) = (0u32, 0u32);
         loop {
-            match exporter.export(request.clone()).await {
+            match exporter.export(&request).await {
                 Ok((accepted, took)) => {
                     tally.metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
                     let rejected = (accepted.rejected as usize).min(records);

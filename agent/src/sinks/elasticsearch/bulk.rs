@@ -1,11 +1,13 @@
 //! The `_bulk` wire format: NDJSON bodies of `create` actions with deterministic ids, and the
 //! per-item statuses Elasticsearch replies with, in request order.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::logs::source::FileId;
+use crate::packed::{Body, Packer};
+use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
 /// One document to index: a record of a batch.
@@ -18,20 +20,50 @@ pub struct Item {
 }
 
 impl Item {
-    /// The document, newline included.
-    pub fn doc(&self) -> &[u8] {
-        self.batch.docs.doc(self.index as usize)
+    /// Where its lines (action and document) are in the batch's plain `_bulk` lines.
+    fn span(&self) -> std::ops::Range<usize> {
+        let ends = self.batch.bulk.ends();
+        let i = self.index as usize;
+        (if i == 0 { 0 } else { ends[i - 1] as usize })..ends[i] as usize
     }
 
-    /// The deterministic `_id`: container, file fingerprint and offset.
-    pub fn id(&self) -> u128 {
-        self.batch.file.record_id(self.batch.docs.offsets[self.index as usize])
-    }
-
-    /// Bytes the item takes in a body.
+    /// Bytes the item takes in a body, before compression.
     pub fn body_len(&self) -> usize {
-        ACTION_LEN + self.batch.index.as_ref().map_or(0, |i| INDEX_LEN + i.len()) + self.doc().len()
+        self.span().len()
     }
+}
+
+/// Writes the `_bulk` lines of `docs` (records of `file`, into the data stream `index` when
+/// named) to `out`: a `create` action with the record's deterministic `_id` and the document,
+/// each line ending in a newline as the API requires. Returns where each record's lines end.
+pub fn lines(file: FileId, index: Option<&str>, docs: &Documents, out: &mut Vec<u8>) -> Vec<u32> {
+    let mut ends = Vec::with_capacity(docs.len());
+    out.reserve(docs.bytes.len() + docs.len() * (ACTION_LEN + index.map_or(0, |i| INDEX_LEN + i.len())));
+    for (i, offset) in docs.offsets.iter().enumerate() {
+        out.extend_from_slice(b"{\"create\":{");
+        if let Some(index) = index {
+            // Data stream names are lower-case letters, digits, `-`, `_` and `.`: nothing to escape.
+            out.extend_from_slice(b"\"_index\":\"");
+            out.extend_from_slice(index.as_bytes());
+            out.extend_from_slice(b"\",");
+        }
+        out.extend_from_slice(b"\"_id\":\"");
+        hex_id(file.record_id(*offset), out);
+        out.extend_from_slice(b"\"}}\n");
+        out.extend_from_slice(docs.doc(i));
+        ends.push(out.len() as u32);
+    }
+    ends
+}
+
+/// The 32 lower-case hex digits of `id`.
+fn hex_id(id: u128, out: &mut Vec<u8>) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = DIGITS[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    out.extend_from_slice(&text);
 }
 
 /// `{"create":{"_id":"<32 hex digits>"}}\n`
@@ -39,18 +71,36 @@ const ACTION_LEN: usize = 18 + 32 + 4;
 /// `"_index":"",` added before the `_id` when a batch names its data stream.
 const INDEX_LEN: usize = 12;
 
-/// Writes the NDJSON body for `items` (straight into a compressor, when there is one): an
-/// action line and a document line each, the last line ending in a newline as the API requires.
-pub fn body<W: Write>(items: &[Item], out: &mut W) -> std::io::Result<()> {
-    for item in items {
-        match &item.batch.index {
-            // Data stream names are lower-case letters, digits, `-`, `_` and `.`: nothing to escape.
-            Some(index) => writeln!(out, "{{\"create\":{{\"_index\":\"{index}\",\"_id\":\"{:032x}\"}}}}", item.id())?,
-            None => writeln!(out, "{{\"create\":{{\"_id\":\"{:032x}\"}}}}", item.id())?,
-        }
-        out.write_all(item.doc())?;
+/// The body for `items`: where they are a whole batch, its packed lines as they are; where
+/// some of a batch's records (sent again alone, or half of a split), its lines inflated and
+/// those records' compressed again with `packer`.
+pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Vec<u8> {
+    // Runs of items of one batch, in order, one after another: (first item, count).
+    let mut runs = Vec::new();
+    let mut rest = items;
+    while let Some(first) = rest.first() {
+        let run = rest.iter().zip(first.index..).take_while(|(item, i)| Arc::ptr_eq(&item.batch, &first.batch) && item.index == *i).count();
+        runs.push((first, &rest[run - 1]));
+        rest = &rest[run..];
     }
-    Ok(())
+    let whole = |(first, last): &(&Item, &Item)| first.index == 0 && last.index as usize + 1 == first.batch.bulk.ends().len();
+    let capacity = runs
+        .iter()
+        .map(|run| match whole(run) {
+            true => run.0.batch.bulk.packed_len(),
+            false => (run.1.span().end - run.0.span().start) * run.0.batch.bulk.packed_len() / run.0.batch.bulk.plain_len().max(1) + 64,
+        })
+        .sum();
+    let mut body = Body::new(gzip, 0, capacity);
+    for run in &runs {
+        let batch = &run.0.batch;
+        if whole(run) {
+            body.push(&batch.bulk);
+        } else {
+            body.push_plain(&batch.bulk.plain()[run.0.span().start..run.1.span().end], packer);
+        }
+    }
+    body.finish()
 }
 
 /// Splits `items` into runs whose bodies stay under `max_bytes` (a single larger item is a
@@ -142,11 +192,13 @@ fn reason(status: u16, error: Option<&serde_json::Value>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::logs::source::FileId;
-    use crate::sinks::ecs::Documents;
+    use std::io::Read;
 
-    fn batch(docs: &[&str]) -> Arc<Batch> {
+    use super::*;
+    use crate::config::Compression;
+    use crate::sinks::Formats;
+
+    fn batch_in(docs: &[&str], index: Option<&str>, gzip: bool) -> Arc<Batch> {
         let mut d = Documents::default();
         for (i, doc) in docs.iter().enumerate() {
             d.bytes.extend_from_slice(doc.as_bytes());
@@ -154,48 +206,93 @@ mod tests {
             d.ends.push(d.bytes.len() as u32);
             d.offsets.push(i as u64 * 100);
         }
-        Arc::new(Batch { seq: 0, file: FileId { container: 1, fingerprint: 2 }, records: d.len(), docs: d, otlp: Vec::new(), index: None })
+        let compression = if gzip { Compression::Gzip } else { Compression::None };
+        let formats = Formats { bulk: Some(compression), ..Formats::default() };
+        let file = FileId { container: 1, fingerprint: 2 };
+        Arc::new(Batch::new(0, file, docs.len(), index.map(Arc::from)).packed(&mut d, &[], formats, &mut Packer::new()))
+    }
+
+    fn batch(docs: &[&str]) -> Arc<Batch> {
+        batch_in(docs, None, true)
     }
 
     fn items(b: &Arc<Batch>) -> Vec<Item> {
-        (0..b.docs.len() as u32).map(|index| Item { batch: b.clone(), index }).collect()
+        (0..b.records as u32).map(|index| Item { batch: b.clone(), index }).collect()
+    }
+
+    fn text(items: &[Item]) -> String {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&body(items, true, &mut Packer::new())[..]).read_to_string(&mut out).unwrap();
+        out
     }
 
     #[test]
     fn body_is_ndjson_with_create_actions_and_stable_ids() {
         let b = batch(&[r#"{"message":"a"}"#, r#"{"message":"b"}"#]);
-        let mut out = Vec::new();
-        body(&items(&b), &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = text(&items(&b));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4);
         assert!(text.ends_with('\n'));
         let action: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         let id = action["create"]["_id"].as_str().unwrap();
-        assert_eq!(id.len(), 32);
+        assert_eq!(id, format!("{:032x}", b.file.record_id(0)));
         assert_eq!(lines[0].len() + 1, ACTION_LEN);
         assert_eq!(lines[1], r#"{"message":"a"}"#);
-        let mut again = Vec::new();
-        body(&items(&b), &mut again).unwrap();
-        assert_eq!(text.as_bytes(), &again[..], "ids are deterministic");
+        assert_eq!(text, super::tests::text(&items(&b)), "ids are deterministic");
         assert_ne!(lines[0], lines[2], "each record its own id");
+        let plain = batch_in(&[r#"{"message":"a"}"#, r#"{"message":"b"}"#], None, false);
+        assert_eq!(body(&items(&plain), false, &mut Packer::new()), text.as_bytes(), "the same lines without gzip");
     }
 
     #[test]
     fn a_batch_naming_its_data_stream_carries_it_in_each_action() {
         let plain = batch(&[r#"{"message":"a"}"#]);
-        let mut node = Arc::try_unwrap(batch(&[r#"{"message":"k"}"#])).unwrap();
-        node.index = Some("logs-kubernetes.node-default".into());
-        let node = Arc::new(node);
+        let node = batch_in(&[r#"{"message":"k"}"#], Some("logs-kubernetes.node-default"), true);
         let all: Vec<Item> = items(&plain).into_iter().chain(items(&node)).collect();
-        let mut out = Vec::new();
-        body(&all, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = text(&all);
         let lines: Vec<&str> = text.lines().collect();
         let action: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
         assert_eq!(action["create"]["_index"], "logs-kubernetes.node-default");
         assert!(serde_json::from_str::<serde_json::Value>(lines[0]).unwrap()["create"].get("_index").is_none());
         assert_eq!(lines[2].len() + 1 + lines[3].len() + 1, all[1].body_len(), "body_len measures the action with its index");
+    }
+
+    #[test]
+    fn some_records_of_a_batch_are_sent_again_alone_from_its_packed_lines() {
+        let docs: Vec<String> = (0..50).map(|i| format!("{{\"message\":\"line {i}\"}}")).collect();
+        let b = batch(&docs.iter().map(String::as_str).collect::<Vec<_>>());
+        let other = batch(&[r#"{"message":"other"}"#]);
+        let all = items(&b);
+        // A 429 for records 3, 4 and 40: they go again, alone, with their own ids.
+        let again = vec![all[3].clone(), all[4].clone(), items(&other)[0].clone(), all[40].clone()];
+        let text = text(&again);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8);
+        assert_eq!(
+            [lines[1], lines[3], lines[5], lines[7]],
+            [r#"{"message":"line 3"}"#, r#"{"message":"line 4"}"#, r#"{"message":"other"}"#, r#"{"message":"line 40"}"#]
+        );
+        let id = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["create"]["_id"].as_str().unwrap().to_string();
+        assert_eq!(id(lines[6]), format!("{:032x}", b.file.record_id(4000)));
+    }
+
+    #[test]
+    fn a_request_of_whole_batches_holds_only_their_compressed_bytes() {
+        // The regression guard for memory: neither a batch nor a request built from whole
+        // batches holds the uncompressed lines.
+        let tail = r#""kubernetes":{"namespace":"ml","pod":{"name":"trainer-0","uid":"0f9e8d7c-6b5a-4d3c-2b1a-0123456789ab"},"container":{"name":"worker"},"labels":{"app":"resnet","team":"vision"}},"host":{"name":"gpu-node-7"},"service":{"name":"resnet"},"user":{"name":"alice"}"#;
+        let docs: Vec<String> = (0..2000).map(|i| format!("{{\"message\":\"step {i} loss {}\",{tail}}}", 1.0 / f64::from(i + 1))).collect();
+        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let batches = [batch(&docs[..1000]), batch(&docs[1000..])];
+        let plain: usize = batches.iter().map(|b| b.bulk.plain_len()).sum();
+        let held: usize = batches.iter().map(|b| b.bulk.held_bytes()).sum();
+        assert!(held * 4 < plain, "batches hold {held} bytes for {plain} plain");
+        let all: Vec<Item> = batches.iter().flat_map(items).collect();
+        let request = body(&all, true, &mut Packer::new());
+        let pieces: usize = batches.iter().map(|b| b.bulk.packed_len()).sum();
+        assert_eq!(request.len(), pieces + crate::packed::GZIP_OVERHEAD, "the pieces as they are, nothing compressed again");
+        assert_eq!(request.capacity(), request.len(), "sized to fit");
+        assert_eq!(text(&all).lines().count(), 4000);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 
 use super::bulk::{self, Item};
 use crate::config::{redact_url, Compression, ElasticsearchConfig};
+use crate::packed::Packer;
 
 /// How a `_bulk` request ended.
 #[derive(Debug)]
@@ -79,11 +80,11 @@ impl Client {
         let endpoint = &self.endpoints[current];
         let failure = |reason: String| Failure { endpoint: redact_url(endpoint), reason };
         let mut request = self.auth.apply(self.http.post(format!("{endpoint}{}", self.path)));
-        // Encoding and compressing megabytes is CPU work: off the async threads.
+        // Copying megabytes (and compressing again what is sent again alone): off the async
+        // threads.
         let (owned, gzip) = (items.to_vec(), self.gzip);
-        let body = tokio::task::spawn_blocking(move || encode_body(&owned, gzip))
+        let body = tokio::task::spawn_blocking(move || Packer::with(|packer| bulk::body(&owned, gzip, packer)))
             .await
-            .map_err(|e| failure(e.to_string()))?
             .map_err(|e| failure(e.to_string()))?;
         if self.gzip {
             request = request.header(CONTENT_ENCODING, "gzip");
@@ -107,21 +108,6 @@ impl Client {
         }
         result.map(|reply| (reply, started.elapsed()))
     }
-}
-
-/// The NDJSON body of `items`, gzip-compressed when asked.
-fn encode_body(items: &[Item], gzip: bool) -> std::io::Result<Vec<u8>> {
-    let plain_len: usize = items.iter().map(Item::body_len).sum();
-    if !gzip {
-        let mut body = Vec::with_capacity(plain_len);
-        bulk::body(items, &mut body)?;
-        return Ok(body);
-    }
-    // Buffered, so deflate sees large blocks rather than one call per line.
-    let encoder = flate2::write::GzEncoder::new(Vec::with_capacity(plain_len / 6), flate2::Compression::fast());
-    let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, encoder);
-    bulk::body(items, &mut buffered)?;
-    buffered.into_inner().map_err(|e| e.into_error())?.finish()
 }
 
 /// How requests authenticate.

@@ -50,7 +50,7 @@ pub async fn run(
         batches,
         acks,
         requests,
-        |b| b.docs.bytes.len(),
+        |b| b.bulk.plain_len(),
         move |pending| {
             let (client, metrics, config, health) = (client.clone(), metrics.clone(), config.clone(), health.clone());
             async move { deliver(&client, &pending, &config, &metrics, &health).await }
@@ -121,7 +121,7 @@ impl Health {
 /// Delivers every record of `batches`, returning once each has settled.
 async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) {
     let items: Vec<Item> =
-        batches.iter().flat_map(|b| (0..b.docs.len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
+        batches.iter().flat_map(|b| (0..b.bulk.ends().len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
     let mut runs: VecDeque<Vec<Item>> =
         bulk::split_by_size(&items, config.batch_max_bytes).into_iter().map(|r| items[r].to_vec()).collect();
     let tally = Tally { metrics };
@@ -196,7 +196,7 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
                     break;
                 }
                 Ok((Reply::TooLarge, _)) => {
-                    let reasons = [format!("413 request entity too large ({} bytes)", todo[0].doc().len())];
+                    let reasons = [format!("413 request entity too large ({} bytes)", todo[0].body_len())];
                     tally.give_up("too_large", &reasons, "a single record is larger than Elasticsearch accepts; it will not be sent again");
                     break;
                 }
