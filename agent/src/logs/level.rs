@@ -1,7 +1,9 @@
 //! `log.level` when a line states it: a JSON line's `level`/`severity`/`lvl` field, logfmt's
 //! `level=`, a glog prefix (`E1122 ...`), or a leading level word (`ERROR`, `[warn]`, ...).
 
-use memchr::memmem;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 /// A normalised log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,8 +94,13 @@ fn leading_word(t: &[u8]) -> Option<Level> {
     Level::from_word(&t[..end])
 }
 
+/// The searchers, built once (building one costs more than a search of a log line).
+static LOGFMT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"level="));
+static JSON_KEYS: LazyLock<[Finder<'static>; 4]> =
+    LazyLock::new(|| [Finder::new(b"\"level\""), Finder::new(b"\"severity\""), Finder::new(b"\"lvl\""), Finder::new(b"\"log.level\"")]);
+
 fn logfmt(t: &[u8]) -> Option<Level> {
-    let at = memmem::find(t, b"level=")?;
+    let at = LOGFMT_KEY.find(t)?;
     if at > 0 && t[at - 1] != b' ' {
         return None;
     }
@@ -104,9 +111,9 @@ fn logfmt(t: &[u8]) -> Option<Level> {
 }
 
 fn json_field(t: &[u8]) -> Option<Level> {
-    for key in [&b"\"level\""[..], b"\"severity\"", b"\"lvl\"", b"\"log.level\""] {
-        if let Some(at) = memmem::find(t, key) {
-            let rest = trim_start(&t[at + key.len()..]);
+    for key in JSON_KEYS.iter() {
+        if let Some(at) = key.find(t) {
+            let rest = trim_start(&t[at + key.needle().len()..]);
             let rest = trim_start(rest.strip_prefix(b":")?);
             let rest = rest.strip_prefix(b"\"")?;
             let end = rest.iter().position(|&b| b == b'"')?;
