@@ -4,6 +4,7 @@
 //! `z`; those are written upper case, as every consumer accepts.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 /// What a line's timestamp field is.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,52 +23,64 @@ const MAX_NANOS: i128 = i64::MAX as i128;
 
 /// Classifies the timestamp field of a runtime line.
 pub fn classify(t: &[u8]) -> Stamp<'_> {
-    if !looks_like_timestamp(t) {
+    let Some(lower_case) = timestamp_shape(t) else {
         return Stamp::NotTimestamp;
-    }
+    };
     if unix_nanos(t).is_none_or(|n| !(0..=MAX_NANOS).contains(&n)) {
         return Stamp::Unusable;
     }
-    if t.iter().any(|b| matches!(b, b't' | b'z')) {
+    if lower_case {
         return Stamp::Valid(Cow::Owned(t.to_ascii_uppercase()));
     }
     Stamp::Valid(Cow::Borrowed(t))
 }
 
-/// `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+`: a runtime's timestamp field, and
-/// safe to copy into JSON unescaped.
-fn looks_like_timestamp(t: &[u8]) -> bool {
-    (19..=40).contains(&t.len())
-        && t[4] == b'-'
-        && matches!(t[10], b'T' | b't')
-        && t.iter().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'.' | b'T' | b't' | b'Z' | b'z' | b'+'))
+/// For `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+` (a runtime's timestamp field,
+/// and safe to copy into JSON unescaped), whether it has a lower-case `t` or `z`.
+fn timestamp_shape(t: &[u8]) -> Option<bool> {
+    if !(19..=40).contains(&t.len()) || t[4] != b'-' || !matches!(t[10], b'T' | b't') {
+        return None;
+    }
+    let mut lower_case = false;
+    for b in t {
+        match b {
+            b'0'..=b'9' | b'-' | b':' | b'.' | b'T' | b'Z' | b'+' => {}
+            b't' | b'z' => lower_case = true,
+            _ => return None,
+        }
+    }
+    Some(lower_case)
+}
+
+thread_local! {
+    /// The date and time (to the second) last read, and its seconds: a file's lines share it
+    /// many at a time.
+    static LAST_SECOND: Cell<Option<([u8; 19], i64)>> = const { Cell::new(None) };
 }
 
 /// Nanoseconds since the epoch of a strict RFC 3339 timestamp
 /// (`YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`), `None` when it is not one.
 pub fn unix_nanos(t: &[u8]) -> Option<i128> {
-    let num = |range: std::ops::Range<usize>| -> Option<i64> {
-        let digits = t.get(range)?;
-        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { digits(t.get(range)?) };
+    let prefix: [u8; 19] = t.get(..19)?.try_into().ok()?;
+    let seconds = match LAST_SECOND.get() {
+        Some((last, seconds)) if last == prefix => seconds,
+        _ => {
+            let seconds = date_time_seconds(&prefix)?;
+            LAST_SECOND.set(Some((prefix, seconds)));
+            seconds
+        }
     };
     let sep = |i: usize, c: u8| t.get(i).is_some_and(|b| b.eq_ignore_ascii_case(&c));
-    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
-        return None;
-    }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
-        return None;
-    }
     let mut at = 19;
     let mut fraction = 0i64;
     if sep(at, b'.') {
-        let digits = t[at + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
-        if digits == 0 || digits > 9 {
+        let count = t[at + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if count == 0 || count > 9 {
             return None;
         }
-        fraction = num(at + 1..at + 1 + digits)? * 10i64.pow(9 - digits as u32);
-        at += 1 + digits;
+        fraction = num(at + 1..at + 1 + count)? * 10i64.pow(9 - count as u32);
+        at += 1 + count;
     }
     let offset_s = match &t[at..] {
         [b'Z' | b'z'] => 0,
@@ -85,8 +98,28 @@ pub fn unix_nanos(t: &[u8]) -> Option<i128> {
         }
         _ => return None,
     };
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
-    Some(i128::from(seconds) * 1_000_000_000 + i128::from(fraction))
+    Some(i128::from(seconds - offset_s) * 1_000_000_000 + i128::from(fraction))
+}
+
+/// The number `digits` (all decimal digits) spell.
+fn digits(digits: &[u8]) -> Option<i64> {
+    digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS` read as UTC, `None` when it is no such
+/// date and time.
+fn date_time_seconds(t: &[u8; 19]) -> Option<i64> {
+    let num = |range: std::ops::Range<usize>| digits(&t[range]);
+    let sep = |i: usize, c: u8| t[i].eq_ignore_ascii_case(&c);
+    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -152,6 +185,13 @@ mod tests {
     #[test]
     fn nanoseconds_count_from_the_epoch_with_offsets() {
         assert_eq!(unix_nanos(b"1970-01-01T00:00:01.000000042Z"), Some(1_000_000_042));
+        // The second just read is remembered: what follows it is still checked.
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01.5Z"), Some(1_500_000_000));
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01+01:00"), Some(1_000_000_000 - 3_600_000_000_000));
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01.Z"), None);
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01"), None, "no zone");
+        assert_eq!(unix_nanos(b"1970-02-30T00:00:01Z"), None, "an impossible date after a valid one");
+        assert_eq!(unix_nanos(b"1970-01-01T00:00:01Z"), Some(1_000_000_000));
         assert_eq!(unix_nanos(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
         assert_eq!(unix_nanos(b"2026-11-22T05:16:40.123456789+02:00"), Some(1_795_317_400_123_456_789));
         assert_eq!(unix_nanos(b"2026-11-21T22:46:40.5-04:30"), Some(1_795_317_400_500_000_000));

@@ -27,6 +27,7 @@ use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::ResourceTemplate;
 use crate::packed::Packer;
 use crate::sinks::ecs::{self, Documents, Template};
+use crate::sinks::elasticsearch::bulk;
 use crate::sinks::elasticsearch::stream::DataStreams;
 use crate::sinks::{Batch, Formats};
 
@@ -176,7 +177,16 @@ impl Encoder {
                 .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
                 .collect();
             if self.formats.documents() {
-                ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs);
+                // For Elasticsearch alone, rendered straight as `_bulk` lines.
+                let (file, index) = (chunk.source.id, cached.index.as_deref());
+                docs.actions = self.formats.bulk.is_some() && !self.formats.ecs;
+                if docs.actions {
+                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |offset, out| {
+                        bulk::action(file, index, offset, out)
+                    });
+                } else {
+                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |_, _| {});
+                }
             }
             if self.formats.otlp_records() && records > 0 {
                 let now = std::time::SystemTime::now();
@@ -311,6 +321,33 @@ mod tests {
     fn service_name(batch: &Batch) -> String {
         let doc: serde_json::Value = serde_json::from_slice(batch.docs.doc(0)).unwrap();
         doc["service"]["name"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn bulk_lines_rendered_straight_for_elasticsearch_alone_are_the_lines_made_from_documents() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let line = chunk(pods_dir.path(), "ml", "trainer-0", "epoch 1 \"done\"");
+        let lines = |formats: Formats| {
+            let logs = LogsConfig { pods_dir: pods_dir.path().to_path_buf(), ..LogsConfig::default() };
+            let enricher = Enricher::new("node-1".into(), String::new());
+            let derived = Derived::new(&[], crate::logs::derived::DerivedFamilies::default());
+            let mut encoder = Encoder::new(enricher, None, &logs, formats, CountFamilies::default(), derived, Instant::now());
+            encoder.set_data_streams(DataStreams::new("logs-{namespace}"));
+            let batch = encoder.encode(&line, Instant::now());
+            (batch.bulk.plain().into_owned(), batch.bulk.ends().to_vec(), batch.docs.len())
+        };
+        let gzip = Some(crate::config::Compression::Gzip);
+        let (alone, alone_ends, printed) = lines(Formats { bulk: gzip, ..Formats::default() });
+        let (with_stdout, ends, _) = lines(Formats { ecs: true, bulk: gzip, otlp: None });
+        assert_eq!((String::from_utf8(alone.clone()).unwrap(), alone_ends), (String::from_utf8(with_stdout).unwrap(), ends));
+        assert_eq!(printed, 0, "no plain documents kept without stdout");
+        let text = String::from_utf8(alone).unwrap();
+        let mut parts = text.lines();
+        let action: serde_json::Value = serde_json::from_str(parts.next().unwrap()).unwrap();
+        assert_eq!(action["create"]["_index"], "logs-ml");
+        assert_eq!(action["create"]["_id"], format!("{:032x}", line.source.id.record_id(0)));
+        let doc: serde_json::Value = serde_json::from_str(parts.next().unwrap()).unwrap();
+        assert_eq!(doc["message"], "epoch 1 \"done\"");
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct Documents {
     pub ends: Vec<u32>,
     /// Each document's source offset, for its deterministic id.
     pub offsets: Vec<u64>,
+    /// Each document is preceded by its `_bulk` action line: the bytes are `_bulk` lines
+    /// (rendered so when Elasticsearch is the only sink of documents).
+    pub actions: bool,
 }
 
 impl Documents {
@@ -88,6 +91,7 @@ impl Documents {
         self.bytes.clear();
         self.ends.clear();
         self.offsets.clear();
+        self.actions = false;
     }
 
     /// Number of documents.
@@ -109,7 +113,16 @@ impl Documents {
 
 /// Encodes every record of `chunk` with `template` into `out`; `levels[i]` is record i's
 /// `log.level`, when known, and `structured.records[i]` what its text gives (when given).
-pub fn encode_chunk(chunk: &Chunk, template: &Template, levels: &[Option<Level>], structured: &Structured, out: &mut Documents) {
+/// `before` writes what precedes each document (given its offset): nothing, or its `_bulk`
+/// action line when the documents are rendered for Elasticsearch alone.
+pub fn encode_chunk(
+    chunk: &Chunk,
+    template: &Template,
+    levels: &[Option<Level>],
+    structured: &Structured,
+    out: &mut Documents,
+    mut before: impl FnMut(u64, &mut Vec<u8>),
+) {
     let mut file = Vec::with_capacity(64);
     file.extend_from_slice(b",\"file\":{\"path\":");
     serde_json::to_writer(&mut file, &chunk.source.path.to_string_lossy()).expect("vec write");
@@ -117,6 +130,7 @@ pub fn encode_chunk(chunk: &Chunk, template: &Template, levels: &[Option<Level>]
     out.bytes.reserve(chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96));
     for (i, record) in chunk.records.iter().enumerate() {
         let fields = structured.records.get(i).map(|f| (structured, f));
+        before(record.offset, &mut out.bytes);
         encode_record(chunk, record, levels.get(i).copied().flatten(), fields, &file, template, &mut out.bytes);
         out.ends.push(out.bytes.len() as u32);
         out.offsets.push(record.offset);
@@ -300,7 +314,7 @@ mod tests {
 
     fn encode_one(chunk: &Chunk) -> Value {
         let mut docs = Documents::default();
-        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &Structured::default(), &mut docs);
+        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &Structured::default(), &mut docs, |_, _| {});
         assert_eq!(docs.len(), 1);
         assert_eq!(*docs.doc(0).last().unwrap(), b'\n');
         serde_json::from_slice(docs.doc(0)).expect("valid JSON")
@@ -410,7 +424,7 @@ mod template_tests {
         let mut docs = Documents::default();
         let mut structured = Structured::default();
         crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
-        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &structured, &mut docs);
+        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &structured, &mut docs, |_, _| {});
         let doc: Value = serde_json::from_slice(docs.doc(0)).unwrap();
         let mut fields = Vec::new();
         leaves(&doc, &mut Vec::new(), &mut fields);

@@ -40,20 +40,26 @@ pub fn lines(file: FileId, index: Option<&str>, docs: &Documents, out: &mut Vec<
     let mut ends = Vec::with_capacity(docs.len());
     out.reserve(docs.bytes.len() + docs.len() * (ACTION_LEN + index.map_or(0, |i| INDEX_LEN + i.len())));
     for (i, offset) in docs.offsets.iter().enumerate() {
-        out.extend_from_slice(b"{\"create\":{");
-        if let Some(index) = index {
-            // Data stream names are lower-case letters, digits, `-`, `_` and `.`: nothing to escape.
-            out.extend_from_slice(b"\"_index\":\"");
-            out.extend_from_slice(index.as_bytes());
-            out.extend_from_slice(b"\",");
-        }
-        out.extend_from_slice(b"\"_id\":\"");
-        hex_id(file.record_id(*offset), out);
-        out.extend_from_slice(b"\"}}\n");
+        action(file, index, *offset, out);
         out.extend_from_slice(docs.doc(i));
         ends.push(out.len() as u32);
     }
     ends
+}
+
+/// Writes the `create` action line of the record of `file` at `offset`, into the data
+/// stream `index` when named.
+pub fn action(file: FileId, index: Option<&str>, offset: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"create\":{");
+    if let Some(index) = index {
+        // Data stream names are lower-case letters, digits, `-`, `_` and `.`: nothing to escape.
+        out.extend_from_slice(b"\"_index\":\"");
+        out.extend_from_slice(index.as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(b"\"_id\":\"");
+    hex_id(file.record_id(offset), out);
+    out.extend_from_slice(b"\"}}\n");
 }
 
 /// The 32 lower-case hex digits of `id`.
