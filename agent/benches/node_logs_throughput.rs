@@ -133,7 +133,7 @@ fn cpu_with_children() -> f64 {
 
 /// A sink that counts documents and acknowledges at once.
 fn discard(seen: Arc<AtomicU64>) -> SinkStarter {
-    SinkStarter::new(Formats { ecs: true, otlp: false }, move |mut rx, acks, _| async move {
+    SinkStarter::new(Formats { ecs: true, ..Formats::default() }, move |mut rx, acks, _| async move {
         while let Some(batch) = rx.recv().await {
             seen.fetch_add(batch.records as u64, Ordering::AcqRel);
             acks.send(AckMsg::Ack { seq: batch.seq }).await?;

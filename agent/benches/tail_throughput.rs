@@ -41,9 +41,24 @@ fn main() {
     if json == "off" {
         config.logs.json = nodelens::config::JsonMode::Off;
     }
-    // NODELENS_BENCH_RULES=10: ten log-derived metric rules over every record.
+    // NODELENS_BENCH_RULES=10: ten log-derived metric rules over every record; with
+    // NODELENS_BENCH_RULES_KIND=rare, ten rules of the kind operators count (errors, OOMs,
+    // NCCL and CUDA failures) that no line of the corpus matches.
     let rules: usize = std::env::var("NODELENS_BENCH_RULES").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let patterns = [
+    let rare = std::env::var("NODELENS_BENCH_RULES_KIND").as_deref() == Ok("rare");
+    let rare_patterns = [
+        ("errors", "(?i)error|exception", "counter"),
+        ("oom", "out of memory|OOMKilled", "counter"),
+        ("nan", "loss=nan", "counter"),
+        ("cuda", "CUDA error: (?P<v>\\d+)", "gauge"),
+        ("nccl", "NCCL WARN", "counter"),
+        ("traceback", "^Traceback", "counter"),
+        ("xid", "NVRM: Xid \\(PCI:[0-9a-f:.]+\\): (?P<v>\\d+)", "gauge"),
+        ("killed", "Killed process (?P<v>\\d+)", "gauge"),
+        ("segfault", "segfault at", "counter"),
+        ("timeout", "(?i)timed? ?out after (?P<v>\\d+)", "gauge"),
+    ];
+    let common_patterns = [
         ("loss", "loss=(?P<v>[0-9.]+)", "gauge"),
         ("lr", "lr=(?P<v>[0-9.]+)", "gauge"),
         ("throughput", "throughput=(?P<v>\\d+)", "gauge"),
@@ -55,6 +70,7 @@ fn main() {
         ("oom", "out of memory", "counter"),
         ("nan", "loss=nan", "counter"),
     ];
+    let patterns = if rare { &rare_patterns } else { &common_patterns };
     for (name, pattern, kind) in patterns.iter().take(rules) {
         let value = if *kind == "gauge" { ", value: v" } else { "" };
         config
@@ -80,7 +96,8 @@ fn main() {
         (cpu, wall)
     });
     println!(
-        "tail_throughput ({rules} log-metric rules, json {json:?}): {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
+        "tail_throughput ({rules} {}log-metric rules, json {json:?}): {CONTAINERS} containers x {mib} MiB = {records} CRI records ({:.0} MiB): {:.0} records/CPU-s, {:.0} records/s wall, {:.0} MiB/CPU-s, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB (RSS before the pipeline {:.1} MiB)",
+        if rare { "rarely matching " } else { "" },
         bytes as f64 / 1048576.0,
         records as f64 / cpu,
         records as f64 / wall,
@@ -94,7 +111,7 @@ fn main() {
 
 /// A sink that counts documents and acknowledges at once.
 fn discard(seen: Arc<AtomicU64>) -> SinkStarter {
-    SinkStarter::new(Formats { ecs: true, otlp: false }, move |mut rx, acks, _| async move {
+    SinkStarter::new(Formats { ecs: true, ..Formats::default() }, move |mut rx, acks, _| async move {
         while let Some(batch) = rx.recv().await {
             seen.fetch_add(batch.records as u64, Ordering::AcqRel);
             acks.send(AckMsg::Ack { seq: batch.seq }).await?;

@@ -83,7 +83,8 @@ impl Packed {
 
 /// Compresses pieces; keeps its compressor and buffers from one piece to the next.
 pub struct Packer {
-    deflate: Compress,
+    /// Made on first use: a thread that only joins pieces never needs one.
+    deflate: Option<Compress>,
     out: Vec<u8>,
     /// Plain bytes being put together by [`Packer::pack_with`].
     plain: Vec<u8>,
@@ -102,7 +103,7 @@ impl Default for Packer {
 impl Packer {
     /// A packer compressing at level 1, as gzip's fastest.
     pub fn new() -> Packer {
-        Packer { deflate: Compress::new(Compression::fast(), false), out: Vec::new(), plain: Vec::new() }
+        Packer { deflate: None, out: Vec::new(), plain: Vec::new() }
     }
 
     /// Runs `f` with this thread's packer (for producers that keep none of their own).
@@ -132,20 +133,21 @@ impl Packer {
 
     /// Raw deflate of `plain` from a fresh state, ending in a sync flush; sized to fit.
     fn deflate(&mut self, plain: &[u8]) -> Vec<u8> {
-        self.deflate.reset();
+        let deflate = self.deflate.get_or_insert_with(|| Compress::new(Compression::fast(), false));
+        deflate.reset();
         self.out.clear();
         self.out.reserve(plain.len() / 4 + 64);
-        let (start_in, start_out) = (self.deflate.total_in(), self.deflate.total_out());
+        let (start_in, start_out) = (deflate.total_in(), deflate.total_out());
         loop {
-            let consumed = (self.deflate.total_in() - start_in) as usize;
-            self.deflate.compress_vec(&plain[consumed..], &mut self.out, FlushCompress::Sync).expect("deflate into memory");
+            let consumed = (deflate.total_in() - start_in) as usize;
+            deflate.compress_vec(&plain[consumed..], &mut self.out, FlushCompress::Sync).expect("deflate into memory");
             // Done once every byte is in and the flush left room to spare.
-            if (self.deflate.total_in() - start_in) as usize == plain.len() && self.out.len() < self.out.capacity() {
+            if (deflate.total_in() - start_in) as usize == plain.len() && self.out.len() < self.out.capacity() {
                 break;
             }
             self.out.reserve(self.out.capacity().max(4096));
         }
-        debug_assert_eq!((self.deflate.total_out() - start_out) as usize, self.out.len());
+        debug_assert_eq!((deflate.total_out() - start_out) as usize, self.out.len());
         let data = self.out.as_slice().to_vec();
         if self.out.capacity() > KEPT_BUFFER {
             self.out = Vec::new();
