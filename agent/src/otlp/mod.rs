@@ -401,6 +401,52 @@ mod tests {
         assert!(Signal::Logs.partial_success(&[0xff, 0xff]).is_err());
     }
 
+    #[tokio::test]
+    async fn a_payload_is_its_pieces_joined_as_they_are_for_http_and_in_one_frame_for_grpc() {
+        use std::io::Read;
+
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        use opentelemetry_proto::tonic::logs::v1::ResourceLogs;
+        // Three batches' ResourceLogs, packed as the encoder packs them.
+        let mut packer = Packer::new();
+        let pieces: Vec<Packed> = (0..3)
+            .map(|i| {
+                let part = ResourceLogs { schema_url: format!("batch {i} ").repeat(500), ..Default::default() }.encode_to_vec();
+                packer.pack_with(true, |plain| {
+                    logs::frame(&part, plain);
+                    Vec::new()
+                })
+            })
+            .collect();
+        let packed: usize = pieces.iter().map(Packed::packed_len).sum();
+        let plain: usize = pieces.iter().map(Packed::plain_len).sum();
+        for (protocol, prefix) in [(OtlpProtocol::HttpProtobuf, 0), (OtlpProtocol::Grpc, grpc::FRAME_HEADER)] {
+            let settings = Settings {
+                key: "sinks.otlp",
+                endpoint: "http://collector:4317".into(),
+                protocol,
+                headers: Default::default(),
+                compression: Compression::Gzip,
+                ca_file: String::new(),
+                timeout: Duration::from_secs(1),
+            };
+            let payload = Exporter::new(&settings, Signal::Logs).unwrap().payload(&pieces);
+            // The regression guard for memory: a request holds the compressed pieces, no more.
+            assert_eq!(payload.len(), prefix + packed + crate::packed::GZIP_OVERHEAD, "{protocol:?}");
+            assert!(payload.len() * 5 < plain, "{} bytes for {plain} plain", payload.len());
+            let member = &payload.body[prefix..];
+            if prefix > 0 {
+                assert_eq!(payload.body[0], 1, "compressed flag");
+                assert_eq!(u32::from_be_bytes(payload.body[1..5].try_into().unwrap()) as usize, member.len());
+            }
+            let mut message = Vec::new();
+            flate2::read::GzDecoder::new(member).read_to_end(&mut message).unwrap();
+            let request = ExportLogsServiceRequest::decode(&message[..]).unwrap();
+            let urls: Vec<&str> = request.resource_logs.iter().map(|r| &r.schema_url[..8]).collect();
+            assert_eq!(urls, ["batch 0 ", "batch 1 ", "batch 2 "]);
+        }
+    }
+
     #[test]
     fn http_paths_are_appended_unless_given() {
         let settings = |endpoint: &str| Settings {
