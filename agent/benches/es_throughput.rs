@@ -10,7 +10,8 @@
 //! their app label): the benchmark fails unless all of them do (with `--no-k8s`, none). It
 //! keeps the first 64 MiB of request bodies, decompressed and whole; the gzip floor is what
 //! this process spends compressing them again, request by request, at level 1 (`flate2`,
-//! `Compression::fast()`), the least any shipper of these documents with gzip spends.
+//! `Compression::fast()`; the median of three passes), the least any shipper of these
+//! documents with gzip spends.
 //!
 //! `cargo bench --bench es_throughput -- 64` ships 8 × 64 MiB; `-- 16 --no-k8s` 8 × 16 MiB
 //! without the API.

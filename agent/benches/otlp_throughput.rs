@@ -10,8 +10,8 @@
 //! (`service.name` from their app label): the benchmark fails unless all of them do (with
 //! `--no-k8s`, none). It keeps the first 64 MiB of requests, decompressed and whole; the gzip
 //! floor is what this process spends compressing them again, request by request, at level 1
-//! (`flate2`, `Compression::fast()`), the least any exporter of these requests with gzip
-//! spends.
+//! (`flate2`, `Compression::fast()`; the median of three passes), the least any exporter of
+//! these requests with gzip spends.
 //!
 //! With `--otelcol PATH` it also runs the OpenTelemetry Collector (contrib) on the same
 //! backlog: the filelog receiver with the `container` operator, exporting with `otlphttp` to
