@@ -1,47 +1,55 @@
 //! Exports a backlog over OTLP/HTTP (protobuf, gzip) through the real pipeline and the real
-//! OTLP sink to a receiver that decodes every request, and reports the agent's records per
-//! CPU-second and peak RSS. `cargo bench --bench otlp_throughput -- 64` exports 8 × 64 MiB;
-//! `-- grpc` uses OTLP/gRPC instead.
+//! OTLP sink to a receiver that decodes every request, each record enriched with its pod's
+//! metadata from a Kubernetes API as on a node (ten labels, an owner, an IP; `--no-k8s`: from
+//! the log paths only), and reports the agent's records per CPU-second, the gzip floor on the
+//! same requests and the ratio of the two, peak RSS and settled RSS.
+//! `cargo bench --bench otlp_throughput -- 64` exports 8 × 64 MiB; `-- grpc` uses OTLP/gRPC
+//! instead.
+//!
+//! The receiver counts the records whose resource carries the pods' labels and application
+//! (`service.name` from their app label): the benchmark fails unless all of them do (with
+//! `--no-k8s`, none). It keeps the first 64 MiB of requests, decompressed and whole; the gzip
+//! floor is what this process spends compressing them again, request by request, at level 1
+//! (`flate2`, `Compression::fast()`; the median of three passes), the least any exporter of
+//! these requests with gzip spends.
 //!
 //! With `--otelcol PATH` it also runs the OpenTelemetry Collector (contrib) on the same
 //! backlog: the filelog receiver with the `container` operator, exporting with `otlphttp` to
 //! the same receiver, and reports its CPU-seconds and peak RSS the same way, from `/proc`.
 //!
 //! The receiver runs in a child process (this binary again, in its receiver role) so its CPU
-//! and memory are not counted.
+//! and memory are not counted, and so does the API server double.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::CONTAINERS;
+use common::{Endpoint, Seen, APP, CONTAINERS, LABELS, ROLE};
 use nodelens::config::{Config, OtlpProtocol};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
-
-const ROLE: &str = "NODELENS_BENCH_ROLE";
 
 fn main() {
     if std::env::var(ROLE).as_deref() == Ok("otlp-receiver") {
         return receiver();
     }
+    // As the agent does before any thread starts.
+    nodelens::memory::limit_arenas();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mib: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(64);
     let grpc = args.iter().any(|a| a == "grpc");
+    let k8s = !args.iter().any(|a| a == "--no-k8s");
     let otelcol = args.iter().position(|a| a == "--otelcol").and_then(|i| args.get(i + 1)).cloned();
-    let mut child =
-        KillOnDrop(Command::new(std::env::current_exe().unwrap()).env(ROLE, "otlp-receiver").stdout(Stdio::piped()).spawn().unwrap());
-    let mut ports = String::new();
-    BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut ports).unwrap();
-    let (http_port, grpc_port) = ports.trim().split_once(' ').unwrap();
-    let (http_port, grpc_port) = (http_port.to_string(), grpc_port.to_string());
-
     let dir = tempfile::tempdir().unwrap();
+    let mut child = Endpoint::spawn("otlp-receiver", dir.path());
+    let [http_port, grpc_port, kubeconfig] = [0, 1, 2].map(|i| child.fields[i].clone());
+
     let pods = dir.path().join("pods");
     let records = common::generate_backlog(&pods, mib << 20);
     let mut config = Config::default();
@@ -52,25 +60,34 @@ fn main() {
     config.state_dir = dir.path().join("state");
     config.sinks.otlp.endpoint = format!("http://127.0.0.1:{}", if grpc { &grpc_port } else { &http_port });
     config.sinks.otlp.protocol = if grpc { OtlpProtocol::Grpc } else { OtlpProtocol::HttpProtobuf };
-    let (cpu, wall) = common::ship(&config, "otlp", records);
-    let received = count(&http_port);
-    assert!(received >= records, "the receiver decoded {received} of {records} records");
+    common::use_kubernetes(&mut config, k8s.then_some(kubeconfig.as_str()));
+    let shipped = common::ship(&config, "otlp", records);
+    let report = child.report();
+    report.check(records, k8s);
+    let received = report.enriched + report.plain;
+    let sample_records: u64 = report.sample.iter().map(|body| records_in(body).0).sum();
+    let gzip = common::gzip_seconds(&report.sample);
+    let (agent, floor) = (records as f64 / shipped.cpu, sample_records as f64 / gzip);
     println!(
-        "otlp_throughput ({}): {CONTAINERS} containers x {mib} MiB = {records} CRI records exported with gzip: {:.0} records/CPU-s, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB",
+        "otlp_throughput ({}): {CONTAINERS} containers x {mib} MiB = {records} CRI records {} exported with gzip: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the records, {:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
         if grpc { "grpc" } else { "http/protobuf" },
-        records as f64 / cpu,
-        records as f64 / wall,
-        cpu,
-        wall,
-        common::peak_rss_mib()
+        if k8s { format!("with pod metadata from the API ({LABELS} labels)") } else { "with metadata from paths only (--no-k8s)".to_string() },
+        report.sample_bytes() as f64 / f64::from(1 << 20),
+        agent / floor,
+        records as f64 / shipped.wall,
+        shipped.cpu,
+        shipped.wall,
+        shipped.peak_rss,
+        shipped.settled_rss,
     );
+    drop(report);
     if let Some(binary) = otelcol {
         run_collector(Path::new(&binary), dir.path(), &pods, &http_port, received, records);
     }
     drop(child);
 }
 
-/// The receiver goes when the benchmark does, panics included.
+/// The collector goes when the benchmark does, panics included.
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -147,16 +164,20 @@ fn proc_usage(pid: u32) -> (f64, f64) {
 }
 
 /// An OTLP receiver (HTTP on the first port printed, gRPC on the second) that decodes every
-/// request in full, counts its log records, and answers success; `GET /count` says how many.
+/// request in full, counts its log records with and without the pods' metadata, and answers
+/// success; `GET /count` says how many records in all. Beside it the API server double (its
+/// kubeconfig printed third).
 fn receiver() {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
+    let (_api, kubeconfig) = common::serve_pods();
+    let received = Arc::new(Seen::default());
+    received.answer_reports();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let received = Arc::new(AtomicU64::new(0));
     runtime.block_on(async {
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{} {}", http.local_addr().unwrap().port(), grpc.local_addr().unwrap().port());
+        println!("{} {} {}", http.local_addr().unwrap().port(), grpc.local_addr().unwrap().port(), kubeconfig.display());
         std::io::stdout().flush().unwrap();
         tokio::spawn(grpc_receiver(grpc, received.clone()));
         loop {
@@ -167,7 +188,7 @@ fn receiver() {
                     let received = received.clone();
                     async move {
                         if req.method() == hyper::Method::GET {
-                            let n = received.load(Ordering::Acquire).to_string();
+                            let n = received.records().to_string();
                             return Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(n))));
                         }
                         assert_eq!(req.headers().get("content-type").unwrap(), "application/x-protobuf");
@@ -179,7 +200,7 @@ fn receiver() {
                         } else {
                             body.extend_from_slice(&raw);
                         }
-                        received.fetch_add(records_in(&body), Ordering::AcqRel);
+                        counted(&received, &body);
                         let reply = hyper::Response::builder()
                             .header("content-type", "application/x-protobuf")
                             .body(Full::new(Bytes::from(ExportLogsServiceResponse::default().encode_to_vec())))
@@ -193,14 +214,42 @@ fn receiver() {
     });
 }
 
-fn records_in(body: &[u8]) -> u64 {
+/// The log records of a request: all of them, and those whose resource carries the pods'
+/// labels and the application they name.
+fn records_in(body: &[u8]) -> (u64, u64) {
     let request = ExportLogsServiceRequest::decode(body).expect("a valid ExportLogsServiceRequest");
-    request.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len() as u64).sum()
+    let (mut total, mut enriched) = (0, 0);
+    for resource_logs in &request.resource_logs {
+        let records: u64 = resource_logs.scope_logs.iter().map(|s| s.log_records.len() as u64).sum();
+        total += records;
+        if resource_logs
+            .resource
+            .as_ref()
+            .is_some_and(|r| attribute(r, "k8s.pod.label.app") == Some(APP) && attribute(r, "service.name") == Some(APP))
+        {
+            enriched += records;
+        }
+    }
+    (total, enriched)
+}
+
+fn attribute<'a>(resource: &'a Resource, key: &str) -> Option<&'a str> {
+    match resource.attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Counts the records of a request and keeps it for the sample.
+fn counted(seen: &Seen, body: &[u8]) {
+    let (total, enriched) = records_in(body);
+    seen.count(enriched, total - enriched);
+    seen.keep(body);
 }
 
 /// The gRPC side: one `LogsService/Export` method over HTTP/2, gzip or not, framed by hand
 /// (a 5-byte prefix per message), answering an empty response with `grpc-status: 0`.
-async fn grpc_receiver(listener: tokio::net::TcpListener, received: Arc<AtomicU64>) {
+async fn grpc_receiver(listener: tokio::net::TcpListener, received: Arc<Seen>) {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     loop {
@@ -221,7 +270,7 @@ async fn grpc_receiver(listener: tokio::net::TcpListener, received: Arc<AtomicU6
                     } else {
                         body.extend_from_slice(message);
                     }
-                    received.fetch_add(records_in(&body), Ordering::AcqRel);
+                    counted(&received, &body);
                     let mut framed = vec![0u8, 0, 0, 0, 0];
                     let reply = ExportLogsServiceResponse::default().encode_to_vec();
                     framed[1..5].copy_from_slice(&(reply.len() as u32).to_be_bytes());

@@ -1,20 +1,52 @@
-//! What the benchmarks share: a backlog generator and the process's CPU time and peak RSS.
+//! What the benchmarks share: a backlog generator, the process's CPU time and RSS, the
+//! pipeline run (with the pods' metadata from a Kubernetes API, as on a node), and for the
+//! shipping benchmarks the endpoint child: the API server double and what the endpoint saw
+//! (records with and without the pods' metadata, a sample of request bodies for the gzip
+//! floor).
 
 #![allow(dead_code)]
 
-use std::io::{BufWriter, Write};
-use std::path::Path;
-use std::sync::Arc;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nodelens::agent::Metrics;
-use nodelens::config::Config;
+use nodelens::config::{Config, Switch};
+use nodelens::kube::meta::PodMeta;
+use nodelens::kube::store::PodStore;
 use nodelens::logs::checkpoint::Checkpoints;
 use nodelens::pipeline::{self, LogPipeline};
+use nodelens::shutdown::Shutdown;
 use nodelens::sinks::SinkOutcomeLabels;
+use nodelens::tasks::Tasks;
+use serde_json::json;
 
-/// Containers in a generated backlog.
+/// Containers in a generated backlog, one per pod.
 pub const CONTAINERS: usize = 8;
+/// The pods' namespace.
+pub const NAMESPACE: &str = "bench";
+/// Their container.
+pub const CONTAINER: &str = "worker";
+/// Their application: the value of their `app.kubernetes.io/name` and `app` labels, which
+/// differs from what a pod's path alone gives (`train-N`).
+pub const APP: &str = "llama-pretrain";
+/// The node they run on, the agent's.
+pub const NODE: &str = "bench-node";
+/// Labels per pod.
+pub const LABELS: usize = 10;
+
+/// Pod `c`'s name.
+pub fn pod_name(c: usize) -> String {
+    format!("train-{c}")
+}
+
+/// Pod `c`'s uid.
+pub fn pod_uid(c: usize) -> String {
+    format!("0000000{c}-7d9f-4b6c-9d5e-0123456789ab")
+}
 
 /// Writes `bytes` of CRI records per container (training-log lines of varied length) under
 /// `pods`, and returns how many records that is.
@@ -27,7 +59,7 @@ pub fn generate_backlog(pods: &Path, bytes: u64) -> u64 {
 pub fn generate_backlog_with(pods: &Path, bytes: u64, half_json: bool) -> u64 {
     let mut total = 0;
     for c in 0..CONTAINERS {
-        let dir = pods.join(format!("bench_train-{c}_0000000{c}-7d9f-4b6c-9d5e-0123456789ab")).join("worker");
+        let dir = pods.join(format!("{NAMESPACE}_{}_{}", pod_name(c), pod_uid(c))).join(CONTAINER);
         std::fs::create_dir_all(&dir).unwrap();
         let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join("0.log")).unwrap());
         let (mut written, mut i) = (0u64, 0u64);
@@ -91,24 +123,301 @@ fn status_kib(field: &str) -> f64 {
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
+/// What [`ship`] measured.
+pub struct Shipped {
+    /// CPU-seconds from the pipeline's start until the last record was delivered.
+    pub cpu: f64,
+    /// Wall seconds over the same span.
+    pub wall: f64,
+    /// Peak RSS (MiB) when the last record was delivered.
+    pub peak_rss: f64,
+    /// RSS (MiB) 2 s after the last record was delivered, the pipeline idle.
+    pub settled_rss: f64,
+}
+
 /// Runs the real pipeline with the sinks `config` asks for until `sink` has delivered
-/// `records`, and returns the CPU-seconds and wall seconds it took.
-pub fn ship(config: &Config, sink: &'static str, records: u64) -> (f64, f64) {
+/// `records`. When `config` enables Kubernetes, the pods' metadata comes from the API as in
+/// the agent (a pod store fed by the node's pod watch, the pod list in before the pipeline
+/// starts, so no record waits for it); neither the watch's start nor its list is measured.
+pub fn ship(config: &Config, sink: &'static str, records: u64) -> Shipped {
     let config = &config.clone().validate().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        let metrics = Metrics::new("bench");
+        let metrics = Metrics::new(&config.node_name);
+        let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);
+        let mut tasks = Tasks::default();
+        let pods = match nodelens::kube::connect(&config.kubernetes).await.unwrap() {
+            Some(client) => {
+                let store = Arc::new(PodStore::new(config.app_keys.clone(), config.user_keys.clone(), metrics.pod_info.clone()));
+                let keep_deleted = Arc::new(|_: &PodMeta| true);
+                let up = metrics.kube_watch_up.clone();
+                let shutdown = || Shutdown::new(shutdown_tx.subscribe());
+                nodelens::kube::start(
+                    &mut tasks,
+                    client,
+                    config.node_name.clone(),
+                    store.clone(),
+                    &config.kubernetes,
+                    keep_deleted,
+                    up,
+                    shutdown,
+                );
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !(store.is_synced() && store.len() >= CONTAINERS) {
+                    assert!(Instant::now() < deadline, "the pod watch listed {} of the {CONTAINERS} pods in 30 s", store.len());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Some(store)
+            }
+            None => None,
+        };
         let checkpoints = Arc::new(Checkpoints::open(&config.state_dir).unwrap());
         let delivered = metrics.sinks.records.get_or_create(&SinkOutcomeLabels { sink, outcome: "delivered" }).clone();
         let start_cpu = cpu_seconds();
         let start = Instant::now();
         let sinks = pipeline::configured_sinks(config, &metrics.sinks).unwrap();
-        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, None, sinks, Default::default()).unwrap();
+        let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, pods, sinks, Default::default()).unwrap();
         while delivered.get() < records {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let result = (cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
+        let (cpu, wall) = (cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
+        let peak_rss = peak_rss_mib();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let settled_rss = current_rss_mib();
         pipeline.stop(Duration::from_secs(5)).await;
-        result
+        let _ = shutdown_tx.send(());
+        tasks.stop(Duration::from_secs(5)).await;
+        Shipped { cpu, wall, peak_rss, settled_rss }
     })
+}
+
+/// Points `config` at the pods' node and, with `kubeconfig`, at the API server serving them
+/// (else Kubernetes is off: metadata from the log paths only).
+pub fn use_kubernetes(config: &mut Config, kubeconfig: Option<&str>) {
+    config.node_name = NODE.into();
+    match kubeconfig {
+        Some(path) => {
+            config.kubernetes.enabled = Switch::On;
+            config.kubernetes.kubeconfig = path.into();
+        }
+        None => config.kubernetes.enabled = Switch::Off,
+    }
+}
+
+/// The variable naming a child's role.
+pub const ROLE: &str = "NODELENS_BENCH_ROLE";
+/// The variable naming the benchmark's directory, for a child.
+const DIR: &str = "NODELENS_BENCH_DIR";
+/// Request bodies the endpoint keeps for the gzip floor: the first ones, whole, up to this.
+pub const SAMPLE_CAP: usize = 64 << 20;
+
+/// In the endpoint child: starts the API server double with the benchmark's pods (as the API
+/// server returns them: ten labels, three annotations, an owner, an IP, a running `worker`
+/// container, on [`NODE`]) and their namespace, and writes a kubeconfig for it into the
+/// benchmark's directory. Returns the server (it serves until dropped) and the kubeconfig's
+/// path.
+pub fn serve_pods() -> (nodelens_testkit::kubernetes::FakeApiServer, PathBuf) {
+    use nodelens_testkit::kubernetes::{namespace, pod_with_ids, FakeApiServer};
+    let api = FakeApiServer::start();
+    api.apply(namespace(NAMESPACE, json!({"kubernetes.io/metadata.name": NAMESPACE, "team": "ml-platform"}), json!({})));
+    for c in 0..CONTAINERS {
+        let hash = "7d9f8b6c5d";
+        let labels = json!({
+            "app": APP,
+            "app.kubernetes.io/name": APP,
+            "app.kubernetes.io/instance": "llama-pretrain-run-42",
+            "app.kubernetes.io/component": "trainer",
+            "app.kubernetes.io/version": "2.4.1",
+            "app.kubernetes.io/part-of": "foundation-models",
+            "app.kubernetes.io/managed-by": "helm",
+            "team": "ml-platform",
+            "training.example.com/rank": c.to_string(),
+            "pod-template-hash": hash,
+        });
+        assert_eq!(labels.as_object().unwrap().len(), LABELS);
+        let id = format!("{:016x}", 0x5e1f_9a3b_c0d2_7e41u64 ^ c as u64).repeat(4);
+        let mut pod = pod_with_ids(NAMESPACE, &pod_name(c), &pod_uid(c), NODE, labels, &[(CONTAINER, &id)]);
+        pod["metadata"]["annotations"] = json!({
+            "kubectl.kubernetes.io/default-container": CONTAINER,
+            "kubesphere.io/creator": "alice",
+            "prometheus.io/scrape": "true",
+        });
+        pod["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{APP}-{hash}"),
+            "uid": "9b2e4c1a-5d3f-4e6a-8b7c-0d1e2f3a4b5c", "controller": true, "blockOwnerDeletion": true,
+        }]);
+        pod["status"]["podIP"] = json!(format!("10.42.0.{}", 10 + c));
+        api.apply(pod);
+    }
+    let kubeconfig = bench_dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    (api, kubeconfig)
+}
+
+/// In a child: the benchmark's directory.
+pub fn bench_dir() -> PathBuf {
+    std::env::var_os(DIR).expect("the benchmark's directory").into()
+}
+
+/// What the endpoint child has seen: records with and without the pods' metadata, and the
+/// first request bodies (decompressed) up to [`SAMPLE_CAP`].
+#[derive(Default)]
+pub struct Seen {
+    enriched: AtomicU64,
+    plain: AtomicU64,
+    sample: Mutex<(usize, Vec<Vec<u8>>)>,
+}
+
+impl Seen {
+    /// Counts the records of one request.
+    pub fn count(&self, enriched: u64, plain: u64) {
+        self.enriched.fetch_add(enriched, Ordering::AcqRel);
+        self.plain.fetch_add(plain, Ordering::AcqRel);
+    }
+
+    /// Records seen so far.
+    pub fn records(&self) -> u64 {
+        self.enriched.load(Ordering::Acquire) + self.plain.load(Ordering::Acquire)
+    }
+
+    /// Keeps `body` in the sample while it fits whole.
+    pub fn keep(&self, body: &[u8]) {
+        let mut sample = self.sample.lock().unwrap();
+        if sample.0 + body.len() <= SAMPLE_CAP {
+            sample.0 += body.len();
+            sample.1.push(body.to_vec());
+        }
+    }
+
+    /// Answers the parent ([`Endpoint::report`]) from a thread of its own: for each line on
+    /// stdin, writes the sample into the benchmark's directory and prints the counts.
+    pub fn answer_reports(self: &Arc<Self>) {
+        let seen = self.clone();
+        std::thread::spawn(move || {
+            for _ in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let mut file = BufWriter::new(std::fs::File::create(bench_dir().join("sample")).unwrap());
+                for body in &seen.sample.lock().unwrap().1 {
+                    file.write_all(&(body.len() as u64).to_le_bytes()).unwrap();
+                    file.write_all(body).unwrap();
+                }
+                file.flush().unwrap();
+                let (enriched, plain) = (seen.enriched.load(Ordering::Acquire), seen.plain.load(Ordering::Acquire));
+                println!("{enriched} {plain}");
+                std::io::stdout().flush().unwrap();
+            }
+        });
+    }
+}
+
+/// The endpoint child, seen from the benchmark; killed when dropped, panics included.
+pub struct Endpoint {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    dir: PathBuf,
+    /// What the child printed once it was listening, split at spaces.
+    pub fields: Vec<String>,
+}
+
+/// What the endpoint had seen when asked.
+pub struct Report {
+    /// Records that carried the pods' metadata from the API.
+    pub enriched: u64,
+    /// Records that did not.
+    pub plain: u64,
+    /// The first request bodies, decompressed, whole, up to [`SAMPLE_CAP`].
+    pub sample: Vec<Vec<u8>>,
+}
+
+impl Endpoint {
+    /// Runs this benchmark's binary again in `role`, with `dir` as the benchmark's directory,
+    /// and waits for its first line.
+    pub fn spawn(role: &str, dir: &Path) -> Endpoint {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(ROLE, role)
+            .env(DIR, dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        let mut endpoint = Endpoint { child, stdin, stdout: BufReader::new(stdout), dir: dir.to_path_buf(), fields: Vec::new() };
+        endpoint.fields = endpoint.line().split_whitespace().map(str::to_string).collect();
+        endpoint
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the endpoint child ended");
+        line
+    }
+
+    /// What the endpoint has seen so far.
+    pub fn report(&mut self) -> Report {
+        self.stdin.write_all(b"report\n").unwrap();
+        self.stdin.flush().unwrap();
+        let line = self.line();
+        let (enriched, plain) = line.trim().split_once(' ').unwrap();
+        let mut bytes = Vec::new();
+        std::fs::File::open(self.dir.join("sample")).unwrap().read_to_end(&mut bytes).unwrap();
+        let (mut sample, mut rest) = (Vec::new(), &bytes[..]);
+        while !rest.is_empty() {
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            sample.push(rest[8..8 + len].to_vec());
+            rest = &rest[8 + len..];
+        }
+        Report { enriched: enriched.parse().unwrap(), plain: plain.parse().unwrap(), sample }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Report {
+    /// Fails unless every one of the `records` shipped carried the pods' metadata (`k8s`), or
+    /// none did: a benchmark that fell back to metadata from the paths must not pass for one
+    /// that enriched.
+    pub fn check(&self, records: u64, k8s: bool) {
+        let (enriched, plain) = (self.enriched, self.plain);
+        if k8s {
+            assert!(plain == 0 && enriched >= records, "{plain} records without the pods' metadata, {enriched} with it, of {records}");
+        } else {
+            assert!(
+                enriched == 0 && plain >= records,
+                "{enriched} records with the pods' metadata (--no-k8s), {plain} without it, of {records}"
+            );
+        }
+    }
+
+    /// Bytes in the sample.
+    pub fn sample_bytes(&self) -> usize {
+        self.sample.iter().map(Vec::len).sum()
+    }
+}
+
+/// CPU-seconds this process takes to compress each of `bodies` on its own as gzip at level 1
+/// (`Compression::fast()`, the workspace's flate2 backend): the least an agent that ships
+/// these bytes compressed must spend. The median of three passes, so one disturbed pass does
+/// not set the floor.
+pub fn gzip_seconds(bodies: &[Vec<u8>]) -> f64 {
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+    let mut passes = [0.0; 3].map(|_| {
+        let start = cpu_seconds();
+        let mut compressed = 0;
+        for body in bodies {
+            let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), Compression::fast());
+            encoder.write_all(body).unwrap();
+            compressed += encoder.finish().unwrap().len();
+        }
+        std::hint::black_box(compressed);
+        cpu_seconds() - start
+    });
+    passes.sort_by(f64::total_cmp);
+    passes[1]
 }
