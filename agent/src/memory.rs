@@ -15,12 +15,19 @@ use crate::shutdown::Shutdown;
 /// millisecond for the agent's heap), and memory freed after a burst is back within this.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Bounds the allocator's arenas. Call before any thread is started.
+/// Blocks from this size up are mapped on their own and unmapped when freed. Left to itself,
+/// glibc raises the threshold to the largest block freed (up to 32 MiB), after which a
+/// request body or a batch's buffers come from the heap and their pages stay when freed.
+const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
+
+/// Bounds the allocator's arenas and fixes the size from which blocks are mapped on their
+/// own. Call before any thread is started.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
 

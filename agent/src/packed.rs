@@ -29,6 +29,7 @@ pub const GZIP_OVERHEAD: usize = GZIP_HEADER.len() + FINAL_BLOCK.len() + 8;
 pub struct Packed {
     /// Raw deflate ending in a sync flush (`gzip`), or the plain bytes.
     data: Vec<u8>,
+    /// Compressed (the piece of a gzip body; a small one for a gzip body is kept plain).
     gzip: bool,
     /// CRC-32 of the plain bytes.
     crc: u32,
@@ -111,11 +112,20 @@ impl Packer {
         PACKER.with(|packer| f(&mut packer.borrow_mut()))
     }
 
-    /// Packs `plain` (compressed when `gzip`), with the record ends `ends`.
+    /// Packs `plain` for a gzip body (when `gzip`) or a plain one, with the record ends
+    /// `ends`. For a gzip body, a piece under [`SMALL_PIECE`] is kept plain: compressed
+    /// alone it would barely shrink, so it is compressed with its neighbours in the body.
     pub fn pack(&mut self, plain: &[u8], gzip: bool, ends: Vec<u32>) -> Packed {
+        if gzip && plain.len() >= SMALL_PIECE {
+            return self.compressed(plain, ends);
+        }
+        Packed { data: plain.to_vec(), gzip: false, crc: 0, plain_len: plain.len(), ends }
+    }
+
+    /// `plain` compressed as a piece, whatever its size.
+    pub fn compressed(&mut self, plain: &[u8], ends: Vec<u32>) -> Packed {
         let crc = crc32fast::hash(plain);
-        let data = if gzip { self.deflate(plain) } else { plain.to_vec() };
-        Packed { data, gzip, crc, plain_len: plain.len(), ends }
+        Packed { data: self.deflate(plain), gzip: true, crc, plain_len: plain.len(), ends }
     }
 
     /// Packs what `write` puts into a reused buffer; `write` returns the record ends.
@@ -157,63 +167,95 @@ impl Packer {
 }
 
 /// Buffers larger than this are given back rather than kept for the next piece.
-const KEPT_BUFFER: usize = 4 << 20;
+pub const KEPT_BUFFER: usize = 4 << 20;
+
+/// Pieces smaller than this are kept plain, and compressed together with their neighbours
+/// when a request is put together: a quiet container's batch of a line or two, compressed
+/// alone, would shrink little (a fresh compressor knows none of the text before it) and cost
+/// a compressor reset each.
+pub const SMALL_PIECE: usize = 16 * 1024;
 
 /// A request body put together from pieces: one gzip member, or the plain bytes back to back.
-pub struct Body {
+/// Plain bytes pushed into a gzip body (small pieces, records sent again alone) gather until
+/// a compressed piece or the end, and are compressed together as one piece.
+pub struct Body<'p> {
     out: Vec<u8>,
     gzip: bool,
     prefix: usize,
     crc: crc32fast::Hasher,
     plain_len: u64,
+    /// Plain bytes waiting to be compressed (gzip bodies only).
+    pending: Vec<u8>,
+    packer: &'p mut Packer,
 }
 
-impl Body {
+impl<'p> Body<'p> {
     /// An empty body, compressed or not, after `prefix` bytes left for the caller to fill
-    /// (the gRPC frame header) once it is finished; `capacity` is the expected size.
-    pub fn new(gzip: bool, prefix: usize, capacity: usize) -> Body {
+    /// (the gRPC frame header) once it is finished; `capacity` is the expected size. What
+    /// must be compressed here is compressed with `packer`.
+    pub fn new(gzip: bool, prefix: usize, capacity: usize, packer: &'p mut Packer) -> Body<'p> {
         let mut out = Vec::with_capacity(prefix + capacity + GZIP_OVERHEAD);
         out.resize(prefix, 0);
         if gzip {
             out.extend_from_slice(&GZIP_HEADER);
         }
-        Body { out, gzip, prefix, crc: crc32fast::Hasher::new(), plain_len: 0 }
+        Body { out, gzip, prefix, crc: crc32fast::Hasher::new(), plain_len: 0, pending: Vec::new(), packer }
     }
 
-    /// Appends a piece packed as this body is (compressed or not).
+    /// Appends a piece packed for this body (compressed or kept plain for a gzip body, plain
+    /// for a plain one).
     pub fn push(&mut self, piece: &Packed) {
-        assert_eq!(piece.gzip, self.gzip, "a piece packed for another body");
-        self.out.extend_from_slice(&piece.data);
-        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(piece.crc, piece.plain_len as u64));
-        self.plain_len += piece.plain_len as u64;
+        if piece.is_empty() {
+            return;
+        }
+        if !piece.gzip {
+            return self.push_plain(&piece.data);
+        }
+        assert!(self.gzip, "a compressed piece in a plain body");
+        self.flush_pending();
+        self.append(piece);
     }
 
-    /// Appends plain bytes, compressed with `packer` when this body is.
-    pub fn push_plain(&mut self, plain: &[u8], packer: &mut Packer) {
+    /// Appends plain bytes, compressed (with what else waits) when this body is.
+    pub fn push_plain(&mut self, plain: &[u8]) {
         if self.gzip {
-            let piece = packer.pack(plain, true, Vec::new());
-            self.push(&piece);
+            self.pending.extend_from_slice(plain);
         } else {
             self.out.extend_from_slice(plain);
             self.plain_len += plain.len() as u64;
         }
     }
 
+    fn append(&mut self, piece: &Packed) {
+        self.out.extend_from_slice(&piece.data);
+        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(piece.crc, piece.plain_len as u64));
+        self.plain_len += piece.plain_len as u64;
+    }
+
+    fn flush_pending(&mut self) {
+        if !self.pending.is_empty() {
+            let piece = self.packer.compressed(&self.pending, Vec::new());
+            self.pending.clear();
+            self.append(&piece);
+        }
+    }
+
     /// Bytes the receiver reads once it has inflated the body.
     pub fn plain_len(&self) -> u64 {
-        self.plain_len
+        self.plain_len + self.pending.len() as u64
     }
 
     /// The finished body, the prefix left as zeros.
     pub fn finish(mut self) -> Vec<u8> {
         if self.gzip {
+            self.flush_pending();
             self.out.extend_from_slice(&FINAL_BLOCK);
-            self.out.extend_from_slice(&self.crc.finalize().to_le_bytes());
+            self.out.extend_from_slice(&self.crc.clone().finalize().to_le_bytes());
             // ISIZE: the length modulo 2^32.
             self.out.extend_from_slice(&(self.plain_len as u32).to_le_bytes());
         }
         debug_assert!(self.out.len() >= self.prefix);
-        self.out
+        std::mem::take(&mut self.out)
     }
 }
 
@@ -247,20 +289,40 @@ mod tests {
     #[test]
     fn pieces_compressed_apart_make_one_gzip_member_with_the_right_checksum_and_length() {
         let mut packer = Packer::new();
-        let parts = [text(1, 2000), Vec::new(), text(7, 1), text(3, 5000)];
+        let parts = [text(1, 2000), Vec::new(), text(7, 1), text(3, 5000), text(9, 3)];
         let pieces: Vec<Packed> = parts.iter().map(|p| packer.pack(p, true, Vec::new())).collect();
-        let mut body = Body::new(true, 0, 0);
+        assert_eq!(pieces.iter().map(|p| p.gzip).collect::<Vec<_>>(), [true, false, false, true, false], "small pieces kept plain");
+        let mut joiner = Packer::new();
+        let mut body = Body::new(true, 0, 0, &mut joiner);
         for piece in &pieces {
             body.push(piece);
         }
-        body.push_plain(b"{\"tail\":1}\n", &mut packer);
+        body.push_plain(b"{\"tail\":1}\n");
         let body = body.finish();
         let mut expected = parts.concat();
         expected.extend_from_slice(b"{\"tail\":1}\n");
         // GzDecoder checks the CRC-32 and the length in the trailer.
         assert_eq!(gunzip(&body), expected);
-        let compressed: usize = pieces.iter().map(|p| p.data.len()).sum();
+        let compressed: usize = pieces.iter().filter(|p| p.gzip).map(|p| p.data.len()).sum();
         assert!(compressed * 5 < expected.len(), "compressed: {compressed} of {}", expected.len());
+    }
+
+    #[test]
+    fn small_pieces_are_compressed_together_when_the_body_is_put_together() {
+        let mut packer = Packer::new();
+        // A request of 300 one-line batches from quiet containers.
+        let parts: Vec<Vec<u8>> = (0..300).map(|i| text(i, 1)).collect();
+        let pieces: Vec<Packed> = parts.iter().map(|p| packer.pack(p, true, Vec::new())).collect();
+        let held: usize = pieces.iter().map(Packed::packed_len).sum();
+        let plain: usize = parts.iter().map(Vec::len).sum();
+        assert_eq!(held, plain, "kept plain until the request");
+        let mut body = Body::new(true, 0, 0, &mut packer);
+        for piece in &pieces {
+            body.push(piece);
+        }
+        let body = body.finish();
+        assert_eq!(gunzip(&body), parts.concat());
+        assert!(body.len() * 4 < plain, "{} bytes for {plain}: compressed as one", body.len());
     }
 
     #[test]
@@ -273,28 +335,34 @@ mod tests {
         assert!(piece.held_bytes() < plain.len() / 4, "held {} for {}", piece.held_bytes(), plain.len());
         let raw = packer.pack(&plain, false, Vec::new());
         assert!(matches!(raw.plain(), Cow::Borrowed(_)));
-        let mut body = Body::new(false, 5, plain.len());
+        let mut joiner = Packer::new();
+        let mut body = Body::new(false, 5, plain.len(), &mut joiner);
         body.push(&raw);
-        body.push_plain(b"x", &mut packer);
+        body.push(&Packed::default());
+        body.push_plain(b"x");
         let body = body.finish();
         assert_eq!((&body[..5], &body[5..body.len() - 1], body[body.len() - 1]), (&[0u8; 5][..], &plain[..], b'x'));
     }
 
     #[test]
-    fn a_prefix_is_left_before_the_member() {
+    fn a_prefix_is_left_before_the_member_and_an_empty_body_is_a_valid_member() {
         let mut packer = Packer::new();
-        let mut body = Body::new(true, 5, 0);
-        body.push(&packer.pack(b"hello\n", true, Vec::new()));
+        let mut body = Body::new(true, 5, 0, &mut packer);
+        body.push_plain(b"hello\n");
         assert_eq!(body.plain_len(), 6);
         let body = body.finish();
         assert_eq!(&body[..5], &[0; 5]);
         assert_eq!(gunzip(&body[5..]), b"hello\n");
+        let mut body = Body::new(true, 0, 0, &mut packer);
+        body.push(&Packed::default());
+        assert_eq!(gunzip(&body.finish()), b"");
     }
 
     #[test]
-    #[should_panic(expected = "a piece packed for another body")]
-    fn a_plain_piece_in_a_gzip_body_is_refused() {
-        let piece = Packer::new().pack(b"x", false, Vec::new());
-        Body::new(true, 0, 0).push(&piece);
+    #[should_panic(expected = "a compressed piece in a plain body")]
+    fn a_compressed_piece_in_a_plain_body_is_refused() {
+        let mut packer = Packer::new();
+        let piece = packer.pack(&text(1, 1000), true, Vec::new());
+        Body::new(false, 0, 0, &mut packer).push(&piece);
     }
 }

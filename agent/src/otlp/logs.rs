@@ -8,11 +8,12 @@
 //! `ResourceLogs` of several chunks one after another ([`request`]), which protobuf defines as
 //! the repeated field, so requests are put together without decoding anything.
 
+use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList};
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ScopeLogs, SeverityNumber};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
@@ -74,7 +75,9 @@ fn severity(level: Level) -> (SeverityNumber, &'static str) {
 }
 
 /// Appends the `ResourceLogs` of `chunk` to `out`: every record, `levels[i]` being record i's
-/// level, observed at `observed`.
+/// level, observed at `observed`. A record is written field by field in the order prost
+/// writes a `LogRecord` (the same bytes, without building one); one whose text gave trace
+/// ids, a JSON object or flags is built as a `LogRecord` and encoded by prost.
 pub fn encode_chunk(
     chunk: &Chunk,
     resource: &ResourceTemplate,
@@ -85,35 +88,109 @@ pub fn encode_chunk(
 ) {
     let observed = unix_nanos(observed);
     let path = chunk.source.path.to_string_lossy();
-    let records = chunk
-        .records
-        .iter()
-        .enumerate()
-        .map(|(i, record)| {
-            let mut log = log_record(chunk, record, levels.get(i).copied().flatten(), &path, observed, chunk.source.id);
-            if let Some(fields) = structured.records.get(i) {
+    // ScopeLogs { scope = 1; log_records = 2 }.
+    let mut scope = Vec::with_capacity(chunk.buf.len() + chunk.records.len() * (path.len() + 160));
+    scope.extend_from_slice(&SCOPE);
+    let mut record_bytes = Vec::with_capacity(256);
+    for (i, record) in chunk.records.iter().enumerate() {
+        let level = levels.get(i).copied().flatten();
+        record_bytes.clear();
+        match structured.records.get(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty()) {
+            Some(fields) => {
+                let mut log = log_record(chunk, record, level, &path, observed, chunk.source.id);
                 add_structured(&mut log, chunk.message(record), fields);
+                log.encode_raw(&mut record_bytes);
             }
-            log
-        })
-        .collect();
-    let scope = ScopeLogs {
-        scope: Some(InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() }),
-        log_records: records,
-        schema_url: String::new(),
-    };
+            None if !record.flags.is_empty() => {
+                log_record(chunk, record, level, &path, observed, chunk.source.id).encode_raw(&mut record_bytes)
+            }
+            None => plain_record(chunk, record, level, &path, observed, &mut record_bytes),
+        }
+        encode_key(2, WireType::LengthDelimited, &mut scope);
+        encode_varint(record_bytes.len() as u64, &mut scope);
+        scope.extend_from_slice(&record_bytes);
+    }
     // ResourceLogs { resource = 1; scope_logs = 2 }, the resource already encoded.
     let resource = &resource.resource;
-    let len = prost::encoding::key_len(1) * 2
-        + prost::encoding::encoded_len_varint(resource.len() as u64)
-        + resource.len()
-        + prost::encoding::encoded_len_varint(scope.encoded_len() as u64)
-        + scope.encoded_len();
-    out.reserve(len);
+    out.reserve(resource.len() + scope.len() + 2 * (1 + 5));
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(resource.len() as u64, out);
     out.extend_from_slice(resource);
-    prost::encoding::message::encode(2, &scope, out);
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(scope.len() as u64, out);
+    out.extend_from_slice(&scope);
+}
+
+/// `ScopeLogs.scope`: the agent as the instrumentation scope, encoded once.
+static SCOPE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let scope = InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
+    let mut out = Vec::new();
+    prost::encoding::message::encode(1, &scope, &mut out);
+    out
+});
+
+/// Writes a record without flags or fields from its text as prost writes its `LogRecord`:
+/// time (1), severity (2, 3), body (5), the `log.iostream`, `log.file.path` and
+/// `log.record.uid` attributes (6), observed time (11).
+fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, out: &mut Vec<u8>) {
+    let time = record_time(chunk, record);
+    if time != 0 {
+        encode_key(1, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&time.to_le_bytes());
+    }
+    if let Some((number, name)) = level.map(severity) {
+        encode_key(2, WireType::Varint, out);
+        encode_varint(number as u64, out);
+        string_field(3, name.as_bytes(), out);
+    }
+    let message = chunk.message(record);
+    let lossy;
+    let body = match std::str::from_utf8(message) {
+        Ok(text) => text.as_bytes(),
+        Err(_) => {
+            lossy = String::from_utf8_lossy(message);
+            lossy.as_bytes()
+        }
+    };
+    // AnyValue { string_value = 1 }.
+    encode_key(5, WireType::LengthDelimited, out);
+    encode_varint(string_field_len(1, body.len()) as u64, out);
+    string_field(1, body, out);
+    let mut uid = Vec::with_capacity(32);
+    crate::sinks::elasticsearch::bulk::hex_id(chunk.source.id.record_id(record.offset), &mut uid);
+    for (key, value) in [("log.iostream", record.stream.as_str().as_bytes()), ("log.file.path", path.as_bytes()), ("log.record.uid", &uid)]
+    {
+        // KeyValue { key = 1; value = 2: AnyValue { string_value = 1 } }.
+        let value_len = string_field_len(1, value.len());
+        encode_key(6, WireType::LengthDelimited, out);
+        encode_varint((string_field_len(1, key.len()) + 1 + prost::encoding::encoded_len_varint(value_len as u64) + value_len) as u64, out);
+        string_field(1, key.as_bytes(), out);
+        encode_key(2, WireType::LengthDelimited, out);
+        encode_varint(value_len as u64, out);
+        string_field(1, value, out);
+    }
+    if observed != 0 {
+        encode_key(11, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&observed.to_le_bytes());
+    }
+}
+
+/// A length-delimited field `tag` holding `bytes`.
+fn string_field(tag: u32, bytes: &[u8], out: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// The encoded size of such a field (tags below 16).
+fn string_field_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The record's time from its runtime timestamp; 0 (unset) when it has none usable, and the
+/// receiver uses the observed time, as the spec says.
+fn record_time(chunk: &Chunk, record: &Record) -> u64 {
+    parse_timestamp(chunk.timestamp(record)).unwrap_or(0)
 }
 
 fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, file: FileId) -> LogRecord {
@@ -133,7 +210,7 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     }
     let (severity_number, severity_text) = level.map(severity).unwrap_or((SeverityNumber::Unspecified, ""));
     LogRecord {
-        time_unix_nano: parse_timestamp(chunk.timestamp(record)).unwrap_or(0),
+        time_unix_nano: record_time(chunk, record),
         observed_time_unix_nano: observed,
         severity_number: severity_number as i32,
         severity_text: severity_text.to_string(),
@@ -193,19 +270,7 @@ fn any_value(value: serde_json::Value) -> AnyValue {
 /// `None` when it is not one, which leaves `time_unix_nano` unset (the receiver then uses
 /// the observed time, as the spec says).
 pub fn parse_timestamp(text: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(text).ok()?;
-    let (local, offset_s) = match text.len().checked_sub(6).map(|i| (text.split_at(i), text.as_bytes()[i])) {
-        Some(((local, offset), b'+' | b'-')) if offset.as_bytes()[3] == b':' => {
-            let hours: i64 = offset[1..3].parse().ok()?;
-            let minutes: i64 = offset[4..6].parse().ok()?;
-            let sign = if offset.starts_with('-') { -1 } else { 1 };
-            (local, sign * (hours * 3600 + minutes * 60))
-        }
-        _ => (text.strip_suffix('Z')?, 0),
-    };
-    let local = humantime::parse_rfc3339_weak(local).ok()?;
-    let nanos = unix_nanos(local) as i128 - i128::from(offset_s) * 1_000_000_000;
-    u64::try_from(nanos).ok()
+    u64::try_from(crate::logs::timestamp::unix_nanos(text)?).ok()
 }
 
 /// An `ExportLogsServiceRequest` of the encoded `ResourceLogs` in `parts`.
@@ -305,6 +370,32 @@ mod tests {
         let Some(Value::ArrayValue(a)) = n.values[0].value.as_ref().and_then(|v| v.value.clone()) else { panic!() };
         assert_eq!(a.values[0].value, Some(Value::IntValue(1)));
         assert_eq!(a.values[1].value, Some(Value::BoolValue(true)));
+    }
+
+    #[test]
+    fn a_plain_record_is_written_as_prost_writes_its_log_record() {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        let cases: [(&[u8], &[u8], StreamKind); 5] = [
+            (b"2026-11-22T03:16:40.123456789Z", b"step=1 loss=0.5", StreamKind::Stdout),
+            (b"2026-11-22T05:16:40.5+02:00", b"bad \xff byte", StreamKind::Stderr),
+            (b"not a time", b"", StreamKind::Stdout),
+            (b"1969-12-31T23:59:59Z", &[b'x'; 300], StreamKind::Stderr),
+            (b"2026-11-22T03:16:41Z", "ünïcødé ✓".as_bytes(), StreamKind::Stdout),
+        ];
+        for (i, (time, message, stream)) in cases.into_iter().enumerate() {
+            let timestamp = chunk.push_bytes(time);
+            let message = chunk.push_bytes(message);
+            chunk.records.push(Record { timestamp, message, stream, offset: 1000 * i as u64 + 7, flags: Flags::default() });
+        }
+        let path = chunk.source.path.to_string_lossy().into_owned();
+        for (observed, level) in [(0, None), (1_800_000_000_000_000_000, Some(Level::Warn)), (5, Some(Level::Fatal))] {
+            for record in &chunk.records {
+                let mut ours = Vec::new();
+                plain_record(&chunk, record, level, &path, observed, &mut ours);
+                let prost = log_record(&chunk, record, level, &path, observed, chunk.source.id).encode_to_vec();
+                assert_eq!(ours, prost, "{record:?} {level:?} {observed}");
+            }
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {

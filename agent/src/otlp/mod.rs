@@ -241,11 +241,12 @@ impl Exporter {
     }
 
     /// The `Export*ServiceRequest` made of `parts` (pieces packed as this exporter
-    /// compresses: fields of the request), ready to send as often as needed.
-    pub fn payload<'a>(&self, parts: impl IntoIterator<Item = &'a Packed> + Clone) -> Payload {
+    /// compresses: fields of the request), ready to send as often as needed; small pieces
+    /// are compressed together here, with `packer`.
+    pub fn payload<'a>(&self, parts: impl IntoIterator<Item = &'a Packed> + Clone, packer: &mut Packer) -> Payload {
         let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
         let capacity = parts.clone().into_iter().map(Packed::packed_len).sum();
-        let mut body = Body::new(self.gzip, prefix, capacity);
+        let mut body = Body::new(self.gzip, prefix, capacity, packer);
         for part in parts {
             body.push(part);
         }
@@ -256,9 +257,11 @@ impl Exporter {
     /// sink's pieces; tonic would compress at level 6) and framed as this exporter sends it.
     pub fn payload_of(&self, message: &[u8]) -> Payload {
         let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
-        let mut body = Body::new(self.gzip, prefix, if self.gzip { message.len() / 4 } else { message.len() });
-        Packer::with(|packer| body.push_plain(message, packer));
-        self.finish(body)
+        Packer::with(|packer| {
+            let mut body = Body::new(self.gzip, prefix, if self.gzip { message.len() / 4 } else { message.len() }, packer);
+            body.push_plain(message);
+            self.finish(body)
+        })
     }
 
     fn finish(&self, body: Body) -> Payload {
@@ -411,7 +414,7 @@ mod tests {
         let mut packer = Packer::new();
         let pieces: Vec<Packed> = (0..3)
             .map(|i| {
-                let part = ResourceLogs { schema_url: format!("batch {i} ").repeat(500), ..Default::default() }.encode_to_vec();
+                let part = ResourceLogs { schema_url: format!("batch {i} ").repeat(3000), ..Default::default() }.encode_to_vec();
                 packer.pack_with(true, |plain| {
                     logs::frame(&part, plain);
                     Vec::new()
@@ -430,7 +433,7 @@ mod tests {
                 ca_file: String::new(),
                 timeout: Duration::from_secs(1),
             };
-            let payload = Exporter::new(&settings, Signal::Logs).unwrap().payload(&pieces);
+            let payload = Exporter::new(&settings, Signal::Logs).unwrap().payload(&pieces, &mut Packer::new());
             // The regression guard for memory: a request holds the compressed pieces, no more.
             assert_eq!(payload.len(), prefix + packed + crate::packed::GZIP_OVERHEAD, "{protocol:?}");
             assert!(payload.len() * 5 < plain, "{} bytes for {plain} plain", payload.len());

@@ -25,7 +25,7 @@ use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
 use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::ResourceTemplate;
-use crate::packed::Packer;
+use crate::packed::{Packer, KEPT_BUFFER};
 use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::elasticsearch::bulk;
 use crate::sinks::elasticsearch::stream::DataStreams;
@@ -200,7 +200,15 @@ impl Encoder {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        Batch::new(seq, chunk.source.id, records, cached.index.clone()).packed(docs, otlp, self.formats, &mut self.packer)
+        let batch = Batch::new(seq, chunk.source.id, records, cached.index.clone()).packed(docs, otlp, self.formats, &mut self.packer);
+        // A chunk of huge lines does not leave its buffers behind.
+        if docs.bytes.capacity() > KEPT_BUFFER {
+            *docs = Documents::default();
+        }
+        if otlp.capacity() > KEPT_BUFFER {
+            *otlp = Vec::new();
+        }
+        batch
     }
 
     fn render(&self, chunk: &Chunk, pod: Option<Arc<PodMeta>>, now: Instant) -> CachedTemplate {

@@ -80,9 +80,11 @@ async fn send(feed: &Feed, records: &[EventRecord]) -> bool {
     }
     let seq = feed.seq.fetch_add(1, Ordering::Relaxed);
     let sinks = feed.sinks.len() as u32;
-    let index = Some(feed.index.clone());
-    let batch =
-        Arc::new(Packer::with(|packer| Batch::new(seq, SOURCE, records.len(), index).packed(&mut docs, &otlp, feed.formats, packer)));
+    let (index, formats, count) = (Some(feed.index.clone()), feed.formats, records.len());
+    // Compressing up to a few hundred documents: off the async threads.
+    let pack = move || Packer::with(|packer| Batch::new(seq, SOURCE, count, index).packed(&mut docs, &otlp, formats, packer));
+    let Ok(batch) = tokio::task::spawn_blocking(pack).await else { return false };
+    let batch = Arc::new(batch);
     // Events keep no position: a record lost in a crash is listed again by the next leader.
     let done = Arc::new(AtomicBool::new(false));
     if feed.acks.send(AckMsg::RegisterNotify { seq, done, sinks }).await.is_err() {

@@ -18,7 +18,8 @@ use super::{Batch, ReasonLabels, SinkLabels, SinkMetrics, SinkOutcomeLabels};
 use crate::config::OtlpSinkConfig;
 use crate::logs::ack::AckMsg;
 use crate::logs::budget::ReadBudget;
-use crate::otlp::{self, Exporter, FailureKind};
+use crate::otlp::{self, Exporter, FailureKind, Payload};
+use crate::packed::Packer;
 
 const SINK: &str = "otlp";
 
@@ -86,13 +87,25 @@ impl Tally<'_> {
     }
 }
 
+/// The request of `run`'s batches, put together off the async threads (small pieces are
+/// compressed there).
+async fn payload(exporter: &Exporter, run: &[Arc<Batch>]) -> Payload {
+    let (owned, batches) = (exporter.clone(), run.to_vec());
+    let made = tokio::task::spawn_blocking(move || Packer::with(|packer| owned.payload(batches.iter().map(|b| &b.otlp), packer)));
+    match made.await {
+        Ok(payload) => payload,
+        // Only a runtime shutting down refuses the task: put it together here.
+        Err(_) => Packer::with(|packer| exporter.payload(run.iter().map(|b| &b.otlp), packer)),
+    }
+}
+
 /// Delivers every record of `batches`, returning once each has settled.
 async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) {
     let sink = SinkLabels { sink: SINK };
     let mut runs: VecDeque<&[Arc<Batch>]> = VecDeque::from([batches]);
     while let Some(run) = runs.pop_front() {
         let records: usize = run.iter().map(|b| b.records).sum();
-        let request = exporter.payload(run.iter().map(|b| &b.otlp));
+        let request = payload(exporter, run).await;
         let (mut attempt, mut refused) = (0u32, 0u32);
         loop {
             match exporter.export(&request).await {

@@ -285,8 +285,16 @@ fn decode(raw: &[u8], gzip: bool) -> Result<Vec<u8>, String> {
     if !gzip {
         return Ok(raw.to_vec());
     }
+    // One gzip member, as Elasticsearch reads it: its HTTP decompressor does not go on into
+    // a second member (what followed would be lost), so anything after the first is refused.
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(raw).read_to_end(&mut out).map_err(|e| e.to_string())?;
+    let mut member = flate2::read::GzDecoder::new(raw);
+    member.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    member.into_inner().read_to_end(&mut rest).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the gzip member", rest.len()));
+    }
     Ok(out)
 }
 

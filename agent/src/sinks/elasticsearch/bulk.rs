@@ -1,6 +1,7 @@
 //! The `_bulk` wire format: NDJSON bodies of `create` actions with deterministic ids, and the
 //! per-item statuses Elasticsearch replies with, in request order.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -63,7 +64,7 @@ pub fn action(file: FileId, index: Option<&str>, offset: u64, out: &mut Vec<u8>)
 }
 
 /// The 32 lower-case hex digits of `id`.
-fn hex_id(id: u128, out: &mut Vec<u8>) {
+pub fn hex_id(id: u128, out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 32];
     for (i, digit) in text.iter_mut().enumerate() {
@@ -78,8 +79,9 @@ const ACTION_LEN: usize = 18 + 32 + 4;
 const INDEX_LEN: usize = 12;
 
 /// The body for `items`: where they are a whole batch, its packed lines as they are; where
-/// some of a batch's records (sent again alone, or half of a split), its lines inflated and
-/// those records' compressed again with `packer`.
+/// some of a batch's records (sent again alone, or half of a split), its lines inflated once
+/// and those records' compressed again with `packer`, together with the small pieces next
+/// to them.
 pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Vec<u8> {
     // Runs of items of one batch, in order, one after another: (first item, count).
     let mut runs = Vec::new();
@@ -97,14 +99,21 @@ pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Vec<u8> {
             false => (run.1.span().end - run.0.span().start) * run.0.batch.bulk.packed_len() / run.0.batch.bulk.plain_len().max(1) + 64,
         })
         .sum();
-    let mut body = Body::new(gzip, 0, capacity);
+    let mut body = Body::new(gzip, 0, capacity, packer);
+    // The plain lines of the last batch some of whose records went in: a batch's runs follow
+    // each other, so each is inflated once.
+    let mut inflated: Option<(&Arc<Batch>, Cow<'_, [u8]>)> = None;
     for run in &runs {
         let batch = &run.0.batch;
         if whole(run) {
             body.push(&batch.bulk);
-        } else {
-            body.push_plain(&batch.bulk.plain()[run.0.span().start..run.1.span().end], packer);
+            continue;
         }
+        if !inflated.as_ref().is_some_and(|(b, _)| Arc::ptr_eq(b, batch)) {
+            inflated = Some((batch, batch.bulk.plain()));
+        }
+        let lines = &inflated.as_ref().expect("set above").1;
+        body.push_plain(&lines[run.0.span().start..run.1.span().end]);
     }
     body.finish()
 }
@@ -280,6 +289,18 @@ mod tests {
         );
         let id = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["create"]["_id"].as_str().unwrap().to_string();
         assert_eq!(id(lines[6]), format!("{:032x}", b.file.record_id(4000)));
+    }
+
+    #[test]
+    fn records_scattered_through_a_batch_sent_again_are_compressed_together() {
+        // A shard's 429s fall on every other record: the resend is one piece, not one a record.
+        let docs: Vec<String> =
+            (0..1000).map(|i| format!("{{\"message\":\"step {i} of the training run\",\"host\":{{\"name\":\"gpu-7\"}}}}")).collect();
+        let b = batch(&docs.iter().map(String::as_str).collect::<Vec<_>>());
+        let again: Vec<Item> = items(&b).into_iter().step_by(2).collect();
+        let request = body(&again, true, &mut Packer::new());
+        assert!(request.len() < b.bulk.packed_len(), "{} bytes to send half of a batch packed in {}", request.len(), b.bulk.packed_len());
+        assert_eq!(text(&again).lines().count(), 1000);
     }
 
     #[test]
