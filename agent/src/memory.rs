@@ -18,7 +18,7 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// Blocks from this size up are mapped on their own and unmapped when freed. Left to itself,
 /// glibc raises the threshold to the largest block freed (up to 32 MiB), after which a
 /// request body or a batch's buffers come from the heap and their pages stay when freed.
-const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
+const MMAP_THRESHOLD: libc::c_int = 1024 * 1024;
 
 /// Bounds the allocator's arenas and fixes the size from which blocks are mapped on their
 /// own. Call before any thread is started.
