@@ -13,6 +13,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
+use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 
 /// `1f 8b`, deflate, no flags, no time, no extra flags, unknown OS.
@@ -27,8 +28,9 @@ pub const GZIP_OVERHEAD: usize = GZIP_HEADER.len() + FINAL_BLOCK.len() + 8;
 /// One batch's part of a request body, compressed or as is.
 #[derive(Debug, Default)]
 pub struct Packed {
-    /// Raw deflate ending in a sync flush (`gzip`), or the plain bytes.
-    data: Vec<u8>,
+    /// Raw deflate ending in a sync flush (`gzip`), or the plain bytes; shared with the
+    /// request bodies that send it.
+    data: Bytes,
     /// Compressed (the piece of a gzip body; a small one for a gzip body is kept plain).
     gzip: bool,
     /// CRC-32 of the plain bytes.
@@ -56,7 +58,12 @@ impl Packed {
 
     /// Memory held.
     pub fn held_bytes(&self) -> usize {
-        self.data.capacity() + self.ends.capacity() * 4
+        self.data.len() + self.ends.capacity() * 4
+    }
+
+    /// Whether `part` (of a request body) is this piece's bytes, shared.
+    pub fn shares(&self, part: &Bytes) -> bool {
+        !part.is_empty() && part.as_ptr() == self.data.as_ptr() && part.len() == self.data.len()
     }
 
     /// Where each record's bytes end in the plain bytes.
@@ -119,13 +126,13 @@ impl Packer {
         if gzip && plain.len() >= SMALL_PIECE {
             return self.compressed(plain, ends);
         }
-        Packed { data: plain.to_vec(), gzip: false, crc: 0, plain_len: plain.len(), ends }
+        Packed { data: Bytes::copy_from_slice(plain), gzip: false, crc: 0, plain_len: plain.len(), ends }
     }
 
     /// `plain` compressed as a piece, whatever its size.
     pub fn compressed(&mut self, plain: &[u8], ends: Vec<u32>) -> Packed {
         let crc = crc32fast::hash(plain);
-        Packed { data: self.deflate(plain), gzip: true, crc, plain_len: plain.len(), ends }
+        Packed { data: Bytes::from(self.deflate(plain)), gzip: true, crc, plain_len: plain.len(), ends }
     }
 
     /// Packs what `write` puts into a reused buffer; `write` returns the record ends.
@@ -176,30 +183,42 @@ pub const KEPT_BUFFER: usize = 4 << 20;
 pub const SMALL_PIECE: usize = 16 * 1024;
 
 /// A request body put together from pieces: one gzip member, or the plain bytes back to back.
-/// Plain bytes pushed into a gzip body (small pieces, records sent again alone) gather until
-/// a compressed piece or the end, and are compressed together as one piece.
+/// The pieces go into it shared, not copied. Plain bytes pushed into a gzip body (small
+/// pieces, records sent again alone) gather until a compressed piece or the end, and are
+/// compressed together as one piece.
 pub struct Body<'p> {
-    out: Vec<u8>,
+    /// The prefix and the gzip header.
+    head: Vec<u8>,
+    parts: Vec<Bytes>,
+    len: usize,
     gzip: bool,
-    prefix: usize,
     crc: crc32fast::Hasher,
     plain_len: u64,
-    /// Plain bytes waiting to be compressed (gzip bodies only).
+    /// Plain bytes waiting to be compressed (or, in a plain body, to be one part).
     pending: Vec<u8>,
     packer: &'p mut Packer,
 }
 
 impl<'p> Body<'p> {
-    /// An empty body, compressed or not, after `prefix` bytes left for the caller to fill
-    /// (the gRPC frame header) once it is finished; `capacity` is the expected size. What
-    /// must be compressed here is compressed with `packer`.
-    pub fn new(gzip: bool, prefix: usize, capacity: usize, packer: &'p mut Packer) -> Body<'p> {
-        let mut out = Vec::with_capacity(prefix + capacity + GZIP_OVERHEAD);
-        out.resize(prefix, 0);
+    /// An empty body, compressed or not, after `prefix` bytes for the caller to fill in when
+    /// it is finished ([`Body::finish_with_prefix`]); `parts` is how many pieces to expect.
+    /// What must be compressed here is compressed with `packer`.
+    pub fn new(gzip: bool, prefix: usize, parts: usize, packer: &'p mut Packer) -> Body<'p> {
+        let mut head = vec![0; prefix];
         if gzip {
-            out.extend_from_slice(&GZIP_HEADER);
+            head.extend_from_slice(&GZIP_HEADER);
         }
-        Body { out, gzip, prefix, crc: crc32fast::Hasher::new(), plain_len: 0, pending: Vec::new(), packer }
+        let len = head.len();
+        Body {
+            head,
+            parts: Vec::with_capacity(parts + 2),
+            len,
+            gzip,
+            crc: crc32fast::Hasher::new(),
+            plain_len: 0,
+            pending: Vec::new(),
+            packer,
+        }
     }
 
     /// Appends a piece packed for this body (compressed or kept plain for a gzip body, plain
@@ -208,36 +227,41 @@ impl<'p> Body<'p> {
         if piece.is_empty() {
             return;
         }
-        if !piece.gzip {
+        if piece.gzip {
+            assert!(self.gzip, "a compressed piece in a plain body");
+        } else if self.gzip {
             return self.push_plain(&piece.data);
         }
-        assert!(self.gzip, "a compressed piece in a plain body");
         self.flush_pending();
         self.append(piece);
     }
 
     /// Appends plain bytes, compressed (with what else waits) when this body is.
     pub fn push_plain(&mut self, plain: &[u8]) {
-        if self.gzip {
-            self.pending.extend_from_slice(plain);
-        } else {
-            self.out.extend_from_slice(plain);
-            self.plain_len += plain.len() as u64;
-        }
+        self.pending.extend_from_slice(plain);
     }
 
     fn append(&mut self, piece: &Packed) {
-        self.out.extend_from_slice(&piece.data);
-        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(piece.crc, piece.plain_len as u64));
+        self.len += piece.data.len();
+        self.parts.push(piece.data.clone());
+        if self.gzip {
+            self.crc.combine(&crc32fast::Hasher::new_with_initial_len(piece.crc, piece.plain_len as u64));
+        }
         self.plain_len += piece.plain_len as u64;
     }
 
     fn flush_pending(&mut self) {
-        if !self.pending.is_empty() {
-            let piece = self.packer.compressed(&self.pending, Vec::new());
-            self.pending.clear();
-            self.append(&piece);
+        if self.pending.is_empty() {
+            return;
         }
+        let piece = match self.gzip {
+            true => self.packer.compressed(&self.pending, Vec::new()),
+            false => {
+                Packed { data: Bytes::copy_from_slice(&self.pending), gzip: false, crc: 0, plain_len: self.pending.len(), ends: Vec::new() }
+            }
+        };
+        self.pending.clear();
+        self.append(&piece);
     }
 
     /// Bytes the receiver reads once it has inflated the body.
@@ -246,16 +270,96 @@ impl<'p> Body<'p> {
     }
 
     /// The finished body, the prefix left as zeros.
-    pub fn finish(mut self) -> Vec<u8> {
+    pub fn finish(self) -> Chunks {
+        self.finish_with_prefix(|_, _| {})
+    }
+
+    /// The finished body, the prefix filled in by `fill` given the length of what follows it.
+    pub fn finish_with_prefix(mut self, fill: impl FnOnce(&mut [u8], usize)) -> Chunks {
+        self.flush_pending();
         if self.gzip {
-            self.flush_pending();
-            self.out.extend_from_slice(&FINAL_BLOCK);
-            self.out.extend_from_slice(&self.crc.clone().finalize().to_le_bytes());
+            let mut trailer = Vec::with_capacity(FINAL_BLOCK.len() + 8);
+            trailer.extend_from_slice(&FINAL_BLOCK);
+            trailer.extend_from_slice(&self.crc.clone().finalize().to_le_bytes());
             // ISIZE: the length modulo 2^32.
-            self.out.extend_from_slice(&(self.plain_len as u32).to_le_bytes());
+            trailer.extend_from_slice(&(self.plain_len as u32).to_le_bytes());
+            self.len += trailer.len();
+            self.parts.push(Bytes::from(trailer));
         }
-        debug_assert!(self.out.len() >= self.prefix);
-        std::mem::take(&mut self.out)
+        let prefix = self.head.len() - if self.gzip { GZIP_HEADER.len() } else { 0 };
+        let (head_prefix, _) = self.head.split_at_mut(prefix);
+        fill(head_prefix, self.len - prefix);
+        let mut parts = Vec::with_capacity(self.parts.len() + 1);
+        parts.push(Bytes::from(std::mem::take(&mut self.head)));
+        parts.append(&mut self.parts);
+        Chunks { parts, len: self.len }
+    }
+}
+
+/// A finished request body: its parts in order, the pieces among them shared with their
+/// batches. Clones share the parts.
+#[derive(Debug, Clone, Default)]
+pub struct Chunks {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    /// Bytes sent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The body as one buffer (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
+
+    /// An HTTP body sending the parts in turn, its exact length known (`Content-Length`).
+    pub fn http_body(&self) -> ChunksBody {
+        ChunksBody { parts: self.parts.iter().rev().filter(|p| !p.is_empty()).cloned().collect(), left: self.len as u64 }
+    }
+}
+
+/// [`Chunks`] as an `http_body::Body`.
+#[derive(Debug)]
+pub struct ChunksBody {
+    /// Left to send, last first.
+    parts: Vec<Bytes>,
+    left: u64,
+}
+
+impl http_body::Body for ChunksBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.parts.pop();
+        if let Some(part) = &next {
+            self.left -= part.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|part| Ok(http_body::Frame::data(part))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
     }
 }
 
@@ -298,7 +402,7 @@ mod tests {
             body.push(piece);
         }
         body.push_plain(b"{\"tail\":1}\n");
-        let body = body.finish();
+        let body = body.finish().to_vec();
         let mut expected = parts.concat();
         expected.extend_from_slice(b"{\"tail\":1}\n");
         // GzDecoder checks the CRC-32 and the length in the trailer.
@@ -320,7 +424,7 @@ mod tests {
         for piece in &pieces {
             body.push(piece);
         }
-        let body = body.finish();
+        let body = body.finish().to_vec();
         assert_eq!(gunzip(&body), parts.concat());
         assert!(body.len() * 4 < plain, "{} bytes for {plain}: compressed as one", body.len());
     }
@@ -340,7 +444,7 @@ mod tests {
         body.push(&raw);
         body.push(&Packed::default());
         body.push_plain(b"x");
-        let body = body.finish();
+        let body = body.finish().to_vec();
         assert_eq!((&body[..5], &body[5..body.len() - 1], body[body.len() - 1]), (&[0u8; 5][..], &plain[..], b'x'));
     }
 
@@ -350,12 +454,12 @@ mod tests {
         let mut body = Body::new(true, 5, 0, &mut packer);
         body.push_plain(b"hello\n");
         assert_eq!(body.plain_len(), 6);
-        let body = body.finish();
+        let body = body.finish().to_vec();
         assert_eq!(&body[..5], &[0; 5]);
         assert_eq!(gunzip(&body[5..]), b"hello\n");
         let mut body = Body::new(true, 0, 0, &mut packer);
         body.push(&Packed::default());
-        assert_eq!(gunzip(&body.finish()), b"");
+        assert_eq!(gunzip(&body.finish().to_vec()), b"");
     }
 
     #[test]

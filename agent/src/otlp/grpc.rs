@@ -9,12 +9,13 @@ use std::io::Read;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use prost::bytes::Bytes;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tower::ServiceExt;
+
+use crate::packed::Chunks;
 
 /// The largest answer read (an `Export*ServiceResponse` is a few bytes to a few KiB).
 const MAX_ANSWER: usize = 4 * 1024 * 1024;
@@ -22,20 +23,19 @@ const MAX_ANSWER: usize = 4 * 1024 * 1024;
 /// Bytes before a message in its frame: the compressed flag and the big-endian length.
 pub const FRAME_HEADER: usize = 5;
 
-/// Fills in the frame header left at the start of `body`, before the message (already
-/// gzip-compressed when `gzip`), as a unary call's request body.
-pub fn frame_header(body: &mut [u8], gzip: bool) {
-    let len = (body.len() - FRAME_HEADER) as u32;
-    body[0] = u8::from(gzip);
-    body[1..FRAME_HEADER].copy_from_slice(&len.to_be_bytes());
+/// Fills in the frame `header` of a unary call's message of `len` bytes (gzip-compressed
+/// when `gzip`).
+pub fn frame_header(header: &mut [u8], len: usize, gzip: bool) {
+    header[0] = u8::from(gzip);
+    header[1..FRAME_HEADER].copy_from_slice(&(len as u32).to_be_bytes());
 }
 
 /// `message` (already gzip-compressed when `gzip`) in its frame.
 #[cfg(test)]
 pub fn frame(message: &[u8], gzip: bool) -> Vec<u8> {
     let mut out = vec![0; FRAME_HEADER];
+    frame_header(&mut out, message.len(), gzip);
     out.extend_from_slice(message);
-    frame_header(&mut out, gzip);
     out
 }
 
@@ -44,14 +44,14 @@ pub async fn unary(
     channel: &Channel,
     metadata: &MetadataMap,
     path: &'static str,
-    body: Bytes,
+    body: &Chunks,
     gzip: bool,
     timeout: Duration,
 ) -> Result<Vec<u8>, Status> {
     let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(path)
-        .body(tonic::body::Body::new(http_body_util::Full::new(body)))
+        .body(tonic::body::Body::new(body.http_body()))
         .map_err(|e| Status::internal(format!("request: {e}")))?;
     let headers = request.headers_mut();
     // The configured headers first, then what gRPC requires over them (the same header map

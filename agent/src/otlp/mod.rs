@@ -21,14 +21,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 
-use prost::bytes::Bytes;
 use prost::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::config::{redact_url, Compression, OtlpProtocol};
-use crate::packed::{Body, Packed, Packer};
+use crate::packed::{Body, Chunks, Packed, Packer};
 
 /// What is exported: decides the path and the answer's message type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +130,7 @@ pub enum FailureKind {
 /// Clones share the bytes.
 #[derive(Debug, Clone)]
 pub struct Payload {
-    body: Bytes,
+    body: Chunks,
 }
 
 impl Payload {
@@ -245,8 +244,8 @@ impl Exporter {
     /// are compressed together here, with `packer`.
     pub fn payload<'a>(&self, parts: impl IntoIterator<Item = &'a Packed> + Clone, packer: &mut Packer) -> Payload {
         let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
-        let capacity = parts.clone().into_iter().map(Packed::packed_len).sum();
-        let mut body = Body::new(self.gzip, prefix, capacity, packer);
+        let count = parts.clone().into_iter().count();
+        let mut body = Body::new(self.gzip, prefix, count, packer);
         for part in parts {
             body.push(part);
         }
@@ -258,18 +257,19 @@ impl Exporter {
     pub fn payload_of(&self, message: &[u8]) -> Payload {
         let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
         Packer::with(|packer| {
-            let mut body = Body::new(self.gzip, prefix, if self.gzip { message.len() / 4 } else { message.len() }, packer);
+            let mut body = Body::new(self.gzip, prefix, 1, packer);
             body.push_plain(message);
             self.finish(body)
         })
     }
 
     fn finish(&self, body: Body) -> Payload {
-        let mut body = body.finish();
-        if matches!(self.transport, Transport::Grpc { .. }) {
-            grpc::frame_header(&mut body, self.gzip);
-        }
-        Payload { body: Bytes::from(body) }
+        let gzip = self.gzip;
+        let body = match self.transport {
+            Transport::Grpc { .. } => body.finish_with_prefix(|header, len| grpc::frame_header(header, len, gzip)),
+            Transport::Http { .. } => body.finish(),
+        };
+        Payload { body }
     }
 
     /// Sends one request; returns how long the receiver took.
@@ -288,7 +288,11 @@ impl Exporter {
                     post = post.header(CONTENT_ENCODING, "gzip");
                 }
                 let started = Instant::now();
-                let reply = post.body(payload.body.clone()).send().await.map_err(|e| failure(describe(&e), retry, None))?;
+                let reply = post
+                    .body(reqwest::Body::wrap(payload.body.http_body()))
+                    .send()
+                    .await
+                    .map_err(|e| failure(describe(&e), retry, None))?;
                 let status = reply.status();
                 let retry_after = reply.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
                 let protobuf = reply.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
@@ -311,7 +315,7 @@ impl Exporter {
             Transport::Grpc { channel, metadata } => {
                 let gzip = self.gzip;
                 let started = Instant::now();
-                match grpc::unary(channel, metadata, self.signal.grpc_path(), payload.body.clone(), gzip, self.timeout).await {
+                match grpc::unary(channel, metadata, self.signal.grpc_path(), &payload.body, gzip, self.timeout).await {
                     Ok(reply) => Ok((self.accepted(Some(&reply)), started.elapsed())),
                     Err(status) => {
                         let retry_after = status::retry_delay(status.details());
@@ -437,10 +441,13 @@ mod tests {
             // The regression guard for memory: a request holds the compressed pieces, no more.
             assert_eq!(payload.len(), prefix + packed + crate::packed::GZIP_OVERHEAD, "{protocol:?}");
             assert!(payload.len() * 5 < plain, "{} bytes for {plain} plain", payload.len());
-            let member = &payload.body[prefix..];
+            let sent = payload.body.to_vec();
+            let member = &sent[prefix..];
+            let shared = payload.body.parts().iter().filter(|part| pieces.iter().any(|p| p.shares(part))).count();
+            assert_eq!(shared, 3, "the pieces are sent as they are held, not copied");
             if prefix > 0 {
-                assert_eq!(payload.body[0], 1, "compressed flag");
-                assert_eq!(u32::from_be_bytes(payload.body[1..5].try_into().unwrap()) as usize, member.len());
+                assert_eq!(sent[0], 1, "compressed flag");
+                assert_eq!(u32::from_be_bytes(sent[1..5].try_into().unwrap()) as usize, member.len());
             }
             let mut message = Vec::new();
             flate2::read::GzDecoder::new(member).read_to_end(&mut message).unwrap();

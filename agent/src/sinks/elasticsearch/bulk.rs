@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::logs::source::FileId;
-use crate::packed::{Body, Packer};
+use crate::packed::{Body, Chunks, Packer};
 use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
@@ -82,7 +82,7 @@ const INDEX_LEN: usize = 12;
 /// some of a batch's records (sent again alone, or half of a split), its lines inflated once
 /// and those records' compressed again with `packer`, together with the small pieces next
 /// to them.
-pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Vec<u8> {
+pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Chunks {
     // Runs of items of one batch, in order, one after another: (first item, count).
     let mut runs = Vec::new();
     let mut rest = items;
@@ -92,14 +92,7 @@ pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Vec<u8> {
         rest = &rest[run..];
     }
     let whole = |(first, last): &(&Item, &Item)| first.index == 0 && last.index as usize + 1 == first.batch.bulk.ends().len();
-    let capacity = runs
-        .iter()
-        .map(|run| match whole(run) {
-            true => run.0.batch.bulk.packed_len(),
-            false => (run.1.span().end - run.0.span().start) * run.0.batch.bulk.packed_len() / run.0.batch.bulk.plain_len().max(1) + 64,
-        })
-        .sum();
-    let mut body = Body::new(gzip, 0, capacity, packer);
+    let mut body = Body::new(gzip, 0, runs.len(), packer);
     // The plain lines of the last batch some of whose records went in: a batch's runs follow
     // each other, so each is inflated once.
     let mut inflated: Option<(&Arc<Batch>, Cow<'_, [u8]>)> = None;
@@ -237,7 +230,7 @@ mod tests {
 
     fn text(items: &[Item]) -> String {
         let mut out = String::new();
-        flate2::read::GzDecoder::new(&body(items, true, &mut Packer::new())[..]).read_to_string(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&body(items, true, &mut Packer::new()).to_vec()[..]).read_to_string(&mut out).unwrap();
         out
     }
 
@@ -256,7 +249,7 @@ mod tests {
         assert_eq!(text, super::tests::text(&items(&b)), "ids are deterministic");
         assert_ne!(lines[0], lines[2], "each record its own id");
         let plain = batch_in(&[r#"{"message":"a"}"#, r#"{"message":"b"}"#], None, false);
-        assert_eq!(body(&items(&plain), false, &mut Packer::new()), text.as_bytes(), "the same lines without gzip");
+        assert_eq!(body(&items(&plain), false, &mut Packer::new()).to_vec(), text.as_bytes(), "the same lines without gzip");
     }
 
     #[test]
@@ -318,7 +311,8 @@ mod tests {
         let request = body(&all, true, &mut Packer::new());
         let pieces: usize = batches.iter().map(|b| b.bulk.packed_len()).sum();
         assert_eq!(request.len(), pieces + crate::packed::GZIP_OVERHEAD, "the pieces as they are, nothing compressed again");
-        assert_eq!(request.capacity(), request.len(), "sized to fit");
+        let shared = request.parts().iter().filter(|part| batches.iter().any(|b| b.bulk.shares(part))).count();
+        assert_eq!(shared, 2, "the pieces are sent as the batches hold them, not copied");
         assert_eq!(text(&all).lines().count(), 4000);
     }
 

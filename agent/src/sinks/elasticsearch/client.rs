@@ -91,7 +91,8 @@ impl Client {
         }
         let started = Instant::now();
         let result = async {
-            let response = request.body(body).send().await.map_err(|e| failure(error_chain(&e.without_url())))?;
+            let response =
+                request.body(reqwest::Body::wrap(body.http_body())).send().await.map_err(|e| failure(error_chain(&e.without_url())))?;
             let status = response.status();
             let bytes = response.bytes().await.map_err(|e| failure(error_chain(&e.without_url())))?;
             let text = || String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
