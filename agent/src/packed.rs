@@ -5,8 +5,9 @@
 //! ending on a byte boundary (a sync flush), with the CRC-32 and length of what it holds. Such
 //! pieces put back to back are one deflate stream (no piece refers back into another), so a
 //! request's body is a gzip header, the pieces, an empty final block, and the CRC-32 combined
-//! from the pieces' own: one gzip member, as any receiver reads it, built by copying
-//! compressed bytes. Nothing holds a request's uncompressed body, and a batch waiting for its
+//! from the pieces' own: one gzip member, as any receiver reads it, sent from the pieces as
+//! they are held (shared, not copied). Nothing holds a request's uncompressed body (small pieces wait plain,
+//! at most 256 KiB of them, then are compressed together), and a batch waiting for its
 //! acknowledgement holds only its compressed bytes. A part of a piece (records sent again
 //! alone) is inflated and compressed again.
 
@@ -166,7 +167,7 @@ impl Packer {
         }
         debug_assert_eq!((deflate.total_out() - start_out) as usize, self.out.len());
         let data = self.out.as_slice().to_vec();
-        if self.out.capacity() > KEPT_BUFFER {
+        if self.out.capacity() > KEPT_OUTPUT {
             self.out = Vec::new();
         }
         data
@@ -175,6 +176,13 @@ impl Packer {
 
 /// Buffers larger than this are given back rather than kept for the next piece.
 pub const KEPT_BUFFER: usize = 4 << 20;
+
+/// The compressed-output buffer kept for the next piece: every thread that ever put a body
+/// together keeps one, so only a modest one.
+const KEPT_OUTPUT: usize = 1 << 20;
+
+/// Plain bytes a body gathers before it compresses them as a piece.
+const PENDING_LIMIT: usize = 256 * 1024;
 
 /// Pieces smaller than this are kept plain, and compressed together with their neighbours
 /// when a request is put together: a quiet container's batch of a line or two, compressed
@@ -239,6 +247,10 @@ impl<'p> Body<'p> {
     /// Appends plain bytes, compressed (with what else waits) when this body is.
     pub fn push_plain(&mut self, plain: &[u8]) {
         self.pending.extend_from_slice(plain);
+        // A body of many small pieces is compressed as it grows, not held whole.
+        if self.pending.len() >= PENDING_LIMIT {
+            self.flush_pending();
+        }
     }
 
     fn append(&mut self, piece: &Packed) {
@@ -427,6 +439,24 @@ mod tests {
         let body = body.finish().to_vec();
         assert_eq!(gunzip(&body), parts.concat());
         assert!(body.len() * 4 < plain, "{} bytes for {plain}: compressed as one", body.len());
+    }
+
+    #[test]
+    fn a_body_of_many_small_pieces_never_holds_much_of_them_plain() {
+        let mut packer = Packer::new();
+        let parts: Vec<Vec<u8>> = (0..5000).map(|i| text(i, 4)).collect();
+        let pieces: Vec<Packed> = parts.iter().map(|p| packer.pack(p, true, Vec::new())).collect();
+        let mut joiner = Packer::new();
+        let mut body = Body::new(true, 0, pieces.len(), &mut joiner);
+        let mut most = 0;
+        for piece in &pieces {
+            body.push(piece);
+            most = most.max(body.pending.capacity());
+        }
+        assert!(most <= 2 * PENDING_LIMIT, "{most} bytes held plain");
+        let plain: usize = parts.iter().map(Vec::len).sum();
+        assert!(plain > 2 * PENDING_LIMIT, "enough to need more than one flush");
+        assert_eq!(gunzip(&body.finish().to_vec()), parts.concat());
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub use settings::{EventsIdentity, Settings};
 pub use sinks::{Compression, ElasticsearchConfig, OtlpProtocol, OtlpSinkConfig, SinksConfig, StdoutConfig};
 pub use switch::Switch;
 
+/// Headers the OTLP exporters set themselves (for the body's framing and encoding, and the
+/// connection).
+const RESERVED_HEADERS: [&str; 8] =
+    ["content-length", "transfer-encoding", "content-encoding", "content-type", "host", "te", "connection", "upgrade"];
+
 /// A configuration problem, phrased for the person who wrote the config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -241,6 +246,14 @@ impl Config {
                     && reqwest::header::HeaderValue::from_str(value).is_ok();
                 if !valid {
                     return Err(key_error(&format!("{key}.{name}"), "not a valid header name and value".into()));
+                }
+                // What frames and encodes the body is the agent's: a Content-Length of the
+                // config's would cut the body short, a Content-Encoding make it unreadable.
+                if RESERVED_HEADERS.iter().any(|reserved| name.eq_ignore_ascii_case(reserved)) {
+                    return Err(key_error(
+                        &format!("{key}.{name}"),
+                        "is set by the agent for each request and cannot be configured".into(),
+                    ));
                 }
             }
         }

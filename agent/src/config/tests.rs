@@ -224,6 +224,8 @@ fn otlp_settings_are_checked() {
         ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    max_attempts: 0\n", "sinks.otlp.max_attempts"),
         ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    batch_max_bytes: 100\n", "sinks.otlp.batch_max_bytes"),
         ("sinks:\n  otlp:\n    endpoint: http://c:4317\n    headers: {\"bad name\": x}\n", "sinks.otlp.headers.bad name"),
+        ("sinks:\n  otlp:\n    endpoint: http://c:4318\n    headers: {Content-Length: \"0\"}\n", "sinks.otlp.headers.Content-Length"),
+        ("metrics:\n  otlp:\n    endpoint: http://c:4318\n    headers: {content-encoding: br}\n", "metrics.otlp.headers.content-encoding"),
         ("metrics:\n  otlp:\n    endpoint: http://c:4317\n    interval: 10ms\n", "metrics.otlp.interval"),
         (
             "sinks:\n  otlp:\n    endpoint: http://c:4317\n    protocol: grpc\n    headers: {x-sig-bin: abc}\n",

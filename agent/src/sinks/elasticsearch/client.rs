@@ -51,7 +51,10 @@ impl Client {
             .default_headers(headers)
             .timeout(config.request_timeout)
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30));
+            .pool_idle_timeout(Duration::from_secs(30))
+            // A body sent from its batches' pieces cannot be sent again by a redirect (and a
+            // redirected POST may turn into a GET): the 3xx is shown as an error to fix.
+            .redirect(reqwest::redirect::Policy::none());
         if !config.ca_file.is_empty() {
             let pem = std::fs::read(&config.ca_file).map_err(|e| anyhow::anyhow!("sinks.elasticsearch.ca_file {}: {e}", config.ca_file))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
@@ -94,11 +97,16 @@ impl Client {
             let response =
                 request.body(reqwest::Body::wrap(body.http_body())).send().await.map_err(|e| failure(error_chain(&e.without_url())))?;
             let status = response.status();
+            let location = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).map(redact_url);
             let bytes = response.bytes().await.map_err(|e| failure(error_chain(&e.without_url())))?;
             let text = || String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
             match status {
                 StatusCode::OK => Ok(Reply::Done(bytes.to_vec())),
                 StatusCode::PAYLOAD_TOO_LARGE => Ok(Reply::TooLarge),
+                other if other.is_redirection() => {
+                    let to = location.as_deref().unwrap_or("nowhere");
+                    Err(failure(format!("{other}: redirected to {to}; set the endpoint to where it redirects")))
+                }
                 other => Err(failure(format!("{other}: {}", text()))),
             }
         }
