@@ -157,7 +157,7 @@ fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str
     encode_varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
     let mut uid = Vec::with_capacity(32);
-    crate::sinks::elasticsearch::bulk::hex_id(chunk.source.id.record_id(record.offset), &mut uid);
+    crate::logs::source::hex_id(chunk.source.id.record_id(record.offset), &mut uid);
     for (key, value) in [("log.iostream", record.stream.as_str().as_bytes()), ("log.file.path", path.as_bytes()), ("log.record.uid", &uid)]
     {
         // KeyValue { key = 1; value = 2: AnyValue { string_value = 1 } }.

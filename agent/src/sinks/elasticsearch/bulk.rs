@@ -59,18 +59,8 @@ pub fn action(file: FileId, index: Option<&str>, offset: u64, out: &mut Vec<u8>)
         out.extend_from_slice(b"\",");
     }
     out.extend_from_slice(b"\"_id\":\"");
-    hex_id(file.record_id(offset), out);
+    crate::logs::source::hex_id(file.record_id(offset), out);
     out.extend_from_slice(b"\"}}\n");
-}
-
-/// The 32 lower-case hex digits of `id`.
-pub fn hex_id(id: u128, out: &mut Vec<u8>) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0u8; 32];
-    for (i, digit) in text.iter_mut().enumerate() {
-        *digit = DIGITS[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    out.extend_from_slice(&text);
 }
 
 /// `{"create":{"_id":"<32 hex digits>"}}\n`
