@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 
 mod common;
 
-use common::{Endpoint, APP, CONTAINERS, LABELS, ROLE};
+use common::{Endpoint, APP, CONTAINERS, ROLE};
 use nodelens::config::Config;
 
 fn main() {
@@ -54,17 +54,9 @@ fn main() {
     // Each document follows its action line.
     let sample_records = report.sample.iter().map(|body| memchr::memchr_iter(b'\n', body).count() as u64 / 2).sum::<u64>();
     let gzip = common::gzip_seconds(&report.sample);
-    let (agent, floor) = (records as f64 / shipped.cpu, sample_records as f64 / gzip);
     println!(
-        "es_throughput: {CONTAINERS} containers x {mib} MiB = {records} CRI records {} shipped with gzip and deterministic ids: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the documents, {:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
-        if k8s { format!("with pod metadata from the API ({LABELS} labels)") } else { "with metadata from paths only (--no-k8s)".to_string() },
-        report.sample_bytes() as f64 / f64::from(1 << 20),
-        agent / floor,
-        records as f64 / shipped.wall,
-        shipped.cpu,
-        shipped.wall,
-        shipped.peak_rss,
-        shipped.settled_rss,
+        "es_throughput: {CONTAINERS} containers x {mib} MiB = {records} CRI records, shipped with gzip and deterministic ids, {}",
+        shipped.summary(records, k8s, &report.sample, sample_records, gzip)
     );
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Endpoint, Seen, APP, CONTAINERS, LABELS, ROLE};
+use common::{Endpoint, Seen, APP, CONTAINERS, ROLE};
 use nodelens::config::{Config, OtlpProtocol};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -67,18 +67,10 @@ fn main() {
     let received = report.enriched + report.plain;
     let sample_records: u64 = report.sample.iter().map(|body| records_in(body).0).sum();
     let gzip = common::gzip_seconds(&report.sample);
-    let (agent, floor) = (records as f64 / shipped.cpu, sample_records as f64 / gzip);
     println!(
-        "otlp_throughput ({}): {CONTAINERS} containers x {mib} MiB = {records} CRI records {} exported with gzip: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the records, {:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
+        "otlp_throughput ({}): {CONTAINERS} containers x {mib} MiB = {records} CRI records, exported with gzip, {}",
         if grpc { "grpc" } else { "http/protobuf" },
-        if k8s { format!("with pod metadata from the API ({LABELS} labels)") } else { "with metadata from paths only (--no-k8s)".to_string() },
-        report.sample_bytes() as f64 / f64::from(1 << 20),
-        agent / floor,
-        records as f64 / shipped.wall,
-        shipped.cpu,
-        shipped.wall,
-        shipped.peak_rss,
-        shipped.settled_rss,
+        shipped.summary(records, k8s, &report.sample, sample_records, gzip)
     );
     drop(report);
     if let Some(binary) = otelcol {

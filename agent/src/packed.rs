@@ -276,11 +276,6 @@ impl<'p> Body<'p> {
         self.append(&piece);
     }
 
-    /// Bytes the receiver reads once it has inflated the body.
-    pub fn plain_len(&self) -> u64 {
-        self.plain_len + self.pending.len() as u64
-    }
-
     /// The finished body, the prefix left as zeros.
     pub fn finish(self) -> Chunks {
         self.finish_with_prefix(|_, _| {})
@@ -483,7 +478,6 @@ mod tests {
         let mut packer = Packer::new();
         let mut body = Body::new(true, 5, 0, &mut packer);
         body.push_plain(b"hello\n");
-        assert_eq!(body.plain_len(), 6);
         let body = body.finish().to_vec();
         assert_eq!(&body[..5], &[0; 5]);
         assert_eq!(gunzip(&body[5..]), b"hello\n");

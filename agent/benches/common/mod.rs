@@ -145,6 +145,30 @@ pub struct Shipped {
     pub settled_rss: f64,
 }
 
+impl Shipped {
+    /// What the shipping benchmarks print after their sink's name: the metadata, the agent's
+    /// records/CPU-s against the gzip floor on `sample` (holding `sample_records` records,
+    /// compressed in `gzip` CPU-seconds), wall time and memory.
+    pub fn summary(&self, records: u64, k8s: bool, sample: &[Vec<u8>], sample_records: u64, gzip: f64) -> String {
+        let metadata = if k8s {
+            format!("with pod metadata from the API ({LABELS} labels)")
+        } else {
+            "with metadata from paths only (--no-k8s)".to_string()
+        };
+        let (agent, floor) = (records as f64 / self.cpu, sample_records as f64 / gzip);
+        let sample_mib = sample.iter().map(Vec::len).sum::<usize>() as f64 / f64::from(1 << 20);
+        format!(
+            "{metadata}: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the records, {sample_mib:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
+            agent / floor,
+            records as f64 / self.wall,
+            self.cpu,
+            self.wall,
+            self.peak_rss,
+            self.settled_rss,
+        )
+    }
+}
+
 /// Runs the real pipeline with the sinks `config` asks for until `sink` has delivered
 /// `records`. When `config` enables Kubernetes, the pods' metadata comes from the API as in
 /// the agent (a pod store fed by the node's pod watch, the pod list in before the pipeline
@@ -402,11 +426,6 @@ impl Report {
                 "{enriched} records with the pods' metadata (--no-k8s), {plain} without it, of {records}"
             );
         }
-    }
-
-    /// Bytes in the sample.
-    pub fn sample_bytes(&self) -> usize {
-        self.sample.iter().map(Vec::len).sum()
     }
 }
 

@@ -243,9 +243,8 @@ impl Exporter {
     /// compresses: fields of the request), ready to send as often as needed; small pieces
     /// are compressed together here, with `packer`.
     pub fn payload<'a>(&self, parts: impl IntoIterator<Item = &'a Packed> + Clone, packer: &mut Packer) -> Payload {
-        let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
         let count = parts.clone().into_iter().count();
-        let mut body = Body::new(self.gzip, prefix, count, packer);
+        let mut body = self.body(count, packer);
         for part in parts {
             body.push(part);
         }
@@ -255,12 +254,18 @@ impl Exporter {
     /// The encoded `Export*ServiceRequest` `message`, compressed (at level 1, as the log
     /// sink's pieces; tonic would compress at level 6) and framed as this exporter sends it.
     pub fn payload_of(&self, message: &[u8]) -> Payload {
-        let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
         Packer::with(|packer| {
-            let mut body = Body::new(self.gzip, prefix, 1, packer);
+            let mut body = self.body(1, packer);
             body.push_plain(message);
             self.finish(body)
         })
+    }
+
+    /// An empty body of `parts` pieces, compressed as configured, with room for the gRPC
+    /// frame header over gRPC.
+    fn body<'p>(&self, parts: usize, packer: &'p mut Packer) -> Body<'p> {
+        let prefix = if matches!(self.transport, Transport::Grpc { .. }) { grpc::FRAME_HEADER } else { 0 };
+        Body::new(self.gzip, prefix, parts, packer)
     }
 
     fn finish(&self, body: Body) -> Payload {

@@ -179,14 +179,13 @@ impl Encoder {
             if self.formats.documents() {
                 // For Elasticsearch alone, rendered straight as `_bulk` lines.
                 let (file, index) = (chunk.source.id, cached.index.as_deref());
-                docs.actions = self.formats.bulk.is_some() && !self.formats.ecs;
-                if docs.actions {
-                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |offset, out| {
-                        bulk::action(file, index, offset, out)
-                    });
-                } else {
-                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |_, _| {});
-                }
+                let actions = self.formats.bulk.is_some() && !self.formats.ecs;
+                docs.actions = actions;
+                ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |offset, out| {
+                    if actions {
+                        bulk::action(file, index, offset, out);
+                    }
+                });
             }
             if self.formats.otlp_records() && records > 0 {
                 let now = std::time::SystemTime::now();
