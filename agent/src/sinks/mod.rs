@@ -192,12 +192,20 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
     let slots = Arc::new(Semaphore::new(requests.concurrency));
     let mut deliveries = JoinSet::new();
     let mut open = true;
+    // A batch that would have taken the last request over `max_bytes` starts the next one.
+    let mut next: Option<Arc<Batch>> = None;
     while open {
-        let Some(first) = batches.recv().await else { break };
+        let first = match next.take() {
+            Some(batch) => batch,
+            None => match batches.recv().await {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
         // Waiting for a slot is the back-pressure: batches queue up, then the tailer pauses.
         let slot = slots.clone().acquire_owned().await?;
         let pending: Arc<[Arc<Batch>]>;
-        (pending, open) = gather(&mut batches, first, &requests, &size).await;
+        (pending, next, open) = gather(&mut batches, first, &requests, &size).await;
         let (delivery, acks) = (deliver(pending.clone()), acks.clone());
         // A request sent while none of the others is in flight times the sink's round trip.
         let lone = (slots.available_permits() + 1 == requests.concurrency).then(|| requests.reading.clone()).flatten();
@@ -223,15 +231,17 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
     Ok(())
 }
 
-/// Takes batches after `first` until they reach `max_bytes` (as `size` measures them),
-/// `flush_interval` has passed, or reading is held and nothing is queued. The flag is false
-/// when the input has closed.
+/// Takes batches after `first` while they fit in `max_bytes` (as `size` measures them), until
+/// `flush_interval` has passed or reading is held and nothing is queued. A batch that does not
+/// fit is returned to start the next request: requests are made of whole batches, sent as
+/// they are held, and a batch is only ever split when it is larger than `max_bytes` alone.
+/// The flag is false when the input has closed.
 async fn gather(
     batches: &mut mpsc::Receiver<Arc<Batch>>,
     first: Arc<Batch>,
     requests: &Requests,
     size: impl Fn(&Batch) -> usize,
-) -> (Arc<[Arc<Batch>]>, bool) {
+) -> (Arc<[Arc<Batch>]>, Option<Arc<Batch>>, bool) {
     let deadline = Instant::now() + requests.flush_interval;
     let mut bytes = size(&first);
     let mut pending = vec![first];
@@ -245,17 +255,18 @@ async fn gather(
         tokio::select! {
             biased;
             batch = batches.recv() => match batch {
+                Some(batch) if bytes + size(&batch) > requests.max_bytes => return (pending.into(), Some(batch), true),
                 Some(batch) => {
                     bytes += size(&batch);
                     pending.push(batch);
                 }
-                None => return (pending.into(), false),
+                None => return (pending.into(), None, false),
             },
             () = held => break,
             () = tokio::time::sleep_until(deadline) => break,
         }
     }
-    (pending.into(), true)
+    (pending.into(), None, true)
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -295,23 +306,67 @@ mod tests {
         // Alone, a batch waits the whole flush interval for company.
         let started = Instant::now();
         let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: None };
-        let (pending, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
-        assert_eq!((pending.len(), open), (1, true));
+        let (pending, next, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        assert_eq!((pending.len(), next.is_none(), open), (1, true, true));
         assert_eq!(started.elapsed(), Duration::from_secs(5));
-        // Batches arriving meanwhile join it until it is full; then it goes at once.
+        // Batches arriving meanwhile join it while they fit; the first that does not starts
+        // the next request, and this one goes at once.
         let started = Instant::now();
         let feeder = tokio::spawn(async move {
-            for seq in 2..10 {
+            for (seq, bytes) in [(2, 400), (3, 400), (4, 400), (5, 200), (6, 1500), (7, 100)] {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                tx.send(batch(seq, 400)).await.unwrap();
+                tx.send(batch(seq, bytes)).await.unwrap();
             }
         });
-        let (pending, _) = gather(&mut rx, batch(1, 300), &requests, size).await;
-        assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(started.elapsed(), Duration::from_secs(2), "full after the second arrival, not at the interval");
-        feeder.abort();
+        let seqs = |pending: &[Arc<Batch>]| pending.iter().map(|b| b.seq).collect::<Vec<_>>();
+        let (pending, next, _) = gather(&mut rx, batch(1, 300), &requests, size).await;
+        assert_eq!((seqs(&pending), next.as_ref().map(|b| b.seq)), (vec![1, 2], Some(3)));
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "closed by the third arrival, not at the interval");
+        // Exactly full goes at once, without waiting for another.
+        let (pending, next, _) = gather(&mut rx, next.unwrap(), &requests, size).await;
+        assert_eq!((seqs(&pending), next.is_none()), (vec![3, 4, 5], true));
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
+        // A batch larger than a request alone is a request of its own.
+        let (pending, next, _) = gather(&mut rx, batch(8, 100), &requests, size).await;
+        assert_eq!((seqs(&pending), next.as_ref().map(|b| b.seq)), (vec![8], Some(6)));
+        let (pending, next, _) = gather(&mut rx, next.unwrap(), &requests, size).await;
+        assert_eq!((seqs(&pending), next.is_none()), (vec![6], true));
+        feeder.await.unwrap();
         // A closed input ends the gathering at once, with what it has.
         drop(rx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_request_holds_whole_batches_within_max_bytes_and_every_batch_goes_once_in_order() {
+        let (tx, rx) = mpsc::channel(64);
+        let (ack_tx, _acks) = mpsc::channel(256);
+        let requests = Requests { flush_interval: Duration::from_millis(100), max_bytes: 1000, concurrency: 2, reading: None };
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
+        let sink = tokio::spawn(run_deliveries(
+            rx,
+            ack_tx,
+            requests,
+            |b| b.docs.bytes.len(),
+            move |pending| {
+                log.lock().unwrap().push(pending.iter().map(|b| (b.seq, b.docs.bytes.len())).collect::<Vec<_>>());
+                async {}
+            },
+        ));
+        let sizes: Vec<usize> = (0..200u64).map(|i| [120, 350, 999, 1, 480, 2500, 60][(i * 7 % 11) as usize % 7]).collect();
+        for (seq, bytes) in sizes.iter().enumerate() {
+            tx.send(batch(seq as u64, *bytes)).await.unwrap();
+        }
+        drop(tx);
+        sink.await.unwrap().unwrap();
+        let sent = sent.lock().unwrap();
+        for request in sent.iter() {
+            let bytes: usize = request.iter().map(|(_, b)| b).sum();
+            assert!(bytes <= 1000 || request.len() == 1, "a request over max_bytes of more than one batch: {request:?}");
+        }
+        let order: Vec<u64> = sent.iter().flatten().map(|(seq, _)| *seq).collect();
+        assert_eq!(order, (0..200).collect::<Vec<_>>());
+        assert!(sent.iter().any(|r| r.len() > 2), "batches were gathered at all: {sent:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -322,7 +377,7 @@ mod tests {
         let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget.clone()) };
         // Reading goes on: the request waits for company as without a budget.
         let started = Instant::now();
-        let (pending, _) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        let (pending, _, _) = gather(&mut rx, batch(1, 100), &requests, size).await;
         assert_eq!((pending.len(), started.elapsed()), (1, Duration::from_secs(5)));
         // Held at its bound: what is queued goes at once.
         budget.take(1 << 20);
@@ -330,7 +385,7 @@ mod tests {
         tx.send(batch(2, 100)).await.unwrap();
         tx.send(batch(3, 100)).await.unwrap();
         let started = Instant::now();
-        let (pending, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        let (pending, _, open) = gather(&mut rx, batch(1, 100), &requests, size).await;
         assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!((open, started.elapsed()), (true, Duration::ZERO));
         // Held in the middle of a gathering: it goes within a poll.
@@ -343,7 +398,7 @@ mod tests {
             })
         };
         let started = Instant::now();
-        let (pending, _) = gather(&mut rx, batch(4, 100), &requests, size).await;
+        let (pending, _, _) = gather(&mut rx, batch(4, 100), &requests, size).await;
         assert_eq!(pending.len(), 1);
         assert_eq!(started.elapsed(), Duration::from_secs(2), "woken when reading is held, not at the interval");
         held_later.await.unwrap();
