@@ -128,7 +128,18 @@ fn endpoint() {
                         let (total, with) = docs.fold((0, 0), |(total, with), doc| (total + 1, with + u64::from(enriched(doc))));
                         seen.count(with, total - with);
                         seen.keep(&body);
-                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from_static(br#"{"errors":false}"#))))
+                        // What Elasticsearch answers under the sink's `filter_path`: a status per item.
+                        let mut reply = Vec::with_capacity(32 + total as usize * 26);
+                        reply.extend_from_slice(br#"{"errors":false,"items":["#);
+                        for i in 0..total {
+                            reply.extend_from_slice(if i == 0 {
+                                &br#"{"create":{"status":201}}"#[..]
+                            } else {
+                                &br#",{"create":{"status":201}}"#[..]
+                            });
+                        }
+                        reply.extend_from_slice(b"]}");
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(reply))))
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;

@@ -52,6 +52,16 @@ impl Packed {
         self.data.len()
     }
 
+    /// Plain bytes that sending it whole in a body (compressed when `gzip`) compresses:
+    /// none when it is already compressed, or the body is not.
+    pub fn work(&self, gzip: bool) -> usize {
+        if gzip && !self.gzip {
+            self.plain_len
+        } else {
+            0
+        }
+    }
+
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
         self.plain_len == 0
@@ -180,6 +190,10 @@ pub const KEPT_BUFFER: usize = 4 << 20;
 /// The compressed-output buffer kept for the next piece: every thread that ever put a body
 /// together keeps one, so only a modest one.
 const KEPT_OUTPUT: usize = 1 << 20;
+
+/// Plain bytes a body may compress or inflate on an async thread (a fraction of a
+/// millisecond at gzip's fastest level); a body that takes more is put together off them.
+pub const INLINE_WORK: usize = 64 * 1024;
 
 /// Plain bytes a body gathers before it compresses them as a piece.
 const PENDING_LIMIT: usize = 256 * 1024;

@@ -251,6 +251,11 @@ impl Exporter {
         self.finish(body)
     }
 
+    /// Whether bodies are compressed.
+    pub fn gzip(&self) -> bool {
+        self.gzip
+    }
+
     /// The encoded `Export*ServiceRequest` `message`, compressed (at level 1, as the log
     /// sink's pieces; tonic would compress at level 6) and framed as this exporter sends it.
     pub fn payload_of(&self, message: &[u8]) -> Payload {

@@ -19,7 +19,7 @@ use crate::config::OtlpSinkConfig;
 use crate::logs::ack::AckMsg;
 use crate::logs::budget::ReadBudget;
 use crate::otlp::{self, Exporter, FailureKind, Payload};
-use crate::packed::Packer;
+use crate::packed::{Packer, INLINE_WORK};
 
 const SINK: &str = "otlp";
 
@@ -87,9 +87,12 @@ impl Tally<'_> {
     }
 }
 
-/// The request of `run`'s batches, put together off the async threads (small pieces are
-/// compressed there).
+/// The request of `run`'s batches: their pieces, shared; put together off the async threads
+/// when small pieces in it take more than a little compressing.
 async fn payload(exporter: &Exporter, run: &[Arc<Batch>]) -> Payload {
+    if run.iter().map(|b| b.otlp.work(exporter.gzip())).sum::<usize>() <= INLINE_WORK {
+        return Packer::with(|packer| exporter.payload(run.iter().map(|b| &b.otlp), packer));
+    }
     let (owned, batches) = (exporter.clone(), run.to_vec());
     let made = tokio::task::spawn_blocking(move || Packer::with(|packer| owned.payload(batches.iter().map(|b| &b.otlp), packer)));
     match made.await {

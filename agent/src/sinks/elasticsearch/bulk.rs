@@ -73,15 +73,7 @@ const INDEX_LEN: usize = 12;
 /// and those records' compressed again with `packer`, together with the small pieces next
 /// to them.
 pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Chunks {
-    // Runs of items of one batch, in order, one after another: (first item, count).
-    let mut runs = Vec::new();
-    let mut rest = items;
-    while let Some(first) = rest.first() {
-        let run = rest.iter().zip(first.index..).take_while(|(item, i)| Arc::ptr_eq(&item.batch, &first.batch) && item.index == *i).count();
-        runs.push((first, &rest[run - 1]));
-        rest = &rest[run..];
-    }
-    let whole = |(first, last): &(&Item, &Item)| first.index == 0 && last.index as usize + 1 == first.batch.bulk.ends().len();
+    let runs = runs(items);
     let mut body = Body::new(gzip, 0, runs.len(), packer);
     // The plain lines of the last batch some of whose records went in: a batch's runs follow
     // each other, so each is inflated once.
@@ -99,6 +91,35 @@ pub fn body(items: &[Item], gzip: bool, packer: &mut Packer) -> Chunks {
         body.push_plain(&lines[run.0.span().start..run.1.span().end]);
     }
     body.finish()
+}
+
+/// Runs of items of one batch, in order, one after another: (first item, last item).
+fn runs(items: &[Item]) -> Vec<(&Item, &Item)> {
+    let mut runs = Vec::new();
+    let mut rest = items;
+    while let Some(first) = rest.first() {
+        let run = rest.iter().zip(first.index..).take_while(|(item, i)| Arc::ptr_eq(&item.batch, &first.batch) && item.index == *i).count();
+        runs.push((first, &rest[run - 1]));
+        rest = &rest[run..];
+    }
+    runs
+}
+
+/// Whether a run is all of its batch.
+fn whole((first, last): &(&Item, &Item)) -> bool {
+    first.index == 0 && last.index as usize + 1 == first.batch.bulk.ends().len()
+}
+
+/// Plain bytes that putting the body for `items` together compresses or inflates: none
+/// where it is made of whole batches already compressed (or is not compressed at all).
+pub fn body_work(items: &[Item], gzip: bool) -> usize {
+    runs(items)
+        .iter()
+        .map(|run| match whole(run) {
+            true => run.0.batch.bulk.work(gzip),
+            false => run.0.batch.bulk.plain_len() + run.0.span().start.abs_diff(run.1.span().end),
+        })
+        .sum()
 }
 
 /// Splits `items` into runs whose bodies stay under `max_bytes` (a single larger item is a
@@ -137,10 +158,9 @@ pub enum Outcome {
     Rejected(String),
 }
 
+/// A `_bulk` reply's items, read where some failed.
 #[derive(Deserialize)]
 struct Reply {
-    #[serde(default)]
-    errors: bool,
     #[serde(default)]
     items: Vec<std::collections::HashMap<String, ItemReply>>,
 }
@@ -152,12 +172,24 @@ struct ItemReply {
     error: Option<serde_json::Value>,
 }
 
-/// Reads a `_bulk` reply for `count` items.
+/// A `_bulk` reply read only for whether any item failed, and how many items it has.
+#[derive(Deserialize)]
+struct Summary {
+    #[serde(default)]
+    errors: bool,
+    #[serde(default)]
+    items: Vec<serde::de::IgnoredAny>,
+}
+
+/// Reads a `_bulk` reply for `count` items. Where no item failed (`errors: false`, as for
+/// nearly every request) the items are only counted, not read.
 pub fn outcomes(reply: &[u8], count: usize) -> Result<Vec<Outcome>, String> {
-    let reply: Reply = serde_json::from_slice(reply).map_err(|e| format!("unreadable _bulk reply: {e}"))?;
-    if !reply.errors && reply.items.is_empty() {
+    let unreadable = |e: serde_json::Error| format!("unreadable _bulk reply: {e}");
+    let summary: Summary = serde_json::from_slice(reply).map_err(unreadable)?;
+    if !summary.errors && (summary.items.is_empty() || summary.items.len() == count) {
         return Ok(vec![Outcome::Created; count]);
     }
+    let reply: Reply = serde_json::from_slice(reply).map_err(unreadable)?;
     if reply.items.len() != count {
         return Err(format!("_bulk reply has {} items for {count} sent", reply.items.len()));
     }
@@ -331,6 +363,10 @@ mod tests {
     #[test]
     fn a_clean_filtered_reply_means_all_created_and_a_short_one_is_an_error() {
         assert_eq!(outcomes(br#"{"errors":false}"#, 3).unwrap(), vec![Outcome::Created; 3]);
+        let clean = br#"{"errors":false,"items":[{"create":{"status":201}},{"create":{"status":201}}]}"#;
+        assert_eq!(outcomes(clean, 2).unwrap(), vec![Outcome::Created; 2]);
+        assert!(outcomes(clean, 3).unwrap_err().contains("2 items for 3 sent"));
+        assert!(outcomes(br#"{"errors":false,"items":[{"create":{"status":201}},{"create":"#, 2).is_err(), "cut short");
         assert!(outcomes(br#"{"errors":true,"items":[{"create":{"status":201}}]}"#, 2).is_err());
         assert!(outcomes(b"<html>", 1).is_err());
     }

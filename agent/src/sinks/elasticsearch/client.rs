@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 
 use super::bulk::{self, Item};
 use crate::config::{redact_url, Compression, ElasticsearchConfig};
-use crate::packed::Packer;
+use crate::packed::{Packer, INLINE_WORK};
 
 /// How a `_bulk` request ended.
 #[derive(Debug)]
@@ -83,12 +83,17 @@ impl Client {
         let endpoint = &self.endpoints[current];
         let failure = |reason: String| Failure { endpoint: redact_url(endpoint), reason };
         let mut request = self.auth.apply(self.http.post(format!("{endpoint}{}", self.path)));
-        // Copying megabytes (and compressing again what is sent again alone): off the async
-        // threads.
-        let (owned, gzip) = (items.to_vec(), self.gzip);
-        let body = tokio::task::spawn_blocking(move || Packer::with(|packer| bulk::body(&owned, gzip, packer)))
-            .await
-            .map_err(|e| failure(e.to_string()))?;
+        // A body of whole batches already compressed is their pieces, shared: put together
+        // here. One that compresses or inflates more than a little does it off the async threads.
+        let gzip = self.gzip;
+        let body = if bulk::body_work(items, gzip) <= INLINE_WORK {
+            Packer::with(|packer| bulk::body(items, gzip, packer))
+        } else {
+            let owned = items.to_vec();
+            tokio::task::spawn_blocking(move || Packer::with(|packer| bulk::body(&owned, gzip, packer)))
+                .await
+                .map_err(|e| failure(e.to_string()))?
+        };
         if self.gzip {
             request = request.header(CONTENT_ENCODING, "gzip");
         }
