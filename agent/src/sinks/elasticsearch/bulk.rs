@@ -181,32 +181,35 @@ struct Summary {
     items: Vec<serde::de::IgnoredAny>,
 }
 
-/// Reads a `_bulk` reply for `count` items. Where no item failed (`errors: false`, as for
-/// nearly every request) the items are only counted, not read.
-pub fn outcomes(reply: &[u8], count: usize) -> Result<Vec<Outcome>, String> {
+/// Reads a `_bulk` reply for `count` items: `None` when every item was created (`errors:
+/// false`, as for nearly every request; the items are then only counted, not read), else
+/// each item's outcome.
+pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, String> {
     let unreadable = |e: serde_json::Error| format!("unreadable _bulk reply: {e}");
     let summary: Summary = serde_json::from_slice(reply).map_err(unreadable)?;
     if !summary.errors && (summary.items.is_empty() || summary.items.len() == count) {
-        return Ok(vec![Outcome::Created; count]);
+        return Ok(None);
     }
     let reply: Reply = serde_json::from_slice(reply).map_err(unreadable)?;
     if reply.items.len() != count {
         return Err(format!("_bulk reply has {} items for {count} sent", reply.items.len()));
     }
-    Ok(reply
-        .items
-        .into_iter()
-        .map(|mut item| {
-            let Some((_, item)) = item.drain().next() else { return Outcome::Failed("empty item in the reply".into()) };
-            match item.status {
-                200..=299 => Outcome::Created,
-                409 => Outcome::Duplicate,
-                429 => Outcome::Overloaded,
-                500..=599 => Outcome::Failed(reason(item.status, item.error.as_ref())),
-                _ => Outcome::Rejected(reason(item.status, item.error.as_ref())),
-            }
-        })
-        .collect())
+    Ok(Some(
+        reply
+            .items
+            .into_iter()
+            .map(|mut item| {
+                let Some((_, item)) = item.drain().next() else { return Outcome::Failed("empty item in the reply".into()) };
+                match item.status {
+                    200..=299 => Outcome::Created,
+                    409 => Outcome::Duplicate,
+                    429 => Outcome::Overloaded,
+                    500..=599 => Outcome::Failed(reason(item.status, item.error.as_ref())),
+                    _ => Outcome::Rejected(reason(item.status, item.error.as_ref())),
+                }
+            })
+            .collect(),
+    ))
 }
 
 fn reason(status: u16, error: Option<&serde_json::Value>) -> String {
@@ -354,7 +357,7 @@ mod tests {
             {"create":{"status":503,"error":{"type":"unavailable_shards_exception","reason":"x"}}},
             {"create":{"status":400,"error":{"type":"document_parsing_exception","reason":"failed to parse","caused_by":{"reason":"bad date"}}}}
         ]}"#;
-        let got = outcomes(reply, 5).unwrap();
+        let got = outcomes(reply, 5).unwrap().unwrap();
         assert_eq!(got[..3], [Outcome::Created, Outcome::Duplicate, Outcome::Overloaded]);
         assert_eq!(got[3], Outcome::Failed("503 unavailable_shards_exception: x".into()));
         assert_eq!(got[4], Outcome::Rejected("400 document_parsing_exception: failed to parse (bad date)".into()));
@@ -362,9 +365,9 @@ mod tests {
 
     #[test]
     fn a_clean_filtered_reply_means_all_created_and_a_short_one_is_an_error() {
-        assert_eq!(outcomes(br#"{"errors":false}"#, 3).unwrap(), vec![Outcome::Created; 3]);
+        assert_eq!(outcomes(br#"{"errors":false}"#, 3).unwrap(), None, "all created");
         let clean = br#"{"errors":false,"items":[{"create":{"status":201}},{"create":{"status":201}}]}"#;
-        assert_eq!(outcomes(clean, 2).unwrap(), vec![Outcome::Created; 2]);
+        assert_eq!(outcomes(clean, 2).unwrap(), None);
         assert!(outcomes(clean, 3).unwrap_err().contains("2 items for 3 sent"));
         assert!(outcomes(br#"{"errors":false,"items":[{"create":{"status":201}},{"create":"#, 2).is_err(), "cut short");
         assert!(outcomes(br#"{"errors":true,"items":[{"create":{"status":201}}]}"#, 2).is_err());

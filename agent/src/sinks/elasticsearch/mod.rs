@@ -120,23 +120,34 @@ impl Health {
 
 /// Delivers every record of `batches`, returning once each has settled.
 async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) {
-    let items: Vec<Item> =
+    let mut items: Vec<Item> =
         batches.iter().flat_map(|b| (0..b.bulk.ends().len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
-    let mut runs: VecDeque<Vec<Item>> =
-        bulk::split_by_size(&items, config.batch_max_bytes).into_iter().map(|r| items[r].to_vec()).collect();
+    let mut runs = VecDeque::new();
+    for run in bulk::split_by_size(&items, config.batch_max_bytes).into_iter().rev() {
+        runs.push_front(if run.start == 0 { std::mem::take(&mut items) } else { items.split_off(run.start) });
+    }
     let tally = Tally { metrics };
     let sink = SinkLabels { sink: SINK };
     while let Some(mut todo) = runs.pop_front() {
         let mut attempt = 0u32;
-        // Per item of `todo`: 5xx answers while Elasticsearch accepted other records.
-        let mut strikes: Vec<u32> = vec![0; todo.len()];
+        // Per item of `todo`: 5xx answers while Elasticsearch accepted other records (made
+        // at the first reply that is not all created).
+        let mut strikes: Vec<u32> = Vec::new();
         while !todo.is_empty() {
             let sent_at = Instant::now();
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
                     let outcomes = match bulk::outcomes(&reply, todo.len()) {
-                        Ok(outcomes) => outcomes,
+                        Ok(None) => {
+                            health.accepted();
+                            tally.count("delivered", todo.len());
+                            break;
+                        }
+                        Ok(Some(outcomes)) => {
+                            strikes.resize(todo.len(), 0);
+                            outcomes
+                        }
                         Err(e) => {
                             // Resending everything is safe: what was applied answers 409.
                             tracing::warn!(error = %e, "unusable _bulk reply; sending the request again");
