@@ -134,16 +134,16 @@ impl Packer {
     /// `ends`. For a gzip body, a piece under [`SMALL_PIECE`] is kept plain: compressed
     /// alone it would barely shrink, so it is compressed with its neighbours in the body.
     pub fn pack(&mut self, plain: &[u8], gzip: bool, ends: Vec<u32>) -> Packed {
-        if gzip && plain.len() >= SMALL_PIECE {
-            return self.compressed(plain, ends);
-        }
-        Packed { data: Bytes::copy_from_slice(plain), gzip: false, crc: 0, plain_len: plain.len(), ends }
+        let mut piece = self.piece(gzip);
+        piece.write(plain);
+        piece.finish(ends)
     }
 
     /// `plain` compressed as a piece, whatever its size.
     pub fn compressed(&mut self, plain: &[u8], ends: Vec<u32>) -> Packed {
-        let crc = crc32fast::hash(plain);
-        Packed { data: Bytes::from(self.deflate(plain)), gzip: true, crc, plain_len: plain.len(), ends }
+        let mut piece = self.piece(true);
+        piece.write(plain);
+        piece.finish_compressed(ends)
     }
 
     /// Packs what `write` puts into a reused buffer; `write` returns the record ends.
@@ -159,28 +159,116 @@ impl Packer {
         packed
     }
 
-    /// Raw deflate of `plain` from a fresh state, ending in a sync flush; sized to fit.
-    fn deflate(&mut self, plain: &[u8]) -> Vec<u8> {
-        let deflate = self.deflate.get_or_insert_with(|| Compress::new(Compression::fast(), false));
-        deflate.reset();
+    /// A piece written part by part ([`Piece::write`]), for a gzip body (when `gzip`) or a
+    /// plain one. For a gzip body, its parts are compressed as they come once they are past
+    /// [`SMALL_PIECE`]: the caller renders a little at a time, and the piece is never held
+    /// whole uncompressed.
+    pub fn piece(&mut self, gzip: bool) -> Piece<'_> {
+        let mut held = std::mem::take(&mut self.plain);
+        held.clear();
+        Piece { packer: self, gzip, started: false, crc: crc32fast::Hasher::new(), plain_len: 0, held }
+    }
+
+    /// Starts a raw deflate stream from a fresh state into the output buffer.
+    fn begin(&mut self) {
+        self.deflate.get_or_insert_with(|| Compress::new(Compression::fast(), false)).reset();
         self.out.clear();
-        self.out.reserve(plain.len() / 4 + 64);
-        let (start_in, start_out) = (deflate.total_in(), deflate.total_out());
+    }
+
+    /// Compresses `input` into the stream begun by [`Packer::begin`] (`flush`: none between
+    /// parts, a sync flush at the end, so the piece ends on a byte boundary).
+    fn deflate(&mut self, mut input: &[u8], flush: FlushCompress) {
+        let deflate = self.deflate.as_mut().expect("begun");
+        self.out.reserve(input.len() / 4 + 64);
         loop {
-            let consumed = (deflate.total_in() - start_in) as usize;
-            deflate.compress_vec(&plain[consumed..], &mut self.out, FlushCompress::Sync).expect("deflate into memory");
-            // Done once every byte is in and the flush left room to spare.
-            if (deflate.total_in() - start_in) as usize == plain.len() && self.out.len() < self.out.capacity() {
-                break;
+            let before = deflate.total_in();
+            deflate.compress_vec(input, &mut self.out, flush).expect("deflate into memory");
+            input = &input[(deflate.total_in() - before) as usize..];
+            // Done once every byte is in and the output has room to spare (a flush that
+            // filled it may have more to write).
+            if input.is_empty() && self.out.len() < self.out.capacity() {
+                return;
             }
             self.out.reserve(self.out.capacity().max(4096));
         }
-        debug_assert_eq!((deflate.total_out() - start_out) as usize, self.out.len());
-        let data = self.out.as_slice().to_vec();
+    }
+
+    /// What the stream wrote, sized to fit; the output buffer is kept when modest.
+    fn take_output(&mut self) -> Bytes {
+        let data = Bytes::copy_from_slice(&self.out);
         if self.out.capacity() > KEPT_OUTPUT {
             self.out = Vec::new();
         }
         data
+    }
+}
+
+/// A piece being written: see [`Packer::piece`].
+pub struct Piece<'p> {
+    packer: &'p mut Packer,
+    gzip: bool,
+    /// Compressing has begun: what came is in the packer's deflate stream.
+    started: bool,
+    crc: crc32fast::Hasher,
+    plain_len: usize,
+    /// Plain bytes not compressed (yet): all of them for a plain body, the first ones of a
+    /// gzip body until they pass [`SMALL_PIECE`].
+    held: Vec<u8>,
+}
+
+impl Piece<'_> {
+    /// Appends `plain` to the piece.
+    pub fn write(&mut self, plain: &[u8]) {
+        self.plain_len += plain.len();
+        if !self.gzip {
+            return self.held.extend_from_slice(plain);
+        }
+        self.crc.update(plain);
+        if !self.started {
+            if self.held.len() + plain.len() < SMALL_PIECE {
+                return self.held.extend_from_slice(plain);
+            }
+            self.start();
+        }
+        self.packer.deflate(plain, FlushCompress::None);
+    }
+
+    /// Begins compressing, with what was held.
+    fn start(&mut self) {
+        self.packer.begin();
+        self.started = true;
+        self.packer.deflate(&self.held, FlushCompress::None);
+        self.held.clear();
+    }
+
+    /// The piece, with the record ends `ends`: compressed, or plain where it stayed small (or
+    /// the body is plain).
+    pub fn finish(self, ends: Vec<u32>) -> Packed {
+        if !self.started {
+            let data = Bytes::copy_from_slice(&self.held);
+            return Packed { data, gzip: false, crc: 0, plain_len: self.plain_len, ends };
+        }
+        self.packer.deflate(&[], FlushCompress::Sync);
+        let crc = self.crc.clone().finalize();
+        Packed { data: self.packer.take_output(), gzip: true, crc, plain_len: self.plain_len, ends }
+    }
+
+    /// The piece compressed, however small.
+    pub fn finish_compressed(mut self, ends: Vec<u32>) -> Packed {
+        assert!(self.gzip, "a compressed piece for a plain body");
+        if !self.started {
+            self.start();
+        }
+        self.finish(ends)
+    }
+}
+
+impl Drop for Piece<'_> {
+    /// Gives the held buffer back for the next piece, unless a rare huge piece grew it.
+    fn drop(&mut self) {
+        if self.held.capacity() <= KEPT_BUFFER {
+            self.packer.plain = std::mem::take(&mut self.held);
+        }
     }
 }
 
@@ -485,6 +573,43 @@ mod tests {
         body.push_plain(b"x");
         let body = body.finish().to_vec();
         assert_eq!((&body[..5], &body[5..body.len() - 1], body[body.len() - 1]), (&[0u8; 5][..], &plain[..], b'x'));
+    }
+
+    #[test]
+    fn a_piece_written_part_by_part_is_the_piece_of_the_whole_and_stays_plain_while_small() {
+        let mut packer = Packer::new();
+        let plain = text(7, 4000);
+        let mut piece = packer.piece(true);
+        for part in plain.chunks(1000) {
+            piece.write(part);
+        }
+        let piece = piece.finish(vec![3]);
+        let whole = Packer::new().pack(&plain, true, vec![3]);
+        assert!(piece.gzip && piece.packed_len() * 4 < plain.len(), "{} bytes for {}", piece.packed_len(), plain.len());
+        assert_eq!((&piece.plain()[..], piece.ends(), piece.crc), (&plain[..], &[3][..], whole.crc));
+        let mut body = Body::new(true, 0, 2, &mut packer);
+        body.push(&piece);
+        body.push(&whole);
+        assert_eq!(gunzip(&body.finish().to_vec()), [&plain[..], &plain[..]].concat(), "pieces back to back are one member");
+        // Parts adding up to less than a small piece are held plain, then compressed only
+        // when asked to be.
+        let mut piece = packer.piece(true);
+        piece.write(b"one line\n");
+        piece.write(b"another\n");
+        let small = piece.finish(Vec::new());
+        assert!(!small.gzip);
+        assert_eq!(&small.plain()[..], b"one line\nanother\n");
+        let mut piece = packer.piece(true);
+        piece.write(b"one line\n");
+        let forced = piece.finish_compressed(Vec::new());
+        assert!(forced.gzip);
+        assert_eq!(&forced.plain()[..], b"one line\n");
+        // For a plain body, parts are simply joined.
+        let mut piece = packer.piece(false);
+        piece.write(&plain[..5000]);
+        piece.write(&plain[5000..]);
+        let raw = piece.finish(Vec::new());
+        assert_eq!((raw.gzip, &raw.plain()[..]), (false, &plain[..]));
     }
 
     #[test]

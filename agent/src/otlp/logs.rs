@@ -285,9 +285,17 @@ pub fn request<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 /// Appends `part` (one encoded `ResourceLogs`) as a field of `ExportLogsServiceRequest`:
 /// such fields back to back are the request.
 pub fn frame(part: &[u8], out: &mut Vec<u8>) {
-    encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(part.len() as u64, out);
+    out.extend_from_slice(&frame_head(part.len()));
     out.extend_from_slice(part);
+}
+
+/// The key and length that go before a `ResourceLogs` of `len` bytes in
+/// `ExportLogsServiceRequest`.
+pub fn frame_head(len: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(11);
+    encode_key(1, WireType::LengthDelimited, &mut head);
+    encode_varint(len as u64, &mut head);
+    head
 }
 
 #[cfg(test)]

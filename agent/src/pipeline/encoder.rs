@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::counts::{AppLabels, CountFamilies, Counts};
-use crate::config::LogsConfig;
+use crate::config::{Compression, LogsConfig};
 use crate::identity::path::{self, ContainerRef};
 use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
@@ -163,10 +163,11 @@ impl Encoder {
         }
         let cached = self.templates.get_mut(&info.reference).expect("inserted above");
         cached.used = now;
-        let (docs, otlp) = (&mut self.docs, &mut self.otlp);
+        let (docs, otlp, packer) = (&mut self.docs, &mut self.otlp, &mut self.packer);
         docs.clear();
         otlp.clear();
         let records = if cached.excluded { 0 } else { chunk.records.len() };
+        let mut bulk_lines = None;
         if !cached.excluded {
             self.extractor.extract(chunk, &mut self.structured);
             let structured = &self.structured;
@@ -176,16 +177,21 @@ impl Encoder {
                 .zip(&structured.records)
                 .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
                 .collect();
-            if self.formats.documents() {
-                // For Elasticsearch alone, rendered straight as `_bulk` lines.
-                let (file, index) = (chunk.source.id, cached.index.as_deref());
-                let actions = self.formats.bulk.is_some() && !self.formats.ecs;
-                docs.actions = actions;
-                ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |offset, out| {
-                    if actions {
-                        bulk::action(file, index, offset, out);
-                    }
-                });
+            match self.formats.bulk {
+                // For Elasticsearch alone, rendered straight as `_bulk` lines into their piece,
+                // a little at a time.
+                Some(compression) if !self.formats.ecs => {
+                    let (file, index) = (chunk.source.id, cached.index.as_deref());
+                    let mut piece = packer.piece(compression == Compression::Gzip);
+                    let action = |offset, out: &mut Vec<u8>| bulk::action(file, index, offset, out);
+                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, action, Some(&mut piece));
+                    bulk_lines = Some(piece.finish(std::mem::take(&mut docs.ends)));
+                    docs.clear();
+                }
+                _ if self.formats.documents() => {
+                    ecs::encode_chunk(chunk, &cached.template, &levels, structured, docs, |_, _| {}, None);
+                }
+                _ => {}
             }
             if self.formats.otlp_records() && records > 0 {
                 let now = std::time::SystemTime::now();
@@ -199,7 +205,11 @@ impl Encoder {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let batch = Batch::new(seq, chunk.source.id, records, cached.index.clone()).packed(docs, otlp, self.formats, &mut self.packer);
+        let mut batch = Batch::new(seq, chunk.source.id, records, cached.index.clone());
+        if let Some(lines) = bulk_lines {
+            batch = batch.with_bulk(lines);
+        }
+        let batch = batch.packed(docs, otlp, self.formats, packer);
         // A chunk of huge lines does not leave its buffers behind.
         if docs.bytes.capacity() > KEPT_BUFFER {
             *docs = Documents::default();
@@ -334,20 +344,32 @@ mod tests {
     fn bulk_lines_rendered_straight_for_elasticsearch_alone_are_the_lines_made_from_documents() {
         let pods_dir = tempfile::tempdir().unwrap();
         let line = chunk(pods_dir.path(), "ml", "trainer-0", "epoch 1 \"done\"");
-        let lines = |formats: Formats| {
+        // Enough records for their documents to go into their piece in several parts.
+        let mut many = chunk(pods_dir.path(), "ml", "trainer-0", "epoch 1 \"done\"");
+        let first = many.records[0].clone();
+        for i in 1..3000u64 {
+            let message = many.push_bytes(format!("step {i} loss {:.6}", 1.0 / i as f64).as_bytes());
+            many.records.push(Record { message, offset: i * 100, ..first.clone() });
+        }
+        let lines = |formats: Formats, chunk: &Chunk| {
             let logs = LogsConfig { pods_dir: pods_dir.path().to_path_buf(), ..LogsConfig::default() };
             let enricher = Enricher::new("node-1".into(), String::new());
             let derived = Derived::new(&[], crate::logs::derived::DerivedFamilies::default());
             let mut encoder = Encoder::new(enricher, None, &logs, formats, CountFamilies::default(), derived, Instant::now());
             encoder.set_data_streams(DataStreams::new("logs-{namespace}"));
-            let batch = encoder.encode(&line, Instant::now());
-            (batch.bulk.plain().into_owned(), batch.bulk.ends().to_vec(), batch.docs.len())
+            let batch = encoder.encode(chunk, Instant::now());
+            let held = encoder.docs.bytes.capacity();
+            (batch.bulk.plain().into_owned(), batch.bulk.ends().to_vec(), batch.docs.len(), held)
         };
         let gzip = Some(crate::config::Compression::Gzip);
-        let (alone, alone_ends, printed) = lines(Formats { bulk: gzip, ..Formats::default() });
-        let (with_stdout, ends, _) = lines(Formats { ecs: true, bulk: gzip, otlp: None });
+        let (alone, alone_ends, printed, held) = lines(Formats { bulk: gzip, ..Formats::default() }, &many);
+        let (with_stdout, ends, _, _) = lines(Formats { ecs: true, bulk: gzip, otlp: None }, &many);
+        assert_eq!(alone_ends.len(), 3000);
         assert_eq!((String::from_utf8(alone.clone()).unwrap(), alone_ends), (String::from_utf8(with_stdout).unwrap(), ends));
         assert_eq!(printed, 0, "no plain documents kept without stdout");
+        assert!(alone.len() > 8 * ecs::SPILL_BYTES, "{} bytes: rendered in several parts", alone.len());
+        assert!(held <= 2 * ecs::SPILL_BYTES, "{held} bytes held plain for {} of lines", alone.len());
+        let (alone, _, _, _) = lines(Formats { bulk: gzip, ..Formats::default() }, &line);
         let text = String::from_utf8(alone).unwrap();
         let mut parts = text.lines();
         let action: serde_json::Value = serde_json::from_str(parts.next().unwrap()).unwrap();

@@ -14,6 +14,7 @@ use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
 use crate::logs::structured::{Fields, Structured};
+use crate::packed::Piece;
 
 /// The fixed part of a container's documents, pre-rendered as JSON.
 #[derive(Debug, Clone)]
@@ -80,9 +81,6 @@ pub struct Documents {
     pub ends: Vec<u32>,
     /// Each document's source offset, for its deterministic id.
     pub offsets: Vec<u64>,
-    /// Each document is preceded by its `_bulk` action line: the bytes are `_bulk` lines
-    /// (rendered so when Elasticsearch is the only sink of documents).
-    pub actions: bool,
 }
 
 impl Documents {
@@ -91,7 +89,6 @@ impl Documents {
         self.bytes.clear();
         self.ends.clear();
         self.offsets.clear();
-        self.actions = false;
     }
 
     /// Number of documents.
@@ -114,7 +111,10 @@ impl Documents {
 /// Encodes every record of `chunk` with `template` into `out`; `levels[i]` is record i's
 /// `log.level`, when known, and `structured.records[i]` what its text gives (when given).
 /// `before` writes what precedes each document (given its offset): nothing, or its `_bulk`
-/// action line when the documents are rendered for Elasticsearch alone.
+/// action line when the documents are rendered for Elasticsearch alone. With `spill`, the
+/// rendered bytes go into that piece every [`SPILL_BYTES`] and at the end (`out` keeps each
+/// record's end and offset, counted from the chunk's first byte, and no bytes): the chunk's
+/// documents are never held whole.
 pub fn encode_chunk(
     chunk: &Chunk,
     template: &Template,
@@ -122,20 +122,37 @@ pub fn encode_chunk(
     structured: &Structured,
     out: &mut Documents,
     mut before: impl FnMut(u64, &mut Vec<u8>),
+    mut spill: Option<&mut Piece<'_>>,
 ) {
     let mut file = Vec::with_capacity(64);
     file.extend_from_slice(b",\"file\":{\"path\":");
     serde_json::to_writer(&mut file, &chunk.source.path.to_string_lossy()).expect("vec write");
     file.extend_from_slice(b"}},");
-    out.bytes.reserve(chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96));
+    let estimate = chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96);
+    out.bytes.reserve(if spill.is_some() { estimate.min(2 * SPILL_BYTES) } else { estimate });
+    // Bytes already spilled.
+    let mut spilled = 0;
     for (i, record) in chunk.records.iter().enumerate() {
         let fields = structured.records.get(i).map(|f| (structured, f));
         before(record.offset, &mut out.bytes);
         encode_record(chunk, record, levels.get(i).copied().flatten(), fields, &file, template, &mut out.bytes);
-        out.ends.push(out.bytes.len() as u32);
+        out.ends.push((spilled + out.bytes.len()) as u32);
         out.offsets.push(record.offset);
+        if let Some(piece) = spill.as_deref_mut().filter(|_| out.bytes.len() >= SPILL_BYTES) {
+            piece.write(&out.bytes);
+            spilled += out.bytes.len();
+            out.bytes.clear();
+        }
+    }
+    if let Some(piece) = spill {
+        piece.write(&out.bytes);
+        out.bytes.clear();
     }
 }
+
+/// Rendered bytes gathered before they go into a piece: small enough to be compressed while
+/// they are still in the CPU's cache.
+pub const SPILL_BYTES: usize = 64 * 1024;
 
 fn encode_record(
     chunk: &Chunk,
@@ -314,7 +331,7 @@ mod tests {
 
     fn encode_one(chunk: &Chunk) -> Value {
         let mut docs = Documents::default();
-        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &Structured::default(), &mut docs, |_, _| {});
+        encode_chunk(chunk, &Template::new(&meta()), &[Some(Level::Warn)], &Structured::default(), &mut docs, |_, _| {}, None);
         assert_eq!(docs.len(), 1);
         assert_eq!(*docs.doc(0).last().unwrap(), b'\n');
         serde_json::from_slice(docs.doc(0)).expect("valid JSON")
@@ -424,7 +441,7 @@ mod template_tests {
         let mut docs = Documents::default();
         let mut structured = Structured::default();
         crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
-        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &structured, &mut docs, |_, _| {});
+        encode_chunk(&chunk, &Template::new(&meta), &[Some(Level::Error)], &structured, &mut docs, |_, _| {}, None);
         let doc: Value = serde_json::from_slice(docs.doc(0)).unwrap();
         let mut fields = Vec::new();
         leaves(&doc, &mut Vec::new(), &mut fields);

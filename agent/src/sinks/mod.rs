@@ -56,28 +56,28 @@ impl Batch {
         Batch { seq, file, records, docs: ecs::Documents::default(), bulk: Packed::default(), otlp: Packed::default(), index }
     }
 
+    /// The batch with its `_bulk` lines already packed (rendered straight into their piece).
+    pub fn with_bulk(mut self, bulk: Packed) -> Batch {
+        self.bulk = bulk;
+        self
+    }
+
     /// The batch with `docs` (the ECS documents, each with its offset for its `_id`) and
     /// `otlp` (one encoded `ResourceLogs`, or nothing) packed as `formats` asks. `docs` is
-    /// taken only when a sink prints it; otherwise it is left for the caller to reuse. When
-    /// `docs` were rendered with their action lines (`actions`), they are packed as they are.
+    /// taken only when a sink prints it; otherwise it is left for the caller to reuse. `_bulk`
+    /// lines already packed ([`Batch::with_bulk`]) are kept.
     pub fn packed(mut self, docs: &mut ecs::Documents, otlp: &[u8], formats: Formats, packer: &mut Packer) -> Batch {
-        if let Some(compression) = formats.bulk.filter(|_| !docs.is_empty()) {
-            let gzip = compression == Compression::Gzip;
-            self.bulk = if docs.actions {
-                packer.pack(&docs.bytes, gzip, std::mem::take(&mut docs.ends))
-            } else {
-                let (file, index) = (self.file, self.index.as_deref());
-                packer.pack_with(gzip, |plain| elasticsearch::bulk::lines(file, index, docs, plain))
-            };
+        if let Some(compression) = formats.bulk.filter(|_| !docs.is_empty() && self.bulk.is_empty()) {
+            let (file, index) = (self.file, self.index.as_deref());
+            self.bulk = packer.pack_with(compression == Compression::Gzip, |plain| elasticsearch::bulk::lines(file, index, docs, plain));
         }
         if let Some(compression) = formats.otlp.filter(|_| !otlp.is_empty()) {
-            self.otlp = packer.pack_with(compression == Compression::Gzip, |plain| {
-                crate::otlp::logs::frame(otlp, plain);
-                Vec::new()
-            });
+            let mut piece = packer.piece(compression == Compression::Gzip);
+            piece.write(&crate::otlp::logs::frame_head(otlp.len()));
+            piece.write(otlp);
+            self.otlp = piece.finish(Vec::new());
         }
         if formats.ecs {
-            debug_assert!(!docs.actions, "documents for stdout are plain");
             self.docs = std::mem::take(docs);
         }
         self
