@@ -23,16 +23,37 @@ const MAX_NANOS: i128 = i64::MAX as i128;
 
 /// Classifies the timestamp field of a runtime line.
 pub fn classify(t: &[u8]) -> Stamp<'_> {
+    if is_next_in_second(t) {
+        return Stamp::Valid(Cow::Borrowed(t));
+    }
     let Some(lower_case) = timestamp_shape(t) else {
         return Stamp::NotTimestamp;
     };
-    if unix_nanos(t).is_none_or(|n| !(0..=MAX_NANOS).contains(&n)) {
-        return Stamp::Unusable;
+    match unix_nanos(t) {
+        Some(n) if (0..=MAX_NANOS).contains(&n) => {
+            // A whole second in range whatever its fraction: the next lines of it are quick.
+            if !lower_case && t[19] == b'.' && n + 1_000_000_000 <= MAX_NANOS {
+                VALID_SECOND.set(t[..19].try_into().expect("19 bytes"));
+            }
+        }
+        _ => return Stamp::Unusable,
     }
     if lower_case {
         return Stamp::Valid(Cow::Owned(t.to_ascii_uppercase()));
     }
     Stamp::Valid(Cow::Borrowed(t))
+}
+
+thread_local! {
+    /// The date and time of the last valid timestamp with a fraction (upper case, and in
+    /// range with any fraction): most lines of a file follow one another within a second.
+    static VALID_SECOND: Cell<[u8; 19]> = const { Cell::new([0; 19]) };
+}
+
+/// Whether `t` is `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, the form runtimes write, in the second
+/// of the last valid one: valid, as it stands, without reading its date again.
+fn is_next_in_second(t: &[u8]) -> bool {
+    t.len() == 30 && t[19] == b'.' && t[29] == b'Z' && t[20..29].iter().all(u8::is_ascii_digit) && t[..19] == VALID_SECOND.get()
 }
 
 /// For `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+` (a runtime's timestamp field,
@@ -173,6 +194,21 @@ mod tests {
         ] {
             assert_eq!(classify(t.as_bytes()), Stamp::Unusable, "{t}");
         }
+    }
+
+    #[test]
+    fn lines_within_a_known_second_are_checked_as_closely_as_the_first() {
+        assert_eq!(classify(b"2026-11-22T03:16:40.123456789Z"), Stamp::Valid(Cow::Borrowed(&b"2026-11-22T03:16:40.123456789Z"[..])));
+        for t in ["2026-11-22T03:16:40.12345678xZ", "2026-11-22T03:16:40.123456789z", "2026-11-22T03:16:40.1234567890Z"] {
+            assert_ne!(classify(t.as_bytes()), Stamp::Valid(Cow::Borrowed(t.as_bytes())), "{t}");
+        }
+        assert_eq!(classify(b"2026-11-22T03:16:40.999999999Z"), Stamp::Valid(Cow::Borrowed(&b"2026-11-22T03:16:40.999999999Z"[..])));
+        // The last second Elasticsearch stores is never taken as a known second.
+        assert_eq!(classify(b"2262-04-11T23:47:16.000000000Z"), Stamp::Valid(Cow::Borrowed(&b"2262-04-11T23:47:16.000000000Z"[..])));
+        assert_eq!(classify(b"2262-04-11T23:47:16.900000000Z"), Stamp::Unusable);
+        // A lower-case one is raised, and its second not remembered as written.
+        assert_eq!(classify(b"2026-11-22t03:16:41.5Z"), Stamp::Valid(Cow::Owned(b"2026-11-22T03:16:41.5Z".to_vec())));
+        assert_eq!(classify(b"2026-11-22t03:16:41.000000001Z"), Stamp::Valid(Cow::Owned(b"2026-11-22T03:16:41.000000001Z".to_vec())));
     }
 
     #[test]
