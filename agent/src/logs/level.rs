@@ -95,12 +95,13 @@ fn leading_word(t: &[u8]) -> Option<Level> {
 }
 
 /// The searchers, built once (building one costs more than a search of a log line).
-static LOGFMT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"level="));
 static JSON_KEYS: LazyLock<[Finder<'static>; 4]> =
     LazyLock::new(|| [Finder::new(b"\"level\""), Finder::new(b"\"severity\""), Finder::new(b"\"lvl\""), Finder::new(b"\"log.level\"")]);
 
 fn logfmt(t: &[u8]) -> Option<Level> {
-    let at = LOGFMT_KEY.find(t)?;
+    // The first `level=`, found from the `=` signs: a logfmt line is mostly key=value pairs,
+    // and a searcher for the key stops at every `=` anyway.
+    let at = memchr::memchr_iter(b'=', t).find(|&eq| eq >= 5 && &t[eq - 5..eq] == b"level")? - 5;
     if at > 0 && t[at - 1] != b' ' {
         return None;
     }
@@ -141,6 +142,11 @@ mod tests {
             ("INFO request id=3", Some(Level::Info)),
             ("CRITICAL GPU fell off the bus", Some(Level::Fatal)),
             ("time=2026-11-22 level=debug msg=x", Some(Level::Debug)),
+            ("level=error msg=x", Some(Level::Error)),
+            (r#"ts=1 level="warn" msg=x"#, Some(Level::Warn)),
+            ("a=b=c level=info", Some(Level::Info)),
+            ("sublevel=3 level=error", None),
+            ("lvl=x evel=error", None),
             ("Information is power", None),
             ("errors=0 warnings=3", None),
             ("step=120 loss=0.53", None),
