@@ -52,6 +52,11 @@ impl Packed {
         self.data.len()
     }
 
+    /// Whether it is held compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.gzip
+    }
+
     /// Plain bytes that sending it whole in a body (compressed when `gzip`) compresses:
     /// none when it is already compressed, or the body is not.
     pub fn work(&self, gzip: bool) -> usize {
@@ -134,6 +139,9 @@ impl Packer {
     /// `ends`. For a gzip body, a piece under [`SMALL_PIECE`] is kept plain: compressed
     /// alone it would barely shrink, so it is compressed with its neighbours in the body.
     pub fn pack(&mut self, plain: &[u8], gzip: bool, ends: Vec<u32>) -> Packed {
+        if !gzip || plain.len() < SMALL_PIECE {
+            return Packed { data: Bytes::copy_from_slice(plain), gzip: false, crc: 0, plain_len: plain.len(), ends };
+        }
         let mut piece = self.piece(gzip);
         piece.write(plain);
         piece.finish(ends)

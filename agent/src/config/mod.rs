@@ -287,8 +287,8 @@ impl Config {
                 return Err(key_error(key, why));
             }
         }
-        // Collectors refuse gRPC messages over 4 MiB unless configured otherwise; a request may
-        // pass the limit by one chunk (256 KiB).
+        // Collectors refuse gRPC messages over 4 MiB unless configured otherwise; a request
+        // passes the limit only when one chunk alone does.
         if otlp.protocol == OtlpProtocol::Grpc && otlp.batch_max_bytes > 3 * 1024 * 1024 {
             return Err(key_error(
                 "sinks.otlp.batch_max_bytes",

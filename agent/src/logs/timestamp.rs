@@ -31,9 +31,9 @@ pub fn classify(t: &[u8]) -> Stamp<'_> {
     };
     match unix_nanos(t) {
         Some(n) if (0..=MAX_NANOS).contains(&n) => {
-            // A whole second in range whatever its fraction: the next lines of it are quick.
-            if !lower_case && t[19] == b'.' && n + 1_000_000_000 <= MAX_NANOS {
-                VALID_SECOND.set(t[..19].try_into().expect("19 bytes"));
+            // A UTC second in range whatever its fraction: the next lines of it are quick.
+            if is_runtime_form(t) && n + 1_000_000_000 <= MAX_NANOS {
+                VALID_SECOND.set(t[..19].try_into().ok());
             }
         }
         _ => return Stamp::Unusable,
@@ -45,15 +45,20 @@ pub fn classify(t: &[u8]) -> Stamp<'_> {
 }
 
 thread_local! {
-    /// The date and time of the last valid timestamp with a fraction (upper case, and in
-    /// range with any fraction): most lines of a file follow one another within a second.
-    static VALID_SECOND: Cell<[u8; 19]> = const { Cell::new([0; 19]) };
+    /// The date and time of the last valid timestamp in the runtimes' form (UTC, upper case,
+    /// in range with any fraction): most lines of a file follow one another within a second.
+    static VALID_SECOND: Cell<Option<[u8; 19]>> = const { Cell::new(None) };
 }
 
 /// Whether `t` is `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, the form runtimes write, in the second
 /// of the last valid one: valid, as it stands, without reading its date again.
 fn is_next_in_second(t: &[u8]) -> bool {
-    t.len() == 30 && t[19] == b'.' && t[29] == b'Z' && t[20..29].iter().all(u8::is_ascii_digit) && t[..19] == VALID_SECOND.get()
+    is_runtime_form(t) && VALID_SECOND.get().is_some_and(|second| t[..19] == second)
+}
+
+/// `t` ends as `.nnnnnnnnnZ` (its date and time not looked at).
+fn is_runtime_form(t: &[u8]) -> bool {
+    t.len() == 30 && t[19] == b'.' && t[29] == b'Z' && t[20..29].iter().all(u8::is_ascii_digit)
 }
 
 /// For `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+` (a runtime's timestamp field,
@@ -206,6 +211,10 @@ mod tests {
         // The last second Elasticsearch stores is never taken as a known second.
         assert_eq!(classify(b"2262-04-11T23:47:16.000000000Z"), Stamp::Valid(Cow::Borrowed(&b"2262-04-11T23:47:16.000000000Z"[..])));
         assert_eq!(classify(b"2262-04-11T23:47:16.900000000Z"), Stamp::Unusable);
+        // A second read with an offset is not remembered: it is another second in UTC.
+        assert_eq!(classify(b"2262-04-12T00:47:15.5+01:00"), Stamp::Valid(Cow::Borrowed(&b"2262-04-12T00:47:15.5+01:00"[..])));
+        assert_eq!(classify(b"2262-04-12T00:47:15.000000000Z"), Stamp::Unusable);
+        assert_eq!(classify(&[0; 30]), Stamp::NotTimestamp);
         // A lower-case one is raised, and its second not remembered as written.
         assert_eq!(classify(b"2026-11-22t03:16:41.5Z"), Stamp::Valid(Cow::Owned(b"2026-11-22T03:16:41.5Z".to_vec())));
         assert_eq!(classify(b"2026-11-22t03:16:41.000000001Z"), Stamp::Valid(Cow::Owned(b"2026-11-22T03:16:41.000000001Z".to_vec())));

@@ -115,9 +115,16 @@ fn whole((first, last): &(&Item, &Item)) -> bool {
 pub fn body_work(items: &[Item], gzip: bool) -> usize {
     runs(items)
         .iter()
-        .map(|run| match whole(run) {
-            true => run.0.batch.bulk.work(gzip),
-            false => run.0.batch.bulk.plain_len() + run.0.span().start.abs_diff(run.1.span().end),
+        .map(|run| {
+            let piece = &run.0.batch.bulk;
+            match whole(run) {
+                true => piece.work(gzip),
+                // Inflated, when compressed, then compressed again, when the body is.
+                false => {
+                    let inflate = if piece.is_compressed() { piece.plain_len() } else { 0 };
+                    inflate + if gzip { run.0.span().start.abs_diff(run.1.span().end) } else { 0 }
+                }
+            }
         })
         .sum()
 }
@@ -187,8 +194,13 @@ struct Summary {
 pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, String> {
     let unreadable = |e: serde_json::Error| format!("unreadable _bulk reply: {e}");
     let summary: Summary = serde_json::from_slice(reply).map_err(unreadable)?;
-    if !summary.errors && (summary.items.is_empty() || summary.items.len() == count) {
+    if !summary.errors && summary.items.len() == count {
         return Ok(None);
+    }
+    if summary.items.is_empty() {
+        // Under the sink's `filter_path` Elasticsearch lists every item; a reply without them
+        // (a proxy, a wrong path) says nothing of the records.
+        return Err(format!("_bulk reply without items for {count} sent"));
     }
     let reply: Reply = serde_json::from_slice(reply).map_err(unreadable)?;
     if reply.items.len() != count {
@@ -365,7 +377,8 @@ mod tests {
 
     #[test]
     fn a_clean_filtered_reply_means_all_created_and_a_short_one_is_an_error() {
-        assert_eq!(outcomes(br#"{"errors":false}"#, 3).unwrap(), None, "all created");
+        assert!(outcomes(br#"{"errors":false}"#, 3).unwrap_err().contains("without items"));
+        assert!(outcomes(b"{}", 1).is_err(), "a reply that is not Elasticsearch's");
         let clean = br#"{"errors":false,"items":[{"create":{"status":201}},{"create":{"status":201}}]}"#;
         assert_eq!(outcomes(clean, 2).unwrap(), None);
         assert!(outcomes(clean, 3).unwrap_err().contains("2 items for 3 sent"));
