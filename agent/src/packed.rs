@@ -52,6 +52,11 @@ impl Packed {
         self.data.len()
     }
 
+    /// `plain` held as it is (copied), with the record ends `ends`.
+    fn kept_plain(plain: &[u8], ends: Vec<u32>) -> Packed {
+        Packed { data: Bytes::copy_from_slice(plain), gzip: false, crc: 0, plain_len: plain.len(), ends }
+    }
+
     /// Whether it is held compressed.
     pub fn is_compressed(&self) -> bool {
         self.gzip
@@ -140,7 +145,7 @@ impl Packer {
     /// alone it would barely shrink, so it is compressed with its neighbours in the body.
     pub fn pack(&mut self, plain: &[u8], gzip: bool, ends: Vec<u32>) -> Packed {
         if !gzip || plain.len() < SMALL_PIECE {
-            return Packed { data: Bytes::copy_from_slice(plain), gzip: false, crc: 0, plain_len: plain.len(), ends };
+            return Packed::kept_plain(plain, ends);
         }
         let mut piece = self.piece(gzip);
         piece.write(plain);
@@ -253,8 +258,7 @@ impl Piece<'_> {
     /// the body is plain).
     pub fn finish(self, ends: Vec<u32>) -> Packed {
         if !self.started {
-            let data = Bytes::copy_from_slice(&self.held);
-            return Packed { data, gzip: false, crc: 0, plain_len: self.plain_len, ends };
+            return Packed::kept_plain(&self.held, ends);
         }
         self.packer.deflate(&[], FlushCompress::Sync);
         let crc = self.crc.clone().finalize();
@@ -378,9 +382,7 @@ impl<'p> Body<'p> {
         }
         let piece = match self.gzip {
             true => self.packer.compressed(&self.pending, Vec::new()),
-            false => {
-                Packed { data: Bytes::copy_from_slice(&self.pending), gzip: false, crc: 0, plain_len: self.pending.len(), ends: Vec::new() }
-            }
+            false => Packed::kept_plain(&self.pending, Vec::new()),
         };
         self.pending.clear();
         self.append(&piece);
