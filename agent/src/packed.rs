@@ -284,6 +284,10 @@ impl Drop for Piece<'_> {
     }
 }
 
+/// Rendered bytes gathered before they go into a piece (documents, OTLP records): small
+/// enough to be compressed while they are still in the CPU's cache.
+pub const SPILL_BYTES: usize = 64 * 1024;
+
 /// Buffers larger than this are given back rather than kept for the next piece.
 pub const KEPT_BUFFER: usize = 4 << 20;
 

@@ -47,12 +47,12 @@ impl FileId {
 }
 
 /// The 32 lower-case hex digits of `id`.
-pub fn hex_id(id: u128, out: &mut Vec<u8>) {
+pub fn hex_id(id: u128) -> [u8; 32] {
     let mut text = [0u8; 32];
     for (pair, byte) in text.chunks_exact_mut(2).zip(id.to_be_bytes()) {
         pair.copy_from_slice(&HEX_PAIRS[byte as usize]);
     }
-    out.extend_from_slice(&text);
+    text
 }
 
 /// The two hex digits of each byte.

@@ -18,12 +18,12 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
 
-use crate::logs::chunk::{Chunk, Record};
+use crate::logs::chunk::{Chunk, Record, StreamKind};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
-use crate::logs::source::FileId;
 use crate::logs::structured::{Fields, Structured};
 use crate::otlp::{kv, text, unix_nanos};
+use crate::packed::{Piece, SPILL_BYTES};
 
 /// A container's `Resource`, encoded.
 #[derive(Debug, Clone)]
@@ -74,51 +74,138 @@ fn severity(level: Level) -> (SeverityNumber, &'static str) {
     }
 }
 
-/// Appends the `ResourceLogs` of `chunk` to `out`: every record, `levels[i]` being record i's
-/// level, observed at `observed`. A record is written field by field in the order prost
-/// writes a `LogRecord` (the same bytes, without building one); one whose text gave trace
-/// ids, a JSON object or flags is built as a `LogRecord` and encoded by prost.
+/// What [`encode_chunk`] works out before it writes (each record's length goes before the
+/// record, and the chunk's before the chunk), kept for the next chunk.
+#[derive(Debug, Default)]
+pub struct Layout {
+    records: Vec<Planned>,
+    /// Records built as `LogRecord`s (those whose text gave fields), encoded back to back.
+    encoded: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Planned {
+    level: Option<Level>,
+    /// `time_unix_nano`, parsed once.
+    time: u64,
+    /// The record's encoded length.
+    len: u32,
+    /// Where its bytes end in [`Layout::encoded`], when built by prost; written field by
+    /// field otherwise.
+    encoded_end: Option<u32>,
+}
+
+/// The `log.iostream` and `log.file.path` attributes of a chunk's records (fields 6 of a
+/// `LogRecord`), encoded once per chunk.
+struct Fixed {
+    streams: [Vec<u8>; 2],
+    path: Vec<u8>,
+}
+
+impl Fixed {
+    fn new(path: &str) -> Fixed {
+        let attribute = |key: &str, value: &[u8]| {
+            let mut out = Vec::with_capacity(key.len() + value.len() + 8);
+            string_attribute(key.as_bytes(), value, &mut out);
+            out
+        };
+        Fixed {
+            streams: [StreamKind::Stdout, StreamKind::Stderr].map(|s| attribute("log.iostream", s.as_str().as_bytes())),
+            path: attribute("log.file.path", path.as_bytes()),
+        }
+    }
+
+    fn stream(&self, stream: StreamKind) -> &[u8] {
+        &self.streams[usize::from(stream == StreamKind::Stderr)]
+    }
+}
+
+/// Writes the chunk as one `resource_logs` field of an `ExportLogsServiceRequest` (such
+/// fields back to back are the request): its `ResourceLogs`, every record, `levels[i]` being
+/// record i's level, observed at `observed`. A record is written field by field in the order
+/// prost writes a `LogRecord` (the same bytes, without building one); one whose text gave
+/// trace ids, a JSON object or flags is built as a `LogRecord` and encoded by prost.
+///
+/// The lengths are worked out first, so the records are written in their final place, once.
+/// With `spill`, the bytes go into that piece every [`SPILL_BYTES`] and at the end, while
+/// still in the CPU's cache, and `out` is left empty: the chunk is never held whole.
 pub fn encode_chunk(
     chunk: &Chunk,
     resource: &ResourceTemplate,
     levels: &[Option<Level>],
     structured: &Structured,
     observed: SystemTime,
+    layout: &mut Layout,
     out: &mut Vec<u8>,
+    mut spill: Option<&mut Piece<'_>>,
 ) {
     let observed = unix_nanos(observed);
     let path = chunk.source.path.to_string_lossy();
+    let fixed = Fixed::new(&path);
+    layout.records.clear();
+    layout.encoded.clear();
     // ScopeLogs { scope = 1; log_records = 2 }.
-    let mut scope = Vec::with_capacity(chunk.buf.len() + chunk.records.len() * (path.len() + 160));
-    scope.extend_from_slice(&SCOPE);
-    let mut record_bytes = Vec::with_capacity(256);
+    let mut scope_len = SCOPE.len();
     for (i, record) in chunk.records.iter().enumerate() {
         let level = levels.get(i).copied().flatten();
-        record_bytes.clear();
-        match structured.records.get(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty()) {
-            Some(fields) => {
-                let mut log = log_record(chunk, record, level, &path, observed, chunk.source.id);
+        let time = record_time(chunk, record);
+        let fields = structured.records.get(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty());
+        let planned = if fields.is_some() || !record.flags.is_empty() {
+            let mut log = log_record(chunk, record, level, &path, observed, time);
+            if let Some(fields) = fields {
                 add_structured(&mut log, chunk.message(record), fields);
-                log.encode_raw(&mut record_bytes);
             }
-            None if !record.flags.is_empty() => {
-                log_record(chunk, record, level, &path, observed, chunk.source.id).encode_raw(&mut record_bytes)
-            }
-            None => plain_record(chunk, record, level, &path, observed, &mut record_bytes),
-        }
-        encode_key(2, WireType::LengthDelimited, &mut scope);
-        encode_varint(record_bytes.len() as u64, &mut scope);
-        scope.extend_from_slice(&record_bytes);
+            let start = layout.encoded.len();
+            log.encode_raw(&mut layout.encoded);
+            Planned { level, time, len: (layout.encoded.len() - start) as u32, encoded_end: Some(layout.encoded.len() as u32) }
+        } else {
+            let body_len = match std::str::from_utf8(chunk.message(record)) {
+                Ok(text) => text.len(),
+                Err(_) => String::from_utf8_lossy(chunk.message(record)).len(),
+            };
+            let len = plain_record_len(time, level, body_len, record.stream, &fixed, observed);
+            Planned { level, time, len: len as u32, encoded_end: None }
+        };
+        scope_len += 1 + prost::encoding::encoded_len_varint(u64::from(planned.len)) + planned.len as usize;
+        layout.records.push(planned);
     }
     // ResourceLogs { resource = 1; scope_logs = 2 }, the resource already encoded.
     let resource = &resource.resource;
-    out.reserve(resource.len() + scope.len() + 2 * (1 + 5));
+    let resource_logs_len = string_field_len(1, resource.len()) + string_field_len(2, scope_len);
+    let start = out.len();
+    out.reserve(resource_logs_len.min(2 * SPILL_BYTES) + 16);
     encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(resource.len() as u64, out);
-    out.extend_from_slice(resource);
+    encode_varint(resource_logs_len as u64, out);
+    string_field(1, resource, out);
     encode_key(2, WireType::LengthDelimited, out);
-    encode_varint(scope.len() as u64, out);
-    out.extend_from_slice(&scope);
+    encode_varint(scope_len as u64, out);
+    out.extend_from_slice(&SCOPE);
+    let mut spilled = 0;
+    let mut encoded_start = 0;
+    for (record, planned) in chunk.records.iter().zip(&layout.records) {
+        encode_key(2, WireType::LengthDelimited, out);
+        encode_varint(u64::from(planned.len), out);
+        let before = out.len();
+        match planned.encoded_end {
+            Some(end) => {
+                out.extend_from_slice(&layout.encoded[encoded_start..end as usize]);
+                encoded_start = end as usize;
+            }
+            None => plain_record(chunk, record, planned.level, planned.time, &fixed, observed, out),
+        }
+        debug_assert_eq!(out.len() - before, planned.len as usize, "{record:?}");
+        if let Some(piece) = spill.as_deref_mut().filter(|_| out.len() - start >= SPILL_BYTES) {
+            piece.write(&out[start..]);
+            spilled += out.len() - start;
+            out.truncate(start);
+        }
+    }
+    let written = spilled + out.len() - start;
+    assert_eq!(written, 1 + prost::encoding::encoded_len_varint(resource_logs_len as u64) + resource_logs_len, "lengths worked out");
+    if let Some(piece) = spill {
+        piece.write(&out[start..]);
+        out.truncate(start);
+    }
 }
 
 /// `ScopeLogs.scope`: the agent as the instrumentation scope, encoded once.
@@ -131,9 +218,8 @@ static SCOPE: LazyLock<Vec<u8>> = LazyLock::new(|| {
 
 /// Writes a record without flags or fields from its text as prost writes its `LogRecord`:
 /// time (1), severity (2, 3), body (5), the `log.iostream`, `log.file.path` and
-/// `log.record.uid` attributes (6), observed time (11).
-fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, out: &mut Vec<u8>) {
-    let time = record_time(chunk, record);
+/// `log.record.uid` attributes (6), observed time (11). [`plain_record_len`] is its length.
+fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, time: u64, fixed: &Fixed, observed: u64, out: &mut Vec<u8>) {
     if time != 0 {
         encode_key(1, WireType::SixtyFourBit, out);
         out.extend_from_slice(&time.to_le_bytes());
@@ -156,23 +242,48 @@ fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str
     encode_key(5, WireType::LengthDelimited, out);
     encode_varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
-    let mut uid = Vec::with_capacity(32);
-    crate::logs::source::hex_id(chunk.source.id.record_id(record.offset), &mut uid);
-    for (key, value) in [("log.iostream", record.stream.as_str().as_bytes()), ("log.file.path", path.as_bytes()), ("log.record.uid", &uid)]
-    {
-        // KeyValue { key = 1; value = 2: AnyValue { string_value = 1 } }.
-        let value_len = string_field_len(1, value.len());
-        encode_key(6, WireType::LengthDelimited, out);
-        encode_varint((string_field_len(1, key.len()) + 1 + prost::encoding::encoded_len_varint(value_len as u64) + value_len) as u64, out);
-        string_field(1, key.as_bytes(), out);
-        encode_key(2, WireType::LengthDelimited, out);
-        encode_varint(value_len as u64, out);
-        string_field(1, value, out);
-    }
+    out.extend_from_slice(fixed.stream(record.stream));
+    out.extend_from_slice(&fixed.path);
+    string_attribute(b"log.record.uid", &crate::logs::source::hex_id(chunk.source.id.record_id(record.offset)), out);
     if observed != 0 {
         encode_key(11, WireType::SixtyFourBit, out);
         out.extend_from_slice(&observed.to_le_bytes());
     }
+}
+
+/// The length of what [`plain_record`] writes for a body of `body_len` bytes (after any
+/// replacement of invalid UTF-8).
+fn plain_record_len(time: u64, level: Option<Level>, body_len: usize, stream: StreamKind, fixed: &Fixed, observed: u64) -> usize {
+    let fixed64 = |value: u64| if value != 0 { 1 + 8 } else { 0 };
+    let severity = level
+        .map(severity)
+        .map_or(0, |(number, name)| 1 + prost::encoding::encoded_len_varint(number as u64) + string_field_len(3, name.len()));
+    fixed64(time)
+        + severity
+        + string_field_len(5, string_field_len(1, body_len))
+        + fixed.stream(stream).len()
+        + fixed.path.len()
+        + string_field_len(6, key_value_len(b"log.record.uid".len(), UID_LEN))
+        + fixed64(observed)
+}
+
+/// `log.record.uid`: 32 hex digits.
+const UID_LEN: usize = 32;
+
+/// Appends a `LogRecord` attribute (field 6) of a string value.
+fn string_attribute(key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    // KeyValue { key = 1; value = 2: AnyValue { string_value = 1 } }.
+    encode_key(6, WireType::LengthDelimited, out);
+    encode_varint(key_value_len(key.len(), value.len()) as u64, out);
+    string_field(1, key, out);
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(string_field_len(1, value.len()) as u64, out);
+    string_field(1, value, out);
+}
+
+/// The encoded length of a `KeyValue` of a string value.
+fn key_value_len(key: usize, value: usize) -> usize {
+    string_field_len(1, key) + string_field_len(2, string_field_len(1, value))
 }
 
 /// A length-delimited field `tag` holding `bytes`.
@@ -193,7 +304,7 @@ fn record_time(chunk: &Chunk, record: &Record) -> u64 {
     parse_timestamp(chunk.timestamp(record)).unwrap_or(0)
 }
 
-fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, file: FileId) -> LogRecord {
+fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, time: u64) -> LogRecord {
     let message = chunk.message(record);
     let body = match std::str::from_utf8(message) {
         Ok(text) => text.to_string(),
@@ -202,7 +313,7 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     let mut attributes = vec![
         kv("log.iostream", text(record.stream.as_str())),
         kv("log.file.path", text(path)),
-        kv("log.record.uid", Value::StringValue(format!("{:032x}", file.record_id(record.offset)))),
+        kv("log.record.uid", Value::StringValue(format!("{:032x}", chunk.source.id.record_id(record.offset)))),
     ];
     if !record.flags.is_empty() {
         let flags = record.flags.names().map(|name| AnyValue { value: Some(text(name)) }).collect();
@@ -210,7 +321,7 @@ fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, 
     }
     let (severity_number, severity_text) = level.map(severity).unwrap_or((SeverityNumber::Unspecified, ""));
     LogRecord {
-        time_unix_nano: record_time(chunk, record),
+        time_unix_nano: time,
         observed_time_unix_nano: observed,
         severity_number: severity_number as i32,
         severity_text: severity_text.to_string(),
@@ -366,8 +477,8 @@ mod tests {
         let mut structured = Structured::default();
         crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
         let mut one = Vec::new();
-        encode_chunk(&chunk, &ResourceTemplate::new(&meta()), &[None], &structured, UNIX_EPOCH, &mut one);
-        let decoded = ExportLogsServiceRequest::decode(request([one.as_slice()]).as_slice()).unwrap();
+        encode_chunk(&chunk, &ResourceTemplate::new(&meta()), &[None], &structured, UNIX_EPOCH, &mut Layout::default(), &mut one, None);
+        let decoded = ExportLogsServiceRequest::decode(one.as_slice()).unwrap();
         let record = &decoded.resource_logs[0].scope_logs[0].log_records[0];
         assert_eq!(hex(&record.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(hex(&record.span_id), "00f067aa0ba902b7");
@@ -396,12 +507,16 @@ mod tests {
             chunk.records.push(Record { timestamp, message, stream, offset: 1000 * i as u64 + 7, flags: Flags::default() });
         }
         let path = chunk.source.path.to_string_lossy().into_owned();
+        let fixed = Fixed::new(&path);
         for (observed, level) in [(0, None), (1_800_000_000_000_000_000, Some(Level::Warn)), (5, Some(Level::Fatal))] {
             for record in &chunk.records {
                 let mut ours = Vec::new();
-                plain_record(&chunk, record, level, &path, observed, &mut ours);
-                let prost = log_record(&chunk, record, level, &path, observed, chunk.source.id).encode_to_vec();
+                let time = record_time(&chunk, record);
+                plain_record(&chunk, record, level, time, &fixed, observed, &mut ours);
+                let prost = log_record(&chunk, record, level, &path, observed, time).encode_to_vec();
                 assert_eq!(ours, prost, "{record:?} {level:?} {observed}");
+                let body_len = String::from_utf8_lossy(chunk.message(record)).len();
+                assert_eq!(plain_record_len(time, level, body_len, record.stream, &fixed, observed), ours.len(), "{record:?}");
             }
         }
     }
@@ -425,10 +540,19 @@ mod tests {
         let template = ResourceTemplate::new(&meta());
         let mut one = Vec::new();
         let observed = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        encode_chunk(&chunk, &template, &[None, Some(Level::Error)], &Structured::default(), observed, &mut one);
-        let body = request([one.as_slice(), one.as_slice()]);
+        encode_chunk(
+            &chunk,
+            &template,
+            &[None, Some(Level::Error)],
+            &Structured::default(),
+            observed,
+            &mut Layout::default(),
+            &mut one,
+            None,
+        );
+        let body = [one.as_slice(), one.as_slice()].concat();
         let decoded = ExportLogsServiceRequest::decode(body.as_slice()).unwrap();
-        assert_eq!(decoded.resource_logs.len(), 2, "parts concatenate into the repeated field");
+        assert_eq!(decoded.resource_logs.len(), 2, "chunks concatenate into the repeated field");
 
         let resource = attributes(&decoded.resource_logs[0].resource.as_ref().unwrap().attributes);
         let want: BTreeMap<String, String> = [
@@ -474,7 +598,7 @@ mod tests {
         assert_eq!(attrs["log.iostream"], "stderr");
         assert_eq!(attrs["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(100)));
         assert!(attrs["nodelens.log.flags"].contains("truncated"), "{attrs:?}");
-        let framed = request([one.as_slice()]);
-        assert_eq!(framed.len(), one.len() + prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(one.len() as u64));
+        let resource_logs = decoded.resource_logs[0].encode_to_vec();
+        assert_eq!(one, request([resource_logs.as_slice()]), "the bytes prost writes");
     }
 }

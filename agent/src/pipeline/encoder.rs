@@ -24,7 +24,7 @@ use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
 use crate::logs::level::{self, Level};
 use crate::logs::structured::{Extractor, Structured};
-use crate::otlp::logs::ResourceTemplate;
+use crate::otlp::logs::{Layout, ResourceTemplate};
 use crate::packed::{Packer, KEPT_BUFFER};
 use crate::sinks::ecs::{self, Documents, Template};
 use crate::sinks::elasticsearch::bulk;
@@ -54,6 +54,7 @@ pub struct Encoder {
     /// A chunk's documents and OTLP records before they are packed, reused.
     docs: Documents,
     otlp: Vec<u8>,
+    layout: Layout,
     packer: Packer,
     templates: HashMap<ContainerRef, CachedTemplate>,
     /// Batch numbers, shared with the node-log sources.
@@ -101,6 +102,7 @@ impl Encoder {
             streams: DataStreams::default(),
             docs: Documents::default(),
             otlp: Vec::new(),
+            layout: Layout::default(),
             packer: Packer::new(),
             templates: HashMap::new(),
             seq: Arc::new(AtomicU64::new(0)),
@@ -167,7 +169,7 @@ impl Encoder {
         docs.clear();
         otlp.clear();
         let records = if cached.excluded { 0 } else { chunk.records.len() };
-        let mut bulk_lines = None;
+        let (mut bulk_lines, mut otlp_records) = (None, None);
         if !cached.excluded {
             self.extractor.extract(chunk, &mut self.structured);
             let structured = &self.structured;
@@ -193,9 +195,13 @@ impl Encoder {
                 }
                 _ => {}
             }
-            if self.formats.otlp_records() && records > 0 {
+            if let Some(compression) = self.formats.otlp.filter(|_| records > 0) {
+                // Likewise written straight into its piece.
+                let mut piece = packer.piece(compression == Compression::Gzip);
                 let now = std::time::SystemTime::now();
-                crate::otlp::logs::encode_chunk(chunk, &cached.resource, &levels, structured, now, otlp);
+                let resource = &cached.resource;
+                crate::otlp::logs::encode_chunk(chunk, resource, &levels, structured, now, &mut self.layout, otlp, Some(&mut piece));
+                otlp_records = Some(piece.finish(Vec::new()));
             }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
             if !cached.rules.is_empty() {
@@ -209,7 +215,10 @@ impl Encoder {
         if let Some(lines) = bulk_lines {
             batch = batch.with_bulk(lines);
         }
-        let batch = batch.packed(docs, otlp, self.formats, packer);
+        if let Some(records) = otlp_records {
+            batch = batch.with_otlp(records);
+        }
+        let batch = batch.packed(docs, &[], self.formats, packer);
         // A chunk of huge lines does not leave its buffers behind.
         if docs.bytes.capacity() > KEPT_BUFFER {
             *docs = Documents::default();
@@ -367,8 +376,8 @@ mod tests {
         assert_eq!(alone_ends.len(), 3000);
         assert_eq!((String::from_utf8(alone.clone()).unwrap(), alone_ends), (String::from_utf8(with_stdout).unwrap(), ends));
         assert_eq!(printed, 0, "no plain documents kept without stdout");
-        assert!(alone.len() > 8 * ecs::SPILL_BYTES, "{} bytes: rendered in several parts", alone.len());
-        assert!(held <= 2 * ecs::SPILL_BYTES, "{held} bytes held plain for {} of lines", alone.len());
+        assert!(alone.len() > 8 * crate::packed::SPILL_BYTES, "{} bytes: rendered in several parts", alone.len());
+        assert!(held <= 2 * crate::packed::SPILL_BYTES, "{held} bytes held plain for {} of lines", alone.len());
         let (alone, _, _, _) = lines(Formats { bulk: gzip, ..Formats::default() }, &line);
         let text = String::from_utf8(alone).unwrap();
         let mut parts = text.lines();

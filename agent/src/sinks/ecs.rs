@@ -14,7 +14,7 @@ use crate::logs::chunk::{Chunk, Flags, Record};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
 use crate::logs::structured::{Fields, Structured};
-use crate::packed::Piece;
+use crate::packed::{Piece, SPILL_BYTES};
 
 /// The fixed part of a container's documents, pre-rendered as JSON.
 #[derive(Debug, Clone)]
@@ -149,10 +149,6 @@ pub fn encode_chunk(
         out.bytes.clear();
     }
 }
-
-/// Rendered bytes gathered before they go into a piece: small enough to be compressed while
-/// they are still in the CPU's cache.
-pub const SPILL_BYTES: usize = 64 * 1024;
 
 fn encode_record(
     chunk: &Chunk,

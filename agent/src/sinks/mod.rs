@@ -62,6 +62,12 @@ impl Batch {
         self
     }
 
+    /// The batch with its `ExportLogsServiceRequest` field already packed.
+    pub fn with_otlp(mut self, otlp: Packed) -> Batch {
+        self.otlp = otlp;
+        self
+    }
+
     /// The batch with `docs` (the ECS documents, each with its offset for its `_id`) and
     /// `otlp` (one encoded `ResourceLogs`, or nothing) packed as `formats` asks. `docs` is
     /// taken only when a sink prints it; otherwise it is left for the caller to reuse. `_bulk`

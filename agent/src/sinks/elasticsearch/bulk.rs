@@ -59,7 +59,7 @@ pub fn action(file: FileId, index: Option<&str>, offset: u64, out: &mut Vec<u8>)
         out.extend_from_slice(b"\",");
     }
     out.extend_from_slice(b"\"_id\":\"");
-    crate::logs::source::hex_id(file.record_id(offset), out);
+    out.extend_from_slice(&crate::logs::source::hex_id(file.record_id(offset)));
     out.extend_from_slice(b"\"}}\n");
 }
 
@@ -192,6 +192,9 @@ struct Summary {
 /// false`, as for nearly every request; the items are then only counted, not read), else
 /// each item's outcome.
 pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, String> {
+    if all_created(reply, count) {
+        return Ok(None);
+    }
     let unreadable = |e: serde_json::Error| format!("unreadable _bulk reply: {e}");
     let summary: Summary = serde_json::from_slice(reply).map_err(unreadable)?;
     if !summary.errors && summary.items.len() == count {
@@ -222,6 +225,19 @@ pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, Stri
             })
             .collect(),
     ))
+}
+
+/// Whether `reply` is, byte for byte, Elasticsearch's compact answer under the sink's
+/// `filter_path` for `count` items all created:
+/// `{"errors":false,"items":[{"create":{"status":201}},...]}`. Nearly every reply is this,
+/// and comparing it costs a tenth of parsing it; any other form is parsed.
+fn all_created(reply: &[u8], count: usize) -> bool {
+    const HEAD: &[u8] = br#"{"errors":false,"items":["#;
+    const ITEM: &[u8] = br#"{"create":{"status":201}}"#;
+    let Some(items) = reply.strip_prefix(HEAD).and_then(|r| r.strip_suffix(b"]}")) else { return false };
+    count > 0
+        && items.len() == count * (ITEM.len() + 1) - 1
+        && items.chunks(ITEM.len() + 1).all(|item| item[..ITEM.len()] == *ITEM && item.get(ITEM.len()).is_none_or(|&c| c == b','))
 }
 
 fn reason(status: u16, error: Option<&serde_json::Value>) -> String {
@@ -385,5 +401,31 @@ mod tests {
         assert!(outcomes(br#"{"errors":false,"items":[{"create":{"status":201}},{"create":"#, 2).is_err(), "cut short");
         assert!(outcomes(br#"{"errors":true,"items":[{"create":{"status":201}}]}"#, 2).is_err());
         assert!(outcomes(b"<html>", 1).is_err());
+    }
+
+    #[test]
+    fn the_compact_all_created_reply_is_recognised_exactly() {
+        let compact = |statuses: &[&str]| {
+            let items: Vec<String> = statuses.iter().map(|s| format!(r#"{{"create":{{"status":{s}}}}}"#)).collect();
+            format!(r#"{{"errors":false,"items":[{}]}}"#, items.join(","))
+        };
+        let clean = compact(&["201"; 3]);
+        assert!(all_created(clean.as_bytes(), 3));
+        assert_eq!(outcomes(clean.as_bytes(), 3).unwrap(), None);
+        // Not the exact form: left to the parser, which decides as before.
+        assert!(!all_created(clean.as_bytes(), 2) && !all_created(clean.as_bytes(), 4));
+        assert!(outcomes(clean.as_bytes(), 4).is_err());
+        let other = compact(&["201", "200", "201"]);
+        assert!(!all_created(other.as_bytes(), 3));
+        assert_eq!(outcomes(other.as_bytes(), 3).unwrap(), None, "errors false: all created, read by the parser");
+        let spaced = clean.replace(",{", ", {");
+        assert!(!all_created(spaced.as_bytes(), 3));
+        assert_eq!(outcomes(spaced.as_bytes(), 3).unwrap(), None);
+        let failed = compact(&["201", "429", "201"]).replace("false", "true");
+        assert!(!all_created(failed.as_bytes(), 3));
+        assert_eq!(outcomes(failed.as_bytes(), 3).unwrap().unwrap()[1], Outcome::Overloaded);
+        let separators = clean.replace("}},{", "}};{");
+        assert!(!all_created(separators.as_bytes(), 3) && outcomes(separators.as_bytes(), 3).is_err());
+        assert!(!all_created(br#"{"errors":false,"items":[]}"#, 0));
     }
 }
