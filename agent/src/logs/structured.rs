@@ -9,8 +9,6 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use memchr::memmem;
-
 use super::chunk::{Chunk, Flags};
 use super::json::{self, Member};
 use super::level::Level;
@@ -62,7 +60,6 @@ impl Structured {
 /// Finds fields in records; one per encoder.
 pub struct Extractor {
     mode: JsonMode,
-    traceparent: memmem::Finder<'static>,
     /// Reused for every object's members and the ones kept (emptied between records).
     scratch: [Vec<Member<'static>>; 2],
 }
@@ -70,7 +67,7 @@ pub struct Extractor {
 impl Extractor {
     /// An extractor reading JSON messages as `mode` says.
     pub fn new(mode: JsonMode) -> Extractor {
-        Extractor { mode, traceparent: memmem::Finder::new(b"00-"), scratch: [Vec::new(), Vec::new()] }
+        Extractor { mode, scratch: [Vec::new(), Vec::new()] }
     }
 
     /// The fields of every record of `chunk`, into `out` (emptied first).
@@ -98,7 +95,7 @@ impl Extractor {
             }
         }
         if fields.trace_id.is_none() && !fields.object {
-            if let Some((trace, span)) = find_traceparent(&self.traceparent, message) {
+            if let Some((trace, span)) = find_traceparent(message) {
                 write_ids(buf, trace, span, &mut fields);
             }
         }
@@ -163,7 +160,7 @@ impl Extractor {
             fields.span_id = hex_id(span.trim_matches('"'));
         }
         if trace.is_none() && span.is_none() {
-            if let Some((t, s)) = find_traceparent(&self.traceparent, text.as_bytes()) {
+            if let Some((t, s)) = find_traceparent(text.as_bytes()) {
                 write_ids(buf, t, s, fields);
             }
         }
@@ -236,11 +233,14 @@ fn hex_id<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 /// The first valid W3C `traceparent` in `text` (`00-<32 hex>-<16 hex>-<2 hex>`, lower case,
-/// ids not all zero, not part of a longer hex run): its trace and span ids.
-pub fn find_traceparent<'a>(finder: &memmem::Finder<'_>, text: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+/// ids not all zero, not part of a longer hex run): its trace and span ids. Candidates are
+/// found from the `-` signs, fewer in a log line than `0`s, which a searcher for `00-` would
+/// stop at.
+pub fn find_traceparent(text: &[u8]) -> Option<(&[u8], &[u8])> {
     let lower_hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     let word = |c: u8| c.is_ascii_alphanumeric();
-    for at in finder.find_iter(text) {
+    let starts = memchr::memchr_iter(b'-', text).filter(|&dash| dash >= 2 && text[dash - 2..dash] == *b"00").map(|dash| dash - 2);
+    for at in starts {
         let Some(candidate) = text.get(at..at + 55) else { break };
         let (trace, span, flags) = (&candidate[3..35], &candidate[36..52], &candidate[53..55]);
         let framed = candidate[35] == b'-' && candidate[52] == b'-';

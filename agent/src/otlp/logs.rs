@@ -8,6 +8,7 @@
 //! `ResourceLogs` of several chunks one after another ([`request`]), which protobuf defines as
 //! the repeated field, so requests are put together without decoding anything.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 use std::time::SystemTime;
 
@@ -21,9 +22,10 @@ use prost::Message;
 use crate::logs::chunk::{Chunk, Record, StreamKind};
 use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
+use crate::logs::source::FileId;
 use crate::logs::structured::{Fields, Structured};
 use crate::otlp::{kv, text, unix_nanos};
-use crate::packed::{Piece, SPILL_BYTES};
+use crate::packed::{Piece, KEPT_BUFFER, SPILL_BYTES};
 
 /// A container's `Resource`, encoded.
 #[derive(Debug, Clone)]
@@ -81,6 +83,8 @@ pub struct Layout {
     records: Vec<Planned>,
     /// Records built as `LogRecord`s (those whose text gave fields), encoded back to back.
     encoded: Vec<u8>,
+    /// What is written before it goes into the piece.
+    out: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -93,6 +97,8 @@ struct Planned {
     /// Where its bytes end in [`Layout::encoded`], when built by prost; written field by
     /// field otherwise.
     encoded_end: Option<u32>,
+    /// Its message is valid UTF-8, the body as it is (checked once).
+    text: bool,
 }
 
 /// The `log.iostream` and `log.file.path` attributes of a chunk's records (fields 6 of a
@@ -100,10 +106,12 @@ struct Planned {
 struct Fixed {
     streams: [Vec<u8>; 2],
     path: Vec<u8>,
+    /// The file, whose id and a record's offset make `log.record.uid`.
+    file: FileId,
 }
 
 impl Fixed {
-    fn new(path: &str) -> Fixed {
+    fn new(path: &str, file: FileId) -> Fixed {
         let attribute = |key: &str, value: &[u8]| {
             let mut out = Vec::with_capacity(key.len() + value.len() + 8);
             string_attribute(key.as_bytes(), value, &mut out);
@@ -112,6 +120,7 @@ impl Fixed {
         Fixed {
             streams: [StreamKind::Stdout, StreamKind::Stderr].map(|s| attribute("log.iostream", s.as_str().as_bytes())),
             path: attribute("log.file.path", path.as_bytes()),
+            file,
         }
     }
 
@@ -127,8 +136,8 @@ impl Fixed {
 /// trace ids, a JSON object or flags is built as a `LogRecord` and encoded by prost.
 ///
 /// The lengths are worked out first, so the records are written in their final place, once.
-/// With `spill`, the bytes go into that piece every [`SPILL_BYTES`] and at the end, while
-/// still in the CPU's cache, and `out` is left empty: the chunk is never held whole.
+/// The bytes go into `piece` every [`SPILL_BYTES`] and at the end, while still in the CPU's
+/// cache: the chunk is never held whole.
 pub fn encode_chunk(
     chunk: &Chunk,
     resource: &ResourceTemplate,
@@ -136,12 +145,11 @@ pub fn encode_chunk(
     structured: &Structured,
     observed: SystemTime,
     layout: &mut Layout,
-    out: &mut Vec<u8>,
-    mut spill: Option<&mut Piece<'_>>,
+    piece: &mut Piece<'_>,
 ) {
     let observed = unix_nanos(observed);
     let path = chunk.source.path.to_string_lossy();
-    let fixed = Fixed::new(&path);
+    let fixed = Fixed::new(&path, chunk.source.id);
     layout.records.clear();
     layout.encoded.clear();
     // ScopeLogs { scope = 1; log_records = 2 }.
@@ -157,14 +165,13 @@ pub fn encode_chunk(
             }
             let start = layout.encoded.len();
             log.encode_raw(&mut layout.encoded);
-            Planned { level, time, len: (layout.encoded.len() - start) as u32, encoded_end: Some(layout.encoded.len() as u32) }
+            Planned { level, time, len: (layout.encoded.len() - start) as u32, encoded_end: Some(layout.encoded.len() as u32), text: true }
         } else {
-            let body_len = match std::str::from_utf8(chunk.message(record)) {
-                Ok(text) => text.len(),
-                Err(_) => String::from_utf8_lossy(chunk.message(record)).len(),
-            };
+            let message = chunk.message(record);
+            let text = std::str::from_utf8(message).is_ok();
+            let body_len = if text { message.len() } else { String::from_utf8_lossy(message).len() };
             let len = plain_record_len(time, level, body_len, record.stream, &fixed, observed);
-            Planned { level, time, len: len as u32, encoded_end: None }
+            Planned { level, time, len: len as u32, encoded_end: None, text }
         };
         scope_len += 1 + prost::encoding::encoded_len_varint(u64::from(planned.len)) + planned.len as usize;
         layout.records.push(planned);
@@ -172,7 +179,8 @@ pub fn encode_chunk(
     // ResourceLogs { resource = 1; scope_logs = 2 }, the resource already encoded.
     let resource = &resource.resource;
     let resource_logs_len = string_field_len(1, resource.len()) + string_field_len(2, scope_len);
-    let start = out.len();
+    let out = &mut layout.out;
+    out.clear();
     out.reserve(resource_logs_len.min(2 * SPILL_BYTES) + 16);
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(resource_logs_len as u64, out);
@@ -191,20 +199,30 @@ pub fn encode_chunk(
                 out.extend_from_slice(&layout.encoded[encoded_start..end as usize]);
                 encoded_start = end as usize;
             }
-            None => plain_record(chunk, record, planned.level, planned.time, &fixed, observed, out),
+            None => {
+                let message = chunk.message(record);
+                let body = if planned.text {
+                    Cow::Borrowed(message)
+                } else {
+                    Cow::Owned(String::from_utf8_lossy(message).into_owned().into_bytes())
+                };
+                plain_record(record, planned.level, planned.time, &body, &fixed, observed, out)
+            }
         }
         debug_assert_eq!(out.len() - before, planned.len as usize, "{record:?}");
-        if let Some(piece) = spill.as_deref_mut().filter(|_| out.len() - start >= SPILL_BYTES) {
-            piece.write(&out[start..]);
-            spilled += out.len() - start;
-            out.truncate(start);
+        if out.len() >= SPILL_BYTES {
+            piece.write(out);
+            spilled += out.len();
+            out.clear();
         }
     }
-    let written = spilled + out.len() - start;
+    let written = spilled + out.len();
     assert_eq!(written, 1 + prost::encoding::encoded_len_varint(resource_logs_len as u64) + resource_logs_len, "lengths worked out");
-    if let Some(piece) = spill {
-        piece.write(&out[start..]);
-        out.truncate(start);
+    piece.write(out);
+    out.clear();
+    // A chunk of huge lines does not leave its buffers behind.
+    if out.capacity() > KEPT_BUFFER || layout.encoded.capacity() > KEPT_BUFFER {
+        *layout = Layout::default();
     }
 }
 
@@ -219,7 +237,8 @@ static SCOPE: LazyLock<Vec<u8>> = LazyLock::new(|| {
 /// Writes a record without flags or fields from its text as prost writes its `LogRecord`:
 /// time (1), severity (2, 3), body (5), the `log.iostream`, `log.file.path` and
 /// `log.record.uid` attributes (6), observed time (11). [`plain_record_len`] is its length.
-fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, time: u64, fixed: &Fixed, observed: u64, out: &mut Vec<u8>) {
+/// `body` is the message, valid UTF-8.
+fn plain_record(record: &Record, level: Option<Level>, time: u64, body: &[u8], fixed: &Fixed, observed: u64, out: &mut Vec<u8>) {
     if time != 0 {
         encode_key(1, WireType::SixtyFourBit, out);
         out.extend_from_slice(&time.to_le_bytes());
@@ -229,22 +248,13 @@ fn plain_record(chunk: &Chunk, record: &Record, level: Option<Level>, time: u64,
         encode_varint(number as u64, out);
         string_field(3, name.as_bytes(), out);
     }
-    let message = chunk.message(record);
-    let lossy;
-    let body = match std::str::from_utf8(message) {
-        Ok(text) => text.as_bytes(),
-        Err(_) => {
-            lossy = String::from_utf8_lossy(message);
-            lossy.as_bytes()
-        }
-    };
     // AnyValue { string_value = 1 }.
     encode_key(5, WireType::LengthDelimited, out);
     encode_varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
     out.extend_from_slice(fixed.stream(record.stream));
     out.extend_from_slice(&fixed.path);
-    string_attribute(b"log.record.uid", &crate::logs::source::hex_id(chunk.source.id.record_id(record.offset)), out);
+    string_attribute(b"log.record.uid", &crate::logs::source::hex_id(fixed.file.record_id(record.offset)), out);
     if observed != 0 {
         encode_key(11, WireType::SixtyFourBit, out);
         out.extend_from_slice(&observed.to_le_bytes());
@@ -419,8 +429,9 @@ mod tests {
     use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 
     use super::*;
-    use crate::logs::chunk::{Flags, StreamKind};
+    use crate::logs::chunk::Flags;
     use crate::logs::source::Source;
+    use crate::packed::Packer;
 
     fn meta() -> Metadata {
         Metadata {
@@ -476,8 +487,7 @@ mod tests {
         chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: 0, flags: Flags::default() });
         let mut structured = Structured::default();
         crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
-        let mut one = Vec::new();
-        encode_chunk(&chunk, &ResourceTemplate::new(&meta()), &[None], &structured, UNIX_EPOCH, &mut Layout::default(), &mut one, None);
+        let one = encoded(&chunk, &ResourceTemplate::new(&meta()), &[None], &structured, UNIX_EPOCH);
         let decoded = ExportLogsServiceRequest::decode(one.as_slice()).unwrap();
         let record = &decoded.resource_logs[0].scope_logs[0].log_records[0];
         assert_eq!(hex(&record.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -507,18 +517,59 @@ mod tests {
             chunk.records.push(Record { timestamp, message, stream, offset: 1000 * i as u64 + 7, flags: Flags::default() });
         }
         let path = chunk.source.path.to_string_lossy().into_owned();
-        let fixed = Fixed::new(&path);
+        let fixed = Fixed::new(&path, chunk.source.id);
         for (observed, level) in [(0, None), (1_800_000_000_000_000_000, Some(Level::Warn)), (5, Some(Level::Fatal))] {
             for record in &chunk.records {
                 let mut ours = Vec::new();
                 let time = record_time(&chunk, record);
-                plain_record(&chunk, record, level, time, &fixed, observed, &mut ours);
+                let body = String::from_utf8_lossy(chunk.message(record));
+                plain_record(record, level, time, body.as_bytes(), &fixed, observed, &mut ours);
                 let prost = log_record(&chunk, record, level, &path, observed, time).encode_to_vec();
                 assert_eq!(ours, prost, "{record:?} {level:?} {observed}");
-                let body_len = String::from_utf8_lossy(chunk.message(record)).len();
-                assert_eq!(plain_record_len(time, level, body_len, record.stream, &fixed, observed), ours.len(), "{record:?}");
+                assert_eq!(plain_record_len(time, level, body.len(), record.stream, &fixed, observed), ours.len(), "{record:?}");
             }
         }
+    }
+
+    /// The chunk's `ExportLogsServiceRequest` field, written into a plain piece.
+    fn encoded(
+        chunk: &Chunk,
+        resource: &ResourceTemplate,
+        levels: &[Option<Level>],
+        structured: &Structured,
+        observed: SystemTime,
+    ) -> Vec<u8> {
+        let mut packer = Packer::new();
+        let mut piece = packer.piece(false);
+        encode_chunk(chunk, resource, levels, structured, observed, &mut Layout::default(), &mut piece);
+        piece.finish(Vec::new()).plain().into_owned()
+    }
+
+    #[test]
+    fn a_chunk_past_the_spill_size_is_compressed_as_it_is_written_and_reads_whole() {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        let text = "rank=3 step=1 loss=0.25 throughput=1200 samples/s ".repeat(3);
+        for i in 0..3000u64 {
+            let timestamp = chunk.push_bytes(b"2026-11-22T03:16:40.123456789Z");
+            let message = if i == 1500 { chunk.push_bytes(b"bad \xff byte") } else { chunk.push_bytes(text.as_bytes()) };
+            let flags = if i == 2000 { Flags::TRUNCATED } else { Flags::default() };
+            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: i * 200, flags });
+        }
+        let (resource, levels) = (ResourceTemplate::new(&meta()), vec![Some(Level::Info); 3000]);
+        let plain = encoded(&chunk, &resource, &levels, &Structured::default(), UNIX_EPOCH);
+        assert!(plain.len() > 6 * SPILL_BYTES, "{} bytes: written in several parts", plain.len());
+        let mut packer = Packer::new();
+        let mut piece = packer.piece(true);
+        encode_chunk(&chunk, &resource, &levels, &Structured::default(), UNIX_EPOCH, &mut Layout::default(), &mut piece);
+        let packed = piece.finish(Vec::new());
+        assert!(packed.is_compressed() && packed.packed_len() < plain.len() / 4);
+        assert_eq!(packed.plain(), plain, "the same bytes, compressed");
+        let decoded = ExportLogsServiceRequest::decode(plain.as_slice()).unwrap();
+        let records = &decoded.resource_logs[0].scope_logs[0].log_records;
+        assert_eq!(records.len(), 3000);
+        assert_eq!(records[1500].body.as_ref().unwrap().value, Some(Value::StringValue("bad \u{fffd} byte".into())));
+        assert!(attributes(&records[2000].attributes)["nodelens.log.flags"].contains("truncated"));
+        assert_eq!(attributes(&records[2999].attributes)["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(2999 * 200)));
     }
 
     fn hex(bytes: &[u8]) -> String {
@@ -538,18 +589,8 @@ mod tests {
             chunk.records.push(Record { timestamp, message, stream, offset: 100 * i as u64, flags });
         }
         let template = ResourceTemplate::new(&meta());
-        let mut one = Vec::new();
         let observed = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        encode_chunk(
-            &chunk,
-            &template,
-            &[None, Some(Level::Error)],
-            &Structured::default(),
-            observed,
-            &mut Layout::default(),
-            &mut one,
-            None,
-        );
+        let one = encoded(&chunk, &template, &[None, Some(Level::Error)], &Structured::default(), observed);
         let body = [one.as_slice(), one.as_slice()].concat();
         let decoded = ExportLogsServiceRequest::decode(body.as_slice()).unwrap();
         assert_eq!(decoded.resource_logs.len(), 2, "chunks concatenate into the repeated field");

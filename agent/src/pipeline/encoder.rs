@@ -51,9 +51,9 @@ pub struct Encoder {
     structured: Structured,
     /// The Elasticsearch data stream of each namespace, when there is one per namespace.
     streams: DataStreams,
-    /// A chunk's documents and OTLP records before they are packed, reused.
+    /// A chunk's documents, and what its OTLP records are worked out and written with,
+    /// reused.
     docs: Documents,
-    otlp: Vec<u8>,
     layout: Layout,
     packer: Packer,
     templates: HashMap<ContainerRef, CachedTemplate>,
@@ -101,7 +101,6 @@ impl Encoder {
             structured: Structured::default(),
             streams: DataStreams::default(),
             docs: Documents::default(),
-            otlp: Vec::new(),
             layout: Layout::default(),
             packer: Packer::new(),
             templates: HashMap::new(),
@@ -165,9 +164,8 @@ impl Encoder {
         }
         let cached = self.templates.get_mut(&info.reference).expect("inserted above");
         cached.used = now;
-        let (docs, otlp, packer) = (&mut self.docs, &mut self.otlp, &mut self.packer);
+        let (docs, packer) = (&mut self.docs, &mut self.packer);
         docs.clear();
-        otlp.clear();
         let records = if cached.excluded { 0 } else { chunk.records.len() };
         let (mut bulk_lines, mut otlp_records) = (None, None);
         if !cached.excluded {
@@ -200,7 +198,7 @@ impl Encoder {
                 let mut piece = packer.piece(compression == Compression::Gzip);
                 let now = std::time::SystemTime::now();
                 let resource = &cached.resource;
-                crate::otlp::logs::encode_chunk(chunk, resource, &levels, structured, now, &mut self.layout, otlp, Some(&mut piece));
+                crate::otlp::logs::encode_chunk(chunk, resource, &levels, structured, now, &mut self.layout, &mut piece);
                 otlp_records = Some(piece.finish(Vec::new()));
             }
             self.counts.count(&cached.app, &info.reference, chunk, &levels, now);
@@ -222,9 +220,6 @@ impl Encoder {
         // A chunk of huge lines does not leave its buffers behind.
         if docs.bytes.capacity() > KEPT_BUFFER {
             *docs = Documents::default();
-        }
-        if otlp.capacity() > KEPT_BUFFER {
-            *otlp = Vec::new();
         }
         batch
     }

@@ -4,7 +4,6 @@
 //! Everything that is the same for all records of a container is rendered once into a
 //! [`Template`]; per record only the timestamp, message, stream, offset and flags are written.
 
-use std::borrow::Cow;
 use std::io::Write;
 
 use serde_json::{json, Map, Value};
@@ -167,11 +166,7 @@ fn encode_record(
     if let Some((structured, Fields { message: Some(token), .. })) = fields {
         out.extend_from_slice(structured.bytes(token));
     } else {
-        let message = match std::str::from_utf8(chunk.message(record)) {
-            Ok(text) => Cow::Borrowed(text),
-            Err(_) => String::from_utf8_lossy(chunk.message(record)),
-        };
-        json_string(&message, out);
+        json_message(chunk.message(record), out);
     }
     let mut flags = record.flags;
     if let Some((_, extracted)) = fields {
@@ -198,14 +193,29 @@ fn encode_record(
     out.push(b'\n');
 }
 
-/// Writes `text` as a JSON string, escaped as serde_json escapes it. Log lines rarely hold
-/// anything to escape, so it looks eight bytes at a time for the next byte that needs it.
-fn json_string(text: &str, out: &mut Vec<u8>) {
-    let bytes = text.as_bytes();
-    out.reserve(bytes.len() + 2);
+/// Writes a message as a JSON string, escaped as serde_json escapes it, invalid UTF-8
+/// replaced as `String::from_utf8_lossy` does. Log lines are nearly always ASCII with nothing
+/// to escape: one scan, eight bytes at a time, finds both the bytes to escape and where the
+/// text stops being ASCII; only from there is it checked as UTF-8.
+fn json_message(message: &[u8], out: &mut Vec<u8>) {
+    out.reserve(message.len() + 2);
     out.push(b'"');
+    if let Some(at) = escape::<true>(message, out) {
+        // An ASCII prefix ends on a character boundary: the rest reads the same alone.
+        let rest = &message[at..];
+        match std::str::from_utf8(rest) {
+            Ok(_) => escape::<false>(rest, out),
+            Err(_) => escape::<false>(String::from_utf8_lossy(rest).as_bytes(), out),
+        };
+    }
+    out.push(b'"');
+}
+
+/// Appends `bytes` escaped for a JSON string. With `ASCII`, stops at the first byte past
+/// ASCII, written up to there, and returns where it is.
+fn escape<const ASCII: bool>(bytes: &[u8], out: &mut Vec<u8>) -> Option<usize> {
     let mut start = 0;
-    while let Some(at) = next_to_escape(&bytes[start..]).map(|i| start + i) {
+    while let Some(at) = next_to_escape::<ASCII>(&bytes[start..]).map(|i| start + i) {
         out.extend_from_slice(&bytes[start..at]);
         match bytes[at] {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -215,6 +225,7 @@ fn json_string(text: &str, out: &mut Vec<u8>) {
             b'\t' => out.extend_from_slice(b"\\t"),
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
+            0x80.. => return Some(at),
             control => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.extend_from_slice(b"\\u00");
@@ -225,26 +236,30 @@ fn json_string(text: &str, out: &mut Vec<u8>) {
         start = at + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    None
 }
 
-/// Where the first byte JSON needs escaped (`"`, `\\`, or below 0x20) is.
-fn next_to_escape(bytes: &[u8]) -> Option<usize> {
+/// Where the first byte JSON needs escaped (`"`, `\\`, or below 0x20) is, or with `ASCII`
+/// the first past ASCII.
+fn next_to_escape<const ASCII: bool>(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Has a zero byte: (x - 1s) & !x & 0x80s (a set bit may be a false alarm past a true
     // one, never a miss); below 0x20 likewise with 0x20s. A word with any goes byte by byte.
     let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let high = if ASCII { HIGH } else { 0 };
     let mut words = bytes.chunks_exact(8);
     let mut at = 0;
     for word in &mut words {
         let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-        if x.wrapping_sub(ONES * 0x20) & !x & HIGH | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) != 0 {
+        if x & high | x.wrapping_sub(ONES * 0x20) & !x & HIGH | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\')))
+            != 0
+        {
             break;
         }
         at += 8;
     }
-    bytes[at..].iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\').map(|i| at + i)
+    bytes[at..].iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\' || (ASCII && b >= 0x80)).map(|i| at + i)
 }
 
 fn write_flags(flags: Flags, out: &mut Vec<u8>) {
@@ -287,8 +302,28 @@ mod tests {
         }
         for text in cases {
             let mut ours = Vec::new();
-            super::json_string(&text, &mut ours);
+            super::json_message(text.as_bytes(), &mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&text).unwrap(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn messages_past_ascii_are_escaped_and_invalid_bytes_replaced_as_serde_json_and_lossy_do() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for tail in [&"ünïcødé \"✓\"\n".as_bytes()[..], b"bad \xff\xfe \"x\"\t", b"\xe2\x9c", "✓".as_bytes(), b"\x80"] {
+            for at in 0..17 {
+                // Every alignment within a word, some after a byte escaped.
+                let mut text = if at % 3 == 0 { format!("\\{}", "x".repeat(at)) } else { "x".repeat(at) }.into_bytes();
+                text.extend_from_slice(tail);
+                text.extend_from_slice(b"y\x01z");
+                cases.push(text);
+            }
+        }
+        for bytes in cases {
+            let mut ours = Vec::new();
+            super::json_message(&bytes, &mut ours);
+            let want = serde_json::to_string(&String::from_utf8_lossy(&bytes)).unwrap();
+            assert_eq!(String::from_utf8(ours).unwrap(), want, "{bytes:?}");
         }
     }
 
