@@ -97,6 +97,11 @@ pub fn unix_nanos(t: &[u8]) -> Option<i128> {
             seconds
         }
     };
+    if is_runtime_form(t) {
+        // `.nnnnnnnnnZ`, its digits checked: the nanoseconds as they stand.
+        let fraction = t[20..29].iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+        return Some(i128::from(seconds) * 1_000_000_000 + i128::from(fraction));
+    }
     let sep = |i: usize, c: u8| t.get(i).is_some_and(|b| b.eq_ignore_ascii_case(&c));
     let mut at = 19;
     let mut fraction = 0i64;
@@ -238,6 +243,11 @@ mod tests {
         assert_eq!(unix_nanos(b"1970-02-30T00:00:01Z"), None, "an impossible date after a valid one");
         assert_eq!(unix_nanos(b"1970-01-01T00:00:01Z"), Some(1_000_000_000));
         assert_eq!(unix_nanos(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
+        // The runtimes' form, read directly, agrees with the general reading of the same instant.
+        assert_eq!(unix_nanos(b"2262-04-11T23:47:16.854775807Z"), Some(i128::from(i64::MAX)));
+        assert_eq!(unix_nanos(b"2026-11-22T03:16:40.123456789Z"), unix_nanos(b"2026-11-22T03:16:40.123456789+00:00"));
+        assert_eq!(unix_nanos(b"2026-11-22T03:16:40.000000001z"), unix_nanos(b"2026-11-22T03:16:40.000000001Z"));
+        assert_eq!(unix_nanos(b"2026-11-22T03:16:40.12345678xZ"), None);
         assert_eq!(unix_nanos(b"2026-11-22T05:16:40.123456789+02:00"), Some(1_795_317_400_123_456_789));
         assert_eq!(unix_nanos(b"2026-11-21T22:46:40.5-04:30"), Some(1_795_317_400_500_000_000));
     }

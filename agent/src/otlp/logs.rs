@@ -101,31 +101,29 @@ struct Planned {
     text: bool,
 }
 
-/// The `log.iostream` and `log.file.path` attributes of a chunk's records (fields 6 of a
-/// `LogRecord`), encoded once per chunk.
+/// The attributes of a chunk's records (fields 6 of a `LogRecord`), encoded once per chunk
+/// and stream: `log.iostream`, `log.file.path`, and `log.record.uid` up to its 32 hex digits.
 struct Fixed {
-    streams: [Vec<u8>; 2],
-    path: Vec<u8>,
+    attributes: [Vec<u8>; 2],
     /// The file, whose id and a record's offset make `log.record.uid`.
     file: FileId,
 }
 
 impl Fixed {
     fn new(path: &str, file: FileId) -> Fixed {
-        let attribute = |key: &str, value: &[u8]| {
-            let mut out = Vec::with_capacity(key.len() + value.len() + 8);
-            string_attribute(key.as_bytes(), value, &mut out);
+        let attributes = [StreamKind::Stdout, StreamKind::Stderr].map(|stream| {
+            let mut out = Vec::with_capacity(path.len() + 96);
+            string_attribute(b"log.iostream", stream.as_str().as_bytes(), &mut out);
+            string_attribute(b"log.file.path", path.as_bytes(), &mut out);
+            string_attribute(b"log.record.uid", &[0; UID_LEN], &mut out);
+            out.truncate(out.len() - UID_LEN);
             out
-        };
-        Fixed {
-            streams: [StreamKind::Stdout, StreamKind::Stderr].map(|s| attribute("log.iostream", s.as_str().as_bytes())),
-            path: attribute("log.file.path", path.as_bytes()),
-            file,
-        }
+        });
+        Fixed { attributes, file }
     }
 
-    fn stream(&self, stream: StreamKind) -> &[u8] {
-        &self.streams[usize::from(stream == StreamKind::Stderr)]
+    fn attributes(&self, stream: StreamKind) -> &[u8] {
+        &self.attributes[usize::from(stream == StreamKind::Stderr)]
     }
 }
 
@@ -252,9 +250,8 @@ fn plain_record(record: &Record, level: Option<Level>, time: u64, body: &[u8], f
     encode_key(5, WireType::LengthDelimited, out);
     encode_varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
-    out.extend_from_slice(fixed.stream(record.stream));
-    out.extend_from_slice(&fixed.path);
-    string_attribute(b"log.record.uid", &crate::logs::source::hex_id(fixed.file.record_id(record.offset)), out);
+    out.extend_from_slice(fixed.attributes(record.stream));
+    out.extend_from_slice(&crate::logs::source::hex_id(fixed.file.record_id(record.offset)));
     if observed != 0 {
         encode_key(11, WireType::SixtyFourBit, out);
         out.extend_from_slice(&observed.to_le_bytes());
@@ -271,9 +268,8 @@ fn plain_record_len(time: u64, level: Option<Level>, body_len: usize, stream: St
     fixed64(time)
         + severity
         + string_field_len(5, string_field_len(1, body_len))
-        + fixed.stream(stream).len()
-        + fixed.path.len()
-        + string_field_len(6, key_value_len(b"log.record.uid".len(), UID_LEN))
+        + fixed.attributes(stream).len()
+        + UID_LEN
         + fixed64(observed)
 }
 
