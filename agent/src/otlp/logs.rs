@@ -499,7 +499,9 @@ mod tests {
 
     #[test]
     fn a_plain_record_is_written_as_prost_writes_its_log_record() {
-        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        // A path as long as kubelet's (its attribute's length takes two bytes).
+        let source = Source { path: format!("/var/log/pods/{}/worker/0.log", "ns_pod-".repeat(20)).into(), ..Source::for_tests() };
+        let mut chunk = Chunk::new(Arc::new(source));
         let cases: [(&[u8], &[u8], StreamKind); 5] = [
             (b"2026-11-22T03:16:40.123456789Z", b"step=1 loss=0.5", StreamKind::Stdout),
             (b"2026-11-22T05:16:40.5+02:00", b"bad \xff byte", StreamKind::Stderr),

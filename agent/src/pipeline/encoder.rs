@@ -396,6 +396,24 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_holds_its_chunk_as_one_framed_otlp_resource_logs() {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        use prost::Message;
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let chunk = chunk(pods_dir.path(), "ml", "trainer-0", "step=1");
+        let batch = encoder.encode(&chunk, Instant::now());
+        // Two batches' pieces back to back are a request of two ResourceLogs.
+        let plain = batch.otlp.plain().into_owned();
+        let request = ExportLogsServiceRequest::decode([plain.as_slice(), plain.as_slice()].concat().as_slice()).unwrap();
+        assert_eq!(request.resource_logs.len(), 2);
+        let records = &request.resource_logs[0].scope_logs[0].log_records;
+        assert_eq!(records.len(), chunk.records.len());
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        assert_eq!(records[0].body.as_ref().and_then(|b| b.value.clone()), Some(Value::StringValue("step=1".into())));
+    }
+
+    #[test]
     fn path_only_apps_lose_generated_suffixes_and_their_series_leave_after_the_pod() {
         let pods_dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();

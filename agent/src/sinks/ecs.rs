@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn messages_past_ascii_are_escaped_and_invalid_bytes_replaced_as_serde_json_and_lossy_do() {
         let mut cases: Vec<Vec<u8>> = Vec::new();
-        for tail in [&"ünïcødé \"✓\"\n".as_bytes()[..], b"bad \xff\xfe \"x\"\t", b"\xe2\x9c", "✓".as_bytes(), b"\x80"] {
+        for tail in ["ünïcødé \"✓\"\n".as_bytes(), b"bad \xff\xfe \"x\"\t", b"\xe2\x9c", "✓".as_bytes(), b"\x80"] {
             for at in 0..17 {
                 // Every alignment within a word, some after a byte escaped.
                 let mut text = if at % 3 == 0 { format!("\\{}", "x".repeat(at)) } else { "x".repeat(at) }.into_bytes();
