@@ -246,6 +246,20 @@ impl Piece<'_> {
         self.packer.deflate(plain, FlushCompress::None);
     }
 
+    /// Plain bytes written so far.
+    pub fn written(&self) -> usize {
+        self.plain_len
+    }
+
+    /// Writes what `rendered` holds once it has reached [`SPILL_BYTES`], and empties it: bytes
+    /// rendered a little at a time go in while they are still in the CPU's cache.
+    pub fn spill(&mut self, rendered: &mut Vec<u8>) {
+        if rendered.len() >= SPILL_BYTES {
+            self.write(rendered);
+            rendered.clear();
+        }
+    }
+
     /// Begins compressing, with what was held.
     fn start(&mut self) {
         self.packer.begin();

@@ -8,7 +8,6 @@
 //! `ResourceLogs` of several chunks one after another ([`request`]), which protobuf defines as
 //! the repeated field, so requests are put together without decoding anything.
 
-use std::borrow::Cow;
 use std::sync::LazyLock;
 use std::time::SystemTime;
 
@@ -179,6 +178,7 @@ pub fn encode_chunk(
     let resource_logs_len = string_field_len(1, resource.len()) + string_field_len(2, scope_len);
     let out = &mut layout.out;
     out.clear();
+    let piece_start = piece.written();
     out.reserve(resource_logs_len.min(2 * SPILL_BYTES) + 16);
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(resource_logs_len as u64, out);
@@ -186,7 +186,6 @@ pub fn encode_chunk(
     encode_key(2, WireType::LengthDelimited, out);
     encode_varint(scope_len as u64, out);
     out.extend_from_slice(&SCOPE);
-    let mut spilled = 0;
     let mut encoded_start = 0;
     for (record, planned) in chunk.records.iter().zip(&layout.records) {
         encode_key(2, WireType::LengthDelimited, out);
@@ -199,22 +198,20 @@ pub fn encode_chunk(
             }
             None => {
                 let message = chunk.message(record);
+                let lossy;
                 let body = if planned.text {
-                    Cow::Borrowed(message)
+                    message
                 } else {
-                    Cow::Owned(String::from_utf8_lossy(message).into_owned().into_bytes())
+                    lossy = String::from_utf8_lossy(message);
+                    lossy.as_bytes()
                 };
-                plain_record(record, planned.level, planned.time, &body, &fixed, observed, out)
+                plain_record(record, planned.level, planned.time, body, &fixed, observed, out)
             }
         }
         debug_assert_eq!(out.len() - before, planned.len as usize, "{record:?}");
-        if out.len() >= SPILL_BYTES {
-            piece.write(out);
-            spilled += out.len();
-            out.clear();
-        }
+        piece.spill(out);
     }
-    let written = spilled + out.len();
+    let written = piece.written() - piece_start + out.len();
     assert_eq!(written, 1 + prost::encoding::encoded_len_varint(resource_logs_len as u64) + resource_logs_len, "lengths worked out");
     piece.write(out);
     out.clear();

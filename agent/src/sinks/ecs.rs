@@ -129,18 +129,17 @@ pub fn encode_chunk(
     file.extend_from_slice(b"}},");
     let estimate = chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96);
     out.bytes.reserve(if spill.is_some() { estimate.min(2 * SPILL_BYTES) } else { estimate });
-    // Bytes already spilled.
-    let mut spilled = 0;
+    let piece_start = spill.as_deref().map_or(0, Piece::written);
     for (i, record) in chunk.records.iter().enumerate() {
         let fields = structured.records.get(i).map(|f| (structured, f));
         before(record.offset, &mut out.bytes);
         encode_record(chunk, record, levels.get(i).copied().flatten(), fields, &file, template, &mut out.bytes);
+        // Bytes already spilled.
+        let spilled = spill.as_deref().map_or(0, Piece::written) - piece_start;
         out.ends.push((spilled + out.bytes.len()) as u32);
         out.offsets.push(record.offset);
-        if let Some(piece) = spill.as_deref_mut().filter(|_| out.bytes.len() >= SPILL_BYTES) {
-            piece.write(&out.bytes);
-            spilled += out.bytes.len();
-            out.bytes.clear();
+        if let Some(piece) = spill.as_deref_mut() {
+            piece.spill(&mut out.bytes);
         }
     }
     if let Some(piece) = spill {
