@@ -571,13 +571,15 @@ fn read_gpu(calls: &mut Calls, gpu: &mut Gpu, poll_interval: Duration) -> Result
 fn fetch_process_samples(calls: &mut Calls, gpu: &mut Gpu) -> Result<bool, Lost> {
     let Some(d) = &gpu.device else { return Err(Lost) };
     let since = gpu.shares.since();
+    // Before the call: a slow call must not stretch what the read is taken to have seen.
+    let read_at = now_us();
     // NOT_FOUND means no process ran a kernel since: idle, not an error.
     let samples = calls.call("process_utilization_stats", gpu.index, || match d.process_utilization_stats(since) {
         Err(NvmlError::NotFound) => Ok(Vec::new()),
         other => other,
     })?;
     let Some(samples) = samples else { return Ok(false) };
-    gpu.shares.add(samples.into_iter().map(|s| Sample { pid: s.pid, at_us: s.timestamp, sm_percent: s.sm_util }), now_us());
+    gpu.shares.add(samples.into_iter().map(|s| Sample { pid: s.pid, at_us: s.timestamp, sm_percent: s.sm_util }), read_at);
     Ok(true)
 }
 

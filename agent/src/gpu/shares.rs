@@ -21,7 +21,7 @@
 //! The NVML thread fetches samples about every second ([`ShareWindow::add`]), so a ring never
 //! turns over before a poll, and a poll closes the window over everything fetched since the
 //! last one ([`ShareWindow::close`]). Windows are laid on the driver's sample grid (they end on
-//! the last sample instant before now), so a steady process reads exactly its utilization
+//! the last sample instant the last read saw), so a steady process reads exactly its utilization
 //! whatever the poll's phase; a sample fetched late counts in the next window, so none is lost
 //! or counted twice.
 
@@ -131,19 +131,26 @@ impl ShareWindow {
         }
         self.measure_period();
         let period = self.period_us();
+        // Seen up to: the last read, not `now` (see below). A newest-only driver is allowed a
+        // period to publish a sample (a ring's late sample counts in the next window).
+        let publishing = if self.ring { 0 } else { period };
+        let seen_to = self.fetched_us.min(now_us).saturating_sub(publishing);
         let newest = self.carry.iter().map(|h| h.sample.at_us).max();
         let start = match (self.window_end_us, self.carry.iter().map(|h| h.sample.at_us).min()) {
             (0, None) => {
-                self.window_end_us = now_us;
+                self.window_end_us = seen_to;
                 return HashMap::new();
             }
             // The first window starts with the oldest sample the driver still held.
             (0, Some(oldest)) => oldest.saturating_sub(period),
             (end, _) => end,
         };
-        // End on the sample grid: the newest sample instant, plus the whole periods since.
+        // End on the sample grid: the newest sample instant, plus the whole periods since that
+        // the last read saw without a sample. Not up to `now`: a period after the read is not
+        // seen yet; counted empty here, a newest-only driver's sample that covers it would
+        // count it again in the next window.
         let anchor = newest.unwrap_or(self.window_end_us).max(start);
-        let end = anchor + now_us.saturating_sub(anchor) / period * period;
+        let end = anchor + seen_to.saturating_sub(anchor) / period * period;
         if end <= start {
             return HashMap::new();
         }
@@ -240,8 +247,9 @@ mod tests {
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(3, 1..=10, 50));
         close_to(&w.close(10 * P), 3, 0.5);
-        // An hour without samples, polled every 5 s.
+        // An hour without samples, read and polled every 5 s.
         for k in 1..=720 {
+            w.add([], 10 * P + k * 30 * P);
             assert!(w.close(10 * P + k * 30 * P).is_empty());
         }
         let busy_from = 10 + 720 * 30;
@@ -260,9 +268,9 @@ mod tests {
         fetch(&mut w, both(1, 12, 50));
         close_to(&w.close(12 * P + 3_500), 1, 0.5);
         assert_eq!(w.period_us(), P);
-        // The driver publishes the sample at 24 P only after the poll at 24 P + 3.5 ms: this
+        // The driver publishes the sample at 24 P only after the read at 24 P + 3.5 ms: this
         // window reads 11 of its 12 periods, the next one 13, and none is lost.
-        fetch(&mut w, both(13, 23, 50));
+        w.add(both(13, 23, 50), 24 * P + 3_500);
         let shares = w.close(24 * P + 3_500);
         assert!((shares[&1] - 5.5 / 12.0).abs() < 1e-9, "{shares:?}");
         fetch(&mut w, both(24, 36, 50));
@@ -313,7 +321,9 @@ mod tests {
     #[test]
     fn a_steady_process_reads_its_utilization_on_a_driver_that_returns_only_the_newest_sample() {
         for poll_s in [2, 5] {
-            for (phase, poll_phase) in [(10_000, 930_000), (450_000, 470_000), (990_000, 20_000), (300_000, 100_000)] {
+            for (phase, poll_phase) in
+                [(10_000, 930_000), (450_000, 470_000), (990_000, 20_000), (300_000, 100_000), (500_000, 180_000), (190_000, 390_000)]
+            {
                 let windows = newest_only_windows(poll_s, phase, poll_phase, &[(9, 17), (10, 60)], 12);
                 // The first window is the newest sample's period alone; every later one reads
                 // exactly, not decaying as the smallest gap seen between reads shrinks.
@@ -348,6 +358,46 @@ mod tests {
         let back = poll(&mut w, 20, &[(4, 50)]);
         assert!((back[&4] - 0.5).abs() < 0.5 * 0.2 / 5.0 + 1e-9, "its first sample stands for about a second, not its 10 s idle: {back:?}");
         assert!(!w.ring, "one sample per process per read: not a ring");
+    }
+
+    #[test]
+    fn a_poll_that_closes_its_window_periods_after_its_read_does_not_move_a_steady_processs_share() {
+        // A loaded node: the thread stalls between a poll's read and its close, past one or
+        // two of the driver's 200 ms sample instants, on some polls and not others.
+        let mut w = ShareWindow::default();
+        let t0 = 1_700_000_000_000_000;
+        for (poll, stall_us) in [0, 250_000, 0, 450_000, 10_000, 0, 210_000, 0].into_iter().enumerate() {
+            let from = t0 + poll as u64 * 2_000_000;
+            read_newest(&mut w, from + 300_000, &[(9, 17)]);
+            read_newest(&mut w, from + 1_300_000, &[(9, 17)]);
+            read_newest(&mut w, from + 1_950_000, &[(9, 17)]);
+            let shares = w.close(from + 1_950_000 + stall_us);
+            if poll > 0 {
+                close_to(&shares, 9, 0.17);
+            }
+        }
+    }
+
+    #[test]
+    fn a_newest_only_drivers_sample_published_just_after_its_instant_is_not_counted_twice() {
+        // Polls 1 ms or 50 ms past a sample instant; the driver publishes 3 ms after it.
+        let mut w = ShareWindow::default();
+        let t0 = 1_700_000_000_000_000;
+        let read = |w: &mut ShareWindow, at_us: u64| {
+            let newest = (at_us - 3_000) / 200_000 * 200_000;
+            let since = w.since();
+            w.add([Sample { pid: 9, at_us: newest, sm_percent: 17 }].into_iter().filter(|s| s.at_us > since), at_us);
+        };
+        for (poll, past_us) in [1_000, 50_000, 1_000, 1_000, 50_000, 1_000, 50_000].into_iter().enumerate() {
+            let from = t0 + poll as u64 * 2_000_000;
+            read(&mut w, from + 1_001_000);
+            read(&mut w, from + 1_801_000);
+            read(&mut w, from + 2_000_000 + past_us);
+            let shares = w.close(from + 2_000_000 + past_us);
+            if poll > 0 {
+                close_to(&shares, 9, 0.17);
+            }
+        }
     }
 
     #[test]
