@@ -17,6 +17,7 @@
 //! - `pipeline`: tailer → encoder → sinks → committer.
 //! - `server` (`/metrics`, `/healthz`, `/readyz`) and `agent` (start-up, shutdown, every
 //!   part's metric handles in `agent::Metrics`).
+//! - `test_numbers` (tests only): the randomized tests' numbers, imported by none of the above.
 
 pub mod agent;
 pub mod certs;
@@ -39,3 +40,5 @@ pub mod server;
 pub mod shutdown;
 pub mod sinks;
 pub mod tasks;
+#[cfg(test)]
+mod test_numbers;

@@ -11,12 +11,14 @@ use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use aho_corasick::AhoCorasick;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
+use regex_syntax::hir::literal::Seq;
 
 use crate::config::{LogMetric as Rule, LogMetricKind};
 
@@ -121,6 +123,10 @@ type RuleSeries = HashMap<String, HashMap<String, Series>>;
 /// Evaluates the rules on records; owned by the encoder stage.
 pub struct Derived {
     rules: Vec<Rule>,
+    /// The literals every match of a rule starts with, looked for at once by a vectorized
+    /// search: a line holding none of them matches none of those rules, found without an
+    /// automaton. `None` where no rule has few, long enough such literals, or all have too many.
+    literals: Option<Literals>,
     /// Every rule's pattern in one set: a line no rule matches costs one scan, not one per
     /// rule. `None` where the set would be too large to build (the rules then run one by one).
     prefilter: Option<regex::bytes::RegexSet>,
@@ -176,6 +182,114 @@ impl Sampling {
     }
 }
 
+/// Most literals kept for one rule, tried in turn until all rules' fit in [`MAX_LITERALS`]:
+/// case-insensitive words are cut to the prefix whose case forms fit (`(?i)error|exception`
+/// to the 16 forms of `erro` and the 16 of `exce` at 32; at 16 to `err`, also found in
+/// `stderr`, and `exc`).
+const LITERALS_PER_RULE: [usize; 3] = [32, 16, 8];
+/// Shortest literal worth looking for: shorter ones are in most lines.
+const MIN_LITERAL: usize = 3;
+/// Most literals in all: what the vectorized search handles at once.
+const MAX_LITERALS: usize = 64;
+
+/// The literals every match of a rule starts with, searched for at once.
+struct Literals {
+    search: AhoCorasick,
+    /// Rules without such literals (each rule's index): a line the search turns away may still
+    /// match one of them, so it is looked at by the set where one applies.
+    without: Vec<bool>,
+}
+
+impl Literals {
+    /// The search for the literals of each pattern that has few enough of them (see
+    /// [`cut_literals`]), as many a rule as lets all of them fit in [`MAX_LITERALS`], logging
+    /// once why each other rule is left out of it. An error when no pattern has such literals
+    /// or they are more than [`MAX_LITERALS`] at the fewest a rule.
+    fn new<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<Literals, String> {
+        let prefixes: Vec<(&str, Result<Seq, String>)> = patterns.into_iter().map(|p| (p, prefix_literals(p))).collect();
+        let mut too_many = None;
+        for per_rule in LITERALS_PER_RULE {
+            let (mut all, mut without, mut left_out) = (Vec::new(), Vec::new(), Vec::new());
+            for (pattern, prefixes) in &prefixes {
+                match prefixes.as_ref().map_err(Clone::clone).and_then(|seq| cut_literals(pattern, seq, per_rule)) {
+                    Ok(literals) => {
+                        all.extend(literals);
+                        without.push(false);
+                    }
+                    Err(why) => {
+                        left_out.push(why);
+                        without.push(true);
+                    }
+                }
+            }
+            all.sort();
+            all.dedup();
+            if all.len() > MAX_LITERALS {
+                too_many = Some(format!("{} literals in all at {per_rule} a rule, more than {MAX_LITERALS}", all.len()));
+                continue;
+            }
+            if all.is_empty() {
+                return Err(match too_many {
+                    Some(too_many) => format!("{too_many}, and none at {per_rule}"),
+                    None => "no rule's matches start with a few literals".into(),
+                });
+            }
+            for why in left_out {
+                tracing::info!(reason = %why, "a log-metric rule is left out of the first search for literals");
+            }
+            if let Some(too_many) = too_many {
+                tracing::info!(reason = %too_many, "log-metric rules' literals are cut to {per_rule} a rule, shorter");
+            }
+            // Leftmost-first: the kind the vectorized searcher serves (the standard kind,
+            // reporting matches as the automaton sees them, runs it byte by byte: six times
+            // slower here).
+            let search =
+                AhoCorasick::builder().match_kind(aho_corasick::MatchKind::LeftmostFirst).build(&all).map_err(|e| e.to_string())?;
+            return Ok(Literals { search, without });
+        }
+        Err(too_many.unwrap_or_default())
+    }
+
+    /// Whether `message` may match one of `rules`: it holds one of the literals, or one of the
+    /// rules has none.
+    fn may_match(&self, rules: &[usize], message: &[u8]) -> bool {
+        rules.iter().any(|&i| self.without[i]) || self.search.is_match(message)
+    }
+}
+
+/// The literals every match of `pattern` starts with, as the regex engine's own prefilter
+/// finds them (for each pattern alone rather than their union, which case-insensitive words
+/// make too large to keep).
+fn prefix_literals(pattern: &str) -> Result<Seq, String> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    // As `regex::bytes` parses it: any byte may be matched.
+    let hir = regex_syntax::ParserBuilder::new().utf8(false).build().parse(pattern).map_err(|e| format!("pattern `{pattern}`: {e}"))?;
+    Ok(Extractor::new().kind(ExtractKind::Prefix).limit_total(4096).extract(&hir))
+}
+
+/// `prefixes` (of `pattern`) cut to at most `per_rule` literals of [`MIN_LITERAL`] bytes or
+/// more; an error saying why when there are no such.
+fn cut_literals(pattern: &str, prefixes: &Seq, per_rule: usize) -> Result<Vec<Vec<u8>>, String> {
+    let few = || format!("pattern `{pattern}`: its matches start with no {per_rule} or fewer literals of {MIN_LITERAL} bytes or more");
+    let mut keep = prefixes.max_literal_len().ok_or_else(few)?;
+    // A prefix of a prefix: each cut goes on from the last.
+    let mut cut = prefixes.clone();
+    loop {
+        cut.keep_first_bytes(keep);
+        cut.sort();
+        cut.dedup();
+        if cut.len().is_some_and(|n| n <= per_rule) {
+            break;
+        }
+        keep = keep.checked_sub(1).filter(|&n| n >= MIN_LITERAL).ok_or_else(few)?;
+    }
+    let literals = cut.literals().ok_or_else(few)?;
+    if literals.iter().any(|literal| literal.len() < MIN_LITERAL) {
+        return Err(few());
+    }
+    Ok(literals.iter().map(|literal| literal.as_bytes().to_vec()).collect())
+}
+
 impl Derived {
     /// Evaluates `rules` (compiled by the config's validation).
     pub fn new(rules: &[Rule], families: DerivedFamilies) -> Derived {
@@ -189,8 +303,17 @@ impl Derived {
                 None
             }
         };
+        // Looked for only with more than one rule (one rule is one pass of its own).
+        let literals = match rules.len() {
+            0 | 1 => None,
+            _ => Literals::new(rules.iter().map(|r| r.pattern.as_str()))
+                .inspect_err(
+                    |why| tracing::info!(reason = %why, "log-metric rules are looked at without a first search for their literals"),
+                )
+                .ok(),
+        };
         let locations = rules.iter().map(|r| r.pattern.capture_locations()).collect();
-        Derived { rules, prefilter, sampling: Sampling::default(), locations, families, series, counts, key: String::new() }
+        Derived { rules, literals, prefilter, sampling: Sampling::default(), locations, families, series, counts, key: String::new() }
     }
 
     /// Whether there are rules at all.
@@ -205,17 +328,31 @@ impl Derived {
 
     /// Applies `rules` (from [`Derived::rules_for`]) to one message of `pod`.
     pub fn observe(&mut self, rules: &[usize], pod: &PodLabels, message: &[u8]) {
-        // With more than one rule, one pass finds which can match at all.
-        let matched = match &self.prefilter {
-            Some(set) if rules.len() > 1 && self.sampling.filter_next() => {
-                let matched = set.matches(message);
-                self.sampling.saw(matched.matched_any());
-                if !matched.matched_any() {
-                    return;
-                }
-                Some(matched)
+        // With more than one rule, one search for their literals and one pass of their set find
+        // which can match at all.
+        let first_look = self.literals.is_some() || self.prefilter.is_some();
+        let matched = if first_look && rules.len() > 1 && self.sampling.filter_next() {
+            if self.literals.as_ref().is_some_and(|literals| !literals.may_match(rules, message)) {
+                self.sampling.saw(false);
+                return;
             }
-            _ => None,
+            match &self.prefilter {
+                Some(set) => {
+                    let matched = set.matches(message);
+                    self.sampling.saw(matched.matched_any());
+                    if !matched.matched_any() {
+                        return;
+                    }
+                    Some(matched)
+                }
+                // The literals alone: a line holding one is a hit for the sampling.
+                None => {
+                    self.sampling.saw(true);
+                    None
+                }
+            }
+        } else {
+            None
         };
         for &i in rules {
             if matched.as_ref().is_some_and(|m| !m.matched(i)) {
@@ -315,6 +452,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
+    use crate::test_numbers::Numbers;
 
     use crate::config::LogMetricRule;
 
@@ -334,6 +472,14 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text
+    }
+
+    /// The exposition's lines in order, to compare families filled in different orders.
+    fn sorted_exposition(families: &DerivedFamilies) -> String {
+        let text = exposition(families);
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort();
+        lines.join("\n")
     }
 
     fn training() -> (Derived, DerivedFamilies) {
@@ -437,14 +583,260 @@ mod tests {
                 one_by_one.observe(&one_by_one.rules_for(app), &p, line.as_bytes());
             }
         }
-        let sorted = |text: String| {
-            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-            lines.sort();
-            lines.join("\n")
-        };
-        let (a, b) = (sorted(exposition(&set_families)), sorted(exposition(&plain_families)));
+        let (a, b) = (sorted_exposition(&set_families), sorted_exposition(&plain_families));
         assert_eq!(a, b);
         assert!(a.contains(r#"name="samples""#) && a.contains(r#"name="loss""#), "{a}");
+    }
+
+    fn rule_literals(pattern: &str, per_rule: usize) -> Result<Vec<Vec<u8>>, String> {
+        cut_literals(pattern, &prefix_literals(pattern)?, per_rule)
+    }
+
+    /// Patterns of the kind operators count, case-insensitive words among them.
+    const RARE: [&str; 11] = [
+        "(?i)error|exception",
+        "out of memory|OOMKilled",
+        "(?i)oomkilled",
+        "loss=nan",
+        "CUDA error: (?P<v>\\d+)",
+        "NCCL WARN",
+        "^Traceback",
+        "NVRM: Xid \\(PCI:[0-9a-f:.]+\\): (?P<v>\\d+)",
+        "Killed process (?P<v>\\d+)",
+        "\\bsegfault at",
+        "(?i)timed? ?out after (?P<v>\\d+)",
+    ];
+
+    #[test]
+    fn a_line_some_rule_matches_always_passes_the_literal_prefilter() {
+        let literals = Literals::new(RARE).expect("every pattern starts with a few literals");
+        assert!(literals.without.iter().all(|&without| !without));
+        let literals = literals.search;
+        let matching = [
+            "ERROR: boom",
+            "an Exception was raised",
+            "eRRoR",
+            "CUDA error: 2",
+            "torch: CUDA out of memory",
+            "reason OOMKilled",
+            "OOM\u{212a}ILLED (a Kelvin sign folds to k)",
+            "Traceback (most recent call last):",
+            "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus",
+            "Killed process 4242 (python)",
+            "python[7]: segfault at 0 ip",
+            "Timed Out After 30s",
+            "timeout after 5",
+            "step=1 loss=nan",
+        ];
+        let set = regex::bytes::RegexSet::new(RARE).unwrap();
+        for line in matching {
+            assert!(set.is_match(line.as_bytes()), "the case is meant to match: {line}");
+            assert!(literals.is_match(line), "{line}");
+        }
+        for line in ["rank=3 step=7 loss=0.25 lr=0.0003 throughput=1200 samples/s", "", "NCCL", "Killed proc", "Trace"] {
+            assert!(!set.is_match(line.as_bytes()));
+            assert!(!literals.is_match(line), "no rule can match it: {line}");
+        }
+        // Every line a rule matches, among all the cuts of the matching lines.
+        for line in matching {
+            for start in 0..line.len() {
+                let Some(cut) = line.get(start..) else { continue };
+                assert!(!set.is_match(cut.as_bytes()) || literals.is_match(cut), "{cut}");
+            }
+        }
+    }
+
+    /// Random patterns (case-insensitive and byte-mode groups, Unicode case folds, anchors,
+    /// word boundaries, repetitions, alternations) and lines holding a witness of each, with
+    /// noise around it and now and then a byte changed: whenever the pattern matches a line,
+    /// the literal search finds something in it.
+    #[test]
+    fn no_line_a_random_pattern_matches_is_turned_away() {
+        // An atom and the texts that match it (none for the assertions).
+        const ATOMS: &[(&str, &[&str])] = &[
+            ("a", &["a"]),
+            ("k", &["k"]),
+            ("s", &["s"]),
+            ("(?i:k)", &["k", "K", "\u{212a}"]),
+            ("(?i:s)", &["s", "S", "\u{17f}"]),
+            ("(?i:ss)", &["ss", "SS", "s\u{17f}"]),
+            ("é", &["é"]),
+            ("(?i:é)", &["é", "É"]),
+            ("(?-u:\\xFF)", &["\u{ff}"]),
+            ("[ab]", &["a", "b"]),
+            ("[^a]", &["b", "é"]),
+            (".", &["x", "é"]),
+            ("\\d", &["7"]),
+            ("\\w", &["k"]),
+            ("\\s", &[" "]),
+            ("abc", &["abc"]),
+            ("error", &["error"]),
+            ("(?i:error)", &["ERROR", "eRrOr"]),
+            ("\\b", &[""]),
+            ("^", &[""]),
+            ("$", &[""]),
+            ("(?m:^)", &[""]),
+            ("(?:)", &[""]),
+        ];
+        const NOISE: &[&str] = &["a", "b", "k", "K", "s", "é", "\u{212a}", "x", " ", "\n", "1", "E", "r"];
+        fn generate(rng: &mut Numbers, depth: usize) -> (String, String) {
+            if depth == 0 {
+                let (atom, texts) = rng.pick(ATOMS);
+                return (atom.to_string(), rng.pick(texts).to_string());
+            }
+            let (inner, text) = generate(rng, depth - 1);
+            match rng.below(9) {
+                0..=2 => {
+                    let (next, next_text) = generate(rng, depth - 1);
+                    (inner + &next, text + &next_text)
+                }
+                3 => {
+                    let (other, other_text) = generate(rng, depth - 1);
+                    let text = if rng.below(2) == 0 { text } else { other_text };
+                    (format!("(?:{inner}|{other})"), text)
+                }
+                4 => {
+                    let (repeat, times) = rng.pick(&[("*", 2), ("+", 1), ("?", 0), ("{2}", 2), ("{1,3}", 3), ("*?", 0), ("{12}", 12)]);
+                    (format!("(?:{inner}){repeat}"), text.repeat(times))
+                }
+                5 => (format!("(?i:{inner})"), text),
+                6 => (format!("({inner})"), text),
+                _ => (inner, text),
+            }
+        }
+        let mut rng = Numbers(0x9e37_79b9_7f4a_7c15);
+        let (mut checked, mut built) = (0, 0);
+        for _ in 0..3000 {
+            let depth = 1 + rng.below(4);
+            let (pattern, witness) = generate(&mut rng, depth);
+            let (Ok(regex), Ok(literals)) = (regex::bytes::Regex::new(&pattern), Literals::new([pattern.as_str()])) else { continue };
+            let literals = literals.search;
+            built += 1;
+            for _ in 0..10 {
+                let mut line: Vec<u8> = (0..rng.below(6)).flat_map(|_| rng.pick(NOISE).as_bytes().to_vec()).collect();
+                let start = line.len();
+                line.extend_from_slice(witness.as_bytes());
+                if rng.below(4) == 0 && line.len() > start {
+                    let at = start + rng.below(line.len() - start);
+                    line[at] = rng.pick(NOISE).as_bytes()[0];
+                }
+                line.extend((0..rng.below(6)).flat_map(|_| rng.pick(NOISE).as_bytes().to_vec()));
+                if regex.is_match(&line) {
+                    checked += 1;
+                    assert!(literals.is_match(&line), "{pattern:?} matches {:?}", String::from_utf8_lossy(&line));
+                }
+            }
+        }
+        assert!(built > 300 && checked > 2000, "{built} patterns with literals, {checked} matching lines");
+    }
+
+    #[test]
+    fn a_rule_without_literals_leaves_the_search_to_the_other_applications_rules() {
+        let families = DerivedFamilies::default();
+        let rules = [
+            rule("{name: nccl, app: 'train*', pattern: 'NCCL WARN', type: counter}"),
+            rule("{name: oom, app: 'train*', pattern: 'out of memory', type: counter}"),
+            rule("{name: web_errors, app: 'web', pattern: '.*err', type: counter}"),
+        ];
+        let mut d = Derived::new(&rules.map(|r| r.compile().unwrap()), families.clone());
+        assert_eq!(d.literals.as_ref().map(|l| l.without.clone()), Some(vec![false, false, true]));
+        let (train, web) = (d.rules_for("trainer"), d.rules_for("web"));
+        assert_eq!((train.len(), web.len()), (2, 1));
+        let literals = d.literals.as_ref().unwrap();
+        assert!(!literals.may_match(&train, b"stderr: err"), "the trainer's rules all have literals");
+        assert!(literals.may_match(&[0, 2], b"stderr: err"), "with the web rule, the line goes on");
+        d.observe(&train, &pod("1"), b"CUDA out of memory");
+        d.observe(&train, &pod("1"), b"an err");
+        d.observe(&web, &pod("2"), b"an err");
+        // Through the first look: the line holds no literal, and the rule without any matches it.
+        d.observe(&[0, 2], &pod("3"), b"an err");
+        let text = exposition(&families);
+        assert!(text.contains(r#"name="oom""#) && !text.contains(r#"name="nccl""#), "{text}");
+        let web_errors: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("nodelens_log_metric_total{") && l.contains(r#"name="web_errors""#)).collect();
+        assert_eq!(web_errors.len(), 2, "the web pod's and the third pod's line: {text}");
+    }
+
+    #[test]
+    fn literals_are_kept_as_long_as_all_rules_fit_and_cut_shorter_when_they_do_not() {
+        // Ten rules: 57 literals at 32 a rule, `(?i)error|exception` as `erro` and `exce`.
+        let ten: Vec<&str> = RARE.iter().copied().filter(|p| *p != "(?i)oomkilled").collect();
+        let literals = Literals::new(ten.iter().copied()).unwrap();
+        let all: Vec<usize> = (0..ten.len()).collect();
+        assert_eq!(literals.search.patterns_len(), 57);
+        assert!(!literals.may_match(&all, b"stderr: over budget") && literals.may_match(&all, b"an Error"));
+        // One more case-insensitive word: 81 at 32, so 16 a rule (49), `err` found in `stderr`.
+        let literals = Literals::new(RARE).unwrap();
+        assert_eq!(literals.search.patterns_len(), 49);
+        assert!(literals.may_match(&all, b"stderr: over budget"));
+        assert!(
+            rule_literals("(?i)exceptional failure|(?i)kernel", 16).is_err()
+                && rule_literals("(?i)exceptional failure|(?i)kernel", 32).is_ok()
+        );
+        // A rule that fits only at 32 a rule is left out once the others need 16.
+        let literals = Literals::new(RARE.iter().copied().chain(["(?i)exceptional failure|(?i)kernel"])).unwrap();
+        assert_eq!(literals.search.patterns_len(), 49);
+        assert_eq!(literals.without.iter().filter(|&&w| w).count(), 1);
+        assert!(literals.without[RARE.len()]);
+        // More than 64 at 32 a rule and none at 16: said so.
+        let why = Literals::new(["(?i)abc|(?i)def|(?i)ghi", "(?i)jkl|(?i)mno|(?i)pqr", "(?i)stu|(?i)vwx|(?i)yza"]).err();
+        assert!(
+            why.as_ref().is_some_and(|why| why.contains("literals in all at 32 a rule, more than 64") && why.contains("none at 16")),
+            "{why:?}"
+        );
+        let words: Vec<String> = (0..40).map(|n| format!("(?i)w{n:02}x")).collect();
+        let why = Literals::new(words.iter().map(String::as_str)).err();
+        assert!(why.as_ref().is_some_and(|why| why.contains("more than 64")), "{why:?}");
+    }
+
+    #[test]
+    fn rules_without_a_few_long_literals_are_left_to_the_set() {
+        for pattern in [".*error", "\\d+ items", "(?i)ab", "x|error", "(?i)exceptional failure|(?i)kernel|(?i)oom killer|(?i)abort"] {
+            let why = rule_literals(pattern, LITERALS_PER_RULE[0]).err();
+            assert!(why.as_ref().is_some_and(|why| why.contains(pattern)), "{pattern}: {why:?}");
+            let literals = Literals::new(["NCCL WARN", pattern]).unwrap();
+            assert_eq!(literals.without, [false, true], "{pattern}");
+            assert!(literals.may_match(&[1], b"x") && !literals.may_match(&[0], b"x") && literals.may_match(&[0], b"NCCL WARN"));
+        }
+        assert!(Literals::new(["NCCL WARN", "(?i)kernel panic"]).is_ok_and(|l| l.without == [false, false]));
+        assert!(Literals::new([".*error"]).is_err());
+        let many: Vec<String> = (0..65).map(|n| format!("word{n:02}")).collect();
+        assert!(Literals::new(many.iter().map(String::as_str)).is_err_and(|why| why.contains("65 literals")));
+        assert!(Literals::new([".*error", "\\d+"]).is_err_and(|why| why.contains("no rule")));
+    }
+
+    #[test]
+    fn the_literal_prefilter_gives_what_the_rules_one_by_one_give() {
+        let families = [DerivedFamilies::default(), DerivedFamilies::default(), DerivedFamilies::default()];
+        let rules: Vec<_> = RARE
+            .iter()
+            .enumerate()
+            .map(|(n, pattern)| {
+                let value = if pattern.contains("?P<v>") { ", type: gauge, value: v" } else { ", type: counter" };
+                rule(&format!("{{name: r{n}, pattern: '{pattern}'{value}}}")).compile().unwrap()
+            })
+            .collect();
+        let mut with_literals = Derived::new(&rules, families[0].clone());
+        let mut one_by_one = Derived::new(&rules, families[1].clone());
+        let mut literals_alone = Derived::new(&rules, families[2].clone());
+        literals_alone.prefilter = None;
+        assert!(with_literals.literals.is_some() && with_literals.prefilter.is_some());
+        let all_rules = with_literals.rules_for("any");
+        let literals = with_literals.literals.as_ref().unwrap();
+        assert!(!literals.may_match(&all_rules, b"fine") && literals.may_match(&all_rules, b"ERROR x"), "the literals turn lines away");
+        (one_by_one.literals, one_by_one.prefilter) = (None, None);
+        let lines = ["ERROR x", "Timed out after 12", "Killed process 77", "fine", "CUDA error: 3 and exception", "OOMkilled"];
+        for (n, line) in lines.iter().cycle().take(60).enumerate() {
+            let p = pod(&(n % 3).to_string());
+            let all = with_literals.rules_for("any");
+            with_literals.observe(&all, &p, line.as_bytes());
+            one_by_one.observe(&all, &p, line.as_bytes());
+            literals_alone.observe(&all, &p, line.as_bytes());
+        }
+        let [a, b, c] = families.each_ref().map(sorted_exposition);
+        assert_eq!(a, b);
+        assert_eq!(c, b);
+        assert!(a.contains(r#"name="r0""#) && a.contains(r#"name="r8""#) && a.contains(r#"name="r10""#), "{a}");
     }
 
     #[test]
