@@ -186,7 +186,8 @@ impl LogPipeline {
             Committer::new(checkpoints.clone(), budget.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
         );
         let (tailer, idle_chunks) = if logs.enabled {
-            let tailer = Tailer::new(settings, checkpoints.clone(), budget, chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
+            let tailer =
+                Tailer::new(settings, checkpoints.clone(), budget.clone(), chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
             (Some(std::thread::Builder::new().name("tailer".into()).spawn(move || tailer.run())?), None)
         } else {
             (None, Some(chunk_tx))
@@ -225,7 +226,7 @@ impl LogPipeline {
             stop: Default::default(),
         };
         let node_logs = NodeLogs::start(context, feed)?;
-        let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx))?;
+        let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx, budget))?;
         Ok(LogPipeline {
             checkpoints,
             wake,

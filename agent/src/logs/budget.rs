@@ -11,8 +11,11 @@
 //! the bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue).
 //! The round trip is the quickest request a sink sent while none of its others was in flight
 //! over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the sinks send
-//! what they have at once instead of waiting out `flush_interval` for a fuller request
-//! (nothing more can come).
+//! without waiting out `flush_interval` for a fuller request: once every chunk read is encoded
+//! and with them (nothing more can come; the chunks still queued for the encoder join the
+//! request they would otherwise each have made alone), or at once when a request holds its
+//! share of the bound in bytes read (the bound over the sink's concurrency: the other
+//! requests carry the rest, overlapping).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +44,8 @@ const ROUND_TRIP_WINDOWS: usize = 120;
 pub const WINDOW: Duration = Duration::from_millis(250);
 
 /// Shared by the tailer (which reads against it), the committer (which releases bytes and
-/// paces the bound) and the sinks (which send at once while reading is held).
+/// paces the bound), the encoder (which tells it each chunk handed to the sinks) and the
+/// sinks (which send at once while reading is held and nothing more can come soon).
 #[derive(Debug)]
 pub struct ReadBudget {
     inflight: AtomicU64,
@@ -51,7 +55,10 @@ pub struct ReadBudget {
     held: AtomicBool,
     /// Reading stopped at the bound at some point since the pacer last looked.
     held_seen: AtomicBool,
-    /// Woken when reading stops at the bound.
+    /// Chunks read whose batches are not yet with every sink (queued for the encoder, in it,
+    /// or being handed over).
+    encoding: AtomicU64,
+    /// Woken when reading stops at the bound, and each time `encoding` comes to 0.
     held_notify: Notify,
     /// The quickest lone request the sinks reported since the pacer last looked.
     round_trip: Mutex<Option<Duration>>,
@@ -67,6 +74,7 @@ impl ReadBudget {
             max,
             held: AtomicBool::new(false),
             held_seen: AtomicBool::new(false),
+            encoding: AtomicU64::new(0),
             held_notify: Notify::new(),
             round_trip: Mutex::new(None),
         }
@@ -90,17 +98,49 @@ impl ReadBudget {
     }
 
     /// Waits until reading is held at the bound (returns at once if it is). For sinks
-    /// gathering a request.
+    /// gathering a request that holds its share of the bytes in flight.
     pub async fn until_held(&self) {
+        self.until(Self::is_held).await;
+    }
+
+    /// Waits until reading is held at the bound and every chunk read is encoded and with the
+    /// sinks (returns at once if so): what the sinks gathered is all that can come. For sinks
+    /// gathering a request.
+    pub async fn until_settled(&self) {
+        self.until(|budget| budget.is_held() && budget.encoding() == 0).await;
+    }
+
+    /// Waits until `ready` holds, looked at again each time reading stops at the bound or the
+    /// last chunk read reaches the sinks (registered before looking: no wake-up is missed).
+    async fn until(&self, ready: impl Fn(&Self) -> bool) {
         loop {
             let notified = self.held_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.is_held() {
+            if ready(self) {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// A chunk was read and goes to the encoder.
+    pub fn chunk_read(&self) {
+        self.encoding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A chunk read was encoded and its batch handed to every sink.
+    pub fn chunk_encoded(&self) {
+        let before = self.encoding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        debug_assert!(before.is_ok(), "a chunk encoded that was not read");
+        if before == Ok(1) {
+            self.held_notify.notify_waiters();
+        }
+    }
+
+    /// Chunks read and not yet with the sinks.
+    pub fn encoding(&self) -> u64 {
+        self.encoding.load(Ordering::Acquire)
     }
 
     /// A sink's request, sent while none of its others was in flight, was answered in `took`.
@@ -284,11 +324,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn gathering_sinks_are_woken_when_reading_is_held() {
+    async fn gathering_sinks_are_woken_when_reading_is_held_and_every_chunk_read_is_encoded() {
         let budget = std::sync::Arc::new(ReadBudget::new(MIB));
         let waiter = tokio::spawn({
             let budget = budget.clone();
-            async move { budget.until_held().await }
+            async move { budget.until_settled().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -296,7 +336,18 @@ mod tests {
         assert!(budget.is_full());
         tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
         // Already held: at once.
-        tokio::time::timeout(Duration::from_millis(100), budget.until_held()).await.expect("at once");
+        tokio::time::timeout(Duration::from_millis(100), budget.until_settled()).await.expect("at once");
+        // Held with a chunk read and not yet encoded: its batch is still to come.
+        budget.chunk_read();
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.until_settled().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a chunk is being encoded");
+        budget.chunk_encoded();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken once it is encoded").unwrap();
+        assert_eq!(budget.encoding(), 0);
         assert_eq!(budget.room(), 0);
     }
 }

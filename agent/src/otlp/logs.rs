@@ -166,7 +166,7 @@ pub fn encode_chunk(
         } else {
             let message = chunk.message(record);
             let text = std::str::from_utf8(message).is_ok();
-            let body_len = if text { message.len() } else { String::from_utf8_lossy(message).len() };
+            let body_len = if text { message.len() } else { lossy_len(message) };
             let len = plain_record_len(time, level, body_len, record.stream, &fixed, observed);
             Planned { level, time, len: len as u32, encoded_end: None, text }
         };
@@ -268,6 +268,12 @@ fn plain_record_len(time: u64, level: Option<Level>, body_len: usize, stream: St
         + fixed.attributes(stream).len()
         + UID_LEN
         + fixed64(observed)
+}
+
+/// The length of `String::from_utf8_lossy(bytes)`, without building it: each invalid
+/// sequence becomes one U+FFFD (three bytes).
+fn lossy_len(bytes: &[u8]) -> usize {
+    bytes.utf8_chunks().map(|c| c.valid().len() + if c.invalid().is_empty() { 0 } else { char::REPLACEMENT_CHARACTER.len_utf8() }).sum()
 }
 
 /// `log.record.uid`: 32 hex digits.
@@ -425,6 +431,7 @@ mod tests {
     use crate::logs::chunk::Flags;
     use crate::logs::source::Source;
     use crate::packed::Packer;
+    use crate::test_numbers::Numbers;
 
     fn meta() -> Metadata {
         Metadata {
@@ -565,6 +572,113 @@ mod tests {
         assert_eq!(records[1500].body.as_ref().unwrap().value, Some(Value::StringValue("bad \u{fffd} byte".into())));
         assert!(attributes(&records[2000].attributes)["nodelens.log.flags"].contains("truncated"));
         assert_eq!(attributes(&records[2999].attributes)["log.record.uid"], format!("{:032x}", chunk.source.id.record_id(2999 * 200)));
+    }
+
+    /// A message of `len` bytes or so: text, text with invalid UTF-8, multi-byte text, JSON
+    /// objects with and without trace context, or a W3C `traceparent` in text.
+    fn message(n: &mut Numbers, len: usize) -> Vec<u8> {
+        let text: Vec<u8> = (0..len).map(|i| b"abc xyz=0123456789 .,:;"[(i * 7 + len) % 23]).collect();
+        match n.below(7) {
+            0 | 1 => text,
+            2 => {
+                let mut bad = text;
+                for _ in 0..=n.below(3) {
+                    let at = n.below(bad.len() + 1);
+                    let junk: &[u8] = n.pick(&[&b"\xff"[..], b"\xe2\x82", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80\x80"]);
+                    bad.splice(at..at, junk.iter().copied());
+                }
+                bad
+            }
+            3 => "ünïcødé ✓ 日本語 ".repeat(len / 24 + 1).into_bytes(),
+            4 => format!(
+                r#"{{"level":"{}","msg":"{}","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7"}}"#,
+                n.pick(&["warn", "ERROR", "x"]),
+                String::from_utf8(text).unwrap()
+            )
+            .into_bytes(),
+            5 => format!(r#"{{"msg":"{}","n":[1,2.5,true,null,{{"a":"b"}}],"s":"\u00e9\ud83d\ude00"}}"#, String::from_utf8(text).unwrap())
+                .into_bytes(),
+            _ => format!("{} traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", String::from_utf8(text).unwrap())
+                .into_bytes(),
+        }
+    }
+
+    #[test]
+    fn random_chunks_are_written_as_prost_writes_them_and_as_long_as_worked_out() {
+        // Lengths at the varints' steps (127/128, 16383/16384 bytes) on body, record and
+        // chunk; every timestamp form; invalid UTF-8; JSON with trace context; every flag.
+        let lengths = [0, 1, 5, 100, 110, 115, 120, 125, 127, 128, 129, 200, 1000, 16_300, 16_340, 16_383, 16_384, 16_400];
+        let times: [&[u8]; 9] = [
+            b"2026-11-22T03:16:40.123456789Z",
+            b"2026-11-22T03:16:41.000000001Z",
+            b"2026-11-22T05:16:40.5+02:00",
+            b"2026-11-22t03:16:40z",
+            b"2026-11-22T03:16:40Z",
+            b"1969-12-31T23:59:59.999999999Z",
+            b"2262-04-11T23:47:16.854775808Z",
+            b"not a time",
+            b"",
+        ];
+        let levels = [None, Some(Level::Trace), Some(Level::Info), Some(Level::Error), Some(Level::Fatal)];
+        let flags = [Flags::TRUNCATED, Flags::PARTIAL, Flags::MALFORMED, Flags::BAD_TIMESTAMP];
+        let mut n = Numbers(32);
+        for round in 0..40 {
+            let path = if round % 2 == 0 {
+                "/var/log/pods/ns_p_uid/c/0.log".to_string()
+            } else {
+                format!("/var/log/pods/{}/c/0.log", "ns_pod-".repeat(20))
+            };
+            let mut chunk = Chunk::new(Arc::new(Source { path: path.into(), ..Source::for_tests() }));
+            let mut chunk_levels = Vec::new();
+            // The last round's chunk passes 2 MiB: its length takes a four-byte varint.
+            let count = if round == 39 { 140 } else { 1 + n.below(60) };
+            for _ in 0..count {
+                let timestamp = chunk.push_bytes(n.pick(&times[..]));
+                let len = if round == 39 { 16_384 } else { n.pick(&lengths[..]) };
+                let text = message(&mut n, len);
+                let message = chunk.push_bytes(&text);
+                let mut record_flags = Flags::default();
+                for flag in flags {
+                    if n.below(8) == 0 {
+                        record_flags.insert(flag);
+                    }
+                }
+                let stream = if n.below(2) == 0 { StreamKind::Stdout } else { StreamKind::Stderr };
+                chunk.records.push(Record { timestamp, message, stream, offset: n.next() >> n.below(64), flags: record_flags });
+                chunk_levels.push(n.pick(&levels[..]));
+            }
+            let mut structured = Structured::default();
+            crate::logs::structured::Extractor::new(Default::default()).extract(&chunk, &mut structured);
+            let observed = n.pick(&[UNIX_EPOCH, UNIX_EPOCH + std::time::Duration::from_nanos(1_800_000_000_123_456_789)]);
+            let resource = ResourceTemplate::new(&meta());
+            // Written by encode_chunk, which asserts its length as worked out.
+            let ours = encoded(&chunk, &resource, &chunk_levels, &structured, observed);
+            assert!(round != 39 || ours.len() > 2 << 20, "{} bytes", ours.len());
+
+            let path = chunk.source.path.to_string_lossy().into_owned();
+            let log_records = chunk
+                .records
+                .iter()
+                .zip(&chunk_levels)
+                .zip(&structured.records)
+                .map(|((record, level), fields)| {
+                    let mut log = log_record(&chunk, record, *level, &path, unix_nanos(observed), record_time(&chunk, record));
+                    add_structured(&mut log, chunk.message(record), fields);
+                    log
+                })
+                .collect();
+            let scope = InstrumentationScope { name: "nodelens".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
+            let reference = opentelemetry_proto::tonic::logs::v1::ResourceLogs {
+                resource: Some(Resource::decode(resource.resource.as_slice()).unwrap()),
+                scope_logs: vec![opentelemetry_proto::tonic::logs::v1::ScopeLogs {
+                    scope: Some(scope),
+                    log_records,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            };
+            assert_eq!(ours, request([reference.encode_to_vec().as_slice()]), "round {round}: the bytes prost writes");
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -18,6 +18,7 @@ use crate::identity::path::{self, ContainerRef};
 use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
 use crate::logs::ack::AckMsg;
+use crate::logs::budget::ReadBudget;
 use crate::logs::chunk::Chunk;
 use crate::logs::derived::{Derived, PodLabels};
 use crate::logs::enrich::Enricher;
@@ -123,8 +124,14 @@ impl Encoder {
     }
 
     /// Encodes chunks until the tailer is done, registering each with the committer before
-    /// handing it to every sink.
-    pub fn run(&mut self, mut chunks: mpsc::Receiver<Chunk>, sinks: Vec<mpsc::Sender<Arc<Batch>>>, acks: mpsc::Sender<AckMsg>) {
+    /// handing it to every sink; `budget` is told once each chunk's batch is with them.
+    pub fn run(
+        &mut self,
+        mut chunks: mpsc::Receiver<Chunk>,
+        sinks: Vec<mpsc::Sender<Arc<Batch>>>,
+        acks: mpsc::Sender<AckMsg>,
+        budget: Arc<ReadBudget>,
+    ) {
         while let Some(chunk) = chunks.blocking_recv() {
             let batch = Arc::new(self.encode(&chunk, Instant::now()));
             let targets = if batch.records == 0 { 0 } else { sinks.len() as u32 };
@@ -143,6 +150,8 @@ impl Encoder {
                 tracing::error!("a sink is gone; stopping the encoder");
                 return;
             }
+            // Once its batch is with the sinks: they may send what they gathered.
+            budget.chunk_encoded();
         }
     }
 
@@ -209,7 +218,7 @@ impl Encoder {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut batch = Batch::new(seq, chunk.source.id, records, cached.index.clone());
+        let mut batch = Batch::new(seq, chunk.source.id, records, cached.index.clone()).read_from(chunk.read_bytes);
         if let Some(lines) = bulk_lines {
             batch = batch.with_bulk(lines);
         }
@@ -342,6 +351,36 @@ mod tests {
     fn service_name(batch: &Batch) -> String {
         let doc: serde_json::Value = serde_json::from_slice(batch.docs.doc(0)).unwrap();
         doc["service"]["name"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn the_encoder_tells_the_read_budget_each_chunk_once_its_batch_is_with_every_sink() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let (chunk_tx, chunk_rx) = mpsc::channel(8);
+        let (acks_tx, mut acks_rx) = mpsc::channel(8);
+        let sinks: Vec<_> = (0..2).map(|_| mpsc::channel(8)).collect();
+        let (txs, mut rxs): (Vec<_>, Vec<_>) = sinks.into_iter().unzip();
+        for (i, pod) in ["a-0", "b-0", "c-0"].into_iter().enumerate() {
+            let mut chunk = chunk(pods_dir.path(), "ml", pod, "step 1");
+            chunk.read_bytes = 100 + i as u64;
+            budget.chunk_read();
+            chunk_tx.blocking_send(chunk).unwrap();
+        }
+        drop(chunk_tx);
+        assert_eq!(budget.encoding(), 3);
+        let run = std::thread::spawn({
+            let budget = budget.clone();
+            move || encoder.run(chunk_rx, txs, acks_tx, budget)
+        });
+        run.join().unwrap();
+        assert_eq!(budget.encoding(), 0, "every chunk's batch is with the sinks");
+        for rx in &mut rxs {
+            let read: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).map(|b| b.read_bytes).collect();
+            assert_eq!(read, [100, 101, 102], "each batch carries its chunk's bytes read");
+        }
+        assert_eq!(std::iter::from_fn(|| acks_rx.try_recv().ok()).count(), 3);
     }
 
     #[test]

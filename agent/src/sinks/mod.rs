@@ -48,12 +48,30 @@ pub struct Batch {
     /// The Elasticsearch data stream of these records when it is not the sink's own
     /// (`data_stream`): the node's logs go to `node_data_stream`, in the same requests.
     pub index: Option<Arc<str>>,
+    /// Container-log bytes read for these records (against `logs.max_inflight_bytes`); 0
+    /// for the node's logs, Events and GPU runs.
+    pub read_bytes: u64,
 }
 
 impl Batch {
     /// A batch of `records` from `file`, with nothing encoded yet.
     pub fn new(seq: u64, file: FileId, records: usize, index: Option<Arc<str>>) -> Batch {
-        Batch { seq, file, records, docs: ecs::Documents::default(), bulk: Packed::default(), otlp: Packed::default(), index }
+        Batch {
+            seq,
+            file,
+            records,
+            docs: ecs::Documents::default(),
+            bulk: Packed::default(),
+            otlp: Packed::default(),
+            index,
+            read_bytes: 0,
+        }
+    }
+
+    /// The batch of container-log records that took `bytes` of reading.
+    pub fn read_from(mut self, bytes: u64) -> Batch {
+        self.read_bytes = bytes;
+        self
     }
 
     /// The batch with its `_bulk` lines already packed (rendered straight into their piece).
@@ -177,8 +195,9 @@ pub struct Requests {
     pub max_bytes: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
-    /// The container logs' read-ahead: while reading is held at its bound, nothing more can
-    /// come until requests settle, so a request goes with what it has.
+    /// The container logs' read-ahead: while reading is held at its bound, a request goes
+    /// once every chunk read is with the sinks, or at once when it holds its share of the
+    /// bound (see [`gather`]).
     pub reading: Option<Arc<ReadBudget>>,
 }
 
@@ -238,10 +257,13 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
 }
 
 /// Takes batches after `first` while they fit in `max_bytes` (as `size` measures them), until
-/// `flush_interval` has passed or reading is held and nothing is queued. A batch that does not
-/// fit is returned to start the next request: requests are made of whole batches, sent as
-/// they are held, and a batch is only ever split when it is larger than `max_bytes` alone.
-/// The flag is false when the input has closed.
+/// `flush_interval` has passed or reading is held and either every chunk read has been
+/// encoded and handed to the sinks (nothing more can come) or the request already holds its
+/// share of the bound in container bytes read (the bound over `concurrency`: the other
+/// requests carry the rest, overlapping). A batch that does not fit is returned to start the next request:
+/// requests are made of whole batches, sent as they are held, and a batch is only ever split
+/// when it is larger than `max_bytes` alone. The flag is false when the input was seen closed
+/// (one closed while the last batches were taken is seen by the next receive).
 async fn gather(
     batches: &mut mpsc::Receiver<Arc<Batch>>,
     first: Arc<Batch>,
@@ -250,27 +272,35 @@ async fn gather(
 ) -> (Arc<[Arc<Batch>]>, Option<Arc<Batch>>, bool) {
     let deadline = Instant::now() + requests.flush_interval;
     let mut bytes = size(&first);
+    let mut read = first.read_bytes;
     let mut pending = vec![first];
     while bytes < requests.max_bytes {
         let held = async {
             match &requests.reading {
-                Some(reading) => reading.until_held().await,
+                Some(reading) if read >= reading.limit() / requests.concurrency.max(1) as u64 => reading.until_held().await,
+                Some(reading) => reading.until_settled().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let batch = tokio::select! {
             biased;
             batch = batches.recv() => match batch {
-                Some(batch) if bytes + size(&batch) > requests.max_bytes => return (pending.into(), Some(batch), true),
-                Some(batch) => {
-                    bytes += size(&batch);
-                    pending.push(batch);
-                }
+                Some(batch) => batch,
                 None => return (pending.into(), None, false),
             },
-            () = held => break,
+            // A batch handed over as reading settled joins this request, not the next.
+            () = held => match batches.try_recv() {
+                Ok(batch) => batch,
+                Err(_) => break,
+            },
             () = tokio::time::sleep_until(deadline) => break,
+        };
+        if bytes + size(&batch) > requests.max_bytes {
+            return (pending.into(), Some(batch), true);
         }
+        bytes += size(&batch);
+        read += batch.read_bytes;
+        pending.push(batch);
     }
     (pending.into(), None, true)
 }
@@ -293,6 +323,11 @@ mod tests {
     use super::*;
 
     fn batch(seq: u64, bytes: usize) -> Arc<Batch> {
+        read_batch(seq, bytes, 0)
+    }
+
+    /// A batch of `bytes` of documents from `read` bytes of container logs.
+    fn read_batch(seq: u64, bytes: usize, read: u64) -> Arc<Batch> {
         let docs = ecs::Documents { bytes: vec![b'x'; bytes], ..ecs::Documents::default() };
         Arc::new(Batch {
             seq,
@@ -302,6 +337,7 @@ mod tests {
             bulk: Packed::default(),
             otlp: Packed::default(),
             index: None,
+            read_bytes: read,
         })
     }
 
@@ -408,6 +444,53 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(started.elapsed(), Duration::from_secs(2), "woken when reading is held, not at the interval");
         held_later.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_reading_is_held_a_request_waits_for_the_chunks_still_being_encoded_then_goes_at_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let size = |b: &Batch| b.docs.bytes.len();
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget.clone()) };
+        // Two chunks read, then reading held at its bound; the first one's batch is here.
+        budget.chunk_read();
+        budget.chunk_read();
+        budget.take(1 << 20);
+        assert!(budget.is_full());
+        budget.chunk_encoded();
+        let encoder = {
+            let (budget, tx) = (budget.clone(), tx.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tx.send(batch(2, 100)).await.unwrap();
+                budget.chunk_encoded();
+            })
+        };
+        let started = Instant::now();
+        let (pending, _, _) = gather(&mut rx, batch(1, 100), &requests, size).await;
+        assert_eq!(pending.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2], "the chunk being encoded joined the request");
+        assert_eq!(started.elapsed(), Duration::from_millis(300), "sent once it was encoded, not at the interval");
+        encoder.await.unwrap();
+        // Nothing left to encode: the next request goes at once.
+        tx.send(batch(4, 100)).await.unwrap();
+        let started = Instant::now();
+        let (pending, _, _) = gather(&mut rx, batch(3, 100), &requests, size).await;
+        assert_eq!((pending.len(), started.elapsed()), (2, Duration::ZERO));
+        // A request that holds its share of the bytes in flight (the bound over the
+        // concurrency) goes at once, whatever is still being encoded: others carry the rest.
+        let requests = Requests { concurrency: 4, ..requests };
+        budget.chunk_read();
+        let share = budget.limit() / 4;
+        let (pending, _, _) = gather(&mut rx, read_batch(5, 100, share - 1), &requests, size).await;
+        assert_eq!(
+            (pending.len(), started.elapsed()),
+            (1, Duration::from_secs(5)),
+            "under its share: waits for the chunk, or the interval"
+        );
+        let started = Instant::now();
+        let (pending, _, _) = gather(&mut rx, read_batch(6, 100, share), &requests, size).await;
+        assert_eq!((pending.len(), started.elapsed()), (1, Duration::ZERO), "its share: at once");
+        budget.chunk_encoded();
     }
 
     #[tokio::test(start_paused = true)]
