@@ -233,6 +233,25 @@ fn a_clean_stop_releases_the_lease_and_the_other_agent_ships_within_seconds() {
 }
 
 #[test]
+fn a_leader_elected_before_the_namespaces_are_listed_waits_for_their_labels_and_exclusion() {
+    let c = Cluster::new();
+    c.api.apply(namespace("quiet", json!({}), json!({"nodelens.io/exclude": "true"})));
+    c.api.apply(event("quiet", "q-0.1", "ev-quiet", ["Pod", "quiet", "q-0", "pod-q"], ["BackOff", "Warning", "quiet back-off"], 1));
+    c.api.delay_lists_of("Namespace", Duration::from_secs(3));
+    let started = Instant::now();
+    let a = c.start("a");
+    one_leader(&[&a], Duration::from_secs(30));
+    let elected = started.elapsed();
+    let backoff = c.wait_event("back-off 1", Duration::from_secs(20));
+    assert!(started.elapsed() >= Duration::from_secs(3), "shipped before the namespaces were listed");
+    assert_eq!(backoff["user"]["name"], "alice", "from the namespace's labels, elected after {elected:?}");
+    c.wait_event("node not ready 1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.events().iter().all(|d| d["message"] != "quiet back-off"), "an excluded namespace's Events stay out");
+    assert_eq!(c.assert_each_version_once(), 2);
+}
+
+#[test]
 fn a_leader_cut_off_from_the_api_stops_shipping_before_its_lease_expires() {
     let c = Cluster::new();
     let (a, b) = (c.start("a"), c.start("b"));

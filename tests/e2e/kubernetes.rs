@@ -207,6 +207,7 @@ fn namespace_labels_name_the_user_and_annotations_exclude_logs() {
     partly["metadata"]["annotations"] = json!({"nodelens.io/exclude-containers": "sidecar"});
     c.api.apply(partly);
     c.api.apply(pod("quiet", "q", "uid-q", NODE, json!({}), &["main"]));
+    c.api.apply(pod("team-a", "later", "uid-later", NODE, json!({"app": "jupyter"}), &["main"]));
     for (ns, p, uid, container) in [
         ("team-a", "nb", "uid-nb", "notebook"),
         ("team-a", "nb", "uid-nb", "sidecar"),
@@ -215,21 +216,67 @@ fn namespace_labels_name_the_user_and_annotations_exclude_logs() {
     ] {
         c.log(ns, p, uid, container).write_cri("stdout", &format!("{p}/{container}")).unwrap();
     }
+    // The pods are listed well before the namespaces: their containers wait for both.
+    c.api.delay_lists_of("Namespace", Duration::from_secs(5));
     let agent = c.start("  user_keys: [\"label:user\", \"namespace_label:user\"]\n  watch_namespaces: true\n");
-    agent.wait_for(WAIT, "the notebook line", |d| doc_with(d, "nb/notebook").is_some());
+    // A container first seen once its pod is in the store, its namespace not yet.
+    let up = |m: &str, resource: &str| metric_sum(m, "nodelens_kubernetes_watch_up", &[&format!(r#"resource="{resource}""#)]);
+    wait_metric(&agent, "pods listed, namespaces not yet", |m| up(m, "pods") == 1.0 && up(m, "namespaces") == 0.0);
+    c.log("team-a", "later", "uid-later", "main").write_cri("stdout", "later/main").unwrap();
+    agent.wait_for(WAIT, "the notebook lines", |d| doc_with(d, "nb/notebook").is_some() && doc_with(d, "later/main").is_some());
     std::thread::sleep(Duration::from_millis(1500));
     let docs = agent.docs();
-    assert_eq!(doc_with(&docs, "nb/notebook").unwrap()["user"]["name"], "carol");
+    for shipped in ["nb/notebook", "later/main"] {
+        assert_eq!(doc_with(&docs, shipped).unwrap()["user"]["name"], "carol", "{shipped}");
+    }
     for excluded in ["nb/sidecar", "noisy/main", "q/main"] {
         assert!(doc_with(&docs, excluded).is_none(), "{excluded} is excluded");
     }
-    assert_eq!(docs.len(), 1);
+    assert_eq!(docs.len(), 2);
 
     c.api.apply(namespace("team-a", json!({"user": "dave"}), json!({})));
     wait_metric(&agent, "user relabelled", |m| metric_sum(m, "nodelens_pod_info", &[r#"pod="nb""#, r#"user="dave""#]) == 1.0);
     c.log("team-a", "nb", "uid-nb", "notebook").write_cri("stdout", "after relabel").unwrap();
     agent.wait_for(WAIT, "line after relabel", |d| doc_with(d, "after relabel").is_some());
     assert_eq!(doc_with(&agent.docs(), "after relabel").unwrap()["user"]["name"], "dave");
+    agent.terminate();
+}
+
+/// Where the namespaces' list never comes (their watch is denied), reading waits for it
+/// `metadata_wait` once, then goes on with the pods' metadata and says so, and a pod the watch
+/// has not reported yet is waited for (1 s) again.
+#[test]
+fn a_namespace_list_that_never_comes_holds_logs_for_metadata_wait_once() {
+    let c = Cluster::new();
+    c.api.apply(namespace("team-a", json!({"user": "carol"}), json!({})));
+    c.api.apply(pod("team-a", "nb", "uid-nb", NODE, json!({"app": "jupyter"}), &["main"]));
+    c.log("team-a", "nb", "uid-nb", "main").write_cri("stdout", "nb/main").unwrap();
+    c.api.delay_lists_of("Namespace", Duration::from_secs(600));
+    let started = Instant::now();
+    let agent = c.start("  metadata_wait: 5s\n  user_keys: [\"namespace_label:user\"]\n");
+    let up = |m: &str, resource: &str| metric_sum(m, "nodelens_kubernetes_watch_up", &[&format!(r#"resource="{resource}""#)]);
+    agent.wait_for(WAIT, "the line", |d| doc_with(d, "nb/main").is_some());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(5), "held for the namespaces' list: {waited:?}");
+    let docs = agent.docs();
+    let doc = doc_with(&docs, "nb/main").unwrap();
+    assert_eq!(doc["service"]["name"], "jupyter", "the pod's metadata");
+    assert!(doc["user"]["name"].is_null(), "no namespace label to name the user: {doc}");
+    let deadline = Instant::now() + WAIT;
+    while !agent.log().contains("no namespace list from the Kubernetes API yet") {
+        assert!(Instant::now() < deadline, "the wait given up is said: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(up(&agent.get("/metrics").1, "namespaces"), 0.0);
+
+    // A container seen before its pod's event (the pod watch is up): waited for, so it ships
+    // with its pod's metadata.
+    c.log("team-a", "newcomer", "uid-newcomer", "main").write_cri("stdout", "newcomer/main").unwrap();
+    // The pod's event 200 ms later: 800 ms to spare within the 1 s wait on a loaded machine.
+    std::thread::sleep(Duration::from_millis(200));
+    c.api.apply(pod("team-a", "newcomer", "uid-newcomer", NODE, json!({"app": "newcomer-app"}), &["main"]));
+    agent.wait_for(WAIT, "the newcomer's line", |d| doc_with(d, "newcomer/main").is_some());
+    assert_eq!(doc_with(&agent.docs(), "newcomer/main").unwrap()["service"]["name"], "newcomer-app");
     agent.terminate();
 }
 

@@ -174,8 +174,16 @@ pub async fn run(context: Context, mut shutdown: Shutdown) {
             if !elected {
                 return;
             }
+            let ship = async {
+                // A namespace's exclusion and labels hold from the first Event: wait for the
+                // namespaces' first list (up to `kubernetes.metadata_wait` from start).
+                while !excluded.store.namespaces_ready() {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                watch::ship(client.clone(), config.clone(), &mut pods, &excluded, &out, &metrics).await
+            };
             let pipeline_gone = tokio::select! {
-                _ = watch::ship(client.clone(), config.clone(), &mut pods, &excluded, &out, &metrics) => true,
+                _ = ship => true,
                 _ = async { let _ = leading.wait_for(|l| !*l).await; } => false,
             };
             if pipeline_gone {

@@ -109,14 +109,15 @@ pub fn start(
     shutdown: impl Fn() -> Shutdown,
 ) {
     let watcher = watch::watcher_config(config.request_timeout);
+    let namespaces = config.watch_namespaces || store.needs_namespaces();
+    store.wait_for_lists(config.metadata_wait, namespaces);
     let pods = watch::pods(client.clone(), watcher.clone(), node, store.clone(), keep_deleted, up.clone(), shutdown());
     tasks.spawn("pod watch", async move {
         pods.await;
         Ok(())
     });
-    if config.watch_namespaces || store.needs_namespaces() {
-        store.expect_namespaces();
-        let namespaces = watch::namespaces(client, watcher, store, up, shutdown());
+    if namespaces {
+        let namespaces = watch::namespaces(client, watcher, store, config.metadata_wait, up, shutdown());
         tasks.spawn("namespace watch", async move {
             namespaces.await;
             Ok(())

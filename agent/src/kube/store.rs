@@ -61,6 +61,20 @@ struct Inner {
     /// Namespaces are watched (for exclusion or labels), and their first list has arrived.
     namespaces_expected: bool,
     namespaces_synced: bool,
+    /// Waiting for the first lists gives up at this instant (`kubernetes.metadata_wait` after
+    /// the watches started).
+    lists_deadline: Option<Instant>,
+}
+
+impl Inner {
+    fn waited_out(&self) -> bool {
+        self.lists_deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The namespaces are listed, not watched, or waited for in vain (their list is denied).
+    fn namespaces_ready(&self) -> bool {
+        !self.namespaces_expected || self.namespaces_synced || self.waited_out()
+    }
 }
 
 /// The pod store.
@@ -114,17 +128,42 @@ impl PodStore {
         self.inner.lock().unwrap().namespaces.get(namespace).is_some_and(|n| n.excluded)
     }
 
-    /// Whether the first full list has arrived.
+    /// Whether the pods' first list has arrived, and the namespaces' where they are watched
+    /// (or `kubernetes.metadata_wait` has passed without it: pods go on without them).
     pub fn is_synced(&self) -> bool {
         let inner = self.inner.lock().unwrap();
-        inner.synced && (!inner.namespaces_expected || inner.namespaces_synced)
+        inner.synced && inner.namespaces_ready()
+    }
+
+    /// Whether the namespaces' first list has arrived, they are not watched, or
+    /// `kubernetes.metadata_wait` has passed without it.
+    pub fn namespaces_ready(&self) -> bool {
+        self.inner.lock().unwrap().namespaces_ready()
+    }
+
+    /// Whether `kubernetes.metadata_wait` has passed since the watches started (see
+    /// [`PodStore::wait_for_lists`]): waiting longer for a first list cannot help.
+    pub fn waited_out(&self) -> bool {
+        self.inner.lock().unwrap().waited_out()
+    }
+
+    /// Whether namespaces are watched and their first list has not arrived (yet).
+    pub fn namespaces_missing(&self) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.namespaces_expected && !inner.namespaces_synced
+    }
+
+    /// Whether the pods' first list has arrived (the namespaces' may still be to come).
+    pub fn pods_listed(&self) -> bool {
+        self.inner.lock().unwrap().synced
     }
 
     /// Whether the first list has arrived and the pod watch has not failed since its last
     /// list: a pod missing from the store is then most likely not on the node (or its event is
     /// a moment away), rather than unheard of.
     pub fn is_current(&self) -> bool {
-        self.is_synced() && !self.inner.lock().unwrap().watch_down
+        let inner = self.inner.lock().unwrap();
+        inner.synced && !inner.watch_down
     }
 
     /// The pod watch failed (`false`) or listed again (`true`).
@@ -132,10 +171,14 @@ impl PodStore {
         self.inner.lock().unwrap().watch_down = !up;
     }
 
-    /// Namespaces will be watched: the store is synced only once they are listed too, so a
-    /// namespace's `nodelens.io/exclude` holds from the first record.
-    pub fn expect_namespaces(&self) {
-        self.inner.lock().unwrap().namespaces_expected = true;
+    /// The watches start now, of namespaces too where `namespaces`: the store is synced once
+    /// the pods are listed and, where namespaces are watched, the namespaces too (so a
+    /// namespace's `nodelens.io/exclude` and labels hold from the first record), or once
+    /// `wait` has passed without them.
+    pub fn wait_for_lists(&self, wait: Duration, namespaces: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.lists_deadline = Instant::now().checked_add(wait);
+        inner.namespaces_expected = namespaces;
     }
 
     /// The namespace watch's first list is complete.
@@ -441,11 +484,27 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_list_that_does_not_come_within_the_wait_is_given_up() {
+        let (s, _) = store();
+        s.wait_for_lists(Duration::from_secs(3600), true);
+        s.relist(vec![pod("u1", "team-a", &[])]);
+        assert!(!s.is_synced() && !s.waited_out());
+        s.wait_for_lists(Duration::ZERO, true);
+        assert!(s.waited_out());
+        assert!(s.is_synced() && s.namespaces_ready(), "pods go on without the namespaces");
+        assert!(s.namespaces_missing(), "still missing, for the warning");
+    }
+
+    #[test]
     fn the_store_is_synced_once_namespaces_are_listed_and_an_exclusion_reaches_known_pods() {
         let (s, _) = store();
-        s.expect_namespaces();
+        s.wait_for_lists(Duration::from_secs(3600), true);
+        assert!(!s.pods_listed());
         s.relist(vec![pod("u1", "team-a", &[])]);
+        assert!(s.pods_listed());
         assert!(!s.is_synced(), "pods listed, namespaces not yet: exclusion unknown");
+        assert!(s.is_current(), "the pods' watch is up, whatever the namespaces'");
+        assert!(s.namespaces_missing() && !s.namespaces_ready());
         s.apply_namespace("team-a", NamespaceMeta::default());
         s.namespaces_listed();
         assert!(s.is_synced());

@@ -171,11 +171,32 @@ pub async fn pods(
 }
 
 /// Watches namespaces (labels and the exclude annotation) into `store` until shutdown. `up`
-/// gets the `namespaces` series, 0 until the first list.
+/// gets the `namespaces` series, 0 until the first list. Without a first list after `wait`
+/// (`kubernetes.metadata_wait`), says once that records go on without namespace labels.
 pub async fn namespaces(
     client: Client,
     watcher: watcher::Config,
     store: Arc<PodStore>,
+    wait: Duration,
+    up: Family<WatchLabels, Gauge>,
+    shutdown: Shutdown,
+) {
+    // Said once, `wait` after the start, while the watch goes on.
+    let give_up = async {
+        tokio::time::sleep(wait).await;
+        warn_unlisted(&store, wait);
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = watch_namespaces(client, watcher, &store, up, shutdown) => {}
+        _ = give_up => {}
+    }
+}
+
+async fn watch_namespaces(
+    client: Client,
+    watcher: watcher::Config,
+    store: &PodStore,
     up: Family<WatchLabels, Gauge>,
     mut shutdown: Shutdown,
 ) {
@@ -193,9 +214,9 @@ pub async fn namespaces(
             };
             match event {
                 Some(Ok(Event::Init)) => listed.clear(),
-                Some(Ok(Event::Apply(ns))) => apply_namespace(&store, &ns),
+                Some(Ok(Event::Apply(ns))) => apply_namespace(store, &ns),
                 Some(Ok(Event::InitApply(ns))) => {
-                    apply_namespace(&store, &ns);
+                    apply_namespace(store, &ns);
                     listed.extend(ns.metadata.name);
                 }
                 Some(Ok(Event::Delete(ns))) => {
@@ -219,6 +240,14 @@ pub async fn namespaces(
             _ = tokio::time::sleep(retry.next_delay()) => {}
             _ = shutdown.recv() => return,
         }
+    }
+}
+
+/// `kubernetes.metadata_wait` has passed since the watches started: says so where the
+/// namespaces have not been listed (records go on without them from now).
+fn warn_unlisted(store: &PodStore, wait: Duration) {
+    if store.namespaces_missing() {
+        tracing::warn!(waited = ?wait, "no namespace list from the Kubernetes API yet; reading logs and shipping Events without namespace labels (a user named by one is missing, namespace exclusion cannot be honoured until it arrives)");
     }
 }
 
@@ -274,6 +303,7 @@ mod tests {
             client,
             watcher_config(Duration::from_secs(60)),
             store.clone(),
+            Duration::from_secs(60),
             Family::default(),
             Shutdown::new(stop.subscribe()),
         ));

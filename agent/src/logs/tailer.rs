@@ -322,6 +322,7 @@ impl Tailer {
             if !chunk.records.is_empty() || chunk.read_bytes > 0 {
                 progressed = true;
                 self.budget.take(chunk.read_bytes);
+                self.budget.chunk_read();
                 if self.out.blocking_send(chunk).is_err() {
                     return Visit::Closed;
                 }
@@ -373,11 +374,17 @@ impl Tailer {
             return;
         };
         let synced = store.is_synced();
-        let current = synced && store.is_current();
-        let waited_out = now.duration_since(self.started) >= self.settings.metadata_wait;
-        if !synced && waited_out && !self.warned_unsynced {
+        let listed = store.pods_listed();
+        let current = store.is_current();
+        let waited_out = store.waited_out() || now.duration_since(self.started) >= self.settings.metadata_wait;
+        if !listed && waited_out && !self.warned_unsynced {
             self.warned_unsynced = true;
             tracing::warn!(waited = ?self.settings.metadata_wait, "no pod list from the Kubernetes API yet; reading logs with metadata from their paths (exclusion annotations cannot be honoured until it arrives)");
+        }
+        if !(synced || waited_out) {
+            // Nothing is released before the first lists: a known pod may still miss its
+            // namespace's labels and exclusion (the namespace watch says when it gives up).
+            return;
         }
         let metadata_wait = self.settings.metadata_wait;
         let mut released = Vec::new();
@@ -385,14 +392,14 @@ impl Tailer {
             let known = store.get(&reference.pod_uid).is_some();
             // While the pod watch is down, a new pod is unheard of rather than absent: its
             // container waits for the watch's next list as before the first one.
-            let give_up = match (synced, current) {
+            let give_up = match (listed, current) {
                 (true, true) => now.duration_since(*since) >= POD_WAIT,
                 (true, false) => now.duration_since(*since) >= metadata_wait,
                 (false, _) => waited_out,
             };
             if give_up && !known && current {
                 tracing::debug!(namespace = %reference.namespace, pod = %reference.pod, "pod not reported by the watch; reading with metadata from its path");
-            } else if give_up && !known && synced {
+            } else if give_up && !known && listed {
                 tracing::warn!(namespace = %reference.namespace, pod = %reference.pod, waited = ?metadata_wait, "pod watch still down; reading with metadata from its path");
             }
             let release = known || give_up;
@@ -505,7 +512,9 @@ impl Tailer {
                 let links = links.get_or_insert_with(|| container_links(&self.settings.containers_dir));
                 let info = container_info(&self.settings.pods_dir, reference.clone(), links);
                 tracing::info!(namespace = %info.reference.namespace, pod = %info.reference.pod, container = %info.reference.container, restart = info.reference.restart, "tailing container");
-                if self.pods.as_ref().is_some_and(|store| store.get(&reference.pod_uid).is_none()) {
+                // Until the first lists (pods, and namespaces where watched), a known pod may
+                // still be missing its namespace's labels and exclusion.
+                if self.pods.as_ref().is_some_and(|store| !store.is_synced() || store.get(&reference.pod_uid).is_none()) {
                     self.held.insert(reference.clone(), now);
                 }
                 let mut tail = ContainerTail::new(Arc::new(info), self.settings.limits.max_line_bytes);

@@ -157,12 +157,16 @@ impl Attribution {
 
     fn container(&mut self, proc_root: &std::path::Path, pid: u32, usec: u64, ticks: u64, context: &Context) -> Option<Attributed> {
         let cgroup = xid::container_of(proc_root, pid, usec, ticks)?;
-        // Records found in the ring at start wait for the pod store's first list, as
-        // container logs do, up to `kubernetes.metadata_wait`, once.
+        // Records found in the ring at start wait for the pod store's first lists, as
+        // container logs do, up to `kubernetes.metadata_wait` from the watches' start.
         if let Some(store) = context.names.pods.as_ref() {
             if !store.is_synced() && self.waited.insert(cgroup.pod_uid.clone()) {
                 let deadline = Instant::now() + context.config.kubernetes.metadata_wait;
-                while !store.is_synced() && Instant::now() < deadline && pause(&context.stop, Duration::from_millis(100)) {}
+                while !store.is_synced()
+                    && !store.waited_out()
+                    && Instant::now() < deadline
+                    && pause(&context.stop, Duration::from_millis(100))
+                {}
             }
         }
         let labels = context.names.lookup().by_cgroup(&cgroup)?;

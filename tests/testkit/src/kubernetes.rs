@@ -62,6 +62,8 @@ struct State {
     fail_with: Option<u16>,
     /// Lists are answered this long after they arrive.
     list_delay: std::time::Duration,
+    /// Lists of these kinds are answered this long after they arrive instead.
+    kind_list_delay: std::collections::BTreeMap<&'static str, std::time::Duration>,
     lists_answered: usize,
     /// Tokens whose requests hang, as across a network partition.
     cut: std::collections::BTreeSet<String>,
@@ -214,6 +216,12 @@ impl FakeApiServer {
     /// are then: the API is slow, the agent starts before it has pod metadata.
     pub fn delay_lists(&self, delay: std::time::Duration) {
         self.state.lock().unwrap().list_delay = delay;
+    }
+
+    /// Answers lists of `kind` (`"Namespace"`) `delay` after they arrive, other kinds as
+    /// [`FakeApiServer::delay_lists`] says: one watch lists before another.
+    pub fn delay_lists_of(&self, kind: &'static str, delay: std::time::Duration) {
+        self.state.lock().unwrap().kind_list_delay.insert(kind, delay);
     }
 
     /// Lists answered so far (pod and namespace lists, not watches).
@@ -377,7 +385,10 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Result<Resp
     };
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
-    let delay = state.lock().unwrap().list_delay;
+    let delay = {
+        let st = state.lock().unwrap();
+        st.kind_list_delay.get(kind).copied().unwrap_or(st.list_delay)
+    };
     if !watch && !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
