@@ -75,6 +75,8 @@ pub struct ShareWindow {
     newest_of: HashMap<u32, u64>,
     /// When the samples were last fetched (wall clock), 0 before the first fetch.
     fetched_us: u64,
+    /// The last window's shares: a poll that closes no whole period reads them again.
+    last: HashMap<u32, f64>,
 }
 
 impl ShareWindow {
@@ -124,7 +126,9 @@ impl ShareWindow {
     }
 
     /// Closes the window at `now_us` (wall clock) and returns each sampled process's share of
-    /// it; processes absent from the map had no sample: 0.
+    /// it; processes absent from the map had no sample: 0. A poll too soon after the last to
+    /// close a whole sample period (a late poll's successor on a loaded node) gets the last
+    /// window's shares again, not a window of nothing read as idle.
     pub fn close(&mut self, now_us: u64) -> HashMap<u32, f64> {
         if now_us.saturating_add(CLOCK_STEP_US) < self.window_end_us.max(self.last_seen_us) {
             self.reset();
@@ -152,7 +156,7 @@ impl ShareWindow {
         let anchor = newest.unwrap_or(self.window_end_us).max(start);
         let end = anchor + seen_to.saturating_sub(anchor) / period * period;
         if end <= start {
-            return HashMap::new();
+            return self.last.clone();
         }
         // In periods: a ring's sample stands for one; a newest-only driver's for its span.
         let length = if self.ring { ((end - start) as f64 / period as f64).round().max(1.0) } else { (end - start) as f64 / period as f64 };
@@ -174,7 +178,9 @@ impl ShareWindow {
         });
         self.window_end_us = end;
         self.newest_of.retain(|_, at| at.saturating_add(FORGET_US) > end);
-        weighted.into_iter().map(|(pid, sum)| (pid, (sum / 100.0 / length).min(1.0))).collect()
+        // One division of whole numbers on a ring: 30 % over 3 periods reads 0.3 exactly.
+        self.last = weighted.into_iter().map(|(pid, sum)| (pid, (sum / (100.0 * length)).min(1.0))).collect();
+        self.last.clone()
     }
 
     /// The smallest gap between two samples of one process fetched in one read, or on a
@@ -398,6 +404,22 @@ mod tests {
                 close_to(&shares, 9, 0.17);
             }
         }
+    }
+
+    #[test]
+    fn a_poll_within_one_sample_period_of_the_last_reads_the_last_shares_not_idle() {
+        let mut w = ShareWindow::default();
+        fetch(&mut w, samples(3, 1..=6, 10));
+        w.close(6 * P);
+        fetch(&mut w, samples(3, 7..=9, 10));
+        // Three periods at 10 %: exactly 0.1, as a one-period window reads it.
+        assert_eq!(w.close(9 * P + 100).get(&3), Some(&0.1));
+        // The next poll comes 60 ms later (its predecessor ran late): no period closed since.
+        w.add([], 9 * P + 60_100);
+        assert_eq!(w.close(9 * P + 60_100).get(&3), Some(&0.1), "not 0 for a window of nothing");
+        // A period with no sample is idle.
+        w.add([], 11 * P + 100);
+        assert!(w.close(11 * P + 100).is_empty());
     }
 
     #[test]
