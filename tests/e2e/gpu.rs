@@ -376,8 +376,9 @@ fn hopper_scenario() -> Scenario {
     let bursty = Process { pid: 4202, used_memory_bytes: 20 * GIB, sm_percent: 90, burst_cycle: 6, burst_busy: 1, ..Process::default() };
     let mut h = h100(vec![process(4101, 10 * GIB, 30), bursty]);
     h.gpm = Some(gpm(42.0));
-    // The driver keeps 1.5 s of per-process samples, less than a 2 s poll holds.
-    h.samples_kept = 9;
+    // The driver keeps 1.83 s of per-process samples, less than a 2 s poll holds (and 0.6 s
+    // more than the agent's 1.2 s between fetches at most, for a stalled thread).
+    h.samples_kept = 11;
     h.remapped_rows = Some(RemappedRows { correctable: 2, uncorrectable: 1, pending: true, failed: false });
     let instance = |uuid: &str, profile: &str, gpu_instance, gpm| MigInstance {
         uuid: uuid.into(),

@@ -72,6 +72,16 @@ fn wait_metric(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) {
     panic!("timed out waiting for {what}:\n{}\nlog:\n{}", agent.get("/metrics").1, agent.log());
 }
 
+/// Waits until the agent says it tails a container of `pod`.
+fn wait_tailing(agent: &Agent, pod: &str) {
+    let deadline = Instant::now() + WAIT;
+    let pod = format!("pod={pod} ");
+    while !agent.log().lines().any(|l| l.contains("tailing container") && l.contains(&pod)) {
+        assert!(Instant::now() < deadline, "{pod} tailed: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn records_carry_application_user_workload_and_labels_from_one_node_scoped_watch() {
     let c = Cluster::new();
@@ -141,7 +151,8 @@ fn pods_known_late_or_never_and_pods_deleted_while_logging() {
     late.write_cri("stdout", "late first line").unwrap();
     ghost.write_cri("stdout", "ghost line").unwrap();
     let agent = c.start("");
-    std::thread::sleep(Duration::from_millis(200));
+    // The pod's event once the agent tails its container: it waits 1 s for it.
+    wait_tailing(&agent, "late");
     c.api.apply(pod("ml", "late", "uid-late", NODE, json!({"app": "latecomer"}), &["main"]));
     agent.wait_for(WAIT, "both records", |d| d.len() >= 2);
     let docs = agent.docs();
@@ -272,8 +283,9 @@ fn a_namespace_list_that_never_comes_holds_logs_for_metadata_wait_once() {
     // A container seen before its pod's event (the pod watch is up): waited for, so it ships
     // with its pod's metadata.
     c.log("team-a", "newcomer", "uid-newcomer", "main").write_cri("stdout", "newcomer/main").unwrap();
-    // The pod's event 200 ms later: 800 ms to spare within the 1 s wait on a loaded machine.
-    std::thread::sleep(Duration::from_millis(200));
+    // The pod's event once the agent tails the container (so it is seen first), well within
+    // the 1 s it waits for it however loaded the machine.
+    wait_tailing(&agent, "newcomer");
     c.api.apply(pod("team-a", "newcomer", "uid-newcomer", NODE, json!({"app": "newcomer-app"}), &["main"]));
     agent.wait_for(WAIT, "the newcomer's line", |d| doc_with(d, "newcomer/main").is_some());
     assert_eq!(doc_with(&agent.docs(), "newcomer/main").unwrap()["service"]["name"], "newcomer-app");
