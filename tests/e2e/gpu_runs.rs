@@ -177,14 +177,14 @@ fn a_gpu_run_is_reported_once_when_it_ends_with_its_totals_continued_across_agen
     let agent = node.start();
     attributed(&agent);
     std::thread::sleep(Duration::from_secs(1));
-    // resnet is OOMKilled: the kubelet reports it terminated, its process goes. (In this
-    // order: a poll between the two would see the container allocated with no process, and
-    // count an idle poll in the run's mean that a real exit does not have.)
+    // resnet is OOMKilled: its process goes, and the kubelet reports it terminated a few
+    // polls later. Those polls read it allocated and idle: they are after its end, not its.
     let finished = SystemTime::now();
-    node.api.apply(pod("resnet-0", RESNET_UID, "resnet", "alice", 'a', started, Some((137, "OOMKilled", finished))));
-    let posted = Instant::now();
     node.proc.remove(4101);
     node.set_gpu(1_001_000, vec![process(4202, 20 * GIB, 50)]);
+    std::thread::sleep(Duration::from_millis(700));
+    node.api.apply(pod("resnet-0", RESNET_UID, "resnet", "alice", 'a', started, Some((137, "OOMKilled", finished))));
+    let posted = Instant::now();
     agent.wait_for(Duration::from_secs(15), "resnet's report", |docs| !runs(docs).is_empty());
     let latency = posted.elapsed();
     let report = runs(&agent.docs()).remove(0);

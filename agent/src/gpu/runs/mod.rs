@@ -26,7 +26,7 @@ use crate::kube::meta::{ContainerMeta, Exit, PodMeta};
 use crate::kube::store::PodStore;
 use crate::logs::derived::PodGauges;
 use report::{Report, Who};
-use state::{Run, State, StateFile};
+use state::{PollAdded, Run, State, StateFile};
 
 /// Labels of `nodelens_gpu_run_seconds_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -428,6 +428,7 @@ fn new_run(pod: &PodMeta, c: &ContainerMeta, id: &str, started: Option<f64>, now
         xids_at: BTreeMap::new(),
         throttled_seconds: 0.0,
         log_metrics: Vec::new(),
+        recent: Default::default(),
     }
 }
 
@@ -445,16 +446,17 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
     if let Some(m) = memory {
         run.memory_peak = Some(run.memory_peak.map_or(m, |p| p.max(m)));
     }
+    let mut added = PollAdded { at: now, ..PollAdded::default() };
     for h in uses {
         if let Some(u) = h.utilization {
-            run.utilization.add(u, window);
+            added.utilization.add(u, window);
         }
         if h.alone {
             if let Some(v) = h.device.get(GpuGauge::SmActive) {
-                run.sm_active.add(v, window);
+                added.sm_active.add(v, window);
             }
             if let Some(v) = h.device.get(GpuGauge::TensorActive) {
-                run.tensor_active.add(v, window);
+                added.tensor_active.add(v, window);
             }
         }
         let Some(gpu) = h.physical else { continue };
@@ -463,11 +465,10 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
             if let Some(before) = run.energy_at.insert(uuid.clone(), energy) {
                 // A counter reset (driver reload) counts nothing for this poll.
                 if energy >= before {
-                    run.energy_joules = Some(run.energy_joules.unwrap_or(0.0) + (energy - before) * h.share);
+                    added.energy_joules += (energy - before) * h.share;
                 }
-            } else {
-                run.energy_joules = Some(run.energy_joules.unwrap_or(0.0));
             }
+            run.energy_joules = Some(run.energy_joules.unwrap_or(0.0));
         }
         let xids: u64 = gpu.xids.iter().map(|(_, n)| n).sum();
         let before = run.xids_at.insert(uuid.clone(), xids);
@@ -478,16 +479,36 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
             None => 0,
         };
         if gpu.throttle_reasons.is_some_and(|r| r & THROTTLED != 0) {
-            run.throttled_seconds += window;
+            added.throttled_seconds += window;
         }
     }
+    run.utilization.add_all(&added.utilization);
+    run.sm_active.add_all(&added.sm_active);
+    run.tensor_active.add_all(&added.tensor_active);
+    run.throttled_seconds += added.throttled_seconds;
+    if let Some(energy) = &mut run.energy_joules {
+        *energy += added.energy_joules;
+    }
+    if run.recent.len() == state::RECENT_POLLS {
+        run.recent.pop_front();
+    }
+    run.recent.push_back(added);
 }
 
 /// The report of a run that ended at `ended` with `exit` (`None`: not reported by the kubelet).
 fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> Report {
     // Held at the last share until it ended; polls after its end (before its status
-    // arrived) are taken back.
+    // arrived) are taken back: it held nothing then, and read idle.
     run.gpu_seconds = (run.gpu_seconds + run.last_share * (ended - run.last_seen)).max(0.0);
+    for after in run.recent.iter().filter(|p| p.at > ended) {
+        run.utilization.take_back(&after.utilization);
+        run.sm_active.take_back(&after.sm_active);
+        run.tensor_active.take_back(&after.tensor_active);
+        run.throttled_seconds = (run.throttled_seconds - after.throttled_seconds).max(0.0);
+        if let Some(energy) = &mut run.energy_joules {
+            *energy = (*energy - after.energy_joules).max(0.0);
+        }
+    }
     let started = run.started.or(exit.and_then(|e| e.started).map(|s| s as f64));
     Report {
         outcome: report::outcome(evicted, exit.map(|e| (e.code, e.reason.as_str()))).to_string(),

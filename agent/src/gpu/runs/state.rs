@@ -55,7 +55,26 @@ pub struct Run {
     pub throttled_seconds: f64,
     /// The last value of its pod's log-derived gauges.
     pub log_metrics: Vec<(String, f64)>,
+    /// What its last polls added (not kept across a restart): those after its end, seen
+    /// before its status arrived, are taken back.
+    #[serde(skip)]
+    pub recent: VecDeque<PollAdded>,
 }
+
+/// What one poll added to a run's means, throttled seconds and energy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PollAdded {
+    /// The poll's time, Unix seconds.
+    pub at: f64,
+    pub utilization: Mean,
+    pub sm_active: Mean,
+    pub tensor_active: Mean,
+    pub throttled_seconds: f64,
+    pub energy_joules: f64,
+}
+
+/// Polls remembered per run: a kubelet reports an exit within seconds, far fewer polls.
+pub const RECENT_POLLS: usize = 32;
 
 /// A time-weighted mean in the making.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +90,18 @@ impl Mean {
     pub fn add(&mut self, value: f64, seconds: f64) {
         self.weighted += value * seconds;
         self.seconds += seconds;
+    }
+
+    /// Adds what `other` added.
+    pub fn add_all(&mut self, other: &Mean) {
+        self.weighted += other.weighted;
+        self.seconds += other.seconds;
+    }
+
+    /// Takes back what `other` added.
+    pub fn take_back(&mut self, other: &Mean) {
+        self.weighted -= other.weighted;
+        self.seconds = (self.seconds - other.seconds).max(0.0);
     }
 
     /// The mean, when anything was added.

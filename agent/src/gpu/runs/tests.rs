@@ -162,6 +162,28 @@ fn a_container_oomkilled_on_a_time_sliced_gpu_gets_one_report_with_its_share() {
 }
 
 #[test]
+fn polls_between_a_containers_exit_and_its_status_are_taken_back_from_its_means() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    poll(&mut runs, 0, 100);
+    // Its process ends at 102; the kubelet's status comes two polls later, which read it
+    // still allocated, idle, throttled, its GPU spending energy.
+    for t in [105u32, 110] {
+        let now = T0 + f64::from(t);
+        runs.observe(&reading(10.0 * f64::from(t), 0x4), &view(vec![row("a-0", 0.0, 0.0), row("b-0", 0.5, 2e9)]), now);
+    }
+    assert!(rx.try_recv().is_err(), "not ended yet");
+    let exit = Exit { code: 1, reason: "Error".into(), started: Some(T0 as i64), finished: Some((T0 + 102.0) as i64) };
+    node.store.apply(pod("a-0", "aaa", Some(exit)));
+    poll(&mut runs, 115, 115);
+    let r = rx.try_recv().expect("a report").report;
+    assert_eq!(r.sm_utilization_mean, Some(0.3), "the idle polls after its end are not its: {r:?}");
+    assert!((r.gpu_seconds - 51.0).abs() < 1e-6, "{r:?}");
+    assert!((r.energy_joules.unwrap() - 500.0).abs() < 1e-6, "{r:?}");
+    assert!((r.throttled_seconds - 100.0).abs() < 1e-6, "{r:?}");
+}
+
+#[test]
 fn an_agent_restart_continues_the_totals_and_sends_an_unacknowledged_report_again() {
     let node = Node::new();
     let (mut runs, _rx) = node.runs();
