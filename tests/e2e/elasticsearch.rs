@@ -170,13 +170,13 @@ fn an_outage_loses_nothing_and_memory_stays_bounded() {
     let (backlog, retries) = loop {
         let (_, body) = agent.get("/metrics");
         let seen = (metric_sum(&body, "nodelens_log_backlog_bytes", &[]), metric_sum(&body, "nodelens_sink_retries_total", &[]));
-        if (seen.0 >= backlog_bytes as f64 * 0.9 && seen.1 >= 1.0) || Instant::now() > deadline {
+        if (seen.0 >= backlog_bytes as f64 * 0.9 && seen.1 >= 3.0) || Instant::now() > deadline {
             break seen;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(backlog >= backlog_bytes as f64 * 0.9, "backlog {backlog} of {backlog_bytes} written");
-    assert!(retries >= 1.0, "{retries} retries");
+    assert!(retries >= 3.0, "{retries} retries: down for a while");
     let rss = agent.rss_bytes();
     // Memory is measured by the benchmarks (node_soak, under an outage), not asserted here:
     // a debug build on a busy machine is no place for a threshold.
@@ -465,7 +465,8 @@ fn a_flooding_container_delays_a_quiet_ones_lines_by_at_most_two_seconds() {
         .filter(|(_, doc)| doc["kubernetes"]["pod"]["name"] == "noisy")
         .map(|(_, doc)| (doc["log"]["offset"].as_u64().unwrap(), doc["message"].as_str().unwrap().to_string()))
         .collect();
-    stored.sort_unstable();
+    stored.sort_unstable_by_key(|(offset, _)| *offset);
+    assert!(stored.windows(2).all(|w| w[0].0 < w[1].0), "one offset a line");
     assert_eq!(
         stored.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
         (0..NOISY).map(|i| format!("noisy {i:05} {padding}")).collect::<Vec<_>>(),

@@ -227,6 +227,11 @@ fn a_clean_stop_releases_the_lease_and_the_other_agent_ships_within_seconds() {
     // release on a loaded machine. The claim is the bound below: well before the Lease's 15 s.
     one_leader(&[&other], Duration::from_secs(15));
     let took = at.elapsed();
+    let takeover = other.log().lines().rfind(|l| l.contains("taking over the Events Lease")).map(str::to_string);
+    assert!(
+        takeover.as_deref().is_some_and(|l| l.split_whitespace().any(|w| w == "previous=")),
+        "taken over as released, not once it expired: {takeover:?}"
+    );
     c.api.apply(event("ml", "trainer-0.3", "ev-pull", ["Pod", "ml", "trainer-0", "pod-trainer"], ["Pulling", "Normal", "pulling 1"], 1));
     c.wait_event("pulling 1", Duration::from_secs(15));
     println!("handover after a clean stop: {took:?} to the next leader, {:?} to its first new Event", at.elapsed());

@@ -75,8 +75,8 @@ fn wait_metric(agent: &Agent, what: &str, check: impl Fn(&str) -> bool) {
 /// Waits until the agent says it tails a container of `pod`.
 fn wait_tailing(agent: &Agent, pod: &str) {
     let deadline = Instant::now() + WAIT;
-    let pod = format!("pod={pod} ");
-    while !agent.log().lines().any(|l| l.contains("tailing container") && l.contains(&pod)) {
+    let pod = format!("pod={pod}");
+    while !agent.log().lines().any(|l| l.contains("tailing container") && l.split_whitespace().any(|w| w == pod)) {
         assert!(Instant::now() < deadline, "{pod} tailed: {}", agent.log());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -284,7 +284,7 @@ fn a_namespace_list_that_never_comes_holds_logs_for_metadata_wait_once() {
     // with its pod's metadata.
     c.log("team-a", "newcomer", "uid-newcomer", "main").write_cri("stdout", "newcomer/main").unwrap();
     // The pod's event once the agent tails the container (so it is seen first), well within
-    // the 1 s it waits for it however loaded the machine.
+    // the 1 s it waits for it.
     wait_tailing(&agent, "newcomer");
     c.api.apply(pod("team-a", "newcomer", "uid-newcomer", NODE, json!({"app": "newcomer-app"}), &["main"]));
     agent.wait_for(WAIT, "the newcomer's line", |d| doc_with(d, "newcomer/main").is_some());

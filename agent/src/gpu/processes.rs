@@ -20,11 +20,15 @@ impl PidResolver {
         PidResolver { proc_root, cache: HashMap::new(), seen: Vec::new() }
     }
 
-    /// The container of `pid`; `None` when it has exited or runs outside a pod.
+    /// The container of `pid`; `None` when it runs outside a pod, or has exited and was not
+    /// resolved at the last poll. (A process that exits since is still its container's: its
+    /// last utilization samples come after it is gone.)
     pub fn resolve(&mut self, pid: u32) -> Option<ContainerCgroup> {
         self.seen.push(pid);
         let dir = self.proc_root.join(pid.to_string());
-        let started = std::fs::read_to_string(dir.join("stat")).ok().and_then(|s| start_time(&s))?;
+        let Some(started) = std::fs::read_to_string(dir.join("stat")).ok().and_then(|s| start_time(&s)) else {
+            return self.cache.get(&pid).and_then(|(_, container)| container.clone());
+        };
         if let Some((at, container)) = self.cache.get(&pid) {
             if *at == started {
                 return container.clone();
@@ -103,5 +107,21 @@ mod tests {
         resolver.end_poll();
         assert!(resolver.is_empty(), "not seen in the last poll");
         assert_eq!(resolver.resolve(999), None, "no such process");
+    }
+
+    #[test]
+    fn a_process_that_exits_is_its_containers_until_a_poll_no_longer_sees_it() {
+        let root = tempfile::tempdir().unwrap();
+        write_proc(root.path(), 500, "python", 1000, &format!("0::/kubepods/besteffort/pod{UID}/{ID}\n"));
+        let mut resolver = PidResolver::new(root.path().to_path_buf());
+        let expected = ContainerCgroup { pod_uid: UID.into(), container_id: ID.into() };
+        assert_eq!(resolver.resolve(500), Some(expected.clone()));
+        resolver.end_poll();
+        // Gone from /proc; its last samples still come.
+        std::fs::remove_dir_all(root.path().join("500")).unwrap();
+        assert_eq!(resolver.resolve(500), Some(expected), "its last samples are its container's");
+        resolver.end_poll();
+        resolver.end_poll();
+        assert_eq!(resolver.resolve(500), None, "forgotten once a poll did not see it");
     }
 }

@@ -156,7 +156,9 @@ impl ShareWindow {
         let anchor = newest.unwrap_or(self.window_end_us).max(start);
         let end = anchor + seen_to.saturating_sub(anchor) / period * period;
         if end <= start {
-            return self.last.clone();
+            // Less than a period since the last window: it stands. (Further back, the clock
+            // stepped back less than `CLOCK_STEP_US`: nothing is known until it catches up.)
+            return if seen_to + period >= start { self.last.clone() } else { HashMap::new() };
         }
         // In periods: a ring's sample stands for one; a newest-only driver's for its span.
         let length = if self.ring { ((end - start) as f64 / period as f64).round().max(1.0) } else { (end - start) as f64 / period as f64 };
@@ -420,6 +422,11 @@ mod tests {
         // A period with no sample is idle.
         w.add([], 11 * P + 100);
         assert!(w.close(11 * P + 100).is_empty());
+        fetch(&mut w, samples(3, 12..=14, 10));
+        assert_eq!(w.close(14 * P + 100).get(&3), Some(&0.1));
+        // The clock stepped back 2 s (less than a restart of the windows): not the last shares.
+        w.add([], 2 * P);
+        assert!(w.close(2 * P).is_empty(), "nothing known until the clock catches up");
     }
 
     #[test]
