@@ -594,8 +594,11 @@ fn read_processes(calls: &mut Calls, gpu: &mut Gpu, pids: &mut PidResolver, read
     let Some(d) = &gpu.device else { return Err(Lost) };
     let i = gpu.index;
     let running = calls.call("running_compute_processes", i, || d.running_compute_processes())?.unwrap_or_default();
-    let sampled = gpu.migs.is_empty() && fetch_process_samples(calls, gpu)?;
-    let shares = if sampled { gpu.shares.close(now_us()) } else { HashMap::new() };
+    let fetched = gpu.migs.is_empty() && fetch_process_samples(calls, gpu)?;
+    // Not sampled where the window is unknown (the clock stepped back): no share, not idle.
+    let shares = if fetched { gpu.shares.close(now_us()) } else { None };
+    let sampled = shares.is_some();
+    let shares = shares.unwrap_or_default();
     if sampled {
         reading.sampled.push(gpu.id.uuid.clone());
     }

@@ -128,8 +128,9 @@ impl ShareWindow {
     /// Closes the window at `now_us` (wall clock) and returns each sampled process's share of
     /// it; processes absent from the map had no sample: 0. A poll too soon after the last to
     /// close a whole sample period (a late poll's successor on a loaded node) gets the last
-    /// window's shares again, not a window of nothing read as idle.
-    pub fn close(&mut self, now_us: u64) -> HashMap<u32, f64> {
+    /// window's shares again, not a window of nothing read as idle; `None` while the clock,
+    /// stepped back, has not caught up with the last window: nothing is known.
+    pub fn close(&mut self, now_us: u64) -> Option<HashMap<u32, f64>> {
         if now_us.saturating_add(CLOCK_STEP_US) < self.window_end_us.max(self.last_seen_us) {
             self.reset();
         }
@@ -143,7 +144,7 @@ impl ShareWindow {
         let start = match (self.window_end_us, self.carry.iter().map(|h| h.sample.at_us).min()) {
             (0, None) => {
                 self.window_end_us = seen_to;
-                return HashMap::new();
+                return Some(HashMap::new());
             }
             // The first window starts with the oldest sample the driver still held.
             (0, Some(oldest)) => oldest.saturating_sub(period),
@@ -158,7 +159,7 @@ impl ShareWindow {
         if end <= start {
             // Less than a period since the last window: it stands. (Further back, the clock
             // stepped back less than `CLOCK_STEP_US`: nothing is known until it catches up.)
-            return if seen_to + period >= start { self.last.clone() } else { HashMap::new() };
+            return (seen_to + period >= start).then(|| self.last.clone());
         }
         // In periods: a ring's sample stands for one; a newest-only driver's for its span.
         let length = if self.ring { ((end - start) as f64 / period as f64).round().max(1.0) } else { (end - start) as f64 / period as f64 };
@@ -182,7 +183,7 @@ impl ShareWindow {
         self.newest_of.retain(|_, at| at.saturating_add(FORGET_US) > end);
         // One division of whole numbers on a ring: 30 % over 3 periods reads 0.3 exactly.
         self.last = weighted.into_iter().map(|(pid, sum)| (pid, (sum / (100.0 * length)).min(1.0))).collect();
-        self.last.clone()
+        Some(self.last.clone())
     }
 
     /// The smallest gap between two samples of one process fetched in one read, or on a
@@ -228,10 +229,10 @@ mod tests {
     fn a_bursty_process_gets_its_time_weighted_share_not_its_samples_mean() {
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(1, 990..=1000, 40));
-        w.close(1000 * P + 5);
+        w.close(1000 * P + 5).unwrap();
         // 5 s = 30 periods: a steady process at 40 %, one that ran 6 periods at 90 %.
         fetch(&mut w, [samples(1, 1001..=1030, 40), samples(2, 1001..=1006, 90)].concat());
-        let shares = w.close(1030 * P + 100);
+        let shares = w.close(1030 * P + 100).unwrap();
         assert_eq!(w.period_us(), P, "measured from one process's consecutive samples");
         close_to(&shares, 1, 0.4);
         close_to(&shares, 2, 0.18);
@@ -242,27 +243,27 @@ mod tests {
         // The driver keeps 6 samples (1 s); the poll window is 5 s; fetched each second.
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(7, 95..=100, 100));
-        w.close(100 * P);
+        w.close(100 * P).unwrap();
         for second in 0..5 {
             let last = 100 + 6 * (second + 1);
             fetch(&mut w, samples(7, last - 5..=last, 100));
         }
-        close_to(&w.close(130 * P + 10), 7, 1.0);
+        close_to(&w.close(130 * P + 10).unwrap(), 7, 1.0);
     }
 
     #[test]
     fn idle_polls_move_the_window_so_the_first_busy_one_is_not_diluted() {
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(3, 1..=10, 50));
-        close_to(&w.close(10 * P), 3, 0.5);
+        close_to(&w.close(10 * P).unwrap(), 3, 0.5);
         // An hour without samples, read and polled every 5 s.
         for k in 1..=720 {
             w.add([], 10 * P + k * 30 * P);
-            assert!(w.close(10 * P + k * 30 * P).is_empty());
+            assert!(w.close(10 * P + k * 30 * P).unwrap().is_empty());
         }
         let busy_from = 10 + 720 * 30;
         fetch(&mut w, samples(3, busy_from + 1..=busy_from + 30, 80));
-        close_to(&w.close((busy_from + 30) * P + 7), 3, 0.8);
+        close_to(&w.close((busy_from + 30) * P + 7).unwrap(), 3, 0.8);
     }
 
     #[test]
@@ -274,15 +275,15 @@ mod tests {
         };
         let mut w = ShareWindow::default();
         fetch(&mut w, both(1, 12, 50));
-        close_to(&w.close(12 * P + 3_500), 1, 0.5);
+        close_to(&w.close(12 * P + 3_500).unwrap(), 1, 0.5);
         assert_eq!(w.period_us(), P);
         // The driver publishes the sample at 24 P only after the read at 24 P + 3.5 ms: this
         // window reads 11 of its 12 periods, the next one 13, and none is lost.
         w.add(both(13, 23, 50), 24 * P + 3_500);
-        let shares = w.close(24 * P + 3_500);
+        let shares = w.close(24 * P + 3_500).unwrap();
         assert!((shares[&1] - 5.5 / 12.0).abs() < 1e-9, "{shares:?}");
         fetch(&mut w, both(24, 36, 50));
-        let shares = w.close(36 * P + 3_500);
+        let shares = w.close(36 * P + 3_500).unwrap();
         assert!((shares[&1] - 6.5 / 12.0).abs() < 1e-9, "the late sample is counted now: {shares:?}");
         close_to(&shares, 2, 6.5 / 12.0);
     }
@@ -291,11 +292,11 @@ mod tests {
     fn a_clock_stepped_back_restarts_the_windows() {
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(1, 1_000_000..=1_000_010, 60));
-        w.close(1_000_010 * P);
+        w.close(1_000_010 * P).unwrap();
         fetch(&mut w, samples(1, 1..=10, 60));
-        assert!(w.close(10 * P).is_empty(), "older than the last fetch: dropped once, and the windows restart");
+        assert!(w.close(10 * P).unwrap().is_empty(), "older than the last fetch: dropped once, and the windows restart");
         fetch(&mut w, samples(1, 11..=20, 60));
-        close_to(&w.close(20 * P), 1, 0.6);
+        close_to(&w.close(20 * P).unwrap(), 1, 0.6);
     }
 
     /// A driver that samples every 200 ms and returns only each process's newest sample: a
@@ -320,7 +321,7 @@ mod tests {
             if second % poll_s == poll_s - 1 {
                 let poll = base + poll_phase_us;
                 read_newest(&mut w, poll, running);
-                shares.push(w.close(poll));
+                shares.push(w.close(poll).unwrap());
             }
         }
         shares
@@ -356,7 +357,7 @@ mod tests {
             }
             let at = t0 + (from_s + 4) * 1_000_000 + 600_000;
             read_newest(w, at, running);
-            w.close(at)
+            w.close(at).unwrap()
         };
         poll(&mut w, 0, &[(4, 50)]);
         close_to(&poll(&mut w, 5, &[(4, 50)]), 4, 0.5);
@@ -379,7 +380,7 @@ mod tests {
             read_newest(&mut w, from + 300_000, &[(9, 17)]);
             read_newest(&mut w, from + 1_300_000, &[(9, 17)]);
             read_newest(&mut w, from + 1_950_000, &[(9, 17)]);
-            let shares = w.close(from + 1_950_000 + stall_us);
+            let shares = w.close(from + 1_950_000 + stall_us).unwrap();
             if poll > 0 {
                 close_to(&shares, 9, 0.17);
             }
@@ -401,7 +402,7 @@ mod tests {
             read(&mut w, from + 1_001_000);
             read(&mut w, from + 1_801_000);
             read(&mut w, from + 2_000_000 + past_us);
-            let shares = w.close(from + 2_000_000 + past_us);
+            let shares = w.close(from + 2_000_000 + past_us).unwrap();
             if poll > 0 {
                 close_to(&shares, 9, 0.17);
             }
@@ -412,21 +413,21 @@ mod tests {
     fn a_poll_within_one_sample_period_of_the_last_reads_the_last_shares_not_idle() {
         let mut w = ShareWindow::default();
         fetch(&mut w, samples(3, 1..=6, 10));
-        w.close(6 * P);
+        w.close(6 * P).unwrap();
         fetch(&mut w, samples(3, 7..=9, 10));
         // Three periods at 10 %: exactly 0.1, as a one-period window reads it.
-        assert_eq!(w.close(9 * P + 100).get(&3), Some(&0.1));
+        assert_eq!(w.close(9 * P + 100).unwrap().get(&3), Some(&0.1));
         // The next poll comes 60 ms later (its predecessor ran late): no period closed since.
         w.add([], 9 * P + 60_100);
-        assert_eq!(w.close(9 * P + 60_100).get(&3), Some(&0.1), "not 0 for a window of nothing");
+        assert_eq!(w.close(9 * P + 60_100).unwrap().get(&3), Some(&0.1), "not 0 for a window of nothing");
         // A period with no sample is idle.
         w.add([], 11 * P + 100);
-        assert!(w.close(11 * P + 100).is_empty());
+        assert!(w.close(11 * P + 100).unwrap().is_empty());
         fetch(&mut w, samples(3, 12..=14, 10));
-        assert_eq!(w.close(14 * P + 100).get(&3), Some(&0.1));
+        assert_eq!(w.close(14 * P + 100).unwrap().get(&3), Some(&0.1));
         // The clock stepped back 2 s (less than a restart of the windows): not the last shares.
         w.add([], 2 * P);
-        assert!(w.close(2 * P).is_empty(), "nothing known until the clock catches up");
+        assert_eq!(w.close(2 * P), None, "nothing known until the clock catches up");
     }
 
     #[test]

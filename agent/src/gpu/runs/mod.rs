@@ -446,7 +446,7 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
     if let Some(m) = memory {
         run.memory_peak = Some(run.memory_peak.map_or(m, |p| p.max(m)));
     }
-    let mut added = PollAdded { at: now, ..PollAdded::default() };
+    let mut added = PollAdded { at: now.floor(), ..PollAdded::default() };
     for h in uses {
         if let Some(u) = h.utilization {
             added.utilization.add(u, window);
@@ -489,10 +489,21 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
     if let Some(energy) = &mut run.energy_joules {
         *energy += added.energy_joules;
     }
-    if run.recent.len() == state::RECENT_POLLS {
-        run.recent.pop_front();
+    match run.recent.back_mut() {
+        Some(second) if second.at == added.at => {
+            second.utilization.add_all(&added.utilization);
+            second.sm_active.add_all(&added.sm_active);
+            second.tensor_active.add_all(&added.tensor_active);
+            second.throttled_seconds += added.throttled_seconds;
+            second.energy_joules += added.energy_joules;
+        }
+        _ => {
+            if run.recent.len() == state::RECENT_SECONDS {
+                run.recent.pop_front();
+            }
+            run.recent.push_back(added);
+        }
     }
-    run.recent.push_back(added);
 }
 
 /// The report of a run that ended at `ended` with `exit` (`None`: not reported by the kubelet).
@@ -500,7 +511,7 @@ fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> R
     // Held at the last share until it ended; polls after its end (before its status
     // arrived) are taken back: it held nothing then, and read idle.
     run.gpu_seconds = (run.gpu_seconds + run.last_share * (ended - run.last_seen)).max(0.0);
-    for after in run.recent.iter().filter(|p| p.at > ended) {
+    for after in run.recent.iter().filter(|p| p.at >= ended) {
         run.utilization.take_back(&after.utilization);
         run.sm_active.take_back(&after.sm_active);
         run.tensor_active.take_back(&after.tensor_active);

@@ -55,16 +55,17 @@ pub struct Run {
     pub throttled_seconds: f64,
     /// The last value of its pod's log-derived gauges.
     pub log_metrics: Vec<(String, f64)>,
-    /// What its last polls added (not kept across a restart): those after its end, seen
-    /// before its status arrived, are taken back.
+    /// What its polls added, by second, for the last [`RECENT_SECONDS`] seconds with polls
+    /// (not kept across a restart): those after its end, seen before its status arrived, are
+    /// taken back.
     #[serde(skip)]
     pub recent: VecDeque<PollAdded>,
 }
 
-/// What one poll added to a run's means, throttled seconds and energy.
+/// What a second's polls added to a run's means, throttled seconds and energy.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PollAdded {
-    /// The poll's time, Unix seconds.
+    /// The second of the polls (Unix seconds, whole: a container's end is known to the second).
     pub at: f64,
     pub utilization: Mean,
     pub sm_active: Mean,
@@ -73,8 +74,9 @@ pub struct PollAdded {
     pub energy_joules: f64,
 }
 
-/// Polls remembered per run: a kubelet reports an exit within seconds, far fewer polls.
-pub const RECENT_POLLS: usize = 32;
+/// Seconds with polls remembered per run: a kubelet reports an exit within seconds, an API
+/// that is slow or briefly down within a minute.
+pub const RECENT_SECONDS: usize = 64;
 
 /// A time-weighted mean in the making.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -98,10 +100,14 @@ impl Mean {
         self.seconds += other.seconds;
     }
 
-    /// Takes back what `other` added.
+    /// Takes back what `other` added (what is left of nearly nothing is nothing: rounding
+    /// must not leave a mean of residues).
     pub fn take_back(&mut self, other: &Mean) {
-        self.weighted -= other.weighted;
-        self.seconds = (self.seconds - other.seconds).max(0.0);
+        self.weighted = (self.weighted - other.weighted).max(0.0);
+        self.seconds -= other.seconds;
+        if self.seconds < 1e-6 {
+            *self = Mean::default();
+        }
     }
 
     /// The mean, when anything was added.

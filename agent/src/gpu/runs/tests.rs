@@ -366,3 +366,23 @@ fn the_counter_forgets_a_user_idle_for_a_day() {
     runs.observe(&reading(0.0, 0), &b_only, T0 + 25.0 + 86_400.0);
     assert_eq!(series(&node.seconds), (0, 5));
 }
+
+#[test]
+fn a_mean_whose_every_poll_is_taken_back_is_empty_not_a_residue() {
+    // Taken back in reverse, these leave 8.9e-16 s and -8.9e-16 behind: a mean of -1.
+    let polls = [(0.79, 5.398), (0.24, 5.149), (0.53, 5.75)];
+    let mut mean = state::Mean::default();
+    let added: Vec<state::Mean> = polls
+        .iter()
+        .map(|&(v, s)| {
+            let mut m = state::Mean::default();
+            m.add(v, s);
+            mean.add_all(&m);
+            m
+        })
+        .collect();
+    for m in added.iter().rev() {
+        mean.take_back(m);
+    }
+    assert_eq!(mean.get(), None, "{mean:?}");
+}
