@@ -302,8 +302,14 @@ mod tests {
     /// A driver that samples every 200 ms and returns only each process's newest sample: a
     /// read at `at_us` of processes (pid, SM %) running steadily.
     fn read_newest(w: &mut ShareWindow, at_us: u64, running: &[(u32, u32)]) {
+        read_newest_published(w, at_us, 0, running);
+    }
+
+    /// As [`read_newest`], from a driver that publishes each sample `publish_us` after its
+    /// instant.
+    fn read_newest_published(w: &mut ShareWindow, at_us: u64, publish_us: u64, running: &[(u32, u32)]) {
         const GRID: u64 = 200_000;
-        let newest = at_us / GRID * GRID;
+        let newest = (at_us - publish_us) / GRID * GRID;
         let fresh = running.iter().map(|&(pid, sm_percent)| Sample { pid, at_us: newest, sm_percent });
         let since = w.since();
         w.add(fresh.filter(|s| s.at_us > since).collect::<Vec<_>>(), at_us);
@@ -392,11 +398,7 @@ mod tests {
         // Polls 1 ms or 50 ms past a sample instant; the driver publishes 3 ms after it.
         let mut w = ShareWindow::default();
         let t0 = 1_700_000_000_000_000;
-        let read = |w: &mut ShareWindow, at_us: u64| {
-            let newest = (at_us - 3_000) / 200_000 * 200_000;
-            let since = w.since();
-            w.add([Sample { pid: 9, at_us: newest, sm_percent: 17 }].into_iter().filter(|s| s.at_us > since), at_us);
-        };
+        let read = |w: &mut ShareWindow, at_us: u64| read_newest_published(w, at_us, 3_000, &[(9, 17)]);
         for (poll, past_us) in [1_000, 50_000, 1_000, 1_000, 50_000, 1_000, 50_000].into_iter().enumerate() {
             let from = t0 + poll as u64 * 2_000_000;
             read(&mut w, from + 1_001_000);

@@ -341,6 +341,13 @@ mod tests {
         })
     }
 
+    /// One request at a time of up to 1,000 bytes every 5 s, gathered against a 1 MiB read
+    /// budget.
+    fn budgeted() -> (Arc<ReadBudget>, Requests) {
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        (budget.clone(), Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget) })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_is_sent_when_full_or_at_the_flush_interval_whichever_comes_first() {
         let (tx, mut rx) = mpsc::channel(16);
@@ -415,8 +422,7 @@ mod tests {
     async fn while_reading_is_held_a_request_goes_with_what_is_queued_instead_of_waiting_the_interval() {
         let (tx, mut rx) = mpsc::channel(16);
         let size = |b: &Batch| b.docs.bytes.len();
-        let budget = Arc::new(ReadBudget::new(1 << 20));
-        let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget.clone()) };
+        let (budget, requests) = budgeted();
         // Reading goes on: the request waits for company as without a budget.
         let started = Instant::now();
         let (pending, _, _) = gather(&mut rx, batch(1, 100), &requests, size).await;
@@ -450,8 +456,7 @@ mod tests {
     async fn while_reading_is_held_a_request_waits_for_the_chunks_still_being_encoded_then_goes_at_once() {
         let (tx, mut rx) = mpsc::channel(16);
         let size = |b: &Batch| b.docs.bytes.len();
-        let budget = Arc::new(ReadBudget::new(1 << 20));
-        let requests = Requests { flush_interval: Duration::from_secs(5), max_bytes: 1000, concurrency: 1, reading: Some(budget.clone()) };
+        let (budget, requests) = budgeted();
         // Two chunks read, then reading held at its bound; the first one's batch is here.
         budget.chunk_read();
         budget.chunk_read();

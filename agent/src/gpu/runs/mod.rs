@@ -490,13 +490,7 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
         *energy += added.energy_joules;
     }
     match run.recent.back_mut() {
-        Some(second) if second.at == added.at => {
-            second.utilization.add_all(&added.utilization);
-            second.sm_active.add_all(&added.sm_active);
-            second.tensor_active.add_all(&added.tensor_active);
-            second.throttled_seconds += added.throttled_seconds;
-            second.energy_joules += added.energy_joules;
-        }
+        Some(second) if second.at == added.at => second.merge(&added),
         _ => {
             if run.recent.len() == state::RECENT_SECONDS {
                 run.recent.pop_front();

@@ -74,6 +74,17 @@ pub struct PollAdded {
     pub energy_joules: f64,
 }
 
+impl PollAdded {
+    /// Adds what `other` added, in the same second.
+    pub fn merge(&mut self, other: &PollAdded) {
+        self.utilization.add_all(&other.utilization);
+        self.sm_active.add_all(&other.sm_active);
+        self.tensor_active.add_all(&other.tensor_active);
+        self.throttled_seconds += other.throttled_seconds;
+        self.energy_joules += other.energy_joules;
+    }
+}
+
 /// Seconds with polls remembered per run: a kubelet reports an exit within seconds, an API
 /// that is slow or briefly down within a minute.
 pub const RECENT_SECONDS: usize = 64;
