@@ -482,13 +482,7 @@ fn add_poll(run: &mut Run, uses: &[Held], now: f64, max_window: f64) {
             added.throttled_seconds += window;
         }
     }
-    run.utilization.add_all(&added.utilization);
-    run.sm_active.add_all(&added.sm_active);
-    run.tensor_active.add_all(&added.tensor_active);
-    run.throttled_seconds += added.throttled_seconds;
-    if let Some(energy) = &mut run.energy_joules {
-        *energy += added.energy_joules;
-    }
+    run.add(&added);
     match run.recent.back_mut() {
         Some(second) if second.at == added.at => second.merge(&added),
         _ => {
@@ -505,14 +499,8 @@ fn finish_run(mut run: Run, exit: Option<&Exit>, evicted: bool, ended: f64) -> R
     // Held at the last share until it ended; polls after its end (before its status
     // arrived) are taken back: it held nothing then, and read idle.
     run.gpu_seconds = (run.gpu_seconds + run.last_share * (ended - run.last_seen)).max(0.0);
-    for after in run.recent.iter().filter(|p| p.at >= ended) {
-        run.utilization.take_back(&after.utilization);
-        run.sm_active.take_back(&after.sm_active);
-        run.tensor_active.take_back(&after.tensor_active);
-        run.throttled_seconds = (run.throttled_seconds - after.throttled_seconds).max(0.0);
-        if let Some(energy) = &mut run.energy_joules {
-            *energy = (*energy - after.energy_joules).max(0.0);
-        }
+    for after in std::mem::take(&mut run.recent).iter().filter(|p| p.at >= ended) {
+        run.take_back(after);
     }
     let started = run.started.or(exit.and_then(|e| e.started).map(|s| s as f64));
     Report {

@@ -85,6 +85,31 @@ impl PollAdded {
     }
 }
 
+impl Run {
+    /// Adds what a second's polls added to its means, throttled seconds and energy (energy
+    /// only once a GPU of it reported some).
+    pub fn add(&mut self, added: &PollAdded) {
+        self.utilization.add_all(&added.utilization);
+        self.sm_active.add_all(&added.sm_active);
+        self.tensor_active.add_all(&added.tensor_active);
+        self.throttled_seconds += added.throttled_seconds;
+        if let Some(energy) = &mut self.energy_joules {
+            *energy += added.energy_joules;
+        }
+    }
+
+    /// Takes back what [`Run::add`] added (no total below nothing).
+    pub fn take_back(&mut self, added: &PollAdded) {
+        self.utilization.take_back(&added.utilization);
+        self.sm_active.take_back(&added.sm_active);
+        self.tensor_active.take_back(&added.tensor_active);
+        self.throttled_seconds = (self.throttled_seconds - added.throttled_seconds).max(0.0);
+        if let Some(energy) = &mut self.energy_joules {
+            *energy = (*energy - added.energy_joules).max(0.0);
+        }
+    }
+}
+
 /// Seconds with polls remembered per run: a kubelet reports an exit within seconds, an API
 /// that is slow or briefly down within a minute.
 pub const RECENT_SECONDS: usize = 64;
