@@ -25,7 +25,7 @@ use self::encoder::Encoder;
 use crate::config::{Config, Settings, Switch};
 use crate::kube::store::PodStore;
 use crate::kube::Names;
-use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer};
+use crate::logs::ack::{AckMsg, CheckpointMetrics, Committer, Registrations};
 use crate::logs::assemble::MultilineRule;
 use crate::logs::budget::ReadBudget;
 use crate::logs::checkpoint::Checkpoints;
@@ -170,6 +170,7 @@ impl LogPipeline {
         let wake = Arc::new(Wake::default());
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(4096);
+        let registered = Registrations::default();
 
         let formats = sinks.iter().fold(Formats::default(), |all, s| all.and(s.formats));
         let mut sink_tasks = JoinSet::new();
@@ -182,9 +183,11 @@ impl LogPipeline {
             })
             .collect();
 
-        let committer = tokio::spawn(
-            Committer::new(checkpoints.clone(), budget.clone(), metrics.checkpoints.clone()).run(ack_rx, Duration::from_secs(1)),
-        );
+        let committer = tokio::spawn(Committer::new(checkpoints.clone(), budget.clone(), metrics.checkpoints.clone()).run(
+            ack_rx,
+            registered.clone(),
+            Duration::from_secs(1),
+        ));
         let (tailer, idle_chunks) = if logs.enabled {
             let tailer =
                 Tailer::new(settings, checkpoints.clone(), budget.clone(), chunk_tx, wake.clone(), metrics.tailer.clone(), pods.clone());
@@ -226,7 +229,9 @@ impl LogPipeline {
             stop: Default::default(),
         };
         let node_logs = NodeLogs::start(context, feed)?;
-        let encoder = std::thread::Builder::new().name("encoder".into()).spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx, budget))?;
+        let encoder = std::thread::Builder::new()
+            .name("encoder".into())
+            .spawn(move || encoder.run(chunk_rx, sink_txs, ack_tx, registered, budget))?;
         Ok(LogPipeline {
             checkpoints,
             wake,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +33,8 @@ pub enum AckMsg {
         read_bytes: u64,
         /// How many acknowledgements to wait for.
         sinks: u32,
+        /// When it was registered.
+        at: Instant,
     },
     /// Node-log batch `seq` was handed to `sinks` sinks; once all acknowledge, its source is
     /// done up to `position`.
@@ -59,6 +61,36 @@ pub enum AckMsg {
         /// The chunk.
         seq: u64,
     },
+}
+
+/// Registrations handed to the committer without waking it, so that the runtime is woken
+/// once per chunk (by the chunk's batch, for its sinks), not twice.
+///
+/// A chunk is registered here before any sink has it, so its acknowledgements are always
+/// sent after its registration was queued; the committer takes the queue before each message
+/// it handles, at each tick and at the end. The queue holds at most the chunks between two
+/// messages, and no more than the read budget lets the tailer read ahead.
+#[derive(Clone, Default)]
+pub struct Registrations(Arc<Mutex<Vec<AckMsg>>>);
+
+impl Registrations {
+    /// Queues a registration for the committer's next message or tick.
+    pub fn push(&self, msg: AckMsg) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(msg);
+    }
+
+    /// What is queued, taken.
+    #[cfg(test)]
+    pub fn take_all(&self) -> Vec<AckMsg> {
+        let mut all = Vec::new();
+        self.take(&mut all);
+        all
+    }
+
+    /// Swaps what is queued into `into` (empty), keeping the queue's storage in circulation.
+    fn take(&self, into: &mut Vec<AckMsg>) {
+        std::mem::swap(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()), into);
+    }
 }
 
 struct Waiting {
@@ -115,8 +147,7 @@ impl Committer {
     /// Handles one message, committing every chunk that is now complete and first in line.
     pub fn handle(&mut self, msg: AckMsg) {
         match msg {
-            AckMsg::Register { seq, file, path, offset, read_bytes, sinks } => {
-                let at = Instant::now();
+            AckMsg::Register { seq, file, path, offset, read_bytes, sinks, at } => {
                 self.waiting.insert(seq, Waiting { done: Done::File { file, path, offset, read_bytes, at }, missing: sinks });
             }
             AckMsg::RegisterNode { seq, position, sinks } => {
@@ -151,23 +182,40 @@ impl Committer {
         self.waiting.len()
     }
 
+    /// Handles what `registered` holds, in the order it was queued.
+    fn take_registered(&mut self, registered: &Registrations, spare: &mut Vec<AckMsg>) {
+        registered.take(spare);
+        for msg in spare.drain(..) {
+            self.handle(msg);
+        }
+    }
+
     /// Runs until every sender is gone, persisting every `interval` (a failed write is retried
-    /// at the next one) and once at the end, and pacing the read-ahead every [`WINDOW`].
-    pub async fn run(mut self, mut rx: mpsc::Receiver<AckMsg>, interval: Duration) {
+    /// at the next one) and once at the end, and pacing the read-ahead every [`WINDOW`];
+    /// what is queued in `registered` is taken before each message and at each tick.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<AckMsg>, registered: Registrations, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pace = tokio::time::interval(WINDOW);
         pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut spare = Vec::new();
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
+                    Some(msg) => {
+                        self.take_registered(&registered, &mut spare);
+                        self.handle(msg);
+                    }
                     None => break,
                 },
-                _ = tick.tick() => self.persist().await,
+                _ = tick.tick() => {
+                    self.take_registered(&registered, &mut spare);
+                    self.persist().await;
+                }
                 _ = pace.tick() => self.pacer.adjust(&self.budget),
             }
         }
+        self.take_registered(&registered, &mut spare);
         if self.outstanding() > 0 {
             tracing::info!(chunks = self.outstanding(), "unacknowledged chunks at shutdown will be read again on start");
         }
@@ -205,7 +253,15 @@ mod tests {
     use super::*;
 
     fn register(seq: u64, offset: u64, sinks: u32) -> AckMsg {
-        AckMsg::Register { seq, file: FileId { container: 1, fingerprint: 1 }, path: "/f".into(), offset, read_bytes: 10, sinks }
+        AckMsg::Register {
+            seq,
+            file: FileId { container: 1, fingerprint: 1 },
+            path: "/f".into(),
+            offset,
+            read_bytes: 10,
+            sinks,
+            at: Instant::now(),
+        }
     }
 
     #[test]
@@ -228,6 +284,36 @@ mod tests {
         assert_eq!(cp.offset(id), Some(200), "0 and 1 commit together");
         assert_eq!(budget.inflight(), 10);
         assert_eq!(c.outstanding(), 1);
+    }
+
+    /// A registration queued without a message is applied before the next message: the
+    /// acknowledgement that follows it commits it, and a chunk registered through the
+    /// channel after it (one no sink gets) waits behind it.
+    #[tokio::test]
+    async fn queued_registrations_are_applied_before_the_message_that_follows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Arc::new(Checkpoints::open(dir.path()).unwrap());
+        let id = FileId { container: 1, fingerprint: 1 };
+        let run = |messages: Vec<AckMsg>, queued: AckMsg| {
+            let cp = cp.clone();
+            async move {
+                let budget = Arc::new(ReadBudget::new(1024));
+                budget.take(20);
+                let registered = Registrations::default();
+                registered.push(queued);
+                let (tx, rx) = mpsc::channel(8);
+                for msg in messages {
+                    tx.send(msg).await.unwrap();
+                }
+                drop(tx);
+                Committer::new(cp, budget.clone(), CheckpointMetrics::default()).run(rx, registered, Duration::from_secs(60)).await;
+                budget.inflight()
+            }
+        };
+        assert_eq!(run(vec![register(1, 200, 0)], register(0, 100, 1)).await, 20, "nothing committed");
+        assert_eq!(cp.offset(id), None, "the chunk no sink got waits behind the queued one");
+        assert_eq!(run(vec![AckMsg::Ack { seq: 0 }], register(0, 100, 1)).await, 10);
+        assert_eq!(cp.offset(id), Some(100), "the acknowledgement found its queued registration");
     }
 
     /// The state directory vanishing (as good as a full or failing file system: every write

@@ -40,10 +40,12 @@ impl Level {
 
     /// The level a word names (`ERROR`, `warning`, `crit`, ...), in any case.
     pub fn from_word(word: &[u8]) -> Option<Level> {
-        if word.is_empty() || word.len() > 9 {
+        // Most words name no level: their length or first letter turns them away.
+        let first = word.first()? | 0x20;
+        if word.len() < 3 || word.len() > 8 || !matches!(first, b'a' | b'c' | b'd' | b'e' | b'f' | b'i' | b'n' | b'p' | b't' | b'w') {
             return None;
         }
-        let mut lower = [0u8; 9];
+        let mut lower = [0u8; 8];
         for (l, b) in lower.iter_mut().zip(word) {
             *l = b.to_ascii_lowercase();
         }
@@ -159,6 +161,39 @@ mod tests {
         ];
         for (line, want) in cases {
             assert_eq!(detect(line.as_bytes()), *want, "{line}");
+        }
+    }
+
+    /// Every word a level goes by, in any case, and no word around them.
+    #[test]
+    fn every_level_word_is_known_in_any_case() {
+        let words: &[(&str, Level)] = &[
+            ("trace", Level::Trace),
+            ("debug", Level::Debug),
+            ("dbg", Level::Debug),
+            ("info", Level::Info),
+            ("inf", Level::Info),
+            ("notice", Level::Info),
+            ("warn", Level::Warn),
+            ("warning", Level::Warn),
+            ("wrn", Level::Warn),
+            ("error", Level::Error),
+            ("err", Level::Error),
+            ("eror", Level::Error),
+            ("fatal", Level::Fatal),
+            ("critical", Level::Fatal),
+            ("crit", Level::Fatal),
+            ("panic", Level::Fatal),
+            ("emerg", Level::Fatal),
+            ("alert", Level::Fatal),
+        ];
+        for &(word, level) in words {
+            for form in [word.to_string(), word.to_uppercase(), word[..1].to_uppercase() + &word[1..]] {
+                assert_eq!(Level::from_word(form.as_bytes()), Some(level), "{form}");
+            }
+        }
+        for word in ["", "e", "er", "errors", "criticals", "rank", "step", "Xinfo", "[info", "info:"] {
+            assert_eq!(Level::from_word(word.as_bytes()), None, "{word}");
         }
     }
 }

@@ -158,8 +158,15 @@ pub struct Exporter {
 
 #[derive(Clone)]
 enum Transport {
-    Http { client: reqwest::Client, url: String },
-    Grpc { channel: Channel, metadata: MetadataMap },
+    /// The URL parsed once, not per request.
+    Http {
+        client: reqwest::Client,
+        url: reqwest::Url,
+    },
+    Grpc {
+        channel: Channel,
+        metadata: MetadataMap,
+    },
 }
 
 impl Exporter {
@@ -197,6 +204,7 @@ impl Exporter {
                 }
                 let path = signal.http_path();
                 let url = if endpoint.ends_with(path) { endpoint.to_string() } else { format!("{endpoint}{path}") };
+                let url = reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("{key}.endpoint: {e}"))?;
                 Transport::Http { client: builder.build()?, url }
             }
             OtlpProtocol::Grpc => {
@@ -293,7 +301,7 @@ impl Exporter {
         let retry = FailureKind::Retry;
         match &self.transport {
             Transport::Http { client, url } => {
-                let mut post = client.post(url);
+                let mut post = client.post(url.clone());
                 if self.gzip {
                     post = post.header(CONTENT_ENCODING, "gzip");
                 }
@@ -484,7 +492,7 @@ mod tests {
             ("https://vendor.example/otlp/v1/logs", "https://vendor.example/otlp/v1/logs"),
         ] {
             let Transport::Http { url, .. } = Exporter::new(&settings(endpoint), Signal::Logs).unwrap().transport else { panic!() };
-            assert_eq!(url, want);
+            assert_eq!(url.as_str(), want);
         }
     }
 }

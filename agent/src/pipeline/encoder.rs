@@ -17,7 +17,7 @@ use crate::config::{Compression, LogsConfig};
 use crate::identity::path::{self, ContainerRef};
 use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
-use crate::logs::ack::AckMsg;
+use crate::logs::ack::{AckMsg, Registrations};
 use crate::logs::budget::ReadBudget;
 use crate::logs::chunk::Chunk;
 use crate::logs::derived::{Derived, PodLabels};
@@ -124,12 +124,14 @@ impl Encoder {
     }
 
     /// Encodes chunks until the tailer is done, registering each with the committer before
-    /// handing it to every sink; `budget` is told once each chunk's batch is with them.
+    /// handing it to every sink (in `registered`, or through `acks` when no sink gets it, so
+    /// the committer wakes for it); `budget` is told once each chunk's batch is with them.
     pub fn run(
         &mut self,
         mut chunks: mpsc::Receiver<Chunk>,
         sinks: Vec<mpsc::Sender<Arc<Batch>>>,
         acks: mpsc::Sender<AckMsg>,
+        registered: Registrations,
         budget: Arc<ReadBudget>,
     ) {
         while let Some(chunk) = chunks.blocking_recv() {
@@ -142,8 +144,15 @@ impl Encoder {
                 offset: chunk.commit_offset,
                 read_bytes: chunk.read_bytes,
                 sinks: targets,
+                at: Instant::now(),
             };
-            if acks.blocking_send(register).is_err() {
+            // The committer is gone only at shutdown.
+            if acks.is_closed() {
+                return;
+            }
+            if targets > 0 {
+                registered.push(register);
+            } else if acks.blocking_send(register).is_err() {
                 return;
             }
             if targets > 0 && sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
@@ -360,6 +369,7 @@ mod tests {
         let budget = Arc::new(ReadBudget::new(1 << 20));
         let (chunk_tx, chunk_rx) = mpsc::channel(8);
         let (acks_tx, mut acks_rx) = mpsc::channel(8);
+        let registered = Registrations::default();
         let sinks: Vec<_> = (0..2).map(|_| mpsc::channel(8)).collect();
         let (txs, mut rxs): (Vec<_>, Vec<_>) = sinks.into_iter().unzip();
         for (i, pod) in ["a-0", "b-0", "c-0"].into_iter().enumerate() {
@@ -372,7 +382,8 @@ mod tests {
         assert_eq!(budget.encoding(), 3);
         let run = std::thread::spawn({
             let budget = budget.clone();
-            move || encoder.run(chunk_rx, txs, acks_tx, budget)
+            let registered = registered.clone();
+            move || encoder.run(chunk_rx, txs, acks_tx, registered, budget)
         });
         run.join().unwrap();
         assert_eq!(budget.encoding(), 0, "every chunk's batch is with the sinks");
@@ -380,7 +391,16 @@ mod tests {
             let read: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).map(|b| b.read_bytes).collect();
             assert_eq!(read, [100, 101, 102], "each batch carries its chunk's bytes read");
         }
-        assert_eq!(std::iter::from_fn(|| acks_rx.try_recv().ok()).count(), 3);
+        let reads: Vec<u64> = registered
+            .take_all()
+            .iter()
+            .map(|r| match r {
+                AckMsg::Register { read_bytes, sinks: 2, .. } => *read_bytes,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(reads, [100, 101, 102], "each chunk registered for both sinks, without waking the committer");
+        assert!(acks_rx.try_recv().is_err(), "nothing sent through the channel");
     }
 
     #[test]
