@@ -63,8 +63,8 @@ pub enum AckMsg {
     },
 }
 
-/// Registrations handed to the committer without waking it, so that the runtime is woken
-/// once per chunk (by the chunk's batch, for its sinks), not twice.
+/// Registrations handed to the committer without waking it: the runtime is woken for a
+/// chunk's batch (by its sinks' queues), not also for its registration.
 ///
 /// A chunk is registered here before any sink has it, so its acknowledgements are always
 /// sent after its registration was queued; the committer takes the queue before each message
@@ -73,10 +73,22 @@ pub enum AckMsg {
 #[derive(Clone, Default)]
 pub struct Registrations(Arc<Mutex<Vec<AckMsg>>>);
 
+/// Registrations whose room the queue keeps once taken: a burst's room is given back.
+const KEPT_REGISTRATIONS: usize = 1024;
+
 impl Registrations {
-    /// Queues a registration for the committer's next message or tick.
-    pub fn push(&self, msg: AckMsg) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(msg);
+    /// Queues `register` (an [`AckMsg::Register`]: an acknowledgement must not pass the
+    /// messages before it) for the committer's next message or tick.
+    pub fn push(&self, register: AckMsg) {
+        debug_assert!(matches!(register, AckMsg::Register { .. }), "only registrations are queued: {register:?}");
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(register);
+    }
+
+    /// The sequence numbers queued.
+    #[cfg(test)]
+    pub fn queued(&self) -> Vec<u64> {
+        let queue = self.0.lock().unwrap();
+        queue.iter().filter_map(|m| if let AckMsg::Register { seq, .. } = m { Some(*seq) } else { None }).collect()
     }
 
     /// What is queued, taken.
@@ -188,6 +200,13 @@ impl Committer {
         for msg in spare.drain(..) {
             self.handle(msg);
         }
+        spare.shrink_to(KEPT_REGISTRATIONS);
+    }
+
+    /// Handles `msg`, from the channel, after what was queued in `registered` before it.
+    fn receive(&mut self, msg: AckMsg, registered: &Registrations, spare: &mut Vec<AckMsg>) {
+        self.take_registered(registered, spare);
+        self.handle(msg);
     }
 
     /// Runs until every sender is gone, persisting every `interval` (a failed write is retried
@@ -202,10 +221,7 @@ impl Committer {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(msg) => {
-                        self.take_registered(&registered, &mut spare);
-                        self.handle(msg);
-                    }
+                    Some(msg) => self.receive(msg, &registered, &mut spare),
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -286,34 +302,29 @@ mod tests {
         assert_eq!(c.outstanding(), 1);
     }
 
-    /// A registration queued without a message is applied before the next message: the
-    /// acknowledgement that follows it commits it, and a chunk registered through the
-    /// channel after it (one no sink gets) waits behind it.
-    #[tokio::test]
-    async fn queued_registrations_are_applied_before_the_message_that_follows_them() {
+    /// A registration queued without a message is applied before the next message: a chunk
+    /// registered through the channel after it (one no sink gets) waits behind it, and the
+    /// acknowledgement that follows commits both.
+    #[test]
+    fn queued_registrations_are_applied_before_the_message_that_follows_them() {
         let dir = tempfile::tempdir().unwrap();
         let cp = Arc::new(Checkpoints::open(dir.path()).unwrap());
         let id = FileId { container: 1, fingerprint: 1 };
-        let run = |messages: Vec<AckMsg>, queued: AckMsg| {
-            let cp = cp.clone();
-            async move {
-                let budget = Arc::new(ReadBudget::new(1024));
-                budget.take(20);
-                let registered = Registrations::default();
-                registered.push(queued);
-                let (tx, rx) = mpsc::channel(8);
-                for msg in messages {
-                    tx.send(msg).await.unwrap();
-                }
-                drop(tx);
-                Committer::new(cp, budget.clone(), CheckpointMetrics::default()).run(rx, registered, Duration::from_secs(60)).await;
-                budget.inflight()
-            }
-        };
-        assert_eq!(run(vec![register(1, 200, 0)], register(0, 100, 1)).await, 20, "nothing committed");
-        assert_eq!(cp.offset(id), None, "the chunk no sink got waits behind the queued one");
-        assert_eq!(run(vec![AckMsg::Ack { seq: 0 }], register(0, 100, 1)).await, 10);
-        assert_eq!(cp.offset(id), Some(100), "the acknowledgement found its queued registration");
+        let budget = Arc::new(ReadBudget::new(1024));
+        budget.take(20);
+        let mut c = Committer::new(cp.clone(), budget.clone(), CheckpointMetrics::default());
+        let (registered, mut spare) = (Registrations::default(), Vec::new());
+        registered.push(register(0, 100, 1));
+        c.receive(register(1, 200, 0), &registered, &mut spare);
+        assert_eq!((cp.offset(id), budget.inflight()), (None, 20), "the chunk no sink got waits behind the queued one");
+        assert!(registered.queued().is_empty());
+        c.receive(AckMsg::Ack { seq: 0 }, &registered, &mut spare);
+        assert_eq!((cp.offset(id), budget.inflight()), (Some(200), 0), "the acknowledgement found its queued registration");
+        // Between messages, registrations keep arriving in the queue.
+        registered.push(register(2, 300, 1));
+        c.receive(AckMsg::Ack { seq: 2 }, &registered, &mut spare);
+        assert_eq!(cp.offset(id), Some(300));
+        assert_eq!(c.outstanding(), 0);
     }
 
     /// The state directory vanishing (as good as a full or failing file system: every write

@@ -403,6 +403,41 @@ mod tests {
         assert!(acks_rx.try_recv().is_err(), "nothing sent through the channel");
     }
 
+    /// A chunk is registered before its batch goes to any sink (with the sink gone, the chunk
+    /// it could not take is registered all the same), and a chunk no sink gets is registered
+    /// through the channel, which wakes the committer to commit it.
+    #[test]
+    fn a_chunk_is_registered_before_any_sink_has_it_and_one_no_sink_gets_through_the_channel() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let run = |chunk: Chunk, sink_open: bool| {
+            let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+            let budget = Arc::new(ReadBudget::new(1 << 20));
+            let (chunk_tx, chunk_rx) = mpsc::channel(8);
+            let (acks_tx, mut acks_rx) = mpsc::channel(8);
+            let (sink_tx, mut sink_rx) = mpsc::channel(8);
+            if !sink_open {
+                sink_rx.close();
+            }
+            budget.chunk_read();
+            chunk_tx.blocking_send(chunk).unwrap();
+            drop(chunk_tx);
+            let registered = Registrations::default();
+            encoder.run(chunk_rx, vec![sink_tx], acks_tx, registered.clone(), budget);
+            let sent: Vec<u32> = std::iter::from_fn(|| acks_rx.try_recv().ok())
+                .map(|m| match m {
+                    AckMsg::Register { sinks, .. } => sinks,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            (registered.queued().len(), sent, std::iter::from_fn(|| sink_rx.try_recv().ok()).count())
+        };
+        let lines = chunk(pods_dir.path(), "ml", "a-0", "step 1");
+        assert_eq!(run(lines, false), (1, vec![], 0), "registered, then refused by the sink that is gone");
+        let mut empty = chunk(pods_dir.path(), "ml", "a-0", "step 1");
+        empty.records.clear();
+        assert_eq!(run(empty, true), (0, vec![0], 0), "registered through the channel, for no sink");
+    }
+
     #[test]
     fn bulk_lines_rendered_straight_for_elasticsearch_alone_are_the_lines_made_from_documents() {
         let pods_dir = tempfile::tempdir().unwrap();
