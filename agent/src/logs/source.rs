@@ -46,26 +46,29 @@ impl FileId {
     }
 }
 
-/// The 32 lower-case hex digits of `id`.
-pub fn hex_id(id: u128) -> [u8; 32] {
-    let mut text = [0u8; 32];
-    for (pair, byte) in text.chunks_exact_mut(2).zip(id.to_be_bytes()) {
-        pair.copy_from_slice(&HEX_PAIRS[byte as usize]);
+/// Appends the 32 lower-case hex digits of `id`, eight at a time: each group is worked out in
+/// a register and stored at once (digits written a pair at a time and read back together
+/// stall the CPU until the pairs are stored).
+pub fn push_hex_id(id: u128, out: &mut Vec<u8>) {
+    out.reserve(32);
+    for shift in [96, 64, 32, 0] {
+        out.extend_from_slice(&hex8((id >> shift) as u32));
     }
-    text
 }
 
-/// The two hex digits of each byte.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut pairs = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
-        i += 1;
-    }
-    pairs
-};
+/// The eight lower-case hex digits of `v`, most significant first.
+fn hex8(v: u32) -> [u8; 8] {
+    // Nibble k of `v` into byte k, alone.
+    let mut x = u64::from(v);
+    x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // Each to `0`..`9` or `a`..`f`: a nibble over 9 is one that 6 more carries into bit 4.
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    let digits = x + 0x3030_3030_3030_3030 + letters * (b'a' - b'0' - 10) as u64;
+    // Nibble 7, the most significant, first.
+    digits.to_be_bytes()
+}
 
 impl fmt::Display for FileId {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -105,6 +108,26 @@ impl Source {
             container: Arc::new(ContainerInfo { reference, container_id: None, runtime: None }),
             path: PathBuf::from("/var/log/pods/ns_pod_uid/c/0.log"),
             format: Format::Cri,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_are_written_as_32_lower_case_hex_digits() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut random = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            u128::from(state) << 64 | u128::from(state.rotate_left(29))
+        };
+        let ids = [0, 1, 0xf, 0xa, 9, 10, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, u128::from(u64::MAX) << 64];
+        for id in ids.into_iter().chain(std::iter::repeat_with(&mut random).take(1000)) {
+            let mut out = b"x".to_vec();
+            push_hex_id(id, &mut out);
+            assert_eq!(std::str::from_utf8(&out[1..]).unwrap(), format!("{id:032x}"));
         }
     }
 }

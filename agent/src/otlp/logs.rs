@@ -248,7 +248,7 @@ fn plain_record(record: &Record, level: Option<Level>, time: u64, body: &[u8], f
     encode_varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
     out.extend_from_slice(fixed.attributes(record.stream));
-    out.extend_from_slice(&crate::logs::source::hex_id(fixed.file.record_id(record.offset)));
+    crate::logs::source::push_hex_id(fixed.file.record_id(record.offset), out);
     if observed != 0 {
         encode_key(11, WireType::SixtyFourBit, out);
         out.extend_from_slice(&observed.to_le_bytes());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 
 use super::counts::{AppLabels, CountFamilies, Counts};
 use crate::config::{Compression, LogsConfig};
@@ -126,6 +127,7 @@ impl Encoder {
     /// Encodes chunks until the tailer is done, registering each with the committer before
     /// handing it to every sink (in `registered`, or through `acks` when no sink gets it, so
     /// the committer wakes for it); `budget` is told once each chunk's batch is with them.
+    /// While chunks wait, up to [`HELD_BATCHES`] batches are held and handed over together.
     pub fn run(
         &mut self,
         mut chunks: mpsc::Receiver<Chunk>,
@@ -134,7 +136,23 @@ impl Encoder {
         registered: Registrations,
         budget: Arc<ReadBudget>,
     ) {
-        while let Some(chunk) = chunks.blocking_recv() {
+        let mut held = Vec::with_capacity(HELD_BATCHES);
+        loop {
+            // The next chunk at once while chunks are waiting; before waiting for one, what is
+            // held goes to the sinks.
+            let chunk = match chunks.try_recv() {
+                Ok(chunk) => chunk,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    if !hand_over(&mut held, &sinks, &budget) {
+                        return;
+                    }
+                    match chunks.blocking_recv() {
+                        Some(chunk) => chunk,
+                        None => break,
+                    }
+                }
+            };
             let batch = Arc::new(self.encode(&chunk, Instant::now()));
             let targets = if batch.records == 0 { 0 } else { sinks.len() as u32 };
             let register = AckMsg::Register {
@@ -155,13 +173,16 @@ impl Encoder {
             } else if acks.blocking_send(register).is_err() {
                 return;
             }
-            if targets > 0 && sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
-                tracing::error!("a sink is gone; stopping the encoder");
+            if targets == 0 {
+                budget.chunk_encoded();
+                continue;
+            }
+            held.push(batch);
+            if held.len() >= HELD_BATCHES && !hand_over(&mut held, &sinks, &budget) {
                 return;
             }
-            // Once its batch is with the sinks: they may send what they gathered.
-            budget.chunk_encoded();
         }
+        hand_over(&mut held, &sinks, &budget);
     }
 
     /// The batch of one chunk, encoded at `now`.
@@ -293,6 +314,23 @@ impl Encoder {
     }
 }
 
+/// Batches held while more chunks wait to be encoded, then handed to the sinks one after
+/// another: a sink's task is woken for the first of them, not for each.
+const HELD_BATCHES: usize = 4;
+
+/// Hands the `held` batches to every sink in order, telling `budget` of each once it is with
+/// them (they may send what they gathered); false when a sink is gone.
+fn hand_over(held: &mut Vec<Arc<Batch>>, sinks: &[mpsc::Sender<Arc<Batch>>], budget: &ReadBudget) -> bool {
+    for batch in held.drain(..) {
+        if sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
+            tracing::error!("a sink is gone; stopping the encoder");
+            return false;
+        }
+        budget.chunk_encoded();
+    }
+    true
+}
+
 fn same_pod(a: &Option<Arc<PodMeta>>, b: &Option<Arc<PodMeta>>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -401,6 +439,35 @@ mod tests {
             .collect();
         assert_eq!(reads, [100, 101, 102], "each chunk registered for both sinks, without waking the committer");
         assert!(acks_rx.try_recv().is_err(), "nothing sent through the channel");
+    }
+
+    /// Batches are held only while more chunks wait: with none waiting, a chunk's batch goes
+    /// to the sinks before the encoder waits for the next.
+    #[test]
+    fn a_batch_goes_to_the_sinks_before_the_encoder_waits_for_more_chunks() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let (chunk_tx, chunk_rx) = mpsc::channel(8);
+        let (acks_tx, _acks_rx) = mpsc::channel(8);
+        let (sink_tx, mut sink_rx) = mpsc::channel(8);
+        let run = std::thread::spawn({
+            let budget = budget.clone();
+            move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, Registrations::default(), budget)
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        for (i, pod) in ["a-0", "b-0"].into_iter().enumerate() {
+            let mut chunk = chunk(pods_dir.path(), "ml", pod, "step 1");
+            chunk.read_bytes = 100 + i as u64;
+            budget.chunk_read();
+            chunk_tx.blocking_send(chunk).unwrap();
+            let batch = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), sink_rx.recv()).await });
+            let batch = batch.expect("handed over while the chunk queue stays open").unwrap();
+            assert_eq!(batch.read_bytes, 100 + i as u64);
+        }
+        drop(chunk_tx);
+        run.join().unwrap();
+        assert_eq!(budget.encoding(), 0);
     }
 
     /// A chunk is registered before its batch goes to any sink (with the sink gone, the chunk

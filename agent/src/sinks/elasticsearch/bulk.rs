@@ -59,7 +59,7 @@ pub fn action(file: FileId, index: Option<&str>, offset: u64, out: &mut Vec<u8>)
         out.extend_from_slice(b"\",");
     }
     out.extend_from_slice(b"\"_id\":\"");
-    out.extend_from_slice(&crate::logs::source::hex_id(file.record_id(offset)));
+    crate::logs::source::push_hex_id(file.record_id(offset), out);
     out.extend_from_slice(b"\"}}\n");
 }
 
