@@ -213,7 +213,11 @@ pub fn ship(config: &Config, sink: &'static str, records: u64) -> Shipped {
         let start = Instant::now();
         let sinks = pipeline::configured_sinks(config, &metrics.sinks).unwrap();
         let pipeline = LogPipeline::start(config, checkpoints, &metrics.logs, pods, sinks, Default::default()).unwrap();
+        // Far beyond any run (10,000 records a second at least, ten minutes at least): a
+        // pipeline that stopped delivering fails the benchmark rather than hanging it.
+        let allowed = Duration::from_secs((records / 10_000).max(600));
         while delivered.get() < records {
+            assert!(start.elapsed() < allowed, "{} of {records} records delivered in {allowed:?}", delivered.get());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (cpu, wall) = (cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());

@@ -173,10 +173,8 @@ impl Encoder {
             } else if acks.blocking_send(register).is_err() {
                 return;
             }
-            if targets == 0 {
-                budget.chunk_encoded();
-                continue;
-            }
+            // A batch for no sink is held too, so that held batches go after at most
+            // [`HELD_BATCHES`] chunks whatever they hold.
             held.push(batch);
             if held.len() >= HELD_BATCHES && !hand_over(&mut held, &sinks, &budget) {
                 return;
@@ -318,11 +316,12 @@ impl Encoder {
 /// another: a sink's task is woken for the first of them, not for each.
 const HELD_BATCHES: usize = 4;
 
-/// Hands the `held` batches to every sink in order, telling `budget` of each once it is with
-/// them (they may send what they gathered); false when a sink is gone.
+/// Hands the `held` batches to every sink in order (those with records: the others go to
+/// none), telling `budget` of each once it is with them (they may send what they gathered);
+/// false when a sink is gone.
 fn hand_over(held: &mut Vec<Arc<Batch>>, sinks: &[mpsc::Sender<Arc<Batch>>], budget: &ReadBudget) -> bool {
     for batch in held.drain(..) {
-        if sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
+        if batch.records > 0 && sinks.iter().any(|sink| sink.blocking_send(batch.clone()).is_err()) {
             tracing::error!("a sink is gone; stopping the encoder");
             return false;
         }
@@ -468,6 +467,49 @@ mod tests {
         drop(chunk_tx);
         run.join().unwrap();
         assert_eq!(budget.encoding(), 0);
+    }
+
+    /// With chunks waiting, their batches go to the sinks in order while the chunk queue stays
+    /// open (held at most four chunks), a chunk no sink gets among them, and every chunk is
+    /// told to the budget.
+    #[test]
+    fn waiting_chunks_batches_go_to_the_sinks_in_order() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let (chunk_tx, chunk_rx) = mpsc::channel(16);
+        let (acks_tx, mut acks_rx) = mpsc::channel(16);
+        let (sink_tx, mut sink_rx) = mpsc::channel(16);
+        for i in 0..9u64 {
+            let mut chunk = chunk(pods_dir.path(), "ml", &format!("p-{i}"), "step 1");
+            chunk.read_bytes = 100 + i;
+            if i == 2 {
+                chunk.records.clear();
+            }
+            budget.chunk_read();
+            chunk_tx.blocking_send(chunk).unwrap();
+        }
+        let registered = Registrations::default();
+        let run = std::thread::spawn({
+            let (budget, registered) = (budget.clone(), registered.clone());
+            move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, registered, budget)
+        });
+        // The first four chunks (three batches for the sink) are handed over without the
+        // chunk queue closing.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let batch = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), sink_rx.recv()).await });
+            got.push(batch.expect("the first four chunks' batches").unwrap().read_bytes);
+        }
+        assert_eq!(got, [100, 101, 103]);
+        drop(chunk_tx);
+        run.join().unwrap();
+        got.extend(std::iter::from_fn(|| sink_rx.try_recv().ok()).map(|b| b.read_bytes));
+        assert_eq!(got, [100, 101, 103, 104, 105, 106, 107, 108], "every batch with records, in order");
+        assert_eq!(budget.encoding(), 0, "every chunk told, the one no sink got included");
+        assert_eq!(registered.queued().len(), 8);
+        assert!(matches!(acks_rx.try_recv(), Ok(AckMsg::Register { sinks: 0, read_bytes: 102, .. })));
     }
 
     /// A chunk is registered before its batch goes to any sink (with the sink gone, the chunk
