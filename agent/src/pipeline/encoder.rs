@@ -127,7 +127,8 @@ impl Encoder {
     /// Encodes chunks until the tailer is done, registering each with the committer before
     /// handing it to every sink (in `registered`, or through `acks` when no sink gets it, so
     /// the committer wakes for it); `budget` is told once each chunk's batch is with them.
-    /// While chunks wait, up to [`HELD_BATCHES`] batches are held and handed over together.
+    /// While chunks wait, up to [`HELD_BATCHES`] batches ([`HELD_BYTES`]) are held and handed
+    /// over together.
     pub fn run(
         &mut self,
         mut chunks: mpsc::Receiver<Chunk>,
@@ -136,7 +137,7 @@ impl Encoder {
         registered: Registrations,
         budget: Arc<ReadBudget>,
     ) {
-        let mut held = Vec::with_capacity(HELD_BATCHES);
+        let mut held: Vec<Arc<Batch>> = Vec::with_capacity(HELD_BATCHES);
         loop {
             // The next chunk at once while chunks are waiting; before waiting for one, what is
             // held goes to the sinks.
@@ -176,7 +177,8 @@ impl Encoder {
             // A batch for no sink is held too, so that held batches go after at most
             // [`HELD_BATCHES`] chunks whatever they hold.
             held.push(batch);
-            if held.len() >= HELD_BATCHES && !hand_over(&mut held, &sinks, &budget) {
+            let full = held.len() >= HELD_BATCHES || held.iter().map(|b| b.held_bytes()).sum::<usize>() > HELD_BYTES;
+            if full && !hand_over(&mut held, &sinks, &budget) {
                 return;
             }
         }
@@ -315,6 +317,12 @@ impl Encoder {
 /// Batches held while more chunks wait to be encoded, then handed to the sinks one after
 /// another: a sink's task is woken for the first of them, not for each.
 const HELD_BATCHES: usize = 4;
+
+/// Bytes of batches held so at most: compressed batches are a few tens of KiB, and holding
+/// larger ones (plain documents for stdout, uncompressed `_bulk` lines) would keep more memory
+/// in circulation than the allocator keeps warm (pages faulted in anew), costing more than the
+/// wake-ups it saves.
+const HELD_BYTES: usize = 256 * 1024;
 
 /// Hands the `held` batches to every sink in order (those with records: the others go to
 /// none), telling `budget` of each once it is with them (they may send what they gathered);

@@ -68,6 +68,15 @@ impl Batch {
         }
     }
 
+    /// Memory the batch holds (its documents, its packed bytes).
+    pub fn held_bytes(&self) -> usize {
+        self.docs.bytes.capacity()
+            + self.docs.ends.capacity() * 4
+            + self.docs.offsets.capacity() * 8
+            + self.bulk.held_bytes()
+            + self.otlp.held_bytes()
+    }
+
     /// The batch of container-log records that took `bytes` of reading.
     pub fn read_from(mut self, bytes: u64) -> Batch {
         self.read_bytes = bytes;
