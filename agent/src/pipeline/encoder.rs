@@ -127,8 +127,8 @@ impl Encoder {
     /// Encodes chunks until the tailer is done, registering each with the committer before
     /// handing it to every sink (in `registered`, or through `acks` when no sink gets it, so
     /// the committer wakes for it); `budget` is told once each chunk's batch is with them.
-    /// While chunks wait, up to [`HELD_BATCHES`] batches ([`HELD_BYTES`]) are held and handed
-    /// over together.
+    /// While chunks wait, up to [`HELD_BATCHES`] batches are held and handed over together,
+    /// at once when they hold more than [`HELD_BYTES`].
     pub fn run(
         &mut self,
         mut chunks: mpsc::Receiver<Chunk>,
@@ -137,7 +137,7 @@ impl Encoder {
         registered: Registrations,
         budget: Arc<ReadBudget>,
     ) {
-        let mut held: Vec<Arc<Batch>> = Vec::with_capacity(HELD_BATCHES);
+        let mut held = Vec::with_capacity(HELD_BATCHES);
         loop {
             // The next chunk at once while chunks are waiting; before waiting for one, what is
             // held goes to the sinks.
@@ -318,10 +318,10 @@ impl Encoder {
 /// another: a sink's task is woken for the first of them, not for each.
 const HELD_BATCHES: usize = 4;
 
-/// Bytes of batches held so at most: compressed batches are a few tens of KiB, and holding
-/// larger ones (plain documents for stdout, uncompressed `_bulk` lines) would keep more memory
-/// in circulation than the allocator keeps warm (pages faulted in anew), costing more than the
-/// wake-ups it saves.
+/// Held batches that hold more than this are handed over at once: compressed batches are a
+/// few tens of KiB, and holding larger ones (plain documents for stdout, uncompressed `_bulk`
+/// lines) kept more memory in circulation than the allocator keeps warm (pages faulted in
+/// anew), costing more than the wake-ups it saves.
 const HELD_BYTES: usize = 256 * 1024;
 
 /// Hands the `held` batches to every sink in order (those with records: the others go to
@@ -518,6 +518,40 @@ mod tests {
         assert_eq!(budget.encoding(), 0, "every chunk told, the one no sink got included");
         assert_eq!(registered.queued().len(), 8);
         assert!(matches!(acks_rx.try_recv(), Ok(AckMsg::Register { sinks: 0, read_bytes: 102, .. })));
+    }
+
+    /// Batches holding more than [`HELD_BYTES`] go to the sinks at once, while chunks still
+    /// wait: with a sink that takes nothing (its queue of one full), the encoder stops at its
+    /// second batch, where holding would have had it encode four chunks first.
+    #[test]
+    fn large_batches_are_not_held_while_chunks_wait() {
+        let pods_dir = tempfile::tempdir().unwrap();
+        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
+        let budget = Arc::new(ReadBudget::new(1 << 30));
+        let (chunk_tx, chunk_rx) = mpsc::channel(8);
+        let (acks_tx, _acks_rx) = mpsc::channel(8);
+        let (sink_tx, mut sink_rx) = mpsc::channel(1);
+        let large = "x".repeat(HELD_BYTES + 1);
+        for i in 0..5 {
+            budget.chunk_read();
+            chunk_tx.blocking_send(chunk(pods_dir.path(), "ml", &format!("p-{i}"), &large)).unwrap();
+        }
+        let run = std::thread::spawn(move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, Registrations::default(), budget));
+        // Until the encoder has stopped taking chunks (the queue unchanged for a while).
+        let queued = || chunk_tx.max_capacity() - chunk_tx.capacity();
+        let (deadline, mut last, mut since) = (Instant::now() + Duration::from_secs(20), usize::MAX, Instant::now());
+        while since.elapsed() < Duration::from_millis(300) {
+            assert!(Instant::now() < deadline, "the encoder never stopped");
+            if queued() != last {
+                (last, since) = (queued(), Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(queued(), 3, "two chunks taken, the second's batch waiting for the sink");
+        let received = std::iter::from_fn(|| sink_rx.blocking_recv()).take(5).count();
+        assert_eq!(received, 5);
+        drop(chunk_tx);
+        run.join().unwrap();
     }
 
     /// A chunk is registered before its batch goes to any sink (with the sink gone, the chunk
