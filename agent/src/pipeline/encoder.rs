@@ -537,16 +537,15 @@ mod tests {
             chunk_tx.blocking_send(chunk(pods_dir.path(), "ml", &format!("p-{i}"), &large)).unwrap();
         }
         let run = std::thread::spawn(move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, Registrations::default(), budget));
-        // Until the encoder has stopped taking chunks (the queue unchanged for a while).
+        // Once it has taken the second chunk it can take no more while the sink takes nothing
+        // (with batches held, it would go on to the fourth).
         let queued = || chunk_tx.max_capacity() - chunk_tx.capacity();
-        let (deadline, mut last, mut since) = (Instant::now() + Duration::from_secs(20), usize::MAX, Instant::now());
-        while since.elapsed() < Duration::from_millis(300) {
-            assert!(Instant::now() < deadline, "the encoder never stopped");
-            if queued() != last {
-                (last, since) = (queued(), Instant::now());
-            }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while queued() > 3 {
+            assert!(Instant::now() < deadline, "the encoder took {} chunks in 20 s", 5 - queued());
             std::thread::sleep(Duration::from_millis(5));
         }
+        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(queued(), 3, "two chunks taken, the second's batch waiting for the sink");
         let received = std::iter::from_fn(|| sink_rx.blocking_recv()).take(5).count();
         assert_eq!(received, 5);
