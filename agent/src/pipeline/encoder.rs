@@ -448,33 +448,89 @@ mod tests {
         assert!(acks_rx.try_recv().is_err(), "nothing sent through the channel");
     }
 
+    /// An encoder on a thread of its own with one sink: its chunk queue (holding 16), the
+    /// committer's channel and queue, the sink's queue, the read budget.
+    struct Running {
+        /// Taken by [`Running::finish`], closing the queue.
+        chunks: Option<mpsc::Sender<Chunk>>,
+        acks: mpsc::Receiver<AckMsg>,
+        registered: Registrations,
+        sink: mpsc::Receiver<Arc<Batch>>,
+        budget: Arc<ReadBudget>,
+        thread: Option<std::thread::JoinHandle<()>>,
+        runtime: tokio::runtime::Runtime,
+    }
+
+    impl Running {
+        /// Starts an encoder with `waiting` already queued, its sink's queue holding
+        /// `sink_queue`.
+        fn start(pods_dir: &Path, waiting: Vec<Chunk>, sink_queue: usize) -> Running {
+            let (mut encoder, _) = encoder(pods_dir, None, Instant::now());
+            let budget = Arc::new(ReadBudget::new(1 << 30));
+            let (chunks, chunk_rx) = mpsc::channel(16);
+            let (acks_tx, acks) = mpsc::channel(16);
+            let (sink_tx, sink) = mpsc::channel(sink_queue);
+            let registered = Registrations::default();
+            for chunk in waiting {
+                budget.chunk_read();
+                chunks.blocking_send(chunk).unwrap();
+            }
+            let thread = std::thread::spawn({
+                let (budget, registered) = (budget.clone(), registered.clone());
+                move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, registered, budget)
+            });
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            Running { chunks: Some(chunks), acks, registered, sink, budget, thread: Some(thread), runtime }
+        }
+
+        /// Reads `chunk` (as the tailer tells the budget) and queues it.
+        fn send(&self, chunk: Chunk) {
+            self.budget.chunk_read();
+            self.chunks.as_ref().expect("not finished").blocking_send(chunk).unwrap();
+        }
+
+        /// Chunks in the queue, not yet taken by the encoder.
+        fn queued(&self) -> usize {
+            let chunks = self.chunks.as_ref().expect("not finished");
+            chunks.max_capacity() - chunks.capacity()
+        }
+
+        /// The `read_bytes` of the next batch the sink gets, within 10 s (`what`: the batch
+        /// that was due).
+        fn next_batch(&mut self, what: &str) -> u64 {
+            let sink = &mut self.sink;
+            let batch = self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), sink.recv()).await });
+            batch.unwrap_or_else(|_| panic!("{what}: not handed over in 10 s")).unwrap().read_bytes
+        }
+
+        /// Closes the chunk queue and waits for the encoder to end; the `read_bytes` of the
+        /// batches the sink has not taken yet.
+        fn finish(&mut self) -> Vec<u64> {
+            self.chunks = None;
+            self.thread.take().expect("not finished").join().unwrap();
+            std::iter::from_fn(|| self.sink.try_recv().ok()).map(|b| b.read_bytes).collect()
+        }
+    }
+
+    /// A chunk of `read_bytes` for pod `pod`, its one record saying `message`.
+    fn read_chunk(pods_dir: &Path, pod: &str, message: &str, read_bytes: u64) -> Chunk {
+        let mut chunk = chunk(pods_dir, "ml", pod, message);
+        chunk.read_bytes = read_bytes;
+        chunk
+    }
+
     /// Batches are held only while more chunks wait: with none waiting, a chunk's batch goes
     /// to the sinks before the encoder waits for the next.
     #[test]
     fn a_batch_goes_to_the_sinks_before_the_encoder_waits_for_more_chunks() {
         let pods_dir = tempfile::tempdir().unwrap();
-        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
-        let budget = Arc::new(ReadBudget::new(1 << 20));
-        let (chunk_tx, chunk_rx) = mpsc::channel(8);
-        let (acks_tx, _acks_rx) = mpsc::channel(8);
-        let (sink_tx, mut sink_rx) = mpsc::channel(8);
-        let run = std::thread::spawn({
-            let budget = budget.clone();
-            move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, Registrations::default(), budget)
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let mut running = Running::start(pods_dir.path(), Vec::new(), 8);
         for (i, pod) in ["a-0", "b-0"].into_iter().enumerate() {
-            let mut chunk = chunk(pods_dir.path(), "ml", pod, "step 1");
-            chunk.read_bytes = 100 + i as u64;
-            budget.chunk_read();
-            chunk_tx.blocking_send(chunk).unwrap();
-            let batch = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), sink_rx.recv()).await });
-            let batch = batch.expect("handed over while the chunk queue stays open").unwrap();
-            assert_eq!(batch.read_bytes, 100 + i as u64);
+            running.send(read_chunk(pods_dir.path(), pod, "step 1", 100 + i as u64));
+            assert_eq!(running.next_batch("handed over while the chunk queue stays open"), 100 + i as u64);
         }
-        drop(chunk_tx);
-        run.join().unwrap();
-        assert_eq!(budget.encoding(), 0);
+        assert_eq!(running.finish(), Vec::<u64>::new());
+        assert_eq!(running.budget.encoding(), 0);
     }
 
     /// With chunks waiting, their batches go to the sinks in order while the chunk queue stays
@@ -483,41 +539,25 @@ mod tests {
     #[test]
     fn waiting_chunks_batches_go_to_the_sinks_in_order() {
         let pods_dir = tempfile::tempdir().unwrap();
-        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
-        let budget = Arc::new(ReadBudget::new(1 << 20));
-        let (chunk_tx, chunk_rx) = mpsc::channel(16);
-        let (acks_tx, mut acks_rx) = mpsc::channel(16);
-        let (sink_tx, mut sink_rx) = mpsc::channel(16);
-        for i in 0..9u64 {
-            let mut chunk = chunk(pods_dir.path(), "ml", &format!("p-{i}"), "step 1");
-            chunk.read_bytes = 100 + i;
-            if i == 2 {
-                chunk.records.clear();
-            }
-            budget.chunk_read();
-            chunk_tx.blocking_send(chunk).unwrap();
-        }
-        let registered = Registrations::default();
-        let run = std::thread::spawn({
-            let (budget, registered) = (budget.clone(), registered.clone());
-            move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, registered, budget)
-        });
+        let waiting = (0..9u64)
+            .map(|i| {
+                let mut chunk = read_chunk(pods_dir.path(), &format!("p-{i}"), "step 1", 100 + i);
+                if i == 2 {
+                    chunk.records.clear();
+                }
+                chunk
+            })
+            .collect();
+        let mut running = Running::start(pods_dir.path(), waiting, 16);
         // The first four chunks (three batches for the sink) are handed over without the
         // chunk queue closing.
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            let batch = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), sink_rx.recv()).await });
-            got.push(batch.expect("the first four chunks' batches").unwrap().read_bytes);
-        }
+        let mut got: Vec<u64> = (0..3).map(|_| running.next_batch("the first four chunks' batches")).collect();
         assert_eq!(got, [100, 101, 103]);
-        drop(chunk_tx);
-        run.join().unwrap();
-        got.extend(std::iter::from_fn(|| sink_rx.try_recv().ok()).map(|b| b.read_bytes));
+        got.extend(running.finish());
         assert_eq!(got, [100, 101, 103, 104, 105, 106, 107, 108], "every batch with records, in order");
-        assert_eq!(budget.encoding(), 0, "every chunk told, the one no sink got included");
-        assert_eq!(registered.queued().len(), 8);
-        assert!(matches!(acks_rx.try_recv(), Ok(AckMsg::Register { sinks: 0, read_bytes: 102, .. })));
+        assert_eq!(running.budget.encoding(), 0, "every chunk told, the one no sink got included");
+        assert_eq!(running.registered.queued().len(), 8);
+        assert!(matches!(running.acks.try_recv(), Ok(AckMsg::Register { sinks: 0, read_bytes: 102, .. })));
     }
 
     /// Batches holding more than [`HELD_BYTES`] go to the sinks at once, while chunks still
@@ -526,31 +566,21 @@ mod tests {
     #[test]
     fn large_batches_are_not_held_while_chunks_wait() {
         let pods_dir = tempfile::tempdir().unwrap();
-        let (mut encoder, _) = encoder(pods_dir.path(), None, Instant::now());
-        let budget = Arc::new(ReadBudget::new(1 << 30));
-        let (chunk_tx, chunk_rx) = mpsc::channel(8);
-        let (acks_tx, _acks_rx) = mpsc::channel(8);
-        let (sink_tx, mut sink_rx) = mpsc::channel(1);
         let large = "x".repeat(HELD_BYTES + 1);
-        for i in 0..5 {
-            budget.chunk_read();
-            chunk_tx.blocking_send(chunk(pods_dir.path(), "ml", &format!("p-{i}"), &large)).unwrap();
-        }
-        let run = std::thread::spawn(move || encoder.run(chunk_rx, vec![sink_tx], acks_tx, Registrations::default(), budget));
+        let waiting = (0..5).map(|i| read_chunk(pods_dir.path(), &format!("p-{i}"), &large, 100 + i)).collect();
+        let mut running = Running::start(pods_dir.path(), waiting, 1);
         // Once it has taken the second chunk it can take no more while the sink takes nothing
         // (with batches held, it would go on to the fourth).
-        let queued = || chunk_tx.max_capacity() - chunk_tx.capacity();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while queued() > 3 {
-            assert!(Instant::now() < deadline, "the encoder took {} chunks in 20 s", 5 - queued());
+        while running.queued() > 3 {
+            assert!(Instant::now() < deadline, "the encoder took {} chunks in 20 s", 5 - running.queued());
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(queued(), 3, "two chunks taken, the second's batch waiting for the sink");
-        let received = std::iter::from_fn(|| sink_rx.blocking_recv()).take(5).count();
-        assert_eq!(received, 5);
-        drop(chunk_tx);
-        run.join().unwrap();
+        assert_eq!(running.queued(), 3, "two chunks taken, the second's batch waiting for the sink");
+        let received: Vec<u64> = (0..5).map(|i| running.next_batch(&format!("batch {i}"))).collect();
+        assert_eq!(received, [100, 101, 102, 103, 104]);
+        assert_eq!(running.finish(), Vec::<u64>::new());
     }
 
     /// A chunk is registered before its batch goes to any sink (with the sink gone, the chunk
