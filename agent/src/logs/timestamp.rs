@@ -98,12 +98,11 @@ fn eight_digits(bytes: u64) -> Option<u32> {
     let v = bytes - 0x30 * ONES;
     // Byte 2k: digit 2k times 10 plus digit 2k + 1.
     let v = (v * 10 + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
-    // Bits 32..: the first four digits times 10,000 plus the last four (what carries past
-    // bit 63 is not wanted).
-    let fours = (v & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32));
-    let ones = ((v >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32));
-    let v = fours.wrapping_add(ones) >> 32;
-    Some(v as u32)
+    // The four pairs times 1,000,000, 10,000, 100 and 1, summed in bits 32.. (what carries
+    // past bit 63 is not wanted): pairs 0 and 2 from one multiply, pairs 1 and 3 from another.
+    let pairs_0_2 = (v & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32));
+    let pairs_1_3 = ((v >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32));
+    Some((pairs_0_2.wrapping_add(pairs_1_3) >> 32) as u32)
 }
 
 /// For `YYYY-MM-DD[Tt]...` made only of digits and `-:.TtZz+` (a runtime's timestamp field,
