@@ -29,6 +29,8 @@ struct Use {
 
 /// Builds the exported view of one reading.
 pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> GpuView {
+    // Read before any lookup: the store may finish its first list while this one composes.
+    let pods_synced = names.pods.as_ref().is_some_and(|p| p.is_synced());
     let by_uuid: HashMap<&str, &GpuId> = reading.gpus.iter().map(|g| (g.id.uuid.as_str(), &g.id)).collect();
     let find =
         |device: &DeviceRef| -> Option<&GpuId> {
@@ -162,6 +164,7 @@ pub fn compose(reading: &Reading, allocations: &[Allocation], names: &Names) -> 
         unattributed,
         nvml_errors: reading.errors.clone(),
         pod_resources_errors: 0,
+        pods_synced,
     }
 }
 
@@ -483,6 +486,19 @@ mod hami_tests {
         assert!(row(&view, "mig-slice", SHARED).is_none(), "not an idle holder of the whole GPU: {view:#?}");
         assert_eq!(row(&view, "mig-slice", instance).expect("on its instance").utilization, Some(0.6));
         assert_eq!(view.unattributed[0].memory_bytes, [0.0; 3], "its own instance's use is not unallocated: {:?}", view.unattributed);
+    }
+
+    #[test]
+    fn a_view_says_whether_the_pod_store_had_its_first_list_when_composed() {
+        let store = Arc::new(PodStore::new(Vec::new(), Vec::new(), Default::default()));
+        store.apply(pod("whole", "cc", None));
+        let names = Names { pods_dir: "/nonexistent".into(), containers_dir: "/nonexistent".into(), pods: Some(store.clone()) };
+        let reading = Reading { gpus: vec![gpu(0, WHOLE)], sampled: vec![WHOLE.into()], ..Reading::default() };
+        assert!(!compose(&reading, &[], &names).pods_synced, "a watch event before the first list");
+        store.relist(vec![pod("whole", "cc", None)]);
+        assert!(compose(&reading, &[], &names).pods_synced);
+        let without = Names { pods: None, ..names };
+        assert!(!compose(&reading, &[], &without).pods_synced, "no pod metadata at all");
     }
 
     #[test]

@@ -148,8 +148,10 @@ impl Runs {
     /// Takes one poll: adds it to the runs of the containers holding GPUs, reports those that
     /// ended, and hands pending reports to the pipeline. `now` in Unix seconds.
     pub fn observe(&mut self, reading: &Reading, view: &GpuView, now: f64) {
-        if !self.pods.is_synced() {
-            // Before the first list, every pod looks gone.
+        // A view composed before the pod store's first list may show a container's processes
+        // unnamed and the container idle: a run would count that poll's window at 0 %. And
+        // before the first list, every pod looks gone. (The store stays synced once it is.)
+        if !view.pods_synced {
             return;
         }
         self.account(reading, view, now);

@@ -62,7 +62,7 @@ fn row(pod: &str, utilization: f64, memory: f64) -> ContainerRow {
 }
 
 fn view(rows: Vec<ContainerRow>) -> GpuView {
-    GpuView { containers: rows, ..GpuView::default() }
+    GpuView { containers: rows, pods_synced: true, ..GpuView::default() }
 }
 
 struct Node {
@@ -159,6 +159,24 @@ fn a_container_oomkilled_on_a_time_sliced_gpu_gets_one_report_with_its_share() {
     assert!(rx.try_recv().is_err());
     assert!(runs.state().pending.is_empty() && runs.state().reported.contains(&"aaa".to_string()));
     assert_eq!(runs.state().running.keys().collect::<Vec<_>>(), ["bbb"], "b still runs");
+}
+
+/// The attribution task composes a view, then hands it to the runs: the store's first list
+/// can land in between. A view composed before it named processes from the kubelet's
+/// directories alone and showed the containers idle.
+#[test]
+fn a_view_composed_before_the_pod_stores_first_list_adds_nothing_to_a_run() {
+    let node = Node::new();
+    let (mut runs, rx) = node.runs();
+    let unnamed = GpuView { pods_synced: false, ..view(vec![row("a-0", 0.0, 0.0), row("b-0", 0.0, 0.0)]) };
+    runs.observe(&reading(0.0, 0x4), &unnamed, T0);
+    assert!(runs.state().running.is_empty(), "{:?}", runs.state().running);
+    poll(&mut runs, 5, 100);
+    let exit = Exit { code: 0, reason: "Completed".into(), started: Some(T0 as i64), finished: Some((T0 + 100.0) as i64) };
+    node.store.apply(pod("a-0", "aaa", Some(exit)));
+    poll(&mut runs, 105, 105);
+    let r = rx.try_recv().expect("a report").report;
+    assert_eq!(r.sm_utilization_mean, Some(0.3), "{r:?}");
 }
 
 #[test]
