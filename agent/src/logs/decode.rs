@@ -37,17 +37,44 @@ pub enum Malformed {
 
 /// Decodes a CRI line: `<RFC3339Nano> <stdout|stderr> <P|F>[:<more tags>] <text>`.
 pub fn cri(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
-    let mut fields = line.splitn(4, |&b| b == b' ');
-    let (timestamp, bad_timestamp) = checked(fields.next().unwrap_or_default()).ok_or(Malformed::NotCri)?;
-    let stream = fields.next().and_then(stream_kind).ok_or(Malformed::NotCri)?;
-    let tag = fields.next().ok_or(Malformed::NotCri)?;
-    let partial = match tag.split(|&b| b == b':').next() {
-        Some(b"F") => false,
-        Some(b"P") => true,
-        _ => return Err(Malformed::NotCri),
+    // The first three spaces end the fields; the text is the rest, spaces and all (none
+    // after the tag: no text).
+    let (timestamp, rest) = split_at_space(line);
+    let (timestamp, bad_timestamp) = checked(timestamp).ok_or(Malformed::NotCri)?;
+    let rest = rest.ok_or(Malformed::NotCri)?;
+    // Nearly every line goes on `stdout F ` (or `stderr`, `P`): read in place.
+    let known = rest.get(..9).and_then(|head| {
+        let stream = stream_kind(&head[..6]).filter(|_| head[6] == b' ')?;
+        let partial = match &head[7..] {
+            b"F " => false,
+            b"P " => true,
+            _ => return None,
+        };
+        Some((stream, partial, &rest[9..]))
+    });
+    let (stream, partial, message) = match known {
+        Some(known) => known,
+        None => {
+            let (stream, rest) = split_at_space(rest);
+            let stream = stream_kind(stream).ok_or(Malformed::NotCri)?;
+            let (tag, message) = split_at_space(rest.ok_or(Malformed::NotCri)?);
+            let partial = match tag.split(|&b| b == b':').next() {
+                Some(b"F") => false,
+                Some(b"P") => true,
+                _ => return Err(Malformed::NotCri),
+            };
+            (stream, partial, message.unwrap_or_default())
+        }
     };
-    let message = fields.next().unwrap_or_default();
     Ok(Decoded { timestamp, bad_timestamp, stream, partial, message: Cow::Borrowed(message) })
+}
+
+/// What comes before the first space, and what after it (`None`: no space).
+fn split_at_space(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match memchr::memchr(b' ', bytes) {
+        Some(at) => (&bytes[..at], Some(&bytes[at + 1..])),
+        None => (bytes, None),
+    }
 }
 
 #[derive(Deserialize)]
@@ -165,6 +192,39 @@ mod tests {
         ] {
             assert_eq!(cri(line), Err(Malformed::NotCri), "{}", String::from_utf8_lossy(line));
         }
+    }
+
+    /// The fields are cut where `splitn(4, ' ')` cuts them, whatever the spaces.
+    #[test]
+    fn cri_fields_are_cut_at_the_first_three_spaces() {
+        fn by_splitn(line: &[u8]) -> Result<Decoded<'_>, Malformed> {
+            let mut fields = line.splitn(4, |&b| b == b' ');
+            let (timestamp, bad_timestamp) = checked(fields.next().unwrap_or_default()).ok_or(Malformed::NotCri)?;
+            let stream = fields.next().and_then(stream_kind).ok_or(Malformed::NotCri)?;
+            let partial = match fields.next().ok_or(Malformed::NotCri)?.split(|&b| b == b':').next() {
+                Some(b"F") => false,
+                Some(b"P") => true,
+                _ => return Err(Malformed::NotCri),
+            };
+            let message = Cow::Borrowed(fields.next().unwrap_or_default());
+            Ok(Decoded { timestamp, bad_timestamp, stream, partial, message })
+        }
+        let parts: [&[u8]; 9] = [b"", b" ", b"2026-11-22T03:16:40.5Z", b"stdout", b"stderr", b"F", b"P:x", b"a  b ", b"\xff"];
+        let mut decoded = 0;
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        for separator in [&b" "[..], b"", b"  "] {
+                            let line = [a, separator, b, b" ", c, separator, d].concat();
+                            assert_eq!(cri(&line), by_splitn(&line), "{}", String::from_utf8_lossy(&line));
+                            decoded += usize::from(cri(&line).is_ok());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(decoded > 20, "{decoded} lines decoded: the cases reach past the tag");
     }
 
     #[test]
