@@ -41,19 +41,44 @@ pub struct Fields {
     pub object: bool,
 }
 
-/// The fields of every record of a chunk, in record order.
+/// The fields of a chunk's records whose text gave any (most give none), in record order.
 #[derive(Debug, Default)]
 pub struct Structured {
     /// Backing bytes of the rendered fragments.
     pub buf: Vec<u8>,
-    /// One entry per record.
-    pub records: Vec<Fields>,
+    /// Each such record's index in its chunk, and its fields.
+    records: Vec<(u32, Fields)>,
 }
 
 impl Structured {
     /// Bytes of a range in [`Structured::buf`].
     pub fn bytes(&self, range: &Range<u32>) -> &[u8] {
         &self.buf[range.start as usize..range.end as usize]
+    }
+
+    /// The records' fields, asked for in record order.
+    pub fn in_order(&self) -> InOrder<'_> {
+        InOrder { rest: &self.records }
+    }
+}
+
+/// Walks a chunk's [`Structured`] fields along its records.
+pub struct InOrder<'a> {
+    rest: &'a [(u32, Fields)],
+}
+
+impl<'a> InOrder<'a> {
+    /// The fields of record `index`, if its text gave any. Indexes asked for must not go
+    /// down: those of the records passed by are let go.
+    pub fn of(&mut self, index: usize) -> Option<&'a Fields> {
+        while let Some(((at, fields), rest)) = self.rest.split_first() {
+            match (*at as usize).cmp(&index) {
+                std::cmp::Ordering::Less => self.rest = rest,
+                std::cmp::Ordering::Equal => return Some(fields),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
     }
 }
 
@@ -70,15 +95,20 @@ impl Extractor {
         Extractor { mode, scratch: [Vec::new(), Vec::new()] }
     }
 
-    /// The fields of every record of `chunk`, into `out` (emptied first).
+    /// The fields of the records of `chunk` whose text gives any, into `out` (emptied first).
     pub fn extract(&mut self, chunk: &Chunk, out: &mut Structured) {
         out.buf.clear();
         out.records.clear();
-        out.records.extend(chunk.records.iter().map(|r| self.record(chunk.message(r), &mut out.buf)));
+        for (index, record) in chunk.records.iter().enumerate() {
+            if let Some(fields) = self.record(chunk.message(record), &mut out.buf) {
+                out.records.push((index as u32, fields));
+            }
+        }
     }
 
-    /// The fields of one message, their fragments appended to `buf`.
-    pub fn record(&mut self, message: &[u8], buf: &mut Vec<u8>) -> Fields {
+    /// The fields of one message, their fragments appended to `buf`; `None` when it gives
+    /// none (not a JSON object, no `traceparent`).
+    pub fn record(&mut self, message: &[u8], buf: &mut Vec<u8>) -> Option<Fields> {
         let mut fields = Fields::default();
         let start = buf.len() as u32;
         if self.mode == JsonMode::Auto && message.first() == Some(&b'{') {
@@ -99,9 +129,12 @@ impl Extractor {
                 write_ids(buf, trace, span, &mut fields);
             }
         }
+        if !fields.object && buf.len() as u32 == start {
+            return None;
+        }
         let end = fields.message.as_ref().map_or(buf.len() as u32, |m| m.start);
         fields.ecs = start..end;
-        fields
+        Some(fields)
     }
 
     fn object<'a>(&self, text: &'a str, scratch: [Vec<Member<'a>>; 2], buf: &mut Vec<u8>, fields: &mut Fields) -> [Vec<Member<'a>>; 2] {
@@ -263,9 +296,42 @@ pub fn find_traceparent(text: &[u8]) -> Option<(&[u8], &[u8])> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_records_whose_text_gives_fields_are_kept_and_each_is_found_by_its_index() {
+        use crate::logs::chunk::{Record, StreamKind};
+        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
+        let messages = [
+            "plain",
+            r#"{"msg":"a","level":"warn"}"#,
+            "plain again",
+            "x 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 y",
+            "{not json",
+            "{}",
+        ];
+        for (offset, text) in messages.iter().enumerate() {
+            let message = chunk.push_bytes(text.as_bytes());
+            chunk.records.push(Record {
+                timestamp: 0..0,
+                message,
+                stream: StreamKind::Stdout,
+                offset: offset as u64,
+                flags: Flags::default(),
+            });
+        }
+        let mut out = Structured::default();
+        Extractor::new(JsonMode::Auto).extract(&chunk, &mut out);
+        assert_eq!(out.records.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3, 5], "{out:?}");
+        let mut in_order = out.in_order();
+        let found: Vec<_> = (0..messages.len()).map(|i| in_order.of(i).map(|f| (f.level, f.object, f.trace_id.is_some()))).collect();
+        assert_eq!(found, [None, Some((Some(Level::Warn), true, false)), None, Some((None, false, true)), None, Some((None, true, false))]);
+        let mut skipping = out.in_order();
+        assert_eq!((skipping.of(3).is_some(), skipping.of(4), skipping.of(5).is_some()), (true, None, true), "records passed by");
+        assert_eq!(skipping.of(9), None, "past the last");
+    }
+
     fn fields(message: &str) -> (Fields, String, Option<String>) {
         let mut buf = Vec::new();
-        let f = Extractor::new(JsonMode::Auto).record(message.as_bytes(), &mut buf);
+        let f = Extractor::new(JsonMode::Auto).record(message.as_bytes(), &mut buf).unwrap_or_default();
         let ecs = String::from_utf8(buf[f.ecs.start as usize..f.ecs.end as usize].to_vec()).unwrap();
         let msg = f.message.clone().map(|r| String::from_utf8(buf[r.start as usize..r.end as usize].to_vec()).unwrap());
         (f, ecs, msg)
@@ -294,7 +360,7 @@ mod tests {
             assert_eq!((f.object, ecs.as_str(), f.message), (false, "", None), "{line}");
         }
         let mut buf = Vec::new();
-        assert!(!Extractor::new(JsonMode::Off).record(br#"{"msg":"x"}"#, &mut buf).object);
+        assert_eq!(Extractor::new(JsonMode::Off).record(br#"{"msg":"x"}"#, &mut buf), None);
     }
 
     #[test]
@@ -324,7 +390,7 @@ mod tests {
     #[test]
     fn invalid_utf8_inside_strings_is_replaced() {
         let mut buf = Vec::new();
-        let f = Extractor::new(JsonMode::Auto).record(b"{\"msg\":\"caf\xc3\",\"k\":\"\xff\"}", &mut buf);
+        let f = Extractor::new(JsonMode::Auto).record(b"{\"msg\":\"caf\xc3\",\"k\":\"\xff\"}", &mut buf).unwrap();
         assert_eq!(&buf[f.message.clone().unwrap().start as usize..f.message.unwrap().end as usize], "\"caf\u{fffd}\"".as_bytes());
         assert_eq!(&buf[f.ecs.start as usize..f.ecs.end as usize], "\"json\":{\"k\":\"\u{fffd}\"},".as_bytes());
     }

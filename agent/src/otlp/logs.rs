@@ -151,10 +151,11 @@ pub fn encode_chunk(
     layout.encoded.clear();
     // ScopeLogs { scope = 1; log_records = 2 }.
     let mut scope_len = SCOPE.len();
+    let mut in_order = structured.in_order();
     for (i, record) in chunk.records.iter().enumerate() {
         let level = levels.get(i).copied().flatten();
         let time = record_time(chunk, record);
-        let fields = structured.records.get(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty());
+        let fields = in_order.of(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty());
         let planned = if fields.is_some() || !record.flags.is_empty() {
             let mut log = log_record(chunk, record, level, &path, observed, time);
             if let Some(fields) = fields {
@@ -165,7 +166,7 @@ pub fn encode_chunk(
             Planned { level, time, len: (layout.encoded.len() - start) as u32, encoded_end: Some(layout.encoded.len() as u32), text: true }
         } else {
             let message = chunk.message(record);
-            let text = std::str::from_utf8(message).is_ok();
+            let text = simdutf8::basic::from_utf8(message).is_ok();
             let body_len = if text { message.len() } else { lossy_len(message) };
             let len = plain_record_len(time, level, body_len, record.stream, &fixed, observed);
             Planned { level, time, len: len as u32, encoded_end: None, text }
@@ -656,14 +657,17 @@ mod tests {
             assert!(round != 39 || ours.len() > 2 << 20, "{} bytes", ours.len());
 
             let path = chunk.source.path.to_string_lossy().into_owned();
+            let mut in_order = structured.in_order();
             let log_records = chunk
                 .records
                 .iter()
                 .zip(&chunk_levels)
-                .zip(&structured.records)
-                .map(|((record, level), fields)| {
+                .enumerate()
+                .map(|(i, (record, level))| {
                     let mut log = log_record(&chunk, record, *level, &path, unix_nanos(observed), record_time(&chunk, record));
-                    add_structured(&mut log, chunk.message(record), fields);
+                    if let Some(fields) = in_order.of(i) {
+                        add_structured(&mut log, chunk.message(record), fields);
+                    }
                     log
                 })
                 .collect();

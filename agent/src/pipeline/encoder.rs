@@ -210,11 +210,12 @@ impl Encoder {
         if !cached.excluded {
             self.extractor.extract(chunk, &mut self.structured);
             let structured = &self.structured;
+            let mut fields = structured.in_order();
             let levels: Vec<Option<Level>> = chunk
                 .records
                 .iter()
-                .zip(&structured.records)
-                .map(|(r, fields)| fields.level.or_else(|| level::detect(chunk.message(r))))
+                .enumerate()
+                .map(|(i, r)| fields.of(i).and_then(|f| f.level).or_else(|| level::detect(chunk.message(r))))
                 .collect();
             match self.formats.bulk {
                 // For Elasticsearch alone, rendered straight as `_bulk` lines into their piece,

@@ -108,7 +108,7 @@ impl Documents {
 }
 
 /// Encodes every record of `chunk` with `template` into `out`; `levels[i]` is record i's
-/// `log.level`, when known, and `structured.records[i]` what its text gives (when given).
+/// `log.level`, when known, and `structured` what the records' text gives.
 /// `before` writes what precedes each document (given its offset): nothing, or its `_bulk`
 /// action line when the documents are rendered for Elasticsearch alone. With `spill`, the
 /// rendered bytes go into that piece every [`SPILL_BYTES`] and at the end (`out` keeps each
@@ -130,8 +130,9 @@ pub fn encode_chunk(
     let estimate = chunk.buf.len() + chunk.records.len() * (template.tail.len() + file.len() + 96);
     out.bytes.reserve(if spill.is_some() { estimate.min(2 * SPILL_BYTES) } else { estimate });
     let piece_start = spill.as_deref().map_or(0, Piece::written);
+    let mut in_order = structured.in_order();
     for (i, record) in chunk.records.iter().enumerate() {
-        let fields = structured.records.get(i).map(|f| (structured, f));
+        let fields = in_order.of(i).map(|f| (structured, f));
         before(record.offset, &mut out.bytes);
         encode_record(chunk, record, levels.get(i).copied().flatten(), fields, &file, template, &mut out.bytes);
         // Bytes already spilled.
