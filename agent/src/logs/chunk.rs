@@ -4,6 +4,8 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use memchr::memmem::Finder;
+
 use super::source::Source;
 
 /// Which output stream of the container a record came from.
@@ -173,6 +175,33 @@ impl Chunk {
         let start = self.buf.len() as u32;
         self.buf.extend_from_slice(bytes);
         start..self.buf.len() as u32
+    }
+}
+
+/// Where a literal occurs in a chunk's buffer, found in one pass over the whole buffer, for
+/// the records' messages to look up: one vector search per chunk rather than one per record,
+/// whose set-up costs more than the scan of a short line.
+#[derive(Debug, Default)]
+pub struct Occurrences {
+    at: Vec<u32>,
+    needle_len: u32,
+}
+
+impl Occurrences {
+    /// Finds every occurrence of `finder`'s needle in `chunk`'s buffer, forgetting the last
+    /// chunk's. The needle must not overlap itself (as `level=` and `00-` do not): the search
+    /// finds occurrences that do not overlap.
+    pub fn find(&mut self, finder: &Finder<'_>, chunk: &Chunk) {
+        self.at.clear();
+        self.at.extend(finder.find_iter(&chunk.buf).map(|at| at as u32));
+        self.needle_len = finder.needle().len() as u32;
+    }
+
+    /// The occurrences wholly inside `within`, a range of the buffer (a record's message or
+    /// the end of one), as offsets from its start, in order.
+    pub fn inside(&self, within: Range<u32>) -> impl Iterator<Item = usize> + '_ {
+        let from = self.at.partition_point(|&at| at < within.start);
+        self.at[from..].iter().take_while(move |&&at| at + self.needle_len <= within.end).map(move |&at| (at - within.start) as usize)
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
 
+use super::chunk::{Chunk, Occurrences, Record};
+
 /// A normalised log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Level {
@@ -63,6 +65,24 @@ impl Level {
 
 /// The level the message states, if it states one.
 pub fn detect(message: &[u8]) -> Option<Level> {
+    detect_with(message, |text| LOGFMT_KEY.find(text))
+}
+
+/// The level each record of `chunk` states (or its JSON fields gave, `given`), logfmt's key
+/// searched for once in the whole chunk (`keys`: reused from chunk to chunk).
+pub fn detect_all(chunk: &Chunk, keys: &mut Occurrences, mut given: impl FnMut(usize) -> Option<Level>) -> Vec<Option<Level>> {
+    keys.find(&LOGFMT_KEY, chunk);
+    let detect = |record: &Record| {
+        let end = record.message.end;
+        // The text searched is the message less its leading spaces: its end.
+        detect_with(chunk.message(record), |text| keys.inside(end - text.len() as u32..end).next())
+    };
+    chunk.records.iter().enumerate().map(|(i, record)| given(i).or_else(|| detect(record))).collect()
+}
+
+/// As [`detect`]; `logfmt_key` says where `level=` first occurs in the text it is given (the
+/// message from its first non-space byte), if it does.
+fn detect_with(message: &[u8], logfmt_key: impl FnOnce(&[u8]) -> Option<usize>) -> Option<Level> {
     let text = trim_start(message);
     match text.first()? {
         b'{' => json_field(text),
@@ -72,7 +92,7 @@ pub fn detect(message: &[u8]) -> Option<Level> {
             b'E' => Level::Error,
             _ => Level::Fatal,
         }),
-        _ => leading_word(text).or_else(|| logfmt(text)),
+        _ => leading_word(text).or_else(|| logfmt(text, logfmt_key(text)?)),
     }
 }
 
@@ -100,14 +120,13 @@ fn leading_word(t: &[u8]) -> Option<Level> {
 static JSON_KEYS: LazyLock<[Finder<'static>; 4]> =
     LazyLock::new(|| [Finder::new(b"\"level\""), Finder::new(b"\"severity\""), Finder::new(b"\"lvl\""), Finder::new(b"\"log.level\"")]);
 
-/// logfmt's key, searched for once per line: one vector scan, where stopping at each of a
-/// logfmt line's `=` signs costs a call per pair.
+/// logfmt's key, searched for once per line (once per chunk by [`detect_all`]): one vector
+/// scan, where stopping at each of a logfmt line's `=` signs costs a call per pair.
 static LOGFMT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"level="));
 
-/// The value of the line's first `level=`, when that is a key of its own (the line's start or
-/// after a space).
-fn logfmt(t: &[u8]) -> Option<Level> {
-    let at = LOGFMT_KEY.find(t)?;
+/// The value of the line's first `level=` (at `at` in `t`), when that is a key of its own
+/// (the line's start or after a space).
+fn logfmt(t: &[u8], at: usize) -> Option<Level> {
     if at > 0 && t[at - 1] != b' ' {
         return None;
     }
@@ -134,34 +153,58 @@ fn json_field(t: &[u8]) -> Option<Level> {
 mod tests {
     use super::*;
 
+    /// Lines and the level each states.
+    const CASES: &[(&str, Option<Level>)] = &[
+        (r#"{"ts":1,"level":"error","msg":"boom"}"#, Some(Level::Error)),
+        (r#"{"severity": "WARNING", "message": "x"}"#, Some(Level::Warn)),
+        (r#"{"lvl":"dbug"}"#, None),
+        (r#"{"msg":"no level here"}"#, None),
+        ("E1122 03:16:40.123456    1 main.go:42] failed", Some(Level::Error)),
+        ("I1122 03:16:40.123456    1 main.go:42] ok", Some(Level::Info)),
+        ("ERROR: connection refused", Some(Level::Error)),
+        ("[warn] disk almost full", Some(Level::Warn)),
+        ("INFO request id=3", Some(Level::Info)),
+        ("CRITICAL GPU fell off the bus", Some(Level::Fatal)),
+        ("time=2026-11-22 level=debug msg=x", Some(Level::Debug)),
+        ("level=error msg=x", Some(Level::Error)),
+        (r#"ts=1 level="warn" msg=x"#, Some(Level::Warn)),
+        ("a=b=c level=info", Some(Level::Info)),
+        ("sublevel=3 level=error", None),
+        ("lvl=x evel=error", None),
+        ("Information is power", None),
+        ("errors=0 warnings=3", None),
+        ("step=120 loss=0.53", None),
+        ("Error_code 5", None),
+        ("", None),
+    ];
+
     #[test]
     fn levels_are_found_where_programs_write_them() {
-        let cases: &[(&str, Option<Level>)] = &[
-            (r#"{"ts":1,"level":"error","msg":"boom"}"#, Some(Level::Error)),
-            (r#"{"severity": "WARNING", "message": "x"}"#, Some(Level::Warn)),
-            (r#"{"lvl":"dbug"}"#, None),
-            (r#"{"msg":"no level here"}"#, None),
-            ("E1122 03:16:40.123456    1 main.go:42] failed", Some(Level::Error)),
-            ("I1122 03:16:40.123456    1 main.go:42] ok", Some(Level::Info)),
-            ("ERROR: connection refused", Some(Level::Error)),
-            ("[warn] disk almost full", Some(Level::Warn)),
-            ("INFO request id=3", Some(Level::Info)),
-            ("CRITICAL GPU fell off the bus", Some(Level::Fatal)),
-            ("time=2026-11-22 level=debug msg=x", Some(Level::Debug)),
-            ("level=error msg=x", Some(Level::Error)),
-            (r#"ts=1 level="warn" msg=x"#, Some(Level::Warn)),
-            ("a=b=c level=info", Some(Level::Info)),
-            ("sublevel=3 level=error", None),
-            ("lvl=x evel=error", None),
-            ("Information is power", None),
-            ("errors=0 warnings=3", None),
-            ("step=120 loss=0.53", None),
-            ("Error_code 5", None),
-            ("", None),
-        ];
-        for (line, want) in cases {
+        for (line, want) in CASES {
             assert_eq!(detect(line.as_bytes()), *want, "{line}");
         }
+    }
+
+    /// Looked for once in the chunk's whole buffer, logfmt's key gives each record what a
+    /// search of its own message gives: nothing from across a message's edges.
+    #[test]
+    fn levels_detected_in_a_whole_chunk_are_each_records_own() {
+        use crate::logs::chunk::{Flags, StreamKind};
+        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
+        let edges = ["x level", "=error", "  level=warn", " =info", "level", "level=fatal"];
+        let lines: Vec<&str> = CASES.iter().map(|(line, _)| *line).chain(edges).collect();
+        for (offset, line) in lines.iter().enumerate() {
+            // In a timestamp's place: `level=` across both edges of every message.
+            let timestamp = chunk.push_bytes(b"=level");
+            let message = chunk.push_bytes(line.as_bytes());
+            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: offset as u64, flags: Flags::default() });
+        }
+        let alone: Vec<Option<Level>> = lines.iter().map(|line| detect(line.as_bytes())).collect();
+        let mut keys = Occurrences::default();
+        assert_eq!(detect_all(&chunk, &mut keys, |_| None), alone);
+        assert_eq!(alone.iter().filter(|l| l.is_some()).count(), 14, "{alone:?}");
+        let given = detect_all(&chunk, &mut keys, |i| (i < 2).then_some(Level::Trace));
+        assert_eq!(given[..3], [Some(Level::Trace), Some(Level::Trace), alone[2]], "a level given stands");
     }
 
     /// Every word a level goes by, in any case, and no word around them.

@@ -3,13 +3,16 @@
 //!
 //! The record itself is not changed (multi-line rules and log-derived metrics see the text as
 //! written): what is found is kept beside it, per chunk, with the ECS fragment already
-//! rendered, so the encoders only copy bytes. A line that does not start with `{` and holds
-//! no `00-` costs two byte searches.
+//! rendered, so the encoders only copy bytes. A line that does not start with `{` costs a
+//! look at its first byte: where `00-` is (a `traceparent` may start) is searched for once in
+//! the chunk's whole buffer.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::chunk::{Chunk, Flags};
+use memchr::memmem::Finder;
+
+use super::chunk::{Chunk, Flags, Occurrences};
 use super::json::{self, Member};
 use super::level::Level;
 pub use crate::config::JsonMode;
@@ -87,28 +90,40 @@ pub struct Extractor {
     mode: JsonMode,
     /// Reused for every object's members and the ones kept (emptied between records).
     scratch: [Vec<Member<'static>>; 2],
+    /// Where a `traceparent` may start in the chunk (`00-`), found in one search.
+    starts: Occurrences,
+    starts_finder: Finder<'static>,
 }
 
 impl Extractor {
     /// An extractor reading JSON messages as `mode` says.
     pub fn new(mode: JsonMode) -> Extractor {
-        Extractor { mode, scratch: [Vec::new(), Vec::new()] }
+        Extractor { mode, scratch: [Vec::new(), Vec::new()], starts: Occurrences::default(), starts_finder: Finder::new(b"00-") }
     }
 
     /// The fields of the records of `chunk` whose text gives any, into `out` (emptied first).
     pub fn extract(&mut self, chunk: &Chunk, out: &mut Structured) {
         out.buf.clear();
         out.records.clear();
+        let mut starts = std::mem::take(&mut self.starts);
+        starts.find(&self.starts_finder, chunk);
         for (index, record) in chunk.records.iter().enumerate() {
-            if let Some(fields) = self.record(chunk.message(record), &mut out.buf) {
+            let message = chunk.message(record);
+            if let Some(fields) = self.record_among(message, starts.inside(record.message.clone()), &mut out.buf) {
                 out.records.push((index as u32, fields));
             }
         }
+        self.starts = starts;
     }
 
     /// The fields of one message, their fragments appended to `buf`; `None` when it gives
     /// none (not a JSON object, no `traceparent`).
     pub fn record(&mut self, message: &[u8], buf: &mut Vec<u8>) -> Option<Fields> {
+        self.record_among(message, traceparent_starts(message), buf)
+    }
+
+    /// As [`Extractor::record`], a `traceparent` looked for at `starts` (where `00-` is).
+    fn record_among(&mut self, message: &[u8], starts: impl Iterator<Item = usize>, buf: &mut Vec<u8>) -> Option<Fields> {
         let mut fields = Fields::default();
         let start = buf.len() as u32;
         if self.mode == JsonMode::Auto && message.first() == Some(&b'{') {
@@ -125,7 +140,7 @@ impl Extractor {
             }
         }
         if fields.trace_id.is_none() && !fields.object {
-            if let Some((trace, span)) = find_traceparent(message) {
+            if let Some((trace, span)) = traceparent_among(message, starts) {
                 write_ids(buf, trace, span, &mut fields);
             }
         }
@@ -266,13 +281,20 @@ fn hex_id<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 /// The first valid W3C `traceparent` in `text` (`00-<32 hex>-<16 hex>-<2 hex>`, lower case,
-/// ids not all zero, not part of a longer hex run): its trace and span ids. Candidates are
-/// found from the `-` signs, fewer in a log line than `0`s, which a searcher for `00-` would
-/// stop at.
+/// ids not all zero, not part of a longer hex run): its trace and span ids.
 pub fn find_traceparent(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    traceparent_among(text, traceparent_starts(text))
+}
+
+/// Where `00-` is in `text`, found from the `-` signs: fewer in a log line than `0`s.
+fn traceparent_starts(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    memchr::memchr_iter(b'-', text).filter(|&dash| dash >= 2 && text[dash - 2..dash] == *b"00").map(|dash| dash - 2)
+}
+
+/// As [`find_traceparent`], the candidates being `starts`: every place `00-` is, in order.
+fn traceparent_among(text: &[u8], starts: impl Iterator<Item = usize>) -> Option<(&[u8], &[u8])> {
     let lower_hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     let word = |c: u8| c.is_ascii_alphanumeric();
-    let starts = memchr::memchr_iter(b'-', text).filter(|&dash| dash >= 2 && text[dash - 2..dash] == *b"00").map(|dash| dash - 2);
     for at in starts {
         let Some(candidate) = text.get(at..at + 55) else { break };
         let (trace, span, flags) = (&candidate[3..35], &candidate[36..52], &candidate[53..55]);
@@ -393,6 +415,43 @@ mod tests {
         let f = Extractor::new(JsonMode::Auto).record(b"{\"msg\":\"caf\xc3\",\"k\":\"\xff\"}", &mut buf).unwrap();
         assert_eq!(&buf[f.message.clone().unwrap().start as usize..f.message.unwrap().end as usize], "\"caf\u{fffd}\"".as_bytes());
         assert_eq!(&buf[f.ecs.start as usize..f.ecs.end as usize], "\"json\":{\"k\":\"\u{fffd}\"},".as_bytes());
+    }
+
+    /// Looked for once in the chunk's whole buffer, `00-` gives each record what a search of
+    /// its own message gives: nothing from across a message's edges.
+    #[test]
+    fn traceparents_found_in_a_whole_chunk_are_each_records_own() {
+        use crate::logs::chunk::{Record, StreamKind};
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        // (bytes before the message, in a timestamp's place; the message)
+        let records = [
+            ("0", format!("a {tp} b")),
+            ("0", tp[1..].to_string()),
+            ("", tp[..40].to_string()),
+            (&tp[40..], "plain".to_string()),
+            ("", format!("x00-{}", &tp[3..])),
+            ("", format!("000-{} {tp}", &tp[3..])),
+            ("00", format!("-{}", &tp[3..])),
+            ("", format!("{tp}f {tp}")),
+            ("", tp.to_string()),
+        ];
+        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
+        for (offset, (before, text)) in records.iter().enumerate() {
+            let timestamp = chunk.push_bytes(before.as_bytes());
+            let message = chunk.push_bytes(text.as_bytes());
+            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: offset as u64, flags: Flags::default() });
+        }
+        let mut extractor = Extractor::new(JsonMode::Auto);
+        let mut out = Structured::default();
+        extractor.extract(&chunk, &mut out);
+        let mut in_order = out.in_order();
+        let mut found = 0;
+        for (i, (_, text)) in records.iter().enumerate() {
+            let alone = extractor.record(text.as_bytes(), &mut Vec::new()).map(|f| (f.trace_id, f.span_id));
+            assert_eq!(in_order.of(i).map(|f| (f.trace_id, f.span_id)), alone, "{text}");
+            found += usize::from(alone.is_some());
+        }
+        assert_eq!(found, 4, "{out:?}");
     }
 
     #[test]

@@ -20,11 +20,11 @@ use crate::kube::meta::PodMeta;
 use crate::kube::store::PodStore;
 use crate::logs::ack::{AckMsg, Registrations};
 use crate::logs::budget::ReadBudget;
-use crate::logs::chunk::Chunk;
+use crate::logs::chunk::{Chunk, Occurrences};
 use crate::logs::derived::{Derived, PodLabels};
 use crate::logs::enrich::Enricher;
 use crate::logs::fingerprint::Format;
-use crate::logs::level::{self, Level};
+use crate::logs::level;
 use crate::logs::structured::{Extractor, Structured};
 use crate::otlp::logs::{Layout, ResourceTemplate};
 use crate::packed::{Packer, KEPT_BUFFER};
@@ -51,6 +51,8 @@ pub struct Encoder {
     /// Fields found in records' text (JSON, trace context), and the chunk's, reused.
     extractor: Extractor,
     structured: Structured,
+    /// Where logfmt's `level=` occurs in the chunk, for level detection.
+    level_keys: Occurrences,
     /// The Elasticsearch data stream of each namespace, when there is one per namespace.
     streams: DataStreams,
     /// A chunk's documents, and what its OTLP records are worked out and written with,
@@ -101,6 +103,7 @@ impl Encoder {
             derived,
             extractor: Extractor::new(logs.json),
             structured: Structured::default(),
+            level_keys: Occurrences::default(),
             streams: DataStreams::default(),
             docs: Documents::default(),
             layout: Layout::default(),
@@ -211,12 +214,7 @@ impl Encoder {
             self.extractor.extract(chunk, &mut self.structured);
             let structured = &self.structured;
             let mut fields = structured.in_order();
-            let levels: Vec<Option<Level>> = chunk
-                .records
-                .iter()
-                .enumerate()
-                .map(|(i, r)| fields.of(i).and_then(|f| f.level).or_else(|| level::detect(chunk.message(r))))
-                .collect();
+            let levels = level::detect_all(chunk, &mut self.level_keys, |i| fields.of(i).and_then(|f| f.level));
             match self.formats.bulk {
                 // For Elasticsearch alone, rendered straight as `_bulk` lines into their piece,
                 // a little at a time.
