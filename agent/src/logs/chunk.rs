@@ -185,23 +185,40 @@ impl Chunk {
 pub struct Occurrences {
     at: Vec<u32>,
     needle_len: u32,
+    /// More than [`Occurrences::MOST`] were found: none is kept, each message is searched.
+    too_many: bool,
 }
 
 impl Occurrences {
+    /// Occurrences kept at most (32 KiB): a chunk of lines made of the literal (`00-00-...`)
+    /// would otherwise take more memory than its own bytes.
+    const MOST: usize = 8192;
+
     /// Finds every occurrence of `finder`'s needle in `chunk`'s buffer, forgetting the last
     /// chunk's. The needle must not overlap itself (as `level=` and `00-` do not): the search
     /// finds occurrences that do not overlap.
     pub fn find(&mut self, finder: &Finder<'_>, chunk: &Chunk) {
+        let needle = finder.needle();
+        debug_assert!((1..needle.len()).all(|n| needle[..n] != needle[needle.len() - n..]), "a needle that overlaps itself");
         self.at.clear();
-        self.at.extend(finder.find_iter(&chunk.buf).map(|at| at as u32));
-        self.needle_len = finder.needle().len() as u32;
+        self.at.extend(finder.find_iter(&chunk.buf).take(Self::MOST + 1).map(|at| at as u32));
+        self.too_many = self.at.len() > Self::MOST;
+        if self.too_many {
+            self.at.clear();
+        }
+        self.needle_len = needle.len() as u32;
     }
 
     /// The occurrences wholly inside `within`, a range of the buffer (a record's message or
-    /// the end of one), as offsets from its start, in order.
-    pub fn inside(&self, within: Range<u32>) -> impl Iterator<Item = usize> + '_ {
+    /// the end of one), as offsets from its start, in order; `None` when the chunk held too
+    /// many to keep (the caller searches the message itself).
+    pub fn inside(&self, within: Range<u32>) -> Option<impl Iterator<Item = usize> + '_> {
+        if self.too_many {
+            return None;
+        }
         let from = self.at.partition_point(|&at| at < within.start);
-        self.at[from..].iter().take_while(move |&&at| at + self.needle_len <= within.end).map(move |&at| (at - within.start) as usize)
+        let found = self.at[from..].iter().take_while(move |&&at| at + self.needle_len <= within.end);
+        Some(found.map(move |&at| (at - within.start) as usize))
     }
 }
 

@@ -209,7 +209,7 @@ mod tests {
             let message = Cow::Borrowed(fields.next().unwrap_or_default());
             Ok(Decoded { timestamp, bad_timestamp, stream, partial, message })
         }
-        let parts: [&[u8]; 9] = [b"", b" ", b"2026-11-22T03:16:40.5Z", b"stdout", b"stderr", b"F", b"P:x", b"a  b ", b"\xff"];
+        let parts: [&[u8]; 10] = [b"", b" ", b"2026-11-22T03:16:40.5Z", b"stdout", b"stderr", b"F", b"P", b"P:x", b"a  b ", b"\xff"];
         let mut decoded = 0;
         for a in parts {
             for b in parts {

@@ -68,20 +68,24 @@ pub fn detect(message: &[u8]) -> Option<Level> {
     detect_with(message, |text| LOGFMT_KEY.find(text))
 }
 
-/// The level each record of `chunk` states (or its JSON fields gave, `given`), logfmt's key
-/// searched for once in the whole chunk (`keys`: reused from chunk to chunk).
+/// The level each record of `chunk` states (or its JSON fields gave, `given`): what
+/// [`detect`] gives each message alone, logfmt's key searched for once in the whole chunk
+/// (`keys`: reused from chunk to chunk).
 pub fn detect_all(chunk: &Chunk, keys: &mut Occurrences, mut given: impl FnMut(usize) -> Option<Level>) -> Vec<Option<Level>> {
     keys.find(&LOGFMT_KEY, chunk);
-    let detect = |record: &Record| {
+    let stated = |record: &Record| {
         let end = record.message.end;
-        // The text searched is the message less its leading spaces: its end.
-        detect_with(chunk.message(record), |text| keys.inside(end - text.len() as u32..end).next())
+        // The text searched is the message less its leading whitespace: its end.
+        detect_with(chunk.message(record), |text| match keys.inside(end - text.len() as u32..end) {
+            Some(mut found) => found.next(),
+            None => LOGFMT_KEY.find(text),
+        })
     };
-    chunk.records.iter().enumerate().map(|(i, record)| given(i).or_else(|| detect(record))).collect()
+    chunk.records.iter().enumerate().map(|(i, record)| given(i).or_else(|| stated(record))).collect()
 }
 
 /// As [`detect`]; `logfmt_key` says where `level=` first occurs in the text it is given (the
-/// message from its first non-space byte), if it does.
+/// message from its first byte that is not whitespace), if it does.
 fn detect_with(message: &[u8], logfmt_key: impl FnOnce(&[u8]) -> Option<usize>) -> Option<Level> {
     let text = trim_start(message);
     match text.first()? {
@@ -205,6 +209,24 @@ mod tests {
         assert_eq!(alone.iter().filter(|l| l.is_some()).count(), 14, "{alone:?}");
         let given = detect_all(&chunk, &mut keys, |i| (i < 2).then_some(Level::Trace));
         assert_eq!(given[..3], [Some(Level::Trace), Some(Level::Trace), alone[2]], "a level given stands");
+    }
+
+    /// A chunk holding more `level=` than are kept is searched message by message.
+    #[test]
+    fn a_chunk_full_of_logfmt_keys_is_searched_message_by_message() {
+        use crate::logs::chunk::{Flags, StreamKind};
+        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
+        for (offset, line) in ["level=".repeat(9000), "ts=1 level=warn".to_string()].iter().enumerate() {
+            let message = chunk.push_bytes(line.as_bytes());
+            chunk.records.push(Record {
+                timestamp: 0..0,
+                message,
+                stream: StreamKind::Stdout,
+                offset: offset as u64,
+                flags: Flags::default(),
+            });
+        }
+        assert_eq!(detect_all(&chunk, &mut Occurrences::default(), |_| None), [None, Some(Level::Warn)]);
     }
 
     /// Every word a level goes by, in any case, and no word around them.

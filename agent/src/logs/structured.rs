@@ -61,19 +61,23 @@ impl Structured {
 
     /// The records' fields, asked for in record order.
     pub fn in_order(&self) -> InOrder<'_> {
-        InOrder { rest: &self.records }
+        InOrder { rest: &self.records, asked: 0 }
     }
 }
 
 /// Walks a chunk's [`Structured`] fields along its records.
 pub struct InOrder<'a> {
     rest: &'a [(u32, Fields)],
+    /// The index last asked for.
+    asked: usize,
 }
 
 impl<'a> InOrder<'a> {
     /// The fields of record `index`, if its text gave any. Indexes asked for must not go
     /// down: those of the records passed by are let go.
     pub fn of(&mut self, index: usize) -> Option<&'a Fields> {
+        debug_assert!(index >= self.asked, "record {index} asked for after record {}", self.asked);
+        self.asked = index;
         while let Some(((at, fields), rest)) = self.rest.split_first() {
             match (*at as usize).cmp(&index) {
                 std::cmp::Ordering::Less => self.rest = rest,
@@ -109,7 +113,11 @@ impl Extractor {
         starts.find(&self.starts_finder, chunk);
         for (index, record) in chunk.records.iter().enumerate() {
             let message = chunk.message(record);
-            if let Some(fields) = self.record_among(message, starts.inside(record.message.clone()), &mut out.buf) {
+            let fields = match starts.inside(record.message.clone()) {
+                Some(found) => self.record_among(message, found, &mut out.buf),
+                None => self.record(message, &mut out.buf),
+            };
+            if let Some(fields) = fields {
                 out.records.push((index as u32, fields));
             }
         }
@@ -117,7 +125,8 @@ impl Extractor {
     }
 
     /// The fields of one message, their fragments appended to `buf`; `None` when it gives
-    /// none (not a JSON object, no `traceparent`).
+    /// none (not a JSON object, no `traceparent`). (A chunk's records: [`Extractor::extract`],
+    /// which searches the chunk once.)
     pub fn record(&mut self, message: &[u8], buf: &mut Vec<u8>) -> Option<Fields> {
         self.record_among(message, traceparent_starts(message), buf)
     }
@@ -452,6 +461,29 @@ mod tests {
             found += usize::from(alone.is_some());
         }
         assert_eq!(found, 4, "{out:?}");
+    }
+
+    /// A chunk holding more `00-` than are kept is searched message by message.
+    #[test]
+    fn a_chunk_full_of_candidates_is_searched_message_by_message() {
+        use crate::logs::chunk::{Record, StreamKind};
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
+        for (offset, text) in ["00-".repeat(9000), format!("x {tp}")].iter().enumerate() {
+            let message = chunk.push_bytes(text.as_bytes());
+            chunk.records.push(Record {
+                timestamp: 0..0,
+                message,
+                stream: StreamKind::Stdout,
+                offset: offset as u64,
+                flags: Flags::default(),
+            });
+        }
+        let mut out = Structured::default();
+        Extractor::new(JsonMode::Auto).extract(&chunk, &mut out);
+        let mut in_order = out.in_order();
+        assert!(in_order.of(0).is_none());
+        assert!(in_order.of(1).is_some_and(|f| f.trace_id.is_some()), "{out:?}");
     }
 
     #[test]
