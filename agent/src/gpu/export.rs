@@ -64,9 +64,11 @@ pub struct GpuView {
     pub nvml_errors: Vec<(&'static str, u64)>,
     /// Failed pod-resources List calls.
     pub pod_resources_errors: u64,
-    /// The pod store had its first list when this view was composed. Before it, processes
-    /// are named from the kubelet's directories alone (no user, often no container name), so
-    /// an allocated container's processes may not be found and it reads idle.
+    /// The pod store had its first lists (pods, and namespaces where watched, or waited for
+    /// them `metadata_wait`) when this view was composed; always false without the API.
+    /// Before them, a process of a pod not yet known is named from the kubelet's directories
+    /// (no user, often no container name), so an allocated container's processes may not be
+    /// found and it reads idle.
     pub pods_synced: bool,
 }
 

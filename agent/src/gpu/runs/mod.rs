@@ -150,8 +150,8 @@ impl Runs {
     pub fn observe(&mut self, reading: &Reading, view: &GpuView, now: f64) {
         // A view composed before the pod store's first list may show a container's processes
         // unnamed and the container idle: a run would count that poll's window at 0 %. And
-        // before the first list, every pod looks gone. (The store stays synced once it is.)
-        if !view.pods_synced {
+        // before the first list, every pod looks gone.
+        if !view.pods_synced || !self.pods.is_synced() {
             return;
         }
         self.account(reading, view, now);

@@ -167,11 +167,17 @@ fn a_container_oomkilled_on_a_time_sliced_gpu_gets_one_report_with_its_share() {
 #[test]
 fn a_view_composed_before_the_pod_stores_first_list_adds_nothing_to_a_run() {
     let node = Node::new();
-    let (mut runs, rx) = node.runs();
+    let (mut runs, _) = node.runs();
     let unnamed = GpuView { pods_synced: false, ..view(vec![row("a-0", 0.0, 0.0), row("b-0", 0.0, 0.0)]) };
     runs.observe(&reading(0.0, 0x4), &unnamed, T0);
     assert!(runs.state().running.is_empty(), "{:?}", runs.state().running);
-    poll(&mut runs, 5, 100);
+    poll(&mut runs, 0, 50);
+    runs.finish();
+    // An agent restart: its first view was composed before its store's first list.
+    let (mut runs, rx) = node.runs();
+    runs.observe(&reading(550.0, 0x4), &unnamed, T0 + 55.0);
+    assert_eq!(runs.state().running["aaa"].last_seen, T0 + 50.0, "not counted");
+    poll(&mut runs, 60, 100);
     let exit = Exit { code: 0, reason: "Completed".into(), started: Some(T0 as i64), finished: Some((T0 + 100.0) as i64) };
     node.store.apply(pod("a-0", "aaa", Some(exit)));
     poll(&mut runs, 105, 105);
