@@ -170,6 +170,19 @@ impl Chunk {
         &self.buf[record.message.start as usize..record.message.end as usize]
     }
 
+    /// A chunk of stdout records, each given as the bytes in its timestamp's place and its
+    /// message, at offsets 0, 1, 2, ...
+    #[cfg(test)]
+    pub fn for_tests<'a>(records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Chunk {
+        let mut chunk = Chunk::new(Arc::new(Source::for_tests()));
+        for (offset, (before, text)) in records.into_iter().enumerate() {
+            let timestamp = chunk.push_bytes(before);
+            let message = chunk.push_bytes(text);
+            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: offset as u64, flags: Flags::default() });
+        }
+        chunk
+    }
+
     /// Appends bytes to the buffer and returns their range.
     pub fn push_bytes(&mut self, bytes: &[u8]) -> Range<u32> {
         let start = self.buf.len() as u32;

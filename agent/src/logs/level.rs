@@ -193,16 +193,10 @@ mod tests {
     /// search of its own message gives: nothing from across a message's edges.
     #[test]
     fn levels_detected_in_a_whole_chunk_are_each_records_own() {
-        use crate::logs::chunk::{Flags, StreamKind};
-        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
         let edges = ["x level", "=error", "  level=warn", " =info", "level", "level=fatal"];
         let lines: Vec<&str> = CASES.iter().map(|(line, _)| *line).chain(edges).collect();
-        for (offset, line) in lines.iter().enumerate() {
-            // In a timestamp's place: `level=` across both edges of every message.
-            let timestamp = chunk.push_bytes(b"=level");
-            let message = chunk.push_bytes(line.as_bytes());
-            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: offset as u64, flags: Flags::default() });
-        }
+        // In a timestamp's place: `level=` across both edges of every message.
+        let chunk = Chunk::for_tests(lines.iter().map(|line| (&b"=level"[..], line.as_bytes())));
         let alone: Vec<Option<Level>> = lines.iter().map(|line| detect(line.as_bytes())).collect();
         let mut keys = Occurrences::default();
         assert_eq!(detect_all(&chunk, &mut keys, |_| None), alone);
@@ -214,18 +208,8 @@ mod tests {
     /// A chunk holding more `level=` than are kept is searched message by message.
     #[test]
     fn a_chunk_full_of_logfmt_keys_is_searched_message_by_message() {
-        use crate::logs::chunk::{Flags, StreamKind};
-        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
-        for (offset, line) in ["level=".repeat(9000), "ts=1 level=warn".to_string()].iter().enumerate() {
-            let message = chunk.push_bytes(line.as_bytes());
-            chunk.records.push(Record {
-                timestamp: 0..0,
-                message,
-                stream: StreamKind::Stdout,
-                offset: offset as u64,
-                flags: Flags::default(),
-            });
-        }
+        let full = "level=".repeat(9000);
+        let chunk = Chunk::for_tests([(&b""[..], full.as_bytes()), (b"", b"ts=1 level=warn")]);
         assert_eq!(detect_all(&chunk, &mut Occurrences::default(), |_| None), [None, Some(Level::Warn)]);
     }
 

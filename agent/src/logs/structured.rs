@@ -329,8 +329,6 @@ mod tests {
 
     #[test]
     fn only_records_whose_text_gives_fields_are_kept_and_each_is_found_by_its_index() {
-        use crate::logs::chunk::{Record, StreamKind};
-        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
         let messages = [
             "plain",
             r#"{"msg":"a","level":"warn"}"#,
@@ -339,16 +337,7 @@ mod tests {
             "{not json",
             "{}",
         ];
-        for (offset, text) in messages.iter().enumerate() {
-            let message = chunk.push_bytes(text.as_bytes());
-            chunk.records.push(Record {
-                timestamp: 0..0,
-                message,
-                stream: StreamKind::Stdout,
-                offset: offset as u64,
-                flags: Flags::default(),
-            });
-        }
+        let chunk = Chunk::for_tests(messages.iter().map(|text| (&b""[..], text.as_bytes())));
         let mut out = Structured::default();
         Extractor::new(JsonMode::Auto).extract(&chunk, &mut out);
         assert_eq!(out.records.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3, 5], "{out:?}");
@@ -430,7 +419,6 @@ mod tests {
     /// its own message gives: nothing from across a message's edges.
     #[test]
     fn traceparents_found_in_a_whole_chunk_are_each_records_own() {
-        use crate::logs::chunk::{Record, StreamKind};
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         // (bytes before the message, in a timestamp's place; the message)
         let records = [
@@ -444,12 +432,7 @@ mod tests {
             ("", format!("{tp}f {tp}")),
             ("", tp.to_string()),
         ];
-        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
-        for (offset, (before, text)) in records.iter().enumerate() {
-            let timestamp = chunk.push_bytes(before.as_bytes());
-            let message = chunk.push_bytes(text.as_bytes());
-            chunk.records.push(Record { timestamp, message, stream: StreamKind::Stdout, offset: offset as u64, flags: Flags::default() });
-        }
+        let chunk = Chunk::for_tests(records.iter().map(|(before, text)| (before.as_bytes(), text.as_bytes())));
         let mut extractor = Extractor::new(JsonMode::Auto);
         let mut out = Structured::default();
         extractor.extract(&chunk, &mut out);
@@ -466,19 +449,9 @@ mod tests {
     /// A chunk holding more `00-` than are kept is searched message by message.
     #[test]
     fn a_chunk_full_of_candidates_is_searched_message_by_message() {
-        use crate::logs::chunk::{Record, StreamKind};
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let mut chunk = Chunk::new(std::sync::Arc::new(crate::logs::source::Source::for_tests()));
-        for (offset, text) in ["00-".repeat(9000), format!("x {tp}")].iter().enumerate() {
-            let message = chunk.push_bytes(text.as_bytes());
-            chunk.records.push(Record {
-                timestamp: 0..0,
-                message,
-                stream: StreamKind::Stdout,
-                offset: offset as u64,
-                flags: Flags::default(),
-            });
-        }
+        let (full, traced) = ("00-".repeat(9000), format!("x {tp}"));
+        let chunk = Chunk::for_tests([(&b""[..], full.as_bytes()), (b"", traced.as_bytes())]);
         let mut out = Structured::default();
         Extractor::new(JsonMode::Auto).extract(&chunk, &mut out);
         let mut in_order = out.in_order();
