@@ -123,29 +123,58 @@ fn timestamp_shape(t: &[u8]) -> Option<bool> {
 }
 
 thread_local! {
-    /// The date and time (to the second) last read, as [`second_key`], and its seconds: a
-    /// file's lines share it many at a time. [`NO_SECOND`] until then.
-    static LAST_SECOND: Cell<((u128, u32), i64)> = const { Cell::new((NO_SECOND, 0)) };
+    /// What [`unix_nanos`] read last.
+    static LAST_SECOND: Cell<Seconds> = const { Cell::new(Seconds::NONE) };
+}
+
+/// The date and time (to the second) last read, as [`second_key`], and its seconds since the
+/// epoch: a file's lines share it many at a time. [`NO_SECOND`] until then.
+#[derive(Debug, Clone, Copy)]
+pub struct Seconds {
+    key: (u128, u32),
+    seconds: i64,
+}
+
+impl Default for Seconds {
+    fn default() -> Seconds {
+        Seconds::NONE
+    }
+}
+
+impl Seconds {
+    /// No second read yet.
+    const NONE: Seconds = Seconds { key: NO_SECOND, seconds: 0 };
+
+    /// As [`unix_nanos`], for a caller reading many timestamps in a row (a chunk's records),
+    /// which keeps the last second itself rather than in the thread's.
+    pub fn unix_nanos(&mut self, t: &[u8]) -> Option<i128> {
+        let prefix: &[u8; 19] = t.get(..19)?.try_into().ok()?;
+        let key = second_key(prefix);
+        if key != self.key || key == NO_SECOND {
+            *self = Seconds { key, seconds: date_time_seconds(prefix)? };
+        }
+        if let Some(fraction) = runtime_fraction(t) {
+            // `.nnnnnnnnnZ`: the nanoseconds as they stand.
+            return Some(i128::from(self.seconds) * 1_000_000_000 + i128::from(fraction));
+        }
+        with_offset(t, self.seconds)
+    }
 }
 
 /// Nanoseconds since the epoch of a strict RFC 3339 timestamp
 /// (`YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`), `None` when it is not one.
 pub fn unix_nanos(t: &[u8]) -> Option<i128> {
+    let mut last = LAST_SECOND.get();
+    let nanos = last.unix_nanos(t);
+    LAST_SECOND.set(last);
+    nanos
+}
+
+/// The nanoseconds of `t`, whose first 19 bytes are `seconds` since the epoch read as UTC,
+/// from its fraction and offset (the general form: any number of fraction digits, `Z` or
+/// `±HH:MM`).
+fn with_offset(t: &[u8], seconds: i64) -> Option<i128> {
     let num = |range: std::ops::Range<usize>| -> Option<i64> { digits(t.get(range)?) };
-    let prefix: &[u8; 19] = t.get(..19)?.try_into().ok()?;
-    let key = second_key(prefix);
-    let seconds = match LAST_SECOND.get() {
-        (last, seconds) if last == key && key != NO_SECOND => seconds,
-        _ => {
-            let seconds = date_time_seconds(prefix)?;
-            LAST_SECOND.set((key, seconds));
-            seconds
-        }
-    };
-    if let Some(fraction) = runtime_fraction(t) {
-        // `.nnnnnnnnnZ`: the nanoseconds as they stand.
-        return Some(i128::from(seconds) * 1_000_000_000 + i128::from(fraction));
-    }
     let sep = |i: usize, c: u8| t.get(i).is_some_and(|b| b.eq_ignore_ascii_case(&c));
     let mut at = 19;
     let mut fraction = 0i64;
@@ -312,6 +341,32 @@ mod tests {
     fn other_text_is_not_a_timestamp() {
         for t in ["yesterday", "2026-11-22 03:16:40Z", "2026-11-22T03:16:40\"Z", "", "2026-11-22T03:16:40Z; drop"] {
             assert_eq!(classify(t.as_bytes()), Stamp::NotTimestamp, "{t}");
+        }
+    }
+
+    #[test]
+    fn timestamps_read_in_a_row_read_as_each_does_alone() {
+        let row: [&[u8]; 12] = [
+            b"2026-11-22T03:16:40.123456789Z",
+            b"2026-11-22T03:16:40.5+02:00",
+            b"2026-11-22T03:16:40Z",
+            b"2026-11-22t03:16:40.000000001z",
+            b"2026-02-30T03:16:40.000000001Z",
+            b"2026-11-22T03:16:40.12345678xZ",
+            b"2026-11-22T03:16:41.000000000Z",
+            b"2026-11-22T03:16:40.999999999Z",
+            b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0.000000000Z",
+            b"not a time",
+            b"",
+            b"1969-12-31T23:59:59.999999999Z",
+        ];
+        let mut seconds = Seconds::default();
+        // In three orders (steps coprime to the row's length visit every timestamp once).
+        for step in [1, 5, 7] {
+            for i in 0..row.len() {
+                let t = row[i * step % row.len()];
+                assert_eq!(seconds.unix_nanos(t), Seconds::default().unix_nanos(t), "step {step}: {}", String::from_utf8_lossy(t));
+            }
         }
     }
 

@@ -23,6 +23,7 @@ use crate::logs::enrich::Metadata;
 use crate::logs::level::Level;
 use crate::logs::source::FileId;
 use crate::logs::structured::{Fields, Structured};
+use crate::logs::timestamp::Seconds;
 use crate::otlp::{kv, text, unix_nanos};
 use crate::packed::{Piece, KEPT_BUFFER, SPILL_BYTES};
 
@@ -152,9 +153,10 @@ pub fn encode_chunk(
     // ScopeLogs { scope = 1; log_records = 2 }.
     let mut scope_len = SCOPE.len();
     let mut in_order = structured.in_order();
+    let mut seconds = Seconds::default();
     for (i, record) in chunk.records.iter().enumerate() {
         let level = levels.get(i).copied().flatten();
-        let time = record_time(chunk, record);
+        let time = record_time(chunk, record, &mut seconds);
         let fields = in_order.of(i).filter(|f| f.trace_id.is_some() || f.span_id.is_some() || f.object || !f.flags.is_empty());
         let planned = if fields.is_some() || !record.flags.is_empty() {
             let mut log = log_record(chunk, record, level, &path, observed, time);
@@ -189,8 +191,10 @@ pub fn encode_chunk(
     out.extend_from_slice(&SCOPE);
     let mut encoded_start = 0;
     for (record, planned) in chunk.records.iter().zip(&layout.records) {
-        encode_key(2, WireType::LengthDelimited, out);
-        encode_varint(u64::from(planned.len), out);
+        // The record, its key and its length: grown once, not field by field.
+        out.reserve(planned.len as usize + 6);
+        key(2, WireType::LengthDelimited, out);
+        varint(u64::from(planned.len), out);
         let before = out.len();
         match planned.encoded_end {
             Some(end) => {
@@ -236,22 +240,22 @@ static SCOPE: LazyLock<Vec<u8>> = LazyLock::new(|| {
 /// `body` is the message, valid UTF-8.
 fn plain_record(record: &Record, level: Option<Level>, time: u64, body: &[u8], fixed: &Fixed, observed: u64, out: &mut Vec<u8>) {
     if time != 0 {
-        encode_key(1, WireType::SixtyFourBit, out);
+        key(1, WireType::SixtyFourBit, out);
         out.extend_from_slice(&time.to_le_bytes());
     }
     if let Some((number, name)) = level.map(severity) {
-        encode_key(2, WireType::Varint, out);
-        encode_varint(number as u64, out);
+        key(2, WireType::Varint, out);
+        varint(number as u64, out);
         string_field(3, name.as_bytes(), out);
     }
     // AnyValue { string_value = 1 }.
-    encode_key(5, WireType::LengthDelimited, out);
-    encode_varint(string_field_len(1, body.len()) as u64, out);
+    key(5, WireType::LengthDelimited, out);
+    varint(string_field_len(1, body.len()) as u64, out);
     string_field(1, body, out);
     out.extend_from_slice(fixed.attributes(record.stream));
     crate::logs::source::push_hex_id(fixed.file.record_id(record.offset), out);
     if observed != 0 {
-        encode_key(11, WireType::SixtyFourBit, out);
+        key(11, WireType::SixtyFourBit, out);
         out.extend_from_slice(&observed.to_le_bytes());
     }
 }
@@ -296,11 +300,32 @@ fn key_value_len(key: usize, value: usize) -> usize {
     string_field_len(1, key) + string_field_len(2, string_field_len(1, value))
 }
 
-/// A length-delimited field `tag` holding `bytes`.
-fn string_field(tag: u32, bytes: &[u8], out: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(bytes.len() as u64, out);
+/// A length-delimited field `tag` (below 16) holding `bytes`.
+#[inline]
+fn string_field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    key(tag, WireType::LengthDelimited, out);
+    varint(bytes.len() as u64, out);
     out.extend_from_slice(bytes);
+}
+
+/// Appends the key of field `tag` of wire type `wire`, as prost's `encode_key` does: one byte
+/// for tags below 16, which are all a `LogRecord` written here has.
+fn key(tag: u8, wire: WireType, out: &mut Vec<u8>) {
+    debug_assert!(tag < 16, "tag {tag} takes more than one byte");
+    out.push(tag << 3 | wire as u8);
+}
+
+/// Appends `value` as prost's `encode_varint` does: one or two bytes (the lengths of most
+/// records and their fields) written here, in line, the rest by prost.
+#[inline]
+fn varint(value: u64, out: &mut Vec<u8>) {
+    if value < 0x80 {
+        out.push(value as u8);
+    } else if value < 0x4000 {
+        out.extend_from_slice(&[value as u8 | 0x80, (value >> 7) as u8]);
+    } else {
+        encode_varint(value, out);
+    }
 }
 
 /// The encoded size of such a field (tags below 16).
@@ -310,8 +335,8 @@ fn string_field_len(tag: u32, len: usize) -> usize {
 
 /// The record's time from its runtime timestamp; 0 (unset) when it has none usable, and the
 /// receiver uses the observed time, as the spec says.
-fn record_time(chunk: &Chunk, record: &Record) -> u64 {
-    parse_timestamp(chunk.timestamp(record)).unwrap_or(0)
+fn record_time(chunk: &Chunk, record: &Record, seconds: &mut Seconds) -> u64 {
+    seconds.unix_nanos(chunk.timestamp(record)).and_then(|nanos| u64::try_from(nanos).ok()).unwrap_or(0)
 }
 
 fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, time: u64) -> LogRecord {
@@ -469,6 +494,25 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_varints_are_the_bytes_prost_writes() {
+        for tag in 1..16u8 {
+            for wire in [WireType::Varint, WireType::SixtyFourBit, WireType::LengthDelimited, WireType::ThirtyTwoBit] {
+                let (mut ours, mut prost) = (Vec::new(), Vec::new());
+                key(tag, wire, &mut ours);
+                encode_key(u32::from(tag), wire, &mut prost);
+                assert_eq!(ours, prost, "tag {tag} {wire:?}");
+            }
+        }
+        let steps = (0..64).flat_map(|bit| [1u64 << bit, (1u64 << bit) - 1, (1u64 << bit) + 1]);
+        for value in steps.chain([0, 300, 0x3fff, 0x4000, u64::MAX]) {
+            let (mut ours, mut prost) = (vec![0xaa], vec![0xaa]);
+            varint(value, &mut ours);
+            encode_varint(value, &mut prost);
+            assert_eq!(ours, prost, "{value:#x}");
+        }
+    }
+
+    #[test]
     fn timestamps_are_read_with_nanoseconds_and_offsets() {
         assert_eq!(parse_timestamp(b"1970-01-01T00:00:01.000000042Z"), Some(1_000_000_042));
         assert_eq!(parse_timestamp(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
@@ -524,7 +568,7 @@ mod tests {
         for (observed, level) in [(0, None), (1_800_000_000_000_000_000, Some(Level::Warn)), (5, Some(Level::Fatal))] {
             for record in &chunk.records {
                 let mut ours = Vec::new();
-                let time = record_time(&chunk, record);
+                let time = record_time(&chunk, record, &mut Seconds::default());
                 let body = String::from_utf8_lossy(chunk.message(record));
                 plain_record(record, level, time, body.as_bytes(), &fixed, observed, &mut ours);
                 let prost = log_record(&chunk, record, level, &path, observed, time).encode_to_vec();
@@ -664,7 +708,14 @@ mod tests {
                 .zip(&chunk_levels)
                 .enumerate()
                 .map(|(i, (record, level))| {
-                    let mut log = log_record(&chunk, record, *level, &path, unix_nanos(observed), record_time(&chunk, record));
+                    let mut log = log_record(
+                        &chunk,
+                        record,
+                        *level,
+                        &path,
+                        unix_nanos(observed),
+                        record_time(&chunk, record, &mut Seconds::default()),
+                    );
                     if let Some(fields) = in_order.of(i) {
                         add_structured(&mut log, chunk.message(record), fields);
                     }
