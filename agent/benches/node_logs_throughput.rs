@@ -104,7 +104,8 @@ fn main() {
 /// Runs the pipeline until `records` are through: (CPU seconds, wall seconds, peak RSS MiB).
 fn run(config: &Config, records: u64) -> (f64, f64, f64) {
     let config = &config.clone().validate().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The agent's own runtime, as the binary runs it.
+    let runtime = nodelens::agent::runtime().unwrap();
     let seen = Arc::new(AtomicU64::new(0));
     runtime.block_on(async {
         let metrics = Metrics::new("bench");

@@ -79,7 +79,8 @@ fn main() {
             .push(serde_yaml_ng::from_str(&format!("{{name: {name}, pattern: '{pattern}', type: {kind}{value}}}")).unwrap());
     }
     let config = config.validate().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The agent's own runtime, as the binary runs it.
+    let runtime = nodelens::agent::runtime().unwrap();
     let seen = Arc::new(AtomicU64::new(0));
     let (cpu, wall) = runtime.block_on(async {
         let metrics = Metrics::new("bench");

@@ -60,7 +60,7 @@ fn run(config: Settings) -> ExitCode {
         .init();
     raise_open_files_limit();
     nodelens::memory::limit_arenas();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match nodelens::agent::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nodelens: cannot start the runtime: {e}");

@@ -177,7 +177,8 @@ impl Shipped {
 /// starts, so no record waits for it); neither the watch's start nor its list is measured.
 pub fn ship(config: &Config, sink: &'static str, records: u64) -> Shipped {
     let config = &config.clone().validate().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The agent's own runtime, as the binary runs it.
+    let runtime = nodelens::agent::runtime().unwrap();
     runtime.block_on(async {
         let metrics = Metrics::new(&config.node_name);
         let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);
