@@ -346,11 +346,12 @@ mod tests {
 
     #[test]
     fn timestamps_read_in_a_row_read_as_each_does_alone() {
-        let row: [&[u8]; 12] = [
+        let row: [&[u8]; 13] = [
             b"2026-11-22T03:16:40.123456789Z",
             b"2026-11-22T03:16:40.5+02:00",
             b"2026-11-22T03:16:40Z",
             b"2026-11-22t03:16:40.000000001z",
+            b"2026-02-30T03:16:40.000000001Z",
             b"2026-02-30T03:16:40.000000001Z",
             b"2026-11-22T03:16:40.12345678xZ",
             b"2026-11-22T03:16:41.000000000Z",
@@ -361,11 +362,15 @@ mod tests {
             b"1969-12-31T23:59:59.999999999Z",
         ];
         let mut seconds = Seconds::default();
-        // In three orders (steps coprime to the row's length visit every timestamp once).
+        // In three orders (steps coprime to the row's length visit every timestamp once), by a
+        // caller's own `Seconds` and by the thread's. The impossible date comes twice in a row
+        // (in the first order): its second reading must not find a second stored by the first.
         for step in [1, 5, 7] {
             for i in 0..row.len() {
                 let t = row[i * step % row.len()];
-                assert_eq!(seconds.unix_nanos(t), Seconds::default().unix_nanos(t), "step {step}: {}", String::from_utf8_lossy(t));
+                let alone = Seconds::default().unix_nanos(t);
+                assert_eq!(seconds.unix_nanos(t), alone, "step {step}: {}", String::from_utf8_lossy(t));
+                assert_eq!(unix_nanos(t), alone, "the thread's, step {step}: {}", String::from_utf8_lossy(t));
             }
         }
     }

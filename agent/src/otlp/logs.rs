@@ -311,7 +311,9 @@ fn string_field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
 /// Appends the key of field `tag` of wire type `wire`, as prost's `encode_key` does: one byte
 /// for tags below 16, which are all a `LogRecord` written here has.
 fn key(tag: u8, wire: WireType, out: &mut Vec<u8>) {
-    debug_assert!(tag < 16, "tag {tag} takes more than one byte");
+    // Checked in release builds too (the tags are constants: the check compiles away): a
+    // longer key would be written short, and the whole request refused.
+    assert!(tag < 16, "tag {tag} takes more than one byte");
     out.push(tag << 3 | wire as u8);
 }
 
@@ -336,7 +338,7 @@ fn string_field_len(tag: u32, len: usize) -> usize {
 /// The record's time from its runtime timestamp; 0 (unset) when it has none usable, and the
 /// receiver uses the observed time, as the spec says.
 fn record_time(chunk: &Chunk, record: &Record, seconds: &mut Seconds) -> u64 {
-    seconds.unix_nanos(chunk.timestamp(record)).and_then(|nanos| u64::try_from(nanos).ok()).unwrap_or(0)
+    parse_timestamp(chunk.timestamp(record), seconds).unwrap_or(0)
 }
 
 fn log_record(chunk: &Chunk, record: &Record, level: Option<Level>, path: &str, observed: u64, time: u64) -> LogRecord {
@@ -414,9 +416,9 @@ fn any_value(value: serde_json::Value) -> AnyValue {
 
 /// Nanoseconds since the epoch of a runtime's RFC 3339 timestamp (`Z` or a `±hh:mm` offset);
 /// `None` when it is not one, which leaves `time_unix_nano` unset (the receiver then uses
-/// the observed time, as the spec says).
-pub fn parse_timestamp(text: &[u8]) -> Option<u64> {
-    u64::try_from(crate::logs::timestamp::unix_nanos(text)?).ok()
+/// the observed time, as the spec says). `seconds`: the second last read, kept by the caller.
+fn parse_timestamp(text: &[u8], seconds: &mut Seconds) -> Option<u64> {
+    u64::try_from(seconds.unix_nanos(text)?).ok()
 }
 
 /// An `ExportLogsServiceRequest` of the encoded `ResourceLogs` in `parts`.
@@ -514,6 +516,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_read_with_nanoseconds_and_offsets() {
+        let parse_timestamp = |text: &[u8]| parse_timestamp(text, &mut Seconds::default());
         assert_eq!(parse_timestamp(b"1970-01-01T00:00:01.000000042Z"), Some(1_000_000_042));
         assert_eq!(parse_timestamp(b"2026-11-22T03:16:40.123456789Z"), Some(1_795_317_400_123_456_789));
         assert_eq!(parse_timestamp(b"2026-11-22T05:16:40.123456789+02:00"), Some(1_795_317_400_123_456_789));
