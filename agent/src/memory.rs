@@ -4,9 +4,9 @@
 //! its own (up to eight per core), and freed pages inside an arena stay resident until the
 //! top of its heap is free. After thousands of containers appear at once (a reader buffer
 //! per opened file, scans, checkpoints), the agent stayed at the burst's peak while idle. Two
-//! arenas serve the tailer, the encoder and the runtime's worker without contention worth
-//! having, and a periodic trim returns the free pages inside the heaps, so memory follows what
-//! is live.
+//! arenas serve the agent's threads (the tailer, the encoder, the runtime's two workers, and a
+//! few that wait most of the time) without contention worth having, and a periodic trim
+//! returns the free pages inside the heaps, so memory follows what is live.
 
 use std::time::Duration;
 
