@@ -50,11 +50,10 @@ impl FileId {
 /// a register and stored at once (digits written a pair at a time and read back together
 /// stall the CPU until the pairs are stored).
 pub fn push_hex_id(id: u128, out: &mut Vec<u8>) {
-    let mut digits = [0; 32];
-    for (group, shift) in digits.chunks_exact_mut(8).zip([96, 64, 32, 0]) {
-        group.copy_from_slice(&hex8((id >> shift) as u32));
+    out.reserve(32);
+    for shift in [96, 64, 32, 0] {
+        out.extend_from_slice(&hex8((id >> shift) as u32));
     }
-    out.extend_from_slice(&digits);
 }
 
 /// The eight lower-case hex digits of `v`, most significant first.
