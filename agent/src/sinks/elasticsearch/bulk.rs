@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::logs::source::FileId;
-use crate::packed::{Body, Chunks, Packer};
+use crate::packed::{Body, Chunks, Packer, INLINE_WORK};
 use crate::sinks::ecs::Documents;
 use crate::sinks::Batch;
 
@@ -227,6 +227,23 @@ pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, Stri
     ))
 }
 
+/// As [`outcomes`], on the blocking pool when the reply is long and not all created. Reading
+/// thousands of items (a replay after a restart answers 409 for each, a new Events leader
+/// sends again what the last one shipped) takes milliseconds that would hold a runtime worker
+/// the probes, the Lease and the other sinks need.
+pub async fn outcomes_off_the_runtime(reply: Vec<u8>, count: usize) -> Result<Option<Vec<Outcome>>, String> {
+    if reply.len() <= INLINE_WORK || all_created(&reply, count) {
+        return outcomes(&reply, count);
+    }
+    let reply = Arc::new(reply);
+    let owned = reply.clone();
+    match tokio::task::spawn_blocking(move || outcomes(&owned, count)).await {
+        Ok(read) => read,
+        // Only a runtime shutting down refuses the task: read it here.
+        Err(_) => outcomes(&reply, count),
+    }
+}
+
 /// Whether `reply` is, byte for byte, Elasticsearch's compact answer under the sink's
 /// `filter_path` for `count` items all created:
 /// `{"errors":false,"items":[{"create":{"status":201}},...]}`. Nearly every reply is this,
@@ -389,6 +406,52 @@ mod tests {
         assert_eq!(got[..3], [Outcome::Created, Outcome::Duplicate, Outcome::Overloaded]);
         assert_eq!(got[3], Outcome::Failed("503 unavailable_shards_exception: x".into()));
         assert_eq!(got[4], Outcome::Rejected("400 document_parsing_exception: failed to parse (bad date)".into()));
+    }
+
+    /// A reply of `count` items, every `every`th answering 409, the others 201.
+    fn reply_with_duplicates(count: usize, every: usize) -> Vec<u8> {
+        let items: Vec<&str> = (0..count)
+            .map(|i| {
+                if i % every == 0 {
+                    r#"{"create":{"status":409,"error":{"type":"version_conflict_engine_exception","reason":"exists"}}}"#
+                } else {
+                    r#"{"create":{"status":201}}"#
+                }
+            })
+            .collect();
+        format!(r#"{{"errors":true,"items":[{}]}}"#, items.join(",")).into_bytes()
+    }
+
+    #[test]
+    fn a_long_reply_with_errors_is_read_off_the_runtime_and_reads_the_same() {
+        // One thread: a task spawned after the reading one runs before the reading ends only
+        // when the reading waits for the blocking pool.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = |reply: Vec<u8>, count: usize| {
+            runtime.block_on(async move {
+                let ticked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let reading = tokio::spawn({
+                    let ticked = ticked.clone();
+                    async move {
+                        let outcomes = outcomes_off_the_runtime(reply, count).await;
+                        (outcomes, ticked.load(std::sync::atomic::Ordering::SeqCst))
+                    }
+                });
+                tokio::spawn(async move { ticked.store(true, std::sync::atomic::Ordering::SeqCst) });
+                reading.await.unwrap()
+            })
+        };
+        let long = reply_with_duplicates(4000, 3);
+        assert!(long.len() > INLINE_WORK);
+        let (outcomes, waited) = read(long.clone(), 4000);
+        assert_eq!(outcomes, super::outcomes(&long, 4000));
+        assert_eq!(outcomes.unwrap().unwrap().iter().filter(|o| **o == Outcome::Duplicate).count(), 1334);
+        assert!(waited, "read on the blocking pool");
+        // Short replies, and long ones all created (compared, not parsed), are read in place.
+        let short = reply_with_duplicates(10, 3);
+        assert_eq!(read(short.clone(), 10), (super::outcomes(&short, 10), false));
+        let created = format!(r#"{{"errors":false,"items":[{}]}}"#, vec![r#"{"create":{"status":201}}"#; 4000].join(","));
+        assert_eq!(read(created.into_bytes(), 4000), (Ok(None), false));
     }
 
     #[test]

@@ -138,7 +138,7 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
-                    let outcomes = match bulk::outcomes(&reply, todo.len()) {
+                    let outcomes = match bulk::outcomes_off_the_runtime(reply, todo.len()).await {
                         Ok(None) => {
                             health.accepted();
                             tally.count("delivered", todo.len());
