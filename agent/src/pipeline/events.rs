@@ -43,7 +43,7 @@ pub async fn run(feed: Feed, mut records: mpsc::Receiver<EventRecord>, mut stop:
                     batch.push(record);
                 }
                 if !batch.is_empty() {
-                    send(&feed, &batch).await;
+                    send(&feed, batch).await;
                 }
                 return;
             }
@@ -56,33 +56,35 @@ pub async fn run(feed: Feed, mut records: mpsc::Receiver<EventRecord>, mut stop:
                 Err(_) => break,
             }
         }
-        if !send(&feed, &batch).await {
+        if !send(&feed, std::mem::take(&mut batch)).await {
             return;
         }
-        batch.clear();
     }
 }
 
 /// `records` as one batch to every sink; false when the pipeline is gone.
-async fn send(feed: &Feed, records: &[EventRecord]) -> bool {
-    let mut docs = Documents::default();
-    if feed.formats.documents() {
-        for record in records {
-            record.encode(&feed.cluster, &mut docs.bytes);
-            docs.ends.push(docs.bytes.len() as u32);
-            docs.offsets.push(record.id());
-        }
-    }
-    let mut otlp = Vec::new();
-    if feed.formats.otlp_records() {
-        let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
-        encode_otlp(records, &feed.cluster, observed, &mut otlp);
-    }
+async fn send(feed: &Feed, records: Vec<EventRecord>) -> bool {
     let seq = feed.seq.fetch_add(1, Ordering::Relaxed);
     let sinks = feed.sinks.len() as u32;
-    let (index, formats, count) = (Some(feed.index.clone()), feed.formats, records.len());
-    // Compressing up to a few hundred documents: off the async threads.
-    let pack = move || Packer::with(|packer| Batch::new(seq, SOURCE, count, index).packed(&mut docs, &otlp, formats, packer));
+    let (index, formats, cluster) = (Some(feed.index.clone()), feed.formats, feed.cluster.clone());
+    // Encoding and compressing up to a few hundred Events, off the async threads: a new leader
+    // sends every Event it listed, thousands of batches in a row.
+    let pack = move || {
+        let mut docs = Documents::default();
+        if formats.documents() {
+            for record in &records {
+                record.encode(&cluster, &mut docs.bytes);
+                docs.ends.push(docs.bytes.len() as u32);
+                docs.offsets.push(record.id());
+            }
+        }
+        let mut otlp = Vec::new();
+        if formats.otlp_records() {
+            let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
+            encode_otlp(&records, &cluster, observed, &mut otlp);
+        }
+        Packer::with(|packer| Batch::new(seq, SOURCE, records.len(), index).packed(&mut docs, &otlp, formats, packer))
+    };
     let Ok(batch) = tokio::task::spawn_blocking(pack).await else { return false };
     let batch = Arc::new(batch);
     // Events keep no position: a record lost in a crash is listed again by the next leader.
