@@ -40,11 +40,11 @@ const EVENTS_RELEASE_GRACE: Duration = Duration::from_secs(5);
 ///
 /// What takes CPU steadily has a thread of its own (tailer, encoder, NVML, journal and kernel
 /// readers, GPU runs) or goes to the blocking pool (checkpoints, the metrics' encoding,
-/// requests put together from many small pieces), but some bursts still run on the workers:
-/// a new Events leader encoding the Events it listed, a list of many pods decoded page by
-/// page, an Elasticsearch reply of thousands of per-item errors parsed. One worker measured
-/// a fifth fewer context switches at full speed and 0–5 % less CPU, but during such a burst
-/// the probes, the Lease and the sinks would wait behind it; the second worker serves them.
+/// requests put together from many small pieces, Events encoded, long `_bulk` replies with
+/// errors read), but bursts still run on the workers: a list of many pods or Events is
+/// decoded on them, page by page. One worker measured a fifth fewer context switches at full
+/// speed and 0–5 % less CPU, but during such a burst the probes, the Lease and the sinks would
+/// wait behind it; the second worker serves them.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
 }
