@@ -40,8 +40,8 @@ const EVENTS_RELEASE_GRACE: Duration = Duration::from_secs(5);
 ///
 /// What takes CPU steadily has a thread of its own (tailer, encoder, NVML, journal and kernel
 /// readers, GPU runs) or goes to the blocking pool (checkpoints, the metrics' encoding,
-/// requests put together from many small pieces, Events encoded, long `_bulk` replies with
-/// errors read), but bursts still run on the workers: a list of many pods or Events is
+/// requests put together from many small pieces, Events encoded, long `_bulk` replies read
+/// unless all created), but bursts still run on the workers: a list of many pods or Events is
 /// decoded on them, page by page. One worker measured a fifth fewer context switches at full
 /// speed and 0–5 % less CPU, but during such a burst the probes, the Lease and the sinks would
 /// wait behind it; the second worker serves them.

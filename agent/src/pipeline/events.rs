@@ -49,6 +49,8 @@ pub async fn run(feed: Feed, mut records: mpsc::Receiver<EventRecord>, mut stop:
             }
         };
         let Some(first) = first else { return };
+        // Room for what waits already (the last batch's went with it to be encoded).
+        batch.reserve(records.len().min(MAX_BATCH - 1) + 1);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match records.try_recv() {
@@ -67,8 +69,9 @@ async fn send(feed: &Feed, records: Vec<EventRecord>) -> bool {
     let seq = feed.seq.fetch_add(1, Ordering::Relaxed);
     let sinks = feed.sinks.len() as u32;
     let (index, formats, cluster) = (Some(feed.index.clone()), feed.formats, feed.cluster.clone());
-    // Encoding and compressing up to a few hundred Events, off the async threads: a new leader
-    // sends every Event it listed, thousands of batches in a row.
+    let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
+    // Encoding and compressing up to 500 Events, off the async threads: a new leader sends
+    // every Event it listed, thousands of them.
     let pack = move || {
         let mut docs = Documents::default();
         if formats.documents() {
@@ -80,7 +83,6 @@ async fn send(feed: &Feed, records: Vec<EventRecord>) -> bool {
         }
         let mut otlp = Vec::new();
         if formats.otlp_records() {
-            let observed = crate::otlp::unix_nanos(std::time::SystemTime::now());
             encode_otlp(&records, &cluster, observed, &mut otlp);
         }
         Packer::with(|packer| Batch::new(seq, SOURCE, records.len(), index).packed(&mut docs, &otlp, formats, packer))

@@ -195,6 +195,11 @@ pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, Stri
     if all_created(reply, count) {
         return Ok(None);
     }
+    parse_outcomes(reply, count)
+}
+
+/// As [`outcomes`], the reply parsed whatever its form.
+fn parse_outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, String> {
     let unreadable = |e: serde_json::Error| format!("unreadable _bulk reply: {e}");
     let summary: Summary = serde_json::from_slice(reply).map_err(unreadable)?;
     if !summary.errors && summary.items.len() == count {
@@ -227,20 +232,24 @@ pub fn outcomes(reply: &[u8], count: usize) -> Result<Option<Vec<Outcome>>, Stri
     ))
 }
 
-/// As [`outcomes`], on the blocking pool when the reply is long and not all created. Reading
-/// thousands of items (a replay after a restart answers 409 for each, a new Events leader
-/// sends again what the last one shipped) takes milliseconds that would hold a runtime worker
-/// the probes, the Lease and the other sinks need.
+/// As [`outcomes`], a long reply other than the compact all-created answer parsed on the
+/// blocking pool. Reading thousands of items (a replay after a restart answers 409 for each,
+/// a new Events leader sends again what the last one shipped) takes milliseconds that would
+/// hold a runtime worker the probes, the Lease and the other sinks need.
 pub async fn outcomes_off_the_runtime(reply: Vec<u8>, count: usize) -> Result<Option<Vec<Outcome>>, String> {
-    if reply.len() <= INLINE_WORK || all_created(&reply, count) {
-        return outcomes(&reply, count);
+    if all_created(&reply, count) {
+        return Ok(None);
+    }
+    if reply.len() <= INLINE_WORK {
+        return parse_outcomes(&reply, count);
     }
     let reply = Arc::new(reply);
     let owned = reply.clone();
-    match tokio::task::spawn_blocking(move || outcomes(&owned, count)).await {
+    match tokio::task::spawn_blocking(move || parse_outcomes(&owned, count)).await {
         Ok(read) => read,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // Only a runtime shutting down refuses the task: read it here.
-        Err(_) => outcomes(&reply, count),
+        Err(_) => parse_outcomes(&reply, count),
     }
 }
 
@@ -424,11 +433,14 @@ mod tests {
 
     #[test]
     fn a_long_reply_with_errors_is_read_off_the_runtime_and_reads_the_same() {
-        // One thread: a task spawned after the reading one runs before the reading ends only
-        // when the reading waits for the blocking pool.
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // One runtime thread and one blocking thread, held until a task spawned after the
+        // reading one has run: that task runs before the reading ends exactly when the reading
+        // waits for the blocking pool, whatever the timing.
+        let runtime = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).build().unwrap();
         let read = |reply: Vec<u8>, count: usize| {
             runtime.block_on(async move {
+                let (release, held) = std::sync::mpsc::channel::<()>();
+                let holder = tokio::task::spawn_blocking(move || held.recv());
                 let ticked = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let reading = tokio::spawn({
                     let ticked = ticked.clone();
@@ -437,8 +449,14 @@ mod tests {
                         (outcomes, ticked.load(std::sync::atomic::Ordering::SeqCst))
                     }
                 });
-                tokio::spawn(async move { ticked.store(true, std::sync::atomic::Ordering::SeqCst) });
-                reading.await.unwrap()
+                let ticker = tokio::spawn(async move {
+                    ticked.store(true, std::sync::atomic::Ordering::SeqCst);
+                    release.send(()).unwrap();
+                });
+                let read = reading.await.unwrap();
+                ticker.await.unwrap();
+                holder.await.unwrap().unwrap();
+                read
             })
         };
         let long = reply_with_duplicates(4000, 3);
