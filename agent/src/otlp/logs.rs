@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use prost::encoding::{encode_key, encode_varint, WireType};
+use prost::encoding::{encode_varint, WireType};
 use prost::Message;
 
 use crate::logs::chunk::{Chunk, Record, StreamKind};
@@ -183,11 +183,11 @@ pub fn encode_chunk(
     out.clear();
     let piece_start = piece.written();
     out.reserve(resource_logs_len.min(2 * SPILL_BYTES) + 16);
-    encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(resource_logs_len as u64, out);
+    key(1, WireType::LengthDelimited, out);
+    varint(resource_logs_len as u64, out);
     string_field(1, resource, out);
-    encode_key(2, WireType::LengthDelimited, out);
-    encode_varint(scope_len as u64, out);
+    key(2, WireType::LengthDelimited, out);
+    varint(scope_len as u64, out);
     out.extend_from_slice(&SCOPE);
     let mut encoded_start = 0;
     for (record, planned) in chunk.records.iter().zip(&layout.records) {
@@ -285,13 +285,13 @@ fn lossy_len(bytes: &[u8]) -> usize {
 const UID_LEN: usize = 32;
 
 /// Appends a `LogRecord` attribute (field 6) of a string value.
-fn string_attribute(key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+fn string_attribute(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
     // KeyValue { key = 1; value = 2: AnyValue { string_value = 1 } }.
-    encode_key(6, WireType::LengthDelimited, out);
-    encode_varint(key_value_len(key.len(), value.len()) as u64, out);
-    string_field(1, key, out);
-    encode_key(2, WireType::LengthDelimited, out);
-    encode_varint(string_field_len(1, value.len()) as u64, out);
+    key(6, WireType::LengthDelimited, out);
+    varint(key_value_len(name.len(), value.len()) as u64, out);
+    string_field(1, name, out);
+    key(2, WireType::LengthDelimited, out);
+    varint(string_field_len(1, value.len()) as u64, out);
     string_field(1, value, out);
 }
 
@@ -309,7 +309,7 @@ fn string_field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Appends the key of field `tag` of wire type `wire`, as prost's `encode_key` does: one byte
-/// for tags below 16, which are all a `LogRecord` written here has.
+/// for tags below 16, which are all the fields written here have.
 fn key(tag: u8, wire: WireType, out: &mut Vec<u8>) {
     // Checked in release builds too (the tags are constants: the check compiles away): a
     // longer key would be written short, and the whole request refused.
@@ -441,8 +441,8 @@ pub fn frame(part: &[u8], out: &mut Vec<u8>) {
 /// `ExportLogsServiceRequest`.
 pub fn frame_head(len: usize) -> Vec<u8> {
     let mut head = Vec::with_capacity(11);
-    encode_key(1, WireType::LengthDelimited, &mut head);
-    encode_varint(len as u64, &mut head);
+    key(1, WireType::LengthDelimited, &mut head);
+    varint(len as u64, &mut head);
     head
 }
 
@@ -501,7 +501,7 @@ mod tests {
             for wire in [WireType::Varint, WireType::SixtyFourBit, WireType::LengthDelimited, WireType::ThirtyTwoBit] {
                 let (mut ours, mut prost) = (Vec::new(), Vec::new());
                 key(tag, wire, &mut ours);
-                encode_key(u32::from(tag), wire, &mut prost);
+                prost::encoding::encode_key(u32::from(tag), wire, &mut prost);
                 assert_eq!(ours, prost, "tag {tag} {wire:?}");
             }
         }
