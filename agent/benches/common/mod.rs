@@ -145,6 +145,8 @@ pub struct Shipped {
     pub peak_rss: f64,
     /// RSS (MiB) 2 s after the last record was delivered, the pipeline idle.
     pub settled_rss: f64,
+    /// Requests the sinks sent and timed until then.
+    pub requests: u64,
 }
 
 impl Shipped {
@@ -160,11 +162,12 @@ impl Shipped {
         let (agent, floor) = (records as f64 / self.cpu, sample_records as f64 / gzip);
         let sample_mib = sample.iter().map(Vec::len).sum::<usize>() as f64 / f64::from(1 << 20);
         format!(
-            "{metadata}: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the records, {sample_mib:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
+            "{metadata}: {agent:.0} records/CPU-s, gzip floor {floor:.0} records/CPU-s (level 1, {sample_records} of the records, {sample_mib:.1} MiB), ratio {:.2}, {:.0} records/s wall, CPU {:.2} s, wall {:.2} s, {} requests, peak RSS {:.1} MiB, settled RSS {:.1} MiB",
             agent / floor,
             records as f64 / self.wall,
             self.cpu,
             self.wall,
+            self.requests,
             self.peak_rss,
             self.settled_rss,
         )
@@ -222,14 +225,24 @@ pub fn ship(config: &Config, sink: &'static str, records: u64) -> Shipped {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (cpu, wall) = (cpu_seconds() - start_cpu, start.elapsed().as_secs_f64());
+        let requests = requests_sent(&metrics.sinks);
         let peak_rss = peak_rss_mib();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let settled_rss = current_rss_mib();
         pipeline.stop(Duration::from_secs(5)).await;
         let _ = shutdown_tx.send(());
         tasks.stop(Duration::from_secs(5)).await;
-        Shipped { cpu, wall, peak_rss, settled_rss }
+        Shipped { cpu, wall, peak_rss, settled_rss, requests }
     })
+}
+
+/// Requests the sinks timed, read as a scrape reads them (the histogram's `_count`).
+fn requests_sent(sinks: &nodelens::sinks::SinkMetrics) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("requests", "Sink requests.", sinks.request_duration.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines().filter(|l| l.starts_with("requests_count")).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 /// Points `config` at the pods' node and, with `kubeconfig`, at the API server serving them

@@ -7,7 +7,10 @@
 //! looks at how long the chunks committed took from read to commit: above [`LATENCY_TARGET`]
 //! (or, where the sink's own round trip is longer, above that round trip plus
 //! [`QUEUE_TARGET`]) the bound shrinks by a quarter; below, it grows by a quarter, up to
-//! `logs.max_inflight_bytes`. A quarter second in which reading never waited changes nothing:
+//! `logs.max_inflight_bytes` — by more where chunks took a fraction of the target: by what
+//! would bring them to a quarter of it were their times to grow with the bound, at most
+//! eightfold (from 128 KiB, a sink that keeps up gets 4 MiB after two windows, not sixteen:
+//! four seconds of small requests a quarter at a time). A quarter second in which reading never waited changes nothing:
 //! the bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue).
 //! The round trip is the quickest request a sink sent while none of its others was in flight
 //! over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the sinks send
@@ -36,6 +39,12 @@ pub const QUEUE_TARGET: Duration = Duration::from_millis(250);
 
 /// The longest round trip the bound allows for: a sink slower than that alone gets this.
 pub const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
+
+/// The least a window under the target grows the bound by.
+const MIN_GROWTH: f64 = 1.25;
+
+/// The most a window grows the bound by, however far under the target chunks were.
+const MAX_GROWTH: f64 = 8.0;
 
 /// How many windows a request's round trip is remembered (30 s).
 const ROUND_TRIP_WINDOWS: usize = 120;
@@ -198,7 +207,7 @@ impl Pacer {
     }
 
     /// Ends a window: while reading waited at the bound, shrinks it when chunks took too long
-    /// and grows it when they did not. A window without commits (an outage is not a
+    /// and grows it when they did not (by more when they took a fraction of the target). A window without commits (an outage is not a
     /// measurement) or in which reading never waited changes nothing.
     pub fn adjust(&mut self, budget: &ReadBudget) {
         let held = budget.held_seen.swap(false, Ordering::AcqRel);
@@ -217,7 +226,14 @@ impl Pacer {
         let mean = Duration::from_secs_f64(weighted / bytes as f64);
         let target = LATENCY_TARGET.max(self.round_trip() + QUEUE_TARGET);
         let limit = budget.limit();
-        let next = if mean > target { (limit - limit / 4).max(MIN_LIMIT) } else { limit + limit / 4 };
+        let next = if mean > target {
+            (limit - limit / 4).max(MIN_LIMIT)
+        } else {
+            // As if chunks' times grew with the bound (they grow less: the round trip stays),
+            // the step that would bring them to a quarter of the target.
+            let toward = target.as_secs_f64() / (4.0 * mean.as_secs_f64());
+            (limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64
+        };
         budget.limit.store(next.min(budget.max), Ordering::Release);
     }
 
@@ -265,9 +281,9 @@ mod tests {
         let (budget, mut pacer) = (ReadBudget::new(4 * MIB), Pacer::default());
         // 100 MiB/s, 5 ms round trips: 4 MiB drain in 45 ms.
         let limits = saturate(&budget, &mut pacer, 100.0 * MIB as f64, Duration::from_millis(5), 20);
-        assert_eq!(limits[0], MIN_LIMIT + MIN_LIMIT / 4);
-        assert!(limits.windows(2).all(|w| w[1] >= w[0]), "{limits:?}");
-        assert_eq!(*limits.last().unwrap(), 4 * MIB, "{limits:?}");
+        // Chunks take a fraction of the target: eightfold, 128 KiB to 4 MiB in two windows.
+        assert_eq!(limits[..2], [8 * MIN_LIMIT, 4 * MIB], "{limits:?}");
+        assert!(limits[2..].iter().all(|&l| l == 4 * MIB), "{limits:?}");
     }
 
     #[test]
@@ -313,14 +329,31 @@ mod tests {
         assert!(!budget.is_held());
         pacer.committed(1000, Duration::from_millis(10));
         pacer.adjust(&budget);
-        assert_eq!(budget.limit(), MIN_LIMIT + MIN_LIMIT / 4, "held during the window: grows");
+        assert_eq!(budget.limit(), 8 * MIN_LIMIT, "held during the window, far under the target: eightfold");
+        budget.take(budget.room());
+        assert!(budget.is_full());
+        pacer.committed(1000, LATENCY_TARGET / 10);
+        pacer.adjust(&budget);
+        assert_eq!(budget.limit(), 20 * MIN_LIMIT, "a tenth of the target: toward a quarter of it, 2.5-fold");
+        budget.take(budget.room());
+        assert!(budget.is_full());
+        pacer.committed(1000, LATENCY_TARGET * 3 / 4);
+        pacer.adjust(&budget);
+        assert_eq!(budget.limit(), 25 * MIN_LIMIT, "under the target, near it: grows by a quarter");
         // A request stuck through a five-minute outage counts as the longest round trip allowed.
         budget.request_took(Duration::from_secs(300));
+        budget.take(budget.room());
         assert!(budget.is_full());
         pacer.committed(1000, Duration::from_secs(3));
         pacer.adjust(&budget);
         assert_eq!(pacer.round_trip(), MAX_ROUND_TRIP);
-        assert_eq!(budget.limit(), MIN_LIMIT, "too slow even for a 2 s round trip: shrinks, never below the floor");
+        assert_eq!(budget.limit(), 25 * MIN_LIMIT * 3 / 4, "too slow even for a 2 s round trip: shrinks by a quarter");
+        for _ in 0..12 {
+            assert!(budget.is_full());
+            pacer.committed(1000, Duration::from_secs(3));
+            pacer.adjust(&budget);
+        }
+        assert_eq!(budget.limit(), MIN_LIMIT, "never below the floor");
     }
 
     #[tokio::test]
