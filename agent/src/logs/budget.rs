@@ -6,19 +6,22 @@
 //! follows the sinks. Each quarter second in which reading waited at the bound, the [`Pacer`]
 //! looks at how long the chunks committed took from read to commit: above [`LATENCY_TARGET`]
 //! (or, where the sink's own round trip is longer, above that round trip plus
-//! [`QUEUE_TARGET`]) the bound shrinks by a quarter; below, it grows by a quarter, up to
-//! `logs.max_inflight_bytes` — by more where chunks took a fraction of the target: by what
-//! would bring them to a quarter of it were their times to grow with the bound, at most
-//! eightfold (from 128 KiB, a sink that keeps up gets 4 MiB after two windows, not sixteen:
-//! four seconds of small requests a quarter at a time). A quarter second in which reading never waited changes nothing:
-//! the bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue).
-//! The round trip is the quickest request a sink sent while none of its others was in flight
-//! over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the sinks send
-//! without waiting out `flush_interval` for a fuller request: once every chunk read is encoded
-//! and with them (nothing more can come; the chunks still queued for the encoder join the
-//! request they would otherwise each have made alone), or at once when a request holds its
-//! share of the bound in bytes read (the bound over the sink's concurrency: the other
-//! requests carry the rest, overlapping).
+//! [`QUEUE_TARGET`]) the bound shrinks by a quarter; below, it grows, up to
+//! `logs.max_inflight_bytes`: by a quarter, or where chunks queued for a fraction of what the
+//! target leaves beyond the round trip, by what would bring that queueing to a quarter of it
+//! were it to grow with the bound, at most eightfold (from 128 KiB, a sink that keeps up gets
+//! 4 MiB after two windows, not sixteen: four seconds of small requests a quarter at a time,
+//! near or far). A leap never goes past three quarters of the last bound found too large
+//! (a sink that is quick until its queue fills must not be flooded again and again): from
+//! there it grows a quarter at a time. A quarter second in which reading never waited changes
+//! nothing: the bound delayed nothing then (and chunks waited for `flush_interval`, not for a
+//! queue). The round trip is the quickest request a sink sent while none of its others was in
+//! flight over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
+//! sinks send without waiting out `flush_interval` for a fuller request: once every chunk read
+//! is encoded and with them (nothing more can come; the chunks still queued for the encoder
+//! join the request they would otherwise each have made alone), or at once when a request
+//! holds its share of the bound in bytes read (the bound over the sink's concurrency: the
+//! other requests carry the rest, overlapping).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,6 +200,8 @@ pub struct Pacer {
     weighted: f64,
     /// The quickest lone request of each recent window that had one.
     round_trips: VecDeque<Duration>,
+    /// The bound at which chunks last took too long, until a bound beyond it did not.
+    too_large: Option<u64>,
 }
 
 impl Pacer {
@@ -207,8 +212,9 @@ impl Pacer {
     }
 
     /// Ends a window: while reading waited at the bound, shrinks it when chunks took too long
-    /// and grows it when they did not (by more when they took a fraction of the target). A window without commits (an outage is not a
-    /// measurement) or in which reading never waited changes nothing.
+    /// and grows it when they did not (by more when they queued for a fraction of the target).
+    /// A window without commits (an outage is not a measurement) or in which reading never
+    /// waited changes nothing.
     pub fn adjust(&mut self, budget: &ReadBudget) {
         let held = budget.held_seen.swap(false, Ordering::AcqRel);
         let lone = budget.round_trip.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -224,15 +230,26 @@ impl Pacer {
             return;
         }
         let mean = Duration::from_secs_f64(weighted / bytes as f64);
-        let target = LATENCY_TARGET.max(self.round_trip() + QUEUE_TARGET);
+        let round_trip = self.round_trip();
+        let target = LATENCY_TARGET.max(round_trip + QUEUE_TARGET);
         let limit = budget.limit();
         let next = if mean > target {
+            self.too_large = Some(limit);
             (limit - limit / 4).max(MIN_LIMIT)
         } else {
-            // As if chunks' times grew with the bound (they grow less: the round trip stays),
-            // the step that would bring them to a quarter of the target.
-            let toward = target.as_secs_f64() / (4.0 * mean.as_secs_f64());
-            (limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64
+            // A chunk takes the round trip and its queueing, which grows with the bound (the
+            // quickest round trip lately is the least it takes, so what is left is the most
+            // the queueing can be): the step that would bring the queueing to a quarter of
+            // what the target leaves it.
+            let queued = mean.saturating_sub(round_trip).as_secs_f64();
+            let toward = (target - round_trip).as_secs_f64() / (4.0 * queued);
+            let leap = (limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64;
+            let ceiling = self.too_large.map_or(u64::MAX, |large| large - large / 4);
+            let next = leap.min(ceiling).max(limit + limit / 4);
+            if self.too_large.is_some_and(|large| next > large) {
+                self.too_large = None;
+            }
+            next
         };
         budget.limit.store(next.min(budget.max), Ordering::Release);
     }
@@ -253,6 +270,13 @@ mod tests {
     /// window at a time with reading always held: what is in flight (the bound) drains in read
     /// order, the first bytes after `rtt`, the last after `rtt + bound / rate`.
     fn saturate(budget: &ReadBudget, pacer: &mut Pacer, rate: f64, rtt: Duration, windows: usize) -> Vec<u64> {
+        drive(budget, pacer, windows, |_, bytes| rtt + Duration::from_secs_f64(bytes as f64 / rate))
+    }
+
+    /// Drives `budget` one window at a time with reading always held: what is in flight (the
+    /// bound) commits in eight parts in read order, the part ending `bytes` into it taking
+    /// `latency(inflight, bytes)`; now and then one part's worth goes out alone.
+    fn drive(budget: &ReadBudget, pacer: &mut Pacer, windows: usize, latency: impl Fn(u64, u64) -> Duration) -> Vec<u64> {
         let mut limits = Vec::new();
         for n in 0..windows {
             if budget.room() > 0 {
@@ -262,12 +286,10 @@ mod tests {
             let inflight = budget.inflight();
             let parts = 8;
             for k in 0..parts {
-                let latency = rtt + Duration::from_secs_f64((inflight * (k + 1) / parts) as f64 / rate);
-                pacer.committed(inflight / parts, latency);
+                pacer.committed(inflight / parts, latency(inflight, inflight * (k + 1) / parts));
             }
-            // Now and then a request goes out alone.
             if n % 10 == 0 {
-                budget.request_took(rtt + Duration::from_secs_f64((inflight / parts) as f64 / rate));
+                budget.request_took(latency(inflight / parts, inflight / parts));
             }
             budget.release(inflight);
             pacer.adjust(budget);
@@ -284,6 +306,35 @@ mod tests {
         // Chunks take a fraction of the target: eightfold, 128 KiB to 4 MiB in two windows.
         assert_eq!(limits[..2], [8 * MIN_LIMIT, 4 * MIB], "{limits:?}");
         assert!(limits[2..].iter().all(|&l| l == 4 * MIB), "{limits:?}");
+    }
+
+    #[test]
+    fn a_distant_sink_that_keeps_up_gets_the_maximum_as_quickly() {
+        let (budget, mut pacer) = (ReadBudget::new(4 * MIB), Pacer::default());
+        // 100 MiB/s, 100 ms round trips: chunks take 100 ms, and queue for a few.
+        let limits = saturate(&budget, &mut pacer, 100.0 * MIB as f64, Duration::from_millis(100), 20);
+        assert_eq!(limits[..2], [8 * MIN_LIMIT, 4 * MIB], "the round trip is not queueing: {limits:?}");
+    }
+
+    #[test]
+    fn a_sink_quick_until_its_queue_fills_is_not_flooded_again_and_again() {
+        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+        // 200 MiB/s and 2 ms round trips up to 2 MiB in flight; beyond, a queue that takes
+        // three seconds (an Elasticsearch whose bulk queue is full, answering late).
+        let cliff = 2 * MIB;
+        let limits = drive(&budget, &mut pacer, 400, |inflight, bytes| {
+            let quick = Duration::from_millis(2) + Duration::from_secs_f64(bytes as f64 / (200.0 * MIB as f64));
+            if inflight > cliff {
+                quick + Duration::from_secs(3)
+            } else {
+                quick
+            }
+        });
+        let settled = &limits[40..];
+        assert!(settled.iter().all(|&l| l <= cliff + cliff / 2), "a quarter past the cliff at most: {limits:?}");
+        let over = settled.iter().filter(|&&l| l > cliff).count();
+        assert!(over <= settled.len() / 2, "{over} of {} windows past the cliff: {limits:?}", settled.len());
+        assert!(settled.iter().all(|&l| l >= cliff / 2), "and not far below it: {limits:?}");
     }
 
     #[test]
@@ -332,14 +383,14 @@ mod tests {
         assert_eq!(budget.limit(), 8 * MIN_LIMIT, "held during the window, far under the target: eightfold");
         budget.take(budget.room());
         assert!(budget.is_full());
-        pacer.committed(1000, LATENCY_TARGET / 10);
+        pacer.committed(1000, LATENCY_TARGET / 8);
         pacer.adjust(&budget);
-        assert_eq!(budget.limit(), 20 * MIN_LIMIT, "a tenth of the target: toward a quarter of it, 2.5-fold");
+        assert_eq!(budget.limit(), 16 * MIN_LIMIT, "an eighth of the target: toward a quarter of it, twofold");
         budget.take(budget.room());
         assert!(budget.is_full());
         pacer.committed(1000, LATENCY_TARGET * 3 / 4);
         pacer.adjust(&budget);
-        assert_eq!(budget.limit(), 25 * MIN_LIMIT, "under the target, near it: grows by a quarter");
+        assert_eq!(budget.limit(), 20 * MIN_LIMIT, "under the target, near it: grows by a quarter");
         // A request stuck through a five-minute outage counts as the longest round trip allowed.
         budget.request_took(Duration::from_secs(300));
         budget.take(budget.room());
@@ -347,7 +398,7 @@ mod tests {
         pacer.committed(1000, Duration::from_secs(3));
         pacer.adjust(&budget);
         assert_eq!(pacer.round_trip(), MAX_ROUND_TRIP);
-        assert_eq!(budget.limit(), 25 * MIN_LIMIT * 3 / 4, "too slow even for a 2 s round trip: shrinks by a quarter");
+        assert_eq!(budget.limit(), 15 * MIN_LIMIT, "too slow even for a 2 s round trip: shrinks by a quarter");
         for _ in 0..12 {
             assert!(budget.is_full());
             pacer.committed(1000, Duration::from_secs(3));
