@@ -7,15 +7,15 @@
 //! looks at how long the chunks committed took from read to commit: above [`LATENCY_TARGET`]
 //! (or, where the sink's own round trip is longer, above that round trip plus
 //! [`QUEUE_TARGET`]) the bound shrinks by a quarter; below, it grows, up to
-//! `logs.max_inflight_bytes`: by a quarter, or where chunks queued for a fraction of what the
-//! target leaves beyond the round trip, by what would bring that queueing to a quarter of it
+//! `logs.max_inflight_bytes`: by a quarter, or where chunks queued beyond the round trip for a
+//! fraction of what the target leaves, by what would bring that queueing to a quarter of it
 //! were it to grow with the bound, at most eightfold (from 128 KiB, a sink that keeps up gets
 //! 4 MiB after two windows, not sixteen: four seconds of small requests a quarter at a time,
-//! near or far). A leap never goes past three quarters of the last bound found too large
-//! (a sink that is quick until its queue fills must not be flooded again and again): from
-//! there it grows a quarter at a time. A quarter second in which reading never waited changes
-//! nothing: the bound delayed nothing then (and chunks waited for `flush_interval`, not for a
-//! queue). The round trip is the quickest request a sink sent while none of its others was in
+//! near or far). A leap waits until chunks read under the last one have committed, and none
+//! is taken within 30 s of chunks taking too long: a sink that is quick until its queue fills
+//! is found a quarter at a time, not flooded again and again. A quarter second in which
+//! reading never waited changes nothing: the bound delayed nothing then (and chunks waited
+//! for `flush_interval`, not for a queue). The round trip is the quickest request a sink sent while none of its others was in
 //! flight over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
 //! sinks send without waiting out `flush_interval` for a fuller request: once every chunk read
 //! is encoded and with them (nothing more can come; the chunks still queued for the encoder
@@ -48,6 +48,9 @@ const MIN_GROWTH: f64 = 1.25;
 
 /// The most a window grows the bound by, however far under the target chunks were.
 const MAX_GROWTH: f64 = 8.0;
+
+/// How long after chunks last took too long the bound grows a quarter at a time only (30 s).
+const CALM_WINDOWS: u64 = 120;
 
 /// How many windows a request's round trip is remembered (30 s).
 const ROUND_TRIP_WINDOWS: usize = 120;
@@ -198,16 +201,23 @@ pub struct Pacer {
     /// Bytes committed in this window, and the sum of their read-to-commit times × bytes.
     bytes: u64,
     weighted: f64,
-    /// The quickest lone request of each recent window that had one.
-    round_trips: VecDeque<Duration>,
-    /// The bound at which chunks last took too long, until a bound beyond it did not.
-    too_large: Option<u64>,
+    /// The quickest lone request of each recent window (`None`: none went alone).
+    round_trips: VecDeque<Option<Duration>>,
+    /// Windows ended so far.
+    windows: u64,
+    /// The last window in which chunks took too long.
+    slow: Option<u64>,
+    /// Bytes committed since the bound last leapt, and how many must be before it may again:
+    /// those in flight when it leapt, and a quarter of the new bound (read under it).
+    since_leap: u64,
+    leap_measured_at: u64,
 }
 
 impl Pacer {
     /// A chunk of `bytes` took `latency` from read to commit.
     pub fn committed(&mut self, bytes: u64, latency: Duration) {
         self.bytes += bytes;
+        self.since_leap += bytes;
         self.weighted += latency.as_secs_f64() * bytes as f64;
     }
 
@@ -218,12 +228,11 @@ impl Pacer {
     pub fn adjust(&mut self, budget: &ReadBudget) {
         let held = budget.held_seen.swap(false, Ordering::AcqRel);
         let lone = budget.round_trip.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(rtt) = lone {
-            if self.round_trips.len() == ROUND_TRIP_WINDOWS {
-                self.round_trips.pop_front();
-            }
-            self.round_trips.push_back(rtt.min(MAX_ROUND_TRIP));
+        if self.round_trips.len() == ROUND_TRIP_WINDOWS {
+            self.round_trips.pop_front();
         }
+        self.round_trips.push_back(lone.map(|rtt| rtt.min(MAX_ROUND_TRIP)));
+        self.windows += 1;
         let bytes = std::mem::take(&mut self.bytes);
         let weighted = std::mem::take(&mut self.weighted);
         if bytes == 0 || !held {
@@ -233,30 +242,41 @@ impl Pacer {
         let round_trip = self.round_trip();
         let target = LATENCY_TARGET.max(round_trip + QUEUE_TARGET);
         let limit = budget.limit();
+        let step = limit + limit / 4;
         let next = if mean > target {
-            self.too_large = Some(limit);
+            self.slow = Some(self.windows);
             (limit - limit / 4).max(MIN_LIMIT)
-        } else {
+        } else if self.may_leap() && mean > round_trip {
             // A chunk takes the round trip and its queueing, which grows with the bound (the
             // quickest round trip lately is the least it takes, so what is left is the most
             // the queueing can be): the step that would bring the queueing to a quarter of
-            // what the target leaves it.
-            let queued = mean.saturating_sub(round_trip).as_secs_f64();
+            // what the target leaves it. (A mean under the round trip says the round trip
+            // is stale: no leap on it.)
+            let queued = (mean - round_trip).as_secs_f64();
             let toward = (target - round_trip).as_secs_f64() / (4.0 * queued);
-            let leap = (limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64;
-            let ceiling = self.too_large.map_or(u64::MAX, |large| large - large / 4);
-            let next = leap.min(ceiling).max(limit + limit / 4);
-            if self.too_large.is_some_and(|large| next > large) {
-                self.too_large = None;
+            let leap = ((limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64).min(budget.max);
+            if leap > step {
+                self.since_leap = 0;
+                self.leap_measured_at = budget.inflight() + leap / 4;
             }
-            next
+            leap.max(step)
+        } else {
+            step
         };
         budget.limit.store(next.min(budget.max), Ordering::Release);
     }
 
+    /// Whether the bound may grow by more than a quarter: chunks read under the last leap's
+    /// bound have committed (a sink's queue shows late: one leap measured before the next),
+    /// and none took too long for [`CALM_WINDOWS`] (a sink quick until its queue fills is
+    /// found by quarters, not flooded again and again).
+    fn may_leap(&self) -> bool {
+        self.since_leap >= self.leap_measured_at && self.slow.is_none_or(|slow| self.windows - slow >= CALM_WINDOWS)
+    }
+
     /// The sinks' round trip: their quickest lone request lately (zero before any).
     pub fn round_trip(&self) -> Duration {
-        self.round_trips.iter().min().copied().unwrap_or_default()
+        self.round_trips.iter().flatten().min().copied().unwrap_or_default()
     }
 }
 
@@ -270,13 +290,13 @@ mod tests {
     /// window at a time with reading always held: what is in flight (the bound) drains in read
     /// order, the first bytes after `rtt`, the last after `rtt + bound / rate`.
     fn saturate(budget: &ReadBudget, pacer: &mut Pacer, rate: f64, rtt: Duration, windows: usize) -> Vec<u64> {
-        drive(budget, pacer, windows, |_, bytes| rtt + Duration::from_secs_f64(bytes as f64 / rate))
+        drive(budget, pacer, windows, |_, _, bytes| rtt + Duration::from_secs_f64(bytes as f64 / rate))
     }
 
     /// Drives `budget` one window at a time with reading always held: what is in flight (the
     /// bound) commits in eight parts in read order, the part ending `bytes` into it taking
-    /// `latency(inflight, bytes)`; now and then one part's worth goes out alone.
-    fn drive(budget: &ReadBudget, pacer: &mut Pacer, windows: usize, latency: impl Fn(u64, u64) -> Duration) -> Vec<u64> {
+    /// `latency(window, inflight, bytes)`; now and then one part's worth goes out alone.
+    fn drive(budget: &ReadBudget, pacer: &mut Pacer, windows: usize, latency: impl Fn(usize, u64, u64) -> Duration) -> Vec<u64> {
         let mut limits = Vec::new();
         for n in 0..windows {
             if budget.room() > 0 {
@@ -286,10 +306,10 @@ mod tests {
             let inflight = budget.inflight();
             let parts = 8;
             for k in 0..parts {
-                pacer.committed(inflight / parts, latency(inflight, inflight * (k + 1) / parts));
+                pacer.committed(inflight / parts, latency(n, inflight, inflight * (k + 1) / parts));
             }
             if n % 10 == 0 {
-                budget.request_took(latency(inflight / parts, inflight / parts));
+                budget.request_took(latency(n, inflight / parts, inflight / parts));
             }
             budget.release(inflight);
             pacer.adjust(budget);
@@ -318,23 +338,34 @@ mod tests {
 
     #[test]
     fn a_sink_quick_until_its_queue_fills_is_not_flooded_again_and_again() {
-        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
         // 200 MiB/s and 2 ms round trips up to 2 MiB in flight; beyond, a queue that takes
-        // three seconds (an Elasticsearch whose bulk queue is full, answering late).
+        // three seconds (an Elasticsearch whose bulk queue is full, answering late), showing
+        // `lag` windows after the bound that filled it.
         let cliff = 2 * MIB;
-        let limits = drive(&budget, &mut pacer, 400, |inflight, bytes| {
-            let quick = Duration::from_millis(2) + Duration::from_secs_f64(bytes as f64 / (200.0 * MIB as f64));
-            if inflight > cliff {
-                quick + Duration::from_secs(3)
-            } else {
-                quick
-            }
-        });
-        let settled = &limits[40..];
-        assert!(settled.iter().all(|&l| l <= cliff + cliff / 2), "a quarter past the cliff at most: {limits:?}");
-        let over = settled.iter().filter(|&&l| l > cliff).count();
-        assert!(over <= settled.len() / 2, "{over} of {} windows past the cliff: {limits:?}", settled.len());
-        assert!(settled.iter().all(|&l| l >= cliff / 2), "and not far below it: {limits:?}");
+        for lag in [0, 1, 2, 4] {
+            let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+            let bounds = std::cell::RefCell::new(Vec::new());
+            let limits = drive(&budget, &mut pacer, 400, |n, inflight, bytes| {
+                let mut bounds = bounds.borrow_mut();
+                if bounds.len() == n {
+                    bounds.push(inflight);
+                }
+                let quick = Duration::from_millis(2) + Duration::from_secs_f64(bytes as f64 / (200.0 * MIB as f64));
+                let filled_by = bounds[n.saturating_sub(lag)];
+                if filled_by > cliff {
+                    quick + Duration::from_secs(3)
+                } else {
+                    quick
+                }
+            });
+            // The first leaps may overshoot; after them, found by quarters: at most the
+            // quarter steps taken before the queue shows, past the cliff.
+            let settled = &limits[40..];
+            let most = (cliff as f64 * 1.25f64.powi(lag as i32 + 1)) as u64;
+            assert!(settled.iter().all(|&l| l <= most), "lag {lag}: at most {most}: {limits:?}");
+            let mean = settled.iter().sum::<u64>() / settled.len() as u64;
+            assert!(mean >= cliff / 2 && settled.iter().all(|&l| l >= cliff / 8), "lag {lag}: nor far below it: {limits:?}");
+        }
     }
 
     #[test]
@@ -381,16 +412,6 @@ mod tests {
         pacer.committed(1000, Duration::from_millis(10));
         pacer.adjust(&budget);
         assert_eq!(budget.limit(), 8 * MIN_LIMIT, "held during the window, far under the target: eightfold");
-        budget.take(budget.room());
-        assert!(budget.is_full());
-        pacer.committed(1000, LATENCY_TARGET / 8);
-        pacer.adjust(&budget);
-        assert_eq!(budget.limit(), 16 * MIN_LIMIT, "an eighth of the target: toward a quarter of it, twofold");
-        budget.take(budget.room());
-        assert!(budget.is_full());
-        pacer.committed(1000, LATENCY_TARGET * 3 / 4);
-        pacer.adjust(&budget);
-        assert_eq!(budget.limit(), 20 * MIN_LIMIT, "under the target, near it: grows by a quarter");
         // A request stuck through a five-minute outage counts as the longest round trip allowed.
         budget.request_took(Duration::from_secs(300));
         budget.take(budget.room());
@@ -398,13 +419,62 @@ mod tests {
         pacer.committed(1000, Duration::from_secs(3));
         pacer.adjust(&budget);
         assert_eq!(pacer.round_trip(), MAX_ROUND_TRIP);
-        assert_eq!(budget.limit(), 15 * MIN_LIMIT, "too slow even for a 2 s round trip: shrinks by a quarter");
+        assert_eq!(budget.limit(), 6 * MIN_LIMIT, "too slow even for a 2 s round trip: shrinks by a quarter");
         for _ in 0..12 {
             assert!(budget.is_full());
             pacer.committed(1000, Duration::from_secs(3));
             pacer.adjust(&budget);
         }
         assert_eq!(budget.limit(), MIN_LIMIT, "never below the floor");
+    }
+
+    #[test]
+    fn a_leap_waits_until_the_last_is_measured_and_for_calm_after_chunks_took_too_long() {
+        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+        // One window with reading held: `bytes` commit having taken `latency`.
+        let window = |pacer: &mut Pacer, bytes: u64, latency: Duration| {
+            budget.take(budget.room());
+            assert!(budget.is_full());
+            pacer.committed(bytes, latency);
+            budget.release(bytes.min(budget.inflight()));
+            pacer.adjust(&budget);
+            budget.limit()
+        };
+        let quick = Duration::from_millis(10);
+        assert_eq!(window(&mut pacer, 1000, quick), 8 * MIN_LIMIT, "far under the target: eightfold");
+        assert_eq!(window(&mut pacer, 1000, quick), 10 * MIN_LIMIT, "nothing read under the leap is in yet: a quarter");
+        let all = budget.limit();
+        assert_eq!(window(&mut pacer, all, LATENCY_TARGET / 8), 20 * MIN_LIMIT, "measured; an eighth of the target: twofold");
+        assert_eq!(window(&mut pacer, all, LATENCY_TARGET * 3 / 4), 25 * MIN_LIMIT, "near the target: a quarter");
+        assert_eq!(window(&mut pacer, 1000, LATENCY_TARGET * 2), 25 * MIN_LIMIT * 3 / 4, "too long: shrinks by a quarter");
+        let after_slow = window(&mut pacer, 64 * MIB, quick);
+        assert_eq!(after_slow, 25 * MIN_LIMIT * 3 / 4 * 5 / 4, "soon after chunks took too long: a quarter");
+        // Windows in which reading never waited pass the time and change nothing.
+        for _ in 0..CALM_WINDOWS - 3 {
+            pacer.adjust(&budget);
+        }
+        assert_eq!(budget.limit(), after_slow);
+        assert_eq!(window(&mut pacer, 64 * MIB, quick), after_slow * 5 / 4, "29.75 s after: still a quarter");
+        assert_eq!(window(&mut pacer, 64 * MIB, quick), after_slow * 5 / 4 * 8, "30 s after: leaps again");
+    }
+
+    #[test]
+    fn a_stale_round_trip_gives_no_leap_and_ages_out_after_thirty_seconds() {
+        let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
+        // A request that waited out retries timed a second; chunks now take 300 ms.
+        budget.request_took(Duration::from_secs(1));
+        budget.take(MIN_LIMIT);
+        assert!(budget.is_full());
+        pacer.committed(MIN_LIMIT, Duration::from_millis(300));
+        pacer.adjust(&budget);
+        assert_eq!(pacer.round_trip(), Duration::from_secs(1));
+        assert_eq!(budget.limit(), MIN_LIMIT + MIN_LIMIT / 4, "chunks quicker than the round trip: no leap on it");
+        for _ in 0..ROUND_TRIP_WINDOWS - 1 {
+            pacer.adjust(&budget);
+        }
+        assert_eq!(pacer.round_trip(), Duration::from_secs(1), "remembered for 120 windows");
+        pacer.adjust(&budget);
+        assert_eq!(pacer.round_trip(), Duration::ZERO, "windows without a lone request age it out");
     }
 
     #[tokio::test]
