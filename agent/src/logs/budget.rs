@@ -11,9 +11,12 @@
 //! fraction of what the target leaves, by what would bring that queueing to a quarter of it
 //! were it to grow with the bound, at most eightfold (from 128 KiB, a sink that keeps up gets
 //! 4 MiB after two windows, not sixteen: four seconds of small requests a quarter at a time,
-//! near or far). A leap waits until chunks read under the last one have committed, and none
-//! is taken within 30 s of chunks taking too long: a sink that is quick until its queue fills
-//! is found a quarter at a time, not flooded again and again. A quarter second in which
+//! near or far). A leap waits until the bytes in flight at the last one and a quarter of its
+//! bound have committed; none is taken within 30 s of chunks taking too long (the bound above
+//! its floor), and after that none goes past twice the bound they took too long at: a sink
+//! that is quick until its queue fills is found a quarter at a time, not flooded again and
+//! again. Nor is one taken on chunks quicker than the round trip (it is stale: a sink that
+//! got slower since). A quarter second in which
 //! reading never waited changes nothing: the bound delayed nothing then (and chunks waited
 //! for `flush_interval`, not for a queue). The round trip is the quickest request a sink sent while none of its others was in
 //! flight over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
@@ -205,8 +208,9 @@ pub struct Pacer {
     round_trips: VecDeque<Option<Duration>>,
     /// Windows ended so far.
     windows: u64,
-    /// The last window in which chunks took too long.
-    slow: Option<u64>,
+    /// The last window in which chunks took too long (the bound not at its floor), and the
+    /// bound then.
+    slow: Option<(u64, u64)>,
     /// Bytes committed since the bound last leapt, and how many must be before it may again:
     /// those in flight when it leapt, and a quarter of the new bound (read under it).
     since_leap: u64,
@@ -244,7 +248,10 @@ impl Pacer {
         let limit = budget.limit();
         let step = limit + limit / 4;
         let next = if mean > target {
-            self.slow = Some(self.windows);
+            // At its floor the bound is not what made chunks late.
+            if limit > MIN_LIMIT.min(budget.max) {
+                self.slow = Some((self.windows, limit));
+            }
             (limit - limit / 4).max(MIN_LIMIT)
         } else if self.may_leap() && mean > round_trip {
             // A chunk takes the round trip and its queueing, which grows with the bound (the
@@ -254,7 +261,8 @@ impl Pacer {
             // is stale: no leap on it.)
             let queued = (mean - round_trip).as_secs_f64();
             let toward = (target - round_trip).as_secs_f64() / (4.0 * queued);
-            let leap = ((limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64).min(budget.max);
+            let most = self.slow.map_or(budget.max, |(_, bound)| budget.max.min(bound.saturating_mul(2)));
+            let leap = ((limit as f64 * toward.clamp(MIN_GROWTH, MAX_GROWTH)) as u64).min(most);
             if leap > step {
                 self.since_leap = 0;
                 self.leap_measured_at = budget.inflight() + leap / 4;
@@ -266,12 +274,13 @@ impl Pacer {
         budget.limit.store(next.min(budget.max), Ordering::Release);
     }
 
-    /// Whether the bound may grow by more than a quarter: chunks read under the last leap's
-    /// bound have committed (a sink's queue shows late: one leap measured before the next),
-    /// and none took too long for [`CALM_WINDOWS`] (a sink quick until its queue fills is
-    /// found by quarters, not flooded again and again).
+    /// Whether the bound may grow by more than a quarter: the bytes in flight at the last leap
+    /// and a quarter of its bound (read under it) have committed (a sink's queue shows late:
+    /// one leap measured before the next), and no chunks took too long for [`CALM_WINDOWS`]
+    /// (a sink quick until its queue fills is found by quarters, not flooded again and again;
+    /// after that, a leap goes no further than twice the bound they took too long at).
     fn may_leap(&self) -> bool {
-        self.since_leap >= self.leap_measured_at && self.slow.is_none_or(|slow| self.windows - slow >= CALM_WINDOWS)
+        self.since_leap >= self.leap_measured_at && self.slow.is_none_or(|(slow, _)| self.windows - slow >= CALM_WINDOWS)
     }
 
     /// The sinks' round trip: their quickest lone request lately (zero before any).
@@ -358,8 +367,10 @@ mod tests {
                     quick
                 }
             });
-            // The first leaps may overshoot; after them, found by quarters: at most the
-            // quarter steps taken before the queue shows, past the cliff.
+            // The first leaps may overshoot (here the queue shows late whichever chunks it
+            // delays; a real one delays those read past the cliff, which the next leap waits
+            // for); after them, the cliff is found by quarters: at most the quarter steps
+            // taken before the queue shows, past it.
             let settled = &limits[40..];
             let most = (cliff as f64 * 1.25f64.powi(lag as i32 + 1)) as u64;
             assert!(settled.iter().all(|&l| l <= most), "lag {lag}: at most {most}: {limits:?}");
@@ -455,7 +466,30 @@ mod tests {
         }
         assert_eq!(budget.limit(), after_slow);
         assert_eq!(window(&mut pacer, 64 * MIB, quick), after_slow * 5 / 4, "29.75 s after: still a quarter");
-        assert_eq!(window(&mut pacer, 64 * MIB, quick), after_slow * 5 / 4 * 8, "30 s after: leaps again");
+        assert_eq!(
+            window(&mut pacer, 64 * MIB, quick),
+            2 * 25 * MIN_LIMIT,
+            "30 s after: leaps, to twice the bound found too large at most"
+        );
+        assert_eq!(window(&mut pacer, 64 * MIB, quick), 2 * 25 * MIN_LIMIT * 5 / 4, "then grows by quarters past it");
+    }
+
+    #[test]
+    fn chunks_late_with_the_bound_at_its_floor_do_not_hold_leaps_back() {
+        let (budget, mut pacer) = (ReadBudget::new(4 * MIB), Pacer::default());
+        // A cold connection, or a first request that creates the index: late, the bound at
+        // its floor.
+        budget.take(MIN_LIMIT);
+        assert!(budget.is_full());
+        pacer.committed(MIN_LIMIT, Duration::from_secs(2));
+        budget.release(MIN_LIMIT);
+        pacer.adjust(&budget);
+        assert_eq!(budget.limit(), MIN_LIMIT);
+        budget.take(MIN_LIMIT);
+        assert!(budget.is_full());
+        pacer.committed(MIN_LIMIT, Duration::from_millis(10));
+        pacer.adjust(&budget);
+        assert_eq!(budget.limit(), 8 * MIN_LIMIT, "the floor was not too large: a leap");
     }
 
     #[test]

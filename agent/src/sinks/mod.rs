@@ -215,8 +215,10 @@ pub struct Requests {
 /// free (so batches that arrive while every slot is busy join the next request), up to
 /// `concurrency` are delivered at once by `deliver`, and each batch is acknowledged when its
 /// delivery returns; the committer advances checkpoints in read order whatever order they
-/// settle in.
-pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
+/// settle in. A delivery returns whether one request, answered at once, settled it all (not
+/// retried, not split): only such a request, sent while no other was in flight, times the
+/// sink's round trip for the read-ahead's pacing.
+pub async fn run_deliveries<F: Future<Output = bool> + Send + 'static>(
     mut batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
     requests: Requests,
@@ -245,8 +247,8 @@ pub async fn run_deliveries<F: Future<Output = ()> + Send + 'static>(
         let lone = (slots.available_permits() + 1 == requests.concurrency).then(|| requests.reading.clone()).flatten();
         deliveries.spawn(async move {
             let sent = Instant::now();
-            delivery.await;
-            if let Some(reading) = lone {
+            let at_once = delivery.await;
+            if let Some(reading) = lone.filter(|_| at_once) {
                 reading.request_took(sent.elapsed());
             }
             drop(slot);
@@ -408,7 +410,7 @@ mod tests {
             |b| b.docs.bytes.len(),
             move |pending| {
                 log.lock().unwrap().push(pending.iter().map(|b| (b.seq, b.docs.bytes.len())).collect::<Vec<_>>());
-                async {}
+                async { true }
             },
         ));
         let sizes: Vec<usize> = (0..200u64).map(|i| [120, 350, 999, 1, 480, 2500, 60][(i * 7 % 11) as usize % 7]).collect();
@@ -528,6 +530,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn only_a_lone_request_answered_at_once_times_the_sinks_round_trip() {
+        use crate::logs::budget::Pacer;
+        let budget = Arc::new(ReadBudget::new(1 << 20));
+        let (tx, rx) = mpsc::channel(16);
+        let (ack_tx, mut acks) = mpsc::channel(64);
+        let requests = Requests { flush_interval: Duration::from_millis(1), max_bytes: 1, concurrency: 1, reading: Some(budget.clone()) };
+        // Each delivery: how long it takes, and whether one request answered at once settled it.
+        let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from([
+            (Duration::from_millis(900), false),
+            (Duration::from_millis(20), true),
+        ])));
+        let sink = tokio::spawn(run_deliveries(
+            rx,
+            ack_tx,
+            requests,
+            |b| b.docs.bytes.len(),
+            move |_| {
+                let answers = answers.clone();
+                async move {
+                    let (took, at_once) = answers.lock().unwrap().pop_front().expect("two deliveries");
+                    tokio::time::sleep(took).await;
+                    at_once
+                }
+            },
+        ));
+        let mut pacer = Pacer::default();
+        tx.send(batch(0, 10)).await.unwrap();
+        assert!(matches!(acks.recv().await, Some(AckMsg::Ack { seq: 0 })));
+        pacer.adjust(&budget);
+        assert_eq!(pacer.round_trip(), Duration::ZERO, "a request retried or split times no round trip");
+        tx.send(batch(1, 10)).await.unwrap();
+        assert!(matches!(acks.recv().await, Some(AckMsg::Ack { seq: 1 })));
+        pacer.adjust(&budget);
+        let rtt = pacer.round_trip();
+        assert!(rtt >= Duration::from_millis(20) && rtt < Duration::from_millis(900), "{rtt:?}");
+        drop(tx);
+        sink.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn deliveries_run_at_most_concurrency_at_once_and_every_batch_is_acknowledged() {
         let (tx, rx) = mpsc::channel(16);
         let (ack_tx, mut acks) = mpsc::channel(64);
@@ -547,6 +589,7 @@ mod tests {
                     most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_secs(10)).await;
                     running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    true
                 }
             },
         ));

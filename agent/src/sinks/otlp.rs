@@ -102,15 +102,18 @@ async fn payload(exporter: &Exporter, run: &[Arc<Batch>]) -> Payload {
     }
 }
 
-/// Delivers every record of `batches`, returning once each has settled.
-async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) {
+/// Delivers every record of `batches`, returning once each has settled: whether one export
+/// settled them all.
+async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) -> bool {
     let sink = SinkLabels { sink: SINK };
+    let mut exports = 0u32;
     let mut runs: VecDeque<&[Arc<Batch>]> = VecDeque::from([batches]);
     while let Some(run) = runs.pop_front() {
         let records: usize = run.iter().map(|b| b.records).sum();
         let request = payload(exporter, run).await;
         let (mut attempt, mut refused) = (0u32, 0u32);
         loop {
+            exports += 1;
             match exporter.export(&request).await {
                 Ok((accepted, took)) => {
                     tally.metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
@@ -147,4 +150,5 @@ async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkC
             }
         }
     }
+    exports == 1
 }

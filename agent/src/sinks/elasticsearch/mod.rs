@@ -118,8 +118,10 @@ impl Health {
     }
 }
 
-/// Delivers every record of `batches`, returning once each has settled.
-async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) {
+/// Delivers every record of `batches`, returning once each has settled: whether one `_bulk`
+/// request settled them all.
+async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) -> bool {
+    let mut requests = 0u32;
     let mut items: Vec<Item> =
         batches.iter().flat_map(|b| (0..b.bulk.ends().len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
     let mut runs = VecDeque::new();
@@ -135,6 +137,7 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
         let mut strikes: Vec<u32> = Vec::new();
         while !todo.is_empty() {
             let sent_at = Instant::now();
+            requests += 1;
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
@@ -221,6 +224,7 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
             }
         }
     }
+    requests == 1
 }
 
 async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32) {
