@@ -16,10 +16,11 @@
 //! its floor), and after that none goes past twice the bound they took too long at: a sink
 //! that is quick until its queue fills is found a quarter at a time, not flooded again and
 //! again. Nor is one taken on chunks quicker than the round trip (it is stale: a sink that
-//! got slower since). A quarter second in which
-//! reading never waited changes nothing: the bound delayed nothing then (and chunks waited
-//! for `flush_interval`, not for a queue). The round trip is the quickest request a sink sent while none of its others was in
-//! flight over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
+//! got slower since). A quarter second in which reading never waited changes nothing: the
+//! bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue). The
+//! round trip is the quickest answer to a request
+//! a sink sent while none of its others was in flight, carrying a whole delivery (not split,
+//! not lost to a connection error), over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
 //! sinks send without waiting out `flush_interval` for a fuller request: once every chunk read
 //! is encoded and with them (nothing more can come; the chunks still queued for the encoder
 //! join the request they would otherwise each have made alone), or at once when a request
@@ -161,7 +162,8 @@ impl ReadBudget {
         self.encoding.load(Ordering::Acquire)
     }
 
-    /// A sink's request, sent while none of its others was in flight, was answered in `took`.
+    /// A sink's request, sent while none of its others was in flight and carrying a whole
+    /// delivery, was answered in `took` (retries after it not counted).
     pub fn request_took(&self, took: Duration) {
         let mut quickest = self.round_trip.lock().unwrap_or_else(|e| e.into_inner());
         *quickest = Some(quickest.map_or(took, |q| q.min(took)));
@@ -209,7 +211,8 @@ pub struct Pacer {
     /// Windows ended so far.
     windows: u64,
     /// The last window in which chunks took too long (the bound not at its floor), and the
-    /// bound then.
+    /// largest bound they took too long at, in that window and those before it less than
+    /// [`CALM_WINDOWS`] apart.
     slow: Option<(u64, u64)>,
     /// Bytes committed since the bound last leapt, and how many must be before it may again:
     /// those in flight when it leapt, and a quarter of the new bound (read under it).
@@ -250,7 +253,12 @@ impl Pacer {
         let next = if mean > target {
             // At its floor the bound is not what made chunks late.
             if limit > MIN_LIMIT.min(budget.max) {
-                self.slow = Some((self.windows, limit));
+                // The largest bound chunks were late at, while they keep being late.
+                let bound = match self.slow {
+                    Some((last, bound)) if self.windows - last < CALM_WINDOWS => bound.max(limit),
+                    _ => limit,
+                };
+                self.slow = Some((self.windows, bound));
             }
             (limit - limit / 4).max(MIN_LIMIT)
         } else if self.may_leap() && mean > round_trip {
@@ -458,8 +466,9 @@ mod tests {
         assert_eq!(window(&mut pacer, all, LATENCY_TARGET / 8), 20 * MIN_LIMIT, "measured; an eighth of the target: twofold");
         assert_eq!(window(&mut pacer, all, LATENCY_TARGET * 3 / 4), 25 * MIN_LIMIT, "near the target: a quarter");
         assert_eq!(window(&mut pacer, 1000, LATENCY_TARGET * 2), 25 * MIN_LIMIT * 3 / 4, "too long: shrinks by a quarter");
+        assert_eq!(window(&mut pacer, 1000, LATENCY_TARGET * 2), 25 * MIN_LIMIT * 9 / 16, "and again");
         let after_slow = window(&mut pacer, 64 * MIB, quick);
-        assert_eq!(after_slow, 25 * MIN_LIMIT * 3 / 4 * 5 / 4, "soon after chunks took too long: a quarter");
+        assert_eq!(after_slow, 25 * MIN_LIMIT * 9 / 16 * 5 / 4, "soon after chunks took too long: a quarter");
         // Windows in which reading never waited pass the time and change nothing.
         for _ in 0..CALM_WINDOWS - 3 {
             pacer.adjust(&budget);
@@ -469,7 +478,7 @@ mod tests {
         assert_eq!(
             window(&mut pacer, 64 * MIB, quick),
             2 * 25 * MIN_LIMIT,
-            "30 s after: leaps, to twice the bound found too large at most"
+            "30 s after: leaps, to twice the largest bound found too large at most"
         );
         assert_eq!(window(&mut pacer, 64 * MIB, quick), 2 * 25 * MIN_LIMIT * 5 / 4, "then grows by quarters past it");
     }
@@ -495,7 +504,7 @@ mod tests {
     #[test]
     fn a_stale_round_trip_gives_no_leap_and_ages_out_after_thirty_seconds() {
         let (budget, mut pacer) = (ReadBudget::new(64 * MIB), Pacer::default());
-        // A request that waited out retries timed a second; chunks now take 300 ms.
+        // The sink answered a lone request in a second when it was slow; chunks now take 300 ms.
         budget.request_took(Duration::from_secs(1));
         budget.take(MIN_LIMIT);
         assert!(budget.is_full());

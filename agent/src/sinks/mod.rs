@@ -215,10 +215,11 @@ pub struct Requests {
 /// free (so batches that arrive while every slot is busy join the next request), up to
 /// `concurrency` are delivered at once by `deliver`, and each batch is acknowledged when its
 /// delivery returns; the committer advances checkpoints in read order whatever order they
-/// settle in. A delivery returns whether one request, answered at once, settled it all (not
-/// retried, not split): only such a request, sent while no other was in flight, times the
-/// sink's round trip for the read-ahead's pacing.
-pub async fn run_deliveries<F: Future<Output = bool> + Send + 'static>(
+/// settle in. A delivery returns how long its first request took to be answered, when that
+/// request carried the whole delivery and was answered (not split up front, not refused as too
+/// large, not lost to a connection error): only such a request, sent while no other was in
+/// flight, times the sink's round trip for the read-ahead's pacing.
+pub async fn run_deliveries<F: Future<Output = Option<Duration>> + Send + 'static>(
     mut batches: mpsc::Receiver<Arc<Batch>>,
     acks: mpsc::Sender<AckMsg>,
     requests: Requests,
@@ -246,10 +247,9 @@ pub async fn run_deliveries<F: Future<Output = bool> + Send + 'static>(
         // A request sent while none of the others is in flight times the sink's round trip.
         let lone = (slots.available_permits() + 1 == requests.concurrency).then(|| requests.reading.clone()).flatten();
         deliveries.spawn(async move {
-            let sent = Instant::now();
-            let at_once = delivery.await;
-            if let Some(reading) = lone.filter(|_| at_once) {
-                reading.request_took(sent.elapsed());
+            let answered = delivery.await;
+            if let (Some(reading), Some(took)) = (lone, answered) {
+                reading.request_took(took);
             }
             drop(slot);
             for batch in pending.iter() {
@@ -410,7 +410,7 @@ mod tests {
             |b| b.docs.bytes.len(),
             move |pending| {
                 log.lock().unwrap().push(pending.iter().map(|b| (b.seq, b.docs.bytes.len())).collect::<Vec<_>>());
-                async { true }
+                async { None }
             },
         ));
         let sizes: Vec<usize> = (0..200u64).map(|i| [120, 350, 999, 1, 480, 2500, 60][(i * 7 % 11) as usize % 7]).collect();
@@ -530,16 +530,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_a_lone_request_answered_at_once_times_the_sinks_round_trip() {
+    async fn only_a_lone_whole_request_answered_times_the_sinks_round_trip() {
         use crate::logs::budget::Pacer;
         let budget = Arc::new(ReadBudget::new(1 << 20));
         let (tx, rx) = mpsc::channel(16);
         let (ack_tx, mut acks) = mpsc::channel(64);
         let requests = Requests { flush_interval: Duration::from_millis(1), max_bytes: 1, concurrency: 1, reading: Some(budget.clone()) };
-        // Each delivery: how long it takes, and whether one request answered at once settled it.
+        // Each delivery: how long it takes, and its first request's answer time, if it counts.
         let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from([
-            (Duration::from_millis(900), false),
-            (Duration::from_millis(20), true),
+            (Duration::from_millis(900), None),
+            (Duration::from_millis(700), Some(Duration::from_millis(20))),
         ])));
         let sink = tokio::spawn(run_deliveries(
             rx,
@@ -549,9 +549,9 @@ mod tests {
             move |_| {
                 let answers = answers.clone();
                 async move {
-                    let (took, at_once) = answers.lock().unwrap().pop_front().expect("two deliveries");
+                    let (took, first) = answers.lock().unwrap().pop_front().expect("two deliveries");
                     tokio::time::sleep(took).await;
-                    at_once
+                    first
                 }
             },
         ));
@@ -559,12 +559,11 @@ mod tests {
         tx.send(batch(0, 10)).await.unwrap();
         assert!(matches!(acks.recv().await, Some(AckMsg::Ack { seq: 0 })));
         pacer.adjust(&budget);
-        assert_eq!(pacer.round_trip(), Duration::ZERO, "a request retried or split times no round trip");
+        assert_eq!(pacer.round_trip(), Duration::ZERO, "a delivery whose first request does not count times nothing");
         tx.send(batch(1, 10)).await.unwrap();
         assert!(matches!(acks.recv().await, Some(AckMsg::Ack { seq: 1 })));
         pacer.adjust(&budget);
-        let rtt = pacer.round_trip();
-        assert!(rtt >= Duration::from_millis(20) && rtt < Duration::from_millis(900), "{rtt:?}");
+        assert_eq!(pacer.round_trip(), Duration::from_millis(20), "the first request's answer, not the retries after it");
         drop(tx);
         sink.await.unwrap().unwrap();
     }
@@ -589,7 +588,7 @@ mod tests {
                     most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_secs(10)).await;
                     running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    true
+                    None
                 }
             },
         ));

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -102,11 +103,11 @@ async fn payload(exporter: &Exporter, run: &[Arc<Batch>]) -> Payload {
     }
 }
 
-/// Delivers every record of `batches`, returning once each has settled: whether one export
-/// settled them all.
-async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) -> bool {
+/// Delivers every record of `batches`, returning once each has settled: how long the first
+/// export took to be accepted, if it was (it carried them all).
+async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkConfig, tally: &Tally<'_>) -> Option<Duration> {
     let sink = SinkLabels { sink: SINK };
-    let mut exports = 0u32;
+    let (mut exports, mut first) = (0u32, None);
     let mut runs: VecDeque<&[Arc<Batch>]> = VecDeque::from([batches]);
     while let Some(run) = runs.pop_front() {
         let records: usize = run.iter().map(|b| b.records).sum();
@@ -116,6 +117,9 @@ async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkC
             exports += 1;
             match exporter.export(&request).await {
                 Ok((accepted, took)) => {
+                    if exports == 1 {
+                        first = Some(took);
+                    }
                     tally.metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
                     let rejected = (accepted.rejected as usize).min(records);
                     tally.count("delivered", records - rejected);
@@ -150,5 +154,5 @@ async fn deliver(exporter: &Exporter, batches: &[Arc<Batch>], config: &OtlpSinkC
             }
         }
     }
-    exports == 1
+    first
 }

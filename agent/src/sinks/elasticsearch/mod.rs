@@ -15,6 +15,7 @@ pub mod stream;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -118,10 +119,17 @@ impl Health {
     }
 }
 
-/// Delivers every record of `batches`, returning once each has settled: whether one `_bulk`
-/// request settled them all.
-async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &ElasticsearchConfig, metrics: &SinkMetrics, health: &Health) -> bool {
-    let mut requests = 0u32;
+/// Delivers every record of `batches`, returning once each has settled: how long the first
+/// `_bulk` request took to be answered, if it carried them all and was (per-item failures,
+/// 429s included, are answers).
+async fn deliver(
+    client: &Client,
+    batches: &[Arc<Batch>],
+    config: &ElasticsearchConfig,
+    metrics: &SinkMetrics,
+    health: &Health,
+) -> Option<Duration> {
+    let (mut requests, mut first) = (0u32, None);
     let mut items: Vec<Item> =
         batches.iter().flat_map(|b| (0..b.bulk.ends().len() as u32).map(move |index| Item { batch: b.clone(), index })).collect();
     let mut runs = VecDeque::new();
@@ -140,6 +148,9 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
             requests += 1;
             match client.bulk(&todo).await {
                 Ok((Reply::Done(reply), took)) => {
+                    if requests == 1 && runs.is_empty() {
+                        first = Some(took);
+                    }
                     metrics.request_duration.get_or_create(&sink).observe(took.as_secs_f64());
                     let outcomes = match bulk::outcomes_off_the_runtime(reply, todo.len()).await {
                         Ok(None) => {
@@ -224,7 +235,7 @@ async fn deliver(client: &Client, batches: &[Arc<Batch>], config: &Elasticsearch
             }
         }
     }
-    requests == 1
+    first
 }
 
 async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32) {
@@ -233,7 +244,6 @@ async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
 
