@@ -13,19 +13,19 @@
 //! 4 MiB after two windows, not sixteen: four seconds of small requests a quarter at a time,
 //! near or far). A leap waits until the bytes in flight at the last one and a quarter of its
 //! bound have committed; none is taken within 30 s of chunks taking too long (the bound above
-//! its floor), and after that none goes past twice the bound they took too long at: a sink
-//! that is quick until its queue fills is found a quarter at a time, not flooded again and
-//! again. Nor is one taken on chunks quicker than the round trip (it is stale: a sink that
+//! its floor), and after that none goes past twice the largest bound they took too long at: a
+//! sink that is quick until its queue fills is found a quarter at a time, not flooded again
+//! and again. Nor is one taken on chunks quicker than the round trip (it is stale: a sink that
 //! got slower since). A quarter second in which reading never waited changes nothing: the
 //! bound delayed nothing then (and chunks waited for `flush_interval`, not for a queue). The
-//! round trip is the quickest answer to a request
-//! a sink sent while none of its others was in flight, carrying a whole delivery (not split,
-//! not lost to a connection error), over the last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the
-//! sinks send without waiting out `flush_interval` for a fuller request: once every chunk read
-//! is encoded and with them (nothing more can come; the chunks still queued for the encoder
-//! join the request they would otherwise each have made alone), or at once when a request
-//! holds its share of the bound in bytes read (the bound over the sink's concurrency: the
-//! other requests carry the rest, overlapping).
+//! round trip is the quickest answer to a request a sink sent while none of its others was in
+//! flight, carrying a whole delivery (not split, not lost to a connection error), over the
+//! last half minute, at most [`MAX_ROUND_TRIP`]. While reading waits, the sinks send without
+//! waiting out `flush_interval` for a fuller request: once every chunk read is encoded and
+//! with them (nothing more can come; the chunks still queued for the encoder join the request
+//! they would otherwise each have made alone), or at once when a request holds its share of
+//! the bound in bytes read (the bound over the sink's concurrency: the other requests carry
+//! the rest, overlapping).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -286,7 +286,7 @@ impl Pacer {
     /// and a quarter of its bound (read under it) have committed (a sink's queue shows late:
     /// one leap measured before the next), and no chunks took too long for [`CALM_WINDOWS`]
     /// (a sink quick until its queue fills is found by quarters, not flooded again and again;
-    /// after that, a leap goes no further than twice the bound they took too long at).
+    /// after that, a leap goes no further than twice the largest bound they took too long at).
     fn may_leap(&self) -> bool {
         self.since_leap >= self.leap_measured_at && self.slow.is_none_or(|(slow, _)| self.windows - slow >= CALM_WINDOWS)
     }

@@ -244,7 +244,6 @@ async fn retry_later(metrics: &SinkMetrics, sink: &SinkLabels, attempt: &mut u32
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[tokio::test(start_paused = true)]
